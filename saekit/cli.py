@@ -1,0 +1,213 @@
+"""`saekit capture / train / eval / demo` on top of the library functions."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+DEMO_HOOK = "resid_post.15"  # mid-depth of SmolLM2's 30 layers, as the paper's GPT-2 layer 8 of 12
+
+
+def _add_corpus_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--corpus", default=None, help="'bundled' (default), a local .txt/.jsonl/.parquet file or folder, or a hub data set")
+    p.add_argument("--split", default="train")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--seq-len", type=int, default=128)
+
+
+def cmd_capture(a) -> int:
+    from .activations import capture
+    from .data import packed_corpus
+    from .models import load_model
+
+    model = load_model(a.model, device=a.device)
+    packed = packed_corpus(model.tokenizer, a.corpus, split=a.split, seq_len=a.seq_len, max_tokens=a.tokens,
+                           text_field=a.text_field, drop_bos=not a.keep_bos)
+    store = capture(model, packed, a.hook, a.out, n_tokens=a.tokens, batch_size=a.batch_size, dtype=a.dtype,
+                    overwrite=a.overwrite)
+    print(store)
+    return 0
+
+
+def _sae_cfgs(a, d_in: int, store_manifest: dict | None, hook: str | None):
+    from .sae import SAEConfig
+
+    meta = {}
+    if store_manifest:
+        meta = {"model_name": store_manifest.get("model"), "hook_name": hook or store_manifest["hooks"][0],
+                "context_size": store_manifest.get("seq_len"),
+                "dataset": (store_manifest.get("corpus") or {}).get("corpus")}
+    cfgs = []
+    for arch in a.arch:
+        for k in a.k:
+            kw = dict(arch=arch, d_in=d_in, d_sae=d_in * a.expansion, k=k, normalize=a.normalize, **meta)
+            if arch == "jumprelu":
+                kw["target_l0"] = float(k)
+            if arch == "relu":
+                kw["l1_coeff"] = a.l1_coeff
+            cfgs.append(SAEConfig(**kw))
+    return cfgs
+
+
+def cmd_train(a) -> int:
+    from .activations import ActivationStore
+    from .train import TrainConfig, train, as_source
+
+    src = as_source(a.store, a.hook)
+    manifest = src.store.manifest if hasattr(src, "store") else None
+    cfgs = _sae_cfgs(a, src.d_model, manifest, a.hook)
+    tc = TrainConfig(total_tokens=a.tokens, batch_size=a.batch_size, lr=a.lr, seed=a.seed, device=a.device,
+                     checkpoint_every=a.checkpoint_every, warmup_steps=a.warmup_steps)
+    res = train(src, cfgs, tc, out=a.out, resume=not a.no_resume)
+    for name, log in zip(res.names, res.logs):
+        last = log.iloc[-1]
+        print(f"{name}: steps {res.steps}, tokens {res.tokens:,}, nmse {last['nmse']:.4f}, l0 {last['l0']:.1f}, "
+              f"dead {last['dead_frac']:.3f} -> {Path(a.out) / name}")
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from .activations import ActivationStore
+    from .metrics import public, reconstruction_metrics
+    from .sae import load_sae
+
+    sae = load_sae(a.sae_dir)
+    store = ActivationStore(a.store, a.hook or sae.cfg.hook_name if (a.hook or sae.cfg.hook_name) in
+                            ActivationStore(a.store).hooks else None)
+    m = public(reconstruction_metrics(sae, store.batches(a.batch_size, shuffle=False), mode=a.mode))
+    m = {"sae": str(a.sae_dir), "architecture": sae.cfg.arch, "d_sae": sae.cfg.d_sae, "store": str(a.store), **m}
+    if a.json:
+        print(json.dumps(m, indent=2))
+    else:
+        for k, v in m.items():
+            print(f"{k:>20}: {v}")
+    return 0
+
+
+def cmd_demo(a) -> int:
+    """The main job on embedded defaults: capture, train a BatchTopK SAE, evaluate, write a results folder."""
+    from .activations import capture
+    from .data import packed_corpus
+    from .metrics import public, reconstruction_metrics
+    from .models import load_model
+    from .sae import SAEConfig
+    from .train import TrainConfig, train
+
+    out = Path(a.out)
+    t0 = time.perf_counter()
+    print(f"[1/4] loading the embedded model (first run builds a cache, ~30 s)")
+    model = load_model(device=a.device)
+    print(f"[2/4] capturing {a.hook} on the bundled corpus: {a.tokens:,} training + {a.eval_tokens:,} held-out tokens")
+    train_tok = packed_corpus(model.tokenizer, split="train", max_tokens=a.tokens)
+    test_tok = packed_corpus(model.tokenizer, split="test", max_tokens=a.eval_tokens)
+    store = capture(model, train_tok, a.hook, out / "store_train", n_tokens=a.tokens, batch_size=16)
+    held = capture(model, test_tok, a.hook, out / "store_test", n_tokens=a.eval_tokens, batch_size=16)
+    print(f"[3/4] training a BatchTopK SAE (k={a.k}, {a.expansion}x = {store.d_model * a.expansion} latents) "
+          f"on {a.train_tokens:,} tokens")
+    cfg = SAEConfig(arch="batchtopk", d_in=store.d_model, d_sae=store.d_model * a.expansion, k=a.k,
+                    dead_tokens=5 * a.batch_size, hook_name=a.hook, model_name=store.manifest["model"],
+                    context_size=store.manifest["seq_len"], dataset="bundled")
+    res = train(store, cfg, TrainConfig(total_tokens=a.train_tokens, batch_size=a.batch_size, lr=a.lr,
+                                        warmup_steps=20, checkpoint_every=50, device=a.device), out=out / "train")
+    sae = res.saes[0]
+    print("[4/4] evaluating on held-out text")
+    metrics = {}
+    for mode in ("threshold", "batch"):
+        m = public(reconstruction_metrics(sae, held.batches(a.batch_size, shuffle=False), mode=mode))
+        metrics[mode] = m
+    summary = {"model": store.manifest["model"], "hook": a.hook, "sae": str(out / "train" / res.names[0]),
+               "train_tokens": res.tokens, "train_steps": res.steps, "seconds": round(time.perf_counter() - t0, 1),
+               "theta": float(sae.threshold), "held_out": metrics}
+    from .activations import atomic_write_json
+
+    atomic_write_json(out / "metrics.json", summary)
+    m = metrics["threshold"]
+    print(f"\nheld-out ({m['n_tokens']:,} tokens, threshold mode, theta={summary['theta']:.4f}):")
+    print(f"  NMSE {m['nmse']:.4f}   FVU {m['fvu']:.4f}   cosine {m['cosine']:.4f}")
+    print(f"  L0 mean {m['l0']:.1f} (batch mode {metrics['batch']['l0']:.1f}), per-token quantiles "
+          + ", ".join(f"q{float(q) * 100:g}={v:.0f}" for q, v in m["l0_quantiles"].items()))
+    print(f"  dead {m['dead_fraction']:.3f}   dense {m['dense_fraction']:.3f}")
+    print(f"results in {out}/ (metrics.json, train/{res.names[0]}/ with cfg.json, sae_weights.safetensors, "
+          f"train_log.csv) in {summary['seconds']:.0f} s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="saekit", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    c = sub.add_parser("capture", help="capture activations into a resumable store")
+    c.add_argument("--model", default=None, help="hub id or local folder; default: the embedded SmolLM2-135M-Instruct")
+    c.add_argument("--hook", action="append", required=True, help="e.g. resid_post.15 (repeat for several)")
+    c.add_argument("--tokens", type=int, default=200_000)
+    c.add_argument("--out", required=True)
+    c.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
+    c.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    c.add_argument("--keep-bos", action="store_true", help="keep BOS positions (dropped by default)")
+    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--device", default=None)
+    _add_corpus_args(c)
+    c.set_defaults(fn=cmd_capture)
+
+    t = sub.add_parser("train", help="train SAE(s) on a store (or .npy/.safetensors), one read per batch")
+    t.add_argument("--store", required=True)
+    t.add_argument("--hook", default=None)
+    t.add_argument("--arch", nargs="+", default=["batchtopk"], choices=["batchtopk", "topk", "jumprelu", "relu"])
+    t.add_argument("--k", nargs="+", type=int, default=[32], help="k (jumprelu: target L0)")
+    t.add_argument("--expansion", type=int, default=8)
+    t.add_argument("--normalize", default="dataset", choices=["none", "token", "dataset"])
+    t.add_argument("--l1-coeff", type=float, default=5.0)
+    t.add_argument("--tokens", type=int, default=1_000_000)
+    t.add_argument("--batch-size", type=int, default=4096)
+    t.add_argument("--lr", type=float, default=3e-4)
+    t.add_argument("--warmup-steps", type=int, default=100)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--checkpoint-every", type=int, default=0)
+    t.add_argument("--no-resume", action="store_true")
+    t.add_argument("--device", default=None)
+    t.add_argument("--out", required=True)
+    t.set_defaults(fn=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a saved SAE on a store")
+    e.add_argument("sae_dir")
+    e.add_argument("--store", required=True)
+    e.add_argument("--hook", default=None)
+    e.add_argument("--mode", default=None, choices=["threshold", "batch"])
+    e.add_argument("--batch-size", type=int, default=4096)
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(fn=cmd_eval)
+
+    d = sub.add_parser("demo", help="the main job on the embedded model and bundled corpus")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--hook", default=DEMO_HOOK)
+    d.add_argument("--tokens", type=int, default=120_000, help="training tokens to capture")
+    d.add_argument("--eval-tokens", type=int, default=20_000)
+    d.add_argument("--train-tokens", type=int, default=480_000, help="SAE training tokens (epochs over the store)")
+    d.add_argument("--k", type=int, default=32)
+    d.add_argument("--expansion", type=int, default=8)
+    d.add_argument("--batch-size", type=int, default=1024)
+    d.add_argument("--lr", type=float, default=1e-3)
+    d.add_argument("--device", default=None)
+    d.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .activations import StoreError
+    from .data import CorpusError
+    from .models import HookPointError, ModelLoadError
+    from .sae import SAEConfigError
+    from .train import TrainingError
+
+    try:
+        return args.fn(args)
+    except (StoreError, CorpusError, HookPointError, ModelLoadError, SAEConfigError, TrainingError) as e:
+        print(f"saekit {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

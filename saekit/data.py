@@ -1,0 +1,204 @@
+"""Text corpora through `datasets`, tokenised with BOS and packed into fixed-length sequences.
+
+Every packed position keeps its token id and its document index, so any activation can be traced
+back to (sequence, position, token) and to the text around it.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+BUNDLED = "bundled"
+_LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+HELD_OUT_EVERY = 20  # bundled corpus: every 20th document is the held-out "test" split
+
+
+class CorpusError(ValueError):
+    """A corpus that cannot be found or read."""
+
+
+def bundled_corpus_path() -> Path:
+    """The bundled public-domain corpus: inside the installed package, or `data/` in a checkout."""
+    here = Path(__file__).resolve().parent
+    for p in (here / "_data" / "corpus.jsonl", here.parent / "data" / "corpus.jsonl"):
+        if p.exists():
+            return p
+    raise CorpusError("the bundled corpus (corpus.jsonl) is missing from this install; reinstall saekit")
+
+
+def load_corpus(name: str | None = None, split: str = "train", text_field: str = "text", streaming: bool | None = None):
+    """A `datasets` Dataset (or IterableDataset for hub names) of documents.
+
+    name: None/"bundled" for the bundled corpus, a local .txt/.jsonl/.json/.parquet/.csv file or folder,
+    or a hub data-set id (streamed). For the bundled corpus, split is "train", "test" (every 20th
+    document, held out) or "all".
+    """
+    import datasets
+
+    datasets.disable_progress_bars()
+    if name is None or name == BUNDLED:
+        ds = datasets.load_dataset("json", data_files=str(bundled_corpus_path()), split="train")
+        if split == "all":
+            return ds
+        if split not in ("train", "test"):
+            raise CorpusError(f"the bundled corpus has splits 'train', 'test' and 'all', not '{split}'")
+        held = split == "test"
+        return ds.filter(lambda _, i: (i % HELD_OUT_EVERY == 0) == held, with_indices=True)
+    path = Path(name).expanduser()
+    if path.exists():
+        files = sorted(p for p in path.rglob("*") if p.suffix in _LOCAL_BUILDERS) if path.is_dir() else [path]
+        if not files:
+            raise CorpusError(f"no .txt/.jsonl/.json/.parquet/.csv files under {path}")
+        suffixes = {f.suffix for f in files}
+        builder = _LOCAL_BUILDERS.get(files[0].suffix)
+        if builder is None or len({_LOCAL_BUILDERS[s] for s in suffixes}) != 1:
+            raise CorpusError(f"{path}: use one of {', '.join(_LOCAL_BUILDERS)} (one kind per folder)")
+        kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
+        ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **kwargs)
+        _check_field(ds, text_field, name)
+        return ds
+    try:
+        ds = datasets.load_dataset(name, split=split, streaming=True if streaming is None else streaming)
+    except Exception as e:  # datasets raises many types for "not reachable" / "no such data set"
+        raise CorpusError(
+            f"could not load data set '{name}': it is not a local file or folder and the hub did not provide it "
+            f"({e.__class__.__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}). Use the bundled corpus "
+            f"(name=None, --corpus {BUNDLED}) or a local .txt/.jsonl/.parquet file."
+        ) from e
+    return ds
+
+
+def _check_field(ds, text_field: str, name: str) -> None:
+    cols = getattr(ds, "column_names", None)
+    if cols is not None and text_field not in cols:
+        raise CorpusError(f"corpus '{name}' has no '{text_field}' column (columns: {cols}); pass text_field=")
+
+
+def iter_texts(ds, text_field: str = "text") -> Iterator[str]:
+    for row in ds:
+        if text_field not in row:
+            raise CorpusError(f"corpus rows have no '{text_field}' field (fields: {list(row)}); pass text_field=")
+        t = row[text_field]
+        if t and t.strip():
+            yield t
+
+
+@dataclass
+class PackedTokens:
+    """Fixed-length token sequences and where each token came from.
+
+    tokens [n_seq, seq_len] int32 (position 0 is BOS); doc_ids [n_seq, seq_len] int32 (-1 on
+    BOS/padding); keep [n_seq, seq_len] bool: positions whose activations are kept (BOS and padding dropped).
+    """
+    tokens: np.ndarray
+    doc_ids: np.ndarray
+    keep: np.ndarray
+    bos_token_id: int
+    pad_token_id: int
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.tokens.shape[1])
+
+    @property
+    def n_sequences(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def n_kept(self) -> int:
+        return int(self.keep.sum())
+
+    def sha256(self) -> str:
+        return hashlib.sha256(np.ascontiguousarray(self.tokens).tobytes()).hexdigest()
+
+    def head(self, n_sequences: int) -> "PackedTokens":
+        return PackedTokens(self.tokens[:n_sequences], self.doc_ids[:n_sequences], self.keep[:n_sequences],
+                            self.bos_token_id, self.pad_token_id, dict(self.meta))
+
+    def sequences_for(self, n_tokens: int) -> int:
+        """How many leading sequences hold at least n_tokens kept positions (all of them if fewer)."""
+        cum = np.cumsum(self.keep.sum(1))
+        idx = int(np.searchsorted(cum, n_tokens))
+        return min(idx + 1, self.n_sequences)
+
+
+def pack(texts: Iterable[str], tokenizer, seq_len: int = 128, max_tokens: int | None = None,
+         drop_bos: bool = True, batch_docs: int = 64) -> PackedTokens:
+    """Tokenise documents and pack them into rows of `seq_len`: each row starts with BOS and
+    documents are separated by BOS. Stops once `max_tokens` kept positions exist (None: all text).
+    """
+    if seq_len < 2:
+        raise CorpusError(f"seq_len must be at least 2 (BOS plus one token), got {seq_len}")
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else bos
+    if bos is None:
+        raise CorpusError("the tokenizer has neither a BOS nor an EOS token to start sequences with")
+    body = seq_len - 1
+    rows_tok: list[np.ndarray] = []
+    rows_doc: list[np.ndarray] = []
+    rows_len: list[int] = []  # non-padding length of each row
+    stream_tok: list[int] = []
+    stream_doc: list[int] = []
+    kept = 0
+    doc_index = 0
+
+    def flush(final: bool) -> None:
+        nonlocal stream_tok, stream_doc, kept
+        while len(stream_tok) >= body or (final and stream_tok):
+            t, d = stream_tok[:body], stream_doc[:body]
+            stream_tok, stream_doc = stream_tok[body:], stream_doc[body:]
+            n_pad = body - len(t)
+            rows_tok.append(np.array([bos] + t + [pad] * n_pad, dtype=np.int32))
+            rows_doc.append(np.array([-1] + d + [-1] * n_pad, dtype=np.int32))
+            rows_len.append(1 + len(t))
+            kept += sum(1 for x in t if x != bos) if drop_bos else len(t)
+            if max_tokens is not None and kept >= max_tokens:
+                return
+
+    batch: list[str] = []
+
+    def consume(batch: list[str]) -> None:
+        nonlocal doc_index
+        for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+            if stream_tok or rows_tok:  # separate documents by BOS (a row start already has one)
+                stream_tok.append(bos)
+                stream_doc.append(-1)
+            stream_tok.extend(ids)
+            stream_doc.extend([doc_index] * len(ids))
+            doc_index += 1
+
+    for text in texts:
+        batch.append(text)
+        if len(batch) >= batch_docs:
+            consume(batch)
+            batch = []
+            flush(final=False)
+            if max_tokens is not None and kept >= max_tokens:
+                break
+    else:
+        if batch:
+            consume(batch)
+        flush(final=True)
+    if not rows_tok:
+        raise CorpusError("the corpus produced no tokens: it is empty or all its texts are blank")
+    tokens = np.stack(rows_tok)
+    doc_ids = np.stack(rows_doc)
+    keep = doc_ids >= 0  # drops every BOS (row starts, document separators) and padding
+    if not drop_bos:
+        keep = np.arange(seq_len)[None, :] < np.array(rows_len)[:, None]
+    return PackedTokens(tokens, doc_ids, keep, int(bos), int(pad),
+                        {"seq_len": seq_len, "drop_bos": drop_bos, "n_documents": doc_index})
+
+
+def packed_corpus(tokenizer, name: str | None = None, split: str = "train", seq_len: int = 128,
+                  max_tokens: int | None = None, text_field: str = "text", drop_bos: bool = True) -> PackedTokens:
+    """load_corpus + pack, recording the corpus in the result's meta."""
+    ds = load_corpus(name, split=split, text_field=text_field)
+    packed = pack(iter_texts(ds, text_field), tokenizer, seq_len=seq_len, max_tokens=max_tokens, drop_bos=drop_bos)
+    packed.meta.update({"corpus": name or BUNDLED, "split": split, "text_field": text_field})
+    return packed

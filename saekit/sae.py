@@ -1,0 +1,615 @@
+"""The SAE family on one base: BatchTopK (with an inference threshold), TopK, JumpReLU and ReLU-L1.
+
+All share the encoder `a = relu((x - b_dec) W_enc + b_enc)` and the decoder `x_hat = z W_dec + b_dec`;
+they differ only in `select` (which pre-activations survive) and in their sparsity loss term.
+Files follow SAELens: `cfg.json` + `sae_weights.safetensors` (W_enc [d_in, d_sae], W_dec [d_sae, d_in],
+b_enc, b_dec, and `threshold` for JumpReLU-style inference).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+
+ARCHS = ("batchtopk", "topk", "jumprelu", "relu")
+NORMALIZATIONS = ("none", "token", "dataset")
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+
+
+class SAEConfigError(ValueError):
+    """An SAE configuration or file that cannot be used."""
+
+
+@dataclass
+class SAEConfig:
+    """What defines an SAE. Serialises into SAELens's cfg.json (our own fields under "saekit")."""
+    arch: str = "batchtopk"
+    d_in: int = 576
+    d_sae: int = 4608
+    k: int = 32  # batchtopk/topk: latents per token (batchtopk: on average over the batch)
+    normalize: str = "dataset"  # none | token (centre + unit std per token, as the paper's code) | dataset
+    # AuxK (batchtopk/topk): the k_aux largest dead pre-activations reconstruct the residual
+    k_aux: int = 512
+    aux_alpha: float = 1 / 32
+    dead_tokens: int = 5 * 4096  # a latent is dead after this many tokens without firing (~5 batches)
+    threshold_beta: float = 0.99  # batchtopk: EMA of the smallest kept activation per batch -> theta
+    # JumpReLU: learned per-latent threshold, STE with a rectangle kernel, L0 penalty
+    jumprelu_init_threshold: float = 0.01  # SAELens's defaults; the paper's 0.001 needs far longer runs
+    jumprelu_bandwidth: float = 0.05
+    l0_coeff: float = 1.0  # weight of the L0 penalty (or of the target-L0 penalty below)
+    target_l0: float | None = None  # if set, penalty = l0_coeff * (L0/target - 1)^2
+    # ReLU: L1 penalty on activations weighted by decoder row norms
+    l1_coeff: float = 5.0
+    # provenance
+    hook_name: str | None = None
+    model_name: str | None = None
+    context_size: int | None = None
+    dataset: str | None = None
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        if self.arch not in ARCHS:
+            raise SAEConfigError(f"unknown architecture '{self.arch}'; choose one of {', '.join(ARCHS)}")
+        if self.normalize not in NORMALIZATIONS:
+            raise SAEConfigError(f"unknown normalize '{self.normalize}'; choose one of {', '.join(NORMALIZATIONS)}")
+        if self.d_in <= 0 or self.d_sae <= 0:
+            raise SAEConfigError(f"d_in and d_sae must be positive (got d_in={self.d_in}, d_sae={self.d_sae})")
+        if self.arch in ("batchtopk", "topk") and not 0 < self.k < self.d_sae:
+            raise SAEConfigError(f"k must satisfy 0 < k < d_sae (got k={self.k}, d_sae={self.d_sae}); "
+                                 f"use a larger dictionary (expansion) or a smaller k")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SAEConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @property
+    def name(self) -> str:
+        sparsity = {"batchtopk": f"k{self.k}", "topk": f"k{self.k}",
+                    "jumprelu": f"l0{self.target_l0:g}" if self.target_l0 else f"l0c{self.l0_coeff:g}",
+                    "relu": f"l1c{self.l1_coeff:g}"}[self.arch]
+        return f"{self.arch}_{sparsity}_{self.d_sae}"
+
+
+class SparseCode(NamedTuple):
+    """Active entries of a code: rows (token), cols (latent), vals; `shape` = (batch, d_sae)."""
+    rows: torch.Tensor
+    cols: torch.Tensor
+    vals: torch.Tensor
+    shape: tuple[int, int]
+
+    def dense(self) -> torch.Tensor:
+        z = self.vals.new_zeros(self.shape)
+        z[self.rows, self.cols] = self.vals
+        return z
+
+
+class ForwardOutput(NamedTuple):
+    z: torch.Tensor  # [batch, d_sae] code
+    x_hat: torch.Tensor  # [batch, d_in] reconstruction in input space
+
+
+class TrainOutput(NamedTuple):
+    loss: torch.Tensor
+    terms: dict  # name -> scalar tensor (detached), e.g. mse, aux, sparsity
+    x_hat: torch.Tensor  # [batch, d_in], in the normalised space the loss uses
+    x: torch.Tensor  # [batch, d_in] normalised input
+    fired: torch.Tensor  # [d_sae] bool: latents active in this batch
+    l0: torch.Tensor  # [batch] active latents per token
+
+
+def rectangle(x: torch.Tensor) -> torch.Tensor:
+    return ((x > -0.5) & (x < 0.5)).to(x.dtype)
+
+
+class _JumpReLU(torch.autograd.Function):
+    """z = a * H(a - theta); gradient to theta through a rectangle kernel of width `bandwidth`."""
+
+    @staticmethod
+    def forward(ctx, a, theta, bandwidth):
+        ctx.save_for_backward(a, theta)
+        ctx.bandwidth = bandwidth
+        return a * (a > theta).to(a.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        a, theta = ctx.saved_tensors
+        bw = ctx.bandwidth
+        grad_a = g * (a > theta).to(a.dtype)
+        grad_theta = (-(theta / bw) * rectangle((a - theta) / bw) * g).sum(0)
+        return grad_a, grad_theta, None
+
+
+class _Step(torch.autograd.Function):
+    """H(a - theta), with the pseudo-derivative to theta only (the JumpReLU paper's L0 estimator)."""
+
+    @staticmethod
+    def forward(ctx, a, theta, bandwidth):
+        ctx.save_for_backward(a, theta)
+        ctx.bandwidth = bandwidth
+        return (a > theta).to(a.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        a, theta = ctx.saved_tensors
+        bw = ctx.bandwidth
+        grad_theta = (-(1.0 / bw) * rectangle((a - theta) / bw) * g).sum(0)
+        return torch.zeros_like(a), grad_theta, None
+
+
+class _SparseEncode(torch.autograd.Function):
+    """Encoder + selection that only differentiates the selected entries.
+
+    Forward runs the dense encode matmul once and returns the values at `rows, cols` chosen by
+    `select`; backward touches only those entries (sparse matmuls), instead of two dense
+    [batch, d_sae] x [d_sae, d_in] products. Gradients equal the dense path's exactly in math.
+    """
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, b_dec, select):
+        xc = x - b_dec
+        a = torch.relu(torch.addmm(b_enc, xc, W_enc))
+        rows, cols = select(a)
+        vals = a[rows, cols]
+        ctx.save_for_backward(xc, W_enc, rows, cols)
+        ctx.shape = a.shape
+        ctx.mark_non_differentiable(rows, cols)
+        return vals, rows, cols
+
+    @staticmethod
+    def backward(ctx, g, _gr, _gc):
+        xc, W_enc, rows, cols = ctx.saved_tensors
+        B, Fd = ctx.shape
+        # the selected values are positive (relu passes them), so d vals / d a = 1
+        idx = torch.stack([rows, cols])
+        gs = torch.sparse_coo_tensor(idx, g, (B, Fd), check_invariants=False).coalesce()
+        grad_xc = torch.sparse.mm(gs, W_enc.t())  # [B, d_in]
+        grad_W_enc = torch.sparse.mm(gs.t(), xc).t().contiguous()  # [d_in, d_sae]
+        grad_b_enc = torch.zeros(Fd, dtype=g.dtype, device=g.device).index_add_(0, cols, g)
+        return grad_xc, grad_W_enc, grad_b_enc, -grad_xc.sum(0), None
+
+
+def sparse_decode(code: SparseCode, W_dec: torch.Tensor) -> torch.Tensor:
+    """z W_dec for a sparse z without building it: embedding_bag sums the selected decoder rows."""
+    B = code.shape[0]
+    order = torch.argsort(code.rows, stable=True)
+    rows, cols, vals = code.rows[order], code.cols[order], code.vals[order]
+    offsets = torch.searchsorted(rows, torch.arange(B, device=rows.device))
+    return F.embedding_bag(cols, W_dec, offsets, mode="sum", per_sample_weights=vals.to(W_dec.dtype),
+                           include_last_offset=False)
+
+
+class SAE(torch.nn.Module):
+    """Shared base. Subclasses define `select` and `sparsity_loss`."""
+
+    arch = "base"
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, f = cfg.d_in, cfg.d_sae
+        W_dec = torch.empty(f, d)
+        torch.nn.init.kaiming_uniform_(W_dec)
+        W_dec /= W_dec.norm(dim=-1, keepdim=True)
+        self.W_dec = torch.nn.Parameter(W_dec)  # [d_sae, d_in], unit-norm rows
+        self.W_enc = torch.nn.Parameter(W_dec.t().clone())  # [d_in, d_sae]
+        self.b_enc = torch.nn.Parameter(torch.zeros(f))
+        self.b_dec = torch.nn.Parameter(torch.zeros(d))
+        self.register_buffer("input_scale", torch.ones(()))  # dataset-wide scale (normalize="dataset")
+        self.register_buffer("tokens_since_fired", torch.zeros(f, dtype=torch.long))
+
+    # -- input scaling ------------------------------------------------------------------------
+    def normalize_input(self, x: torch.Tensor):
+        """x in input space -> (x in SAE space, context to undo it)."""
+        if self.cfg.normalize == "token":
+            mu = x.mean(-1, keepdim=True)
+            xc = x - mu
+            std = xc.std(-1, keepdim=True)
+            return xc / (std + 1e-5), (mu, std)
+        if self.cfg.normalize == "dataset":
+            return x * self.input_scale, None
+        return x, None
+
+    def denormalize(self, x_hat: torch.Tensor, ctx) -> torch.Tensor:
+        if self.cfg.normalize == "token":
+            mu, std = ctx
+            return x_hat * (std + 1e-5) + mu
+        if self.cfg.normalize == "dataset":
+            return x_hat / self.input_scale
+        return x_hat
+
+    # -- the shared encoder/decoder -----------------------------------------------------------
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """relu((x - b_dec) W_enc + b_enc) for x already normalised. [batch, d_sae]"""
+        return torch.relu((x - self.b_dec) @ self.W_enc + self.b_enc)
+
+    def activate(self, a: torch.Tensor, mode: str | None = None) -> torch.Tensor:
+        """Dense code from pre-activations (differentiable where the architecture is)."""
+        rows, cols = self.select(a, mode)
+        mask = torch.zeros_like(a, dtype=torch.bool)
+        mask[rows, cols] = True
+        return a * mask
+
+    def select(self, a: torch.Tensor, mode: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, cols) of the active entries of pre-activations a [batch, d_sae]."""
+        raise NotImplementedError
+
+    def encode(self, x: torch.Tensor, mode: str | None = None) -> torch.Tensor:
+        """Code [batch, d_sae] for inputs [batch, d_in] (input space)."""
+        xs, _ = self.normalize_input(self._check_input(x))
+        return self.activate(self.pre_acts(xs), mode)
+
+    def decode(self, z: torch.Tensor, ctx=None) -> torch.Tensor:
+        """Reconstruction in input space. Pass the context from normalize_input for normalize='token'."""
+        if self.cfg.normalize == "token" and ctx is None:
+            raise SAEConfigError("decode() of a normalize='token' SAE needs the per-token context; use forward()")
+        return self.denormalize(z @ self.W_dec + self.b_dec, ctx)
+
+    def forward(self, x: torch.Tensor, mode: str | None = None) -> ForwardOutput:
+        xs, ctx = self.normalize_input(self._check_input(x))
+        z = self.activate(self.pre_acts(xs), mode)
+        return ForwardOutput(z, self.denormalize(z @ self.W_dec + self.b_dec, ctx))
+
+    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.cfg.d_in:
+            raise SAEConfigError(f"input has last dimension {x.shape[-1]} but this SAE has d_in={self.cfg.d_in}; "
+                                 f"train or load an SAE for this hook point's width")
+        if not x.is_floating_point():
+            raise SAEConfigError(f"input dtype {x.dtype} is not floating point; pass activations as float tensors")
+        return x.to(self.W_enc.dtype)
+
+    # -- training -----------------------------------------------------------------------------
+    def sparsity_loss(self, a: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return a.new_zeros(())
+
+    def dead_mask(self) -> torch.Tensor:
+        return self.tokens_since_fired >= self.cfg.dead_tokens
+
+    def uses_auxk(self) -> bool:
+        return False
+
+    def training_loss(self, x: torch.Tensor, fast: bool = True) -> TrainOutput:
+        """Loss on a batch of inputs (input space). `fast` uses the sparse encoder/decoder where the
+        architecture selects a fixed budget (TopK family); the dense path is the reference."""
+        xs, _ = self.normalize_input(self._check_input(x))
+        dead = self.dead_mask() if self.uses_auxk() else None
+        use_aux = dead is not None and bool(dead.any())
+        if fast and self.uses_auxk():
+            main_n = []
+
+            def select_all(a):
+                r, c = self.select(a, "train")
+                main_n.append(r.numel())
+                if use_aux:
+                    ra, ca = self.aux_select(a, dead)
+                    return torch.cat([r, ra]), torch.cat([c, ca])
+                return r, c
+
+            vals, rows, cols = _SparseEncode.apply(xs, self.W_enc, self.b_enc, self.b_dec, select_all)
+            n = main_n[0]
+            code = SparseCode(rows[:n], cols[:n], vals[:n], (xs.shape[0], self.cfg.d_sae))
+            x_hat = sparse_decode(code, self.W_dec) + self.b_dec
+            aux_code = SparseCode(rows[n:], cols[n:], vals[n:], code.shape) if use_aux else None
+            l0 = torch.bincount(code.rows, minlength=xs.shape[0])
+            fired = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=xs.device)
+            fired[code.cols] = True
+            sparsity = xs.new_zeros(())
+        else:
+            a = self.pre_acts(xs)
+            z = self.activate(a, "train")
+            x_hat = z @ self.W_dec + self.b_dec
+            aux_code = None
+            if use_aux:
+                ra, ca = self.aux_select(a.detach(), dead)
+                aux_code = SparseCode(ra, ca, a[ra, ca], a.shape)
+            active = z != 0
+            l0 = active.sum(-1)
+            fired = active.any(0)
+            sparsity = self.sparsity_loss(a, z)
+        mse = (x_hat - xs).pow(2).mean()
+        loss = mse + sparsity
+        terms = {"mse": mse.detach(), "sparsity": sparsity.detach()}
+        if use_aux:
+            residual = (xs - x_hat).detach()
+            e_hat = sparse_decode(aux_code, self.W_dec) if fast else aux_code.dense() @ self.W_dec
+            aux = (e_hat - residual).pow(2).mean()
+            loss = loss + self.cfg.aux_alpha * aux
+            terms["aux"] = aux.detach()
+        else:
+            terms["aux"] = xs.new_zeros(())
+        return TrainOutput(loss, terms, x_hat, xs, fired, l0)
+
+    def aux_select(self, a: torch.Tensor, dead: torch.Tensor):
+        """The k_aux largest pre-activations of dead latents in each row (positive ones only)."""
+        n_dead = int(dead.sum())
+        k_aux = min(self.cfg.k_aux, n_dead)
+        dead_idx = dead.nonzero().squeeze(1)
+        vals, idx = a[:, dead_idx].topk(k_aux, dim=-1, sorted=False)
+        rows = torch.arange(a.shape[0], device=a.device).repeat_interleave(k_aux)
+        cols = dead_idx[idx.reshape(-1)]
+        keep = vals.reshape(-1) > 0
+        return rows[keep], cols[keep]
+
+    @torch.no_grad()
+    def update_dead(self, fired: torch.Tensor, n_tokens: int) -> None:
+        self.tokens_since_fired += n_tokens
+        self.tokens_since_fired[fired] = 0
+
+    @torch.no_grad()
+    def after_step_stats(self, out: TrainOutput) -> dict:
+        """Architecture-specific statistics after a training step (e.g. BatchTopK's threshold)."""
+        return {}
+
+    @torch.no_grad()
+    def remove_parallel_grad(self) -> None:
+        """Project out the component of each decoder row's gradient parallel to the row."""
+        if self.W_dec.grad is None:
+            return
+        W = self.W_dec.data
+        W_unit = W / W.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        g = self.W_dec.grad
+        g -= (g * W_unit).sum(-1, keepdim=True) * W_unit
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec.data /= self.W_dec.data.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+    # -- SAELens-format files -----------------------------------------------------------------
+    def inference_threshold(self) -> torch.Tensor | None:
+        """Per-latent threshold used at inference (JumpReLU-style), or None."""
+        return None
+
+    def saelens_architecture(self) -> str:
+        return {"topk": "topk", "relu": "standard"}.get(self.cfg.arch, "jumprelu")
+
+    @torch.no_grad()
+    def export_state(self) -> dict[str, torch.Tensor]:
+        """SAELens tensors with a dataset-wide input scale folded in (so files need no extra step)."""
+        s = float(self.input_scale) if self.cfg.normalize == "dataset" else 1.0
+        state = {
+            "W_enc": (self.W_enc * s).contiguous(),
+            "b_enc": self.b_enc.clone(),
+            "W_dec": (self.W_dec / s).contiguous(),
+            "b_dec": (self.b_dec / s).clone(),
+        }
+        thr = self.inference_threshold()
+        if thr is not None:
+            state["threshold"] = thr.expand(self.cfg.d_sae).clone().contiguous()
+        return {k: v.detach().float().cpu() for k, v in state.items()}
+
+    def saelens_cfg(self) -> dict:
+        c = self.cfg
+        arch = self.saelens_architecture()
+        cfg = {
+            "architecture": arch, "d_in": c.d_in, "d_sae": c.d_sae, "dtype": "float32", "device": "cpu",
+            "apply_b_dec_to_input": True,
+            "normalize_activations": "layer_norm" if c.normalize == "token" else "none",
+            "reshape_activations": "none",
+            "metadata": {"model_name": c.model_name, "hook_name": c.hook_name, "context_size": c.context_size,
+                         "dataset_path": c.dataset, "prepend_bos": True, "model_class_name": "saekit"},
+            "saekit": {**c.to_dict(), "version": __version__, "input_scale_folded": float(self.input_scale)
+                       if c.normalize == "dataset" else None},
+        }
+        if arch == "topk":
+            cfg["k"] = c.k
+        return cfg
+
+    def save(self, folder: str | Path) -> Path:
+        """Write cfg.json + sae_weights.safetensors (SAELens layout), atomically."""
+        from .activations import atomic_write_bytes, atomic_write_json
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = self.export_state()
+        from safetensors.torch import save
+
+        atomic_write_bytes(folder / WEIGHTS_FILE, lambda fh: fh.write(save(state, metadata={"format": "pt"})))
+        atomic_write_json(folder / CFG_FILE, self.saelens_cfg())
+        return folder
+
+
+class BatchTopKSAE(SAE):
+    """Top B*k pre-activations of the whole batch in training; a global threshold theta at inference."""
+
+    arch = "batchtopk"
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__(cfg)
+        self.register_buffer("threshold", torch.zeros(()))
+        self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long))
+
+    def uses_auxk(self) -> bool:
+        return True
+
+    def select(self, a, mode=None):
+        mode = mode or ("batch" if self.training else "threshold")
+        if mode == "threshold":
+            if int(self.threshold_updates) == 0:
+                raise SAEConfigError("this BatchTopK SAE has no inference threshold yet (it was never trained); "
+                                     "use encode(x, mode='batch') or train it first")
+            return (a > self.threshold).nonzero(as_tuple=True)
+        if mode in ("batch", "train"):
+            B, Fd = a.shape
+            n = min(B * self.cfg.k, a.numel())
+            vals, flat = a.reshape(-1).topk(n, sorted=False)
+            flat = flat[vals > 0]
+            rows, cols = flat // Fd, flat % Fd
+            if mode == "train":
+                self._last_min = vals[vals > 0].min() if bool((vals > 0).any()) else None
+            return rows, cols
+        raise SAEConfigError(f"unknown BatchTopK mode '{mode}'; use 'threshold' or 'batch'")
+
+    @torch.no_grad()
+    def after_step_stats(self, out: TrainOutput) -> dict:
+        m = getattr(self, "_last_min", None)
+        if m is not None:
+            if int(self.threshold_updates) == 0:
+                self.threshold.copy_(m)
+            else:
+                beta = min(self.cfg.threshold_beta, 1 - 1 / (int(self.threshold_updates) + 1))
+                self.threshold.mul_(beta).add_((1 - beta) * m)
+            self.threshold_updates += 1
+        return {"theta": float(self.threshold)}
+
+    def inference_threshold(self):
+        return self.threshold.detach()
+
+    @torch.no_grad()
+    def calibrate_threshold(self, batches) -> float:
+        """Set theta to the mean over `batches` of the smallest activation BatchTopK keeps, using the
+        final weights (the training-time running mean lags behind weights that were still moving)."""
+        cuts = []
+        for x in batches:
+            xs, _ = self.normalize_input(self._check_input(x.to(self.W_enc.device)))
+            a = self.pre_acts(xs)
+            vals = a.reshape(-1).topk(min(a.shape[0] * self.cfg.k, a.numel()), sorted=False).values
+            vals = vals[vals > 0]
+            if vals.numel():
+                cuts.append(vals.min())
+        if cuts:
+            self.threshold.copy_(torch.stack(cuts).mean())
+            self.threshold_updates += len(cuts)
+        return float(self.threshold)
+
+
+class TopKSAE(SAE):
+    """The k largest pre-activations of each token."""
+
+    arch = "topk"
+
+    def uses_auxk(self) -> bool:
+        return True
+
+    def select(self, a, mode=None):
+        vals, idx = a.topk(self.cfg.k, dim=-1, sorted=False)
+        rows = torch.arange(a.shape[0], device=a.device).repeat_interleave(self.cfg.k)
+        cols = idx.reshape(-1)
+        keep = vals.reshape(-1) > 0
+        return rows[keep], cols[keep]
+
+
+class JumpReLUSAE(SAE):
+    """Per-latent learned threshold (log-parametrised); L0 penalty through a straight-through estimator."""
+
+    arch = "jumprelu"
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__(cfg)
+        self.log_threshold = torch.nn.Parameter(torch.full((cfg.d_sae,), math.log(cfg.jumprelu_init_threshold)))
+
+    def activate(self, a, mode=None):
+        return _JumpReLU.apply(a, self.log_threshold.exp(), self.cfg.jumprelu_bandwidth)
+
+    def select(self, a, mode=None):
+        return (a > self.log_threshold.exp()).nonzero(as_tuple=True)
+
+    def sparsity_loss(self, a, z):
+        l0 = _Step.apply(a, self.log_threshold.exp(), self.cfg.jumprelu_bandwidth).sum(-1).mean()
+        if self.cfg.target_l0:
+            return self.cfg.l0_coeff * (l0 / self.cfg.target_l0 - 1).pow(2)
+        return self.cfg.l0_coeff * l0 / self.cfg.d_in
+
+    def inference_threshold(self):
+        return self.log_threshold.exp().detach()
+
+
+class ReLUSAE(SAE):
+    """Plain ReLU code with an L1 penalty weighted by decoder row norms."""
+
+    arch = "relu"
+
+    def activate(self, a, mode=None):
+        return a
+
+    def select(self, a, mode=None):
+        return (a > 0).nonzero(as_tuple=True)
+
+    def sparsity_loss(self, a, z):
+        return self.cfg.l1_coeff * (z * self.W_dec.norm(dim=-1)).sum(-1).mean() / self.cfg.d_in
+
+
+SAE_CLASSES: dict[str, type[SAE]] = {"batchtopk": BatchTopKSAE, "topk": TopKSAE, "jumprelu": JumpReLUSAE,
+                                     "relu": ReLUSAE}
+
+
+def make_sae(cfg: SAEConfig | None = None, **kwargs) -> SAE:
+    """Build an SAE from a config (or keyword fields of one)."""
+    cfg = cfg or SAEConfig(**kwargs)
+    return SAE_CLASSES[cfg.arch](cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
+    """Load an SAE folder written by saekit or by SAELens (`cfg.json` + `sae_weights.safetensors`)."""
+    folder = Path(folder)
+    cfg_path, w_path = folder / CFG_FILE, folder / WEIGHTS_FILE
+    if not cfg_path.exists() or not w_path.exists():
+        raise SAEConfigError(f"{folder} is not an SAE folder: it needs {CFG_FILE} and {WEIGHTS_FILE}")
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise SAEConfigError(f"{cfg_path} is corrupt ({e})") from e
+    try:
+        state = load_file(str(w_path))
+    except Exception as e:
+        raise SAEConfigError(f"{w_path} is corrupt or truncated ({e.__class__.__name__}: {e})") from e
+    for key in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        if key not in state:
+            raise SAEConfigError(f"{w_path} has no '{key}' tensor (has {sorted(state)}); not an SAE weights file")
+    ours = raw.get("saekit")
+    meta = raw.get("metadata") or {}
+    d_in, d_sae = state["W_enc"].shape
+    if ours:
+        cfg = SAEConfig.from_dict({**ours, "normalize": "none" if ours.get("normalize") == "dataset"
+                                   else ours.get("normalize", "none")})
+    else:
+        arch = raw.get("architecture", "standard")
+        arch = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "batchtopk"}.get(arch)
+        if arch is None:
+            raise SAEConfigError(f"{cfg_path}: SAELens architecture '{raw.get('architecture')}' is not supported; "
+                                 f"saekit loads standard, topk, batchtopk and jumprelu")
+        norm = raw.get("normalize_activations", "none")
+        if norm not in ("none", "layer_norm"):
+            raise SAEConfigError(f"{cfg_path}: normalize_activations='{norm}' is not supported "
+                                 f"(saekit loads 'none' and 'layer_norm')")
+        k = int(raw.get("k", 32))
+        cfg = SAEConfig(arch=arch, d_in=int(d_in), d_sae=int(d_sae), k=min(k, int(d_sae) - 1),
+                        normalize="token" if norm == "layer_norm" else "none",
+                        hook_name=meta.get("hook_name") or raw.get("hook_name"),
+                        model_name=meta.get("model_name") or raw.get("model_name"),
+                        context_size=meta.get("context_size"), dataset=meta.get("dataset_path"))
+    if (cfg.d_in, cfg.d_sae) != (d_in, d_sae):
+        raise SAEConfigError(f"{folder}: cfg says d_in={cfg.d_in}, d_sae={cfg.d_sae} but W_enc is {tuple(state['W_enc'].shape)}")
+    sae = make_sae(cfg)
+    with torch.no_grad():
+        for key in ("W_enc", "W_dec", "b_enc", "b_dec"):
+            getattr(sae, key).data = state[key].float().clone()
+        thr = state.get("threshold")
+        if isinstance(sae, BatchTopKSAE):
+            if thr is None:
+                raise SAEConfigError(f"{w_path}: a BatchTopK SAE needs a 'threshold' tensor for inference")
+            sae.threshold.fill_(float(thr.float().mean()))
+            sae.threshold_updates.fill_(1)
+        elif isinstance(sae, JumpReLUSAE):
+            if thr is None:
+                raise SAEConfigError(f"{w_path}: a JumpReLU SAE needs a 'threshold' tensor")
+            sae.log_threshold.data = thr.float().clamp_min(1e-12).log()
+    return sae.to(device).eval()
