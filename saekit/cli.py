@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--arch", nargs="+", default=["batchtopk"], choices=["batchtopk", "topk", "jumprelu", "relu"])
     t.add_argument("--k", nargs="+", type=int, default=[32], help="k (jumprelu: target L0)")
     t.add_argument("--expansion", type=int, default=8)
-    t.add_argument("--normalize", default="dataset", choices=["none", "token", "dataset"])
+    t.add_argument("--normalize", default="token", choices=["none", "token", "dataset"])
     t.add_argument("--l1-coeff", type=float, default=5.0)
     t.add_argument("--tokens", type=int, default=1_000_000)
     t.add_argument("--batch-size", type=int, default=4096)

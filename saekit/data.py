@@ -173,6 +173,8 @@ def pack(texts: Iterable[str], tokenizer, seq_len: int = 128, max_tokens: int | 
             doc_index += 1
 
     for text in texts:
+        if not text or not text.strip():
+            continue
         batch.append(text)
         if len(batch) >= batch_docs:
             consume(batch)
@@ -184,7 +186,7 @@ def pack(texts: Iterable[str], tokenizer, seq_len: int = 128, max_tokens: int | 
         if batch:
             consume(batch)
         flush(final=True)
-    if not rows_tok:
+    if not rows_tok or kept == 0:
         raise CorpusError("the corpus produced no tokens: it is empty or all its texts are blank")
     tokens = np.stack(rows_tok)
     doc_ids = np.stack(rows_doc)

@@ -37,7 +37,7 @@ class SAEConfig:
     d_in: int = 576
     d_sae: int = 4608
     k: int = 32  # batchtopk/topk: latents per token (batchtopk: on average over the batch)
-    normalize: str = "dataset"  # none | token (centre + unit std per token, as the paper's code) | dataset
+    normalize: str = "token"  # token: centre + unit std per token (the paper's code; SAELens "layer_norm") | dataset | none
     # AuxK (batchtopk/topk): the k_aux largest dead pre-activations reconstruct the residual
     k_aux: int = 512
     aux_alpha: float = 1 / 32

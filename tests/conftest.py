@@ -1,0 +1,41 @@
+"""Shared fixtures: the embedded model (loaded once), small packed corpora and a small store."""
+import os
+import warnings
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here or in CI: make that explicit and fast
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+warnings.filterwarnings("ignore", message=".*non-writable.*")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+HOOK = "resid_post.6"  # an early layer keeps captures fast; the stop-after-layer path is what is tested
+
+
+@pytest.fixture(scope="session")
+def model():
+    from saekit.models import load_model
+
+    return load_model()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model):
+    return model.tokenizer
+
+
+@pytest.fixture(scope="session")
+def packed(tokenizer):
+    from saekit.data import packed_corpus
+
+    return packed_corpus(tokenizer, split="train", seq_len=64, max_tokens=3000)
+
+
+@pytest.fixture(scope="session")
+def store(model, packed, tmp_path_factory):
+    from saekit.activations import capture
+
+    out = tmp_path_factory.mktemp("store")
+    return capture(model, packed, [HOOK, "mlp_out.3"], out, n_tokens=2000, batch_size=8, dtype="float32",
+                   shard_tokens=640, progress=False)

@@ -1,0 +1,191 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import HOOK
+from saekit.activations import ActivationStore, StoreError, capture
+from saekit.data import pack
+
+
+def _hf_hidden(model, packed, seqs, layer):
+    ids = torch.from_numpy(packed.tokens[seqs].astype(np.int64))
+    with torch.no_grad():
+        return model._module(ids, output_hidden_states=True).hidden_states[layer + 1]
+
+
+def test_capture_equals_plain_transformers_forward(model, packed, store):
+    """fp32 store == output_hidden_states[layer+1] at every kept position (abs tol 1e-5)."""
+    pos = store.positions()
+    x = store.load(HOOK)
+    assert x.shape == (len(store), 576) and len(store) >= 2000
+    seqs = sorted(set(pos[:300, 0].tolist()))[:4]
+    hs = _hf_hidden(model, packed, seqs, layer=6)
+    for i, s in enumerate(seqs):
+        rows = np.nonzero(pos[:, 0] == s)[0]
+        ref = hs[i, pos[rows, 1]]
+        assert torch.allclose(x[rows], ref, atol=1e-5, rtol=0), float((x[rows] - ref).abs().max())
+    # positions trace back to tokens: kept positions are exactly the non-BOS, non-padding ones
+    assert (store.tokens[pos[:, 0], pos[:, 1]] != packed.bos_token_id).all()
+    assert store.manifest["n_rows"] == int(packed.keep[: store.manifest["n_sequences"]].sum())
+
+
+def test_second_hook_from_same_pass_matches_mlp_output(model, packed, store):
+    pos = store.positions()
+    x = store.load("mlp_out.3")
+    s = int(pos[0, 0])
+    got = {}
+    h = model._module.model.layers[3].mlp.register_forward_hook(lambda m, i, o: got.setdefault("o", o))
+    try:
+        with torch.no_grad():
+            model._module(torch.from_numpy(packed.tokens[[s]].astype(np.int64)))
+    finally:
+        h.remove()
+    rows = np.nonzero(pos[:, 0] == s)[0]
+    assert torch.allclose(x[rows], got["o"][0, pos[rows, 1]], atol=1e-5)
+
+
+def test_fp16_and_bf16_stores_round_trip(model, tokenizer, tmp_path):
+    p = pack(["It was the best of times, it was the worst of times. " * 20], tokenizer, seq_len=32)
+    ref = capture(model, p, HOOK, tmp_path / "f32", dtype="float32", progress=False).load()
+    for dt, tol in (("float16", 2e-3), ("bfloat16", 1e-2)):
+        st = ActivationStore(capture(model, p, HOOK, tmp_path / dt, dtype=dt, progress=False).path)
+        assert st.dtype == dt
+        got = st.load()
+        rel = ((got - ref).norm(dim=-1) / ref.norm(dim=-1)).max()
+        assert rel < tol, (dt, float(rel))
+
+
+def test_shuffled_batches_cover_every_row_once_per_epoch(store):
+    pos_all = store.positions()
+    keys_all = sorted(map(tuple, pos_all.tolist()))
+    seen, order = [], []
+    for x, p in store.batches(96, shuffle=True, seed=3, buffer_rows=700, chunk_rows=128, epochs=2,
+                              return_positions=True):
+        assert x.dtype == torch.float32 and x.shape[1] == 576
+        seen.extend(map(tuple, p.tolist()))
+    n = len(pos_all)
+    assert sorted(seen[:n]) == keys_all and sorted(seen[n:]) == keys_all
+    assert seen[:200] != list(map(tuple, pos_all[:200].tolist())), "not shuffled"
+    # rows delivered with their positions are the stored rows
+    x, p = next(store.batches(50, shuffle=True, seed=1, return_positions=True))
+    full = store.load()
+    index = {tuple(k): i for i, k in enumerate(pos_all.tolist())}
+    assert torch.equal(x, full[[index[tuple(k)] for k in p.tolist()]])
+    # ranks split the epoch without overlap
+    r0 = [tuple(k) for _, pp in store.batches(64, rank=0, world_size=2, chunk_rows=100, return_positions=True) for k in pp.tolist()]
+    r1 = [tuple(k) for _, pp in store.batches(64, rank=1, world_size=2, chunk_rows=100, return_positions=True) for k in pp.tolist()]
+    assert not set(r0) & set(r1) and sorted(r0 + r1) == keys_all
+
+
+CAPTURE_SCRIPT = textwrap.dedent("""
+    import sys
+    from saekit.models import load_model
+    from saekit.data import packed_corpus
+    from saekit.activations import capture
+    m = load_model()
+    p = packed_corpus(m.tokenizer, seq_len=32, max_tokens=3000)
+    capture(m, p, "resid_post.2", sys.argv[1], n_tokens=2500, batch_size=2, shard_tokens=128, dtype="float32",
+            progress=False)
+""")
+
+
+def test_interrupted_capture_resumes_without_loss_or_duplicates(tmp_path, model, tokenizer):
+    script = tmp_path / "cap.py"
+    script.write_text(CAPTURE_SCRIPT)
+    out = tmp_path / "store"
+    proc = subprocess.Popen([sys.executable, str(script), str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    killed_with = None
+    while time.time() < deadline and proc.poll() is None:
+        m = out / "manifest.json"
+        if m.exists():
+            shards = json.loads(m.read_text())["shards"]
+            if len(shards) >= 3:
+                proc.send_signal(signal.SIGKILL)
+                killed_with = len(shards)
+                break
+        time.sleep(0.05)
+    proc.wait()
+    assert killed_with is not None, f"capture finished or failed before it could be killed: {proc.stderr.read()[-2000:]}"
+    part = json.loads((out / "manifest.json").read_text())
+    assert not part["complete"]
+    # resume in-process with the same arguments
+    from saekit.data import packed_corpus
+
+    p = packed_corpus(tokenizer, seq_len=32, max_tokens=3000)
+    st = capture(model, p, "resid_post.2", out, n_tokens=2500, batch_size=2, shard_tokens=128, dtype="float32",
+                 progress=False)
+    assert st.manifest["complete"]
+    ref = capture(model, p, "resid_post.2", tmp_path / "ref", n_tokens=2500, batch_size=2, shard_tokens=128,
+                  dtype="float32", progress=False)
+    assert np.array_equal(st.positions(), ref.positions())
+    assert len(set(map(tuple, st.positions().tolist()))) == len(st)
+    assert torch.allclose(st.load(), ref.load(), atol=1e-5)
+    assert not list((out / "shards").glob(".*.tmp")), "temp files left behind"
+
+
+def test_resume_refuses_a_different_capture(model, packed, store):
+    with pytest.raises(StoreError, match="different capture"):
+        capture(model, packed, "resid_post.7", store.path, n_tokens=2000, progress=False)
+
+
+def _copy_store(store, dst):
+    import shutil
+
+    shutil.copytree(store.path, dst)
+    return dst
+
+
+def test_damaged_stores_give_clear_errors(store, tmp_path):
+    d = _copy_store(store, tmp_path / "missing")
+    next((d / "shards").glob("00001.resid_post*.npy")).unlink()
+    with pytest.raises(StoreError, match="missing"):
+        ActivationStore(d)
+    d = _copy_store(store, tmp_path / "trunc")
+    f = next((d / "shards").glob("00000.resid_post*.npy"))
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(StoreError, match="truncated"):
+        ActivationStore(d)
+    d = _copy_store(store, tmp_path / "disagree")
+    m = json.loads((d / "manifest.json").read_text())
+    m["shards"][0]["n_rows"] += 5
+    m["n_rows"] += 5
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(StoreError, match="manifest says"):
+        ActivationStore(d)
+    d = _copy_store(store, tmp_path / "corrupt")
+    (d / "manifest.json").write_text("{not json")
+    with pytest.raises(StoreError, match="corrupt"):
+        ActivationStore(d)
+    with pytest.raises(StoreError, match="no manifest"):
+        ActivationStore(tmp_path)
+    with pytest.raises(StoreError, match="not in store"):
+        ActivationStore(store.path, hook="resid_post.9")
+
+
+def test_bad_capture_arguments(model, packed, tmp_path):
+    with pytest.raises(StoreError, match="dtype"):
+        capture(model, packed, HOOK, tmp_path / "a", dtype="int8", progress=False)
+    with pytest.raises(StoreError, match="positive"):
+        capture(model, packed, HOOK, tmp_path / "b", n_tokens=0, progress=False)
+
+
+def test_nan_activations_are_refused(model, tokenizer, tmp_path):
+    p = pack(["Some words to run through the model."] * 3, tokenizer, seq_len=16)
+    layer = model._module.model.layers[0]  # NaN flows into layer 1
+    h = layer.register_forward_hook(lambda m, i, o: o * float("nan"))
+    try:
+        with pytest.raises(StoreError, match="NaN"):
+            capture(model, p, "resid_post.1", tmp_path / "nan", progress=False)
+    finally:
+        h.remove()
+    assert not list((tmp_path / "nan" / "shards").glob("*.npy")) if (tmp_path / "nan" / "shards").exists() else True
