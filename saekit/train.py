@@ -410,10 +410,10 @@ class Trainer:
         bar = tqdm(total=tc.total_steps, initial=self.step, desc="train", unit="step", disable=not tc.progress)
         run = self._maybe_wandb()
         try:
-            for x in source.batches(tc.batch_size, seed=tc.seed, epochs=epochs, skip_batches=self.step,
-                                    buffer_rows=tc.buffer_rows):
-                if self.step >= tc.total_steps or (stop_after is not None and self.step >= stop_after):
-                    break
+            limit = tc.total_steps if stop_after is None else min(tc.total_steps, stop_after)
+            batches = source.batches(tc.batch_size, seed=tc.seed, epochs=epochs, skip_batches=self.step,
+                                     buffer_rows=tc.buffer_rows) if self.step < limit else ()
+            for x in batches:
                 stats = self.train_step(x.to(self.device, non_blocking=True))
                 if callback is not None:
                     callback(self, stats)
@@ -425,6 +425,8 @@ class Trainer:
                 bar.update(1)
                 if self.out is not None and tc.checkpoint_every and self.step % tc.checkpoint_every == 0:
                     self.save_checkpoint()
+                if self.step >= limit:
+                    break
         finally:
             bar.close()
             if run is not None:

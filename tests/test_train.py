@@ -1,0 +1,155 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from saekit.sae import SAEConfig, load_sae
+from saekit.toy import make_toy
+from saekit.train import TrainConfig, Trainer, TrainingError, as_source, geometric_median, lr_factor, train
+
+
+@pytest.fixture(scope="module")
+def toy_x():
+    return make_toy(n_samples=6000, d=16, n_features=48, mean_active=3, seed=1).x
+
+
+def _cfgs():
+    return [SAEConfig(arch="batchtopk", d_in=16, d_sae=64, k=3, dead_tokens=300),
+            SAEConfig(arch="jumprelu", d_in=16, d_sae=64, target_l0=3)]
+
+
+def test_resume_reproduces_uninterrupted_weights_exactly(toy_x, tmp_path):
+    tc = TrainConfig(total_tokens=128 * 60, batch_size=128, lr=3e-3, warmup_steps=5, checkpoint_every=10,
+                     progress=False)
+    full = train(toy_x, _cfgs(), tc, out=tmp_path / "full")
+    def crash(trainer, stats):
+        if trainer.step == 25:
+            raise KeyboardInterrupt  # the job dies between checkpoints
+
+    with pytest.raises(KeyboardInterrupt):
+        train(toy_x, _cfgs(), tc, out=tmp_path / "part", callback=crash)
+    ckpts = sorted(p.name for p in (tmp_path / "part" / "checkpoints").glob("step_*"))
+    assert ckpts[-1] == "step_00000020" and len(ckpts) <= 2  # older checkpoints pruned
+    resumed = train(toy_x, _cfgs(), tc, out=tmp_path / "part")  # picks up at step 20
+    assert resumed.steps == full.steps == 60
+    for a, b in zip(full.saes, resumed.saes):
+        for (n, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
+            assert torch.equal(p, q), n
+    pd_full, pd_res = full.logs[0], resumed.logs[0]
+    assert pd_full["loss"].tolist() == pd_res["loss"].tolist()
+
+
+def test_several_saes_share_one_read_of_each_batch(toy_x):
+    reads = []
+    src = as_source(toy_x)
+    orig = src.batches
+
+    def counting(*a, **k):
+        for x in orig(*a, **k):
+            reads.append(1)
+            yield x
+
+    src.batches = counting
+    cfgs = [SAEConfig(arch=a, d_in=16, d_sae=64, k=k, target_l0=k) for a in ("batchtopk", "topk", "jumprelu")
+            for k in (2, 4)]
+    tc = TrainConfig(total_tokens=128 * 20, batch_size=128, warmup_steps=2, progress=False, calibrate_batches=0,
+                     init_tokens=128)
+    res = train(src, cfgs, tc)
+    assert res.steps == 20 and len(res.saes) == 6
+    assert len(reads) == 20 + 1  # 20 steps + one batch for initialisation, for all six SAEs
+    assert len(set(res.names)) == 6
+    for log in res.logs:
+        assert {"step", "tokens", "loss", "mse", "aux", "sparsity", "nmse", "l0", "dead_frac", "lr", "theta"} <= set(log)
+
+
+def test_lr_schedule_warms_up_then_decays():
+    f = [lr_factor(s, 100, 10, 0.2) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == 1.0 and f[50] == 1.0
+    assert f[80] == pytest.approx(1.0) and f[90] == pytest.approx(0.5) and f[99] == pytest.approx(0.05)
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+
+
+def test_geometric_median_resists_outliers():
+    x = torch.zeros(101, 3)
+    x[:50] = torch.tensor([1.0, 0, 0])
+    x[50:] = torch.tensor([-1.0, 0, 0])
+    x[100] = torch.tensor([1000.0, 1000.0, 0])
+    gm = geometric_median(x)
+    assert gm.norm() < 1.5 and x.mean(0).norm() > 9
+
+
+def test_training_accepts_npy_and_safetensors(toy_x, tmp_path):
+    np.save(tmp_path / "a.npy", toy_x.numpy())
+    save_file({"activations": toy_x.contiguous()}, str(tmp_path / "a.safetensors"))
+    tc = TrainConfig(total_tokens=128 * 5, batch_size=128, warmup_steps=1, progress=False)
+    for f in ("a.npy", "a.safetensors"):
+        res = train(tmp_path / f, SAEConfig(arch="topk", d_in=16, d_sae=32, k=2), tc)
+        assert res.steps == 5
+
+
+def test_bad_training_inputs(toy_x, tmp_path):
+    tc = TrainConfig(total_tokens=128 * 5, batch_size=128, warmup_steps=1, progress=False)
+    with pytest.raises(TrainingError, match="d_in=20"):
+        train(toy_x, SAEConfig(arch="topk", d_in=20, d_sae=64, k=2), tc)
+    with pytest.raises(TrainingError, match="fewer than one batch"):
+        train(toy_x[:10], SAEConfig(arch="topk", d_in=16, d_sae=64, k=2), tc)
+    with pytest.raises(TrainingError, match="2-D"):
+        train(toy_x[0], SAEConfig(arch="topk", d_in=16, d_sae=64, k=2), tc)
+    with pytest.raises(TrainingError, match="no activations"):
+        train(tmp_path / "missing.npy", SAEConfig(arch="topk", d_in=16, d_sae=64, k=2), tc)
+    (tmp_path / "bad.npy").write_bytes(b"not an npy")
+    with pytest.raises(TrainingError, match="not a readable"):
+        train(tmp_path / "bad.npy", SAEConfig(arch="topk", d_in=16, d_sae=64, k=2), tc)
+
+
+def test_nan_in_inputs_stops_with_step_and_keeps_last_checkpoint(toy_x, tmp_path):
+    x = toy_x.clone()
+    tc = TrainConfig(total_tokens=128 * 30, batch_size=128, warmup_steps=1, checkpoint_every=5, progress=False,
+                     seed=0, init_tokens=128)
+    # poison one row of batch 12 under this seed (one that the initialisation batch does not hold)
+    order = list(as_source(x).batches(128, seed=0, epochs=1))
+    init = next(as_source(x).batches(128, seed=0 + 7919))
+    row = next(r for r in order[12] if not (init == r).all(-1).any())
+    bad_row = (x == row).all(-1).nonzero()[0, 0]
+    x[bad_row, 3] = float("nan")
+    with pytest.raises(TrainingError) as e:
+        train(x, SAEConfig(arch="batchtopk", d_in=16, d_sae=64, k=3), tc, out=tmp_path / "run")
+    msg = str(e.value)
+    assert "step 12" in msg and "input" in msg and "step_00000010" in msg
+    ck = tmp_path / "run" / "checkpoints" / "step_00000010"
+    assert (ck / "state.json").exists() and json.loads((ck / "state.json").read_text())["step"] == 10
+
+
+def test_outputs_are_saelens_folders_with_logs(toy_x, tmp_path):
+    tc = TrainConfig(total_tokens=128 * 12, batch_size=128, warmup_steps=1, progress=False, log_every=4)
+    res = train(toy_x, _cfgs(), tc, out=tmp_path / "o")
+    for name in res.names:
+        folder = tmp_path / "o" / name
+        sae = load_sae(folder)
+        assert sae.cfg.d_sae == 64
+        log = (folder / "train_log.csv").read_text().splitlines()
+        assert log[0].startswith("step,tokens,loss") and len(log) == 1 + 3
+    cfg = json.loads((tmp_path / "o" / "train_config.json").read_text())
+    assert cfg["steps"] == 12 and cfg["names"] == res.names
+
+
+def test_cli_capture_train_eval(tmp_path):
+    run = lambda *a: subprocess.run([sys.executable, "-m", "saekit", *a], capture_output=True, text=True, timeout=600)
+    r = run("capture", "--hook", "resid_post.2", "--tokens", "1500", "--seq-len", "64", "--out", str(tmp_path / "st"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run("train", "--store", str(tmp_path / "st"), "--arch", "batchtopk", "topk", "--k", "8", "--expansion", "2",
+            "--tokens", "3000", "--batch-size", "256", "--out", str(tmp_path / "tr"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "batchtopk_k8_1152" in r.stdout and "topk_k8_1152" in r.stdout
+    r = run("eval", str(tmp_path / "tr" / "batchtopk_k8_1152"), "--store", str(tmp_path / "st"), "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads(r.stdout)
+    assert m["architecture"] == "batchtopk" and 0 < m["nmse"] < 1.5 and m["n_tokens"] >= 1500
+    r = run("capture", "--hook", "resid_post.99", "--tokens", "100", "--out", str(tmp_path / "bad"))
+    assert r.returncode == 2 and "out of range" in r.stderr
+    r = run("train", "--store", str(tmp_path / "nope"), "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and "no activations" in r.stderr
