@@ -194,6 +194,22 @@ def sparse_decode(code: SparseCode, W_dec: torch.Tensor) -> torch.Tensor:
                            include_last_offset=False)
 
 
+def batch_topk(a: torch.Tensor, n: int, hint: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The n largest entries of a (flattened): (values, flat indices), exactly as a.flatten().topk(n).
+
+    With hint > 0, first keep the entries above `hint` (a fraction of the running threshold) and run
+    top-k among those: if at least n entries pass, the n largest are all among them, so the result is
+    exact; otherwise fall back to the full top-k. Much cheaper than a top-k over all B*d_sae entries.
+    """
+    flat = a.reshape(-1)
+    if hint > 0:
+        idx = (flat > hint).nonzero().squeeze(1)
+        if idx.numel() >= n:
+            vals, pos = flat[idx].topk(n, sorted=False)
+            return vals, idx[pos]
+    return flat.topk(n, sorted=False)
+
+
 class SAE(torch.nn.Module):
     """Shared base. Subclasses define `select` and `sparsity_loss`."""
 
@@ -427,6 +443,7 @@ class BatchTopKSAE(SAE):
     """Top B*k pre-activations of the whole batch in training; a global threshold theta at inference."""
 
     arch = "batchtopk"
+    candidate_factor = 0.5  # exact top-k among pre-activations above this fraction of theta (see batch_topk)
 
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)
@@ -446,11 +463,13 @@ class BatchTopKSAE(SAE):
         if mode in ("batch", "train"):
             B, Fd = a.shape
             n = min(B * self.cfg.k, a.numel())
-            vals, flat = a.reshape(-1).topk(n, sorted=False)
-            flat = flat[vals > 0]
+            hint = float(self.threshold) * self.candidate_factor if int(self.threshold_updates) else 0.0
+            vals, flat = batch_topk(a, n, hint)
+            keep = vals > 0
+            flat, vals = flat[keep], vals[keep]
             rows, cols = flat // Fd, flat % Fd
             if mode == "train":
-                self._last_min = vals[vals > 0].min() if bool((vals > 0).any()) else None
+                self._last_min = vals.min() if vals.numel() else None
             return rows, cols
         raise SAEConfigError(f"unknown BatchTopK mode '{mode}'; use 'threshold' or 'batch'")
 
@@ -477,7 +496,7 @@ class BatchTopKSAE(SAE):
         for x in batches:
             xs, _ = self.normalize_input(self._check_input(x.to(self.W_enc.device)))
             a = self.pre_acts(xs)
-            vals = a.reshape(-1).topk(min(a.shape[0] * self.cfg.k, a.numel()), sorted=False).values
+            vals = batch_topk(a, min(a.shape[0] * self.cfg.k, a.numel()))[0]
             vals = vals[vals > 0]
             if vals.numel():
                 cuts.append(vals.min())

@@ -202,3 +202,16 @@ def test_bad_sae_inputs_and_files(tmp_path):
         load_sae(tmp_path / "s")
     with pytest.raises(SAEConfigError, match="not an SAE folder"):
         load_sae(tmp_path / "nothing")
+
+
+def test_candidate_batch_topk_is_exact():
+    from saekit.sae import batch_topk
+
+    torch.manual_seed(0)
+    a = torch.relu(torch.randn(64, 300))
+    n = 64 * 5
+    ref_vals, ref_idx = a.reshape(-1).topk(n)
+    for hint in (0.0, 0.5, 1.0, 2.5, 50.0):  # 2.5 and 50 leave fewer than n candidates: full top-k fallback
+        vals, idx = batch_topk(a, n, hint)
+        assert set(idx.tolist()) == set(ref_idx.tolist()), hint
+        torch.testing.assert_close(vals.sort().values, ref_vals.sort().values)

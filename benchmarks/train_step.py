@@ -1,0 +1,161 @@
+"""Training-step throughput: saekit's step vs a plain dense PyTorch BatchTopK step, in one run.
+
+The plain step is the paper's code path written out: dense encode, flat top-k over the batch, a dense
+[B, d_sae] code, dense decode, autograd through all of it, AuxK with a second dense decode. Prints
+tokens/s for each, the ratio saekit/plain per architecture, peak memory, and the loss of both after
+the same steps on the same data.
+
+    python benchmarks/train_step.py            # CPU shape d=576, d_sae=4608, B=1024
+    python benchmarks/train_step.py --gpu      # reference shape d=768, d_sae=24576, B=4096 on CUDA
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import time
+
+import torch
+
+from saekit.sae import SAEConfig, make_sae
+from saekit.train import TrainConfig, Trainer
+
+
+class PlainBatchTopK(torch.nn.Module):
+    """The baseline: BatchTopK as the paper's reference code does it, dense everywhere."""
+
+    def __init__(self, d, f, k, k_aux=512, aux_alpha=1 / 32):
+        super().__init__()
+        W = torch.nn.init.kaiming_uniform_(torch.empty(d, f))
+        self.W_enc = torch.nn.Parameter(W)
+        self.W_dec = torch.nn.Parameter(W.t().clone() / W.t().norm(dim=-1, keepdim=True))
+        self.b_enc = torch.nn.Parameter(torch.zeros(f))
+        self.b_dec = torch.nn.Parameter(torch.zeros(d))
+        self.k, self.k_aux, self.aux_alpha = k, k_aux, aux_alpha
+        self.register_buffer("since", torch.zeros(f, dtype=torch.long))
+
+    def loss(self, x, dead_tokens):
+        mu, std = x.mean(-1, keepdim=True), x.std(-1, keepdim=True)
+        x = (x - mu) / (std + 1e-5)
+        acts = torch.relu((x - self.b_dec) @ self.W_enc + self.b_enc)
+        top = torch.topk(acts.flatten(), self.k * x.shape[0])
+        z = torch.zeros_like(acts.flatten()).scatter(-1, top.indices, top.values).reshape(acts.shape)
+        x_hat = z @ self.W_dec + self.b_dec
+        loss = (x_hat - x).pow(2).mean()
+        dead = self.since >= dead_tokens
+        if dead.any():
+            k_aux = min(self.k_aux, int(dead.sum()))
+            masked = torch.where(dead[None], acts, torch.zeros_like(acts))
+            ta = torch.topk(masked, k_aux, dim=-1)
+            z_aux = torch.zeros_like(acts).scatter(-1, ta.indices, ta.values)
+            loss = loss + self.aux_alpha * (z_aux @ self.W_dec - (x - x_hat).detach()).pow(2).mean()
+        with torch.no_grad():
+            self.since += x.shape[0]
+            self.since[(z > 0).any(0)] = 0
+        return loss
+
+
+def plain_step(model, opt, x, dead_tokens):
+    loss = model.loss(x, dead_tokens)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    with torch.no_grad():
+        W = model.W_dec
+        Wn = W / W.norm(dim=-1, keepdim=True)
+        W.grad -= (W.grad * Wn).sum(-1, keepdim=True) * Wn
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    with torch.no_grad():
+        model.W_dec /= model.W_dec.norm(dim=-1, keepdim=True)
+    return float(loss.detach())
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # CPU: process peak RSS so far (monotone)
+
+
+def reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--gpu", action="store_true")
+    ap.add_argument("--d", type=int)
+    ap.add_argument("--f", type=int)
+    ap.add_argument("--batch", type=int)
+    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--archs", nargs="+", default=["batchtopk", "topk", "jumprelu", "relu"])
+    ap.add_argument("--json", default=None, help="also write the figures to this file")
+    a = ap.parse_args()
+    device = torch.device("cuda" if a.gpu else "cpu")
+    d = a.d or (768 if a.gpu else 576)
+    f = a.f or (24576 if a.gpu else 4608)
+    B = a.batch or (4096 if a.gpu else 1024)
+    steps = a.steps or (50 if a.gpu else 12)
+    torch.manual_seed(0)
+    data = torch.randn(steps + 3, B, d, device=device) * torch.rand(steps + 3, B, 1, device=device) * 4
+    dead_tokens = 5 * B
+    print(f"device {device} ({torch.cuda.get_device_name() if a.gpu else platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads), d={d}, d_sae={f}, batch={B}, k={a.k}, steps={steps}")
+
+    def make_trainer(arch):
+        cfg = SAEConfig(arch=arch, d_in=d, d_sae=f, k=a.k, target_l0=a.k, dead_tokens=dead_tokens)
+        torch.manual_seed(0)
+        return Trainer([cfg], TrainConfig(total_tokens=(steps + 2) * B, batch_size=B, lr=3e-4, warmup_steps=0,
+                                          decay_frac=0, b_dec_init="zeros", progress=False, device=str(device)))
+
+    def run_plain():
+        m = PlainBatchTopK(d, f, a.k).to(device)
+        with torch.no_grad():  # start from exactly saekit's initial weights, so the losses compare
+            for name, p in make_trainer("batchtopk").saes[0].named_parameters():
+                getattr(m, name).copy_(p)
+        opt = torch.optim.Adam(m.parameters(), lr=3e-4)
+        for i in range(2):
+            plain_step(m, opt, data[i], dead_tokens)
+        sync(device)
+        reset_peak(device)
+        t = time.perf_counter()
+        losses = [plain_step(m, opt, data[2 + i], dead_tokens) for i in range(steps)]
+        sync(device)
+        return steps * B / (time.perf_counter() - t), losses[-1], peak_mb(device)
+
+    def run_saekit(arch):
+        tr = make_trainer(arch)
+        for i in range(2):
+            tr.train_step(data[i])
+        sync(device)
+        reset_peak(device)
+        t = time.perf_counter()
+        for i in range(steps):
+            stats = tr.train_step(data[2 + i])
+        sync(device)
+        return steps * B / (time.perf_counter() - t), stats[0]["loss"], peak_mb(device)
+
+    results = {"device": str(device), "shape": dict(d=d, d_sae=f, batch=B, k=a.k), "steps": steps}
+    base_tps, base_loss, base_mem = run_plain()
+    results["plain_batchtopk"] = dict(tokens_per_s=base_tps, loss=base_loss, peak_mb=base_mem)
+    print(f"{'plain dense batchtopk':<24} {base_tps:>12,.0f} tok/s  ratio 1.00  loss {base_loss:.5f}  peak {base_mem:,.0f} MB")
+    for arch in a.archs:
+        tps, loss, mem = run_saekit(arch)
+        results[f"saekit_{arch}"] = dict(tokens_per_s=tps, loss=loss, peak_mb=mem, ratio=tps / base_tps)
+        print(f"{'saekit ' + arch:<24} {tps:>12,.0f} tok/s  ratio {tps / base_tps:.2f}  loss {loss:.5f}  peak {mem:,.0f} MB")
+    print("ratio = saekit tokens/s / plain tokens/s in this run. plain and saekit batchtopk start from the same "
+          "weights and see the same batches, so their losses after the same steps compare directly.")
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(results, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()

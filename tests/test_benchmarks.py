@@ -1,0 +1,29 @@
+"""The benchmark scripts run end to end at a tiny size (their timings are not asserted)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_train_step_benchmark_runs_and_matches_the_plain_step(tmp_path):
+    out = tmp_path / "r.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--d", "32", "--f", "256",
+                        "--batch", "128", "--k", "4", "--steps", "4", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert "ratio" in r.stdout and set(res) >= {"plain_batchtopk", "saekit_batchtopk", "saekit_topk",
+                                                 "saekit_jumprelu", "saekit_relu"}
+    # same initial weights, same batches: the fast sparse step and the plain dense step agree
+    assert abs(res["plain_batchtopk"]["loss"] - res["saekit_batchtopk"]["loss"]) < 1e-4
+    assert all(v["tokens_per_s"] > 0 for k, v in res.items() if isinstance(v, dict) and "tokens_per_s" in v)
+
+
+def test_capture_benchmark_runs(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "capture.py"), "--hook", "resid_post.3",
+                        "--batch-size", "2", "--seq-len", "32", "--batches", "2"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "early-stop speed-up" in r.stdout and "x baseline" in r.stdout
