@@ -68,21 +68,60 @@ def cmd_train(a) -> int:
     return 0
 
 
-def cmd_eval(a) -> int:
+def _model_for(a, store_path):
+    """The model for downstream metrics: --model, else the one the store was captured from."""
+    if a.no_ce:
+        return None
     from .activations import ActivationStore
-    from .metrics import public, reconstruction_metrics
+    from .models import load_model
+
+    name = a.model or ActivationStore(store_path).manifest.get("model")
+    return load_model(name, device=a.device)
+
+
+def cmd_eval(a) -> int:
+    from .metrics import evaluate
     from .sae import load_sae
 
     sae = load_sae(a.sae_dir)
-    store = ActivationStore(a.store, a.hook or sae.cfg.hook_name if (a.hook or sae.cfg.hook_name) in
-                            ActivationStore(a.store).hooks else None)
-    m = public(reconstruction_metrics(sae, store.batches(a.batch_size, shuffle=False), mode=a.mode))
-    m = {"sae": str(a.sae_dir), "architecture": sae.cfg.arch, "d_sae": sae.cfg.d_sae, "store": str(a.store), **m}
+    model = _model_for(a, a.store)
+    m = evaluate(sae, model, a.store, n_tokens=a.tokens, ce_tokens=a.ce_tokens, mode=a.mode, hook=a.hook,
+                 progress=not a.json)
+    m = {**m, "sae_dir": str(a.sae_dir), "store": str(a.store)}
     if a.json:
         print(json.dumps(m, indent=2))
     else:
-        for k, v in m.items():
-            print(f"{k:>20}: {v}")
+        r, sp, d = m["reconstruction"], m["sparsity"], m["downstream"]
+        print(f"{a.sae_dir} ({m['sae']['architecture']}, {m['sae']['d_sae']} latents, {m['mode']} mode) on "
+              f"{m['n_tokens']:,} tokens")
+        print(f"  NMSE {r['nmse']:.4f}  FVU {r['fvu']:.4f}  cosine {r['cosine']:.4f}")
+        print(f"  L0 {sp['l0']:.1f} (std {sp['l0_std']:.1f})  dead {sp['dead_fraction']:.3f}  dense {sp['dense_fraction']:.3f}")
+        if d:
+            print(f"  CE clean {d['ce_clean']:.4f}  with SAE {d['ce_sae']:.4f}  zero-ablated {d['ce_zero_ablation']:.4f}  "
+                  f"mean-ablated {d['ce_mean_ablation']:.4f}")
+            print(f"  CE recovered {d['ce_recovered']:.4f} (vs mean ablation {d['ce_recovered_mean']:.4f})  "
+                  f"KL {d['kl']:.4f}  ({d['n_tokens']:,} tokens)")
+    return 0
+
+
+def cmd_sweep(a) -> int:
+    from .sweep import sweep, sweep_configs
+    from .train import TrainConfig, as_source
+
+    src = as_source(a.store, a.hook)
+    man = src.store.manifest if hasattr(src, "store") else {}
+    hook = a.hook or (man.get("hooks") or [None])[0]
+    cfgs = sweep_configs(src.d_model, a.arch, a.k, a.expansion, a.l1_coeff, normalize=a.normalize,
+                         hook_name=hook, model_name=man.get("model"), context_size=man.get("seq_len"),
+                         dead_tokens=5 * a.batch_size)
+    model = _model_for(a, a.eval_store or a.store)
+    tc = TrainConfig(total_tokens=a.tokens, batch_size=a.batch_size, lr=a.lr, seed=a.seed, device=a.device,
+                     checkpoint_every=a.checkpoint_every, warmup_steps=a.warmup_steps)
+    df = sweep(src, cfgs, tc, a.out, eval_data=a.eval_store or a.store, model=model, eval_tokens=a.eval_tokens,
+               ce_tokens=a.ce_tokens, hook=hook)
+    with __import__("pandas").option_context("display.width", 200, "display.max_columns", 30):
+        print(df[["name", "l0", "nmse", "fvu", "ce_recovered", "kl", "dead_fraction"]].to_string(index=False))
+    print(f"-> {a.out}/sweep.csv, sweep.parquet")
     return 0
 
 
@@ -90,7 +129,8 @@ def cmd_demo(a) -> int:
     """The main job on embedded defaults: capture, train a BatchTopK SAE, evaluate, write a results folder."""
     from .activations import capture
     from .data import packed_corpus
-    from .metrics import public, reconstruction_metrics
+    from .activations import atomic_write_json
+    from .metrics import evaluate, reconstruction_metrics
     from .models import load_model
     from .sae import SAEConfig
     from .train import TrainConfig, train
@@ -112,23 +152,22 @@ def cmd_demo(a) -> int:
     res = train(store, cfg, TrainConfig(total_tokens=a.train_tokens, batch_size=a.batch_size, lr=a.lr,
                                         warmup_steps=20, checkpoint_every=50, device=a.device), out=out / "train")
     sae = res.saes[0]
-    print("[4/4] evaluating on held-out text")
-    metrics = {}
-    for mode in ("threshold", "batch"):
-        m = public(reconstruction_metrics(sae, held.batches(a.batch_size, shuffle=False), mode=mode))
-        metrics[mode] = m
-    summary = {"model": store.manifest["model"], "hook": a.hook, "sae": str(out / "train" / res.names[0]),
-               "train_tokens": res.tokens, "train_steps": res.steps, "seconds": round(time.perf_counter() - t0, 1),
-               "theta": float(sae.threshold), "held_out": metrics}
-    from .activations import atomic_write_json
-
+    print("[4/4] evaluating on held-out text (reconstruction, sparsity, CE with the SAE spliced in)")
+    m = evaluate(sae, model, held, n_tokens=a.eval_tokens, ce_tokens=a.ce_tokens, progress=True)
+    batch_l0 = reconstruction_metrics(sae, held.batches(a.batch_size, shuffle=False), mode="batch")["l0"]
+    summary = {**m, "store_train": str(out / "store_train"), "store_test": str(out / "store_test"),
+               "sae_dir": str(out / "train" / res.names[0]), "train_tokens": res.tokens, "train_steps": res.steps,
+               "theta": float(sae.threshold), "l0_batch_mode": batch_l0,
+               "seconds": round(time.perf_counter() - t0, 1)}
     atomic_write_json(out / "metrics.json", summary)
-    m = metrics["threshold"]
+    r, sp, d = m["reconstruction"], m["sparsity"], m["downstream"]
     print(f"\nheld-out ({m['n_tokens']:,} tokens, threshold mode, theta={summary['theta']:.4f}):")
-    print(f"  NMSE {m['nmse']:.4f}   FVU {m['fvu']:.4f}   cosine {m['cosine']:.4f}")
-    print(f"  L0 mean {m['l0']:.1f} (batch mode {metrics['batch']['l0']:.1f}), per-token quantiles "
-          + ", ".join(f"q{float(q) * 100:g}={v:.0f}" for q, v in m["l0_quantiles"].items()))
-    print(f"  dead {m['dead_fraction']:.3f}   dense {m['dense_fraction']:.3f}")
+    print(f"  NMSE {r['nmse']:.4f}   FVU {r['fvu']:.4f}   cosine {r['cosine']:.4f}")
+    print(f"  L0 mean {sp['l0']:.1f} (batch mode {batch_l0:.1f}); per-token quantiles "
+          + ", ".join(f"q{float(q) * 100:g}={v:.0f}" for q, v in sp["l0_quantiles"].items()))
+    print(f"  dead {sp['dead_fraction']:.3f}   dense {sp['dense_fraction']:.3f}")
+    print(f"  CE clean {d['ce_clean']:.3f} -> with SAE {d['ce_sae']:.3f} (zero-ablated {d['ce_zero_ablation']:.3f}); "
+          f"CE recovered {d['ce_recovered']:.4f}, KL {d['kl']:.4f} over {d['n_tokens']:,} tokens")
     print(f"results in {out}/ (metrics.json, train/{res.names[0]}/ with cfg.json, sae_weights.safetensors, "
           f"train_log.csv) in {summary['seconds']:.0f} s")
     return 0
@@ -170,14 +209,42 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True)
     t.set_defaults(fn=cmd_train)
 
-    e = sub.add_parser("eval", help="evaluate a saved SAE on a store")
+    e = sub.add_parser("eval", help="evaluate a saved SAE: reconstruction, sparsity, downstream CE (JSON schema in README)")
     e.add_argument("sae_dir")
-    e.add_argument("--store", required=True)
+    e.add_argument("--store", required=True, help="activation store to evaluate on (its tokens feed the CE metrics)")
     e.add_argument("--hook", default=None)
     e.add_argument("--mode", default=None, choices=["threshold", "batch"])
-    e.add_argument("--batch-size", type=int, default=4096)
+    e.add_argument("--tokens", type=int, default=20_000, help="activations for reconstruction/sparsity")
+    e.add_argument("--ce-tokens", type=int, default=2048, help="scored positions for the CE metrics")
+    e.add_argument("--model", default=None, help="model for CE metrics; default: the store's model")
+    e.add_argument("--no-ce", action="store_true", help="skip the downstream metrics (no model needed)")
+    e.add_argument("--device", default=None)
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=cmd_eval)
+
+    w = sub.add_parser("sweep", help="train several architectures/sparsities on one stream, evaluate each, one table")
+    w.add_argument("--store", required=True)
+    w.add_argument("--eval-store", default=None, help="held-out store (default: --store)")
+    w.add_argument("--hook", default=None)
+    w.add_argument("--arch", nargs="+", default=["batchtopk", "topk", "jumprelu"],
+                   choices=["batchtopk", "topk", "jumprelu", "relu"])
+    w.add_argument("--k", nargs="+", type=int, default=[16, 32, 64], help="k; JumpReLU's target L0")
+    w.add_argument("--l1-coeff", nargs="+", type=float, default=[1.0, 3.0, 10.0], help="ReLU-L1 penalties")
+    w.add_argument("--expansion", type=int, default=8)
+    w.add_argument("--normalize", default="token", choices=["none", "token", "dataset"])
+    w.add_argument("--tokens", type=int, default=2_000_000)
+    w.add_argument("--batch-size", type=int, default=4096)
+    w.add_argument("--lr", type=float, default=3e-4)
+    w.add_argument("--warmup-steps", type=int, default=100)
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--checkpoint-every", type=int, default=200)
+    w.add_argument("--eval-tokens", type=int, default=20_000)
+    w.add_argument("--ce-tokens", type=int, default=2048)
+    w.add_argument("--model", default=None)
+    w.add_argument("--no-ce", action="store_true")
+    w.add_argument("--device", default=None)
+    w.add_argument("--out", required=True)
+    w.set_defaults(fn=cmd_sweep)
 
     d = sub.add_parser("demo", help="the main job on the embedded model and bundled corpus")
     d.add_argument("--out", default="runs/demo")
@@ -189,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--expansion", type=int, default=8)
     d.add_argument("--batch-size", type=int, default=1024)
     d.add_argument("--lr", type=float, default=1e-3)
+    d.add_argument("--ce-tokens", type=int, default=1024)
     d.add_argument("--device", default=None)
     d.set_defaults(fn=cmd_demo)
     return p

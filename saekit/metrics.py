@@ -107,3 +107,180 @@ def l0_histogram(per_token_l0: torch.Tensor, max_bins: int = 200) -> dict:
 def public(metrics: dict) -> dict:
     """The JSON-safe part of a metrics dict (drops tensor-valued keys)."""
     return {k: v for k, v in metrics.items() if not k.startswith("_")}
+
+
+# ---------------------------------------------------------------------------------------------
+# downstream: the SAE spliced into the model at its hook (nnsight patching)
+
+SCHEMA = "saekit.eval/1"
+
+
+def _patched_logits(model, ids: torch.Tensor, hook, fn=None) -> torch.Tensor:
+    """Logits [b, T, vocab] of a forward where the hook's value v is replaced by fn(v) (None: clean)."""
+    from .models import envoy
+
+    with torch.no_grad():
+        with model.trace({"input_ids": ids}):
+            if fn is not None:
+                env = envoy(model, hook)
+                if hook.io == "input":
+                    env.input = fn(env.input)
+                else:
+                    out = env.output
+                    if isinstance(out, tuple):
+                        env.output = (fn(out[0]), *out[1:])
+                    else:
+                        env.output = fn(out)
+            logits = model.output.logits.save()
+    return logits.float()
+
+
+def _token_ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy at every position but the last: [b, T-1]."""
+    return torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+
+
+@torch.no_grad()
+def ce_metrics(sae: SAE, model, tokens, keep, hook: str | None = None, mode: str | None = None,
+               seq_batch: int = 8, mean_activation: torch.Tensor | None = None, progress: bool = False) -> dict:
+    """CE loss clean / with the SAE spliced in / zero- and mean-ablated, CE recovered, KL.
+
+    tokens [n_seq, T] ids, keep [n_seq, T] bool: positions the SAE replaces (BOS and padding stay
+    clean) and whose next-token predictions count. Also the `x_hat + error` splice (== clean).
+    """
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from .models import resolve_hook, underlying
+
+    hp = resolve_hook(model, hook or sae.cfg.hook_name)
+    device = next(underlying(model).parameters()).device
+    sae_device = next(sae.parameters()).device
+    tokens = torch.from_numpy(np.array(tokens, dtype=np.int64))
+    keep = torch.from_numpy(np.array(keep, dtype=bool))
+    was_training = sae.training
+    sae.eval()
+
+    def splice(recon_fn):
+        def fn(v):
+            k = keep_b.to(v.device)[..., None]
+            flat = v[keep_b.to(v.device)]
+            new = torch.zeros_like(v)
+            new[keep_b.to(v.device)] = recon_fn(flat.to(sae_device).float()).to(v.dtype).to(v.device)
+            return torch.where(k, new, v)
+        return fn
+
+    if mean_activation is None:  # dataset mean of the hook over these positions (for mean ablation)
+        from .activations import forward_hooks
+
+        total, count = None, 0
+        for b in range(0, tokens.shape[0], seq_batch):
+            v = forward_hooks(model, tokens[b:b + seq_batch].to(device), [hp])[0]
+            kb = keep[b:b + seq_batch].to(v.device)
+            s = v[kb].double().sum(0)
+            total = s if total is None else total + s
+            count += int(kb.sum())
+        mean_activation = (total / max(count, 1)).float()
+    sums = {k: 0.0 for k in ("clean", "sae", "zero", "mean", "sae_plus_error", "kl_sae", "kl_sae_plus_error")}
+    n = 0
+    bar = tqdm(range(0, tokens.shape[0], seq_batch), desc="CE", disable=not progress)
+    try:
+        for b in bar:
+            ids = tokens[b:b + seq_batch].to(device)
+            keep_b = keep[b:b + seq_batch]
+            target = keep_b[:, 1:].to(device)
+            clean = _patched_logits(model, ids, hp)
+            logp_clean = clean.log_softmax(-1)
+            runs = {
+                "sae": splice(lambda x: sae(x, mode=mode).x_hat),
+                "zero": splice(lambda x: torch.zeros_like(x)),
+                "mean": splice(lambda x: mean_activation.to(x.device).expand_as(x)),
+                "sae_plus_error": splice(lambda x: sae(x, mode=mode).x_hat + (x - sae(x, mode=mode).x_hat)),
+            }
+            sums["clean"] += float(_token_ce(clean, ids)[target].sum())
+            for name, fn in runs.items():
+                logits = _patched_logits(model, ids, hp, fn)
+                sums[name] += float(_token_ce(logits, ids)[target].sum())
+                if name in ("sae", "sae_plus_error"):
+                    kl = (logp_clean.exp() * (logp_clean - logits.log_softmax(-1))).sum(-1)[:, :-1]
+                    sums[f"kl_{name}"] += float(kl[target].sum())
+            n += int(target.sum())
+    finally:
+        sae.train(was_training)
+    if n == 0:
+        raise ValueError("no positions to score: the sequences hold no kept next-token targets")
+    ce = {k: v / n for k, v in sums.items()}
+    rec = lambda abl: (ce[abl] - ce["sae"]) / (ce[abl] - ce["clean"]) if ce[abl] != ce["clean"] else float("nan")
+    return {
+        "n_tokens": n, "ce_clean": ce["clean"], "ce_sae": ce["sae"], "ce_zero_ablation": ce["zero"],
+        "ce_mean_ablation": ce["mean"], "ce_recovered": rec("zero"), "ce_recovered_mean": rec("mean"),
+        "ce_delta": ce["sae"] - ce["clean"], "kl": ce["kl_sae"],
+        "ce_sae_plus_error": ce["sae_plus_error"], "kl_sae_plus_error": ce["kl_sae_plus_error"],
+    }
+
+
+def evaluate(sae: SAE, model=None, data=None, n_tokens: int = 20_000, ce_tokens: int = 4096,
+             mode: str | None = None, batch_size: int = 4096, seq_batch: int = 8, hook: str | None = None,
+             progress: bool = False) -> dict:
+    """All metrics of one SAE, in a stable JSON-able dict (schema "saekit.eval/1", see README).
+
+    data: an ActivationStore (or its folder) or PackedTokens. Reconstruction and sparsity use up to
+    n_tokens activations; the downstream CE metrics (needs `model`) use the first sequences holding
+    ce_tokens scored positions. BatchTopK uses threshold mode unless mode="batch".
+    """
+    from pathlib import Path
+
+    import numpy as np
+
+    from .activations import ActivationStore, forward_hooks
+    from .data import PackedTokens
+    from .models import resolve_hook, underlying
+
+    hook = hook or sae.cfg.hook_name
+    if isinstance(data, (str, Path)):
+        data = ActivationStore(data, hook if hook in ActivationStore(data).hooks else None)
+    if isinstance(data, ActivationStore):
+        n = min(n_tokens, len(data))
+        batches = (data.rows(s, min(s + batch_size, n)) for s in range(0, n, batch_size))
+        tokens, pos = data.tokens, data.positions()
+        keep = np.zeros(tokens.shape, dtype=bool)
+        keep[pos[:, 0], pos[:, 1]] = True
+    elif isinstance(data, PackedTokens):
+        if model is None:
+            raise ValueError("evaluating on a corpus needs the model to compute activations")
+        hp = resolve_hook(model, hook)
+        device = next(underlying(model).parameters()).device
+        n_seq = data.sequences_for(n_tokens)
+        tokens, keep = data.tokens, data.keep
+
+        def gen():
+            for b in range(0, n_seq, seq_batch):
+                v = forward_hooks(model, torch.from_numpy(tokens[b:b + seq_batch].astype(np.int64)).to(device), [hp])[0]
+                yield v[torch.from_numpy(keep[b:b + seq_batch]).to(v.device)]
+
+        batches = gen()
+    else:
+        raise ValueError(f"evaluate() takes an ActivationStore, its folder or PackedTokens, not {type(data).__name__}")
+    rec = reconstruction_metrics(sae, batches, mode=mode)
+    hist = l0_histogram(rec["_per_token_l0"])
+    downstream = None
+    if model is not None:
+        rows = np.cumsum(keep[:, 1:].sum(1))
+        n_seq = min(int(np.searchsorted(rows, ce_tokens)) + 1, tokens.shape[0])
+        downstream = ce_metrics(sae, model, tokens[:n_seq], keep[:n_seq], hook=hook, mode=mode, seq_batch=seq_batch,
+                                progress=progress)
+    c = sae.cfg
+    return {
+        "schema": SCHEMA,
+        "sae": {"architecture": c.arch, "d_in": c.d_in, "d_sae": c.d_sae,
+                "k": c.k if c.arch in ("batchtopk", "topk") else None, "target_l0": c.target_l0,
+                "l1_coeff": c.l1_coeff if c.arch == "relu" else None,
+                "hook_name": hook, "model_name": c.model_name},
+        "mode": mode or ("threshold" if c.arch == "batchtopk" else "default"),
+        "n_tokens": rec["n_tokens"],
+        "reconstruction": {k: rec[k] for k in ("nmse", "fvu", "explained_variance", "cosine")},
+        "sparsity": {"l0": rec["l0"], "l0_std": rec["l0_std"], "l0_quantiles": rec["l0_quantiles"],
+                     "l0_histogram": hist, "dead_fraction": rec["dead_fraction"],
+                     "dense_fraction": rec["dense_fraction"]},
+        "downstream": downstream,
+    }

@@ -145,10 +145,12 @@ def test_cli_capture_train_eval(tmp_path):
             "--tokens", "3000", "--batch-size", "256", "--out", str(tmp_path / "tr"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "batchtopk_k8_1152" in r.stdout and "topk_k8_1152" in r.stdout
-    r = run("eval", str(tmp_path / "tr" / "batchtopk_k8_1152"), "--store", str(tmp_path / "st"), "--json")
+    r = run("eval", str(tmp_path / "tr" / "batchtopk_k8_1152"), "--store", str(tmp_path / "st"), "--json",
+            "--ce-tokens", "60")
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.loads(r.stdout)
-    assert m["architecture"] == "batchtopk" and 0 < m["nmse"] < 1.5 and m["n_tokens"] >= 1500
+    assert m["sae"]["architecture"] == "batchtopk" and 0 < m["reconstruction"]["nmse"] < 1.5
+    assert m["n_tokens"] >= 1500 and m["downstream"]["ce_sae"] > m["downstream"]["ce_clean"]
     r = run("capture", "--hook", "resid_post.99", "--tokens", "100", "--out", str(tmp_path / "bad"))
     assert r.returncode == 2 and "out of range" in r.stderr
     r = run("train", "--store", str(tmp_path / "nope"), "--out", str(tmp_path / "x"))

@@ -1,0 +1,78 @@
+"""Sweeps: several architectures and sparsity levels trained on one activation stream, each evaluated,
+collected in one pandas DataFrame (the reconstruction-sparsity frontier of the paper)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+
+from .activations import atomic_write_bytes, atomic_write_json
+from .metrics import evaluate
+from .sae import SAEConfig
+from .train import TrainConfig, as_source, train
+
+COLUMNS = ["name", "architecture", "k", "target_l0", "l1_coeff", "d_sae", "l0", "nmse", "fvu", "cosine",
+           "ce_recovered", "ce_recovered_mean", "ce_delta", "kl", "dead_fraction", "dense_fraction",
+           "train_tokens", "train_seconds", "eval_tokens", "ce_tokens"]
+
+
+def sweep_configs(d_in: int, archs: Sequence[str] = ("batchtopk", "topk", "jumprelu"), ks: Sequence[int] = (16, 32, 64),
+                  expansion: int = 8, l1_coeffs: Sequence[float] = (1.0, 3.0, 10.0), **common) -> list[SAEConfig]:
+    """One config per (architecture, sparsity): k for BatchTopK/TopK, target L0 = k for JumpReLU,
+    the given L1 coefficients for ReLU. All share d_sae = expansion * d_in."""
+    cfgs = []
+    for arch in archs:
+        levels = l1_coeffs if arch == "relu" else ks
+        for level in levels:
+            kw = dict(arch=arch, d_in=d_in, d_sae=d_in * expansion, **common)
+            if arch in ("batchtopk", "topk"):
+                kw["k"] = int(level)
+            elif arch == "jumprelu":
+                kw["target_l0"] = float(level)
+                kw["k"] = int(level)
+            else:
+                kw["l1_coeff"] = float(level)
+            cfgs.append(SAEConfig(**kw))
+    return cfgs
+
+
+def sweep(train_data, cfgs: Sequence[SAEConfig], train_cfg: TrainConfig, out: str | Path, eval_data=None,
+          model=None, eval_tokens: int = 20_000, ce_tokens: int = 2048, hook: str | None = None,
+          progress: bool = True) -> pd.DataFrame:
+    """Train every config on one stream (each batch read once), evaluate each on `eval_data` (a store or
+    packed tokens; the downstream CE needs `model`), and save out/sweep.csv, out/sweep.parquet and one
+    eval JSON per SAE. Resumes from out/checkpoints like train()."""
+    out = Path(out)
+    t0 = time.perf_counter()
+    res = train(as_source(train_data, hook), list(cfgs), train_cfg, out=out, hook=hook)
+    train_seconds = time.perf_counter() - t0
+    rows = []
+    for name, sae in zip(res.names, res.saes):
+        m = evaluate(sae, model, eval_data if eval_data is not None else train_data, n_tokens=eval_tokens,
+                     ce_tokens=ce_tokens, hook=hook, progress=progress)
+        atomic_write_json(out / name / "eval.json", m)
+        d = m["downstream"] or {}
+        rows.append({
+            "name": name, "architecture": sae.cfg.arch, "k": m["sae"]["k"], "target_l0": sae.cfg.target_l0,
+            "l1_coeff": m["sae"]["l1_coeff"], "d_sae": sae.cfg.d_sae, "l0": m["sparsity"]["l0"],
+            **m["reconstruction"], "ce_recovered": d.get("ce_recovered"), "ce_recovered_mean": d.get("ce_recovered_mean"),
+            "ce_delta": d.get("ce_delta"), "kl": d.get("kl"), "dead_fraction": m["sparsity"]["dead_fraction"],
+            "dense_fraction": m["sparsity"]["dense_fraction"], "train_tokens": res.tokens,
+            "train_seconds": train_seconds, "eval_tokens": m["n_tokens"], "ce_tokens": d.get("n_tokens"),
+        })
+    df = pd.DataFrame(rows)[COLUMNS]
+    atomic_write_bytes(out / "sweep.csv", lambda fh: fh.write(df.to_csv(index=False).encode()))
+    atomic_write_bytes(out / "sweep.parquet", lambda fh: df.to_parquet(fh, index=False))
+    return df
+
+
+def load_sweep(path: str | Path) -> pd.DataFrame:
+    """A sweep table from its folder, CSV or parquet file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "sweep.parquet" if (path / "sweep.parquet").exists() else path / "sweep.csv"
+    if not path.exists():
+        raise FileNotFoundError(f"no sweep table at {path}; run `saekit sweep` first")
+    return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)

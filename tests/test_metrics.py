@@ -1,0 +1,147 @@
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import HOOK
+from saekit.metrics import SCHEMA, ce_metrics, cosine, evaluate, fvu, l0_histogram, nmse, reconstruction_metrics
+from saekit.sae import make_sae
+
+
+def test_metric_values_on_hand_computed_examples():
+    x = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0]])
+    x_hat = torch.tensor([[1.0, 1.0], [0.0, 2.0], [2.0, 0.0]])
+    # errors: 1 + 0 + 1 = 2; ||x||^2 = 1 + 4 + 9 = 14; mean (4/3, 2/3): sum ||x - mean||^2 = 42/9 + 24/9 = 22/3
+    assert nmse(x, x_hat) == pytest.approx(2 / 14)
+    assert fvu(x, x_hat) == pytest.approx(2 / (22 / 3))
+    assert cosine(x, x_hat) == pytest.approx((1 / math.sqrt(2) + 1 + 1) / 3)
+    h = l0_histogram(torch.tensor([0, 2, 2, 5]))
+    assert h["count"] == [0, 1, 2, 3, 4, 5] and h["tokens"] == [1, 0, 2, 0, 0, 1]
+
+
+def test_streamed_metrics_equal_whole_batch_metrics():
+    torch.manual_seed(0)
+    sae = make_sae(arch="relu", d_in=8, d_sae=32, normalize="none")
+    x = torch.randn(300, 8)
+    m = reconstruction_metrics(sae, x.split(64))
+    with torch.no_grad():
+        z, x_hat = sae(x)
+    assert m["nmse"] == pytest.approx(nmse(x, x_hat), rel=1e-5)
+    assert m["fvu"] == pytest.approx(fvu(x, x_hat), rel=1e-5)
+    assert m["l0"] == pytest.approx(float((z != 0).sum(-1).float().mean()))
+    density = (z != 0).float().mean(0)
+    assert m["dead_fraction"] == pytest.approx(float((density == 0).float().mean()))
+    assert m["dense_fraction"] == pytest.approx(float((density > 0.1).float().mean()))
+
+
+def identity_sae(d):
+    """relu(x) - relu(-x) = x: a ReLU SAE with W_enc = [I, -I] reconstructs perfectly."""
+    sae = make_sae(arch="relu", d_in=d, d_sae=2 * d, normalize="none", hook_name=HOOK)
+    eye = torch.eye(d)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], 0))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae.eval()
+
+
+def zero_sae(d):
+    sae = make_sae(arch="relu", d_in=d, d_sae=8, normalize="none", hook_name=HOOK)
+    with torch.no_grad():
+        sae.W_dec.zero_()
+        sae.b_dec.zero_()
+    return sae.eval()
+
+
+@pytest.fixture(scope="module")
+def seqs(store):
+    pos = store.positions()
+    keep = np.zeros(store.tokens.shape, dtype=bool)
+    keep[pos[:, 0], pos[:, 1]] = True
+    return np.array(store.tokens[:4]), keep[:4]
+
+
+def test_perfect_reconstruction_recovers_all_ce(model, seqs):
+    m = ce_metrics(identity_sae(576), model, *seqs)
+    assert m["ce_recovered"] == pytest.approx(1.0, abs=1e-4)
+    assert m["ce_recovered_mean"] == pytest.approx(1.0, abs=1e-4)
+    assert m["kl"] == pytest.approx(0.0, abs=1e-4)
+    assert m["ce_zero_ablation"] > m["ce_clean"] + 0.5
+
+
+def test_zero_reconstruction_recovers_nothing_against_zero_ablation(model, seqs):
+    m = ce_metrics(zero_sae(576), model, *seqs)
+    assert m["ce_recovered"] == pytest.approx(0.0, abs=1e-6)
+    assert m["ce_sae"] == pytest.approx(m["ce_zero_ablation"], abs=1e-6)
+    assert m["kl"] > 0.1
+
+
+def test_spliced_reconstruction_plus_error_reproduces_clean(model, seqs, store):
+    torch.manual_seed(0)
+    sae = make_sae(arch="topk", d_in=576, d_sae=1152, k=8, hook_name=HOOK).eval()
+    m = ce_metrics(sae, model, *seqs)
+    assert m["ce_sae_plus_error"] == pytest.approx(m["ce_clean"], abs=1e-4)
+    assert m["kl_sae_plus_error"] == pytest.approx(0.0, abs=1e-4)
+    assert m["ce_sae"] > m["ce_clean"]  # an untrained SAE hurts
+
+
+def test_evaluate_json_schema(model, store):
+    torch.manual_seed(0)
+    sae = make_sae(arch="topk", d_in=576, d_sae=1152, k=8, hook_name=HOOK).eval()
+    m = evaluate(sae, model, store, n_tokens=500, ce_tokens=100)
+    json.dumps(m)  # JSON-able
+    assert m["schema"] == SCHEMA and set(m) == {"schema", "sae", "mode", "n_tokens", "reconstruction", "sparsity",
+                                                 "downstream"}
+    assert set(m["reconstruction"]) == {"nmse", "fvu", "explained_variance", "cosine"}
+    assert set(m["sparsity"]) == {"l0", "l0_std", "l0_quantiles", "l0_histogram", "dead_fraction", "dense_fraction"}
+    assert set(m["downstream"]) == {"n_tokens", "ce_clean", "ce_sae", "ce_zero_ablation", "ce_mean_ablation",
+                                    "ce_recovered", "ce_recovered_mean", "ce_delta", "kl", "ce_sae_plus_error",
+                                    "kl_sae_plus_error"}
+    assert m["n_tokens"] == 500 and m["sparsity"]["l0"] == pytest.approx(8.0) and m["downstream"]["n_tokens"] >= 100
+    no_model = evaluate(sae, None, store.path, n_tokens=500)
+    assert no_model["downstream"] is None and no_model["reconstruction"] == m["reconstruction"]
+
+
+def test_batchtopk_evaluation_does_not_depend_on_batch_size(store):
+    from saekit.sae import SAEConfig
+    from saekit.train import TrainConfig, train
+
+    res = train(store, SAEConfig(arch="batchtopk", d_in=576, d_sae=1152, k=8), TrainConfig(
+        total_tokens=4000, batch_size=256, warmup_steps=2, progress=False))
+    sae = res.saes[0]
+    x = store.load()[:1024]
+    a = reconstruction_metrics(sae, x.split(1024))
+    b = reconstruction_metrics(sae, x.split(37))
+    assert a["l0"] == pytest.approx(b["l0"]) and a["nmse"] == pytest.approx(b["nmse"], rel=1e-5)
+    c = reconstruction_metrics(sae, x.split(1024), mode="batch")
+    d = reconstruction_metrics(sae, x.split(37), mode="batch")
+    assert c["l0"] == pytest.approx(8.0) and c["nmse"] != pytest.approx(d["nmse"], rel=1e-6)
+
+
+def test_small_sweep_end_to_end(model, store, tmp_path):
+    from saekit.sweep import COLUMNS, load_sweep, sweep, sweep_configs
+    from saekit.train import TrainConfig
+    from saekit.viz import frontier_figure
+
+    cfgs = sweep_configs(576, ("batchtopk", "topk", "jumprelu"), (8, 16), expansion=2, hook_name=HOOK)
+    df = sweep(store, cfgs, TrainConfig(total_tokens=2 * 1800, batch_size=256, warmup_steps=2, progress=False),
+               tmp_path / "sw", model=model, eval_tokens=600, ce_tokens=60, hook=HOOK, progress=False)
+    assert list(df.columns) == COLUMNS and len(df) == 6
+    assert set(df.architecture) == {"batchtopk", "topk", "jumprelu"}
+    topk = df[df.architecture == "topk"].set_index("k")
+    assert topk.loc[8, "l0"] == pytest.approx(8) and topk.loc[16, "l0"] == pytest.approx(16)
+    assert df.ce_recovered.notna().all() and (df.nmse > 0).all()
+    again = load_sweep(tmp_path / "sw")
+    pd.testing.assert_frame_equal(again, df, check_dtype=False)
+    assert (tmp_path / "sw" / "sweep.csv").exists()
+    for name in df.name:
+        assert json.loads((tmp_path / "sw" / name / "eval.json").read_text())["schema"] == SCHEMA
+    fig = frontier_figure(df)
+    names = {t.name for t in fig.data}
+    assert names == {"BatchTopK", "TopK", "JumpReLU"} and len(fig.data) == 6  # one line per arch per panel
+    xs = [list(t.x) for t in fig.data]
+    assert all(x == sorted(x) for x in xs)
