@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from saekit.sae import SAEConfig, make_sae
+from saekit.sae import SAEConfig
 from saekit.train import TrainConfig, Trainer
 
 

@@ -375,10 +375,6 @@ class ActivationStore:
                 f"d_model={self.d_model}, dtype={self.dtype}, complete={m.get('complete')})")
 
 
-def n_batches(n_rows: int, batch_size: int, drop_last: bool = False) -> int:
-    return n_rows // batch_size if drop_last else math.ceil(n_rows / batch_size)
-
-
 def capture_throughput(model, packed: PackedTokens, hook: str, batch_size: int = 16, n_batches_: int = 4,
                        stop: bool = True) -> float:
     """Tokens/s of the capture forward (stop=True) or of a full forward (stop=False); for benchmarks."""

@@ -52,7 +52,6 @@ def _sae_cfgs(a, d_in: int, store_manifest: dict | None, hook: str | None):
 
 
 def cmd_train(a) -> int:
-    from .activations import ActivationStore
     from .train import TrainConfig, train, as_source
 
     src = as_source(a.store, a.hook)
@@ -137,7 +136,7 @@ def cmd_demo(a) -> int:
 
     out = Path(a.out)
     t0 = time.perf_counter()
-    print(f"[1/4] loading the embedded model (first run builds a cache, ~30 s)")
+    print("[1/4] loading the embedded model (first run builds a cache, ~30 s)")
     model = load_model(device=a.device)
     print(f"[2/4] capturing {a.hook} on the bundled corpus: {a.tokens:,} training + {a.eval_tokens:,} held-out tokens")
     train_tok = packed_corpus(model.tokenizer, split="train", max_tokens=a.tokens)

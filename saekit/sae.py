@@ -10,13 +10,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from . import __version__
 
@@ -175,13 +175,14 @@ class _SparseEncode(torch.autograd.Function):
     def backward(ctx, g, _gr, _gc):
         xc, W_enc, rows, cols = ctx.saved_tensors
         B, Fd = ctx.shape
+        g = g.to(W_enc.dtype)  # under bf16 autocast the values come out in bf16; gradients stay fp32
         # the selected values are positive (relu passes them), so d vals / d a = 1
         idx = torch.stack([rows, cols])
         gs = torch.sparse_coo_tensor(idx, g, (B, Fd), check_invariants=False).coalesce()
         grad_xc = torch.sparse.mm(gs, W_enc.t())  # [B, d_in]
         grad_W_enc = torch.sparse.mm(gs.t(), xc).t().contiguous()  # [d_in, d_sae]
         grad_b_enc = torch.zeros(Fd, dtype=g.dtype, device=g.device).index_add_(0, cols, g)
-        return grad_xc, grad_W_enc, grad_b_enc, -grad_xc.sum(0), None
+        return grad_xc.to(xc.dtype), grad_W_enc, grad_b_enc, -grad_xc.sum(0), None
 
 
 def sparse_decode(code: SparseCode, W_dec: torch.Tensor) -> torch.Tensor:

@@ -21,8 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .activations import ActivationStore, StoreError, atomic_write_bytes, atomic_write_json
-from .sae import SAE, SAEConfig, SAEConfigError, make_sae
+from .activations import ActivationStore, atomic_write_bytes, atomic_write_json
+from .sae import SAE, SAEConfig, make_sae
 
 
 class TrainingError(RuntimeError):

@@ -1,11 +1,9 @@
 import json
-import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -67,7 +65,7 @@ def test_fp16_and_bf16_stores_round_trip(model, tokenizer, tmp_path):
 def test_shuffled_batches_cover_every_row_once_per_epoch(store):
     pos_all = store.positions()
     keys_all = sorted(map(tuple, pos_all.tolist()))
-    seen, order = [], []
+    seen = []
     for x, p in store.batches(96, shuffle=True, seed=3, buffer_rows=700, chunk_rows=128, epochs=2,
                               return_positions=True):
         assert x.dtype == torch.float32 and x.shape[1] == 576

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from saekit.sae import SAEConfig, load_sae
 from saekit.toy import make_toy
-from saekit.train import TrainConfig, Trainer, TrainingError, as_source, geometric_median, lr_factor, train
+from saekit.train import TrainConfig, TrainingError, as_source, geometric_median, lr_factor, train
 
 
 @pytest.fixture(scope="module")
@@ -155,3 +155,27 @@ def test_cli_capture_train_eval(tmp_path):
     assert r.returncode == 2 and "out of range" in r.stderr
     r = run("train", "--store", str(tmp_path / "nope"), "--out", str(tmp_path / "x"))
     assert r.returncode == 2 and "no activations" in r.stderr
+
+
+def test_bf16_autocast_trains(toy_x):
+    """The mixed-precision path (bf16 autocast, fp32 master weights) runs and learns, here on CPU."""
+    cfgs = [SAEConfig(arch=a, d_in=16, d_sae=64, k=3, target_l0=3) for a in ("batchtopk", "topk", "jumprelu")]
+    res = train(toy_x, cfgs, TrainConfig(total_tokens=128 * 40, batch_size=128, lr=3e-3, warmup_steps=2,
+                                         autocast=True, progress=False, log_every=1))
+    for sae, log in zip(res.saes, res.logs):
+        assert sae.W_enc.dtype == torch.float32
+        assert log["nmse"].iloc[-5:].mean() < log["nmse"].iloc[:5].mean()
+
+
+def test_empty_store_is_refused(store, tmp_path):
+    import shutil
+
+    from saekit.activations import StoreError
+
+    d = tmp_path / "empty"
+    shutil.copytree(store.path, d)
+    m = json.loads((d / "manifest.json").read_text())
+    m.update(shards=[], n_rows=0, complete=False)
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(StoreError, match="empty"):
+        train(d, SAEConfig(arch="topk", d_in=576, d_sae=1152, k=4), TrainConfig(progress=False))
