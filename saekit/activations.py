@@ -11,7 +11,6 @@ shard with no token lost or duplicated.
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 import time
