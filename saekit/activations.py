@@ -103,7 +103,7 @@ def _plan_shards(n_seq: int, shard_sequences: int) -> list[tuple[int, int]]:
 
 
 def capture(model, packed: PackedTokens, hooks: str | Sequence[str], out: str | Path, n_tokens: int | None = None,
-            batch_size: int = 16, dtype: str = "float16", shard_tokens: int = 262_144, overwrite: bool = False,
+            batch_size: int = 16, dtype: str = "float16", shard_tokens: int = 32_768, overwrite: bool = False,
             progress: bool = True, corpus_info: dict | None = None) -> "ActivationStore":
     """Run the model over `packed` sequences and store the activations at `hooks` under `out`.
 

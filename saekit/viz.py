@@ -1,6 +1,7 @@
 """Plotly figures. Each function takes plain data (DataFrames, metric dicts) and returns a Figure."""
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
@@ -32,3 +33,121 @@ def frontier_figure(df: pd.DataFrame, title: str = "Reconstruction-sparsity fron
         fig.update_yaxes(title_text="CE loss recovered", row=1, col=2)
     fig.update_layout(title=title, template="plotly_white", height=420, hovermode="closest")
     return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# adaptive allocation
+
+
+def _token_label(t: str) -> str:
+    return t.replace("\n", "⏎").replace(" ", "·") or "∅"
+
+
+def token_counts_figure(tables: dict, width: int = 16, title: str = "Active latents per token") -> go.Figure:
+    """Text laid out in rows of `width` tokens, each cell shaded by its number of active latents,
+    one panel per SAE (e.g. BatchTopK above TopK on the same text). Hover: count and top latents.
+    tables: {name: DataFrame from analysis.latent_counts / count_table}."""
+    names = list(tables)
+    fig = make_subplots(rows=len(names), cols=1, subplot_titles=names, vertical_spacing=0.08)
+    zmax = max(int(t["count"].max()) for t in tables.values()) or 1
+    for r, name in enumerate(names, start=1):
+        t = tables[name]
+        n = len(t)
+        n_rows = -(-n // width)
+        z = np.full((n_rows, width), np.nan)
+        text = np.full((n_rows, width), "", dtype=object)
+        hover = np.full((n_rows, width), "", dtype=object)
+        for i, row in enumerate(t.itertuples()):
+            y, x = divmod(i, width)
+            z[y, x] = row.count if row.kept else np.nan
+            text[y, x] = _token_label(row.token)
+            tops = ", ".join(f"#{j} {a:.2f}" for j, a in row.top_latents[:5]) if row.kept else "(not encoded)"
+            hover[y, x] = f"{row.token!r}<br>{row.count} active latents<br>{tops}"
+        fig.add_trace(go.Heatmap(z=z, text=text, hovertext=hover, hoverinfo="text", texttemplate="%{text}",
+                                 textfont=dict(size=11), colorscale="YlOrRd", zmin=0, zmax=zmax, xgap=2, ygap=2,
+                                 showscale=(r == 1), colorbar=dict(title="latents"), name=name), row=r, col=1)
+        fig.update_yaxes(autorange="reversed", showticklabels=False, row=r, col=1)
+        fig.update_xaxes(showticklabels=False, row=r, col=1)
+    rows_total = sum(-(-len(t) // width) for t in tables.values())
+    fig.update_layout(title=title, template="plotly_white", height=120 + 34 * rows_total + 40 * len(names))
+    return fig
+
+
+def l0_distribution_figure(per_token: dict, title: str = "Per-token L0") -> go.Figure:
+    """Histograms of active latents per token, one per SAE (TopK is a spike at k, BatchTopK spreads)."""
+    fig = go.Figure()
+    for name, v in per_token.items():
+        v = np.asarray(v)
+        fig.add_trace(go.Histogram(x=v, name=f"{name} (mean {v.mean():.1f})", opacity=0.6,
+                                   xbins=dict(start=-0.5, end=float(v.max()) + 0.5, size=1)))
+    fig.update_layout(barmode="overlay", title=title, xaxis_title="active latents per token",
+                      yaxis_title="tokens", template="plotly_white", height=380)
+    return fig
+
+
+PROPERTY_LABELS = {"position": "position in sequence", "token_frequency": "token frequency (log)",
+                   "model_loss": "model loss on the token", "recon_error": "reconstruction error (NMSE, log)",
+                   "norm": "activation norm"}
+
+
+def count_property_figure(props: pd.DataFrame, correlations: pd.Series | None = None, max_points: int = 3000,
+                          title: str = "What goes with more latents?") -> go.Figure:
+    """Latent count against each token property, with the Spearman correlation in each panel title."""
+    cols = [c for c in PROPERTY_LABELS if c in props]
+    sample = props.sample(min(max_points, len(props)), random_state=0)
+    titles = [f"{PROPERTY_LABELS[c]} (ρ={correlations[c]:.2f})" if correlations is not None else PROPERTY_LABELS[c]
+              for c in cols]
+    fig = make_subplots(rows=1, cols=len(cols), subplot_titles=titles, shared_yaxes=True)
+    for i, c in enumerate(cols, start=1):
+        fig.add_trace(go.Scattergl(x=sample[c], y=sample["count"], mode="markers", marker=dict(size=3, opacity=0.35),
+                                   hovertext=sample["token"], showlegend=False, name=c), row=1, col=i)
+        if c in ("token_frequency", "recon_error"):
+            fig.update_xaxes(type="log", row=1, col=i)
+    fig.update_yaxes(title_text="active latents", row=1, col=1)
+    fig.update_layout(title=title, template="plotly_white", height=340)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# features
+
+
+def activation_histogram_figure(values: np.ndarray, latent: int, density: float | None = None) -> go.Figure:
+    sub = f" (fires on {density:.2%} of tokens)" if density is not None else ""
+    fig = go.Figure(go.Histogram(x=np.asarray(values), nbinsx=40, marker_color=ARCH_COLORS["batchtopk"]))
+    fig.update_layout(title=f"Latent {latent}: activation histogram{sub}", xaxis_title="activation",
+                      yaxis_title="tokens", template="plotly_white", height=300)
+    return fig
+
+
+def logit_effects_figure(effects: dict, latent: int) -> go.Figure:
+    """Top promoted (right) and suppressed (left) output tokens of a latent's decoder direction."""
+    up, down = effects["promoted"], effects["suppressed"]
+    fig = go.Figure()
+    fig.add_trace(go.Bar(y=[repr(t) for t, _ in up][::-1], x=[v for _, v in up][::-1], orientation="h",
+                         name="promoted", marker_color="#2ca02c"))
+    fig.add_trace(go.Bar(y=[repr(t) for t, _ in down][::-1], x=[-v for _, v in down][::-1], orientation="h",
+                         name="suppressed", marker_color="#d62728"))
+    fig.update_layout(title=f"Latent {latent}: logit effects (decoder row through the unembedding)",
+                      barmode="overlay", template="plotly_white", height=360, xaxis_title="logit contribution")
+    return fig
+
+
+def examples_html(examples: list[dict], max_activation: float | None = None) -> str:
+    """Examples as HTML: the firing token boxed and shaded by its activation, with its context."""
+    import html as _html
+
+    top = max_activation or max((e["activation"] for e in examples), default=1.0) or 1.0
+    lines = []
+    for e in examples:
+        parts = []
+        for i, t in enumerate(e["tokens"]):
+            s = _html.escape(t).replace("\n", "⏎")
+            if i == e["focus"]:
+                alpha = min(1.0, e["activation"] / top)
+                s = (f'<span style="background: rgba(214,39,40,{alpha:.2f}); border: 1px solid #d62728; '
+                     f'border-radius: 3px">{s}</span>')
+            parts.append(s)
+        lines.append(f'<div style="font-family: monospace; white-space: pre-wrap; margin: 2px 0">'
+                     f'<b>{e["activation"]:.3f}</b>&nbsp;&nbsp;{"".join(parts)}</div>')
+    return "\n".join(lines) or "<i>this latent never fired on the indexed tokens</i>"

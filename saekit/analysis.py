@@ -1,0 +1,237 @@
+"""What an SAE does with real text: per-token latent counts (adaptive allocation), token properties
+that go with them, and a precomputed index of every latent's activations for the feature explorer."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .activations import ActivationStore, forward_hooks
+from .models import resolve_hook, underlying
+from .sae import SAE
+
+
+def _device(model) -> torch.device:
+    return next(underlying(model).parameters()).device
+
+
+def encode_ids(model, ids: torch.Tensor, hook: str) -> torch.Tensor:
+    """Activations [T, d] at `hook` for one sequence of token ids [T]."""
+    hp = resolve_hook(model, hook)
+    return forward_hooks(model, ids[None].to(_device(model)), [hp])[0][0].float()
+
+
+def text_ids(model, text: str) -> torch.Tensor:
+    """Token ids of a text with BOS in front (as the corpus packer does)."""
+    tok = model.tokenizer
+    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    return torch.tensor([bos] + tok(text, add_special_tokens=False).input_ids)
+
+
+def count_table(z: torch.Tensor, tokens: list[str], kept: np.ndarray, top: int = 5) -> pd.DataFrame:
+    """One row per token from its code z [T, d_sae]: active-latent count and strongest latents
+    (positions not kept, e.g. BOS, count 0)."""
+    z = z.detach().cpu() * torch.from_numpy(kept)[:, None]
+    counts = (z != 0).sum(-1).numpy()
+    vals, idx = z.topk(min(top, z.shape[1]), dim=-1)
+    tops = [[(int(j), float(a)) for a, j in zip(v, i) if a > 0] for v, i in zip(vals.tolist(), idx.tolist())]
+    return pd.DataFrame({"position": np.arange(len(tokens)), "token": tokens, "count": counts, "kept": kept,
+                         "top_latents": tops})
+
+
+def text_activations(model, text: str, hook: str) -> tuple[torch.Tensor, list[str], np.ndarray]:
+    """(activations [T, d], token strings, kept mask) of a text with BOS in front (BOS not kept)."""
+    ids = text_ids(model, text)
+    acts = encode_ids(model, ids, hook).cpu()
+    tokens = [model.tokenizer.decode([i]) for i in ids.tolist()]
+    kept = np.ones(len(tokens), dtype=bool)
+    kept[0] = False
+    return acts, tokens, kept
+
+
+def latent_counts(sae: SAE, model, text: str, hook: str | None = None, mode: str | None = None,
+                  top: int = 5) -> pd.DataFrame:
+    """Per-token latent counts over a text: position, token, count, kept (BOS is not), top_latents
+    [(latent, activation), ...]. BatchTopK uses its threshold (so each token's count is its own)."""
+    acts, tokens, kept = text_activations(model, text, hook or sae.cfg.hook_name)
+    with torch.no_grad():
+        z = sae.encode(acts.to(sae.W_enc.device), mode=mode)
+    df = count_table(z, tokens, kept, top=top)
+    df.insert(1, "token_id", text_ids(model, text).numpy())
+    return df
+
+
+@torch.no_grad()
+def token_properties(sae: SAE, model, store: ActivationStore, n_tokens: int = 4096, mode: str | None = None,
+                     seq_batch: int = 8) -> pd.DataFrame:
+    """Per token of the store's first sequences: latent count and the properties it may follow:
+    position in sequence, corpus frequency of the token, the model's loss on it, the SAE's
+    reconstruction error (per-token NMSE) and the activation norm."""
+    pos = store.positions()
+    n = min(n_tokens, len(pos))
+    pos = pos[:n]
+    x = store.rows(0, n).float()
+    xs = x.to(sae.W_enc.device)
+    z, x_hat = sae(xs, mode=mode)
+    counts = (z != 0).sum(-1).cpu().numpy()
+    err = ((x_hat.cpu() - x).pow(2).sum(-1) / x.pow(2).sum(-1).clamp_min(1e-12)).numpy()
+    tokens = np.asarray(store.tokens)
+    freq = np.bincount(tokens.reshape(-1), minlength=int(tokens.max()) + 1) / tokens.size
+    ids = tokens[pos[:, 0], pos[:, 1]]
+    # the model's loss on each token (predicting it from the previous position)
+    seqs = np.unique(pos[:, 0])
+    loss = np.full(len(pos), np.nan)
+    row_of = {(int(s), int(p)): i for i, (s, p) in enumerate(pos)}
+    for b in range(0, len(seqs), seq_batch):
+        chunk = seqs[b:b + seq_batch]
+        ids_b = torch.from_numpy(tokens[chunk].astype(np.int64)).to(_device(model))
+        logits = underlying(model)(ids_b).logits.float()
+        ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids_b[:, 1:], reduction="none").cpu()
+        for r, s in enumerate(chunk):
+            for p in range(1, tokens.shape[1]):
+                i = row_of.get((int(s), p))
+                if i is not None:
+                    loss[i] = float(ce[r, p - 1])
+    decode = model.tokenizer.convert_ids_to_tokens
+    return pd.DataFrame({"sequence": pos[:, 0], "position": pos[:, 1], "token_id": ids, "token": decode(ids.tolist()),
+                         "count": counts, "token_frequency": freq[ids], "model_loss": loss, "recon_error": err,
+                         "norm": x.norm(dim=-1).numpy()})
+
+
+def count_correlations(props: pd.DataFrame, columns=("position", "token_frequency", "model_loss", "recon_error",
+                                                      "norm")) -> pd.Series:
+    """Spearman correlation of the latent count with each token property."""
+    rank = props["count"].rank()
+    return pd.Series({c: rank.corr(props[c].rank()) for c in columns if c in props})  # Pearson on ranks
+
+
+# ---------------------------------------------------------------------------------------------
+# feature index: every latent's activations over a store, computed once
+
+
+@dataclass
+class FeatureIndex:
+    """Sparse codes of a store's first n tokens, grouped by latent, plus what the explorer shows."""
+    rows: np.ndarray  # [nnz] store row of each activation, sorted by latent then activation (descending)
+    latents: np.ndarray  # [nnz]
+    values: np.ndarray  # [nnz]
+    starts: np.ndarray  # [d_sae + 1] slice of each latent in the arrays above
+    positions: np.ndarray  # [n, 2] (sequence, position) of each store row
+    tokens: np.ndarray  # [n_seq, seq_len] token ids
+    n_tokens: int
+    decoder: torch.Tensor  # [d_sae, d_in] decoder rows (for neighbours and logit effects)
+    token_strings: list | None = None  # id -> readable token, filled by the builder
+
+    @property
+    def d_sae(self) -> int:
+        return len(self.starts) - 1
+
+    def activations(self, latent: int) -> tuple[np.ndarray, np.ndarray]:
+        """(store rows, values) where the latent fires, strongest first."""
+        s, e = self.starts[latent], self.starts[latent + 1]
+        return self.rows[s:e], self.values[s:e]
+
+    @property
+    def density(self) -> np.ndarray:
+        """[d_sae] fraction of tokens on which each latent fires."""
+        return np.diff(self.starts) / self.n_tokens
+
+    def context(self, row: int, window: int = 8) -> dict:
+        seq, pos = (int(v) for v in self.positions[row])
+        lo, hi = max(0, pos - window), min(self.tokens.shape[1], pos + window // 2 + 1)
+        ids = self.tokens[seq, lo:hi].tolist()
+        return {"sequence": seq, "position": pos, "tokens": [self.token_strings[i] for i in ids],
+                "focus": pos - lo, "token_ids": ids}
+
+    def top_examples(self, latent: int, n: int = 10, window: int = 8) -> list[dict]:
+        rows, vals = self.activations(latent)
+        return [{**self.context(int(r), window), "activation": float(v)} for r, v in zip(rows[:n], vals[:n])]
+
+    def quantile_examples(self, latent: int, n_bins: int = 4, per_bin: int = 3, window: int = 8, seed: int = 0) -> list[dict]:
+        """Examples drawn from activation quantile bins (strongest bin first), to see the whole range."""
+        rows, vals = self.activations(latent)
+        if len(vals) == 0:
+            return []
+        rng = np.random.default_rng(seed)
+        edges = np.quantile(vals, np.linspace(0, 1, n_bins + 1))
+        out = []
+        for b in range(n_bins - 1, -1, -1):
+            sel = np.nonzero((vals >= edges[b]) & (vals <= edges[b + 1]))[0]
+            for i in rng.choice(sel, size=min(per_bin, len(sel)), replace=False):
+                out.append({**self.context(int(rows[i]), window), "activation": float(vals[i]), "bin": b})
+        return out
+
+    def neighbours(self, latent: int, n: int = 5) -> list[tuple[int, float]]:
+        """Latents whose decoder rows are closest in cosine."""
+        W = torch.nn.functional.normalize(self.decoder, dim=-1)
+        cos = W @ W[latent]
+        cos[latent] = -2
+        v, i = cos.topk(n)
+        return [(int(a), float(b)) for a, b in zip(i, v)]
+
+    def search_text(self, query: str, n: int = 20, examples: int = 10) -> list[int]:
+        """Latents whose top examples' focus tokens contain `query` (case-insensitive), densest first."""
+        q = query.lower()
+        hits = []
+        for lat in np.argsort(-self.density):
+            rows, _ = self.activations(int(lat))
+            toks = [self.token_strings[self.tokens[tuple(self.positions[r])]] for r in rows[:examples]]
+            if any(q in t.lower() for t in toks):
+                hits.append(int(lat))
+                if len(hits) >= n:
+                    break
+        return hits
+
+
+@torch.no_grad()
+def build_feature_index(sae: SAE, store: ActivationStore, n_tokens: int = 20_000, batch_size: int = 2048,
+                        mode: str | None = None, tokenizer=None, progress: bool = True) -> FeatureIndex:
+    """Encode the store's first n_tokens once (with a progress bar) and group activations by latent."""
+    n = min(n_tokens, len(store))
+    rows, cols, vals = [], [], []
+    for s in tqdm(range(0, n, batch_size), desc="feature index", disable=not progress):
+        z = sae.encode(store.rows(s, min(s + batch_size, n)).float().to(sae.W_enc.device), mode=mode).cpu()
+        r, c = z.nonzero(as_tuple=True)
+        rows.append((r + s).numpy())
+        cols.append(c.numpy())
+        vals.append(z[r, c].numpy())
+    rows, cols, vals = np.concatenate(rows), np.concatenate(cols), np.concatenate(vals)
+    order = np.lexsort((-vals, cols))
+    rows, cols, vals = rows[order], cols[order], vals[order]
+    starts = np.searchsorted(cols, np.arange(sae.cfg.d_sae + 1))
+    tokens = np.asarray(store.tokens)
+    if tokenizer is not None:
+        strings = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        strings = [tokenizer.convert_tokens_to_string([t]) if t is not None else "" for t in strings]
+    else:
+        strings = [str(i) for i in range(int(tokens.max()) + 1)]
+    return FeatureIndex(rows, cols, vals, starts, store.positions()[:n], tokens, n, sae.W_dec.detach().cpu(), strings)
+
+
+@torch.no_grad()
+def logit_effects(sae: SAE, model, latent: int, n: int = 10) -> dict:
+    """Tokens the latent's decoder direction promotes and suppresses through the unembedding."""
+    hf = underlying(model)
+    W_U = hf.get_output_embeddings().weight.float()  # [vocab, d]
+    effect = W_U @ sae.W_dec[latent].float().to(W_U.device)
+    up, down = effect.topk(n), (-effect).topk(n)
+    dec = model.tokenizer.decode
+    return {"promoted": [(dec([int(i)]), float(v)) for v, i in zip(up.values, up.indices)],
+            "suppressed": [(dec([int(i)]), float(-v)) for v, i in zip(down.values, down.indices)]}
+
+
+@torch.no_grad()
+def codes_with(sae: SAE, acts: torch.Tensor, threshold: float | None = None, k: int | None = None) -> torch.Tensor:
+    """Codes [T, d_sae] under a what-if sparsity setting: a global threshold (keep a_j > threshold) or
+    a per-token k (TopK). With neither, the SAE's own inference rule. For the allocation explorer."""
+    xs, _ = sae.normalize_input(acts.float().to(sae.W_enc.device))
+    a = sae.pre_acts(xs)
+    if threshold is not None:
+        return a * (a > threshold)
+    if k is not None:
+        v, i = a.topk(min(k, a.shape[1]), dim=-1)
+        return torch.zeros_like(a).scatter(-1, i, v)
+    return sae.activate(a)

@@ -1,0 +1,195 @@
+"""ipywidgets explorers built on saekit.analysis and saekit.viz. Each has `.widget` to display and
+methods/attributes that tests (and notebooks) can drive from Python."""
+from __future__ import annotations
+
+import ipywidgets as W
+import numpy as np
+import plotly.graph_objects as go
+
+from . import analysis, viz
+from .sae import BatchTopKSAE, TopKSAE
+
+DEFAULT_TEXT = ("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer "
+                "the slings and arrows of outrageous fortune.")
+
+
+class AllocationExplorer:
+    """Type or pick a text, pick an SAE, slide its threshold (BatchTopK, JumpReLU-style) or k (TopK),
+    and watch the per-token latent counts change."""
+
+    def __init__(self, saes: dict, model, texts: dict | None = None, hook: str | None = None, width: int = 16):
+        self.saes, self.model, self.width = saes, model, width
+        self.hook = hook or next(iter(saes.values())).cfg.hook_name
+        texts = texts or {"Hamlet": DEFAULT_TEXT}
+        self.preset = W.Dropdown(options=list(texts) + ["(type your own)"], description="text")
+        self.texts = texts
+        self.text = W.Textarea(value=next(iter(texts.values())), layout=W.Layout(width="100%", height="70px"))
+        self.sae_choice = W.Dropdown(options=list(saes), description="SAE")
+        self.threshold = W.FloatSlider(description="threshold θ", min=0.0, max=1.0, step=0.005, readout_format=".3f",
+                                       continuous_update=False, layout=W.Layout(width="60%"))
+        self.k = W.IntSlider(description="k", min=1, max=128, continuous_update=False, layout=W.Layout(width="60%"))
+        self.summary = W.HTML()
+        self.figure = go.FigureWidget(viz.token_counts_figure({"": self._empty_table()}, width=width))
+        self._acts = None
+        self._configure_sliders()
+        self._load_text()
+        self.preset.observe(self._on_preset, "value")
+        self.text.observe(lambda _: self._load_text(), "value")
+        self.sae_choice.observe(lambda _: (self._configure_sliders(), self.refresh()), "value")
+        self.threshold.observe(lambda _: self.refresh(), "value")
+        self.k.observe(lambda _: self.refresh(), "value")
+        self.widget = W.VBox([W.HBox([self.preset, self.sae_choice]), self.text, self.threshold, self.k,
+                              self.summary, self.figure])
+
+    @staticmethod
+    def _empty_table():
+        import pandas as pd
+
+        return pd.DataFrame({"position": [0], "token": [""], "count": [0], "kept": [False], "top_latents": [[]]})
+
+    @property
+    def sae(self):
+        return self.saes[self.sae_choice.value]
+
+    def _configure_sliders(self) -> None:
+        sae = self.sae
+        thr = sae.inference_threshold()
+        use_k = isinstance(sae, TopKSAE)
+        self.k.layout.display = None if use_k else "none"
+        self.threshold.layout.display = "none" if use_k else None
+        if use_k:
+            self.k.max = max(128, 4 * sae.cfg.k)
+            self.k.value = sae.cfg.k
+        else:
+            theta = float(thr.mean()) if thr is not None else 0.0
+            self.threshold.max = max(1.0, 4 * theta)
+            self.threshold.value = theta
+
+    def _on_preset(self, change) -> None:
+        if change["new"] in self.texts:
+            self.text.value = self.texts[change["new"]]
+
+    def _load_text(self) -> None:
+        self._acts, self._tokens, self._kept = analysis.text_activations(self.model, self.text.value or " ", self.hook)
+        self.refresh()
+
+    def table(self):
+        """The current per-token table (what the figure shows)."""
+        sae = self.sae
+        if isinstance(sae, TopKSAE):
+            z = analysis.codes_with(sae, self._acts, k=int(self.k.value))
+        elif isinstance(sae, BatchTopKSAE) or sae.inference_threshold() is not None:
+            z = analysis.codes_with(sae, self._acts, threshold=float(self.threshold.value))
+        else:
+            z = analysis.codes_with(sae, self._acts)
+        return analysis.count_table(z, self._tokens, self._kept)
+
+    def refresh(self) -> None:
+        if self._acts is None:
+            return
+        t = self.table()
+        new = viz.token_counts_figure({self.sae_choice.value: t}, width=self.width)
+        with self.figure.batch_update():
+            self.figure.data[0].z = new.data[0].z
+            self.figure.data[0].text = new.data[0].text
+            self.figure.data[0].hovertext = new.data[0].hovertext
+            self.figure.data[0].zmax = new.data[0].zmax
+            self.figure.layout.height = new.layout.height
+            self.figure.layout.title.text = f"Active latents per token: {self.sae_choice.value}"
+        kept = t[t.kept]
+        self.summary.value = (f"<b>{len(kept)}</b> tokens, mean <b>{kept['count'].mean():.1f}</b> active latents "
+                              f"(min {kept['count'].min()}, max {kept['count'].max()})")
+
+
+class FeatureExplorer:
+    """Browse latents by index, by density or by search over their examples; shows top and
+    quantile examples, the activation histogram, logit effects and decoder neighbours."""
+
+    def __init__(self, index: analysis.FeatureIndex, sae, model=None):
+        self.index, self.sae, self.model = index, sae, model
+        self.order = W.Dropdown(options=["index", "density (high first)", "density (low first)"], description="order")
+        self.latent = W.BoundedIntText(min=0, max=index.d_sae - 1, description="latent")
+        self.prev, self.next = W.Button(description="◀ prev"), W.Button(description="next ▶")
+        self.search = W.Text(placeholder="search example tokens…", description="search")
+        self.results = W.Select(options=[], rows=5, description="matches")
+        self.info = W.HTML()
+        self.examples = W.HTML()
+        self.hist = go.FigureWidget(viz.activation_histogram_figure([], 0))
+        self.logits = go.FigureWidget(viz.logit_effects_figure({"promoted": [], "suppressed": []}, 0))
+        self.latent.observe(lambda _: self.show(), "value")
+        self.prev.on_click(lambda _: self.step(-1))
+        self.next.on_click(lambda _: self.step(+1))
+        self.search.observe(self._on_search, "value")
+        self.results.observe(lambda c: c["new"] is not None and setattr(self.latent, "value", int(c["new"])), "value")
+        self.widget = W.VBox([W.HBox([self.order, self.latent, self.prev, self.next]),
+                              W.HBox([self.search, self.results]), self.info, self.examples,
+                              W.HBox([self.hist, self.logits])])
+        alive = np.nonzero(index.density > 0)[0]
+        self.latent.value = int(alive[0]) if len(alive) else 0
+        self.show()
+
+    def _sequence(self) -> np.ndarray:
+        if self.order.value == "index":
+            return np.arange(self.index.d_sae)
+        d = self.index.density
+        return np.argsort(-d, kind="stable") if "high" in self.order.value else np.argsort(d, kind="stable")
+
+    def step(self, delta: int) -> None:
+        seq = list(self._sequence())
+        i = seq.index(self.latent.value)
+        self.latent.value = int(seq[(i + delta) % len(seq)])
+
+    def _on_search(self, change) -> None:
+        hits = self.index.search_text(change["new"]) if change["new"] else []
+        self.results.options = [(f"#{h} ({self.index.density[h]:.2%})", h) for h in hits]
+
+    def show(self) -> None:
+        lat = int(self.latent.value)
+        _, vals = self.index.activations(lat)
+        dens = float(self.index.density[lat])
+        neigh = ", ".join(f"#{j} ({c:.2f})" for j, c in self.index.neighbours(lat))
+        self.info.value = (f"<h3>Latent {lat}</h3>fires on <b>{dens:.3%}</b> of {self.index.n_tokens:,} tokens; "
+                           f"max activation {vals.max() if len(vals) else 0:.3f}<br>nearest by decoder cosine: {neigh}")
+        top = self.index.top_examples(lat, 8)
+        quant = self.index.quantile_examples(lat)
+        self.examples.value = ("<h4>Top activations</h4>" + viz.examples_html(top)
+                               + "<h4>Across activation quantiles</h4>" + viz.examples_html(quant, vals.max() if len(vals) else None))
+        h = viz.activation_histogram_figure(vals, lat, dens)
+        with self.hist.batch_update():
+            self.hist.data[0].x = h.data[0].x
+            self.hist.layout.title = h.layout.title
+        if self.model is not None:
+            lf = viz.logit_effects_figure(analysis.logit_effects(self.sae, self.model, lat), lat)
+            with self.logits.batch_update():
+                for i in range(2):
+                    self.logits.data[i].x, self.logits.data[i].y = lf.data[i].x, lf.data[i].y
+                self.logits.layout.title = lf.layout.title
+
+
+class FrontierExplorer:
+    """Interactive frontier from a sweep DataFrame; click (or select) a run to see its per-token L0."""
+
+    def __init__(self, df, per_token_l0: dict | None = None):
+        self.df = df.reset_index(drop=True)
+        self.per_token_l0 = per_token_l0 or {}
+        self.figure = go.FigureWidget(viz.frontier_figure(self.df))
+        self.detail = go.FigureWidget(viz.l0_distribution_figure({}, title="click a run"))
+        self.selected = W.HTML("<i>click a point to see that run's per-token L0</i>")
+        for trace in self.figure.data:
+            trace.on_click(self._on_click)
+        self.widget = W.VBox([self.figure, self.selected, self.detail])
+
+    def _on_click(self, trace, points, state=None) -> None:
+        if points.point_inds:
+            self.select(trace.customdata[points.point_inds[0]])
+
+    def select(self, name: str) -> None:
+        row = self.df[self.df["name"] == name].iloc[0]
+        self.selected.value = (f"<b>{name}</b>: L0 {row['l0']:.1f}, NMSE {row['nmse']:.4f}"
+                               + (f", CE recovered {row['ce_recovered']:.4f}" if "ce_recovered" in row and row["ce_recovered"] == row["ce_recovered"] else ""))
+        if name in self.per_token_l0:
+            f = viz.l0_distribution_figure({name: self.per_token_l0[name]}, title=f"Per-token L0 of {name}")
+            with self.detail.batch_update():
+                self.detail.data = []
+                self.detail.add_traces(f.data)
+                self.detail.layout.title = f.layout.title

@@ -1,0 +1,159 @@
+"""Analysis values on SAEs built by hand (so counts and examples are known), figures and widgets."""
+import types
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import HOOK
+from saekit import analysis, viz
+from saekit.sae import make_sae
+
+TEXT = "It was the best of times, it was the worst of times."
+
+
+def split_sae(arch="relu", d=576, threshold=None, k=None):
+    """Latent j < d reads +x_j, latent d + j reads -x_j: with threshold t a token's count is #{j: |x_j| > t}."""
+    kw = dict(k=k) if k else {}
+    sae = make_sae(arch=arch, d_in=d, d_sae=2 * d, normalize="none", hook_name=HOOK, **kw)
+    eye = torch.eye(d)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], 0))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+        if threshold is not None:
+            sae.threshold.fill_(threshold)
+            sae.threshold_updates.fill_(1)
+    return sae.eval()
+
+
+@pytest.fixture(scope="module")
+def acts(model):
+    a, tokens, kept = analysis.text_activations(model, TEXT, HOOK)
+    return a, tokens, kept
+
+
+def test_latent_counts_are_known_for_a_constructed_sae(model, acts):
+    a, tokens, kept = acts
+    thr = float(a[1:].abs().median())
+    df = analysis.latent_counts(split_sae("batchtopk", threshold=thr), model, TEXT)
+    assert list(df.columns) == ["position", "token_id", "token", "count", "kept", "top_latents"]
+    assert "".join(df.token[1:]) == TEXT and not df.kept[0] and df["count"][0] == 0
+    expected = (a.abs() > thr).sum(-1).numpy()
+    assert (df["count"][1:].to_numpy() == expected[1:]).all()
+    # the strongest latent of each token is its largest |x_j|, on the side of its sign
+    j = a[3].abs().argmax().item()
+    lat, val = df.top_latents[3][0]
+    assert lat == (j if a[3, j] > 0 else j + 576) and val == pytest.approx(a[3, j].abs().item(), rel=1e-5)
+
+
+def test_codes_with_threshold_and_k(acts):
+    a, tokens, kept = acts
+    sae = split_sae("topk", k=7)
+    z = analysis.codes_with(sae, a, k=3)
+    assert ((z != 0).sum(-1) == 3).all()
+    z = analysis.codes_with(sae, a, threshold=1.0)
+    assert torch.equal((z != 0).sum(-1), (a.abs() > 1.0).sum(-1))
+    assert ((analysis.codes_with(sae, a) != 0).sum(-1) == 7).all()
+
+
+def test_feature_index_examples_and_density(store, tokenizer):
+    x = store.load()
+    sae = split_sae()
+    idx = analysis.build_feature_index(sae, store, n_tokens=1500, tokenizer=tokenizer, progress=False)
+    col = x[:1500, 5]
+    rows, vals = idx.activations(5)
+    assert vals[0] == pytest.approx(float(col.max()), rel=1e-5) and rows[0] == int(col.argmax())
+    assert (np.diff(vals) <= 0).all()
+    assert idx.density[5] == pytest.approx(float((col > 0).float().mean()))
+    assert idx.density[5] + idx.density[5 + 576] == pytest.approx(float((col != 0).float().mean()))
+    ex = idx.top_examples(5, n=3)
+    seq, pos = store.positions()[rows[0]]
+    assert ex[0]["sequence"] == seq and ex[0]["position"] == pos and ex[0]["activation"] == pytest.approx(vals[0])
+    assert ex[0]["tokens"][ex[0]["focus"]] == idx.token_strings[int(store.tokens[seq, pos])]
+    q = idx.quantile_examples(5, n_bins=4, per_bin=2)
+    assert len(q) == 8 and [e["bin"] for e in q] == [3, 3, 2, 2, 1, 1, 0, 0]
+    assert idx.neighbours(5, n=1)[0][1] == pytest.approx(0.0, abs=1e-6)  # all rows orthogonal or opposite
+    focus_tok = ex[0]["tokens"][ex[0]["focus"]].strip()
+    if focus_tok:
+        assert 5 in idx.search_text(focus_tok, n=2000)
+
+
+def test_logit_effects_follow_the_unembedding(model):
+    sae = split_sae()
+    eff = analysis.logit_effects(sae, model, 7, n=5)
+    W_U = model._module.get_output_embeddings().weight
+    best = W_U[:, 7].topk(5).indices
+    assert [t for t, _ in eff["promoted"]] == [model.tokenizer.decode([int(i)]) for i in best]
+    assert eff["promoted"][0][1] >= eff["promoted"][-1][1] and eff["suppressed"][0][1] <= 0
+
+
+def test_token_properties_and_correlations(model, store):
+    sae = split_sae("batchtopk", threshold=0.5)
+    props = analysis.token_properties(sae, model, store, n_tokens=300)
+    assert len(props) == 300 and props.model_loss.notna().all()
+    x = store.load()[:300]
+    assert (props["count"].to_numpy() == (x.abs() > 0.5).sum(-1).numpy()).all()
+    assert props.recon_error.between(0, 1).all()
+    corr = analysis.count_correlations(props)
+    assert set(corr.index) == {"position", "token_frequency", "model_loss", "recon_error", "norm"}
+    assert corr.abs().max() <= 1
+
+
+def test_figures_hold_the_data():
+    t = pd.DataFrame({"position": range(5), "token": ["<s>", "a", " b", "\n", "c"], "count": [0, 3, 1, 4, 2],
+                      "kept": [False, True, True, True, True], "top_latents": [[], [(1, .5)], [(2, .1)], [(3, .9)], []]})
+    fig = viz.token_counts_figure({"BatchTopK": t, "TopK": t.assign(count=[0, 2, 2, 2, 2])}, width=3)
+    assert len(fig.data) == 2
+    z = np.array(fig.data[0].z, dtype=float)
+    assert z.shape == (2, 3) and np.isnan(z[0, 0]) and z[0, 1] == 3 and z[1, 0] == 4
+    assert "3 active latents" in fig.data[0].hovertext[0][1] and fig.data[0].text[1][0] == "⏎"
+    h = viz.l0_distribution_figure({"TopK": np.full(50, 8), "BatchTopK": np.arange(50) % 17})
+    assert [tr.type for tr in h.data] == ["histogram", "histogram"] and "mean 8.0" in h.data[0].name
+    html = viz.examples_html([{"tokens": ["a", "<b>", "c"], "focus": 1, "activation": 2.0}])
+    assert "&lt;b&gt;" in html and "rgba(214,39,40,1.00)" in html
+
+
+def test_allocation_explorer_responds(model):
+    from saekit.widgets import AllocationExplorer
+
+    bt = split_sae("batchtopk", threshold=0.5)
+    tk = split_sae("topk", k=9)
+    ex = AllocationExplorer({"BatchTopK": bt, "TopK": tk}, model, texts={"t": TEXT})
+    before = np.nansum(np.array(ex.figure.data[0].z, dtype=float))
+    assert ex.threshold.value == pytest.approx(0.5)
+    ex.threshold.value = 2.0  # a higher threshold: fewer latents everywhere
+    after = np.nansum(np.array(ex.figure.data[0].z, dtype=float))
+    assert after < before
+    ex.sae_choice.value = "TopK"
+    assert ex.k.value == 9 and set(ex.table().query("kept")["count"]) == {9}
+    ex.k.value = 4
+    assert set(ex.table().query("kept")["count"]) == {4}
+    assert np.nanmax(np.array(ex.figure.data[0].z, dtype=float)) == 4
+    ex.text.value = "A different sentence."
+    assert len(ex.table()) == len(analysis.text_ids(model, "A different sentence."))
+    assert "mean" in ex.summary.value
+
+
+def test_feature_and_frontier_explorers(model, store, tokenizer):
+    from saekit.widgets import FeatureExplorer, FrontierExplorer
+
+    sae = split_sae()
+    idx = analysis.build_feature_index(sae, store, n_tokens=800, tokenizer=tokenizer, progress=False)
+    fe = FeatureExplorer(idx, sae, model)
+    fe.latent.value = 11
+    assert "Latent 11" in fe.info.value and len(fe.hist.data[0].x) == len(idx.activations(11)[1])
+    assert len(fe.logits.data[0].y) == 10
+    fe.order.value = "density (high first)"
+    seq = list(np.argsort(-idx.density, kind="stable"))
+    fe.step(+1)
+    assert fe.latent.value == int(seq[seq.index(11) + 1])
+    df = pd.DataFrame({"name": ["a", "b"], "architecture": ["batchtopk", "topk"], "l0": [10.0, 10.0],
+                       "nmse": [0.1, 0.2], "ce_recovered": [0.9, 0.8], "dead_fraction": [0.0, 0.0]})
+    fr = FrontierExplorer(df, {"a": np.arange(20) % 7, "b": np.full(20, 10)})
+    fr._on_click(fr.figure.data[0], types.SimpleNamespace(point_inds=[0]))
+    assert "<b>a</b>" in fr.selected.value and len(fr.detail.data) == 1
+    fr.select("b")
+    assert "<b>b</b>" in fr.selected.value and list(fr.detail.data[0].x) == [10] * 20
