@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.saekit-installed
 
-.PHONY: demo test lab install clean
+.PHONY: demo test lab install clean browser
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -19,7 +19,11 @@ install: $(STAMP)
 demo: $(STAMP)  ## capture, train a BatchTopK SAE, evaluate, write runs/demo
 	$(BIN)/saekit demo --out runs/demo
 
-test: $(STAMP)  ## the whole test suite
+# Debian's chromium renders the report (and JupyterLab) in the browser tests; installs as root
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || echo "chromium is missing and cannot be installed without root: the browser tests will fail"
+
+test: $(STAMP) browser  ## the whole test suite
 	$(BIN)/python -m pytest -q tests
 
 lab: $(STAMP)  ## JupyterLab on the notebooks with the saekit kernel

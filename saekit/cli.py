@@ -136,22 +136,23 @@ def cmd_demo(a) -> int:
 
     out = Path(a.out)
     t0 = time.perf_counter()
-    print("[1/4] loading the embedded model (first run builds a cache, ~30 s)")
+    print("[1/5] loading the embedded model (first run builds a cache, ~30 s)")
     model = load_model(device=a.device)
-    print(f"[2/4] capturing {a.hook} on the bundled corpus: {a.tokens:,} training + {a.eval_tokens:,} held-out tokens")
+    print(f"[2/5] capturing {a.hook} on the bundled corpus: {a.tokens:,} training + {a.eval_tokens:,} held-out tokens")
     train_tok = packed_corpus(model.tokenizer, split="train", max_tokens=a.tokens)
     test_tok = packed_corpus(model.tokenizer, split="test", max_tokens=a.eval_tokens)
     store = capture(model, train_tok, a.hook, out / "store_train", n_tokens=a.tokens, batch_size=16)
     held = capture(model, test_tok, a.hook, out / "store_test", n_tokens=a.eval_tokens, batch_size=16)
-    print(f"[3/4] training a BatchTopK SAE (k={a.k}, {a.expansion}x = {store.d_model * a.expansion} latents) "
-          f"on {a.train_tokens:,} tokens")
-    cfg = SAEConfig(arch="batchtopk", d_in=store.d_model, d_sae=store.d_model * a.expansion, k=a.k,
-                    dead_tokens=5 * a.batch_size, hook_name=a.hook, model_name=store.manifest["model"],
-                    context_size=store.manifest["seq_len"], dataset="bundled")
-    res = train(store, cfg, TrainConfig(total_tokens=a.train_tokens, batch_size=a.batch_size, lr=a.lr,
-                                        warmup_steps=20, checkpoint_every=50, device=a.device), out=out / "train")
+    print(f"[3/5] training BatchTopK and TopK SAEs (k={a.k}, {a.expansion}x = {store.d_model * a.expansion} latents) "
+          f"on one stream of {a.train_tokens:,} tokens")
+    common = dict(d_in=store.d_model, d_sae=store.d_model * a.expansion, k=a.k, dead_tokens=5 * a.batch_size,
+                  hook_name=a.hook, model_name=store.manifest["model"], context_size=store.manifest["seq_len"],
+                  dataset="bundled")
+    cfgs = [SAEConfig(arch="batchtopk", **common), SAEConfig(arch="topk", **common)]
+    res = train(store, cfgs, TrainConfig(total_tokens=a.train_tokens, batch_size=a.batch_size, lr=a.lr,
+                                         warmup_steps=20, checkpoint_every=50, device=a.device), out=out / "train")
     sae = res.saes[0]
-    print("[4/4] evaluating on held-out text (reconstruction, sparsity, CE with the SAE spliced in)")
+    print("[4/5] evaluating the BatchTopK SAE on held-out text (reconstruction, sparsity, CE with it spliced in)")
     m = evaluate(sae, model, held, n_tokens=a.eval_tokens, ce_tokens=a.ce_tokens, progress=True)
     batch_l0 = reconstruction_metrics(sae, held.batches(a.batch_size, shuffle=False), mode="batch")["l0"]
     summary = {**m, "store_train": str(out / "store_train"), "store_test": str(out / "store_test"),
@@ -167,8 +168,20 @@ def cmd_demo(a) -> int:
     print(f"  dead {sp['dead_fraction']:.3f}   dense {sp['dense_fraction']:.3f}")
     print(f"  CE clean {d['ce_clean']:.3f} -> with SAE {d['ce_sae']:.3f} (zero-ablated {d['ce_zero_ablation']:.3f}); "
           f"CE recovered {d['ce_recovered']:.4f}, KL {d['kl']:.4f} over {d['n_tokens']:,} tokens")
-    print(f"results in {out}/ (metrics.json, train/{res.names[0]}/ with cfg.json, sae_weights.safetensors, "
-          f"train_log.csv) in {summary['seconds']:.0f} s")
+    print("[5/5] writing the report")
+    from .report import build_report
+
+    report = build_report(out, model=model)
+    print(f"results in {out}/: metrics.json, report.html (open it in a browser), train/{res.names[0]}/ and "
+          f"train/{res.names[1]}/ (cfg.json, sae_weights.safetensors, train_log.csv); "
+          f"{time.perf_counter() - t0:.0f} s in all")
+    return 0
+
+
+def cmd_report(a) -> int:
+    from .report import build_report
+
+    print(build_report(a.run_dir))
     return 0
 
 
@@ -244,6 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--device", default=None)
     w.add_argument("--out", required=True)
     w.set_defaults(fn=cmd_sweep)
+
+    r = sub.add_parser("report", help="write RUN_DIR/report.html (self-contained figures of a demo run)")
+    r.add_argument("run_dir")
+    r.set_defaults(fn=cmd_report)
 
     d = sub.add_parser("demo", help="the main job on the embedded model and bundled corpus")
     d.add_argument("--out", default="runs/demo")

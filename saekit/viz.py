@@ -85,9 +85,8 @@ def l0_distribution_figure(per_token: dict, title: str = "Per-token L0") -> go.F
     return fig
 
 
-PROPERTY_LABELS = {"position": "position in sequence", "token_frequency": "token frequency (log)",
-                   "model_loss": "model loss on the token", "recon_error": "reconstruction error (NMSE, log)",
-                   "norm": "activation norm"}
+PROPERTY_LABELS = {"position": "position", "token_frequency": "token frequency", "model_loss": "model loss",
+                   "recon_error": "recon. error", "norm": "activation norm"}
 
 
 def count_property_figure(props: pd.DataFrame, correlations: pd.Series | None = None, max_points: int = 3000,
@@ -95,7 +94,7 @@ def count_property_figure(props: pd.DataFrame, correlations: pd.Series | None = 
     """Latent count against each token property, with the Spearman correlation in each panel title."""
     cols = [c for c in PROPERTY_LABELS if c in props]
     sample = props.sample(min(max_points, len(props)), random_state=0)
-    titles = [f"{PROPERTY_LABELS[c]} (ρ={correlations[c]:.2f})" if correlations is not None else PROPERTY_LABELS[c]
+    titles = [f"{PROPERTY_LABELS[c]}<br>ρ = {correlations[c]:.2f}" if correlations is not None else PROPERTY_LABELS[c]
               for c in cols]
     fig = make_subplots(rows=1, cols=len(cols), subplot_titles=titles, shared_yaxes=True)
     for i, c in enumerate(cols, start=1):
@@ -104,7 +103,8 @@ def count_property_figure(props: pd.DataFrame, correlations: pd.Series | None = 
         if c in ("token_frequency", "recon_error"):
             fig.update_xaxes(type="log", row=1, col=i)
     fig.update_yaxes(title_text="active latents", row=1, col=1)
-    fig.update_layout(title=title, template="plotly_white", height=340)
+    fig.update_layout(title=title, template="plotly_white", height=360, margin=dict(t=110))
+    fig.update_annotations(font_size=12)
     return fig
 
 

@@ -1,0 +1,116 @@
+"""`saekit report RUN_DIR` -> RUN_DIR/report.html: one self-contained page with a run's figures.
+
+A run folder is what `saekit demo` writes: metrics.json, store_test/ (held-out activations) and
+train/NAME/ (SAE folders). A sweep table (sweep.csv) anywhere under the run adds the frontier.
+"""
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+
+from . import analysis, viz
+from .activations import ActivationStore, atomic_write_bytes
+from .metrics import reconstruction_metrics
+from .sae import load_sae
+
+SAMPLE_CHARS = 600
+
+
+def _sae_dirs(run: Path) -> dict[str, Path]:
+    dirs = sorted(p.parent for p in run.glob("train/*/cfg.json"))
+    if not dirs:
+        raise FileNotFoundError(f"{run} holds no trained SAE (expected train/NAME/cfg.json); run `saekit demo` first")
+    return {d.name: d for d in dirs}
+
+
+def _label(sae, name: str) -> str:
+    return f"{viz.ARCH_LABELS.get(sae.cfg.arch, sae.cfg.arch)} ({name})"
+
+
+def _sample_text(store: ActivationStore, tokenizer, seq: int = 0) -> str:
+    """Held-out text to show: one stored sequence, decoded without BOS/padding."""
+    ids = [int(t) for t, d in zip(store.tokens[seq], store.doc_ids[seq]) if d >= 0]
+    return tokenizer.decode(ids)[:SAMPLE_CHARS]
+
+
+def build_report(run_dir: str | Path, model=None, n_tokens: int = 8192, n_features: int = 6, progress: bool = True) -> Path:
+    """Compute the figures for a run folder and write report.html beside it. Returns the path."""
+    from .models import load_model
+
+    run = Path(run_dir)
+    saes = {name: load_sae(d) for name, d in _sae_dirs(run).items()}
+    store = ActivationStore(run / "store_test") if (run / "store_test").exists() else ActivationStore(run / "store_train")
+    first = next(iter(saes.values()))
+    model = model or load_model(first.cfg.model_name, device="cpu")
+    sections: list[tuple[str, str, object]] = []  # (title, prose, figure or html string)
+
+    metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").exists() else None
+    rows = []
+    per_token = {}
+    for name, sae in saes.items():
+        m = reconstruction_metrics(sae, store.batches(4096, shuffle=False), mode=None)
+        per_token[_label(sae, name)] = m["_per_token_l0"].numpy()
+        rows.append(f"<tr><td>{html.escape(_label(sae, name))}</td><td>{sae.cfg.d_sae}</td><td>{m['l0']:.1f}</td>"
+                    f"<td>{m['nmse']:.4f}</td><td>{m['fvu']:.4f}</td><td>{m['dead_fraction']:.3f}</td></tr>")
+    table = ("<table><tr><th>SAE</th><th>latents</th><th>L0</th><th>NMSE</th><th>FVU</th><th>dead</th></tr>"
+             + "".join(rows) + "</table>")
+    if metrics and metrics.get("downstream"):
+        d = metrics["downstream"]
+        table += (f"<p>Downstream ({html.escape(str(metrics['sae']['architecture']))}, {d['n_tokens']:,} tokens): "
+                  f"CE clean {d['ce_clean']:.3f}, with the SAE spliced in {d['ce_sae']:.3f}, zero-ablated "
+                  f"{d['ce_zero_ablation']:.3f}: <b>CE recovered {d['ce_recovered']:.4f}</b>, KL {d['kl']:.4f}.</p>")
+    sections.append(("Summary", f"Held-out activations: {len(store):,} tokens at "
+                     f"<code>{html.escape(str(first.cfg.hook_name))}</code> of {html.escape(str(first.cfg.model_name))}.", table))
+
+    text = _sample_text(store, model.tokenizer)
+    tables = {_label(s, n): analysis.latent_counts(s, model, text) for n, s in saes.items()}
+    sections.append(("Adaptive allocation: latents per token",
+                     "Each token shaded by its number of active latents (hover for its strongest latents). "
+                     "TopK gives every token the same k; BatchTopK (threshold mode) gives each token what it needs.",
+                     viz.token_counts_figure(tables)))
+    sections.append(("Per-token L0 distribution", "Over the held-out tokens.", viz.l0_distribution_figure(per_token)))
+    bt_name, bt = next(((n, s) for n, s in saes.items() if s.cfg.arch == "batchtopk"), next(iter(saes.items())))
+    props = analysis.token_properties(bt, model, store, n_tokens=min(n_tokens, 4096))
+    corr = analysis.count_correlations(props)
+    sections.append((f"What goes with more latents ({_label(bt, bt_name)})",
+                     "Spearman correlation of a token's latent count with its properties.",
+                     viz.count_property_figure(props, corr)))
+    index = analysis.build_feature_index(bt, store, n_tokens=n_tokens, tokenizer=model.tokenizer, progress=progress)
+    alive = np.nonzero(index.density > 0)[0]
+    picks = alive[np.argsort(-index.density[alive])][:: max(1, len(alive) // n_features)][:n_features]
+    feats = []
+    for lat in picks:
+        eff = analysis.logit_effects(bt, model, int(lat), n=6)
+        promoted = ", ".join(html.escape(repr(t)) for t, _ in eff["promoted"])
+        feats.append(f"<h3>Latent {lat} &mdash; fires on {index.density[lat]:.2%} of tokens</h3>"
+                     f"<p>promotes: {promoted}</p>" + viz.examples_html(index.top_examples(int(lat), 6)))
+    sections.append((f"Feature examples ({_label(bt, bt_name)})",
+                     "Latents from dense to rare, each with its top-activating contexts.", "".join(feats)))
+    sweeps = sorted(run.rglob("sweep.csv"))
+    if sweeps:
+        from .sweep import load_sweep
+
+        sections.append(("Frontier", f"From {html.escape(str(sweeps[0].relative_to(run)))}.",
+                         viz.frontier_figure(load_sweep(sweeps[0]))))
+    out = run / "report.html"
+    page = render(sections, title=f"saekit report: {run.name}")
+    atomic_write_bytes(out, lambda fh: fh.write(page.encode()))
+    return out
+
+
+def render(sections, title: str) -> str:
+    """One HTML page; plotly.js is inlined once so the page works offline."""
+    parts, first = [], True
+    for head, prose, body in sections:
+        if hasattr(body, "to_html"):
+            body = body.to_html(full_html=False, include_plotlyjs=first)
+            first = False
+        parts.append(f"<section><h2>{html.escape(head)}</h2><p>{prose}</p>{body}</section>")
+    style = ("body{font-family:system-ui,sans-serif;max-width:1150px;margin:2em auto;padding:0 1em;color:#222}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}"
+             "section{margin-bottom:2.5em}h2{border-bottom:2px solid #d62728}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{''.join(parts)}</body></html>")
