@@ -151,3 +151,24 @@ def examples_html(examples: list[dict], max_activation: float | None = None) -> 
         lines.append(f'<div style="font-family: monospace; white-space: pre-wrap; margin: 2px 0">'
                      f'<b>{e["activation"]:.3f}</b>&nbsp;&nbsp;{"".join(parts)}</div>')
     return "\n".join(lines) or "<i>this latent never fired on the indexed tokens</i>"
+
+
+def count_vs_truth_figure(true_counts, counts: dict, title: str = "Latents used vs true active features") -> go.Figure:
+    """Per-sample latent count against the true number of active features (toy data): mean and
+    spread per true count, one line per SAE. BatchTopK follows the diagonal; TopK is flat at k."""
+    true_counts = np.asarray(true_counts)
+    fig = go.Figure()
+    levels = np.unique(true_counts)
+    fig.add_trace(go.Scatter(x=levels, y=levels, mode="lines", name="ideal (one latent per feature)",
+                             line=dict(color="#999", dash="dash")))
+    for name, c in counts.items():
+        c = np.asarray(c, dtype=float)
+        means = [c[true_counts == v].mean() for v in levels]
+        sds = [c[true_counts == v].std() for v in levels]
+        arch = next((a for a in ARCH_COLORS if name.lower().startswith(a)), None)
+        fig.add_trace(go.Scatter(x=levels, y=means, error_y=dict(type="data", array=sds, visible=True),
+                                 mode="lines+markers", name=f"{name} (r={np.corrcoef(c, true_counts)[0, 1] if c.std() > 0 else 0:.2f})",
+                                 line=dict(color=ARCH_COLORS.get(arch))))
+    fig.update_layout(title=title, xaxis_title="true number of active features",
+                      yaxis_title="active latents (mean ± sd)", template="plotly_white", height=420)
+    return fig

@@ -193,3 +193,45 @@ class FrontierExplorer:
                 self.detail.data = []
                 self.detail.add_traces(f.data)
                 self.detail.layout.title = f.layout.title
+
+
+class ToyAllocationExplorer:
+    """Toy data: slide TopK's k and BatchTopK's threshold and see how each sample's latent count
+    tracks its true number of active features."""
+
+    def __init__(self, saes: dict, x, true_counts):
+        import torch
+
+        self.saes, self.x, self.true = saes, torch.as_tensor(x).float(), np.asarray(true_counts)
+        self.sliders = {}
+        for name, sae in saes.items():
+            if isinstance(sae, TopKSAE):
+                s = W.IntSlider(value=sae.cfg.k, min=1, max=4 * sae.cfg.k, description=f"{name}: k",
+                                continuous_update=False, style={"description_width": "initial"})
+            else:
+                thr = sae.inference_threshold()
+                theta = float(thr.mean()) if thr is not None else 0.0
+                s = W.FloatSlider(value=theta, min=0.0, max=max(1.0, 3 * theta), step=0.01, readout_format=".2f",
+                                  description=f"{name}: θ", continuous_update=False,
+                                  style={"description_width": "initial"})
+            s.observe(lambda _: self.refresh(), "value")
+            self.sliders[name] = s
+        self.figure = go.FigureWidget(viz.count_vs_truth_figure(self.true, self.counts()))
+        self.widget = W.VBox([*self.sliders.values(), self.figure])
+
+    def counts(self) -> dict:
+        out = {}
+        for name, sae in self.saes.items():
+            s = self.sliders[name]
+            z = (analysis.codes_with(sae, self.x, k=int(s.value)) if isinstance(sae, TopKSAE)
+                 else analysis.codes_with(sae, self.x, threshold=float(s.value)))
+            out[name] = (z != 0).sum(-1).cpu().numpy()
+        return out
+
+    def refresh(self) -> None:
+        new = viz.count_vs_truth_figure(self.true, self.counts())
+        with self.figure.batch_update():
+            for old, tr in zip(self.figure.data, new.data):
+                old.y, old.name = tr.y, tr.name
+                if tr.error_y is not None:
+                    old.error_y = tr.error_y
