@@ -235,3 +235,26 @@ def codes_with(sae: SAE, acts: torch.Tensor, threshold: float | None = None, k: 
         v, i = a.topk(min(k, a.shape[1]), dim=-1)
         return torch.zeros_like(a).scatter(-1, i, v)
     return sae.activate(a)
+
+
+@torch.no_grad()
+def top_promoted(sae: SAE, model, n: int = 10, chunk: int = 256, progress: bool = False) -> np.ndarray:
+    """[d_sae, n] ids of the tokens each latent's decoder row promotes most (for search by output token)."""
+    W_U = underlying(model).get_output_embeddings().weight.float()  # [vocab, d]
+    out = []
+    for s in tqdm(range(0, sae.cfg.d_sae, chunk), desc="logit effects", disable=not progress):
+        eff = sae.W_dec[s:s + chunk].float().to(W_U.device) @ W_U.t()  # [chunk, vocab]
+        out.append(eff.topk(n, dim=-1).indices.cpu().numpy())
+    return np.concatenate(out)
+
+
+def search_promoted(promoted: np.ndarray, tokenizer, query: str, n: int = 20) -> list[int]:
+    """Latents among whose top promoted tokens one contains `query` (case-insensitive)."""
+    q = query.lower().strip()
+    hits = []
+    for lat, ids in enumerate(promoted):
+        if any(q in tokenizer.decode([int(i)]).lower() for i in ids):
+            hits.append(lat)
+            if len(hits) >= n:
+                break
+    return hits

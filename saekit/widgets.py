@@ -110,7 +110,10 @@ class FeatureExplorer:
         self.order = W.Dropdown(options=["index", "density (high first)", "density (low first)"], description="order")
         self.latent = W.BoundedIntText(min=0, max=index.d_sae - 1, description="latent")
         self.prev, self.next = W.Button(description="◀ prev"), W.Button(description="next ▶")
-        self.search = W.Text(placeholder="search example tokens…", description="search")
+        self.search = W.Text(placeholder="a word…", description="search")
+        self.search_in = W.Dropdown(options=["example tokens", "promoted tokens"], description="in",
+                                    disabled=model is None)
+        self._promoted = None
         self.results = W.Select(options=[], rows=5, description="matches")
         self.info = W.HTML()
         self.examples = W.HTML()
@@ -122,7 +125,7 @@ class FeatureExplorer:
         self.search.observe(self._on_search, "value")
         self.results.observe(lambda c: c["new"] is not None and setattr(self.latent, "value", int(c["new"])), "value")
         self.widget = W.VBox([W.HBox([self.order, self.latent, self.prev, self.next]),
-                              W.HBox([self.search, self.results]), self.info, self.examples,
+                              W.HBox([self.search, self.search_in, self.results]), self.info, self.examples,
                               W.HBox([self.hist, self.logits])])
         alive = np.nonzero(index.density > 0)[0]
         self.latent.value = int(alive[0]) if len(alive) else 0
@@ -140,7 +143,15 @@ class FeatureExplorer:
         self.latent.value = int(seq[(i + delta) % len(seq)])
 
     def _on_search(self, change) -> None:
-        hits = self.index.search_text(change["new"]) if change["new"] else []
+        query = change["new"]
+        if not query:
+            hits = []
+        elif self.search_in.value == "promoted tokens":
+            if self._promoted is None:  # computed once, on first use
+                self._promoted = analysis.top_promoted(self.sae, self.model, progress=True)
+            hits = analysis.search_promoted(self._promoted, self.model.tokenizer, query)
+        else:
+            hits = self.index.search_text(query)
         self.results.options = [(f"#{h} ({self.index.density[h]:.2%})", h) for h in hits]
 
     def show(self) -> None:

@@ -146,6 +146,12 @@ def test_feature_and_frontier_explorers(model, store, tokenizer):
     fe.latent.value = 11
     assert "Latent 11" in fe.info.value and len(fe.hist.data[0].x) == len(idx.activations(11)[1])
     assert len(fe.logits.data[0].y) == 10
+    target = eff_tok = analysis.logit_effects(sae, model, 42, n=1)["promoted"][0][0]
+    fe.search_in.value = "promoted tokens"
+    fe.search.value = eff_tok
+    assert 42 in [v for _, v in fe.results.options] or len(fe.results.options) == 20
+    assert all(any(target.lower() in model.tokenizer.decode([int(i)]).lower() for i in fe._promoted[h])
+               for _, h in fe.results.options)
     fe.order.value = "density (high first)"
     seq = list(np.argsort(-idx.density, kind="stable"))
     fe.step(+1)
