@@ -172,7 +172,7 @@ def cmd_demo(a) -> int:
     from .report import build_report
 
     report = build_report(out, model=model)
-    print(f"results in {out}/: metrics.json, report.html (open it in a browser), train/{res.names[0]}/ and "
+    print(f"results in {out}/: metrics.json, {report.name} (open it in a browser), train/{res.names[0]}/ and "
           f"train/{res.names[1]}/ (cfg.json, sae_weights.safetensors, train_log.csv); "
           f"{time.perf_counter() - t0:.0f} s in all")
     return 0
