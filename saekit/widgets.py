@@ -246,3 +246,36 @@ class ToyAllocationExplorer:
                 old.y, old.name = tr.y, tr.name
                 if tr.error_y is not None:
                     old.error_y = tr.error_y
+
+
+class TrainingMonitor:
+    """Live training curves (loss, NMSE, L0, dead fraction) for `train(..., callback=monitor)`."""
+
+    PANELS = ("loss", "nmse", "l0", "dead_frac")
+
+    def __init__(self, names: list[str] | None = None, every: int = 5):
+        from plotly.subplots import make_subplots
+
+        self.every = every
+        fig = make_subplots(rows=1, cols=4, subplot_titles=["loss", "NMSE", "L0", "dead fraction"])
+        fig.update_layout(template="plotly_white", height=300, title="training", showlegend=True)
+        self.figure = go.FigureWidget(fig)
+        self.names = names
+        self.widget = self.figure
+
+    def __call__(self, trainer, stats) -> None:
+        if trainer.step % self.every and trainer.step != trainer.tc.total_steps:
+            return
+        names = self.names or trainer.names
+        if not self.figure.data:
+            for i, name in enumerate(names):
+                for p, key in enumerate(self.PANELS, start=1):
+                    self.figure.add_scatter(x=[], y=[], mode="lines", name=name, legendgroup=name,
+                                            showlegend=(p == 1), line=dict(color=viz.ARCH_COLORS.get(
+                                                trainer.cfgs[i].arch)), row=1, col=p)
+        with self.figure.batch_update():
+            for i, s in enumerate(stats):
+                for p, key in enumerate(self.PANELS):
+                    tr = self.figure.data[i * len(self.PANELS) + p]
+                    tr.x = tuple(tr.x) + (s["tokens"],)
+                    tr.y = tuple(tr.y) + (s[key],)

@@ -1,0 +1,25 @@
+"""The README's main job end to end, at a tiny size: capture, train BatchTopK + TopK, evaluate, report."""
+import json
+import subprocess
+import sys
+
+
+def test_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    args = [sys.executable, "-m", "saekit", "demo", "--out", str(out), "--hook", "resid_post.4", "--tokens", "3000",
+            "--eval-tokens", "800", "--train-tokens", "6144", "--batch-size", "256", "--expansion", "2",
+            "--k", "8", "--ce-tokens", "64"]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "CE recovered" in r.stdout and "report.html" in r.stdout
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["schema"] == "saekit.eval/1" and m["sae"]["architecture"] == "batchtopk"
+    assert m["l0_batch_mode"] == 8.0 and 0 < m["reconstruction"]["nmse"] < 1
+    assert m["downstream"]["ce_sae"] >= m["downstream"]["ce_clean"] - 0.05
+    for name in ("batchtopk_k8_1152", "topk_k8_1152"):
+        assert (out / "train" / name / "sae_weights.safetensors").exists()
+    assert (out / "report.html").stat().st_size > 1_000_000  # plotly inlined
+    # a second run reuses the stores and the finished training instead of recomputing
+    r2 = subprocess.run(args, capture_output=True, text=True, timeout=900)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert json.loads((out / "metrics.json").read_text())["reconstruction"] == m["reconstruction"]
