@@ -142,7 +142,7 @@ def capture(model, packed: PackedTokens, hooks: str | Sequence[str], out: str | 
     mpath = out / "manifest.json"
     if mpath.exists() and not overwrite:
         old = _read_manifest(out)
-        keys = ("model", "hooks", "dtype", "seq_len", "tokens_sha256", "shard_sequences")
+        keys = ("model", "hooks", "dtype", "seq_len", "tokens_sha256")  # what was captured, not how it was split
         diff = [k for k in keys if old.get(k) != manifest[k]]
         if diff:
             raise StoreError(
@@ -164,7 +164,7 @@ def capture(model, packed: PackedTokens, hooks: str | Sequence[str], out: str | 
         stale.unlink(missing_ok=True)
 
     done = {s["index"] for s in manifest["shards"]}
-    plan = _plan_shards(packed.n_sequences, shard_sequences)
+    plan = _plan_shards(packed.n_sequences, manifest["shard_sequences"])  # a resumed store keeps its shard layout
     todo = [(i, s, e) for i, (s, e) in enumerate(plan) if i not in done]
     device = next(underlying(model).parameters()).device
     total = sum(int(packed.keep[s:e].sum()) for _, s, e in todo)

@@ -132,6 +132,10 @@ def test_interrupted_capture_resumes_without_loss_or_duplicates(tmp_path, model,
 
 
 def test_resume_refuses_a_different_capture(model, packed, store):
+    # the same capture with another shard size is the same store: reused as it is
+    again = capture(model, packed, [HOOK, "mlp_out.3"], store.path, n_tokens=2000, batch_size=8, dtype="float32",
+                    shard_tokens=10**6, progress=False)
+    assert again.manifest == store.manifest
     with pytest.raises(StoreError, match="different capture"):
         capture(model, packed, "resid_post.7", store.path, n_tokens=2000, progress=False)
 
