@@ -39,3 +39,21 @@ def store(model, packed, tmp_path_factory):
     out = tmp_path_factory.mktemp("store")
     return capture(model, packed, [HOOK, "mlp_out.3"], out, n_tokens=2000, batch_size=8, dtype="float32",
                    shard_tokens=640, progress=False)
+
+
+def split_sae(arch="relu", d=576, threshold=None, k=None):
+    """Latent j < d reads +x_j, latent d + j reads -x_j: with threshold t a token's count is #{j: |x_j| > t}."""
+    kw = dict(k=k) if k else {}
+    from saekit.sae import make_sae
+
+    sae = make_sae(arch=arch, d_in=d, d_sae=2 * d, normalize="none", hook_name=HOOK, **kw)
+    eye = torch.eye(d)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], 0))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+        if threshold is not None:
+            sae.threshold.fill_(threshold)
+            sae.threshold_updates.fill_(1)
+    return sae.eval()

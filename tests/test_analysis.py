@@ -6,27 +6,10 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import HOOK
+from conftest import HOOK, split_sae
 from saekit import analysis, viz
-from saekit.sae import make_sae
 
 TEXT = "It was the best of times, it was the worst of times."
-
-
-def split_sae(arch="relu", d=576, threshold=None, k=None):
-    """Latent j < d reads +x_j, latent d + j reads -x_j: with threshold t a token's count is #{j: |x_j| > t}."""
-    kw = dict(k=k) if k else {}
-    sae = make_sae(arch=arch, d_in=d, d_sae=2 * d, normalize="none", hook_name=HOOK, **kw)
-    eye = torch.eye(d)
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
-        sae.W_dec.copy_(torch.cat([eye, -eye], 0))
-        sae.b_enc.zero_()
-        sae.b_dec.zero_()
-        if threshold is not None:
-            sae.threshold.fill_(threshold)
-            sae.threshold_updates.fill_(1)
-    return sae.eval()
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import HOOK
+from conftest import HOOK, split_sae
 from saekit.metrics import SCHEMA, ce_metrics, cosine, evaluate, fvu, l0_histogram, nmse, reconstruction_metrics
 from saekit.sae import make_sae
 
@@ -39,14 +39,7 @@ def test_streamed_metrics_equal_whole_batch_metrics():
 
 def identity_sae(d):
     """relu(x) - relu(-x) = x: a ReLU SAE with W_enc = [I, -I] reconstructs perfectly."""
-    sae = make_sae(arch="relu", d_in=d, d_sae=2 * d, normalize="none", hook_name=HOOK)
-    eye = torch.eye(d)
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
-        sae.W_dec.copy_(torch.cat([eye, -eye], 0))
-        sae.b_enc.zero_()
-        sae.b_dec.zero_()
-    return sae.eval()
+    return split_sae("relu", d)
 
 
 def zero_sae(d):
