@@ -31,35 +31,30 @@ def cmd_capture(a) -> int:
     return 0
 
 
-def _sae_cfgs(a, d_in: int, store_manifest: dict | None, hook: str | None):
-    from .sae import SAEConfig
+def _sae_cfgs(a, src):
+    """SAE configs for `train`/`sweep`: every --arch at every --k (ReLU: every --l1-coeff), with the
+    store's provenance (model, hook, context size, corpus) when the data is a store."""
+    from .sweep import sweep_configs
 
-    meta = {}
-    if store_manifest:
-        meta = {"model_name": store_manifest.get("model"), "hook_name": hook or store_manifest["hooks"][0],
-                "context_size": store_manifest.get("seq_len"),
-                "dataset": (store_manifest.get("corpus") or {}).get("corpus")}
-    cfgs = []
-    for arch in a.arch:
-        for k in a.k:
-            kw = dict(arch=arch, d_in=d_in, d_sae=d_in * a.expansion, k=k, normalize=a.normalize, **meta)
-            if arch == "jumprelu":
-                kw["target_l0"] = float(k)
-            if arch == "relu":
-                kw["l1_coeff"] = a.l1_coeff
-            cfgs.append(SAEConfig(**kw))
-    return cfgs
+    man = src.store.manifest if hasattr(src, "store") else {}
+    meta = {"model_name": man.get("model"), "hook_name": a.hook or (man.get("hooks") or [None])[0],
+            "context_size": man.get("seq_len"), "dataset": (man.get("corpus") or {}).get("corpus")}
+    return sweep_configs(src.d_model, a.arch, a.k, a.expansion, a.l1_coeff, normalize=a.normalize,
+                         dead_tokens=5 * a.batch_size, **meta)
+
+
+def _train_cfg(a):
+    from .train import TrainConfig
+
+    return TrainConfig(total_tokens=a.tokens, batch_size=a.batch_size, lr=a.lr, seed=a.seed, device=a.device,
+                       checkpoint_every=a.checkpoint_every, warmup_steps=a.warmup_steps)
 
 
 def cmd_train(a) -> int:
-    from .train import TrainConfig, train, as_source
+    from .train import as_source, train
 
     src = as_source(a.store, a.hook)
-    manifest = src.store.manifest if hasattr(src, "store") else None
-    cfgs = _sae_cfgs(a, src.d_model, manifest, a.hook)
-    tc = TrainConfig(total_tokens=a.tokens, batch_size=a.batch_size, lr=a.lr, seed=a.seed, device=a.device,
-                     checkpoint_every=a.checkpoint_every, warmup_steps=a.warmup_steps)
-    res = train(src, cfgs, tc, out=a.out, resume=not a.no_resume)
+    res = train(src, _sae_cfgs(a, src), _train_cfg(a), out=a.out, resume=not a.no_resume)
     for name, log in zip(res.names, res.logs):
         last = log.iloc[-1]
         print(f"{name}: steps {res.steps}, tokens {res.tokens:,}, nmse {last['nmse']:.4f}, l0 {last['l0']:.1f}, "
@@ -104,20 +99,14 @@ def cmd_eval(a) -> int:
 
 
 def cmd_sweep(a) -> int:
-    from .sweep import sweep, sweep_configs
-    from .train import TrainConfig, as_source
+    from .sweep import sweep
+    from .train import as_source
 
     src = as_source(a.store, a.hook)
-    man = src.store.manifest if hasattr(src, "store") else {}
-    hook = a.hook or (man.get("hooks") or [None])[0]
-    cfgs = sweep_configs(src.d_model, a.arch, a.k, a.expansion, a.l1_coeff, normalize=a.normalize,
-                         hook_name=hook, model_name=man.get("model"), context_size=man.get("seq_len"),
-                         dead_tokens=5 * a.batch_size)
+    cfgs = _sae_cfgs(a, src)
     model = _model_for(a, a.eval_store or a.store)
-    tc = TrainConfig(total_tokens=a.tokens, batch_size=a.batch_size, lr=a.lr, seed=a.seed, device=a.device,
-                     checkpoint_every=a.checkpoint_every, warmup_steps=a.warmup_steps)
-    df = sweep(src, cfgs, tc, a.out, eval_data=a.eval_store or a.store, model=model, eval_tokens=a.eval_tokens,
-               ce_tokens=a.ce_tokens, hook=hook)
+    df = sweep(src, cfgs, _train_cfg(a), a.out, eval_data=a.eval_store or a.store, model=model,
+               eval_tokens=a.eval_tokens, ce_tokens=a.ce_tokens, hook=cfgs[0].hook_name)
     with __import__("pandas").option_context("display.width", 200, "display.max_columns", 30):
         print(df[["name", "l0", "nmse", "fvu", "ce_recovered", "kl", "dead_fraction"]].to_string(index=False))
     print(f"-> {a.out}/sweep.csv, sweep.parquet")
@@ -202,23 +191,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_corpus_args(c)
     c.set_defaults(fn=cmd_capture)
 
+    def add_training_args(p, archs, ks, l1, tokens, checkpoint_every):
+        p.add_argument("--store", required=True, help="activation store folder, or a .npy/.safetensors [N, d] file")
+        p.add_argument("--hook", default=None)
+        p.add_argument("--arch", nargs="+", default=archs, choices=["batchtopk", "topk", "jumprelu", "relu"])
+        p.add_argument("--k", nargs="+", type=int, default=ks, help="k; JumpReLU's target L0")
+        p.add_argument("--l1-coeff", nargs="+", type=float, default=l1, help="ReLU-L1 penalties")
+        p.add_argument("--expansion", type=int, default=8)
+        p.add_argument("--normalize", default="token", choices=["none", "token", "dataset"])
+        p.add_argument("--tokens", type=int, default=tokens)
+        p.add_argument("--batch-size", type=int, default=4096)
+        p.add_argument("--lr", type=float, default=3e-4)
+        p.add_argument("--warmup-steps", type=int, default=100)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--checkpoint-every", type=int, default=checkpoint_every)
+        p.add_argument("--device", default=None)
+        p.add_argument("--out", required=True)
+
     t = sub.add_parser("train", help="train SAE(s) on a store (or .npy/.safetensors), one read per batch")
-    t.add_argument("--store", required=True)
-    t.add_argument("--hook", default=None)
-    t.add_argument("--arch", nargs="+", default=["batchtopk"], choices=["batchtopk", "topk", "jumprelu", "relu"])
-    t.add_argument("--k", nargs="+", type=int, default=[32], help="k (jumprelu: target L0)")
-    t.add_argument("--expansion", type=int, default=8)
-    t.add_argument("--normalize", default="token", choices=["none", "token", "dataset"])
-    t.add_argument("--l1-coeff", type=float, default=5.0)
-    t.add_argument("--tokens", type=int, default=1_000_000)
-    t.add_argument("--batch-size", type=int, default=4096)
-    t.add_argument("--lr", type=float, default=3e-4)
-    t.add_argument("--warmup-steps", type=int, default=100)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--checkpoint-every", type=int, default=0)
+    add_training_args(t, ["batchtopk"], [32], [5.0], 1_000_000, 0)
     t.add_argument("--no-resume", action="store_true")
-    t.add_argument("--device", default=None)
-    t.add_argument("--out", required=True)
     t.set_defaults(fn=cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a saved SAE: reconstruction, sparsity, downstream CE (JSON schema in README)")
@@ -235,27 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(fn=cmd_eval)
 
     w = sub.add_parser("sweep", help="train several architectures/sparsities on one stream, evaluate each, one table")
-    w.add_argument("--store", required=True)
+    add_training_args(w, ["batchtopk", "topk", "jumprelu"], [16, 32, 64], [1.0, 3.0, 10.0], 2_000_000, 200)
     w.add_argument("--eval-store", default=None, help="held-out store (default: --store)")
-    w.add_argument("--hook", default=None)
-    w.add_argument("--arch", nargs="+", default=["batchtopk", "topk", "jumprelu"],
-                   choices=["batchtopk", "topk", "jumprelu", "relu"])
-    w.add_argument("--k", nargs="+", type=int, default=[16, 32, 64], help="k; JumpReLU's target L0")
-    w.add_argument("--l1-coeff", nargs="+", type=float, default=[1.0, 3.0, 10.0], help="ReLU-L1 penalties")
-    w.add_argument("--expansion", type=int, default=8)
-    w.add_argument("--normalize", default="token", choices=["none", "token", "dataset"])
-    w.add_argument("--tokens", type=int, default=2_000_000)
-    w.add_argument("--batch-size", type=int, default=4096)
-    w.add_argument("--lr", type=float, default=3e-4)
-    w.add_argument("--warmup-steps", type=int, default=100)
-    w.add_argument("--seed", type=int, default=0)
-    w.add_argument("--checkpoint-every", type=int, default=200)
     w.add_argument("--eval-tokens", type=int, default=20_000)
     w.add_argument("--ce-tokens", type=int, default=2048)
     w.add_argument("--model", default=None)
     w.add_argument("--no-ce", action="store_true")
-    w.add_argument("--device", default=None)
-    w.add_argument("--out", required=True)
     w.set_defaults(fn=cmd_sweep)
 
     r = sub.add_parser("report", help="write RUN_DIR/report.html (self-contained figures of a demo run)")

@@ -195,7 +195,7 @@ def ce_metrics(sae: SAE, model, tokens, keep, hook: str | None = None, mode: str
                 "sae": splice(lambda x: sae(x, mode=mode).x_hat),
                 "zero": splice(lambda x: torch.zeros_like(x)),
                 "mean": splice(lambda x: mean_activation.to(x.device).expand_as(x)),
-                "sae_plus_error": splice(lambda x: sae(x, mode=mode).x_hat + (x - sae(x, mode=mode).x_hat)),
+                "sae_plus_error": splice(lambda x: (lambda x_hat: x_hat + (x - x_hat))(sae(x, mode=mode).x_hat)),
             }
             sums["clean"] += float(_token_ce(clean, ids)[target].sum())
             for name, fn in runs.items():
@@ -238,10 +238,11 @@ def evaluate(sae: SAE, model=None, data=None, n_tokens: int = 20_000, ce_tokens:
 
     hook = hook or sae.cfg.hook_name
     if isinstance(data, (str, Path)):
-        data = ActivationStore(data, hook if hook in ActivationStore(data).hooks else None)
+        data = ActivationStore(data)
     if isinstance(data, ActivationStore):
         n = min(n_tokens, len(data))
-        batches = (data.rows(s, min(s + batch_size, n)) for s in range(0, n, batch_size))
+        h = hook if hook in data.hooks else None  # the SAE's hook where the store has it
+        batches = (data.rows(s, min(s + batch_size, n), h) for s in range(0, n, batch_size))
         tokens, pos = data.tokens, data.positions()
         keep = np.zeros(tokens.shape, dtype=bool)
         keep[pos[:, 0], pos[:, 1]] = True
