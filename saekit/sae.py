@@ -44,6 +44,7 @@ class SAEConfig:
     dead_tokens: int = 5 * 4096  # a latent is dead after this many tokens without firing (~5 batches)
     threshold_beta: float = 0.99  # batchtopk: EMA of the smallest kept activation per batch -> theta
     # JumpReLU: learned per-latent threshold, STE with a rectangle kernel, L0 penalty
+    threshold_lr_scale: float = 10.0  # JumpReLU: the log-threshold's learning rate / the run's
     jumprelu_init_threshold: float = 0.01  # SAELens's defaults; the paper's 0.001 needs far longer runs
     jumprelu_bandwidth: float = 0.05
     l0_coeff: float = 1.0  # weight of the L0 penalty (or of the target-L0 penalty below)
@@ -300,6 +301,14 @@ class SAE(torch.nn.Module):
     def uses_auxk(self) -> bool:
         return False
 
+    @torch.no_grad()
+    def init_from_data(self, xs: torch.Tensor) -> None:
+        """Architecture-specific initialisation from a normalised sample (after b_dec is set)."""
+
+    def optim_groups(self) -> list[dict]:
+        """Parameter groups for the optimiser; `lr_scale` multiplies the run's learning rate."""
+        return [{"params": list(self.parameters()), "lr_scale": 1.0}]
+
     def training_loss(self, x: torch.Tensor, fast: bool = True) -> TrainOutput:
         """Loss on a batch of inputs (input space). `fast` uses the sparse encoder/decoder where the
         architecture selects a fixed budget (TopK family); the dense path is the reference."""
@@ -546,6 +555,27 @@ class JumpReLUSAE(SAE):
 
     def inference_threshold(self):
         return self.log_threshold.exp().detach()
+
+    def optim_groups(self) -> list[dict]:
+        rest = [p for n, p in self.named_parameters() if n != "log_threshold"]
+        return [{"params": rest, "lr_scale": 1.0},
+                {"params": [self.log_threshold], "lr_scale": self.cfg.threshold_lr_scale}]
+
+    @torch.no_grad()
+    def init_from_data(self, xs: torch.Tensor) -> None:
+        """With a target L0, start every threshold at the value that gives that L0 on the sample.
+
+        The log-threshold moves about lr per Adam step, so from a fixed 0.01 a few hundred steps
+        never reach the ~2 (in per-token-normalised units) that an L0 of 16-64 of 4,608 needs;
+        starting at the sample's global (target_l0 * n)-th largest pre-activation removes that lag.
+        """
+        if not self.cfg.target_l0:
+            return
+        xs = xs[:4096]
+        a = self.pre_acts(xs).flatten()
+        n = max(1, min(a.numel(), int(round(self.cfg.target_l0 * xs.shape[0]))))
+        theta = a.topk(n, sorted=False).values.min().clamp_min(1e-4)
+        self.log_threshold.fill_(math.log(float(theta)))
 
 
 class ReLUSAE(SAE):

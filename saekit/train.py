@@ -233,7 +233,7 @@ class Trainer:
         self.names = [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
         torch.manual_seed(train_cfg.seed)
         self.saes = [make_sae(c).to(self.device) for c in self.cfgs]
-        self.opts = [torch.optim.Adam(s.parameters(), lr=train_cfg.lr, betas=train_cfg.betas) for s in self.saes]
+        self.opts = [torch.optim.Adam(s.optim_groups(), lr=train_cfg.lr, betas=train_cfg.betas) for s in self.saes]
         self.logs: list[list[dict]] = [[] for _ in self.saes]
         self.step = 0
         self.tokens = 0
@@ -251,6 +251,7 @@ class Trainer:
                 sae.b_dec.data = geometric_median(xs)
             elif self.tc.b_dec_init == "mean":
                 sae.b_dec.data = xs.mean(0)
+            sae.init_from_data(xs)
         self.initialised = True
 
     # -- checkpoints --------------------------------------------------------------------------
@@ -316,7 +317,7 @@ class Trainer:
         stats = []
         for i, (sae, opt) in enumerate(zip(self.saes, self.opts)):
             for g in opt.param_groups:
-                g["lr"] = tc.lr * factor
+                g["lr"] = tc.lr * factor * g["lr_scale"]
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 out = sae.training_loss(x, fast=tc.fast)
             if not torch.isfinite(out.loss):

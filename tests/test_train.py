@@ -179,3 +179,26 @@ def test_empty_store_is_refused(store, tmp_path):
     (d / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(StoreError, match="empty"):
         train(d, SAEConfig(arch="topk", d_in=576, d_sae=1152, k=4), TrainConfig(progress=False))
+
+
+@pytest.mark.parametrize("target", [2.0, 6.0])
+def test_jumprelu_target_l0_is_met(toy_x, target):
+    """Thresholds start at the sample's target-L0 value and the penalty keeps L0 near the target."""
+    cfg = SAEConfig(arch="jumprelu", d_in=16, d_sae=64, target_l0=target)
+    tc = TrainConfig(total_tokens=256 * 150, batch_size=256, lr=3e-3, warmup_steps=10, progress=False)
+    res = train(toy_x, [cfg], tc)
+    log = res.logs[0]
+    assert log["l0"].iloc[0] == pytest.approx(target, rel=0.3)  # data-driven start, not the fixed 0.01
+    assert log["l0"].tail(20).mean() == pytest.approx(target, rel=0.25)
+    sae = res.saes[0]
+    with torch.no_grad():
+        z, _ = sae(toy_x[:2000])
+    assert (z != 0).sum(-1).float().mean().item() == pytest.approx(target, rel=0.3)
+
+
+def test_jumprelu_threshold_has_its_own_learning_rate():
+    cfg = SAEConfig(arch="jumprelu", d_in=16, d_sae=64, target_l0=3, threshold_lr_scale=7.0)
+    from saekit.sae import make_sae
+    groups = make_sae(cfg).optim_groups()
+    assert [g["lr_scale"] for g in groups] == [1.0, 7.0]
+    assert [len(g["params"]) for g in groups] == [4, 1]
