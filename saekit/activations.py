@@ -230,6 +230,21 @@ class _Chunk:
     end: int
 
 
+def capture_splits(model, hook: str, out: str | Path, train_tokens: int, test_tokens: int, seq_len: int = 128,
+                   batch_size: int = 16, corpus: str | None = None, progress: bool = True):
+    """Capture the bundled (or named) corpus's train and test splits at `hook` into out/store_train and
+    out/store_test; finished stores are reused and interrupted ones resumed. Returns (train, test)."""
+    from .data import packed_corpus
+
+    out = Path(out)
+    stores = []
+    for split, n in (("train", train_tokens), ("test", test_tokens)):
+        packed = packed_corpus(model.tokenizer, corpus, split=split, seq_len=seq_len, max_tokens=n)
+        stores.append(capture(model, packed, hook, out / f"store_{split}", n_tokens=n, batch_size=batch_size,
+                              progress=progress))
+    return tuple(stores)
+
+
 class ActivationStore:
     """A captured store: validated on open, read memory-mapped, served as shuffled batches."""
 

@@ -64,6 +64,26 @@ def latent_counts(sae: SAE, model, text: str, hook: str | None = None, mode: str
     return df
 
 
+def group_counts(sae: SAE, model, text: str, hook: str | None = None) -> pd.DataFrame:
+    """Matryoshka: each token's active latents split by nested group (which level they come from).
+    Columns: position, token, kept, count, and one column per group ("g1 (0-287)", ...)."""
+    if not hasattr(sae, "group_of"):
+        raise ValueError(f"group_counts needs a Matryoshka SAE (this one is {sae.cfg.arch})")
+    acts, tokens, kept = text_activations(model, text, hook or sae.cfg.hook_name)
+    with torch.no_grad():
+        z = sae.encode(acts.to(sae.W_enc.device)).cpu() * torch.from_numpy(kept)[:, None]
+    rows, cols = z.nonzero(as_tuple=True)
+    n_groups = len(sae.cfg.group_sizes)
+    per = torch.zeros(len(tokens), n_groups, dtype=torch.long)
+    per.index_put_((rows, sae.group_of(cols)), torch.ones_like(rows), accumulate=True)
+    df = pd.DataFrame({"position": np.arange(len(tokens)), "token": tokens, "kept": kept, "count": per.sum(1).numpy()})
+    lo = 0
+    for g, hi in enumerate(sae.widths):
+        df[f"g{g + 1} ({lo}-{hi - 1})"] = per[:, g].numpy()
+        lo = hi
+    return df
+
+
 @torch.no_grad()
 def token_properties(sae: SAE, model, store: ActivationStore, n_tokens: int = 4096, mode: str | None = None,
                      seq_batch: int = 8) -> pd.DataFrame:
@@ -95,10 +115,19 @@ def token_properties(sae: SAE, model, store: ActivationStore, n_tokens: int = 40
                 i = row_of.get((int(s), p))
                 if i is not None:
                     loss[i] = float(ce[r, p - 1])
-    decode = model.tokenizer.convert_ids_to_tokens
-    return pd.DataFrame({"sequence": pos[:, 0], "position": pos[:, 1], "token_id": ids, "token": decode(ids.tolist()),
+    readable = {int(i): model.tokenizer.decode([int(i)]) for i in np.unique(ids)}
+    return pd.DataFrame({"sequence": pos[:, 0], "position": pos[:, 1], "token_id": ids,
+                         "token": [readable[int(i)] for i in ids],
                          "count": counts, "token_frequency": freq[ids], "model_loss": loss, "recon_error": err,
                          "norm": x.norm(dim=-1).numpy()})
+
+
+def count_by_token(props: pd.DataFrame, min_occurrences: int = 5) -> pd.DataFrame:
+    """Mean latent count per token string (tokens seen at least `min_occurrences` times), most latents
+    first: which kinds of tokens the SAE spends more on."""
+    g = props.groupby("token")["count"].agg(["mean", "std", "size"]).rename(columns={"size": "occurrences"})
+    g = g[g["occurrences"] >= min_occurrences].sort_values("mean", ascending=False)
+    return g.reset_index()
 
 
 def count_correlations(props: pd.DataFrame, columns=("position", "token_frequency", "model_loss", "recon_error",

@@ -115,9 +115,7 @@ def cmd_sweep(a) -> int:
 
 def cmd_demo(a) -> int:
     """The main job on embedded defaults: capture, train a BatchTopK SAE, evaluate, write a results folder."""
-    from .activations import capture
-    from .data import packed_corpus
-    from .activations import atomic_write_json
+    from .activations import atomic_write_json, capture_splits
     from .metrics import evaluate, reconstruction_metrics
     from .models import load_model
     from .sae import SAEConfig
@@ -128,10 +126,7 @@ def cmd_demo(a) -> int:
     print("[1/5] loading the embedded model (first run builds a cache, ~30 s)")
     model = load_model(device=a.device)
     print(f"[2/5] capturing {a.hook} on the bundled corpus: {a.tokens:,} training + {a.eval_tokens:,} held-out tokens")
-    train_tok = packed_corpus(model.tokenizer, split="train", max_tokens=a.tokens)
-    test_tok = packed_corpus(model.tokenizer, split="test", max_tokens=a.eval_tokens)
-    store = capture(model, train_tok, a.hook, out / "store_train", n_tokens=a.tokens, batch_size=16)
-    held = capture(model, test_tok, a.hook, out / "store_test", n_tokens=a.eval_tokens, batch_size=16)
+    store, held = capture_splits(model, a.hook, out, a.tokens, a.eval_tokens)
     print(f"[3/5] training BatchTopK and TopK SAEs (k={a.k}, {a.expansion}x = {store.d_model * a.expansion} latents) "
           f"on one stream of {a.train_tokens:,} tokens")
     common = dict(d_in=store.d_model, d_sae=store.d_model * a.expansion, k=a.k, dead_tokens=5 * a.batch_size,
@@ -194,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     def add_training_args(p, archs, ks, l1, tokens, checkpoint_every):
         p.add_argument("--store", required=True, help="activation store folder, or a .npy/.safetensors [N, d] file")
         p.add_argument("--hook", default=None)
-        p.add_argument("--arch", nargs="+", default=archs, choices=["batchtopk", "topk", "jumprelu", "relu"])
+        p.add_argument("--arch", nargs="+", default=archs, choices=["batchtopk", "topk", "jumprelu", "relu", "matryoshka"])
         p.add_argument("--k", nargs="+", type=int, default=ks, help="k; JumpReLU's target L0")
         p.add_argument("--l1-coeff", nargs="+", type=float, default=l1, help="ReLU-L1 penalties")
         p.add_argument("--expansion", type=int, default=8)

@@ -73,6 +73,16 @@ class _Accumulator:
 
 
 @torch.no_grad()
+def per_token_l0(sae: SAE, store, n_tokens: int | None = None, mode: str | None = None,
+                 batch_size: int = 4096) -> np.ndarray:
+    """Active-latent count of each of a store's first n_tokens (inference mode unless `mode`)."""
+    n = len(store) if n_tokens is None else min(n_tokens, len(store))
+    hook = sae.cfg.hook_name if sae.cfg.hook_name in store.hooks else None
+    batches = (store.rows(s, min(s + batch_size, n), hook).float() for s in range(0, n, batch_size))
+    return reconstruction_metrics(sae, batches, mode=mode)["_per_token_l0"].numpy()
+
+
+@torch.no_grad()
 def reconstruction_metrics(sae: SAE, batches: Iterable[torch.Tensor], mode: str | None = None,
                            device: str | torch.device | None = None) -> dict:
     """NMSE, FVU, cosine, L0 (mean, std, quantiles), dead and dense fractions over batches of x.
@@ -271,13 +281,22 @@ def evaluate(sae: SAE, model=None, data=None, n_tokens: int = 20_000, ce_tokens:
         downstream = ce_metrics(sae, model, tokens[:n_seq], keep[:n_seq], hook=hook, mode=mode, seq_batch=seq_batch,
                                 progress=progress)
     c = sae.cfg
-    return {
+    prefixes = None
+    if hasattr(sae, "prefix"):  # Matryoshka: every nested prefix evaluated as an SAE of its own
+        prefixes = []
+        for g in range(1, len(c.group_sizes) + 1):
+            m = evaluate(sae.prefix(g), model, data, n_tokens=n_tokens, ce_tokens=ce_tokens, mode=mode,
+                         batch_size=batch_size, seq_batch=seq_batch, hook=hook)
+            d = m["downstream"] or {}
+            prefixes.append({"groups": g, "width": m["sae"]["d_sae"], **m["reconstruction"], "l0": m["sparsity"]["l0"],
+                             "ce_recovered": d.get("ce_recovered"), "kl": d.get("kl")})
+    out = {
         "schema": SCHEMA,
         "sae": {"architecture": c.arch, "d_in": c.d_in, "d_sae": c.d_sae,
-                "k": c.k if c.arch in ("batchtopk", "topk") else None, "target_l0": c.target_l0,
+                "k": c.k if c.arch in ("batchtopk", "topk", "matryoshka") else None, "target_l0": c.target_l0,
                 "l1_coeff": c.l1_coeff if c.arch == "relu" else None,
                 "hook_name": hook, "model_name": c.model_name},
-        "mode": mode or ("threshold" if c.arch == "batchtopk" else "default"),
+        "mode": mode or ("threshold" if c.arch in ("batchtopk", "matryoshka") else "default"),
         "n_tokens": rec["n_tokens"],
         "reconstruction": {k: rec[k] for k in ("nmse", "fvu", "explained_variance", "cosine")},
         "sparsity": {"l0": rec["l0"], "l0_std": rec["l0_std"], "l0_quantiles": rec["l0_quantiles"],
@@ -285,3 +304,7 @@ def evaluate(sae: SAE, model=None, data=None, n_tokens: int = 20_000, ce_tokens:
                      "dense_fraction": rec["dense_fraction"]},
         "downstream": downstream,
     }
+    if prefixes is not None:
+        out["sae"]["group_sizes"] = list(c.group_sizes)
+        out["prefixes"] = prefixes
+    return out

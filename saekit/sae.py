@@ -8,6 +8,7 @@ b_enc, b_dec, and `threshold` for JumpReLU-style inference).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from safetensors.torch import load_file
 
 from . import __version__
 
-ARCHS = ("batchtopk", "topk", "jumprelu", "relu")
+ARCHS = ("batchtopk", "topk", "jumprelu", "relu", "matryoshka")
 NORMALIZATIONS = ("none", "token", "dataset")
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -51,6 +52,11 @@ class SAEConfig:
     target_l0: float | None = None  # if set, penalty = l0_coeff * (L0/target - 1)^2
     # ReLU: L1 penalty on activations weighted by decoder row norms
     l1_coeff: float = 5.0
+    # Matryoshka BatchTopK: nested groups of latents; each prefix of groups must reconstruct on its own.
+    # group_sizes: latents per group (ints summing to d_sae) or fractions of d_sae (summing to 1);
+    # None = prefixes of 1/16, 1/8, 1/4, 1/2 and all of the dictionary.
+    group_sizes: list | None = None
+    group_weights: list | None = None  # loss weight of each prefix (default equal); normalised to sum 1
     # provenance
     hook_name: str | None = None
     model_name: str | None = None
@@ -67,7 +73,12 @@ class SAEConfig:
             raise SAEConfigError(f"unknown normalize '{self.normalize}'; choose one of {', '.join(NORMALIZATIONS)}")
         if self.d_in <= 0 or self.d_sae <= 0:
             raise SAEConfigError(f"d_in and d_sae must be positive (got d_in={self.d_in}, d_sae={self.d_sae})")
-        if self.arch in ("batchtopk", "topk") and not 0 < self.k < self.d_sae:
+        if self.arch == "matryoshka":
+            self.group_sizes = resolve_group_sizes(self.group_sizes, self.d_sae)
+            if self.group_weights is not None and len(self.group_weights) != len(self.group_sizes):
+                raise SAEConfigError(f"group_weights has {len(self.group_weights)} entries but there are "
+                                     f"{len(self.group_sizes)} groups; give one weight per group")
+        if self.arch in ("batchtopk", "topk", "matryoshka") and not 0 < self.k < self.d_sae:
             raise SAEConfigError(f"k must satisfy 0 < k < d_sae (got k={self.k}, d_sae={self.d_sae}); "
                                  f"use a larger dictionary (expansion) or a smaller k")
 
@@ -81,10 +92,32 @@ class SAEConfig:
 
     @property
     def name(self) -> str:
-        sparsity = {"batchtopk": f"k{self.k}", "topk": f"k{self.k}",
+        sparsity = {"batchtopk": f"k{self.k}", "topk": f"k{self.k}", "matryoshka": f"k{self.k}",
                     "jumprelu": f"l0{self.target_l0:g}" if self.target_l0 else f"l0c{self.l0_coeff:g}",
                     "relu": f"l1c{self.l1_coeff:g}"}[self.arch]
         return f"{self.arch}_{sparsity}_{self.d_sae}"
+
+
+def resolve_group_sizes(sizes, d_sae: int) -> list[int]:
+    """Matryoshka group sizes as ints summing to d_sae, from ints, fractions of d_sae, or None (default)."""
+    if sizes is None:
+        sizes = [1 / 16, 1 / 16, 1 / 8, 1 / 4, 1 / 2]
+    sizes = list(sizes)
+    if not sizes or any(v <= 0 for v in sizes):
+        raise SAEConfigError(f"group_sizes must be positive numbers (got {sizes})")
+    if all(isinstance(v, int) for v in sizes):
+        if sum(sizes) != d_sae:
+            raise SAEConfigError(f"group_sizes {sizes} sum to {sum(sizes)}, not d_sae={d_sae}; make them sum to "
+                                 f"the dictionary size (or give fractions that sum to 1)")
+        return sizes
+    if abs(sum(sizes) - 1) > 1e-6:
+        raise SAEConfigError(f"group_sizes given as fractions {sizes} sum to {sum(sizes):g}, not 1; make them sum "
+                             f"to 1 (or give integer sizes that sum to d_sae={d_sae})")
+    ends = [round(d_sae * f) for f in itertools.accumulate(sizes)]
+    out = [b - a for a, b in zip([0] + ends[:-1], ends)]
+    if any(v <= 0 for v in out):
+        raise SAEConfigError(f"group_sizes {sizes} leave an empty group at d_sae={d_sae}; use fewer or larger groups")
+    return out
 
 
 class SparseCode(NamedTuple):
@@ -305,6 +338,11 @@ class SAE(torch.nn.Module):
     def init_from_data(self, xs: torch.Tensor) -> None:
         """Architecture-specific initialisation from a normalised sample (after b_dec is set)."""
 
+    def recon_loss(self, xs: torch.Tensor, x_hat: torch.Tensor, code) -> torch.Tensor:
+        """The reconstruction term (mean squared error per element); `code` is the SparseCode (fast
+        path) or dense z behind x_hat, for architectures whose loss looks inside it."""
+        return (x_hat - xs).pow(2).mean()
+
     def optim_groups(self) -> list[dict]:
         """Parameter groups for the optimiser; `lr_scale` multiplies the run's learning rate."""
         return [{"params": list(self.parameters()), "lr_scale": 1.0}]
@@ -347,7 +385,7 @@ class SAE(torch.nn.Module):
             l0 = active.sum(-1)
             fired = active.any(0)
             sparsity = self.sparsity_loss(a, z)
-        mse = (x_hat - xs).pow(2).mean()
+        mse = self.recon_loss(xs, x_hat, code if fast and self.uses_auxk() else z)
         loss = mse + sparsity
         terms = {"mse": mse.detach(), "sparsity": sparsity.detach()}
         if use_aux:
@@ -433,6 +471,8 @@ class SAE(torch.nn.Module):
         }
         if arch == "topk":
             cfg["k"] = c.k
+        if c.arch == "matryoshka":  # SAELens's training config name for the nested boundaries
+            cfg["matryoshka_widths"] = list(itertools.accumulate(c.group_sizes))
         return cfg
 
     def save(self, folder: str | Path) -> Path:
@@ -516,6 +556,67 @@ class BatchTopKSAE(SAE):
         return float(self.threshold)
 
 
+class MatryoshkaSAE(BatchTopKSAE):
+    """Matryoshka BatchTopK (Bussmann, Nabeshima, Karvonen, Nanda 2025): BatchTopK over the whole
+    dictionary, and every nested prefix of latent groups must reconstruct the input on its own.
+
+    The reconstruction term is the weighted mean of the prefixes' MSEs (SAELens sums them: the same
+    up to a constant factor that Adam mostly absorbs). The per-group decodes share the one sparse
+    code, so the decoder work equals one full decode. Inference as BatchTopK: one threshold theta.
+    """
+
+    arch = "matryoshka"
+
+    @property
+    def widths(self) -> list[int]:
+        """Cumulative prefix sizes, e.g. [288, 576, 1152, 2304, 4608]."""
+        return list(itertools.accumulate(self.cfg.group_sizes))
+
+    def _weights(self) -> list[float]:
+        w = self.cfg.group_weights or [1.0] * len(self.cfg.group_sizes)
+        total = float(sum(w))
+        return [float(v) / total for v in w]
+
+    def group_of(self, latents: torch.Tensor) -> torch.Tensor:
+        """Group index of each latent index."""
+        return torch.bucketize(latents, torch.tensor(self.widths, device=latents.device), right=True)
+
+    def recon_loss(self, xs, x_hat, code):
+        lo, partial, losses = 0, self.b_dec.expand_as(xs), []
+        for hi in self.widths[:-1]:
+            if isinstance(code, SparseCode):
+                m = (code.cols >= lo) & (code.cols < hi)
+                part = sparse_decode(SparseCode(code.rows[m], code.cols[m], code.vals[m], code.shape), self.W_dec)
+            else:
+                part = code[:, lo:hi] @ self.W_dec[lo:hi]
+            partial = partial + part
+            losses.append((partial - xs).pow(2).mean())
+            lo = hi
+        losses.append((x_hat - xs).pow(2).mean())
+        return sum(w * l for w, l in zip(self._weights(), losses))
+
+    @torch.no_grad()
+    def prefix(self, n_groups: int) -> BatchTopKSAE:
+        """A BatchTopK SAE made of the first n_groups groups (same weights, same theta). In threshold
+        mode its code is exactly this SAE's code restricted to those latents, so every metric (NMSE,
+        CE recovered) of a prefix is the metric of this object."""
+        if not 1 <= n_groups <= len(self.cfg.group_sizes):
+            raise SAEConfigError(f"n_groups must be in 1..{len(self.cfg.group_sizes)} (got {n_groups})")
+        w = self.widths[n_groups - 1]
+        cfg = SAEConfig.from_dict({**self.cfg.to_dict(), "arch": "batchtopk", "d_sae": w, "k": min(self.cfg.k, w - 1),
+                                   "group_sizes": None, "group_weights": None})
+        sub = BatchTopKSAE(cfg).to(self.W_enc.device)
+        sub.W_enc.copy_(self.W_enc[:, :w])
+        sub.W_dec.copy_(self.W_dec[:w])
+        sub.b_enc.copy_(self.b_enc[:w])
+        sub.b_dec.copy_(self.b_dec)
+        sub.input_scale.copy_(self.input_scale)
+        sub.threshold.copy_(self.threshold)
+        sub.threshold_updates.copy_(self.threshold_updates)
+        sub.eval()
+        return sub
+
+
 class TopKSAE(SAE):
     """The k largest pre-activations of each token."""
 
@@ -594,7 +695,7 @@ class ReLUSAE(SAE):
 
 
 SAE_CLASSES: dict[str, type[SAE]] = {"batchtopk": BatchTopKSAE, "topk": TopKSAE, "jumprelu": JumpReLUSAE,
-                                     "relu": ReLUSAE}
+                                     "relu": ReLUSAE, "matryoshka": MatryoshkaSAE}
 
 
 def make_sae(cfg: SAEConfig | None = None, **kwargs) -> SAE:

@@ -27,7 +27,7 @@ def sweep_configs(d_in: int, archs: Sequence[str] = ("batchtopk", "topk", "jumpr
         levels = l1_coeffs if arch == "relu" else ks
         for level in levels:
             kw = dict(arch=arch, d_in=d_in, d_sae=d_in * expansion, **common)
-            if arch in ("batchtopk", "topk"):
+            if arch in ("batchtopk", "topk", "matryoshka"):
                 kw["k"] = int(level)
             elif arch == "jumprelu":
                 kw["target_l0"] = float(level)
@@ -40,11 +40,16 @@ def sweep_configs(d_in: int, archs: Sequence[str] = ("batchtopk", "topk", "jumpr
 
 def sweep(train_data, cfgs: Sequence[SAEConfig], train_cfg: TrainConfig, out: str | Path, eval_data=None,
           model=None, eval_tokens: int = 20_000, ce_tokens: int = 2048, hook: str | None = None,
-          progress: bool = True) -> pd.DataFrame:
+          progress: bool = True, reuse: bool = True) -> pd.DataFrame:
     """Train every config on one stream (each batch read once), evaluate each on `eval_data` (a store or
     packed tokens; the downstream CE needs `model`), and save out/sweep.csv, out/sweep.parquet and one
-    eval JSON per SAE. Resumes from out/checkpoints like train()."""
+    eval JSON per SAE. Resumes from out/checkpoints like train(); with reuse, a finished sweep of the same
+    SAEs and token budget in `out` is loaded instead of recomputed."""
     out = Path(out)
+    if reuse and (out / "sweep.csv").exists():
+        done = load_sweep(out)
+        if set(done["name"]) == {c.name for c in cfgs} and (done["train_tokens"] >= train_cfg.total_steps * train_cfg.batch_size).all():
+            return done
     t0 = time.perf_counter()
     res = train(as_source(train_data, hook), list(cfgs), train_cfg, out=out, hook=hook)
     train_seconds = time.perf_counter() - t0
@@ -76,3 +81,13 @@ def load_sweep(path: str | Path) -> pd.DataFrame:
     if not path.exists():
         raise FileNotFoundError(f"no sweep table at {path}; run `saekit sweep` first")
     return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+
+
+def committed_results(name: str = "smollm2_l15") -> pd.DataFrame:
+    """The sweep table committed under results/NAME (shipped inside the package too), for the full-size
+    picture next to a notebook's small sweep."""
+    here = Path(__file__).resolve().parent
+    for p in (here / "_data" / "results" / name / "sweep.csv", here.parent / "results" / name / "sweep.csv"):
+        if p.exists():
+            return load_sweep(p)
+    raise FileNotFoundError(f"no committed results named '{name}' in this install (looked for results/{name}/sweep.csv)")

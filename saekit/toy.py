@@ -56,6 +56,30 @@ def make_toy(n_samples: int = 20_000, d: int = 64, n_features: int = 256, mean_a
     return ToyData(x, feats, active, coeffs)
 
 
+def make_hierarchical_toy(n_samples: int = 20_000, d: int = 64, n_parents: int = 16, children_per_parent: int = 8,
+                          p_parent: float = 0.15, p_child: float = 0.8, child_scale: float = 0.6,
+                          coeff_range: tuple[float, float] = (0.5, 1.5), noise: float = 0.01, seed: int = 0) -> ToyData:
+    """Features in a hierarchy: a parent fires with probability p_parent; a child of an active parent
+    fires with probability p_child (one child at most) and never without its parent. Feature order:
+    the n_parents parents, then the children of parent 0, of parent 1, ... (the situation that makes
+    plain SAEs absorb parents into children; Matryoshka prefixes keep the parents)."""
+    g = torch.Generator().manual_seed(seed)
+    n_features = n_parents * (1 + children_per_parent)
+    feats = torch.randn(n_features, d, generator=g)
+    feats /= feats.norm(dim=-1, keepdim=True)
+    parents = torch.rand(n_samples, n_parents, generator=g) < p_parent
+    has_child = parents & (torch.rand(n_samples, n_parents, generator=g) < p_child)
+    which = torch.randint(0, children_per_parent, (n_samples, n_parents), generator=g)
+    children = torch.zeros(n_samples, n_parents, children_per_parent, dtype=torch.bool)
+    children.scatter_(2, which[..., None], has_child[..., None])
+    active = torch.cat([parents, children.reshape(n_samples, -1)], dim=1)
+    lo, hi = coeff_range
+    scale = torch.cat([torch.ones(n_parents), torch.full((n_features - n_parents,), child_scale)])
+    coeffs = (lo + (hi - lo) * torch.rand(n_samples, n_features, generator=g)) * scale * active
+    x = coeffs @ feats + noise * torch.randn(n_samples, d, generator=g)
+    return ToyData(x, feats, active, coeffs)
+
+
 @torch.no_grad()
 def feature_recovery(W_dec: torch.Tensor, features: torch.Tensor, threshold: float = 0.9) -> dict:
     """How well decoder rows [d_sae, d] match ground-truth features [n, d].

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import plotly.express as px
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
@@ -63,6 +64,7 @@ def token_counts_figure(tables: dict, width: int = 16, title: str = "Active late
             text[y, x] = _token_label(row.token)
             tops = ", ".join(f"#{j} {a:.2f}" for j, a in row.top_latents[:5]) if row.kept else "(not encoded)"
             hover[y, x] = f"{row.token!r}<br>{row.count} active latents<br>{tops}"
+        z = [[None if np.isnan(v) else float(v) for v in line] for line in z]  # gaps as null (valid JSON)
         fig.add_trace(go.Heatmap(z=z, text=text, hovertext=hover, hoverinfo="text", texttemplate="%{text}",
                                  textfont=dict(size=11), colorscale="YlOrRd", zmin=0, zmax=zmax, xgap=2, ygap=2,
                                  showscale=(r == 1), colorbar=dict(title="latents"), name=name), row=r, col=1)
@@ -82,6 +84,45 @@ def l0_distribution_figure(per_token: dict, title: str = "Per-token L0") -> go.F
                                    xbins=dict(start=-0.5, end=float(v.max()) + 0.5, size=1)))
     fig.update_layout(barmode="overlay", title=title, xaxis_title="active latents per token",
                       yaxis_title="tokens", template="plotly_white", height=380)
+    return fig
+
+
+def group_counts_figure(table: pd.DataFrame, title: str = "Where each token's latents come from") -> go.Figure:
+    """Matryoshka: stacked bars per token, one colour per nested group (from analysis.group_counts)."""
+    t = table[table["kept"]]
+    groups = [c for c in table.columns if c.startswith("g") and "(" in c]
+    labels = [f"{i}:{_token_label(tok)}" for i, tok in zip(t["position"], t["token"])]
+    fig = go.Figure()
+    colours = px.colors.sample_colorscale("Viridis", [i / max(1, len(groups) - 1) for i in range(len(groups))])
+    for g, colour in zip(groups, colours):
+        fig.add_trace(go.Bar(x=labels, y=t[g], name=g, marker_color=colour))
+    fig.update_layout(barmode="stack", title=title, xaxis_title="token", yaxis_title="active latents",
+                      template="plotly_white", height=380, legend_title="nested group")
+    return fig
+
+
+def prefix_figure(prefixes, title: str = "Matryoshka: each nested prefix on its own") -> go.Figure:
+    """NMSE and CE recovered against prefix size, from evaluate()'s "prefixes" list (or a DataFrame of
+    them, with an optional "name" column for several SAEs)."""
+    df = pd.DataFrame(prefixes)
+    if "name" not in df:
+        df["name"] = "matryoshka"
+    has_ce = "ce_recovered" in df and df["ce_recovered"].notna().any()
+    fig = make_subplots(rows=1, cols=2 if has_ce else 1,
+                        subplot_titles=["NMSE vs prefix size"] + (["CE recovered vs prefix size"] if has_ce else []))
+    for name, d in df.groupby("name", sort=False):
+        hover = [f"{name}<br>first {w:,} latents<br>L0 {l0:.1f}" for w, l0 in zip(d["width"], d["l0"])]
+        fig.add_trace(go.Scatter(x=d["width"], y=d["nmse"], mode="lines+markers", name=str(name), hovertext=hover,
+                                 hoverinfo="text+y", legendgroup=str(name)), row=1, col=1)
+        if has_ce:
+            fig.add_trace(go.Scatter(x=d["width"], y=d["ce_recovered"], mode="lines+markers", name=str(name),
+                                     hovertext=hover, hoverinfo="text+y", legendgroup=str(name), showlegend=False),
+                          row=1, col=2)
+    fig.update_xaxes(type="log", title_text="latents in the prefix")
+    fig.update_yaxes(title_text="NMSE", row=1, col=1)
+    if has_ce:
+        fig.update_yaxes(title_text="CE recovered", row=1, col=2)
+    fig.update_layout(title=title, template="plotly_white", height=380)
     return fig
 
 

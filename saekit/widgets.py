@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipywidgets as W
 import numpy as np
 import plotly.graph_objects as go
+import torch
 
 from . import analysis, viz
 from .sae import BatchTopKSAE, TopKSAE
@@ -159,7 +160,11 @@ class FeatureExplorer:
         _, vals = self.index.activations(lat)
         dens = float(self.index.density[lat])
         neigh = ", ".join(f"#{j} ({c:.2f})" for j, c in self.index.neighbours(lat))
-        self.info.value = (f"<h3>Latent {lat}</h3>fires on <b>{dens:.3%}</b> of {self.index.n_tokens:,} tokens; "
+        group = ""
+        if hasattr(self.sae, "group_of"):  # Matryoshka: which nested level the latent belongs to
+            g = int(self.sae.group_of(torch.tensor([lat]))[0])
+            group = f" &middot; nested group <b>{g + 1}</b> of {len(self.sae.cfg.group_sizes)}"
+        self.info.value = (f"<h3>Latent {lat}{group}</h3>fires on <b>{dens:.3%}</b> of {self.index.n_tokens:,} tokens; "
                            f"max activation {vals.max() if len(vals) else 0:.3f}<br>nearest by decoder cosine: {neigh}")
         top = self.index.top_examples(lat, 8)
         quant = self.index.quantile_examples(lat)

@@ -146,3 +146,49 @@ def test_feature_and_frontier_explorers(model, store, tokenizer):
     assert "<b>a</b>" in fr.selected.value and len(fr.detail.data) == 1
     fr.select("b")
     assert "<b>b</b>" in fr.selected.value and list(fr.detail.data[0].x) == [10] * 20
+
+
+def test_matryoshka_group_counts_and_views(model, acts, store):
+    """The split SAE as a Matryoshka: latent j < 576 reads +x_j, so a token's latents per nested group
+    are known from x; prefixes add coordinates, so their NMSE cannot rise."""
+    from saekit.metrics import evaluate
+    from saekit.widgets import FeatureExplorer
+
+    a, tokens, kept = acts
+    thr = float(a[1:].abs().median())
+    sae = split_sae("matryoshka", threshold=thr)
+    assert sae.cfg.group_sizes == [72, 72, 144, 288, 576]
+    df = analysis.group_counts(sae, model, TEXT)
+    groups = [c for c in df.columns if c.startswith("g")]
+    assert groups[0] == "g1 (0-71)" and groups[-1] == "g5 (576-1151)"
+    on = (a.abs() > thr) & torch.from_numpy(kept)[:, None]
+    pos, neg = on & (a > 0), on & (a < 0)
+    assert (df[groups[0]] == pos[:, :72].sum(-1).numpy()).all()
+    assert (df[groups[3]] == pos[:, 288:].sum(-1).numpy()).all()
+    assert (df[groups[4]] == neg.sum(-1).numpy()).all()
+    assert (df[groups].sum(axis=1) == df["count"]).all()
+    fig = viz.group_counts_figure(df)
+    assert len(fig.data) == 5 and sum(np.sum(t.y) for t in fig.data) == df["count"].sum()
+    with pytest.raises(ValueError, match="Matryoshka"):
+        analysis.group_counts(split_sae("batchtopk", threshold=thr), model, TEXT)
+
+    m = evaluate(sae, model, store, n_tokens=400, ce_tokens=48, hook=HOOK)
+    nm = [p["nmse"] for p in m["prefixes"]]
+    assert all(x >= y - 1e-9 for x, y in zip(nm, nm[1:])) and nm[0] > nm[-1]
+    assert m["sae"]["group_sizes"] == [72, 72, 144, 288, 576] and m["mode"] == "threshold"
+    pf = viz.prefix_figure(m["prefixes"])
+    assert len(pf.data) == 2 and list(pf.data[0].x) == [72, 144, 288, 576, 1152]
+
+    index = analysis.build_feature_index(sae, store, n_tokens=300, progress=False)
+    ex = FeatureExplorer(index, sae)
+    ex.latent.value = 600
+    assert "nested group <b>5</b> of 5" in ex.info.value
+    ex.latent.value = 10
+    assert "nested group <b>1</b> of 5" in ex.info.value
+
+
+def test_count_by_token_ranks_tokens_by_mean_count():
+    props = pd.DataFrame({"token": ["a"] * 5 + ["b"] * 5 + ["c"] * 2, "count": [1] * 5 + [9] * 5 + [50, 50]})
+    out = analysis.count_by_token(props, min_occurrences=3)
+    assert out["token"].tolist() == ["b", "a"] and out["mean"].tolist() == [9.0, 1.0]
+    assert out["occurrences"].tolist() == [5, 5]

@@ -120,11 +120,29 @@ def test_small_sweep_end_to_end(model, store, tmp_path):
     from saekit.train import TrainConfig
     from saekit.viz import frontier_figure
 
-    cfgs = sweep_configs(576, ("batchtopk", "topk", "jumprelu"), (8, 16), expansion=2, hook_name=HOOK)
-    df = sweep(store, cfgs, TrainConfig(total_tokens=2 * 1800, batch_size=256, warmup_steps=2, progress=False),
-               tmp_path / "sw", model=model, eval_tokens=600, ce_tokens=60, hook=HOOK, progress=False)
-    assert list(df.columns) == COLUMNS and len(df) == 6
-    assert set(df.architecture) == {"batchtopk", "topk", "jumprelu"}
+    cfgs = sweep_configs(576, ("batchtopk", "topk", "jumprelu", "matryoshka"), (8, 16), expansion=2, hook_name=HOOK)
+    tc = TrainConfig(total_tokens=2 * 1800, batch_size=256, warmup_steps=2, progress=False)
+    df = sweep(store, cfgs, tc, tmp_path / "sw", model=model, eval_tokens=600, ce_tokens=60, hook=HOOK, progress=False)
+    assert list(df.columns) == COLUMNS and len(df) == 8
+    assert set(df.architecture) == {"batchtopk", "topk", "jumprelu", "matryoshka"}
+    mat = json.loads((tmp_path / "sw" / "matryoshka_k8_1152" / "eval.json").read_text())
+    assert [p["width"] for p in mat["prefixes"]] == [72, 144, 288, 576, 1152]
+    assert mat["prefixes"][-1]["nmse"] == pytest.approx(mat["reconstruction"]["nmse"], rel=1e-6)
+    assert all(p["ce_recovered"] is not None for p in mat["prefixes"])
+    # a finished sweep of the same SAEs and budget is loaded, not recomputed
+    import saekit.sweep as sweep_mod
+
+    def no_training(*a, **k):
+        raise AssertionError("trained again")
+
+    orig, sweep_mod.train = sweep_mod.train, no_training
+    try:
+        pd.testing.assert_frame_equal(sweep(store, cfgs, tc, tmp_path / "sw", model=model, hook=HOOK), df)
+        with pytest.raises(AssertionError, match="trained again"):  # a different budget is a different sweep
+            sweep(store, cfgs, TrainConfig(total_tokens=4 * 1800, batch_size=256, progress=False), tmp_path / "sw",
+                  model=model, hook=HOOK)
+    finally:
+        sweep_mod.train = orig
     topk = df[df.architecture == "topk"].set_index("k")
     assert topk.loc[8, "l0"] == pytest.approx(8) and topk.loc[16, "l0"] == pytest.approx(16)
     assert df.ce_recovered.notna().all() and (df.nmse > 0).all()
@@ -135,6 +153,24 @@ def test_small_sweep_end_to_end(model, store, tmp_path):
         assert json.loads((tmp_path / "sw" / name / "eval.json").read_text())["schema"] == SCHEMA
     fig = frontier_figure(df)
     names = {t.name for t in fig.data}
-    assert names == {"BatchTopK", "TopK", "JumpReLU"} and len(fig.data) == 6  # one line per arch per panel
+    assert names == {"BatchTopK", "TopK", "JumpReLU", "Matryoshka BatchTopK"} and len(fig.data) == 8  # arch x panel
     xs = [list(t.x) for t in fig.data]
     assert all(x == sorted(x) for x in xs)
+
+
+def test_committed_results_load():
+    from saekit.sweep import COLUMNS, committed_results
+
+    df = committed_results("smollm2_l15")
+    assert set(COLUMNS) <= set(df.columns) and {"batchtopk", "topk", "jumprelu"} <= set(df.architecture)
+    assert (df.d_sae == df.d_sae.iloc[0]).all() and (df.train_tokens == df.train_tokens.iloc[0]).all()
+    with pytest.raises(FileNotFoundError, match="no committed results named 'nope'"):
+        committed_results("nope")
+
+
+def test_per_token_l0_matches_a_constructed_sae(store):
+    from saekit.metrics import per_token_l0
+
+    x = store.rows(0, 300, HOOK).float()
+    counts = per_token_l0(split_sae("batchtopk", threshold=0.5), store, n_tokens=300)
+    assert (counts == (x.abs() > 0.5).sum(-1).numpy()).all()
