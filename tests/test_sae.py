@@ -155,7 +155,8 @@ def test_save_load_round_trip(arch, normalize, tmp_path):
     sae.save(tmp_path / "s")
     cfg_json = json.loads((tmp_path / "s" / "cfg.json").read_text())
     assert cfg_json["metadata"]["hook_name"] == "resid_post.3" and cfg_json["d_sae"] == 64
-    expected = {"batchtopk": "jumprelu", "jumprelu": "jumprelu", "topk": "topk", "relu": "standard"}[arch]
+    expected = {"batchtopk": "jumprelu", "jumprelu": "jumprelu", "topk": "topk", "relu": "standard",
+                "matryoshka": "jumprelu"}[arch]
     assert cfg_json["architecture"] == expected
     loaded = load_sae(tmp_path / "s")
     assert type(loaded) is type(sae)
