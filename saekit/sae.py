@@ -539,6 +539,21 @@ class BatchTopKSAE(SAE):
         return self.threshold.detach()
 
     @torch.no_grad()
+    def first_latents(self, w: int) -> "BatchTopKSAE":
+        """A BatchTopK SAE of this one's first w latents (same weights, same theta), in eval mode."""
+        cfg = SAEConfig.from_dict({**self.cfg.to_dict(), "arch": "batchtopk", "d_sae": w, "k": min(self.cfg.k, w - 1),
+                                   "group_sizes": None, "group_weights": None})
+        sub = BatchTopKSAE(cfg).to(self.W_enc.device)
+        sub.W_enc.copy_(self.W_enc[:, :w])
+        sub.W_dec.copy_(self.W_dec[:w])
+        sub.b_enc.copy_(self.b_enc[:w])
+        sub.b_dec.copy_(self.b_dec)
+        sub.input_scale.copy_(self.input_scale)
+        sub.threshold.copy_(self.threshold)
+        sub.threshold_updates.copy_(self.threshold_updates)
+        return sub.eval()
+
+    @torch.no_grad()
     def calibrate_threshold(self, batches) -> float:
         """Set theta to the mean over `batches` of the smallest activation BatchTopK keeps, using the
         final weights (the training-time running mean lags behind weights that were still moving)."""
@@ -595,26 +610,13 @@ class MatryoshkaSAE(BatchTopKSAE):
         losses.append((x_hat - xs).pow(2).mean())
         return sum(w * l for w, l in zip(self._weights(), losses))
 
-    @torch.no_grad()
     def prefix(self, n_groups: int) -> BatchTopKSAE:
         """A BatchTopK SAE made of the first n_groups groups (same weights, same theta). In threshold
         mode its code is exactly this SAE's code restricted to those latents, so every metric (NMSE,
         CE recovered) of a prefix is the metric of this object."""
         if not 1 <= n_groups <= len(self.cfg.group_sizes):
             raise SAEConfigError(f"n_groups must be in 1..{len(self.cfg.group_sizes)} (got {n_groups})")
-        w = self.widths[n_groups - 1]
-        cfg = SAEConfig.from_dict({**self.cfg.to_dict(), "arch": "batchtopk", "d_sae": w, "k": min(self.cfg.k, w - 1),
-                                   "group_sizes": None, "group_weights": None})
-        sub = BatchTopKSAE(cfg).to(self.W_enc.device)
-        sub.W_enc.copy_(self.W_enc[:, :w])
-        sub.W_dec.copy_(self.W_dec[:w])
-        sub.b_enc.copy_(self.b_enc[:w])
-        sub.b_dec.copy_(self.b_dec)
-        sub.input_scale.copy_(self.input_scale)
-        sub.threshold.copy_(self.threshold)
-        sub.threshold_updates.copy_(self.threshold_updates)
-        sub.eval()
-        return sub
+        return self.first_latents(self.widths[n_groups - 1])
 
 
 class TopKSAE(SAE):

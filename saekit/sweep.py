@@ -48,7 +48,8 @@ def sweep(train_data, cfgs: Sequence[SAEConfig], train_cfg: TrainConfig, out: st
     out = Path(out)
     if reuse and (out / "sweep.csv").exists():
         done = load_sweep(out)
-        if set(done["name"]) == {c.name for c in cfgs} and (done["train_tokens"] >= train_cfg.total_steps * train_cfg.batch_size).all():
+        budget = train_cfg.total_steps * train_cfg.batch_size
+        if set(done["name"]) == {c.name for c in cfgs} and (done["train_tokens"] >= budget).all():
             return done
     t0 = time.perf_counter()
     res = train(as_source(train_data, hook), list(cfgs), train_cfg, out=out, hook=hook)

@@ -55,17 +55,16 @@ def token_counts_figure(tables: dict, width: int = 16, title: str = "Active late
         t = tables[name]
         n = len(t)
         n_rows = -(-n // width)
-        z = np.full((n_rows, width), np.nan)
+        z = np.full((n_rows, width), None, dtype=object)  # gaps as null (NaN is not valid JSON in widget messages)
         text = np.full((n_rows, width), "", dtype=object)
         hover = np.full((n_rows, width), "", dtype=object)
         for i, row in enumerate(t.itertuples()):
             y, x = divmod(i, width)
-            z[y, x] = row.count if row.kept else np.nan
+            z[y, x] = int(row.count) if row.kept else None
             text[y, x] = _token_label(row.token)
             tops = ", ".join(f"#{j} {a:.2f}" for j, a in row.top_latents[:5]) if row.kept else "(not encoded)"
             hover[y, x] = f"{row.token!r}<br>{row.count} active latents<br>{tops}"
-        z = [[None if np.isnan(v) else float(v) for v in line] for line in z]  # gaps as null (valid JSON)
-        fig.add_trace(go.Heatmap(z=z, text=text, hovertext=hover, hoverinfo="text", texttemplate="%{text}",
+        fig.add_trace(go.Heatmap(z=z.tolist(), text=text, hovertext=hover, hoverinfo="text", texttemplate="%{text}",
                                  textfont=dict(size=11), colorscale="YlOrRd", zmin=0, zmax=zmax, xgap=2, ygap=2,
                                  showscale=(r == 1), colorbar=dict(title="latents"), name=name), row=r, col=1)
         fig.update_yaxes(autorange="reversed", showticklabels=False, row=r, col=1)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from saekit.metrics import reconstruction_metrics
-from saekit.sae import BatchTopKSAE, SAEConfig, SAEConfigError, load_sae, make_sae
+from saekit.sae import SAEConfig, SAEConfigError, load_sae, make_sae
 from saekit.toy import feature_recovery, make_hierarchical_toy
 from saekit.train import TrainConfig, train
 
@@ -21,19 +21,6 @@ def trained():
     return toy, res.saes[0], res.saes[1]
 
 
-def _first_latents(sae, w):
-    """The first w latents of a plain BatchTopK SAE, as an SAE (for comparison with a Matryoshka prefix)."""
-    sub = BatchTopKSAE(SAEConfig.from_dict({**sae.cfg.to_dict(), "d_sae": w, "k": min(sae.cfg.k, w - 1)}))
-    with torch.no_grad():
-        for name in ("W_enc", "b_enc"):
-            getattr(sub, name).copy_(getattr(sae, name)[..., :w])
-        sub.W_dec.copy_(sae.W_dec[:w])
-        sub.b_dec.copy_(sae.b_dec)
-        sub.threshold.copy_(sae.threshold)
-        sub.threshold_updates.fill_(1)
-    return sub.eval()
-
-
 def test_each_prefix_reconstructs_and_error_falls_as_it_grows(trained):
     toy, mat, bt = trained
     x = toy.x[:4000]
@@ -41,7 +28,7 @@ def test_each_prefix_reconstructs_and_error_falls_as_it_grows(trained):
     assert all(a > b for a, b in zip(nmse, nmse[1:])), nmse
     assert nmse[-1] == pytest.approx(reconstruction_metrics(mat, [x])["nmse"], rel=1e-6)
     # the nested loss is what makes a small prefix useful: a plain BatchTopK's first 8 latents are not
-    plain = reconstruction_metrics(_first_latents(bt, 8), [x])["nmse"]
+    plain = reconstruction_metrics(bt.first_latents(8), [x])["nmse"]
     assert nmse[0] < 0.5 * plain, (nmse[0], plain)
     # and the first group holds the parents (the frequent, general features)
     parents = toy.features[:8]
