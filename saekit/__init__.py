@@ -1,2 +1,10 @@
 """saekit: train, evaluate and explore BatchTopK sparse autoencoders on language-model activations."""
 __version__ = "0.1.0"
+
+
+def __getattr__(name):  # saekit.load(...) without importing torch for `saekit --help`
+    if name == "load":
+        from .interop import load
+
+        return load
+    raise AttributeError(f"module 'saekit' has no attribute '{name}'")

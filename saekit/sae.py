@@ -465,7 +465,14 @@ class SAE(torch.nn.Module):
             "normalize_activations": "layer_norm" if c.normalize == "token" else "none",
             "reshape_activations": "none",
             "metadata": {"model_name": c.model_name, "hook_name": c.hook_name, "context_size": c.context_size,
-                         "dataset_path": c.dataset, "prepend_bos": True, "model_class_name": "saekit"},
+                         "dataset_path": c.dataset, "prepend_bos": True, "model_class_name": "saekit",
+                         # SAELens's names for what was trained (it saves BatchTopK kinds as jumprelu too)
+                         "training_architecture": {"batchtopk": "batchtopk", "matryoshka": "matryoshka_batchtopk",
+                                                   "topk": "topk", "jumprelu": "jumprelu",
+                                                   "relu": "standard"}[c.arch],
+                         "training_architecture_details": {"k": c.k} | (
+                             {"matryoshka_widths": list(itertools.accumulate(c.group_sizes))}
+                             if c.arch == "matryoshka" else {})},
             "saekit": {**c.to_dict(), "version": __version__, "input_scale_folded": float(self.input_scale)
                        if c.normalize == "dataset" else None},
         }
@@ -711,11 +718,19 @@ def make_sae(cfg: SAEConfig | None = None, **kwargs) -> SAE:
 
 
 def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
-    """Load an SAE folder written by saekit or by SAELens (`cfg.json` + `sae_weights.safetensors`)."""
+    """Load an SAE folder: saekit's or SAELens's (`cfg.json` + `sae_weights.safetensors`, inference or
+    training layout) or sparsify's (`cfg.json` + `sae.safetensors`)."""
+    from . import interop
+
     folder = Path(folder)
-    cfg_path, w_path = folder / CFG_FILE, folder / WEIGHTS_FILE
+    cfg_path = folder / CFG_FILE
+    if (folder / interop.SPARSIFY_WEIGHTS).exists() and not (folder / WEIGHTS_FILE).exists():
+        w_path = folder / interop.SPARSIFY_WEIGHTS
+    else:
+        w_path = folder / WEIGHTS_FILE
     if not cfg_path.exists() or not w_path.exists():
-        raise SAEConfigError(f"{folder} is not an SAE folder: it needs {CFG_FILE} and {WEIGHTS_FILE}")
+        raise SAEConfigError(f"{folder} is not an SAE folder: it needs {CFG_FILE} and {WEIGHTS_FILE} "
+                             f"(saekit/SAELens) or {interop.SPARSIFY_WEIGHTS} (sparsify)")
     try:
         raw = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
@@ -724,45 +739,33 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
         state = load_file(str(w_path))
     except Exception as e:
         raise SAEConfigError(f"{w_path} is corrupt or truncated ({e.__class__.__name__}: {e})") from e
-    for key in ("W_enc", "W_dec", "b_enc", "b_dec"):
-        if key not in state:
-            raise SAEConfigError(f"{w_path} has no '{key}' tensor (has {sorted(state)}); not an SAE weights file")
-    ours = raw.get("saekit")
-    meta = raw.get("metadata") or {}
-    d_in, d_sae = state["W_enc"].shape
-    if ours:
+    state = {k: v.float() for k, v in state.items()}
+    if w_path.name == interop.SPARSIFY_WEIGHTS:
+        cfg, state = interop.from_sparsify(raw, state, w_path)
+    elif raw.get("saekit"):
+        ours = raw["saekit"]
         cfg = SAEConfig.from_dict({**ours, "normalize": "none" if ours.get("normalize") == "dataset"
                                    else ours.get("normalize", "none")})
     else:
-        arch = raw.get("architecture", "standard")
-        arch = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "batchtopk"}.get(arch)
-        if arch is None:
-            raise SAEConfigError(f"{cfg_path}: SAELens architecture '{raw.get('architecture')}' is not supported; "
-                                 f"saekit loads standard, topk, batchtopk and jumprelu")
-        norm = raw.get("normalize_activations", "none")
-        if norm not in ("none", "layer_norm"):
-            raise SAEConfigError(f"{cfg_path}: normalize_activations='{norm}' is not supported "
-                                 f"(saekit loads 'none' and 'layer_norm')")
-        k = int(raw.get("k", 32))
-        cfg = SAEConfig(arch=arch, d_in=int(d_in), d_sae=int(d_sae), k=min(k, int(d_sae) - 1),
-                        normalize="token" if norm == "layer_norm" else "none",
-                        hook_name=meta.get("hook_name") or raw.get("hook_name"),
-                        model_name=meta.get("model_name") or raw.get("model_name"),
-                        context_size=meta.get("context_size"), dataset=meta.get("dataset_path"))
+        cfg, state = interop.from_saelens(raw, state, cfg_path)
+    for key in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        if key not in state:
+            raise SAEConfigError(f"{w_path} has no '{key}' tensor (has {sorted(state)}); not an SAE weights file")
+    d_in, d_sae = state["W_enc"].shape
     if (cfg.d_in, cfg.d_sae) != (d_in, d_sae):
         raise SAEConfigError(f"{folder}: cfg says d_in={cfg.d_in}, d_sae={cfg.d_sae} but W_enc is {tuple(state['W_enc'].shape)}")
     sae = make_sae(cfg)
     with torch.no_grad():
         for key in ("W_enc", "W_dec", "b_enc", "b_dec"):
-            getattr(sae, key).data = state[key].float().clone()
+            getattr(sae, key).data = state[key].clone()
         thr = state.get("threshold")
         if isinstance(sae, BatchTopKSAE):
             if thr is None:
                 raise SAEConfigError(f"{w_path}: a BatchTopK SAE needs a 'threshold' tensor for inference")
-            sae.threshold.fill_(float(thr.float().mean()))
+            sae.threshold.fill_(float(thr.mean()))
             sae.threshold_updates.fill_(1)
         elif isinstance(sae, JumpReLUSAE):
             if thr is None:
                 raise SAEConfigError(f"{w_path}: a JumpReLU SAE needs a 'threshold' tensor")
-            sae.log_threshold.data = thr.float().clamp_min(1e-12).log()
+            sae.log_threshold.data = thr.clamp_min(1e-12).log()
     return sae.to(device).eval()

@@ -27,3 +27,20 @@ def test_capture_benchmark_runs(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "early-stop speed-up" in r.stdout and "x baseline" in r.stdout
+
+
+def test_peers_benchmark_runs_every_method_on_a_store(store, tmp_path):
+    from conftest import HOOK
+
+    out = tmp_path / "peers.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "peers.py"), "--store", str(store.path),
+                        "--hook", HOOK, "--f", "512", "--batch", "128", "--k", "4", "--steps", "6",
+                        "--eval-tokens", "256", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["shape"]["d"] == store.d_model
+    for m in ("plain", "saekit", "saelens", "sparsify"):
+        assert res[m]["tokens_per_s"] > 0 and 0 < res[m]["nmse"] < 2 and res[m]["l0"] > 0, (m, res[m])
+        assert f"{res[m]['saekit_speedup']:.2f}x" in r.stdout
+    assert abs(res["sparsify"]["l0"] - 4) < 1e-6  # per-token TopK: exactly k everywhere
+    assert res["saekit"]["saekit_speedup"] == 1.0
