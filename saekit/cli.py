@@ -51,10 +51,19 @@ def _train_cfg(a):
 
 
 def cmd_train(a) -> int:
+    from . import distributed
     from .train import as_source, train
 
+    if a.distributed or distributed.launched_by_torchrun():
+        distributed.init_from_env(a.device)  # DDP over torchrun's ranks; --batch-size is the global batch
+    rank = distributed.rank()
     src = as_source(a.store, a.hook)
-    res = train(src, _sae_cfgs(a, src), _train_cfg(a), out=a.out, resume=not a.no_resume)
+    try:
+        res = train(src, _sae_cfgs(a, src), _train_cfg(a), out=a.out, resume=not a.no_resume)
+    finally:
+        distributed.shutdown()
+    if rank != 0:
+        return 0
     for name, log in zip(res.names, res.logs):
         last = log.iloc[-1]
         print(f"{name}: steps {res.steps}, tokens {res.tokens:,}, nmse {last['nmse']:.4f}, l0 {last['l0']:.1f}, "
@@ -206,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train SAE(s) on a store (or .npy/.safetensors), one read per batch")
     add_training_args(t, ["batchtopk"], [32], [5.0], 1_000_000, 0)
     t.add_argument("--no-resume", action="store_true")
+    t.add_argument("--distributed", action="store_true",
+                   help="train with torch.distributed DDP (launch with torchrun --nproc_per_node N -m saekit train ...; "
+                        "implied under torchrun); --batch-size is the global batch")
     t.set_defaults(fn=cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a saved SAE: reconstruction, sparsity, downstream CE (JSON schema in README)")

@@ -249,6 +249,7 @@ class SAE(torch.nn.Module):
     """Shared base. Subclasses define `select` and `sparsity_loss`."""
 
     arch = "base"
+    distributed = False  # set by the Trainer under torch.distributed: batch-coupled terms use the global batch
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -521,6 +522,8 @@ class BatchTopKSAE(SAE):
             B, Fd = a.shape
             n = min(B * self.cfg.k, a.numel())
             hint = float(self.threshold) * self.candidate_factor if int(self.threshold_updates) else 0.0
+            if mode == "train" and self.distributed:
+                return self._select_global(a, hint)
             vals, flat = batch_topk(a, n, hint)
             keep = vals > 0
             flat, vals = flat[keep], vals[keep]
@@ -529,6 +532,29 @@ class BatchTopKSAE(SAE):
                 self._last_min = vals.min() if vals.numel() else None
             return rows, cols
         raise SAEConfigError(f"unknown BatchTopK mode '{mode}'; use 'threshold' or 'batch'")
+
+    def _select_global(self, a, hint):
+        """Training selection over the global batch of every rank (see saekit.distributed)."""
+        from . import distributed as D
+
+        B, Fd = a.shape
+        n_global = B * D.world_size() * self.cfg.k
+        share = min(2 * B * self.cfg.k, a.numel())
+        vals, flat = batch_topk(a, min(share + 1, a.numel()), hint)
+        cut, exact = D.global_batch_cut(vals, n_global, share)
+        if not exact:  # a rank holds more of the global top than its round-one share: gather its full top
+            full = min(n_global, a.numel())
+            vals, flat = batch_topk(a, full, hint)
+            cut, _ = D.global_batch_cut(vals, n_global, full)
+        keep = (vals >= cut) & (vals > 0)
+        flat, vals = flat[keep], vals[keep]
+        if cut > 0:
+            self._last_min = a.new_tensor(cut)  # the global n-th largest, as one process would see it
+        else:
+            m = vals.min() if vals.numel() else a.new_tensor(float("inf"))
+            torch.distributed.all_reduce(m, op=torch.distributed.ReduceOp.MIN)
+            self._last_min = m if torch.isfinite(m) else None
+        return flat // Fd, flat % Fd
 
     @torch.no_grad()
     def after_step_stats(self, out: TrainOutput) -> dict:
@@ -660,6 +686,15 @@ class JumpReLUSAE(SAE):
     def sparsity_loss(self, a, z):
         l0 = _Step.apply(a, self.log_threshold.exp(), self.cfg.jumprelu_bandwidth).sum(-1).mean()
         if self.cfg.target_l0:
+            if self.distributed:  # the penalty of the global batch's L0 (not the mean of per-rank penalties)
+                from . import distributed as D
+
+                lg = l0.detach().clone()
+                torch.distributed.all_reduce(lg)
+                lg /= D.world_size()
+                # value P(L_global); DDP's mean of the ranks' gradients is P'(L_global) * mean dL_rank
+                return self.cfg.l0_coeff * ((lg / self.cfg.target_l0 - 1).pow(2)
+                                            + 2 * (lg / self.cfg.target_l0 - 1) / self.cfg.target_l0 * (l0 - l0.detach()))
             return self.cfg.l0_coeff * (l0 / self.cfg.target_l0 - 1).pow(2)
         return self.cfg.l0_coeff * l0 / self.cfg.d_in
 

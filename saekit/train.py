@@ -22,6 +22,8 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .activations import ActivationStore, atomic_write_bytes, atomic_write_json
+from .distributed import LossModule, all_reduce_fired, barrier, broadcast_module, world_size
+from .distributed import rank as dist_rank
 from .sae import SAE, SAEConfig, make_sae
 
 
@@ -114,15 +116,19 @@ class TensorSource:
     def __len__(self) -> int:
         return int(self.x.shape[0])
 
-    def batches(self, batch_size: int, seed: int = 0, epochs: int = 1, skip_batches: int = 0, **_) -> Iterator:
+    def batches(self, batch_size: int, seed: int = 0, epochs: int = 1, skip_batches: int = 0, rank: int = 0,
+                world_size: int = 1, **_) -> Iterator:
+        """Shuffled batches; with world_size > 1, rank r gets part r of each global batch of
+        batch_size * world_size rows (so the ranks together see what one process would)."""
         n = len(self)
         done = 0
+        glob = batch_size * world_size
         for epoch in range(epochs):
             g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
             perm = torch.randperm(n, generator=g)
-            for i in range(0, n - batch_size + 1, batch_size):
+            for i in range(0, n - glob + 1, glob):
                 if done >= skip_batches:
-                    yield self.x[perm[i:i + batch_size]].float()
+                    yield self.x[perm[i + rank * batch_size:i + (rank + 1) * batch_size]].float()
                 done += 1
 
 
@@ -138,9 +144,10 @@ class StoreSource:
         return len(self.store)
 
     def batches(self, batch_size: int, seed: int = 0, epochs: int = 1, skip_batches: int = 0,
-                buffer_rows: int = 262_144, **_) -> Iterator:
+                buffer_rows: int = 262_144, rank: int = 0, world_size: int = 1, **_) -> Iterator:
+        """Shuffled batches; with world_size > 1 each rank reads its own chunks of the store."""
         it = self.store.batches(batch_size, hook=self.hook, seed=seed, epochs=epochs, drop_last=True,
-                                buffer_rows=buffer_rows)
+                                buffer_rows=buffer_rows, rank=rank, world_size=world_size)
         for i, x in enumerate(it):
             if i >= skip_batches:
                 yield x
@@ -225,6 +232,8 @@ class Trainer:
         self.tc = train_cfg
         self.out = Path(out) if out is not None else None
         self.device = torch.device(train_cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if world_size() > 1 and self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())  # torchrun: this rank's GPU
         use_ac = train_cfg.autocast
         if use_ac is None:
             use_ac = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -234,6 +243,21 @@ class Trainer:
         torch.manual_seed(train_cfg.seed)
         self.saes = [make_sae(c).to(self.device) for c in self.cfgs]
         self.opts = [torch.optim.Adam(s.optim_groups(), lr=train_cfg.lr, betas=train_cfg.betas) for s in self.saes]
+        # torch.distributed: one replica per rank, DDP all-reduces gradients, BatchTopK selects globally
+        self.rank, self.world = dist_rank(), world_size()
+        self.ddp = None
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            if train_cfg.batch_size % self.world:
+                raise TrainingError(f"batch_size {train_cfg.batch_size} is the global batch and must divide by the "
+                                    f"{self.world} ranks; use a multiple of {self.world}")
+            for sae in self.saes:
+                sae.distributed = True
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = [DistributedDataParallel(LossModule(s, train_cfg.fast), device_ids=ids,
+                                                forward_sync_buffers=False)
+                        for s in self.saes]
         self.logs: list[list[dict]] = [[] for _ in self.saes]
         self.step = 0
         self.tokens = 0
@@ -252,13 +276,27 @@ class Trainer:
             elif self.tc.b_dec_init == "mean":
                 sae.b_dec.data = xs.mean(0)
             sae.init_from_data(xs)
+            if self.world > 1:  # every rank drew its own sample: rank 0's initialisation for all
+                broadcast_module(sae)
         self.initialised = True
 
     # -- checkpoints --------------------------------------------------------------------------
     def _ckpt_root(self) -> Path:
         return self.out / "checkpoints"
 
-    def save_checkpoint(self) -> Path:
+    @property
+    def local_batch(self) -> int:
+        """This rank's part of the global batch (batch_size is the global batch)."""
+        return self.tc.batch_size // self.world
+
+    @property
+    def _shard(self) -> dict:
+        return {"rank": self.rank, "world_size": self.world} if self.world > 1 else {}
+
+    def save_checkpoint(self) -> Path | None:
+        """Write a checkpoint atomically (rank 0 only under torch.distributed)."""
+        if self.rank != 0:
+            return None
         root = self._ckpt_root()
         root.mkdir(parents=True, exist_ok=True)
         final = root / f"step_{self.step:08d}"
@@ -319,7 +357,7 @@ class Trainer:
             for g in opt.param_groups:
                 g["lr"] = tc.lr * factor * g["lr_scale"]
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                out = sae.training_loss(x, fast=tc.fast)
+                out = self.ddp[i](x) if self.ddp else sae.training_loss(x, fast=tc.fast)
             if not torch.isfinite(out.loss):
                 raise TrainingError(self._nan_message(f"the loss of SAE {self.names[i]}", "lower the learning rate"))
             opt.zero_grad(set_to_none=True)
@@ -329,11 +367,14 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(sae.parameters(), tc.grad_clip)
             opt.step()
             sae.normalize_decoder()
-            sae.update_dead(out.fired, x.shape[0])
+            if self.world > 1:  # dead-latent counters see the global batch
+                sae.update_dead(all_reduce_fired(out.fired), x.shape[0] * self.world)
+            else:
+                sae.update_dead(out.fired, x.shape[0])
             extra = sae.after_step_stats(out)
             stats.append((out, extra, tc.lr * factor))
         self.step += 1
-        self.tokens += x.shape[0]
+        self.tokens += x.shape[0] * self.world
         return self._log(stats)
 
     def _nan_message(self, what: str, fix: str) -> str:
@@ -363,7 +404,7 @@ class Trainer:
         return [pd.DataFrame(rows) for rows in self.logs]
 
     def write_outputs(self) -> None:
-        if self.out is None:
+        if self.out is None or self.rank != 0:
             return
         for name, sae, frame in zip(self.names, self.saes, self.log_frames()):
             folder = self.out / name
@@ -390,13 +431,14 @@ class Trainer:
         if n < tc.batch_size:
             raise TrainingError(f"the activations hold {n} rows, fewer than one batch of {tc.batch_size}; "
                                 f"capture more tokens or lower batch_size")
+        barrier()  # (distributed) every rank sees the same checkpoints
         ckpt = self.latest_checkpoint() if resume else None
         if ckpt is not None:
             self.load_checkpoint(ckpt)
         if not self.initialised:
             init = []
             got = 0
-            for x in source.batches(tc.batch_size, seed=tc.seed + 7919, buffer_rows=tc.buffer_rows):
+            for x in source.batches(self.local_batch, seed=tc.seed + 7919, buffer_rows=tc.buffer_rows, **self._shard):
                 init.append(x)
                 got += x.shape[0]
                 if got >= tc.init_tokens:
@@ -406,13 +448,16 @@ class Trainer:
                 raise TrainingError("NaN/inf in the input activations (seen while initialising); re-capture them")
             self.initialise(sample)
         per_epoch = n // tc.batch_size
-        epochs = math.ceil(tc.total_steps / per_epoch)
+        # ranks of a store read whole chunks, so their shares differ a little: one spare epoch keeps every
+        # rank stepping until total_steps (a rank that ran out would leave the others waiting)
+        epochs = math.ceil(tc.total_steps / per_epoch) + (self.world > 1)
         t0 = time.perf_counter()
-        bar = tqdm(total=tc.total_steps, initial=self.step, desc="train", unit="step", disable=not tc.progress)
-        run = self._maybe_wandb()
+        bar = tqdm(total=tc.total_steps, initial=self.step, desc="train", unit="step", disable=not tc.progress or self.rank != 0)
+        run = self._maybe_wandb() if self.rank == 0 else None
         try:
             limit = tc.total_steps if stop_after is None else min(tc.total_steps, stop_after)
-            batches = source.batches(tc.batch_size, seed=tc.seed, epochs=epochs, skip_batches=self.step,
+            batches = source.batches(self.local_batch, seed=tc.seed, epochs=epochs, skip_batches=self.step,
+                                     **self._shard,
                                      buffer_rows=tc.buffer_rows) if self.step < limit else ()
             for x in batches:
                 stats = self.train_step(x.to(self.device, non_blocking=True))
@@ -426,6 +471,7 @@ class Trainer:
                 bar.update(1)
                 if self.out is not None and tc.checkpoint_every and self.step % tc.checkpoint_every == 0:
                     self.save_checkpoint()
+                    barrier()
                 if self.step >= limit:
                     break
         finally:
@@ -440,6 +486,7 @@ class Trainer:
             if self.step >= tc.total_steps or tc.checkpoint_every:
                 self.save_checkpoint()
             self.write_outputs()
+            barrier()
         return TrainResult(self.saes, self.log_frames(), self.out, self.step, self.tokens,
                            time.perf_counter() - t0, self.names)
 
@@ -448,13 +495,17 @@ class Trainer:
         if not any(hasattr(s, "calibrate_threshold") for s in self.saes):
             return
         batches = []
-        for x in source.batches(self.tc.batch_size, seed=self.tc.seed + 104729, buffer_rows=self.tc.buffer_rows):
+        for x in source.batches(self.local_batch, seed=self.tc.seed + 104729, buffer_rows=self.tc.buffer_rows,
+                                **self._shard):
             batches.append(x.to(self.device))
             if len(batches) >= self.tc.calibrate_batches:
                 break
         for sae in self.saes:
             if hasattr(sae, "calibrate_threshold"):
                 sae.calibrate_threshold(batches)
+                if self.world > 1:  # the mean of the ranks' estimates
+                    torch.distributed.all_reduce(sae.threshold)
+                    sae.threshold /= self.world
 
     def _maybe_wandb(self):
         if not self.tc.wandb_project:
