@@ -97,6 +97,9 @@ def main():
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--archs", nargs="+", default=["batchtopk", "topk", "jumprelu", "relu"])
     ap.add_argument("--json", default=None, help="also write the figures to this file")
+    ap.add_argument("--store", default=None, help="also train from this activation store (Trainer.fit), with and "
+                                                  "without read-ahead, and report the data-loading share")
+    ap.add_argument("--hook", default=None)
     a = ap.parse_args()
     device = torch.device("cuda" if a.gpu else "cpu")
     d = a.d or (768 if a.gpu else 576)
@@ -152,9 +155,30 @@ def main():
         print(f"{'saekit ' + arch:<24} {tps:>12,.0f} tok/s  ratio {tps / base_tps:.2f}  loss {loss:.5f}  peak {mem:,.0f} MB")
     print("ratio = saekit tokens/s / plain tokens/s in this run. plain and saekit batchtopk start from the same "
           "weights and see the same batches, so their losses after the same steps compare directly.")
+    if a.store:
+        results["store"] = run_store(a, device, steps)
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(results, fh, indent=2)
+
+
+def run_store(a, device, steps):
+    """Trainer.fit from a store: tokens/s and the share of the loop spent waiting for batches."""
+    from saekit.activations import ActivationStore
+
+    store = ActivationStore(a.store, a.hook)
+    B = a.batch or (4096 if a.gpu else 1024)
+    f = a.f or 8 * store.d_model
+    out = {}
+    for prefetch in (0, 2):
+        cfg = SAEConfig(arch="batchtopk", d_in=store.d_model, d_sae=f, k=a.k)
+        tc = TrainConfig(total_tokens=steps * B, batch_size=B, lr=3e-4, warmup_steps=0, progress=False,
+                         device=str(device), prefetch=prefetch, calibrate_batches=0, init_tokens=B)
+        res = Trainer([cfg], tc).fit(store, hook=a.hook)
+        out[f"prefetch_{prefetch}"] = dict(tokens_per_s=res.tokens / res.seconds, data_share=res.data_share)
+        print(f"{'store, read-ahead ' + str(prefetch):<24} {res.tokens / res.seconds:>12,.0f} tok/s  data-loading "
+              f"share {res.data_share:.1%} of the loop ({store.dtype} store, batch {B})")
+    return out
 
 
 if __name__ == "__main__":

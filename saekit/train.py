@@ -9,11 +9,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import queue
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -52,6 +54,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     buffer_rows: int = 262_144
+    prefetch: int = 2  # batches read ahead in a background thread (pinned + async copy on CUDA); 0: off
     progress: bool = True
     wandb_project: str | None = None  # logs to wandb only if installed and this is set
 
@@ -185,6 +188,82 @@ def as_source(data, hook: str | None = None):
     raise TrainingError(f"{path}: unsupported activation file type '{path.suffix}' (use a store folder, .npy or .safetensors)")
 
 
+class TimedBatches:
+    """Batches read in the training loop itself (no read-ahead), timing the reads as `wait_s`."""
+
+    def __init__(self, batches: Iterable):
+        self.it = iter(batches)
+        self.wait_s = 0.0
+
+    def __iter__(self):
+        while True:
+            t = time.perf_counter()
+            try:
+                x = next(self.it)
+            except StopIteration:
+                return
+            finally:
+                self.wait_s += time.perf_counter() - t
+            yield x
+
+    def close(self) -> None:
+        pass
+
+
+class Prefetcher:
+    """Batches read ahead in a background thread (store reads, dtype conversion and shuffling overlap the
+    training step); on CUDA they are pinned and copied without blocking. `wait_s` is the time the training
+    loop spent waiting for data: the data-loading share of the run is wait_s / run time."""
+
+    _END = object()
+
+    def __init__(self, batches: Iterable, device: torch.device, depth: int = 2):
+        self.device = device
+        self.queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self.stop = threading.Event()
+        self.wait_s = 0.0
+        self.thread = threading.Thread(target=self._produce, args=(iter(batches),), daemon=True)
+        self.thread.start()
+
+    def _put(self, item) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self, it) -> None:
+        try:
+            for x in it:
+                if self.device.type == "cuda":
+                    x = x.pin_memory().to(self.device, non_blocking=True)
+                if not self._put(x):
+                    return
+            self._put(self._END)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the training loop
+            self._put(e)
+
+    def __iter__(self):
+        try:
+            while True:
+                t = time.perf_counter()
+                item = self.queue.get()
+                self.wait_s += time.perf_counter() - t
+                if item is self._END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
+
+
 # ---------------------------------------------------------------------------------------------
 # optimiser state <-> safetensors (no pickle in checkpoints)
 
@@ -220,6 +299,12 @@ class TrainResult:
     tokens: int
     seconds: float
     names: list[str] = field(default_factory=list)
+    data_wait_s: float = 0.0  # time the loop waited for batches (see Prefetcher)
+
+    @property
+    def data_share(self) -> float:
+        """Fraction of the training loop's time spent waiting for data."""
+        return self.data_wait_s / self.seconds if self.seconds > 0 else 0.0
 
 
 class Trainer:
@@ -452,6 +537,7 @@ class Trainer:
         # rank stepping until total_steps (a rank that ran out would leave the others waiting)
         epochs = math.ceil(tc.total_steps / per_epoch) + (self.world > 1)
         t0 = time.perf_counter()
+        loader = None
         bar = tqdm(total=tc.total_steps, initial=self.step, desc="train", unit="step", disable=not tc.progress or self.rank != 0)
         run = self._maybe_wandb() if self.rank == 0 else None
         try:
@@ -459,6 +545,9 @@ class Trainer:
             batches = source.batches(self.local_batch, seed=tc.seed, epochs=epochs, skip_batches=self.step,
                                      **self._shard,
                                      buffer_rows=tc.buffer_rows) if self.step < limit else ()
+            if self.step < limit:
+                batches = loader = (Prefetcher(batches, self.device, tc.prefetch) if tc.prefetch
+                                    else TimedBatches(batches))
             for x in batches:
                 stats = self.train_step(x.to(self.device, non_blocking=True))
                 if callback is not None:
@@ -476,6 +565,8 @@ class Trainer:
                     break
         finally:
             bar.close()
+            if loader is not None:
+                loader.close()
             if run is not None:
                 run.finish()
         if self.step >= tc.total_steps and tc.calibrate_batches:
@@ -488,7 +579,7 @@ class Trainer:
             self.write_outputs()
             barrier()
         return TrainResult(self.saes, self.log_frames(), self.out, self.step, self.tokens,
-                           time.perf_counter() - t0, self.names)
+                           time.perf_counter() - t0, self.names, data_wait_s=loader.wait_s if loader else 0.0)
 
     def calibrate(self, source) -> None:
         """Final BatchTopK thresholds from the final weights (same seed: the same batches on resume)."""

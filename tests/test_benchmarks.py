@@ -7,10 +7,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_train_step_benchmark_runs_and_matches_the_plain_step(tmp_path):
+def test_train_step_benchmark_runs_and_matches_the_plain_step(tmp_path, store):
+    from conftest import HOOK
+
     out = tmp_path / "r.json"
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--d", "32", "--f", "256",
-                        "--batch", "128", "--k", "4", "--steps", "4", "--json", str(out)],
+                        "--batch", "128", "--k", "4", "--steps", "4", "--json", str(out),
+                        "--store", str(store.path), "--hook", HOOK],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
@@ -19,6 +22,7 @@ def test_train_step_benchmark_runs_and_matches_the_plain_step(tmp_path):
     # same initial weights, same batches: the fast sparse step and the plain dense step agree
     assert abs(res["plain_batchtopk"]["loss"] - res["saekit_batchtopk"]["loss"]) < 1e-4
     assert all(v["tokens_per_s"] > 0 for k, v in res.items() if isinstance(v, dict) and "tokens_per_s" in v)
+    assert all(0 < v["data_share"] < 1 for v in res["store"].values()) and "data-loading share" in r.stdout
 
 
 def test_capture_benchmark_runs(tmp_path):
