@@ -2,6 +2,7 @@
 collected in one pandas DataFrame (the reconstruction-sparsity frontier of the paper)."""
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Sequence
@@ -82,6 +83,17 @@ def load_sweep(path: str | Path) -> pd.DataFrame:
     if not path.exists():
         raise FileNotFoundError(f"no sweep table at {path}; run `saekit sweep` first")
     return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+
+
+def prefix_table(sweep_dir: str | Path) -> pd.DataFrame:
+    """Every Matryoshka SAE's nested prefixes from a sweep folder (its eval.json files): one row per
+    (SAE, prefix) with width, NMSE, L0, CE recovered and KL. Empty when the sweep has no Matryoshka."""
+    rows = []
+    for ev in sorted(Path(sweep_dir).glob("*/eval.json")):
+        m = json.loads(ev.read_text())
+        for p in m.get("prefixes") or []:
+            rows.append({"name": ev.parent.name, "k": m["sae"]["k"], **p})
+    return pd.DataFrame(rows)
 
 
 def committed_results(name: str = "smollm2_l15") -> pd.DataFrame:

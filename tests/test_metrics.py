@@ -174,3 +174,14 @@ def test_per_token_l0_matches_a_constructed_sae(store):
     x = store.rows(0, 300, HOOK).float()
     counts = per_token_l0(split_sae("batchtopk", threshold=0.5), store, n_tokens=300)
     assert (counts == (x.abs() > 0.5).sum(-1).numpy()).all()
+    # the results-folder report: tables per SAE and per k, the frontier, and the Matryoshka prefixes
+    from saekit.sweep import prefix_table
+    from saekit.sweep_report import main as report
+
+    prefixes = prefix_table(tmp_path / "sw")
+    assert set(prefixes.name) == {"matryoshka_k8_1152", "matryoshka_k16_1152"} and len(prefixes) == 10
+    report(str(tmp_path / "sw"), str(tmp_path / "res"))
+    by_k = (tmp_path / "res" / "by_k.md").read_text().splitlines()
+    assert "nmse batchtopk" in by_k[0] and "nmse matryoshka" in by_k[0] and len(by_k) == 4  # header, rule, k=8, 16
+    for f in ("sweep.csv", "sweep.md", "frontier.html", "prefixes.csv", "prefixes.md", "prefixes.html"):
+        assert (tmp_path / "res" / f).stat().st_size > 0
