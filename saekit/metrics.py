@@ -1,7 +1,7 @@
 """Reconstruction and sparsity metrics, defined once (see DESIGN.md) and used everywhere."""
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -158,26 +158,37 @@ def ce_metrics(sae: SAE, model, tokens, keep, hook: str | None = None, mode: str
     tokens [n_seq, T] ids, keep [n_seq, T] bool: positions the SAE replaces (BOS and padding stay
     clean) and whose next-token predictions count. Also the `x_hat + error` splice (== clean).
     """
+    return ce_metrics_many([sae], model, tokens, keep, hook=hook, mode=mode, seq_batch=seq_batch,
+                           mean_activation=mean_activation, progress=progress)[0]
+
+
+@torch.no_grad()
+def ce_metrics_many(saes: Sequence[SAE], model, tokens, keep, hook: str | None = None, mode: str | None = None,
+                    seq_batch: int = 8, mean_activation: torch.Tensor | None = None, progress: bool = False,
+                    error_splice: bool | Sequence[bool] = True) -> list[dict]:
+    """ce_metrics for several SAEs at one hook: the clean, zero- and mean-ablated forwards (and the mean
+    activation) are computed once and shared; each SAE adds its own spliced forward (and the
+    `x_hat + error` check where error_splice, one flag or one per SAE, says so)."""
+    splice_err = [error_splice] * len(saes) if isinstance(error_splice, bool) else list(error_splice)
     import numpy as np
     from tqdm.auto import tqdm
 
     from .models import resolve_hook, underlying
 
-    hp = resolve_hook(model, hook or sae.cfg.hook_name)
+    hp = resolve_hook(model, hook or saes[0].cfg.hook_name)
     device = next(underlying(model).parameters()).device
-    sae_device = next(sae.parameters()).device
     tokens = torch.from_numpy(np.array(tokens, dtype=np.int64))
     keep = torch.from_numpy(np.array(keep, dtype=bool))
-    was_training = sae.training
-    sae.eval()
+    was_training = [s.training for s in saes]
+    for s in saes:
+        s.eval()
 
-    def splice(recon_fn):
+    def splice(recon_fn, dev):
         def fn(v):
-            k = keep_b.to(v.device)[..., None]
-            flat = v[keep_b.to(v.device)]
+            kb = keep_b.to(v.device)
             new = torch.zeros_like(v)
-            new[keep_b.to(v.device)] = recon_fn(flat.to(sae_device).float()).to(v.dtype).to(v.device)
-            return torch.where(k, new, v)
+            new[kb] = recon_fn(v[kb].to(dev).float()).to(v.dtype).to(v.device)
+            return torch.where(kb[..., None], new, v)
         return fn
 
     if mean_activation is None:  # dataset mean of the hook over these positions (for mean ablation)
@@ -191,7 +202,8 @@ def ce_metrics(sae: SAE, model, tokens, keep, hook: str | None = None, mode: str
             total = s if total is None else total + s
             count += int(kb.sum())
         mean_activation = (total / max(count, 1)).float()
-    sums = {k: 0.0 for k in ("clean", "sae", "zero", "mean", "sae_plus_error", "kl_sae", "kl_sae_plus_error")}
+    shared = {k: 0.0 for k in ("clean", "zero", "mean")}
+    own = [{k: 0.0 for k in ("sae", "sae_plus_error", "kl_sae", "kl_sae_plus_error")} for _ in saes]
     n = 0
     bar = tqdm(range(0, tokens.shape[0], seq_batch), desc="CE", disable=not progress)
     try:
@@ -201,32 +213,38 @@ def ce_metrics(sae: SAE, model, tokens, keep, hook: str | None = None, mode: str
             target = keep_b[:, 1:].to(device)
             clean = _patched_logits(model, ids, hp)
             logp_clean = clean.log_softmax(-1)
-            runs = {
-                "sae": splice(lambda x: sae(x, mode=mode).x_hat),
-                "zero": splice(lambda x: torch.zeros_like(x)),
-                "mean": splice(lambda x: mean_activation.to(x.device).expand_as(x)),
-                "sae_plus_error": splice(lambda x: (lambda x_hat: x_hat + (x - x_hat))(sae(x, mode=mode).x_hat)),
-            }
-            sums["clean"] += float(_token_ce(clean, ids)[target].sum())
-            for name, fn in runs.items():
-                logits = _patched_logits(model, ids, hp, fn)
-                sums[name] += float(_token_ce(logits, ids)[target].sum())
-                if name in ("sae", "sae_plus_error"):
+            shared["clean"] += float(_token_ce(clean, ids)[target].sum())
+            for name, fn in (("zero", lambda x: torch.zeros_like(x)),
+                             ("mean", lambda x: mean_activation.to(x.device).expand_as(x))):
+                shared[name] += float(_token_ce(_patched_logits(model, ids, hp, splice(fn, device)), ids)[target].sum())
+            for sae, sums, with_err in zip(saes, own, splice_err):
+                dev = next(sae.parameters()).device
+                runs = {"sae": lambda x, sae=sae: sae(x, mode=mode).x_hat}
+                if with_err:
+                    runs["sae_plus_error"] = lambda x, sae=sae: (lambda x_hat: x_hat + (x - x_hat))(sae(x, mode=mode).x_hat)
+                for name, fn in runs.items():
+                    logits = _patched_logits(model, ids, hp, splice(fn, dev))
+                    sums[name] += float(_token_ce(logits, ids)[target].sum())
                     kl = (logp_clean.exp() * (logp_clean - logits.log_softmax(-1))).sum(-1)[:, :-1]
                     sums[f"kl_{name}"] += float(kl[target].sum())
             n += int(target.sum())
     finally:
-        sae.train(was_training)
+        for s, t in zip(saes, was_training):
+            s.train(t)
     if n == 0:
         raise ValueError("no positions to score: the sequences hold no kept next-token targets")
-    ce = {k: v / n for k, v in sums.items()}
-    rec = lambda abl: (ce[abl] - ce["sae"]) / (ce[abl] - ce["clean"]) if ce[abl] != ce["clean"] else float("nan")
-    return {
-        "n_tokens": n, "ce_clean": ce["clean"], "ce_sae": ce["sae"], "ce_zero_ablation": ce["zero"],
-        "ce_mean_ablation": ce["mean"], "ce_recovered": rec("zero"), "ce_recovered_mean": rec("mean"),
-        "ce_delta": ce["sae"] - ce["clean"], "kl": ce["kl_sae"],
-        "ce_sae_plus_error": ce["sae_plus_error"], "kl_sae_plus_error": ce["kl_sae_plus_error"],
-    }
+    results = []
+    for sums, with_err in zip(own, splice_err):
+        ce = {k: v / n for k, v in {**shared, **sums}.items()}
+        rec = lambda abl: (ce[abl] - ce["sae"]) / (ce[abl] - ce["clean"]) if ce[abl] != ce["clean"] else float("nan")
+        results.append({
+            "n_tokens": n, "ce_clean": ce["clean"], "ce_sae": ce["sae"], "ce_zero_ablation": ce["zero"],
+            "ce_mean_ablation": ce["mean"], "ce_recovered": rec("zero"), "ce_recovered_mean": rec("mean"),
+            "ce_delta": ce["sae"] - ce["clean"], "kl": ce["kl_sae"],
+            "ce_sae_plus_error": ce["sae_plus_error"] if with_err else None,
+            "kl_sae_plus_error": ce["kl_sae_plus_error"] if with_err else None,
+        })
+    return results
 
 
 def evaluate(sae: SAE, model=None, data=None, n_tokens: int = 20_000, ce_tokens: int = 4096,
@@ -252,7 +270,8 @@ def evaluate(sae: SAE, model=None, data=None, n_tokens: int = 20_000, ce_tokens:
     if isinstance(data, ActivationStore):
         n = min(n_tokens, len(data))
         h = hook if hook in data.hooks else None  # the SAE's hook where the store has it
-        batches = (data.rows(s, min(s + batch_size, n), h) for s in range(0, n, batch_size))
+        def make_batches():
+            return (data.rows(s, min(s + batch_size, n), h) for s in range(0, n, batch_size))
         tokens, pos = data.tokens, data.positions()
         keep = np.zeros(tokens.shape, dtype=bool)
         keep[pos[:, 0], pos[:, 1]] = True
@@ -264,31 +283,31 @@ def evaluate(sae: SAE, model=None, data=None, n_tokens: int = 20_000, ce_tokens:
         n_seq = data.sequences_for(n_tokens)
         tokens, keep = data.tokens, data.keep
 
-        def gen():
+        def make_batches():
             for b in range(0, n_seq, seq_batch):
                 v = forward_hooks(model, torch.from_numpy(tokens[b:b + seq_batch].astype(np.int64)).to(device), [hp])[0]
                 yield v[torch.from_numpy(keep[b:b + seq_batch]).to(v.device)]
-
-        batches = gen()
     else:
         raise ValueError(f"evaluate() takes an ActivationStore, its folder or PackedTokens, not {type(data).__name__}")
-    rec = reconstruction_metrics(sae, batches, mode=mode)
+    rec = reconstruction_metrics(sae, make_batches(), mode=mode)
     hist = l0_histogram(rec["_per_token_l0"])
-    downstream = None
+    c = sae.cfg
+    # Matryoshka: every nested prefix is evaluated as an SAE of its own; the CE baselines are shared
+    subs = [sae.prefix(g) for g in range(1, len(c.group_sizes) + 1)] if hasattr(sae, "prefix") else []
+    downstream, sub_ce = None, [{} for _ in subs]
     if model is not None:
         rows = np.cumsum(keep[:, 1:].sum(1))
         n_seq = min(int(np.searchsorted(rows, ce_tokens)) + 1, tokens.shape[0])
-        downstream = ce_metrics(sae, model, tokens[:n_seq], keep[:n_seq], hook=hook, mode=mode, seq_batch=seq_batch,
-                                progress=progress)
-    c = sae.cfg
+        ce = ce_metrics_many([sae, *subs], model, tokens[:n_seq], keep[:n_seq], hook=hook, mode=mode,
+                             seq_batch=seq_batch, progress=progress, error_splice=[True] + [False] * len(subs))
+        downstream, sub_ce = ce[0], ce[1:]
     prefixes = None
-    if hasattr(sae, "prefix"):  # Matryoshka: every nested prefix evaluated as an SAE of its own
+    if subs:
         prefixes = []
-        for g in range(1, len(c.group_sizes) + 1):
-            m = evaluate(sae.prefix(g), model, data, n_tokens=n_tokens, ce_tokens=ce_tokens, mode=mode,
-                         batch_size=batch_size, seq_batch=seq_batch, hook=hook)
-            d = m["downstream"] or {}
-            prefixes.append({"groups": g, "width": m["sae"]["d_sae"], **m["reconstruction"], "l0": m["sparsity"]["l0"],
+        for g, (sub, d) in enumerate(zip(subs, sub_ce), start=1):
+            r = reconstruction_metrics(sub, make_batches(), mode=mode)
+            prefixes.append({"groups": g, "width": sub.cfg.d_sae,
+                             **{k: r[k] for k in ("nmse", "fvu", "explained_variance", "cosine")}, "l0": r["l0"],
                              "ce_recovered": d.get("ce_recovered"), "kl": d.get("kl")})
     out = {
         "schema": SCHEMA,

@@ -82,6 +82,20 @@ def test_spliced_reconstruction_plus_error_reproduces_clean(model, seqs, store):
     assert m["ce_sae"] > m["ce_clean"]  # an untrained SAE hurts
 
 
+def test_several_saes_share_the_ce_baselines_and_match_one_at_a_time(model, seqs):
+    from saekit.metrics import ce_metrics_many
+
+    torch.manual_seed(0)
+    saes = [identity_sae(576), zero_sae(576), make_sae(arch="topk", d_in=576, d_sae=1152, k=8, hook_name=HOOK).eval()]
+    many = ce_metrics_many(saes, model, *seqs, error_splice=[True, False, True])
+    for sae, m in zip(saes, many):
+        one = ce_metrics(sae, model, *seqs)
+        for key in ("ce_clean", "ce_sae", "ce_zero_ablation", "ce_mean_ablation", "ce_recovered", "kl"):
+            assert m[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), key
+    assert many[1]["ce_sae_plus_error"] is None and many[2]["ce_sae_plus_error"] == pytest.approx(many[2]["ce_clean"], abs=1e-4)
+    assert [m["ce_recovered"] for m in many][:2] == [pytest.approx(1.0, abs=1e-4), pytest.approx(0.0, abs=1e-6)]
+
+
 def test_evaluate_json_schema(model, store):
     torch.manual_seed(0)
     sae = make_sae(arch="topk", d_in=576, d_sae=1152, k=8, hook_name=HOOK).eval()
@@ -156,6 +170,17 @@ def test_small_sweep_end_to_end(model, store, tmp_path):
     assert names == {"BatchTopK", "TopK", "JumpReLU", "Matryoshka BatchTopK"} and len(fig.data) == 8  # arch x panel
     xs = [list(t.x) for t in fig.data]
     assert all(x == sorted(x) for x in xs)
+    # the results-folder report: tables per SAE and per k, the frontier, and the Matryoshka prefixes
+    from saekit.sweep import prefix_table
+    from saekit.sweep_report import main as report
+
+    prefixes = prefix_table(tmp_path / "sw")
+    assert set(prefixes.name) == {"matryoshka_k8_1152", "matryoshka_k16_1152"} and len(prefixes) == 10
+    report(str(tmp_path / "sw"), str(tmp_path / "res"))
+    by_k = (tmp_path / "res" / "by_k.md").read_text().splitlines()
+    assert "nmse batchtopk" in by_k[0] and "nmse matryoshka" in by_k[0] and len(by_k) == 4  # header, rule, k=8, 16
+    for f in ("sweep.csv", "sweep.md", "frontier.html", "prefixes.csv", "prefixes.md", "prefixes.html"):
+        assert (tmp_path / "res" / f).stat().st_size > 0
 
 
 def test_committed_results_load():
@@ -174,14 +199,3 @@ def test_per_token_l0_matches_a_constructed_sae(store):
     x = store.rows(0, 300, HOOK).float()
     counts = per_token_l0(split_sae("batchtopk", threshold=0.5), store, n_tokens=300)
     assert (counts == (x.abs() > 0.5).sum(-1).numpy()).all()
-    # the results-folder report: tables per SAE and per k, the frontier, and the Matryoshka prefixes
-    from saekit.sweep import prefix_table
-    from saekit.sweep_report import main as report
-
-    prefixes = prefix_table(tmp_path / "sw")
-    assert set(prefixes.name) == {"matryoshka_k8_1152", "matryoshka_k16_1152"} and len(prefixes) == 10
-    report(str(tmp_path / "sw"), str(tmp_path / "res"))
-    by_k = (tmp_path / "res" / "by_k.md").read_text().splitlines()
-    assert "nmse batchtopk" in by_k[0] and "nmse matryoshka" in by_k[0] and len(by_k) == 4  # header, rule, k=8, 16
-    for f in ("sweep.csv", "sweep.md", "frontier.html", "prefixes.csv", "prefixes.md", "prefixes.html"):
-        assert (tmp_path / "res" / f).stat().st_size > 0
