@@ -34,6 +34,18 @@ def _saekit_out(sae, x):
     return out.z, out.x_hat
 
 
+def _same_outputs(sae, sl):
+    """saekit's (threshold-mode) code and reconstruction equal SAELens's encode/decode; a real sparse code."""
+    x = _inputs()
+    z, x_hat = _saekit_out(sae, x)
+    with torch.no_grad():
+        z_sl = sl.encode(x)
+        _close(z, z_sl)
+        _close(x_hat, sl.decode(z_sl))
+    assert (z != 0).any() and (z == 0).any()
+    return x, x_hat
+
+
 def _randomise(module, seed=0):
     """Weights with varied decoder norms and non-zero biases, so every fold is exercised."""
     g = torch.Generator().manual_seed(seed)
@@ -68,13 +80,8 @@ def test_saelens_loads_saekit_folders_and_gives_the_same_code(arch, normalize, t
     sae.eval().save(tmp_path)
     sl = SLSAE.load_from_disk(str(tmp_path), device="cpu")
     assert type(sl).__name__ == SAELENS_CLASS[arch]
-    x = _inputs()
-    z, x_hat = _saekit_out(sae, x)
-    with torch.no_grad():
-        z_sl = sl.encode(x)
-        _close(z_sl, z)
-        _close(sl.decode(z_sl), x_hat)
-    assert (z != 0).any() and (z == 0).any()  # a real sparse code, not a trivial one
+    x, _ = _same_outputs(sae, sl)
+    z = _saekit_out(sae, x)[0]
     cfg = json.loads((tmp_path / "cfg.json").read_text())
     assert cfg["metadata"]["training_architecture"] == {"batchtopk": "batchtopk", "matryoshka": "matryoshka_batchtopk",
                                                          "topk": "topk", "jumprelu": "jumprelu",
@@ -107,13 +114,7 @@ def test_saekit_loads_saelens_inference_saes(kind, norm, apply_b_dec, tmp_path):
     sl.save_model(str(tmp_path))
     sae = load_sae(tmp_path)
     assert type(sae) is ours and sae.cfg.normalize == ("token" if norm == "layer_norm" else "none")
-    x = _inputs()
-    z, x_hat = _saekit_out(sae, x)
-    with torch.no_grad():
-        z_sl = sl.encode(x)
-        _close(z, z_sl)
-        _close(x_hat, sl.decode(z_sl))
-    assert (z != 0).any() and (z == 0).any()
+    _same_outputs(sae, sl)
 
 
 TRAINING = {
@@ -147,13 +148,7 @@ def test_saekit_loads_saelens_training_saes(kind, layout, tmp_path):
         assert sae.cfg.k == K and abs(float(sae.threshold) - 0.25) < 1e-6
     if ours is MatryoshkaSAE:
         assert sae.widths == [8, 24, F]
-    x = _inputs()
-    z, x_hat = _saekit_out(sae, x)
-    with torch.no_grad():
-        z_ref = ref.encode(x)
-        _close(z, z_ref)
-        _close(x_hat, ref.decode(z_ref))
-    assert (z != 0).any() and (z == 0).any()
+    x, x_hat = _same_outputs(sae, ref)
     # the live-object helper gives the same SAE
     _close(_saekit_out(from_saelens_sae(tr), x)[1], x_hat)
 
