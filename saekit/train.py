@@ -7,6 +7,7 @@ the same weights as an uninterrupted run (on CPU), a pandas log per SAE.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import queue
@@ -279,10 +280,13 @@ def _optim_to_tensors(opt: torch.optim.Optimizer, params: list[torch.nn.Paramete
 
 def _optim_from_tensors(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], t: dict) -> None:
     for i, p in enumerate(params):
-        st = {k.split(".", 1)[1]: v.to(p.device) for k, v in t.items() if k.split(".", 1)[0] == str(i)}
+        # moments take the parameter's memory layout (W_enc is stored transposed): fused Adam walks param,
+        # grad and moments as flat memory, so a contiguous copy of a transposed moment would be misread
+        st = {k.split(".", 1)[1]: (torch.empty_like(p).copy_(v) if v.shape == p.shape else v.to(p.device))
+              for k, v in t.items() if k.split(".", 1)[0] == str(i)}
         if st:
-            if "step" in st:
-                st["step"] = st["step"].cpu()
+            if "step" in st:  # fused Adam keeps its step count on the parameter's device
+                st["step"] = st["step"].to(p.device if opt.defaults.get("fused") else "cpu")
             opt.state[p] = st
 
 
@@ -327,7 +331,8 @@ class Trainer:
         self.names = [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
         torch.manual_seed(train_cfg.seed)
         self.saes = [make_sae(c).to(self.device) for c in self.cfgs]
-        self.opts = [torch.optim.Adam(s.optim_groups(), lr=train_cfg.lr, betas=train_cfg.betas) for s in self.saes]
+        self.opts = [torch.optim.Adam(s.optim_groups(), lr=train_cfg.lr, betas=train_cfg.betas, fused=True)
+                     for s in self.saes]  # fused: one kernel per parameter group (CPU and CUDA)
         # torch.distributed: one replica per rank, DDP all-reduces gradients, BatchTopK selects globally
         self.rank, self.world = dist_rank(), world_size()
         self.ddp = None
@@ -546,6 +551,7 @@ class Trainer:
                                      **self._shard,
                                      buffer_rows=tc.buffer_rows) if self.step < limit else ()
             if self.step < limit:
+                batches = itertools.islice(batches, limit - self.step)  # read ahead no further than needed
                 batches = loader = (Prefetcher(batches, self.device, tc.prefetch) if tc.prefetch
                                     else TimedBatches(batches))
             for x in batches:
