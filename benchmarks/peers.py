@@ -160,6 +160,21 @@ def sparsify_method(d, f, k, lr, device, n_steps, B):
     return init, step, lambda s: from_sparsify_coder(s[0]).to(device)
 
 
+def cpu_peak_mb(method: str, argv) -> float:
+    """On CPU a process keeps freed memory for reuse, so methods run one after another in one process
+    would hide each other's peaks: measure each in a fresh process of this script."""
+    import subprocess
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--json" in args:
+        i = args.index("--json")
+        del args[i:i + 2]
+    r = subprocess.run([sys.executable, __file__, *args, "--memory-of", method], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"memory run of {method} failed: {r.stderr[-1000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])["peak_mb"]
+
+
 METHODS = {"plain": plain_method, "saekit": saekit_method, "saelens": saelens_method, "sparsify": sparsify_method}
 LABELS = {"plain": "plain dense BatchTopK", "saekit": "saekit BatchTopK (fast)",
           "saelens": "SAELens BatchTopK", "sparsify": "sparsify TopK"}
@@ -198,6 +213,7 @@ def main(argv=None):
     ap.add_argument("--eval-tokens", type=int, default=16_384)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--json", default=None)
+    ap.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)  # child: one method's CPU peak memory
     a = ap.parse_args(argv)
     device = torch.device("cuda" if a.gpu else "cpu")
     a.d = a.d or (768 if a.gpu else 576)
@@ -215,6 +231,19 @@ def main(argv=None):
     print(f"device {device} ({name}, {torch.get_num_threads()} threads); {src}; d={d}, d_sae={f}, k={a.k}, "
           f"batch={B}, steps={n_steps} ({n_steps * B:,} tokens, {epochs:.2f} epochs), lr={a.lr}, "
           f"held-out {len(eval_x):,} tokens")
+    if a.memory_of:  # a fresh process runs only this method: its RSS growth is its own
+        w_init, w_step, _ = METHODS[a.memory_of](d, 4 * a.k, a.k, a.lr, device, n_steps, 64)
+        w_state = w_init(batches[0][:64])  # load the method's code paths at a tiny size first
+        for x in batches[:3]:
+            w_step(w_state, x[:64])
+        del w_state
+        init, step, _ = METHODS[a.memory_of](d, f, a.k, a.lr, device, n_steps, B)
+        with PeakMemory(device) as mem:
+            state = init(batches[0])
+            for x in batches[:min(n_steps, 6)]:
+                step(state, x)
+        print(json.dumps({"peak_mb": mem.mb}))
+        return None
     results = {"device": str(device), "device_name": name, "data": src,
                "shape": dict(d=d, d_sae=f, k=a.k, batch=B), "steps": n_steps}
     for m in a.methods:
@@ -233,7 +262,8 @@ def main(argv=None):
         if isinstance(sae, BatchTopKSAE):  # one rule for every BatchTopK model: theta from its final weights
             sae.calibrate_threshold(batches[-20:])
         ev = reconstruction_metrics(sae, eval_x.split(4096), device=device)
-        results[m] = dict(tokens_per_s=(n_steps - 2) * B / secs, nmse=ev["nmse"], l0=ev["l0"], peak_mb=mem.mb)
+        peak = mem.mb if device.type == "cuda" else cpu_peak_mb(m, argv)
+        results[m] = dict(tokens_per_s=(n_steps - 2) * B / secs, nmse=ev["nmse"], l0=ev["l0"], peak_mb=peak)
     base = results.get("saekit")
     print(f"{'method':<26}{'tokens/s':>12}{'saekit/this':>13}{'NMSE':>9}{'L0':>8}{'peak MB':>10}")
     for m in a.methods:
@@ -244,7 +274,8 @@ def main(argv=None):
               f"{r['peak_mb']:>10,.0f}")
     print("saekit/this = saekit tokens/s / this method's tokens/s in this run (> 1: saekit is faster). NMSE and L0 "
           "on held-out tokens by saekit's metrics after the same batches. peak MB: growth over the run "
-          + ("(CUDA allocator peak)." if a.gpu else "(process RSS, sampled every 2 ms)."))
+          + ("(CUDA allocator peak)." if a.gpu else "(RSS of a fresh process running 6 steps of only this "
+                                                  "method, sampled every 2 ms)."))
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2))
     return results
