@@ -15,6 +15,7 @@ L0 (BatchTopK models in threshold mode, each threshold computed the same way fro
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -81,9 +82,10 @@ def sync(device):
 
 # -- the four methods: each returns (init -> state, step(state, x), to_saekit(state)) ----------------
 
-def saekit_method(d, f, k, lr, device, n_steps, B):
+def saekit_method(d, f, k, lr, device, n_steps, B, enc_init_norm=None):
     def init(first):
-        cfg = SAEConfig(arch="batchtopk", d_in=d, d_sae=f, k=k, normalize="none", dead_tokens=5 * B)
+        cfg = SAEConfig(arch="batchtopk", d_in=d, d_sae=f, k=k, normalize="none", dead_tokens=5 * B,
+                        enc_init_norm=enc_init_norm)
         tr = Trainer([cfg], TrainConfig(total_tokens=n_steps * B, batch_size=B, lr=lr, warmup_steps=0, decay_frac=0,
                                         progress=False, device=str(device), log_every=10**9))
         tr.initialise(first)
@@ -211,11 +213,14 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--eval-tokens", type=int, default=16_384)
+    ap.add_argument("--enc-init-norm", default=None, type=lambda v: v if v == "paper" else float(v),
+                    help="saekit's starting encoder norm (SAEConfig.enc_init_norm; default 1)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--json", default=None)
     ap.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)  # child: one method's CPU peak memory
     a = ap.parse_args(argv)
     device = torch.device("cuda" if a.gpu else "cpu")
+    methods = {**METHODS, "saekit": functools.partial(saekit_method, enc_init_norm=a.enc_init_norm)}
     a.d = a.d or (768 if a.gpu else 576)
     a.batch = a.batch or (4096 if a.gpu else 1024)
     a.steps = a.steps or (200 if a.gpu else 60)
@@ -232,12 +237,12 @@ def main(argv=None):
           f"batch={B}, steps={n_steps} ({n_steps * B:,} tokens, {epochs:.2f} epochs), lr={a.lr}, "
           f"held-out {len(eval_x):,} tokens")
     if a.memory_of:  # a fresh process runs only this method: its RSS growth is its own
-        w_init, w_step, _ = METHODS[a.memory_of](d, 4 * a.k, a.k, a.lr, device, n_steps, 64)
+        w_init, w_step, _ = methods[a.memory_of](d, 4 * a.k, a.k, a.lr, device, n_steps, 64)
         w_state = w_init(batches[0][:64])  # load the method's code paths at a tiny size first
         for x in batches[:3]:
             w_step(w_state, x[:64])
         del w_state
-        init, step, _ = METHODS[a.memory_of](d, f, a.k, a.lr, device, n_steps, B)
+        init, step, _ = methods[a.memory_of](d, f, a.k, a.lr, device, n_steps, B)
         with PeakMemory(device) as mem:
             state = init(batches[0])
             for x in batches[:min(n_steps, 6)]:
@@ -247,7 +252,7 @@ def main(argv=None):
     results = {"device": str(device), "device_name": name, "data": src,
                "shape": dict(d=d, d_sae=f, k=a.k, batch=B), "steps": n_steps}
     for m in a.methods:
-        init, step, to_saekit = METHODS[m](d, f, a.k, a.lr, device, n_steps, B)
+        init, step, to_saekit = methods[m](d, f, a.k, a.lr, device, n_steps, B)
         with PeakMemory(device) as mem:
             state = init(batches[0])
             for x in batches[:2]:

@@ -40,7 +40,7 @@ def _sae_cfgs(a, src):
     meta = {"model_name": man.get("model"), "hook_name": a.hook or (man.get("hooks") or [None])[0],
             "context_size": man.get("seq_len"), "dataset": (man.get("corpus") or {}).get("corpus")}
     return sweep_configs(src.d_model, a.arch, a.k, a.expansion, a.l1_coeff, normalize=a.normalize,
-                         dead_tokens=5 * a.batch_size, **meta)
+                         dead_tokens=5 * a.batch_size, enc_init_norm=a.enc_init_norm, **meta)
 
 
 def _train_cfg(a):
@@ -203,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--l1-coeff", nargs="+", type=float, default=l1, help="ReLU-L1 penalties")
         p.add_argument("--expansion", type=int, default=8)
         p.add_argument("--normalize", default="token", choices=["none", "token", "dataset"])
+        p.add_argument("--enc-init-norm", default=None, type=lambda v: v if v == "paper" else float(v),
+                       help="starting norm of each encoder column (default 1: the decoder transposed; "
+                            "'paper': sqrt(d_in / (3 d_sae)) as in the BatchTopK paper's code)")
         p.add_argument("--tokens", type=int, default=tokens)
         p.add_argument("--batch-size", type=int, default=4096)
         p.add_argument("--lr", type=float, default=3e-4)

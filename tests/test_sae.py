@@ -25,6 +25,22 @@ def trained(toy):
     return dict(zip(("batchtopk", "topk"), res.saes))
 
 
+@pytest.mark.parametrize("norm,expect", [(None, 1.0), (0.5, 0.5), ("paper", (16 / (3 * 64)) ** 0.5)])
+def test_encoder_starts_as_scaled_decoder_transpose(norm, expect):
+    torch.manual_seed(0)
+    sae = make_sae(arch="batchtopk", d_in=16, d_sae=64, k=4, enc_init_norm=norm)
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64))
+    torch.testing.assert_close(sae.W_enc.norm(dim=0), torch.full((64,), expect))
+    torch.testing.assert_close(sae.W_enc, sae.W_dec.t() * expect)
+    assert SAEConfig.from_dict(sae.cfg.to_dict()).enc_init_norm == norm
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, "large"])
+def test_bad_encoder_start_norm_is_refused(bad):
+    with pytest.raises(SAEConfigError, match="enc_init_norm must be a positive number"):
+        SAEConfig(enc_init_norm=bad)
+
+
 def test_batchtopk_batch_mode_has_exact_mean_l0_and_variable_counts():
     torch.manual_seed(0)
     sae = make_sae(arch="batchtopk", d_in=16, d_sae=128, k=7)
