@@ -235,7 +235,7 @@ def main(argv=None):
     name = torch.cuda.get_device_name() if a.gpu else (platform.processor() or platform.machine())
     print(f"device {device} ({name}, {torch.get_num_threads()} threads); {src}; d={d}, d_sae={f}, k={a.k}, "
           f"batch={B}, steps={n_steps} ({n_steps * B:,} tokens, {epochs:.2f} epochs), lr={a.lr}, "
-          f"held-out {len(eval_x):,} tokens")
+          f"held-out {len(eval_x):,} tokens" + (f"; saekit enc_init_norm={a.enc_init_norm}" if a.enc_init_norm else ""))
     if a.memory_of:  # a fresh process runs only this method: its RSS growth is its own
         w_init, w_step, _ = methods[a.memory_of](d, 4 * a.k, a.k, a.lr, device, n_steps, 64)
         w_state = w_init(batches[0][:64])  # load the method's code paths at a tiny size first
@@ -250,7 +250,7 @@ def main(argv=None):
         print(json.dumps({"peak_mb": mem.mb}))
         return None
     results = {"device": str(device), "device_name": name, "data": src,
-               "shape": dict(d=d, d_sae=f, k=a.k, batch=B), "steps": n_steps}
+               "shape": dict(d=d, d_sae=f, k=a.k, batch=B), "steps": n_steps, "saekit_enc_init_norm": a.enc_init_norm}
     for m in a.methods:
         init, step, to_saekit = methods[m](d, f, a.k, a.lr, device, n_steps, B)
         with PeakMemory(device) as mem:
