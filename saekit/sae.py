@@ -204,8 +204,9 @@ class _SparseEncode(torch.autograd.Function):
     """Encoder + selection that only differentiates the selected entries.
 
     Forward runs the dense encode matmul once and returns the values at `rows, cols` chosen by
-    `select`; backward touches only those entries (sparse matmuls), instead of two dense
-    [batch, d_sae] x [d_sae, d_in] products. Gradients equal the dense path's exactly in math.
+    `select`; backward touches only those entries (sums of selected rows through embedding_bag),
+    instead of two dense [batch, d_sae] x [d_sae, d_in] products. Gradients equal the dense path's
+    exactly in math.
     """
 
     @staticmethod
