@@ -82,10 +82,10 @@ def sync(device):
 
 # -- the four methods: each returns (init -> state, step(state, x), to_saekit(state)) ----------------
 
-def saekit_method(d, f, k, lr, device, n_steps, B, enc_init_norm=None):
+def saekit_method(d, f, k, lr, device, n_steps, B, enc_init_norm="paper", aux_alpha=1 / 32):
     def init(first):
         cfg = SAEConfig(arch="batchtopk", d_in=d, d_sae=f, k=k, normalize="none", dead_tokens=5 * B,
-                        enc_init_norm=enc_init_norm)
+                        enc_init_norm=enc_init_norm, aux_alpha=aux_alpha)
         tr = Trainer([cfg], TrainConfig(total_tokens=n_steps * B, batch_size=B, lr=lr, warmup_steps=0, decay_frac=0,
                                         progress=False, device=str(device), log_every=10**9))
         tr.initialise(first)
@@ -213,14 +213,17 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--eval-tokens", type=int, default=16_384)
-    ap.add_argument("--enc-init-norm", default=None, type=lambda v: v if v == "paper" else float(v),
-                    help="saekit's starting encoder norm (SAEConfig.enc_init_norm; default 1)")
+    ap.add_argument("--enc-init-norm", default="paper", type=lambda v: v if v == "paper" else float(v),
+                    help="saekit's starting encoder norm (SAEConfig.enc_init_norm; default 'paper')")
+    ap.add_argument("--aux-alpha", type=float, default=1 / 32,
+                    help="saekit's AuxK weight (default the paper's 1/32; 0: off, as sparsify's trainer by default)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--json", default=None)
     ap.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)  # child: one method's CPU peak memory
     a = ap.parse_args(argv)
     device = torch.device("cuda" if a.gpu else "cpu")
-    methods = {**METHODS, "saekit": functools.partial(saekit_method, enc_init_norm=a.enc_init_norm)}
+    methods = {**METHODS, "saekit": functools.partial(saekit_method, enc_init_norm=a.enc_init_norm,
+                                                      aux_alpha=a.aux_alpha)}
     a.d = a.d or (768 if a.gpu else 576)
     a.batch = a.batch or (4096 if a.gpu else 1024)
     a.steps = a.steps or (200 if a.gpu else 60)
@@ -235,7 +238,7 @@ def main(argv=None):
     name = torch.cuda.get_device_name() if a.gpu else (platform.processor() or platform.machine())
     print(f"device {device} ({name}, {torch.get_num_threads()} threads); {src}; d={d}, d_sae={f}, k={a.k}, "
           f"batch={B}, steps={n_steps} ({n_steps * B:,} tokens, {epochs:.2f} epochs), lr={a.lr}, "
-          f"held-out {len(eval_x):,} tokens" + (f"; saekit enc_init_norm={a.enc_init_norm}" if a.enc_init_norm else ""))
+          f"held-out {len(eval_x):,} tokens; saekit enc_init_norm={a.enc_init_norm}, aux_alpha={a.aux_alpha:g}")
     if a.memory_of:  # a fresh process runs only this method: its RSS growth is its own
         w_init, w_step, _ = methods[a.memory_of](d, 4 * a.k, a.k, a.lr, device, n_steps, 64)
         w_state = w_init(batches[0][:64])  # load the method's code paths at a tiny size first
@@ -250,7 +253,8 @@ def main(argv=None):
         print(json.dumps({"peak_mb": mem.mb}))
         return None
     results = {"device": str(device), "device_name": name, "data": src,
-               "shape": dict(d=d, d_sae=f, k=a.k, batch=B), "steps": n_steps, "saekit_enc_init_norm": a.enc_init_norm}
+               "shape": dict(d=d, d_sae=f, k=a.k, batch=B), "steps": n_steps, "saekit_enc_init_norm": a.enc_init_norm,
+               "saekit_aux_alpha": a.aux_alpha}
     for m in a.methods:
         init, step, to_saekit = methods[m](d, f, a.k, a.lr, device, n_steps, B)
         with PeakMemory(device) as mem:

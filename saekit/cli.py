@@ -203,9 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--l1-coeff", nargs="+", type=float, default=l1, help="ReLU-L1 penalties")
         p.add_argument("--expansion", type=int, default=8)
         p.add_argument("--normalize", default="token", choices=["none", "token", "dataset"])
-        p.add_argument("--enc-init-norm", default=None, type=lambda v: v if v == "paper" else float(v),
-                       help="starting norm of each encoder column (default 1: the decoder transposed; "
-                            "'paper': sqrt(d_in / (3 d_sae)) as in the BatchTopK paper's code)")
+        p.add_argument("--enc-init-norm", default="paper", type=lambda v: v if v == "paper" else float(v),
+                       help="starting norm of each encoder column: 'paper' (default: sqrt(2 d_in / d_sae), as "
+                            "the BatchTopK paper's code draws it) or a number (1: the decoder transposed)")
         p.add_argument("--tokens", type=int, default=tokens)
         p.add_argument("--batch-size", type=int, default=4096)
         p.add_argument("--lr", type=float, default=3e-4)

@@ -48,3 +48,19 @@ def test_peers_benchmark_runs_every_method_on_a_store(store, tmp_path):
         assert f"{res[m]['saekit_speedup']:.2f}x" in r.stdout
     assert abs(res["sparsify"]["l0"] - 4) < 1e-6  # per-token TopK: exactly k everywhere
     assert res["saekit"]["saekit_speedup"] == 1.0
+
+
+def test_encoder_start_benchmark_trains_each_start_on_one_stream(store, tmp_path):
+    from conftest import HOOK
+
+    out = tmp_path / "enc.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "enc_init.py"), "--store", str(store.path),
+                        "--eval-store", str(store.path), "--hook", HOOK, "--batch", "128", "--k", "4",
+                        "--steps", "5", "--eval-tokens", "512", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    # the default ("paper": sqrt(2 d / (8 d)) = 0.5 at 8x) runs first and is the baseline
+    assert [round(v["start_norm"], 3) for v in res.values()] == [0.5, 1.0, 0.58, 0.2]
+    assert res["paper's code (default)"]["nmse_vs_default"] == 1.0 and "paper's code (default)" in r.stdout
+    assert all(0 < v["nmse"] < 2 and 0 <= v["dead_auxk_window"] <= 1 and v["l0"] > 0 for v in res.values())

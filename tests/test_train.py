@@ -142,10 +142,10 @@ def test_cli_capture_train_eval(tmp_path):
     r = run("capture", "--hook", "resid_post.2", "--tokens", "1500", "--seq-len", "64", "--out", str(tmp_path / "st"))
     assert r.returncode == 0, r.stderr[-2000:]
     r = run("train", "--store", str(tmp_path / "st"), "--arch", "batchtopk", "topk", "--k", "8", "--expansion", "2",
-            "--tokens", "3000", "--batch-size", "256", "--enc-init-norm", "paper", "--out", str(tmp_path / "tr"))
+            "--tokens", "3000", "--batch-size", "256", "--enc-init-norm", "0.7", "--out", str(tmp_path / "tr"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "batchtopk_k8_1152" in r.stdout and "topk_k8_1152" in r.stdout
-    assert load_sae(tmp_path / "tr" / "topk_k8_1152").cfg.enc_init_norm == "paper"  # the flag reached the config
+    assert load_sae(tmp_path / "tr" / "topk_k8_1152").cfg.enc_init_norm == 0.7  # the flag reached the config
     r = run("eval", str(tmp_path / "tr" / "batchtopk_k8_1152"), "--store", str(tmp_path / "st"), "--json",
             "--ce-tokens", "60")
     assert r.returncode == 0, r.stderr[-2000:]

@@ -8,7 +8,7 @@ OUT=${OUT:-runs/smollm2_l15}
 TOKENS=${TOKENS:-786432}
 saekit capture --hook resid_post.15 --tokens 600000 --split train --out "$OUT/store_train"
 saekit capture --hook resid_post.15 --tokens 30000 --split test --out "$OUT/store_test"
-saekit sweep --store "$OUT/store_train" --eval-store "$OUT/store_test" \
+saekit sweep --store "$OUT/store_train" --eval-store "$OUT/store_test" --enc-init-norm 1 \
   --arch batchtopk topk jumprelu matryoshka --k 16 32 64 --expansion 8 \
   --tokens "$TOKENS" --batch-size 1024 --lr 1e-3 --warmup-steps 50 --checkpoint-every 100 \
   --eval-tokens 27000 --ce-tokens 1024 --out "$OUT/sweep_$TOKENS"
