@@ -19,6 +19,7 @@ import platform
 import torch
 
 from saekit.activations import ActivationStore
+from saekit.cli import enc_init_norm_arg
 from saekit.metrics import reconstruction_metrics
 from saekit.sae import SAEConfig
 from saekit.train import TrainConfig, train
@@ -27,16 +28,12 @@ from saekit.train import TrainConfig, train
 DEFAULT = SAEConfig().enc_init_norm
 
 
-def _norm(v: str):
-    return v if v == "paper" else float(v)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--store", required=True, help="training activations (saekit capture)")
     ap.add_argument("--eval-store", required=True, help="held-out activations")
     ap.add_argument("--hook", default=None)
-    ap.add_argument("--starts", nargs="+", type=_norm, default=["paper", 1.0, 0.58, 0.2],
+    ap.add_argument("--starts", nargs="+", type=enc_init_norm_arg, default=["paper", 1.0, 0.58, 0.2],
                     help="encoder start norms: numbers or 'paper' (the default, always run: the baseline)")
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--expansion", type=int, default=8)
@@ -62,13 +59,14 @@ def main(argv=None):
     base, out = None, {}
     for cfg, sae in zip(cfgs, res.saes):
         m = reconstruction_metrics(sae, held.split(4096))
+        idle = float(sae.dead_mask().float().mean())  # over the AuxK window at the end of training
         base = base or m["nmse"]
         v = cfg.enc_init_norm
         label = ("paper's code" if v == "paper" else f"{v:g}") + (" (default)" if v == DEFAULT else "")
         print(f"{label:<18}{cfg.encoder_start_norm:>7.3f}{m['nmse']:>9.4f}{m['nmse'] / base:>9.3f}x"
-              f"{m['l0']:>8.1f}{float(sae.dead_mask().float().mean()):>19.1%}{m['dead_fraction']:>13.1%}")
+              f"{m['l0']:>8.1f}{idle:>19.1%}{m['dead_fraction']:>13.1%}")
         out[label] = dict(start_norm=cfg.encoder_start_norm, nmse=m["nmse"], nmse_vs_default=m["nmse"] / base,
-                          l0=m["l0"], dead_auxk_window=float(sae.dead_mask().float().mean()),
+                          l0=m["l0"], dead_auxk_window=idle,
                           never_fired=m["dead_fraction"])
     if a.json:
         with open(a.json, "w") as fh:

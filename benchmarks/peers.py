@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_step import PlainBatchTopK, plain_step  # noqa: E402  (the same plain baseline as train_step.py)
 
+from saekit.cli import enc_init_norm_arg  # noqa: E402
 from saekit.interop import from_saelens_sae, from_sparsify_coder  # noqa: E402
 from saekit.metrics import reconstruction_metrics  # noqa: E402
 from saekit.sae import BatchTopKSAE, SAEConfig  # noqa: E402
@@ -213,7 +214,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--eval-tokens", type=int, default=16_384)
-    ap.add_argument("--enc-init-norm", default="paper", type=lambda v: v if v == "paper" else float(v),
+    ap.add_argument("--enc-init-norm", default="paper", type=enc_init_norm_arg,
                     help="saekit's starting encoder norm (SAEConfig.enc_init_norm; default 'paper')")
     ap.add_argument("--aux-alpha", type=float, default=1 / 32,
                     help="saekit's AuxK weight (default the paper's 1/32; 0: off, as sparsify's trainer by default)")

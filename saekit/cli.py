@@ -10,6 +10,19 @@ from pathlib import Path
 DEMO_HOOK = "resid_post.15"  # mid-depth of SmolLM2's 30 layers, as the paper's GPT-2 layer 8 of 12
 
 
+def enc_init_norm_arg(v: str) -> float | str:
+    """--enc-init-norm: 'paper' or a positive number (SAEConfig.enc_init_norm)."""
+    if v == "paper":
+        return v
+    try:
+        norm = float(v)
+    except ValueError:
+        norm = 0.0
+    if not norm > 0:
+        raise argparse.ArgumentTypeError(f"enc-init-norm must be 'paper' or a positive number (got {v!r})")
+    return norm
+
+
 def _add_corpus_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--corpus", default=None, help="'bundled' (default), a local .txt/.jsonl/.parquet file or folder, or a hub data set")
     p.add_argument("--split", default="train")
@@ -203,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--l1-coeff", nargs="+", type=float, default=l1, help="ReLU-L1 penalties")
         p.add_argument("--expansion", type=int, default=8)
         p.add_argument("--normalize", default="token", choices=["none", "token", "dataset"])
-        p.add_argument("--enc-init-norm", default="paper", type=lambda v: v if v == "paper" else float(v),
+        p.add_argument("--enc-init-norm", default="paper", type=enc_init_norm_arg,
                        help="starting norm of each encoder column: 'paper' (default: sqrt(2 d_in / d_sae), as "
                             "the BatchTopK paper's code draws it) or a number (1: the decoder transposed)")
         p.add_argument("--tokens", type=int, default=tokens)

@@ -246,3 +246,13 @@ def test_candidate_batch_topk_is_exact():
         vals, idx = batch_topk(a, n, hint)
         assert set(idx.tolist()) == set(ref_idx.tolist()), hint
         torch.testing.assert_close(vals.sort().values, ref_vals.sort().values)
+
+
+@pytest.mark.parametrize("bad", ["large", "-1", "0"])
+def test_bad_encoder_start_flag_is_refused_by_the_cli(bad, capsys):
+    from saekit.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--store", "s", "--out", "o", "--enc-init-norm", bad])
+    assert "enc-init-norm must be 'paper' or a positive number" in capsys.readouterr().err
+    assert build_parser().parse_args(["train", "--store", "s", "--out", "o", "--enc-init-norm", "0.7"]).enc_init_norm == 0.7
