@@ -134,7 +134,7 @@ def capture(model, packed: PackedTokens, hooks: str | Sequence[str], out: str | 
         "model": model_name(model), "hooks": hooks, "d_model": None, "dtype": dtype,
         "seq_len": seq_len, "n_sequences": packed.n_sequences, "drop_bos": bool(packed.meta.get("drop_bos", True)),
         "bos_token_id": packed.bos_token_id, "pad_token_id": packed.pad_token_id,
-        "corpus": {**{k: v for k, v in packed.meta.items() if k in ("corpus", "split", "text_field", "n_documents")},
+        "corpus": {**{k: v for k, v in packed.meta.items() if k in ("corpus", "split", "text_field", "n_documents", "sampling")},
                    **(corpus_info or {})},
         "tokens_sha256": packed.sha256(), "shard_sequences": shard_sequences,
         "shards": [], "n_rows": 0, "complete": False,
@@ -231,15 +231,16 @@ class _Chunk:
 
 
 def capture_splits(model, hook: str, out: str | Path, train_tokens: int, test_tokens: int, seq_len: int = 128,
-                   batch_size: int = 16, corpus: str | None = None, progress: bool = True):
+                   batch_size: int = 16, corpus: str | None = None, progress: bool = True, seed: int = 0):
     """Capture the bundled (or named) corpus's train and test splits at `hook` into out/store_train and
-    out/store_test; finished stores are reused and interrupted ones resumed. Returns (train, test)."""
+    out/store_test, each a sample of documents from across its split (seeded random order); finished
+    stores are reused and interrupted ones resumed. Returns (train, test)."""
     from .data import packed_corpus
 
     out = Path(out)
     stores = []
     for split, n in (("train", train_tokens), ("test", test_tokens)):
-        packed = packed_corpus(model.tokenizer, corpus, split=split, seq_len=seq_len, max_tokens=n)
+        packed = packed_corpus(model.tokenizer, corpus, split=split, seq_len=seq_len, max_tokens=n, seed=seed)
         stores.append(capture(model, packed, hook, out / f"store_{split}", n_tokens=n, batch_size=batch_size,
                               progress=progress))
     return tuple(stores)
@@ -334,6 +335,16 @@ class ActivationStore:
             if s < e:
                 out.append(self._to_torch(self._open(sh, hook)[s:e]))
             offset += n
+        return torch.cat(out) if out else torch.empty(0, self.d_model, dtype=DTYPES[self.dtype])
+
+    def take(self, rows: np.ndarray, hook: str | None = None) -> torch.Tensor:
+        """Rows at the given increasing store-order indices, as stored dtype."""
+        hook = hook or self.hook
+        rows = np.asarray(rows, dtype=np.int64)
+        starts = np.cumsum([0] + [sh["n_rows"] for sh in self.shards])
+        shard_of = np.searchsorted(starts, rows, side="right") - 1
+        out = [self._to_torch(self._open(self.shards[i], hook)[rows[shard_of == i] - starts[i]])
+               for i in np.unique(shard_of)]
         return torch.cat(out) if out else torch.empty(0, self.d_model, dtype=DTYPES[self.dtype])
 
     def load(self, hook: str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:

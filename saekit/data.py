@@ -1,7 +1,9 @@
 """Text corpora through `datasets`, tokenised with BOS and packed into fixed-length sequences.
 
 Every packed position keeps its token id and its document index, so any activation can be traced
-back to (sequence, position, token) and to the text around it.
+back to (sequence, position, token) and to the text around it. Documents are drawn in a seeded random
+order (a shuffle buffer for streamed hub data), so the first N tokens sample the whole corpus or split
+rather than its first documents.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import numpy as np
 BUNDLED = "bundled"
 _LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 HELD_OUT_EVERY = 20  # bundled corpus: every 20th document is the held-out "test" split
+SHUFFLE_BUFFER = 10_000  # documents in the shuffle buffer of a streamed (hub) data set
 
 
 class CorpusError(ValueError):
@@ -79,12 +82,38 @@ def _check_field(ds, text_field: str, name: str) -> None:
 
 
 def iter_texts(ds, text_field: str = "text") -> Iterator[str]:
-    for row in ds:
+    for _, t in iter_documents(ds, text_field):
+        yield t
+
+
+def iter_documents(ds, text_field: str = "text", order: Iterable[int] | None = None) -> Iterator[tuple[int, str]]:
+    """(document index, text) of every non-blank document; `order` visits a map-style data set's rows
+    in that order (the index is then the row's own, so it points back into the corpus)."""
+    rows = enumerate(ds) if order is None else zip((int(i) for i in order), ds.select(order))
+    for i, row in rows:
         if text_field not in row:
             raise CorpusError(f"corpus rows have no '{text_field}' field (fields: {list(row)}); pass text_field=")
         t = row[text_field]
         if t and t.strip():
-            yield t
+            yield i, t
+
+
+def sample_documents(ds, text_field: str = "text", shuffle: bool = True, seed: int = 0,
+                     buffer_size: int = SHUFFLE_BUFFER) -> tuple[Iterator[tuple[int, str]], dict]:
+    """Documents in a seeded random order, and a record of how they were drawn (for the manifest).
+
+    Map-style data sets (bundled, local files) are permuted whole; streamed data sets pass through a
+    shuffle buffer of `buffer_size` documents (datasets' IterableDataset.shuffle), so a capture of N
+    tokens draws from across the set instead of its first documents. The same seed gives the same order,
+    so a resumed capture sees the same tokens.
+    """
+    if not shuffle:
+        return iter_documents(ds, text_field), {"method": "document order"}
+    if hasattr(ds, "select") and hasattr(ds, "__len__"):
+        order = np.random.default_rng(seed).permutation(len(ds))
+        return iter_documents(ds, text_field, order), {"method": "shuffled documents", "seed": seed}
+    shuffled = ds.shuffle(seed=seed, buffer_size=buffer_size)
+    return iter_documents(shuffled, text_field), {"method": "shuffle buffer", "seed": seed, "buffer_size": buffer_size}
 
 
 @dataclass
@@ -127,10 +156,11 @@ class PackedTokens:
         return min(idx + 1, self.n_sequences)
 
 
-def pack(texts: Iterable[str], tokenizer, seq_len: int = 128, max_tokens: int | None = None,
+def pack(texts: Iterable[str] | Iterable[tuple[int, str]], tokenizer, seq_len: int = 128, max_tokens: int | None = None,
          drop_bos: bool = True, batch_docs: int = 64) -> PackedTokens:
     """Tokenise documents and pack them into rows of `seq_len`: each row starts with BOS and
     documents are separated by BOS. Stops once `max_tokens` kept positions exist (None: all text).
+    `texts` yields strings (documents numbered in order) or (document index, string) pairs.
     """
     if seq_len < 2:
         raise CorpusError(f"seq_len must be at least 2 (BOS plus one token), got {seq_len}")
@@ -161,21 +191,25 @@ def pack(texts: Iterable[str], tokenizer, seq_len: int = 128, max_tokens: int | 
                 return
 
     batch: list[str] = []
+    batch_ids: list[int] = []
 
     def consume(batch: list[str]) -> None:
         nonlocal doc_index
-        for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+        for ids, d in zip(tokenizer(batch, add_special_tokens=False)["input_ids"], batch_ids):
             if stream_tok or rows_tok:  # separate documents by BOS (a row start already has one)
                 stream_tok.append(bos)
                 stream_doc.append(-1)
             stream_tok.extend(ids)
-            stream_doc.extend([doc_index] * len(ids))
+            stream_doc.extend([d] * len(ids))
             doc_index += 1
+        batch_ids.clear()
 
-    for text in texts:
+    for item in texts:
+        d, text = item if isinstance(item, tuple) else (doc_index + len(batch), item)
         if not text or not text.strip():
             continue
         batch.append(text)
+        batch_ids.append(int(d))
         if len(batch) >= batch_docs:
             consume(batch)
             batch = []
@@ -198,9 +232,15 @@ def pack(texts: Iterable[str], tokenizer, seq_len: int = 128, max_tokens: int | 
 
 
 def packed_corpus(tokenizer, name: str | None = None, split: str = "train", seq_len: int = 128,
-                  max_tokens: int | None = None, text_field: str = "text", drop_bos: bool = True) -> PackedTokens:
-    """load_corpus + pack, recording the corpus in the result's meta."""
+                  max_tokens: int | None = None, text_field: str = "text", drop_bos: bool = True,
+                  shuffle: bool = True, seed: int = 0) -> PackedTokens:
+    """load_corpus + pack, recording the corpus and how its documents were sampled in the result's meta.
+
+    shuffle (default): documents in a seeded random order (see sample_documents), so a small
+    `max_tokens` is a sample of the whole split; shuffle=False packs them in corpus order.
+    """
     ds = load_corpus(name, split=split, text_field=text_field)
-    packed = pack(iter_texts(ds, text_field), tokenizer, seq_len=seq_len, max_tokens=max_tokens, drop_bos=drop_bos)
-    packed.meta.update({"corpus": name or BUNDLED, "split": split, "text_field": text_field})
+    docs, sampling = sample_documents(ds, text_field, shuffle=shuffle, seed=seed)
+    packed = pack(docs, tokenizer, seq_len=seq_len, max_tokens=max_tokens, drop_bos=drop_bos)
+    packed.meta.update({"corpus": name or BUNDLED, "split": split, "text_field": text_field, "sampling": sampling})
     return packed

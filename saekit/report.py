@@ -59,9 +59,18 @@ def build_report(run_dir: str | Path, model=None, n_tokens: int = 8192, n_featur
              + "".join(rows) + "</table>")
     if metrics and metrics.get("downstream"):
         d = metrics["downstream"]
-        table += (f"<p>Downstream ({html.escape(str(metrics['sae']['architecture']))}, {d['n_tokens']:,} tokens): "
-                  f"CE clean {d['ce_clean']:.3f}, with the SAE spliced in {d['ce_sae']:.3f}, zero-ablated "
-                  f"{d['ce_zero_ablation']:.3f}: <b>CE recovered {d['ce_recovered']:.4f}</b>, KL {d['kl']:.4f}.</p>")
+        iv = d.get("intervals") or {}
+        ci = lambda k: f" [{iv[k][0]:.4f}, {iv[k][1]:.4f}]" if iv.get(k) else ""
+        table += (f"<p>Downstream ({html.escape(str(metrics['sae']['architecture']))}, {d['n_tokens']:,} positions in "
+                  f"{d.get('n_sequences', '?')} held-out sequences): CE clean {d['ce_clean']:.3f}, with the SAE "
+                  f"spliced in {d['ce_sae']:.3f}, zero-ablated {d['ce_zero_ablation']:.3f} (nats per token): "
+                  f"<b>CE recovered {d['ce_recovered']:.4f}{ci('ce_recovered')}</b>, KL {d['kl']:.4f}{ci('kl')} "
+                  f"(95% bootstrap intervals over sequences).</p>")
+        sp = metrics.get("sparsity") or {}
+        if "l0_batch_mode" in sp:
+            table += (f"<p>BatchTopK's L0 on held-out text: {sp['l0_threshold_mode']:.2f} in threshold mode (theta "
+                      f"{metrics['sae'].get('theta', float('nan')):.4f}, {html.escape(str((metrics['sae'].get('theta_info') or {}).get('source', 'training')))}"
+                      f"), {sp['l0_batch_mode']:.2f} in batch mode.</p>")
     sections.append(("Summary", f"Held-out activations: {len(store):,} tokens at "
                      f"<code>{html.escape(str(first.cfg.hook_name))}</code> of {html.escape(str(first.cfg.model_name))}.", table))
 

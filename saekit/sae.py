@@ -288,6 +288,8 @@ class SAE(torch.nn.Module):
         self.b_dec = torch.nn.Parameter(torch.zeros(d))
         self.register_buffer("input_scale", torch.ones(()))  # dataset-wide scale (normalize="dataset")
         self.register_buffer("tokens_since_fired", torch.zeros(f, dtype=torch.long))
+        # where the inference threshold came from (training's estimates or a calibration); saved in cfg.json
+        self.theta_info: dict | None = None
 
     # -- input scaling ------------------------------------------------------------------------
     def normalize_input(self, x: torch.Tensor):
@@ -308,6 +310,15 @@ class SAE(torch.nn.Module):
         if self.cfg.normalize == "dataset":
             return x_hat / self.input_scale
         return x_hat
+
+    def renormalize(self, y: torch.Tensor, ctx) -> torch.Tensor:
+        """Input-space y (e.g. x_hat) into the SAE's space with x's context: the inverse of denormalize."""
+        if self.cfg.normalize == "token":
+            mu, std = ctx
+            return (y - mu) / (std + 1e-5)
+        if self.cfg.normalize == "dataset":
+            return y * self.input_scale
+        return y
 
     # -- the shared encoder/decoder -----------------------------------------------------------
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
@@ -502,7 +513,7 @@ class SAE(torch.nn.Module):
                              {"matryoshka_widths": list(itertools.accumulate(c.group_sizes))}
                              if c.arch == "matryoshka" else {})},
             "saekit": {**c.to_dict(), "version": __version__, "input_scale_folded": float(self.input_scale)
-                       if c.normalize == "dataset" else None},
+                       if c.normalize == "dataset" else None, "theta": self.theta_info},
         }
         if arch == "topk":
             cfg["k"] = c.k
@@ -626,9 +637,38 @@ class BatchTopKSAE(SAE):
             if vals.numel():
                 cuts.append(vals.min())
         if cuts:
+            running = float(self.threshold) if int(self.threshold_updates) else None
             self.threshold.copy_(torch.stack(cuts).mean())
             self.threshold_updates += len(cuts)
+            self.theta_info = {"source": "training", "running_estimate": running,
+                               "final_estimate": float(self.threshold), "final_estimate_batches": len(cuts),
+                               "how": "mean over batches of the smallest activation BatchTopK keeps; the running "
+                                      "estimate during training, the final one with the final weights (used)"}
         return float(self.threshold)
+
+    @torch.no_grad()
+    def threshold_for_l0(self, batches, target_l0: float, n_tokens: int) -> float:
+        """The theta at which threshold mode gives exactly `target_l0` latents per token on average over
+        `batches` (input space [B, d_in], n_tokens rows in all): halfway between the (n*target)-th and the
+        next largest activation. Exact, holding at most n*target + 1 values."""
+        count = int(round(n_tokens * target_l0))
+        pool = None
+        n = 0
+        for x in batches:
+            xs, _ = self.normalize_input(self._check_input(x.to(self.W_enc.device)))
+            a = self.pre_acts(xs).flatten()
+            n += xs.shape[0]
+            a = a[a > (pool.min() if pool is not None and pool.numel() > count else 0)]
+            pool = a if pool is None else torch.cat([pool, a])
+            if pool.numel() > count + 1:
+                pool = pool.topk(count + 1, sorted=False).values
+        if n != n_tokens:
+            raise SAEConfigError(f"the batches held {n} tokens, not the {n_tokens} announced")
+        if pool is None or pool.numel() <= count:
+            raise SAEConfigError(f"only {0 if pool is None else pool.numel()} positive activations on {n} tokens: "
+                                 f"a mean L0 of {target_l0} cannot be reached; choose a smaller target")
+        top = pool.topk(count + 1).values
+        return float((top[count - 1] + top[count]) / 2) if count else float(top[0])
 
 
 class MatryoshkaSAE(BatchTopKSAE):
@@ -821,6 +861,8 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
         for key in ("W_enc", "W_dec", "b_enc", "b_dec"):
             getattr(sae, key).data = state[key].clone()
         thr = state.get("threshold")
+        if raw.get("saekit"):
+            sae.theta_info = raw["saekit"].get("theta")
         if isinstance(sae, BatchTopKSAE):
             if thr is None:
                 raise SAEConfigError(f"{w_path}: a BatchTopK SAE needs a 'threshold' tensor for inference")

@@ -10,13 +10,15 @@ from typing import Sequence
 import pandas as pd
 
 from .activations import atomic_write_bytes, atomic_write_json
-from .metrics import evaluate
+from .metrics import CE_TOKENS, evaluate
 from .sae import SAEConfig
 from .train import TrainConfig, as_source, train
 
-COLUMNS = ["name", "architecture", "k", "target_l0", "l1_coeff", "d_sae", "l0", "nmse", "fvu", "cosine",
-           "ce_recovered", "ce_recovered_mean", "ce_delta", "kl", "dead_fraction", "dense_fraction",
-           "train_tokens", "train_seconds", "eval_tokens", "ce_tokens"]
+COLUMNS = ["name", "architecture", "k", "target_l0", "l0_coeff", "l1_coeff", "d_sae", "seed", "lr", "l0",
+           "l0_batch_mode", "nmse", "mse_normalized", "fvu", "cosine", "ce_recovered", "ce_recovered_mean",
+           "ce_delta", "kl", "dead_fraction", "dense_fraction", "train_tokens", "train_seconds", "eval_tokens",
+           "ce_tokens"]
+INTERVAL_METRICS = ("nmse", "mse_normalized", "l0", "ce_recovered", "ce_recovered_mean", "kl")  # each gets _lo, _hi
 
 
 def sweep_configs(d_in: int, archs: Sequence[str] = ("batchtopk", "topk", "jumprelu"), ks: Sequence[int] = (16, 32, 64),
@@ -40,7 +42,7 @@ def sweep_configs(d_in: int, archs: Sequence[str] = ("batchtopk", "topk", "jumpr
 
 
 def sweep(train_data, cfgs: Sequence[SAEConfig], train_cfg: TrainConfig, out: str | Path, eval_data=None,
-          model=None, eval_tokens: int = 20_000, ce_tokens: int = 2048, hook: str | None = None,
+          model=None, eval_tokens: int = 20_000, ce_tokens: int = CE_TOKENS, hook: str | None = None,
           progress: bool = True, reuse: bool = True) -> pd.DataFrame:
     """Train every config on one stream (each batch read once), evaluate each on `eval_data` (a store or
     packed tokens; the downstream CE needs `model`), and save out/sweep.csv, out/sweep.parquet and one
@@ -61,18 +63,31 @@ def sweep(train_data, cfgs: Sequence[SAEConfig], train_cfg: TrainConfig, out: st
                      ce_tokens=ce_tokens, hook=hook, progress=progress)
         atomic_write_json(out / name / "eval.json", m)
         d = m["downstream"] or {}
-        rows.append({
-            "name": name, "architecture": sae.cfg.arch, "k": m["sae"]["k"], "target_l0": sae.cfg.target_l0,
-            "l1_coeff": m["sae"]["l1_coeff"], "d_sae": sae.cfg.d_sae, "l0": m["sparsity"]["l0"],
-            **m["reconstruction"], "ce_recovered": d.get("ce_recovered"), "ce_recovered_mean": d.get("ce_recovered_mean"),
-            "ce_delta": d.get("ce_delta"), "kl": d.get("kl"), "dead_fraction": m["sparsity"]["dead_fraction"],
-            "dense_fraction": m["sparsity"]["dense_fraction"], "train_tokens": res.tokens,
-            "train_seconds": train_seconds, "eval_tokens": m["n_tokens"], "ce_tokens": d.get("n_tokens"),
-        })
-    df = pd.DataFrame(rows)[COLUMNS]
+        rows.append(sweep_row(name, sae, m, res.tokens, train_seconds, train_cfg))
+    df = pd.DataFrame(rows)
     atomic_write_bytes(out / "sweep.csv", lambda fh: fh.write(df.to_csv(index=False).encode()))
     atomic_write_bytes(out / "sweep.parquet", lambda fh: df.to_parquet(fh, index=False))
     return df
+
+
+def sweep_row(name: str, sae, m: dict, train_tokens: int, train_seconds: float, train_cfg: TrainConfig) -> dict:
+    """One sweep-table row from an SAE and its evaluate() result: point values, then each interval as
+    METRIC_lo / METRIC_hi (95% bootstrap over sequences)."""
+    c = sae.cfg
+    d = m["downstream"] or {}
+    row = {"name": name, "architecture": c.arch, "k": m["sae"]["k"], "target_l0": c.target_l0,
+           "l0_coeff": c.l0_coeff if c.arch == "jumprelu" and not c.target_l0 else None,
+           "l1_coeff": m["sae"]["l1_coeff"], "d_sae": c.d_sae, "seed": train_cfg.seed, "lr": train_cfg.lr_for(c.d_sae),
+           "l0": m["sparsity"]["l0"], "l0_batch_mode": m["sparsity"].get("l0_batch_mode"),
+           **m["reconstruction"], **{k: d.get(k) for k in ("ce_recovered", "ce_recovered_mean", "ce_delta", "kl")},
+           "dead_fraction": m["sparsity"]["dead_fraction"], "dense_fraction": m["sparsity"]["dense_fraction"],
+           "train_tokens": train_tokens, "train_seconds": train_seconds, "eval_tokens": m["n_tokens"],
+           "ce_tokens": d.get("n_tokens")}
+    row = {k: row.get(k) for k in COLUMNS}
+    for k in INTERVAL_METRICS:
+        lo, hi = (m.get("intervals") or {}).get(k, (None, None))
+        row[f"{k}_lo"], row[f"{k}_hi"] = lo, hi
+    return row
 
 
 def load_sweep(path: str | Path) -> pd.DataFrame:

@@ -1,28 +1,33 @@
-"""Write a sweep's tables and figures into a results folder: python -m saekit.sweep_report SWEEP_DIR OUT_DIR
+"""A sweep's (or several seeds' sweeps') tables and figures in a results folder: `saekit sweep-report`.
 
-OUT_DIR gets sweep.csv (every SAE), sweep.md (the same as markdown), by_k.md (the architectures side by
-side at each k), frontier.html (NMSE and CE recovered vs L0), and for Matryoshka SAEs prefixes.csv /
-prefixes.md / prefixes.html (each nested prefix evaluated on its own).
+OUT_DIR gets sweep.csv (every SAE of every sweep, with 95% bootstrap intervals), sweep.md, by_k.md
+(each architecture at each k: mean ± std over seeds), differences.md (paired BatchTopK − TopK
+differences per k and seed, each with its 95% interval), frontier_at_equal_l0.md (architectures
+trained with an L0 penalty, interpolated to the L0 of each BatchTopK), frontier.html, and for
+Matryoshka SAEs prefixes.csv / prefixes.md / prefixes.html. Titles come from the SAEs' own cfg.
 """
 from __future__ import annotations
 
-import shutil
+import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
+from .metrics import format_difference, paired_difference
 from .sweep import load_sweep, prefix_table
 from .viz import frontier_figure, prefix_figure
 
 ARCH_ORDER = ["batchtopk", "topk", "jumprelu", "matryoshka", "relu"]
+TABLE_METRICS = ("l0", "nmse", "mse_normalized", "ce_recovered", "kl")
 
 
 def markdown(df: pd.DataFrame, digits: int = 4) -> str:
     def fmt(v):
         if isinstance(v, str):
             return v
-        if pd.isna(v):
+        if v is None or pd.isna(v):
             return ""
         return f"{int(v):,}" if float(v).is_integer() and abs(v) >= 1 else f"{v:.{digits}f}"
 
@@ -31,45 +36,132 @@ def markdown(df: pd.DataFrame, digits: int = 4) -> str:
     return "\n".join(lines) + "\n"
 
 
+def collect(sweep_dirs) -> pd.DataFrame:
+    """Every sweep's table in one frame, with the folder each row's eval.json is in."""
+    frames = []
+    for d in sweep_dirs:
+        df = load_sweep(d)
+        df["sweep_dir"] = str(d)
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True)
+
+
+def _setting(df: pd.DataFrame) -> pd.Series:
+    """What a row's sparsity setting is called: k, JumpReLU's target L0 or L0 coefficient, ReLU's L1."""
+    def label(r):
+        if r["architecture"] == "relu":
+            return f"L1 coeff={r['l1_coeff']:g}"
+        if r["architecture"] == "jumprelu":
+            return f"target L0={r['target_l0']:g}" if pd.notna(r.get("target_l0")) else f"L0 coeff={r['l0_coeff']:g}"
+        return f"k={int(r['k'])}"
+    return df.apply(label, axis=1)
+
+
 def by_k(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per k (JumpReLU by its target L0): L0, NMSE, CE recovered and KL of each architecture."""
-    d = df.copy()
-    d["k_or_target"] = d["k"].where(d["architecture"] != "jumprelu", d["target_l0"])
-    archs = [a for a in ARCH_ORDER if a in set(d["architecture"])]
+    """One row per (architecture, setting): mean ± std over seeds of L0, NMSE, MSE (normalised), CE
+    recovered and KL, and how many seeds."""
+    d = df.assign(setting=_setting(df)).sort_values("l0", kind="stable")
     rows = []
-    for k, g in d.groupby("k_or_target"):
-        row = {"k": int(k)}
-        for metric in ("l0", "nmse", "ce_recovered", "kl"):
-            for a in archs:
-                v = g.loc[g["architecture"] == a, metric]
-                row[f"{metric} {a}"] = float(v.iloc[0]) if len(v) else float("nan")
+    for (arch, setting), g in d.groupby(["architecture", "setting"], sort=False):
+        row = {"architecture": arch, "setting": setting, "seeds": g["seed"].nunique() if "seed" in g else 1}
+        for m in TABLE_METRICS:
+            v = g[m].dropna()
+            row[m] = (f"{v.mean():.4f} ± {v.std():.4f}" if len(v) > 1 else f"{v.mean():.4f}") if len(v) else ""
         rows.append(row)
+    out = pd.DataFrame(rows)
+    out["_order"] = out["architecture"].map(lambda a: ARCH_ORDER.index(a) if a in ARCH_ORDER else 99)
+    return out.sort_values("_order", kind="stable").drop(columns="_order").reset_index(drop=True)
+
+
+def _eval(row) -> dict:
+    return json.loads((Path(row["sweep_dir"]) / row["name"] / "eval.json").read_text())
+
+
+def paired_differences(df: pd.DataFrame, a: str = "batchtopk", b: str = "topk",
+                       metrics=("nmse", "ce_recovered", "kl")) -> pd.DataFrame:
+    """metric(a) − metric(b) for each k and seed where both were trained on one stream, paired over the
+    same evaluation sequences, with 95% bootstrap intervals."""
+    rows = []
+    both = df[df["architecture"].isin([a, b]) & df["target_l0"].isna()]
+    for (k, seed), g in both.groupby(["k", "seed"]):
+        ra, rb = g[g["architecture"] == a], g[g["architecture"] == b]
+        if ra.empty or rb.empty:
+            continue
+        ea, eb = _eval(ra.iloc[0]), _eval(rb.iloc[0])
+        for m in metrics:
+            if m in ("ce_recovered", "kl") and not (ea.get("per_sequence") or {}).get("ce"):
+                continue
+            d = paired_difference(ea, eb, m)
+            rows.append({"k": int(k), "seed": int(seed), "metric": m, "difference": d["difference"],
+                         "lo": d["interval"][0], "hi": d["interval"][1], "excludes zero": d["excludes_zero"],
+                         "text": format_difference(d, a, b)})
     return pd.DataFrame(rows)
 
 
-def main(sweep_dir: str, out_dir: str) -> None:
+def at_equal_l0(df: pd.DataFrame, reference: str = "batchtopk") -> pd.DataFrame:
+    """Settings swept by a penalty (JumpReLU's L0 coefficient, ReLU's L1) interpolated, linearly in log L0,
+    to the L0 of each reference run (mean over its seeds): NMSE and CE recovered side by side."""
+    ref = df[(df["architecture"] == reference)].groupby("k")[["l0", "nmse", "ce_recovered"]].mean()
+    rows = []
+    penal = df[df["l0_coeff"].notna() | (df["architecture"] == "relu")] if "l0_coeff" in df else df[df["architecture"] == "relu"]
+    for arch, g in penal.groupby("architecture"):
+        g = g.groupby("name")[["l0", "nmse", "ce_recovered"]].mean().sort_values("l0")
+        if len(g) < 2:
+            continue
+        x = np.log(g["l0"].to_numpy())
+        for k, r in ref.iterrows():
+            inside = x.min() <= np.log(r["l0"]) <= x.max()
+            interp = lambda col: float(np.interp(np.log(r["l0"]), x, g[col].to_numpy())) if inside else float("nan")
+            rows.append({"k": int(k), "L0": r["l0"], f"NMSE {reference}": r["nmse"], f"NMSE {arch} (interp.)": interp("nmse"),
+                         f"CE rec. {reference}": r["ce_recovered"], f"CE rec. {arch} (interp.)": interp("ce_recovered"),
+                         "within the swept L0 range": inside})
+    return pd.DataFrame(rows)
+
+
+def title_of(df: pd.DataFrame) -> str:
+    """'MODEL HOOK: arch vs arch' from the first SAE's own config."""
+    cfg = json.loads((Path(df.iloc[0]["sweep_dir"]) / df.iloc[0]["name"] / "cfg.json").read_text())["metadata"]
+    archs = [a for a in ARCH_ORDER if a in set(df["architecture"])]
+    return f"{cfg.get('model_name') or 'model'} {cfg.get('hook_name') or ''}: {' vs '.join(archs)}"
+
+
+def write_report(sweep_dirs, out_dir, title: str | None = None) -> dict[str, pd.DataFrame]:
+    """Write every table and figure of one or several (e.g. one per seed) sweep folders into out_dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    df = load_sweep(sweep_dir)
-    shutil.copy(Path(sweep_dir) / "sweep.csv", out / "sweep.csv")
-    archs = [a for a in ARCH_ORDER if a in set(df["architecture"])]
-    frontier_figure(df, title=f"SmolLM2-135M resid_post.15: {' vs '.join(archs)}").write_html(
-        out / "frontier.html", include_plotlyjs=True, full_html=True)
-    cols = ["name", "l0", "nmse", "fvu", "ce_recovered", "ce_delta", "kl", "dead_fraction"]
+    df = collect([Path(d) for d in sweep_dirs])
+    title = title or title_of(df)
+    df.drop(columns="sweep_dir").to_csv(out / "sweep.csv", index=False)
+    frontier_figure(df, title=title).write_html(out / "frontier.html", include_plotlyjs=True, full_html=True)
+    cols = [c for c in ["name", "seed", "l0", "nmse", "nmse_lo", "nmse_hi", "mse_normalized", "ce_recovered",
+                        "ce_recovered_lo", "ce_recovered_hi", "kl", "dead_fraction"] if c in df]
+    tables = {"sweep": df[cols], "by_k": by_k(df), "differences": paired_differences(df), "at_equal_l0": at_equal_l0(df)}
     (out / "sweep.md").write_text(markdown(df[cols]))
-    table = by_k(df)
-    (out / "by_k.md").write_text(markdown(table))
-    print(df[cols].to_string(index=False))
-    print(table.to_string(index=False))
-    prefixes = prefix_table(sweep_dir)
+    (out / "by_k.md").write_text(markdown(tables["by_k"]))
+    if len(tables["differences"]):
+        (out / "differences.md").write_text(markdown(tables["differences"].drop(columns="text")) + "\n" +
+                                            "\n".join(f"- {t}" for t in tables["differences"]["text"]) + "\n")
+    if len(tables["at_equal_l0"]):
+        (out / "frontier_at_equal_l0.md").write_text(markdown(tables["at_equal_l0"]))
+    prefixes = prefix_table(df["sweep_dir"].iloc[0])
     if len(prefixes):
         prefixes.to_csv(out / "prefixes.csv", index=False)
-        pcols = ["name", "groups", "width", "l0", "nmse", "ce_recovered", "kl"]
-        (out / "prefixes.md").write_text(markdown(prefixes[[c for c in pcols if c in prefixes]]))
+        pcols = [c for c in ["name", "groups", "width", "l0", "nmse", "ce_recovered", "kl"] if c in prefixes]
+        (out / "prefixes.md").write_text(markdown(prefixes[pcols]))
         prefix_figure(prefixes, title="Matryoshka BatchTopK: each nested prefix on its own").write_html(
             out / "prefixes.html", include_plotlyjs=True, full_html=True)
-        print(prefixes[[c for c in pcols if c in prefixes]].to_string(index=False))
+        tables["prefixes"] = prefixes[pcols]
+    return tables
+
+
+def main(argv=None) -> None:
+    """python -m saekit.sweep_report SWEEP_DIR [SWEEP_DIR ...] OUT_DIR (the same as saekit sweep-report)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    tables = write_report(args[:-1], args[-1])
+    with pd.option_context("display.width", 200, "display.max_columns", 30):
+        for name, t in tables.items():
+            print(f"\n{name}:\n{t.drop(columns=[c for c in ('text',) if c in t]).to_string(index=False)}")
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main()

@@ -39,7 +39,8 @@ class TrainConfig:
     """How to train (shared by every SAE trained on the stream)."""
     total_tokens: int = 2_000_000
     batch_size: int = 4096
-    lr: float = 3e-4
+    # None: default_lr(d_sae) for each SAE (see there); a number: that rate for every SAE
+    lr: float | None = None
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 100
     decay_frac: float = 0.2  # linear decay to zero over the final fraction of steps
@@ -77,6 +78,19 @@ class TrainConfig:
     @property
     def total_steps(self) -> int:
         return max(1, self.total_tokens // self.batch_size)
+
+    def lr_for(self, d_sae: int) -> float:
+        """The learning rate of an SAE with d_sae latents: `lr` if set, else default_lr(d_sae)."""
+        return float(self.lr) if self.lr is not None else default_lr(d_sae)
+
+
+LR_BASE = 8e-4  # default_lr at 2^14 latents: 4x sparsify's 2e-4, measured best of a sweep (benchmarks/lr_default.py)
+
+
+def default_lr(d_sae: int) -> float:
+    """LR_BASE / sqrt(d_sae / 2^14): larger for small dictionaries, which the paper's fixed 3e-4 (meant
+    for 12k+ latents and a billion tokens) under-trains in short runs (benchmarks/results/lr_default_cpu.txt)."""
+    return LR_BASE / math.sqrt(d_sae / 2 ** 14)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, decay_frac: float) -> float:
@@ -333,8 +347,9 @@ class Trainer:
         self.names = [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
         torch.manual_seed(train_cfg.seed)
         self.saes = [make_sae(c).to(self.device) for c in self.cfgs]
-        self.opts = [torch.optim.Adam(s.optim_groups(), lr=train_cfg.lr, betas=train_cfg.betas, fused=True)
-                     for s in self.saes]  # fused: one kernel per parameter group (CPU and CUDA)
+        self.lrs = [train_cfg.lr_for(c.d_sae) for c in self.cfgs]
+        self.opts = [torch.optim.Adam(s.optim_groups(), lr=lr, betas=train_cfg.betas, fused=True)
+                     for s, lr in zip(self.saes, self.lrs)]  # fused: one kernel per parameter group (CPU and CUDA)
         # torch.distributed: one replica per rank, DDP all-reduces gradients, BatchTopK selects globally
         self.rank, self.world = dist_rank(), world_size()
         self.ddp = None
@@ -447,7 +462,7 @@ class Trainer:
         stats = []
         for i, (sae, opt) in enumerate(zip(self.saes, self.opts)):
             for g in opt.param_groups:
-                g["lr"] = tc.lr * factor * g["lr_scale"]
+                g["lr"] = self.lrs[i] * factor * g["lr_scale"]
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 out = self.ddp[i](x) if self.ddp else sae.training_loss(x, fast=tc.fast)
             if not torch.isfinite(out.loss):
@@ -464,7 +479,7 @@ class Trainer:
             else:
                 sae.update_dead(out.fired, x.shape[0])
             extra = sae.after_step_stats(out)
-            stats.append((out, extra, tc.lr * factor))
+            stats.append((out, extra, self.lrs[i] * factor))
         self.step += 1
         self.tokens += x.shape[0] * self.world
         return self._log(stats)

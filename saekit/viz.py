@@ -13,9 +13,22 @@ ARCH_LABELS = {"batchtopk": "BatchTopK", "topk": "TopK", "jumprelu": "JumpReLU",
                "matryoshka": "Matryoshka BatchTopK"}
 
 
+def _error_bars(g: pd.DataFrame, metric: str) -> dict | None:
+    """plotly error_y from METRIC_lo / METRIC_hi columns (95% bootstrap intervals), where present."""
+    lo, hi = f"{metric}_lo", f"{metric}_hi"
+    if lo not in g or g[lo].isna().all():
+        return None
+    return dict(type="data", symmetric=False, array=(g[hi] - g[metric]).tolist(),
+                arrayminus=(g[metric] - g[lo]).tolist(), thickness=1.2, width=4)
+
+
 def frontier_figure(df: pd.DataFrame, title: str = "Reconstruction-sparsity frontier") -> go.Figure:
-    """NMSE vs L0 and CE recovered vs L0, one line per architecture; hover shows the run."""
+    """NMSE vs L0 and CE recovered vs L0, one line per architecture, with 95% bootstrap intervals as
+    error bars where the table has them; hover shows the run. Several seeds of one setting (a "seed"
+    column) are averaged into one point whose bars span the seeds' intervals."""
     has_ce = "ce_recovered" in df and df["ce_recovered"].notna().any()
+    if "seed" in df and df["seed"].nunique() > 1:
+        df = seed_means(df)
     fig = make_subplots(rows=1, cols=2 if has_ce else 1, horizontal_spacing=0.12,
                         subplot_titles=["NMSE vs L0 (lower is better)"] + (["CE loss recovered vs L0 (higher is better)"] if has_ce else []))
     for arch, g in df.sort_values("l0").groupby("architecture", sort=False):
@@ -25,15 +38,27 @@ def frontier_figure(df: pd.DataFrame, title: str = "Reconstruction-sparsity fron
         style = dict(mode="lines+markers", name=ARCH_LABELS.get(arch, arch), legendgroup=arch,
                      line=dict(color=ARCH_COLORS.get(arch)), marker=dict(size=9), hovertext=hover,
                      hoverinfo="text", customdata=g["name"].tolist())
-        fig.add_trace(go.Scatter(x=g["l0"], y=g["nmse"], **style), row=1, col=1)
+        fig.add_trace(go.Scatter(x=g["l0"], y=g["nmse"], error_y=_error_bars(g, "nmse"), **style), row=1, col=1)
         if has_ce:
-            fig.add_trace(go.Scatter(x=g["l0"], y=g["ce_recovered"], showlegend=False, **style), row=1, col=2)
+            fig.add_trace(go.Scatter(x=g["l0"], y=g["ce_recovered"], showlegend=False,
+                                     error_y=_error_bars(g, "ce_recovered"), **style), row=1, col=2)
     fig.update_xaxes(title_text="L0 (mean active latents per token)", type="log")
-    fig.update_yaxes(title_text="NMSE", row=1, col=1)
+    fig.update_yaxes(title_text="NMSE (sum of squared errors / sum of squared norms)", row=1, col=1)
     if has_ce:
-        fig.update_yaxes(title_text="CE loss recovered", row=1, col=2)
+        fig.update_yaxes(title_text="CE loss recovered (fraction of zero-ablation loss)", row=1, col=2)
     fig.update_layout(title=title, template="plotly_white", height=420, hovermode="closest")
     return fig
+
+
+def seed_means(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per setting (same name) over its seeds: mean of every number; the _lo / _hi columns
+    become the lowest lo and the highest hi of the seeds (so a bar spans every seed's interval)."""
+    num = df.select_dtypes("number").columns
+    agg = {c: ("min" if c.endswith("_lo") else "max" if c.endswith("_hi") else "mean") for c in num if c != "seed"}
+    agg.update({c: "first" for c in df.columns if c not in num and c != "name"})
+    out = df.groupby("name", sort=False).agg(agg).reset_index()
+    out["n_seeds"] = df.groupby("name", sort=False)["seed"].nunique().values
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -191,3 +191,13 @@ def test_nan_activations_are_refused(model, tokenizer, tmp_path):
     finally:
         h.remove()
     assert not list((tmp_path / "nan" / "shards").glob("*.npy")) if (tmp_path / "nan" / "shards").exists() else True
+
+
+def test_capture_records_how_documents_were_sampled(model, tmp_path):
+    from saekit.activations import ActivationStore, capture
+    from saekit.data import packed_corpus
+
+    p = packed_corpus(model.tokenizer, seq_len=32, max_tokens=300, seed=5)
+    capture(model, p, HOOK, tmp_path / "s", n_tokens=300, batch_size=8, progress=False)
+    m = ActivationStore(tmp_path / "s").manifest
+    assert m["corpus"]["sampling"] == {"method": "shuffled documents", "seed": 5} and m["corpus"]["split"] == "train"

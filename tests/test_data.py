@@ -60,3 +60,37 @@ def test_bad_corpora_give_clear_errors(tmp_path, tokenizer):
         load_corpus(split="validation")
     with pytest.raises(CorpusError, match="seq_len"):
         pack(["hello"], tokenizer, seq_len=1)
+
+
+def test_documents_are_drawn_from_across_the_split_with_a_seed(tokenizer):
+    ds = load_corpus(split="train")
+    n_docs = len(ds)
+    shuffled = packed_corpus(tokenizer, seq_len=64, max_tokens=3000)
+    ordered = packed_corpus(tokenizer, seq_len=64, max_tokens=3000, shuffle=False)
+    docs = lambda p: sorted({int(d) for d in p.doc_ids[p.doc_ids >= 0]})
+    # in corpus order the first documents are one play; a seeded shuffle reaches every part of the split
+    assert max(docs(ordered)) < n_docs // 10
+    picked = docs(shuffled)
+    assert min(picked) < n_docs // 3 and max(picked) > 2 * n_docs // 3
+    assert len({ds[d]["genre"] for d in picked}) >= 2 and len({ds[d]["genre"] for d in docs(ordered)}) == 1
+    # doc ids point back into the split: each document's kept tokens re-form the start of its text
+    d = picked[0]
+    ids = shuffled.tokens[(shuffled.doc_ids == d) & shuffled.keep]
+    assert ds[d]["text"].startswith(tokenizer.decode(ids.tolist())[:40])
+    assert shuffled.meta["sampling"] == {"method": "shuffled documents", "seed": 0}
+    assert ordered.meta["sampling"] == {"method": "document order"}
+    again = packed_corpus(tokenizer, seq_len=64, max_tokens=3000)
+    other = packed_corpus(tokenizer, seq_len=64, max_tokens=3000, seed=1)
+    assert again.sha256() == shuffled.sha256() and other.sha256() != shuffled.sha256()
+
+
+def test_streamed_data_sets_pass_through_a_shuffle_buffer():
+    import datasets
+
+    from saekit.data import sample_documents
+
+    stream = datasets.Dataset.from_dict({"text": [f"document {i}" for i in range(200)]}).to_iterable_dataset()
+    docs, how = sample_documents(stream, buffer_size=100, seed=3)
+    texts = [t for _, t in docs]
+    assert how == {"method": "shuffle buffer", "seed": 3, "buffer_size": 100}
+    assert sorted(texts) == sorted(f"document {i}" for i in range(200)) and texts[:20] != [f"document {i}" for i in range(20)]

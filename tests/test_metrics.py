@@ -101,16 +101,57 @@ def test_evaluate_json_schema(model, store):
     sae = make_sae(arch="topk", d_in=576, d_sae=1152, k=8, hook_name=HOOK).eval()
     m = evaluate(sae, model, store, n_tokens=500, ce_tokens=100)
     json.dumps(m)  # JSON-able
-    assert m["schema"] == SCHEMA and set(m) == {"schema", "sae", "mode", "n_tokens", "reconstruction", "sparsity",
-                                                 "downstream"}
-    assert set(m["reconstruction"]) == {"nmse", "fvu", "explained_variance", "cosine"}
+    assert m["schema"] == SCHEMA and set(m) == {"schema", "sae", "mode", "n_tokens", "n_sequences", "reconstruction",
+                                                 "sparsity", "downstream", "intervals", "interval_method", "per_sequence"}
+    assert set(m["reconstruction"]) == {"nmse", "mse_normalized", "fvu", "explained_variance", "cosine"}
     assert set(m["sparsity"]) == {"l0", "l0_std", "l0_quantiles", "l0_histogram", "dead_fraction", "dense_fraction"}
-    assert set(m["downstream"]) == {"n_tokens", "ce_clean", "ce_sae", "ce_zero_ablation", "ce_mean_ablation",
-                                    "ce_recovered", "ce_recovered_mean", "ce_delta", "kl", "ce_sae_plus_error",
-                                    "kl_sae_plus_error"}
+    assert set(m["downstream"]) == {"n_tokens", "n_sequences", "ce_clean", "ce_sae", "ce_zero_ablation",
+                                    "ce_mean_ablation", "ce_recovered", "ce_recovered_mean", "ce_delta", "kl",
+                                    "ce_sae_plus_error", "kl_sae_plus_error", "intervals"}
+    assert set(m["intervals"]) == {"nmse", "mse_normalized", "l0", "ce_recovered", "ce_recovered_mean", "ce_delta", "kl"}
+    for name, (lo, hi) in m["intervals"].items():  # each interval holds its point estimate
+        point = m["downstream"].get(name, m["reconstruction"].get(name, m["sparsity"].get(name)))
+        assert lo <= point <= hi, name
     assert m["n_tokens"] == 500 and m["sparsity"]["l0"] == pytest.approx(8.0) and m["downstream"]["n_tokens"] >= 100
+    assert sum(m["per_sequence"]["recon"]["n"]) == 500 and sum(m["per_sequence"]["ce"]["n"]) == m["downstream"]["n_tokens"]
     no_model = evaluate(sae, None, store.path, n_tokens=500)
     assert no_model["downstream"] is None and no_model["reconstruction"] == m["reconstruction"]
+
+
+def test_evaluation_samples_sequences_from_the_whole_store(store):
+    from saekit.metrics import sample_sequences
+
+    pos = store.positions()
+    keep = np.zeros(store.tokens.shape, dtype=bool)
+    keep[pos[:, 0], pos[:, 1]] = True
+    n_seq = keep.shape[0]
+    chosen = sample_sequences(keep, 300)
+    assert keep[chosen].sum() >= 300 and keep[chosen[:-1]].sum() < 300 + keep.sum(1).max()
+    assert chosen.max() > n_seq // 2 and chosen.min() < n_seq // 2  # not the first sequences only
+    assert (sample_sequences(keep, 300) == chosen).all() and not np.array_equal(sample_sequences(keep, 300, seed=1), chosen)
+    assert len(sample_sequences(keep, 10 ** 9)) == n_seq
+
+
+def test_perfect_sae_interval_is_exactly_one_and_intervals_narrow_with_more_tokens(model, store):
+    from saekit.metrics import ce_metrics_many, paired_difference
+
+    pos = store.positions()
+    keep = np.zeros(store.tokens.shape, dtype=bool)
+    keep[pos[:, 0], pos[:, 1]] = True
+    tokens = np.array(store.tokens)
+    torch.manual_seed(0)
+    rough = make_sae(arch="topk", d_in=576, d_sae=1152, k=8, hook_name=HOOK).eval()
+    perfect, few = ce_metrics_many([identity_sae(576), rough], model, tokens[:6], keep[:6], hook=HOOK)
+    assert perfect["intervals"]["ce_recovered"] == [1.0, 1.0] and perfect["intervals"]["ce_recovered_mean"] == [1.0, 1.0]
+    many = ce_metrics_many([rough], model, tokens, keep, hook=HOOK)[0]
+    width = lambda m: m["intervals"]["ce_recovered"][1] - m["intervals"]["ce_recovered"][0]
+    assert many["n_sequences"] > 4 * few["n_sequences"] and 0 < width(many) < width(few)
+    # a paired difference of an SAE with itself is exactly zero; against the perfect SAE it excludes zero
+    as_eval = lambda m: {"per_sequence": {"ce": m["_per_sequence"]}}
+    same = paired_difference(as_eval(few), as_eval(few), "ce_recovered")
+    assert same["difference"] == 0 and same["interval"] == [0.0, 0.0] and not same["excludes_zero"]
+    d = paired_difference(as_eval(perfect), as_eval(few), "ce_recovered")
+    assert d["excludes_zero"] and d["interval"][0] > 0 and d["difference"] == pytest.approx(1 - few["ce_recovered"])
 
 
 def test_batchtopk_evaluation_does_not_depend_on_batch_size(store):
@@ -136,8 +177,8 @@ def test_small_sweep_end_to_end(model, store, tmp_path):
 
     cfgs = sweep_configs(576, ("batchtopk", "topk", "jumprelu", "matryoshka"), (8, 16), expansion=2, hook_name=HOOK)
     tc = TrainConfig(total_tokens=2 * 1800, batch_size=256, warmup_steps=2, progress=False)
-    df = sweep(store, cfgs, tc, tmp_path / "sw", model=model, eval_tokens=600, ce_tokens=60, hook=HOOK, progress=False)
-    assert list(df.columns) == COLUMNS and len(df) == 8
+    df = sweep(store, cfgs, tc, tmp_path / "sw", model=model, eval_tokens=600, ce_tokens=150, hook=HOOK, progress=False)
+    assert list(df.columns[:len(COLUMNS)]) == COLUMNS and len(df) == 8
     assert set(df.architecture) == {"batchtopk", "topk", "jumprelu", "matryoshka"}
     mat = json.loads((tmp_path / "sw" / "matryoshka_k8_1152" / "eval.json").read_text())
     assert [p["width"] for p in mat["prefixes"]] == [72, 144, 288, 576, 1152]
@@ -176,18 +217,24 @@ def test_small_sweep_end_to_end(model, store, tmp_path):
 
     prefixes = prefix_table(tmp_path / "sw")
     assert set(prefixes.name) == {"matryoshka_k8_1152", "matryoshka_k16_1152"} and len(prefixes) == 10
-    report(str(tmp_path / "sw"), str(tmp_path / "res"))
+    report([str(tmp_path / "sw"), str(tmp_path / "res")])
     by_k = (tmp_path / "res" / "by_k.md").read_text().splitlines()
-    assert "nmse batchtopk" in by_k[0] and "nmse matryoshka" in by_k[0] and len(by_k) == 4  # header, rule, k=8, 16
+    assert by_k[0].startswith("| architecture | setting | seeds | l0 | nmse") and len(by_k) == 2 + len(df)
+    assert "| batchtopk | k=8 | 1 |" in by_k[2]
+    diffs = (tmp_path / "res" / "differences.md").read_text()
+    assert diffs.count("nmse batchtopk \u2212 topk") == 2 and diffs.count("ce_recovered batchtopk \u2212 topk") == 2
+    for col in ("nmse_lo", "nmse_hi", "ce_recovered_lo", "ce_recovered_hi", "kl_lo", "kl_hi"):
+        assert (df[col.rsplit("_", 1)[0]].between(df[f"{col.rsplit('_', 1)[0]}_lo"], df[f"{col.rsplit('_', 1)[0]}_hi"])).all()
+    assert fig.data[0].error_y.array is not None  # the frontier carries the intervals
     for f in ("sweep.csv", "sweep.md", "frontier.html", "prefixes.csv", "prefixes.md", "prefixes.html"):
         assert (tmp_path / "res" / f).stat().st_size > 0
 
 
 def test_committed_results_load():
-    from saekit.sweep import COLUMNS, committed_results
+    from saekit.sweep import committed_results
 
     df = committed_results("smollm2_l15")
-    assert set(COLUMNS) <= set(df.columns) and {"batchtopk", "topk", "jumprelu"} <= set(df.architecture)
+    assert {"name", "architecture", "k", "d_sae", "l0", "nmse", "ce_recovered", "kl", "train_tokens"} <= set(df.columns) and {"batchtopk", "topk", "jumprelu"} <= set(df.architecture)
     assert (df.d_sae == df.d_sae.iloc[0]).all() and (df.train_tokens == df.train_tokens.iloc[0]).all()
     with pytest.raises(FileNotFoundError, match="no committed results named 'nope'"):
         committed_results("nope")

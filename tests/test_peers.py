@@ -209,3 +209,29 @@ def test_load_names_what_it_could_not_find(tmp_path):
     sae = make_sae(arch="topk", d_in=D, d_sae=F, k=K)
     sae.save(tmp_path / "mine")
     assert type(saekit.load(tmp_path / "mine")) is TopKSAE  # a local folder loads directly
+
+
+def test_saelens_loads_a_calibrated_folder_and_gives_saekits_code(tmp_path):
+    from saekit.calibrate import calibrate_folder
+    from saekit.train import TensorSource
+
+    torch.manual_seed(0)
+    sae = make_sae(arch="batchtopk", d_in=D, d_sae=F, k=K, normalize="token")
+    _randomise(sae)
+    with torch.no_grad():
+        sae.threshold.fill_(0.3)
+        sae.threshold_updates.fill_(1)
+    sae.eval().save(tmp_path / "sae")
+
+    class Store(TensorSource):  # the little a calibration reads of a store
+        path, manifest, hooks, hook = tmp_path / "store", {"model": "toy"}, ["h"], "h"
+
+        def rows(self, s, e, hook=None):
+            return self.x[s:e]
+
+    rec = calibrate_folder(tmp_path / "sae", Store(_inputs(seed=2, n=500)), target_l0=3)
+    assert rec["l0_after"] == pytest.approx(3, rel=0.01) and rec["theta"] != pytest.approx(0.3)
+    cal = load_sae(tmp_path / "sae")
+    assert cal.theta_info["source"] == "calibrated" and cal.theta_info["target_l0"] == 3
+    assert json.loads((tmp_path / "sae" / "cfg.json").read_text())["saekit"]["theta"]["store"] == str(tmp_path / "store")
+    _same_outputs(cal, SLSAE.load_from_disk(str(tmp_path / "sae")))
