@@ -409,13 +409,22 @@ def evaluate(sae: SAE, model=None, data=None, n_tokens: int = 20_000, ce_tokens:
     the sums behind them so paired_difference() can compare two SAEs. BatchTopK uses threshold mode
     unless mode="batch"; its batch-mode L0 and the ratio of the two are reported too.
     """
+    return evaluate_many([sae], model, data, n_tokens, ce_tokens, mode, batch_size, seq_batch, hook, progress, seed)[0]
+
+
+def evaluate_many(saes: Sequence[SAE], model=None, data=None, n_tokens: int = 20_000, ce_tokens: int = CE_TOKENS,
+                  mode: str | None = None, batch_size: int = 4096, seq_batch: int = 8, hook: str | None = None,
+                  progress: bool = False, seed: int = 0, error_splice: bool = True) -> list[dict]:
+    """evaluate() for several SAEs at one hook on the same sequences: the clean, zero- and mean-ablated
+    forwards are made once for all of them (ce_metrics_many), so their results pair up exactly.
+    error_splice=False skips the `x_hat + error` check (one forward per SAE)."""
     from pathlib import Path
 
     from .activations import ActivationStore, forward_hooks
     from .data import PackedTokens
     from .models import resolve_hook, underlying
 
-    hook = hook or sae.cfg.hook_name
+    hook = hook or saes[0].cfg.hook_name
     if isinstance(data, (str, Path)):
         data = ActivationStore(data)
     if isinstance(data, ActivationStore):
@@ -447,25 +456,35 @@ def evaluate(sae: SAE, model=None, data=None, n_tokens: int = 20_000, ce_tokens:
                 yield v[kb.to(v.device)], seq
     else:
         raise ValueError(f"evaluate() takes an ActivationStore, its folder or PackedTokens, not {type(data).__name__}")
+    # Matryoshka: every nested prefix is evaluated as an SAE of its own; the CE baselines are shared by all
+    subs = [[s.prefix(g) for g in range(1, len(s.cfg.group_sizes) + 1)] if hasattr(s, "prefix") else [] for s in saes]
+    ce_all = None
+    if model is not None:
+        ce_seq = sample_sequences(keep, ce_tokens, seed, targets=True)
+        flat = [x for sae, sb in zip(saes, subs) for x in (sae, *sb)]
+        flags = [f for sb in subs for f in (error_splice, *([False] * len(sb)))]
+        ce_all = iter(ce_metrics_many(flat, model, tokens[ce_seq], keep[ce_seq], hook=hook, mode=mode,
+                                      seq_batch=seq_batch, progress=progress, error_splice=flags, seq_index=ce_seq))
+    results = []
+    for sae, sb in zip(saes, subs):
+        downstream = next(ce_all) if ce_all is not None else None
+        sub_ce = [next(ce_all) for _ in sb] if ce_all is not None else [{} for _ in sb]
+        results.append(_one_evaluation(sae, sb, downstream, sub_ce, make_batches, mode, hook, len(chosen)))
+    return results
+
+
+def _one_evaluation(sae, subs, downstream, sub_ce, make_batches, mode, hook, n_sequences) -> dict:
+    """evaluate()'s dict for one SAE, given its (and its prefixes') CE results."""
     rec = reconstruction_metrics(sae, make_batches(), mode=mode)
-    hist = l0_histogram(rec["_per_token_l0"])
     c = sae.cfg
     sparsity = {"l0": rec["l0"], "l0_std": rec["l0_std"], "l0_quantiles": rec["l0_quantiles"],
-                "l0_histogram": hist, "dead_fraction": rec["dead_fraction"], "dense_fraction": rec["dense_fraction"]}
-    threshold_mode = hasattr(sae, "threshold_for_l0") and mode in (None, "threshold")
-    if threshold_mode:  # the batch-coupled training-time code next to the threshold that replaces it
+                "l0_histogram": l0_histogram(rec["_per_token_l0"]), "dead_fraction": rec["dead_fraction"],
+                "dense_fraction": rec["dense_fraction"]}
+    if hasattr(sae, "threshold_for_l0") and mode in (None, "threshold"):
+        # the batch-coupled training-time code next to the threshold that replaces it
         batch_l0 = reconstruction_metrics(sae, (x for x, _ in make_batches()), mode="batch")["l0"]
         sparsity.update({"l0_batch_mode": batch_l0, "l0_threshold_mode": rec["l0"],
                          "l0_threshold_over_batch": rec["l0"] / batch_l0 if batch_l0 else float("nan")})
-    # Matryoshka: every nested prefix is evaluated as an SAE of its own; the CE baselines are shared
-    subs = [sae.prefix(g) for g in range(1, len(c.group_sizes) + 1)] if hasattr(sae, "prefix") else []
-    downstream, sub_ce = None, [{} for _ in subs]
-    if model is not None:
-        ce_seq = sample_sequences(keep, ce_tokens, seed, targets=True)
-        ce = ce_metrics_many([sae, *subs], model, tokens[ce_seq], keep[ce_seq], hook=hook, mode=mode,
-                             seq_batch=seq_batch, progress=progress, error_splice=[True] + [False] * len(subs),
-                             seq_index=ce_seq)
-        downstream, sub_ce = ce[0], ce[1:]
     prefixes = None
     if subs:
         prefixes = []
@@ -475,11 +494,10 @@ def evaluate(sae: SAE, model=None, data=None, n_tokens: int = 20_000, ce_tokens:
                              **{k: r[k] for k in ("nmse", "mse_normalized", "fvu", "explained_variance", "cosine")},
                              "l0": r["l0"], "ce_recovered": d.get("ce_recovered"), "kl": d.get("kl"),
                              "intervals": {**r.get("intervals", {}), **(d.get("intervals") or {})}})
+    downstream = dict(downstream) if downstream is not None else None
     per_sequence = {"recon": rec.get("_per_sequence")}
     if downstream is not None:
         per_sequence["ce"] = downstream.pop("_per_sequence")
-    for d in sub_ce:
-        d.pop("_per_sequence", None)
     intervals = {**rec.get("intervals", {}), **((downstream or {}).get("intervals") or {})}
     out = {
         "schema": SCHEMA,
@@ -491,7 +509,7 @@ def evaluate(sae: SAE, model=None, data=None, n_tokens: int = 20_000, ce_tokens:
                 "theta_info": sae.theta_info},
         "mode": mode or ("threshold" if c.arch in ("batchtopk", "matryoshka") else "default"),
         "n_tokens": rec["n_tokens"],
-        "n_sequences": len(chosen),
+        "n_sequences": n_sequences,
         "reconstruction": {k: rec[k] for k in ("nmse", "mse_normalized", "fvu", "explained_variance", "cosine")},
         "sparsity": sparsity,
         "downstream": downstream,

@@ -10,7 +10,7 @@ from typing import Sequence
 import pandas as pd
 
 from .activations import atomic_write_bytes, atomic_write_json
-from .metrics import CE_TOKENS, evaluate
+from .metrics import CE_TOKENS, evaluate_many
 from .sae import SAEConfig
 from .train import TrainConfig, as_source, train
 
@@ -57,12 +57,11 @@ def sweep(train_data, cfgs: Sequence[SAEConfig], train_cfg: TrainConfig, out: st
     t0 = time.perf_counter()
     res = train(as_source(train_data, hook), list(cfgs), train_cfg, out=out, hook=hook)
     train_seconds = time.perf_counter() - t0
+    evals = evaluate_many(res.saes, model, eval_data if eval_data is not None else train_data, n_tokens=eval_tokens,
+                          ce_tokens=ce_tokens, hook=hook, progress=progress, error_splice=False)
     rows = []
-    for name, sae in zip(res.names, res.saes):
-        m = evaluate(sae, model, eval_data if eval_data is not None else train_data, n_tokens=eval_tokens,
-                     ce_tokens=ce_tokens, hook=hook, progress=progress)
+    for name, sae, m in zip(res.names, res.saes, evals):
         atomic_write_json(out / name / "eval.json", m)
-        d = m["downstream"] or {}
         rows.append(sweep_row(name, sae, m, res.tokens, train_seconds, train_cfg))
     df = pd.DataFrame(rows)
     atomic_write_bytes(out / "sweep.csv", lambda fh: fh.write(df.to_csv(index=False).encode()))
