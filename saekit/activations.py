@@ -134,7 +134,7 @@ def capture(model, packed: PackedTokens, hooks: str | Sequence[str], out: str | 
         "model": model_name(model), "hooks": hooks, "d_model": None, "dtype": dtype,
         "seq_len": seq_len, "n_sequences": packed.n_sequences, "drop_bos": bool(packed.meta.get("drop_bos", True)),
         "bos_token_id": packed.bos_token_id, "pad_token_id": packed.pad_token_id,
-        "corpus": {**{k: v for k, v in packed.meta.items() if k in ("corpus", "split", "text_field", "n_documents", "sampling")},
+        "corpus": {**{k: v for k, v in packed.meta.items() if k in ("corpus", "split", "text_field", "n_documents", "sampling", "part")},
                    **(corpus_info or {})},
         "tokens_sha256": packed.sha256(), "shard_sequences": shard_sequences,
         "shards": [], "n_rows": 0, "complete": False,
@@ -231,19 +231,28 @@ class _Chunk:
 
 
 def capture_splits(model, hook: str, out: str | Path, train_tokens: int, test_tokens: int, seq_len: int = 128,
-                   batch_size: int = 16, corpus: str | None = None, progress: bool = True, seed: int = 0):
+                   batch_size: int = 16, corpus: str | None = None, progress: bool = True, seed: int = 0,
+                   calib_tokens: int = 0):
     """Capture the bundled (or named) corpus's train and test splits at `hook` into out/store_train and
     out/store_test, each a sample of documents from across its split (seeded random order); finished
-    stores are reused and interrupted ones resumed. Returns (train, test)."""
+    stores are reused and interrupted ones resumed. Returns (train, test).
+
+    calib_tokens > 0 also captures out/store_calib from the train split's documents that come next in the
+    same random order, i.e. text the SAE is not trained on (the store to calibrate theta on), and returns
+    (train, test, calib)."""
     from .data import packed_corpus
 
     out = Path(out)
-    stores = []
-    for split, n in (("train", train_tokens), ("test", test_tokens)):
-        packed = packed_corpus(model.tokenizer, corpus, split=split, seq_len=seq_len, max_tokens=n, seed=seed)
-        stores.append(capture(model, packed, hook, out / f"store_{split}", n_tokens=n, batch_size=batch_size,
-                              progress=progress))
-    return tuple(stores)
+    train_packed = packed_corpus(model.tokenizer, corpus, split="train", seq_len=seq_len,
+                                 max_tokens=train_tokens + calib_tokens, seed=seed)
+    n_train = train_packed.sequences_for(train_tokens)
+    parts = [("train", train_packed.head(n_train), train_tokens),
+             ("test", packed_corpus(model.tokenizer, corpus, split="test", seq_len=seq_len, max_tokens=test_tokens,
+                                    seed=seed), test_tokens)]
+    if calib_tokens:
+        parts.append(("calib", train_packed.sequences(n_train, train_packed.n_sequences), calib_tokens))
+    return tuple(capture(model, packed, hook, out / f"store_{name}", n_tokens=n, batch_size=batch_size,
+                         progress=progress) for name, packed, n in parts)
 
 
 class ActivationStore:

@@ -70,6 +70,12 @@ def _train_cfg(a):
                        checkpoint_every=a.checkpoint_every, warmup_steps=a.warmup_steps)
 
 
+def _print_lrs(cfgs, tc) -> None:
+    for c in cfgs:
+        print(f"{c.name}: learning rate {tc.lr_for(c.d_sae):.2e}"
+              + (" (--lr)" if tc.lr is not None else f" (default for {c.d_sae:,} latents)"))
+
+
 def cmd_train(a) -> int:
     from . import distributed
     from .train import as_source, train
@@ -80,8 +86,7 @@ def cmd_train(a) -> int:
     src = as_source(a.store, a.hook)
     cfgs, tc = _sae_cfgs(a, src), _train_cfg(a)
     if rank == 0:
-        for c in cfgs:
-            print(f"{c.name}: learning rate {tc.lr_for(c.d_sae):.2e}" + (" (--lr)" if a.lr else f" (default for {c.d_sae} latents)"))
+        _print_lrs(cfgs, tc)
     try:
         res = train(src, cfgs, tc, out=a.out, resume=not a.no_resume)
     finally:
@@ -153,6 +158,7 @@ def cmd_sweep(a) -> int:
 
     src = as_source(a.store, a.hook)
     cfgs = _sae_cfgs(a, src)
+    _print_lrs(cfgs, _train_cfg(a))
     model = _model_for(a, a.eval_store or a.store)
     df = sweep(src, cfgs, _train_cfg(a), a.out, eval_data=a.eval_store or a.store, model=model,
                eval_tokens=a.eval_tokens, ce_tokens=a.ce_tokens, hook=cfgs[0].hook_name)
@@ -175,9 +181,10 @@ def cmd_demo(a) -> int:
     t0 = time.perf_counter()
     print("[1/6] loading the embedded model (first run builds a cache, ~30 s)")
     model = load_model(device=a.device)
-    print(f"[2/6] capturing {a.hook} on the bundled corpus: {a.tokens:,} training + {a.eval_tokens:,} held-out tokens, "
-          f"documents drawn at random from each whole split")
-    store, held = capture_splits(model, a.hook, out, a.tokens, a.eval_tokens)
+    print(f"[2/6] capturing {a.hook} on the bundled corpus, documents drawn at random from each whole split: "
+          f"{a.tokens:,} training tokens, {a.calib_tokens:,} more from unseen training documents (to calibrate "
+          f"theta on) and {a.eval_tokens:,} held-out tokens")
+    store, held, calib_store = capture_splits(model, a.hook, out, a.tokens, a.eval_tokens, calib_tokens=a.calib_tokens)
     print(f"[3/6] training BatchTopK and TopK SAEs (k={a.k}, {a.expansion}x = {store.d_model * a.expansion} latents) "
           f"on one stream of {a.train_tokens:,} tokens")
     common = dict(d_in=store.d_model, d_sae=store.d_model * a.expansion, k=a.k, dead_tokens=5 * a.batch_size,
@@ -192,15 +199,17 @@ def cmd_demo(a) -> int:
     theta_trained = float(sae.threshold)
     l0_trained = float(per_token_l0(sae, held, a.eval_tokens).mean())
     print(f"[4/6] theta from training {theta_trained:.4f}: held-out threshold-mode L0 {l0_trained:.2f} (k = {a.k}); "
-          f"calibrating theta on the training store (not the held-out one)")
-    cal = calibrate(sae, store)
+          f"calibrating theta on {len(calib_store):,} tokens of training-split documents the SAE never saw "
+          f"(not the held-out ones)")
+    cal = calibrate(sae, calib_store)
     sae.save(sae_dir)
-    print(f"      theta {theta_trained:.4f} -> {cal['theta']:.4f} (L0 on the training store "
+    print(f"      theta {theta_trained:.4f} -> {cal['theta']:.4f} (L0 on the calibration store "
           f"{cal['l0_before']:.2f} -> {cal['l0_after']:.2f})")
     print(f"[5/6] evaluating the BatchTopK SAE on held-out text (reconstruction, sparsity, CE with it spliced in "
           f"on {a.ce_tokens:,} positions)")
     m = evaluate(sae, model, held, n_tokens=a.eval_tokens, ce_tokens=a.ce_tokens, progress=True)
     summary = {**m, "store_train": str(out / "store_train"), "store_test": str(out / "store_test"),
+               "store_calib": str(out / "store_calib"),
                "sae_dir": str(sae_dir), "train_tokens": res.tokens, "train_steps": res.steps,
                "lr": tc.lr_for(sae.cfg.d_sae), "theta": cal["theta"], "theta_trained": theta_trained,
                "l0_threshold_mode_trained_theta": l0_trained, "l0_batch_mode": m["sparsity"]["l0_batch_mode"],
@@ -208,7 +217,7 @@ def cmd_demo(a) -> int:
     atomic_write_json(out / "metrics.json", summary)
     print("\nheld-out, " + describe(m))
     print(f"  held-out L0 / k: {l0_trained / a.k:.3f} with the trained theta, {m['sparsity']['l0'] / a.k:.3f} "
-          f"after calibrating on the training store")
+          f"after calibrating on unseen training-split text")
     print("[6/6] writing the report")
     from .report import build_report
 
@@ -331,7 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the main job on the embedded model and bundled corpus")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--hook", default=DEMO_HOOK)
-    d.add_argument("--tokens", type=int, default=120_000, help="training tokens to capture")
+    d.add_argument("--tokens", type=int, default=320_000, help="training tokens to capture")
+    d.add_argument("--calib-tokens", type=int, default=20_000,
+                   help="tokens of further training-split documents to calibrate theta on")
     d.add_argument("--eval-tokens", type=int, default=20_000)
     d.add_argument("--train-tokens", type=int, default=480_000, help="SAE training tokens (epochs over the store)")
     d.add_argument("--k", type=int, default=32)

@@ -146,8 +146,13 @@ class PackedTokens:
         return hashlib.sha256(np.ascontiguousarray(self.tokens).tobytes()).hexdigest()
 
     def head(self, n_sequences: int) -> "PackedTokens":
-        return PackedTokens(self.tokens[:n_sequences], self.doc_ids[:n_sequences], self.keep[:n_sequences],
-                            self.bos_token_id, self.pad_token_id, dict(self.meta))
+        return self.sequences(0, n_sequences)
+
+    def sequences(self, start: int, end: int) -> "PackedTokens":
+        """Sequences [start, end) as packed tokens of their own (meta records which part of the packing)."""
+        meta = {**self.meta, "part": {"sequences": [int(start), int(min(end, self.n_sequences))]}} if start else dict(self.meta)
+        return PackedTokens(self.tokens[start:end], self.doc_ids[start:end], self.keep[start:end],
+                            self.bos_token_id, self.pad_token_id, meta)
 
     def sequences_for(self, n_tokens: int) -> int:
         """How many leading sequences hold at least n_tokens kept positions (all of them if fewer)."""

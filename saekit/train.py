@@ -518,6 +518,7 @@ class Trainer:
             sae.save(folder)
             atomic_write_bytes(folder / "train_log.csv", lambda fh, f=frame: fh.write(f.to_csv(index=False).encode()))
         atomic_write_json(self.out / "train_config.json", {"train": self.tc.to_dict(), "names": self.names,
+                                                           "lrs": self.lrs,
                                                            "saes": [c.to_dict() for c in self.cfgs],
                                                            "steps": self.step, "tokens": self.tokens})
 

@@ -201,3 +201,18 @@ def test_capture_records_how_documents_were_sampled(model, tmp_path):
     capture(model, p, HOOK, tmp_path / "s", n_tokens=300, batch_size=8, progress=False)
     m = ActivationStore(tmp_path / "s").manifest
     assert m["corpus"]["sampling"] == {"method": "shuffled documents", "seed": 5} and m["corpus"]["split"] == "train"
+
+
+def test_capture_splits_adds_a_calibration_store_of_unseen_training_documents(model, tmp_path):
+    from saekit.activations import capture_splits
+
+    train, test, calib = capture_splits(model, HOOK, tmp_path, 600, 300, seq_len=32, batch_size=8, progress=False,
+                                        calib_tokens=300)
+    assert len(train) >= 600 and len(test) >= 300 and len(calib) >= 300
+    n_train = train.manifest["n_sequences"]
+    assert calib.manifest["corpus"]["part"] == {"sequences": [n_train, n_train + calib.manifest["n_sequences"]]}
+    assert calib.manifest["corpus"]["split"] == "train" and test.manifest["corpus"]["split"] == "test"
+    docs = lambda s: set(np.unique(s.doc_ids[s.doc_ids >= 0]).tolist())
+    assert len(docs(calib) - docs(train)) >= 1 and len(docs(calib) & docs(train)) <= 1  # at most the one it continues
+    again = capture_splits(model, HOOK, tmp_path, 600, 300, seq_len=32, batch_size=8, progress=False)
+    assert [s.manifest["tokens_sha256"] for s in again] == [train.manifest["tokens_sha256"], test.manifest["tokens_sha256"]]

@@ -7,7 +7,7 @@ import sys
 def test_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
     args = [sys.executable, "-m", "saekit", "demo", "--out", str(out), "--hook", "resid_post.4", "--tokens", "3000",
-            "--eval-tokens", "800", "--train-tokens", "6144", "--batch-size", "256", "--expansion", "2",
+            "--eval-tokens", "800", "--calib-tokens", "600", "--train-tokens", "6144", "--batch-size", "256", "--expansion", "2",
             "--k", "8", "--ce-tokens", "300"]
     r = subprocess.run(args, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -17,7 +17,7 @@ def test_demo_end_to_end(tmp_path):
     # both L0s (batch mode is k by construction), theta before and after calibration, the CE sample, intervals
     assert m["l0_batch_mode"] == 8.0 and m["sparsity"]["l0_batch_mode"] == 8.0 and 0 < m["reconstruction"]["nmse"] < 1
     assert m["l0_threshold_mode_trained_theta"] > 0 and m["theta_trained"] > 0 and m["theta"] > 0
-    assert m["sae"]["theta_info"]["source"] == "calibrated" and m["sae"]["theta_info"]["store"].endswith("store_train")
+    assert m["sae"]["theta_info"]["source"] == "calibrated" and m["sae"]["theta_info"]["store"].endswith("store_calib")
     assert m["ce_tokens"] == m["downstream"]["n_tokens"] >= 300 and m["downstream"]["n_sequences"] >= 3
     for name in ("nmse", "l0", "ce_recovered", "kl"):
         lo, hi = m["intervals"][name]
