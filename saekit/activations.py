@@ -244,7 +244,7 @@ def capture_splits(model, hook: str, out: str | Path, train_tokens: int, test_to
 
     out = Path(out)
     train_packed = packed_corpus(model.tokenizer, corpus, split="train", seq_len=seq_len,
-                                 max_tokens=train_tokens + calib_tokens, seed=seed)
+                                 max_tokens=train_tokens + calib_tokens + (seq_len if calib_tokens else 0), seed=seed)
     n_train = train_packed.sequences_for(train_tokens)
     parts = [("train", train_packed.head(n_train), train_tokens),
              ("test", packed_corpus(model.tokenizer, corpus, split="test", seq_len=seq_len, max_tokens=test_tokens,

@@ -72,7 +72,7 @@ def _train_cfg(a):
 
 def _print_lrs(cfgs, tc) -> None:
     for c in cfgs:
-        print(f"{c.name}: learning rate {tc.lr_for(c.d_sae):.2e}"
+        print(f"learning rate of {c.name}: {tc.lr_for(c.d_sae):.2e}"
               + (" (--lr)" if tc.lr is not None else f" (default for {c.d_sae:,} latents)"))
 
 

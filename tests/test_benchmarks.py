@@ -64,3 +64,16 @@ def test_encoder_start_benchmark_trains_each_start_on_one_stream(store, tmp_path
     assert [round(v["start_norm"], 3) for v in res.values()] == [0.5, 1.0, 0.58, 0.2]
     assert res["paper's code (default)"]["nmse_vs_default"] == 1.0 and "paper's code (default)" in r.stdout
     assert all(0 < v["nmse"] < 2 and 0 <= v["dead_auxk_window"] <= 1 and v["l0"] > 0 for v in res.values())
+
+
+def test_lr_default_benchmark_sweeps_around_the_default(store):
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "lr_default.py"), "--store", str(store.path),
+                        "--eval-store", str(store.path), "--toy-sizes", "64", "--store-sizes", "1152",
+                        "--toy-steps", "3", "--store-steps", "2", "--factors", "1", "2"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = r.stdout
+    assert out.count("<- default") == 2 and out.count("default / best NMSE:") == 2  # one toy size, one store size
+    assert "lr 1.28e-02 (x1)" in out  # 8e-4 / sqrt(64 / 2^14): the default for 64 latents
+    for norm in ("token", "dataset", "none"):
+        assert f"--normalize {norm}" in out
