@@ -11,12 +11,16 @@ the paper's encoder start). Stages:
   jumprelu_paper JumpReLU as the paper trains it: L0 penalty swept over its coefficient, bandwidth 0.001,
                  thresholds starting at 0.001, no target
   report         the tables and figures into results/smollm2_l15 (saekit sweep-report)
+A finished stage's table, each SAE's eval.json (with the per-sequence sums behind its intervals) and cfg.json are
+kept under results/smollm2_l15/stages/STAGE (committed; the weights stay in --out), so a later session skips the
+stages already done and the report combines them.
 Each SAE is evaluated on the held-out split: NMSE (and the paper's normalised MSE), L0, CE recovered and KL on
 16,384 positions, each with a 95% bootstrap interval over sequences.
 """
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 from pathlib import Path
 
@@ -30,6 +34,21 @@ from saekit.train import TrainConfig
 HOOK, TOKENS, BATCH, EXPANSION = "resid_post.15", 786_432, 1024, 8
 L0_COEFFS = (0.5, 2.0, 8.0, 32.0)  # the paper-recipe JumpReLU's penalty sweep
 HERE = Path(__file__).resolve().parent
+STAGES = HERE / "stages"
+
+
+def archive(sweep_dir: Path, dest: Path) -> None:
+    """Keep what the report needs of a finished stage: its table and each SAE's eval.json and cfg.json."""
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shutil.copy(sweep_dir / "sweep.csv", tmp / "sweep.csv")
+    for ev in sweep_dir.glob("*/eval.json"):
+        (tmp / ev.parent.name).mkdir()
+        for f in ("eval.json", "cfg.json"):
+            shutil.copy(ev.parent / f, tmp / ev.parent.name / f)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
 
 
 def stage_configs(stage: str, d: int, **meta) -> tuple[list[SAEConfig], int]:
@@ -56,14 +75,18 @@ def main(argv=None):
                 dataset="bundled")
     for stage in a.stages:
         if stage == "report":
-            done = [out / s for s in ("seed0", "seed1", "seed2", "jumprelu_paper") if (out / s / "sweep.csv").exists()]
+            done = [STAGES / s for s in ("seed0", "seed1", "seed2", "jumprelu_paper") if (STAGES / s / "sweep.csv").exists()]
             write_report(done, HERE)
+            continue
+        if (STAGES / stage / "sweep.csv").exists():
+            print(f"{stage}: done earlier ({STAGES / stage})")
             continue
         cfgs, seed = stage_configs(stage, store.d_model, **meta)
         t0 = time.perf_counter()
         df = sweep(store, cfgs, TrainConfig(total_tokens=TOKENS, batch_size=BATCH, seed=seed, warmup_steps=50,
                                             checkpoint_every=100), out / stage, eval_data=held, model=model,
                    eval_tokens=len(held), hook=HOOK)
+        archive(out / stage, STAGES / stage)
         print(f"{stage}: {len(df)} SAEs, {time.perf_counter() - t0:.0f} s", flush=True)
 
 
