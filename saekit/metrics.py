@@ -526,9 +526,7 @@ def _one_evaluation(sae, subs, downstream, sub_ce, make_batches, mode, hook, n_s
 
 def describe(m: dict) -> str:
     """evaluate()'s result as a few readable lines, each figure with its 95% interval."""
-    iv = m.get("intervals") or {}
-
-    def f(name, value, digits=4):
+    def f(name, value, digits=4, iv=m.get("intervals") or {}):
         lo_hi = iv.get(name)
         return f"{value:.{digits}f}" + (f" [{lo_hi[0]:.{digits}f}, {lo_hi[1]:.{digits}f}]" if lo_hi else "")
 
@@ -548,9 +546,8 @@ def describe(m: dict) -> str:
     if d:
         lines.append(f"  CE clean {d['ce_clean']:.4f}  with SAE {d['ce_sae']:.4f}  zero-ablated {d['ce_zero_ablation']:.4f}"
                      f"  mean-ablated {d['ce_mean_ablation']:.4f}  (nats/token)")
-        div = d.get("intervals") or {}
-        g = lambda name, v: f"{v:.4f}" + (f" [{div[name][0]:.4f}, {div[name][1]:.4f}]" if div.get(name) else "")
-        lines.append(f"  CE recovered {g('ce_recovered', d['ce_recovered'])} (vs mean ablation "
-                     f"{g('ce_recovered_mean', d['ce_recovered_mean'])})  KL {g('kl', d['kl'])}  on "
+        civ = d.get("intervals") or {}
+        lines.append(f"  CE recovered {f('ce_recovered', d['ce_recovered'], iv=civ)} (vs mean ablation "
+                     f"{f('ce_recovered_mean', d['ce_recovered_mean'], iv=civ)})  KL {f('kl', d['kl'], iv=civ)}  on "
                      f"{d['n_tokens']:,} positions in {d.get('n_sequences', '?')} sequences")
     return "\n".join(lines)
