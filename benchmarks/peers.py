@@ -220,6 +220,7 @@ def main(argv=None):
                     help="saekit's AuxK weight (default the paper's 1/32; 0: off, as sparsify's trainer by default)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--json", default=None)
+    ap.add_argument("--no-memory", action="store_true", help="skip the CPU peak-memory runs (one process per method)")
     ap.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)  # child: one method's CPU peak memory
     a = ap.parse_args(argv)
     device = torch.device("cuda" if a.gpu else "cpu")
@@ -272,7 +273,7 @@ def main(argv=None):
         if isinstance(sae, BatchTopKSAE):  # one rule for every BatchTopK model: theta from its final weights
             sae.calibrate_threshold(batches[-20:])
         ev = reconstruction_metrics(sae, eval_x.split(4096), device=device)
-        peak = mem.mb if device.type == "cuda" else cpu_peak_mb(m, argv)
+        peak = mem.mb if device.type == "cuda" else (float("nan") if a.no_memory else cpu_peak_mb(m, argv))
         results[m] = dict(tokens_per_s=(n_steps - 2) * B / secs, nmse=ev["nmse"], l0=ev["l0"], peak_mb=peak)
     base = results.get("saekit")
     print(f"{'method':<26}{'tokens/s':>12}{'saekit/this':>13}{'NMSE':>9}{'L0':>8}{'peak MB':>10}")

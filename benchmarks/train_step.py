@@ -100,6 +100,9 @@ def main():
     ap.add_argument("--store", default=None, help="also train from this activation store (Trainer.fit), with and "
                                                   "without read-ahead, and report the data-loading share")
     ap.add_argument("--hook", default=None)
+    ap.add_argument("--no-toy", action="store_true", help="skip the teaching notebook's toy shape")
+    ap.add_argument("--store-steps", type=int, default=200,
+                    help="training steps from the store (enough to pass the shuffle buffer's first fill)")
     a = ap.parse_args()
     device = torch.device("cuda" if a.gpu else "cpu")
     d = a.d or (768 if a.gpu else 576)
@@ -135,6 +138,12 @@ def main():
 
     def run_saekit(arch):
         tr = make_trainer(arch)
+        tr.initialise(data[0])  # b_dec stays zero (b_dec_init="zeros"); JumpReLU's thresholds start at its target L0
+        if arch == "relu":  # a trained ReLU-L1's sparsity (L0 ~ k), which its penalty reaches only after many steps
+            with torch.no_grad():
+                sae = tr.saes[0]
+                a_ = sae.pre_acts(sae.normalize_input(data[0])[0])
+                sae.b_enc -= a_.flatten().topk(B * a.k).values.min()
         for i in range(2):
             tr.train_step(data[i])
         sync(device)
@@ -155,11 +164,42 @@ def main():
         print(f"{'saekit ' + arch:<24} {tps:>12,.0f} tok/s  ratio {tps / base_tps:.2f}  loss {loss:.5f}  peak {mem:,.0f} MB")
     print("ratio = saekit tokens/s / plain tokens/s in this run. plain and saekit batchtopk start from the same "
           "weights and see the same batches, so their losses after the same steps compare directly.")
+    if not a.gpu and not a.no_toy:
+        results["toy"] = run_toy(device)
     if a.store:
-        results["store"] = run_store(a, device, steps)
+        results["store"] = run_store(a, device, a.store_steps)
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(results, fh, indent=2)
+
+
+def run_toy(device, d=48, f=192, B=4096, k=5, steps=20):
+    """The teaching notebook's toy shape, where the sparse kernels do not pay: saekit must take its dense path and
+    cost no more than the plain step. Median over interleaved rounds."""
+    import statistics
+
+    torch.manual_seed(0)
+    x = torch.randn(4, B, d, device=device)
+    plain = PlainBatchTopK(d, f, k).to(device)
+    opt = torch.optim.Adam(plain.parameters(), lr=1e-3)
+    tr = Trainer([SAEConfig(arch="batchtopk", d_in=d, d_sae=f, k=k, dead_tokens=5 * B)],
+                 TrainConfig(total_tokens=10**9, batch_size=B, lr=1e-3, warmup_steps=0, progress=False,
+                             device=str(device), b_dec_init="zeros"))
+    runs = {"plain": lambda i: plain_step(plain, opt, x[i % 4], 5 * B), "saekit": lambda i: tr.train_step(x[i % 4])}
+    times = {n: [] for n in runs}
+    for n, r in runs.items():
+        r(0)
+    for _ in range(5):
+        for n, r in runs.items():
+            t = time.perf_counter()
+            for i in range(steps // 5):
+                r(i)
+            times[n].append((time.perf_counter() - t) / (steps // 5))
+    path = tr.saes[0].training_loss(x[0]).path
+    ms = {n: statistics.median(v) * 1e3 for n, v in times.items()}
+    print(f"{'toy size':<24} d={d}, d_sae={f}, batch={B}, k={k}: plain {ms['plain']:.1f} ms, saekit {ms['saekit']:.1f} ms "
+          f"per step, ratio {ms['plain'] / ms['saekit']:.2f} (saekit's {path} path; median of 5 interleaved rounds)")
+    return dict(plain_ms=ms["plain"], saekit_ms=ms["saekit"], ratio=ms["plain"] / ms["saekit"], path=path)
 
 
 def run_store(a, device, steps):
@@ -175,9 +215,11 @@ def run_store(a, device, steps):
         tc = TrainConfig(total_tokens=steps * B, batch_size=B, lr=3e-4, warmup_steps=0, progress=False,
                          device=str(device), prefetch=prefetch, calibrate_batches=0, init_tokens=B)
         res = Trainer([cfg], tc).fit(store, hook=a.hook)
-        out[f"prefetch_{prefetch}"] = dict(tokens_per_s=res.tokens / res.seconds, data_share=res.data_share)
+        out[f"prefetch_{prefetch}"] = dict(tokens_per_s=res.tokens / res.seconds, data_share=res.data_share,
+                                           steps=res.steps)
         print(f"{'store, read-ahead ' + str(prefetch):<24} {res.tokens / res.seconds:>12,.0f} tok/s  data-loading "
-              f"share {res.data_share:.1%} of the loop ({store.dtype} store, batch {B})")
+              f"share {res.data_share:.1%} of the loop ({store.dtype} store, batch {B}, {res.steps} steps, shuffle "
+              f"buffer {tc.buffer_rows:,} rows)")
     return out
 
 

@@ -67,7 +67,7 @@ def latent_counts(sae: SAE, model, text: str, hook: str | None = None, mode: str
 def group_counts(sae: SAE, model, text: str, hook: str | None = None) -> pd.DataFrame:
     """Matryoshka: each token's active latents split by nested group (which level they come from).
     Columns: position, token, kept, count, and one column per group ("g1 (0-287)", ...)."""
-    if not hasattr(sae, "group_of"):
+    if not sae.has_prefixes:
         raise ValueError(f"group_counts needs a Matryoshka SAE (this one is {sae.cfg.arch})")
     acts, tokens, kept = text_activations(model, text, hook or sae.cfg.hook_name)
     with torch.no_grad():

@@ -27,7 +27,7 @@ def calibrate(sae: SAE, store, target_l0: float | None = None, n_tokens: int | N
     from .activations import ActivationStore
     from .metrics import per_token_l0
 
-    if not hasattr(sae, "threshold_for_l0"):
+    if not sae.has_theta:
         raise SAEConfigError(f"calibration sets the global threshold of a BatchTopK-family SAE; a "
                              f"'{sae.cfg.arch}' SAE has none (JumpReLU learns one threshold per latent)")
     store = ActivationStore(store) if isinstance(store, (str, Path)) else store
@@ -40,18 +40,17 @@ def calibrate(sae: SAE, store, target_l0: float | None = None, n_tokens: int | N
         raise SAEConfigError(f"the SAE has d_in={sae.cfg.d_in} but store {store.path} holds d={store.d_model}; "
                              f"calibrate on a store captured at the SAE's hook")
     sae.eval()
-    before = float(per_token_l0(sae, store, n, batch_size=batch_size).mean()) if int(sae.threshold_updates) else None
-    theta_before = float(sae.threshold) if int(sae.threshold_updates) else None
+    before = float(per_token_l0(sae, store, n, batch_size=batch_size).mean()) if sae.has_threshold else None
+    theta_before = float(sae.threshold) if sae.has_threshold else None
     theta = sae.threshold_for_l0(_store_batches(store, n, batch_size, hook), target, n)
-    sae.threshold.fill_(theta)
-    sae.threshold_updates.clamp_(min=1)
+    sae.set_threshold(theta)
     after = float(per_token_l0(sae, store, n, batch_size=batch_size).mean())
     record = {"source": "calibrated", "target_l0": target, "theta": theta, "store": str(store.path),
               "store_model": store.manifest.get("model"), "store_hook": hook or store.hook,
               "store_corpus": store.manifest.get("corpus"), "n_tokens": n,
               "l0_before": before, "l0_after": after, "theta_before": theta_before,
               "previous": sae.theta_info}
-    sae.theta_info = record
+    sae.set_threshold(theta, record)
     return record
 
 

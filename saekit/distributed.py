@@ -10,6 +10,10 @@ all-reduces the gradients. Selection that couples the tokens of a batch is made 
   ranks gather their full top world*B*k (a second all_gather). Either way a rank keeps its entries at or
   above the cut: the same code as one process on the concatenated batch.
 - dead-latent counters see the global batch (fired latents all-reduced with MAX).
+- JumpReLU's target-L0 penalty is a function of the global batch's L0; BatchTopK's final theta is the mean of
+  the ranks' estimates.
+
+Everything that talks to other ranks is in this module; the SAEs and the trainer call it.
 
 So a distributed step gives the weights of one process stepping on the concatenated batch (tested with
 the gloo backend on CPU). Checkpoints and outputs are written once, by rank 0; every rank resumes from them.
@@ -100,6 +104,50 @@ def broadcast_module(module: torch.nn.Module) -> None:
     """Rank 0's parameters and buffers on every rank (after initialisation from data)."""
     for t in list(module.parameters()) + list(module.buffers()):
         dist.broadcast(t.data, src=0)
+
+
+def global_batch_topk(a: torch.Tensor, k: int, hint: float, topk) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """BatchTopK's training selection over the global batch: (flat indices, values, cut) of this rank's entries
+    among the world*B*k largest pre-activations of all ranks (positive ones), where `topk(a, n, hint)` is the
+    exact local top-n (saekit.sae.kernels.batch_topk). The cut is the global n-th largest value, as one
+    process on the concatenated batch would see it (None when nothing positive is kept anywhere)."""
+    B = a.shape[0]
+    n_global = B * world_size() * k
+    share = min(2 * B * k, a.numel())
+    vals, flat = topk(a, min(share + 1, a.numel()), hint)
+    cut, exact = global_batch_cut(vals, n_global, share)
+    if not exact:  # a rank holds more of the global top than its round-one share: gather its full top
+        full = min(n_global, a.numel())
+        vals, flat = topk(a, full, hint)
+        cut, _ = global_batch_cut(vals, n_global, full)
+    keep = (vals >= cut) & (vals > 0)
+    flat, vals = flat[keep], vals[keep]
+    if cut > 0:
+        return flat, vals, a.new_tensor(cut)
+    m = vals.min() if vals.numel() else a.new_tensor(float("inf"))
+    dist.all_reduce(m, op=dist.ReduceOp.MIN)
+    return flat, vals, (m if torch.isfinite(m) else None)
+
+
+def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """The mean of a tensor over the ranks (a copy; the tensor itself is left alone)."""
+    t = t.detach().clone()
+    if is_distributed():
+        dist.all_reduce(t)
+        t /= world_size()
+    return t
+
+
+def wrap_ddp(saes, fast: bool, device: torch.device) -> list:
+    """Each SAE's training loss as a DistributedDataParallel module (gradients all-reduced over the ranks); marks
+    the SAEs distributed so that batch-coupled terms (BatchTopK's selection, JumpReLU's L0 target) use the
+    global batch."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    for sae in saes:
+        sae.distributed = True
+    return [DistributedDataParallel(LossModule(s, fast), device_ids=ids, forward_sync_buffers=False) for s in saes]
 
 
 class LossModule(torch.nn.Module):

@@ -1,17 +1,9 @@
-"""Interop with the peers: SAELens and sparsify files and objects, and SAELens's pretrained releases.
+"""Bridges to the peers' live objects, and SAELens's pretrained releases.
 
-saekit writes SAELens's inference layout (see `SAE.save`), so `sae_lens.SAE.load_from_disk` reads our
-folders directly. This module reads the other direction:
-
-- SAELens folders in the inference layout (`standard`, `topk`, `jumprelu`; a `jumprelu` that SAELens
-  saved from a BatchTopK or Matryoshka BatchTopK training SAE comes back as our BatchTopK/Matryoshka)
-  and in the training layout (`save_model` of a training SAE: `batchtopk`, `matryoshka_batchtopk`,
-  `topk` with `rescale_acts_by_decoder_norm`, `jumprelu` with `log_threshold`).
-- sparsify checkpoints (`cfg.json` with its own keys + `sae.safetensors`) as a TopK SAE.
-- `load("release/sae_id")`: a pretrained SAE from SAELens's directory, downloaded from the hub.
-
-Whatever a format does outside our encoder (decoder-norm rescaling, `apply_b_dec_to_input=False`) is
-folded into the weights exactly, so the loaded SAE gives the peer's code and reconstruction.
+Files of either peer are read and written in `saekit.sae.formats` (plain dicts and tensors) and
+`saekit.sae.folders` (`load_sae`, `SAE.save`, `save_sparsify`); this module turns live `sae_lens` and
+`sparsify` objects into saekit SAEs and back through those files, and `load("release/sae_id")` fetches a
+pretrained SAE from SAELens's directory on the Hugging Face hub.
 """
 from __future__ import annotations
 
@@ -20,91 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .sae import SAE, SAEConfig, SAEConfigError, load_sae
-
-SPARSIFY_WEIGHTS = "sae.safetensors"
-SAELENS_ARCHS = ("standard", "topk", "jumprelu", "batchtopk", "matryoshka_batchtopk")
-
-
-def _fold_decoder_norm(state: dict) -> None:
-    """SAELens's rescale_acts_by_decoder_norm (select on pre * |W_dec row|, decode with z / |row|)
-    as plain weights: the same code and reconstruction."""
-    n = state["W_dec"].norm(dim=-1)
-    state["W_enc"] = state["W_enc"] * n
-    state["b_enc"] = state["b_enc"] * n
-    state["W_dec"] = state["W_dec"] / n[:, None]
-
-
-def _groups_from_widths(widths, d_sae: int) -> list[int]:
-    widths = [int(w) for w in widths]
-    if not widths or widths[-1] != d_sae:
-        widths.append(d_sae)
-    return [b - a for a, b in zip([0] + widths[:-1], widths)]
-
-
-def from_saelens(raw: dict, state: dict, where: Path) -> tuple[SAEConfig, dict]:
-    """saekit config + weights for a SAELens cfg.json and state dict (any supported layout)."""
-    arch = raw.get("architecture", "standard")
-    if arch not in SAELENS_ARCHS:
-        raise SAEConfigError(f"{where}: SAELens architecture '{arch}' is not supported; saekit loads "
-                             f"{', '.join(SAELENS_ARCHS)}")
-    norm = raw.get("normalize_activations", "none")
-    if norm not in ("none", "layer_norm"):
-        raise SAEConfigError(f"{where}: normalize_activations='{norm}' is not supported "
-                             f"(saekit loads 'none' and 'layer_norm'); fold the scaling into the weights first")
-    if raw.get("reshape_activations", "none") != "none":
-        raise SAEConfigError(f"{where}: reshape_activations='{raw['reshape_activations']}' (attention hook_z SAEs) "
-                             f"is not supported; saekit SAEs read flat [tokens, d_in] activations")
-    meta = raw.get("metadata") or {}
-    details = meta.get("training_architecture_details") or {}
-    state = dict(state)
-    if "topk_threshold" in state:  # training layout of (Matryoshka) BatchTopK: one global threshold
-        state["threshold"] = state.pop("topk_threshold").reshape(()).expand(state["b_enc"].shape).clone()
-    if "log_threshold" in state:  # training layout of JumpReLU
-        state["threshold"] = state.pop("log_threshold").exp()
-    if raw.get("rescale_acts_by_decoder_norm", False):
-        _fold_decoder_norm(state)
-    if not raw.get("apply_b_dec_to_input", True):
-        # SAELens: pre = x W_enc + b_enc; ours: pre = (x - b_dec) W_enc + b_enc'
-        state["b_enc"] = state["b_enc"] + state["b_dec"] @ state["W_enc"]
-    d_in, d_sae = (int(n) for n in state["W_enc"].shape)
-    k = raw.get("k", details.get("k", 32))
-    widths = raw.get("matryoshka_widths") or details.get("matryoshka_widths")
-    thr = state.get("threshold")
-    trained_as = meta.get("training_architecture")
-    if arch == "jumprelu" and trained_as in ("batchtopk", "matryoshka_batchtopk") and thr is not None \
-            and bool((thr == thr.flatten()[0]).all()):
-        arch = trained_as  # SAELens saves a BatchTopK SAE as a JumpReLU with one threshold everywhere
-    ours = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "batchtopk",
-            "matryoshka_batchtopk": "matryoshka"}[arch]
-    cfg = SAEConfig(arch=ours, d_in=d_in, d_sae=d_sae, k=max(1, min(int(round(float(k))), d_sae - 1)),
-                    normalize="token" if norm == "layer_norm" else "none",
-                    group_sizes=_groups_from_widths(widths, d_sae) if ours == "matryoshka" and widths else None,
-                    hook_name=meta.get("hook_name") or raw.get("hook_name"),
-                    model_name=meta.get("model_name") or raw.get("model_name"),
-                    context_size=meta.get("context_size"), dataset=meta.get("dataset_path"))
-    return cfg, state
-
-
-def from_sparsify(raw: dict, state: dict, where: Path) -> tuple[SAEConfig, dict]:
-    """saekit TopK config + weights for a sparsify `cfg.json` and `sae.safetensors`."""
-    if raw.get("activation", "topk") != "topk":
-        raise SAEConfigError(f"{where}: sparsify activation '{raw.get('activation')}' is not supported; "
-                             f"saekit loads sparsify's 'topk' sparse coders")
-    if raw.get("transcode") or raw.get("skip_connection") or "W_skip" in state:
-        raise SAEConfigError(f"{where}: this sparsify checkpoint is a transcoder or has a skip connection; "
-                             f"saekit loads sparse autoencoders (transcode=false, skip_connection=false)")
-    if "encoder.weight" not in state or "W_dec" not in state:
-        raise SAEConfigError(f"{where}: a sparsify checkpoint needs 'encoder.weight' and 'W_dec' tensors "
-                             f"(has {sorted(state)}); was it saved with decoder=False?")
-    enc = state["encoder.weight"]  # [num_latents, d_in]
-    d_sae, d_in = (int(n) for n in enc.shape)
-    if "d_in" in raw and int(raw["d_in"]) != d_in:
-        raise SAEConfigError(f"{where}: cfg.json says d_in={raw['d_in']} but encoder.weight is {tuple(enc.shape)}")
-    new = {"W_enc": enc.t().contiguous(), "b_enc": state["encoder.bias"], "W_dec": state["W_dec"],
-           "b_dec": state["b_dec"]}
-    cfg = SAEConfig(arch="topk", d_in=d_in, d_sae=d_sae, k=int(raw.get("k", 32)), normalize="none")
-    return cfg, new
+from .sae import SAE, SAEConfigError, load_sae, save_sparsify
 
 
 # -- live objects --------------------------------------------------------------------------------------
@@ -126,6 +34,15 @@ def from_saelens_sae(sl) -> SAE:
         else:
             sl.save_model(d)
         return load_sae(d)
+
+
+def to_sparsify_coder(sae: SAE):
+    """The same TopK SAE as a `sparsify.SparseCoder` (through sparsify's own loader of the files we write)."""
+    from sparsify import SparseCoder
+
+    with tempfile.TemporaryDirectory() as d:
+        save_sparsify(sae, d)
+        return SparseCoder.load_from_disk(d, device=str(sae.W_enc.device))
 
 
 def from_sparsify_coder(coder) -> SAE:

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from . import analysis, viz
-from .activations import ActivationStore, atomic_write_bytes
+from .activations import ActivationStore
+from .files import atomic_write_bytes
 from .metrics import reconstruction_metrics
 from .sae import load_sae
 
@@ -27,7 +28,7 @@ def _sae_dirs(run: Path) -> dict[str, Path]:
 
 
 def _label(sae, name: str) -> str:
-    return f"{viz.ARCH_LABELS.get(sae.cfg.arch, sae.cfg.arch)} ({name})"
+    return f"{sae.label} ({name})"
 
 
 def _sample_text(store: ActivationStore, tokenizer, seq: int = 0) -> str:

@@ -9,9 +9,9 @@ from typing import Sequence
 
 import pandas as pd
 
-from .activations import atomic_write_bytes, atomic_write_json
+from .files import atomic_write_bytes, atomic_write_csv, atomic_write_json
 from .metrics import CE_TOKENS, evaluate_many
-from .sae import SAEConfig
+from .sae import SAEConfig, architecture
 from .train import TrainConfig, as_source, train
 
 COLUMNS = ["name", "architecture", "k", "target_l0", "l0_coeff", "l1_coeff", "d_sae", "seed", "lr", "l0",
@@ -23,21 +23,13 @@ INTERVAL_METRICS = ("nmse", "mse_normalized", "l0", "ce_recovered", "ce_recovere
 
 def sweep_configs(d_in: int, archs: Sequence[str] = ("batchtopk", "topk", "jumprelu"), ks: Sequence[int] = (16, 32, 64),
                   expansion: int = 8, l1_coeffs: Sequence[float] = (1.0, 3.0, 10.0), **common) -> list[SAEConfig]:
-    """One config per (architecture, sparsity): k for BatchTopK/TopK, target L0 = k for JumpReLU,
-    the given L1 coefficients for ReLU. All share d_sae = expansion * d_in."""
+    """One config per (architecture, sparsity level): the levels of `ks` (k, or JumpReLU's target L0) or of
+    `l1_coeffs` (ReLU-L1), as each architecture's `sweep_knob` says. All share d_sae = expansion * d_in."""
     cfgs = []
     for arch in archs:
-        levels = l1_coeffs if arch == "relu" else ks
-        for level in levels:
-            kw = dict(arch=arch, d_in=d_in, d_sae=d_in * expansion, **common)
-            if arch in ("batchtopk", "topk", "matryoshka"):
-                kw["k"] = int(level)
-            elif arch == "jumprelu":
-                kw["target_l0"] = float(level)
-                kw["k"] = int(level)
-            else:
-                kw["l1_coeff"] = float(level)
-            cfgs.append(SAEConfig(**kw))
+        cls = architecture(arch)
+        for level in (l1_coeffs if cls.sweep_knob == "l1_coeff" else ks):
+            cfgs.append(SAEConfig(arch=arch, d_in=d_in, d_sae=d_in * expansion, **{**common, **cls.sweep_setting(level)}))
     return cfgs
 
 
@@ -64,7 +56,7 @@ def sweep(train_data, cfgs: Sequence[SAEConfig], train_cfg: TrainConfig, out: st
         atomic_write_json(out / name / "eval.json", m)
         rows.append(sweep_row(name, sae, m, res.tokens, train_seconds, train_cfg))
     df = pd.DataFrame(rows)
-    atomic_write_bytes(out / "sweep.csv", lambda fh: fh.write(df.to_csv(index=False).encode()))
+    atomic_write_csv(out / "sweep.csv", df)
     atomic_write_bytes(out / "sweep.parquet", lambda fh: df.to_parquet(fh, index=False))
     return df
 
@@ -75,7 +67,7 @@ def sweep_row(name: str, sae, m: dict, train_tokens: int, train_seconds: float, 
     c = sae.cfg
     d = m["downstream"] or {}
     row = {"name": name, "architecture": c.arch, "k": m["sae"]["k"], "target_l0": c.target_l0,
-           "l0_coeff": c.l0_coeff if c.arch == "jumprelu" and not c.target_l0 else None,
+           "l0_coeff": sae.sparsity_settings(c).get("l0_coeff"),
            "l1_coeff": m["sae"]["l1_coeff"], "d_sae": c.d_sae, "seed": train_cfg.seed, "lr": train_cfg.lr_for(c.d_sae),
            "l0": m["sparsity"]["l0"], "l0_batch_mode": m["sparsity"].get("l0_batch_mode"),
            **m["reconstruction"], **{k: d.get(k) for k in ("ce_recovered", "ce_recovered_mean", "ce_delta", "kl")},

@@ -9,17 +9,16 @@ Matryoshka SAEs prefixes.csv / prefixes.md / prefixes.html. Titles come from the
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from .sae import ARCHITECTURES
 from .metrics import format_difference, paired_difference
 from .sweep import load_sweep, prefix_table
 from .viz import frontier_figure, prefix_figure
 
-ARCH_ORDER = ["batchtopk", "topk", "jumprelu", "matryoshka", "relu"]
 TABLE_METRICS = ("l0", "nmse", "mse_normalized", "ce_recovered", "kl")
 
 
@@ -27,6 +26,10 @@ def markdown(df: pd.DataFrame, digits: int = 4) -> str:
     def fmt(v):
         if isinstance(v, str):
             return v
+        if isinstance(v, (bool, np.bool_)):
+            return "yes" if v else "no"
+        if isinstance(v, (int, np.integer)):
+            return f"{int(v):,}"
         if v is None or pd.isna(v):
             return ""
         return f"{int(v):,}" if float(v).is_integer() and abs(v) >= 1 else f"{v:.{digits}f}"
@@ -46,14 +49,17 @@ def collect(sweep_dirs) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+SETTING_NAMES = {"k": "k", "target_l0": "target L0", "l0_coeff": "L0 coeff", "l1_coeff": "L1 coeff"}
+
+
 def _setting(df: pd.DataFrame) -> pd.Series:
-    """What a row's sparsity setting is called: k, JumpReLU's target L0 or L0 coefficient, ReLU's L1."""
+    """What a row's sparsity setting is called ("k=32", "target L0=32", "L1 coeff=5"): the first of the
+    sparsity columns the row has (each architecture fills only its own; see SAE.sparsity_settings)."""
     def label(r):
-        if r["architecture"] == "relu":
-            return f"L1 coeff={r['l1_coeff']:g}"
-        if r["architecture"] == "jumprelu":
-            return f"target L0={r['target_l0']:g}" if pd.notna(r.get("target_l0")) else f"L0 coeff={r['l0_coeff']:g}"
-        return f"k={int(r['k'])}"
+        col = next((c for c in SETTING_NAMES if c in r and pd.notna(r[c])), None)
+        if col is None:
+            return r["name"]
+        return f"{SETTING_NAMES[col]}={int(r[col]) if col == 'k' else format(r[col], 'g')}"
     return df.apply(label, axis=1)
 
 
@@ -69,7 +75,7 @@ def by_k(df: pd.DataFrame) -> pd.DataFrame:
             row[m] = (f"{v.mean():.4f} ± {v.std():.4f}" if len(v) > 1 else f"{v.mean():.4f}") if len(v) else ""
         rows.append(row)
     out = pd.DataFrame(rows)
-    out["_order"] = out["architecture"].map(lambda a: ARCH_ORDER.index(a) if a in ARCH_ORDER else 99)
+    out["_order"] = out["architecture"].map(lambda a: list(ARCHITECTURES).index(a) if a in ARCHITECTURES else 99)
     return out.sort_values("_order", kind="stable").drop(columns="_order").reset_index(drop=True)
 
 
@@ -77,24 +83,28 @@ def _eval(row) -> dict:
     return json.loads((Path(row["sweep_dir"]) / row["name"] / "eval.json").read_text())
 
 
-def paired_differences(df: pd.DataFrame, a: str = "batchtopk", b: str = "topk",
+def paired_differences(df: pd.DataFrame, a: str = "batchtopk", b: str | None = None,
                        metrics=("nmse", "ce_recovered", "kl")) -> pd.DataFrame:
-    """metric(a) − metric(b) for each k and seed where both were trained on one stream, paired over the
-    same evaluation sequences, with 95% bootstrap intervals."""
+    """metric(a) − metric(b) for each sparsity level (k, or JumpReLU's target L0) and seed where both were trained
+    on one stream and evaluated on the same sequences (the same sweep), with 95% bootstrap intervals. b=None: every
+    other architecture in the table. Penalty-swept SAEs have no matching level (see at_equal_l0)."""
+    df = df.assign(level=df["k"].where(df["k"].notna(), df["target_l0"]))
+    others = [b] if b else [x for x in ARCHITECTURES if x != a and x in set(df["architecture"])]
     rows = []
-    both = df[df["architecture"].isin([a, b]) & df["target_l0"].isna()]
-    for (k, seed), g in both.groupby(["k", "seed"]):
-        ra, rb = g[g["architecture"] == a], g[g["architecture"] == b]
-        if ra.empty or rb.empty:
-            continue
-        ea, eb = _eval(ra.iloc[0]), _eval(rb.iloc[0])
-        for m in metrics:
-            if m in ("ce_recovered", "kl") and not (ea.get("per_sequence") or {}).get("ce"):
+    for other in others:
+        both = df[df["architecture"].isin([a, other]) & df["level"].notna()]
+        for (level, seed, _), g in both.groupby(["level", "seed", "sweep_dir"]):
+            ra, rb = g[g["architecture"] == a], g[g["architecture"] == other]
+            if ra.empty or rb.empty:
                 continue
-            d = paired_difference(ea, eb, m)
-            rows.append({"k": int(k), "seed": int(seed), "metric": m, "difference": d["difference"],
-                         "lo": d["interval"][0], "hi": d["interval"][1], "excludes zero": d["excludes_zero"],
-                         "text": format_difference(d, a, b)})
+            ea, eb = _eval(ra.iloc[0]), _eval(rb.iloc[0])
+            for m in metrics:
+                if m in ("ce_recovered", "kl") and not (ea.get("per_sequence") or {}).get("ce"):
+                    continue
+                d = paired_difference(ea, eb, m)
+                rows.append({"b": other, "k": int(level), "seed": int(seed), "metric": m,
+                             "difference": d["difference"], "lo": d["interval"][0], "hi": d["interval"][1],
+                             "excludes zero": d["excludes_zero"], "text": format_difference(d, a, other)})
     return pd.DataFrame(rows)
 
 
@@ -121,7 +131,7 @@ def at_equal_l0(df: pd.DataFrame, reference: str = "batchtopk") -> pd.DataFrame:
 def title_of(df: pd.DataFrame) -> str:
     """'MODEL HOOK: arch vs arch' from the first SAE's own config."""
     cfg = json.loads((Path(df.iloc[0]["sweep_dir"]) / df.iloc[0]["name"] / "cfg.json").read_text())["metadata"]
-    archs = [a for a in ARCH_ORDER if a in set(df["architecture"])]
+    archs = [a for a in ARCHITECTURES if a in set(df["architecture"])]
     return f"{cfg.get('model_name') or 'model'} {cfg.get('hook_name') or ''}: {' vs '.join(archs)}"
 
 
@@ -152,16 +162,3 @@ def write_report(sweep_dirs, out_dir, title: str | None = None) -> dict[str, pd.
             out / "prefixes.html", include_plotlyjs=True, full_html=True)
         tables["prefixes"] = prefixes[pcols]
     return tables
-
-
-def main(argv=None) -> None:
-    """python -m saekit.sweep_report SWEEP_DIR [SWEEP_DIR ...] OUT_DIR (the same as saekit sweep-report)."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    tables = write_report(args[:-1], args[-1])
-    with pd.option_context("display.width", 200, "display.max_columns", 30):
-        for name, t in tables.items():
-            print(f"\n{name}:\n{t.drop(columns=[c for c in ('text',) if c in t]).to_string(index=False)}")
-
-
-if __name__ == "__main__":
-    main()

@@ -7,10 +7,18 @@ import plotly.express as px
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-ARCH_COLORS = {"batchtopk": "#d62728", "topk": "#1f77b4", "jumprelu": "#2ca02c", "relu": "#9467bd",
-               "matryoshka": "#ff7f0e"}
-ARCH_LABELS = {"batchtopk": "BatchTopK", "topk": "TopK", "jumprelu": "JumpReLU", "relu": "ReLU-L1",
-               "matryoshka": "Matryoshka BatchTopK"}
+from .sae import ARCHITECTURES
+
+def arch_label(arch: str) -> str:
+    """The architecture's name for people (a fact of its class), or the name itself if unknown."""
+    cls = ARCHITECTURES.get(arch)
+    return cls.label if cls else arch
+
+
+def arch_color(arch: str | None) -> str | None:
+    """The architecture's colour in every figure (a fact of its class)."""
+    cls = ARCHITECTURES.get(arch)
+    return cls.color if cls else None
 
 
 def _error_bars(g: pd.DataFrame, metric: str) -> dict | None:
@@ -35,8 +43,8 @@ def frontier_figure(df: pd.DataFrame, title: str = "Reconstruction-sparsity fron
         hover = [f"{r['name']}<br>L0 {r['l0']:.1f}<br>NMSE {r['nmse']:.4f}"
                  + (f"<br>CE recovered {r['ce_recovered']:.4f}" if has_ce and pd.notna(r.get("ce_recovered")) else "")
                  + (f"<br>dead {r['dead_fraction']:.3f}" if "dead_fraction" in r else "") for _, r in g.iterrows()]
-        style = dict(mode="lines+markers", name=ARCH_LABELS.get(arch, arch), legendgroup=arch,
-                     line=dict(color=ARCH_COLORS.get(arch)), marker=dict(size=9), hovertext=hover,
+        style = dict(mode="lines+markers", name=arch_label(arch), legendgroup=arch,
+                     line=dict(color=arch_color(arch)), marker=dict(size=9), hovertext=hover,
                      hoverinfo="text", customdata=g["name"].tolist())
         fig.add_trace(go.Scatter(x=g["l0"], y=g["nmse"], error_y=_error_bars(g, "nmse"), **style), row=1, col=1)
         if has_ce:
@@ -179,7 +187,7 @@ def count_property_figure(props: pd.DataFrame, correlations: pd.Series | None = 
 
 def activation_histogram_figure(values: np.ndarray, latent: int, density: float | None = None) -> go.Figure:
     sub = f" (fires on {density:.2%} of tokens)" if density is not None else ""
-    fig = go.Figure(go.Histogram(x=np.asarray(values), nbinsx=40, marker_color=ARCH_COLORS["batchtopk"]))
+    fig = go.Figure(go.Histogram(x=np.asarray(values), nbinsx=40, marker_color=arch_color("batchtopk")))
     fig.update_layout(title=f"Latent {latent}: activation histogram{sub}", xaxis_title="activation",
                       yaxis_title="tokens", template="plotly_white", height=300)
     return fig
@@ -230,10 +238,10 @@ def count_vs_truth_figure(true_counts, counts: dict, title: str = "Latents used 
         c = np.asarray(c, dtype=float)
         means = [c[true_counts == v].mean() for v in levels]
         sds = [c[true_counts == v].std() for v in levels]
-        arch = next((a for a in ARCH_COLORS if name.lower().startswith(a)), None)
+        arch = next((a for a in ARCHITECTURES if name.lower().startswith(a)), None)
         fig.add_trace(go.Scatter(x=levels, y=means, error_y=dict(type="data", array=sds, visible=True),
                                  mode="lines+markers", name=f"{name} (r={np.corrcoef(c, true_counts)[0, 1] if c.std() > 0 else 0:.2f})",
-                                 line=dict(color=ARCH_COLORS.get(arch))))
+                                 line=dict(color=arch_color(arch))))
     fig.update_layout(title=title, xaxis_title="true number of active features",
                       yaxis_title="active latents (mean ± sd)", template="plotly_white", height=420)
     return fig

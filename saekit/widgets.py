@@ -8,7 +8,6 @@ import plotly.graph_objects as go
 import torch
 
 from . import analysis, viz
-from .sae import BatchTopKSAE, TopKSAE
 
 DEFAULT_TEXT = ("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer "
                 "the slings and arrows of outrageous fortune.")
@@ -55,7 +54,7 @@ class AllocationExplorer:
     def _configure_sliders(self) -> None:
         sae = self.sae
         thr = sae.inference_threshold()
-        use_k = isinstance(sae, TopKSAE)
+        use_k = sae.per_token_k
         self.k.layout.display = None if use_k else "none"
         self.threshold.layout.display = "none" if use_k else None
         if use_k:
@@ -77,9 +76,9 @@ class AllocationExplorer:
     def table(self):
         """The current per-token table (what the figure shows)."""
         sae = self.sae
-        if isinstance(sae, TopKSAE):
+        if sae.per_token_k:
             z = analysis.codes_with(sae, self._acts, k=int(self.k.value))
-        elif isinstance(sae, BatchTopKSAE) or sae.inference_threshold() is not None:
+        elif sae.inference_threshold() is not None:
             z = analysis.codes_with(sae, self._acts, threshold=float(self.threshold.value))
         else:
             z = analysis.codes_with(sae, self._acts)
@@ -161,7 +160,7 @@ class FeatureExplorer:
         dens = float(self.index.density[lat])
         neigh = ", ".join(f"#{j} ({c:.2f})" for j, c in self.index.neighbours(lat))
         group = ""
-        if hasattr(self.sae, "group_of"):  # Matryoshka: which nested level the latent belongs to
+        if self.sae.has_prefixes:  # Matryoshka: which nested level the latent belongs to
             g = int(self.sae.group_of(torch.tensor([lat]))[0])
             group = f" &middot; nested group <b>{g + 1}</b> of {len(self.sae.cfg.group_sizes)}"
         self.info.value = (f"<h3>Latent {lat}{group}</h3>fires on <b>{dens:.3%}</b> of {self.index.n_tokens:,} tokens; "
@@ -221,7 +220,7 @@ class ToyAllocationExplorer:
         self.saes, self.x, self.true = saes, torch.as_tensor(x).float(), np.asarray(true_counts)
         self.sliders = {}
         for name, sae in saes.items():
-            if isinstance(sae, TopKSAE):
+            if sae.per_token_k:
                 s = W.IntSlider(value=sae.cfg.k, min=1, max=4 * sae.cfg.k, description=f"{name}: k",
                                 continuous_update=False, style={"description_width": "initial"})
             else:
@@ -239,7 +238,7 @@ class ToyAllocationExplorer:
         out = {}
         for name, sae in self.saes.items():
             s = self.sliders[name]
-            z = (analysis.codes_with(sae, self.x, k=int(s.value)) if isinstance(sae, TopKSAE)
+            z = (analysis.codes_with(sae, self.x, k=int(s.value)) if sae.per_token_k
                  else analysis.codes_with(sae, self.x, threshold=float(s.value)))
             out[name] = (z != 0).sum(-1).cpu().numpy()
         return out
@@ -276,8 +275,7 @@ class TrainingMonitor:
             for i, name in enumerate(names):
                 for p, key in enumerate(self.PANELS, start=1):
                     self.figure.add_scatter(x=[], y=[], mode="lines", name=name, legendgroup=name,
-                                            showlegend=(p == 1), line=dict(color=viz.ARCH_COLORS.get(
-                                                trainer.cfgs[i].arch)), row=1, col=p)
+                                            showlegend=(p == 1), line=dict(color=trainer.saes[i].color), row=1, col=p)
         with self.figure.batch_update():
             for i, s in enumerate(stats):
                 for p, key in enumerate(self.PANELS):

@@ -13,7 +13,7 @@ def test_train_step_benchmark_runs_and_matches_the_plain_step(tmp_path, store):
     out = tmp_path / "r.json"
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--d", "32", "--f", "256",
                         "--batch", "128", "--k", "4", "--steps", "4", "--json", str(out),
-                        "--store", str(store.path), "--hook", HOOK],
+                        "--store", str(store.path), "--hook", HOOK, "--store-steps", "6"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
@@ -23,6 +23,7 @@ def test_train_step_benchmark_runs_and_matches_the_plain_step(tmp_path, store):
     assert abs(res["plain_batchtopk"]["loss"] - res["saekit_batchtopk"]["loss"]) < 1e-4
     assert all(v["tokens_per_s"] > 0 for k, v in res.items() if isinstance(v, dict) and "tokens_per_s" in v)
     assert all(0 < v["data_share"] < 1 for v in res["store"].values()) and "data-loading share" in r.stdout
+    assert res["toy"]["path"] == "reference" and res["toy"]["ratio"] > 0 and "toy size" in r.stdout
 
 
 def test_capture_benchmark_runs(tmp_path):
@@ -77,3 +78,34 @@ def test_lr_default_benchmark_sweeps_around_the_default(store):
     assert "lr 1.28e-02 (x1)" in out  # 8e-4 / sqrt(64 / 2^14): the default for 64 latents
     for norm in ("token", "dataset", "none"):
         assert f"--normalize {norm}" in out
+
+
+def test_gpu_script_dry_run_checks_every_path_and_writes_its_table(tmp_path):
+    """benchmarks/gpu.py, the first GPU run, on the CPU at tiny shapes: every section runs and passes."""
+    r = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--dry", "--out", str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (md,) = tmp_path.glob("gpu-*-dry.md")
+    res = json.loads(next(tmp_path.glob("gpu-*-dry.json")).read_text())
+    assert res["failures"] == [] and r.stdout.rstrip().endswith(md.read_text().rstrip())  # the table comes last
+    sections = {row["section"] for row in res["rows"]}
+    assert sections == {"correctness", "train step", "peers", "capture"}
+    checks = [row for row in res["rows"] if row["section"] == "correctness"]
+    assert len(checks) == 2 * 5 + 2 and all(row["note"].startswith("ok") for row in checks)
+    assert all("path sparse" in row["note"] for row in checks if "fast vs reference" in row["what"])
+
+
+def test_gpu_script_fails_loudly(tmp_path, monkeypatch):
+    """One section raising: the others still run, the table lists the failure, the exit code is non-zero."""
+    from benchmarks import gpu
+
+    def broken(run, dev, dry):
+        raise RuntimeError("a broken kernel")
+
+    def fine(run, dev, dry):
+        run.check("fine", "a passing check", True, "1.0")
+
+    monkeypatch.setattr(gpu, "SECTIONS", {"broken": broken, "fine": fine})
+    assert gpu.main(["--dry", "--out", str(tmp_path)]) == 1
+    md = next(tmp_path.glob("gpu-*.md")).read_text()
+    assert "FAILED" in md and "a broken kernel" in md and "a passing check" in md

@@ -1,7 +1,6 @@
 """Calibrating BatchTopK's inference threshold theta to a target L0 on a store of one's choice."""
 import json
 
-import numpy as np
 import pytest
 import torch
 

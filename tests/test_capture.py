@@ -84,6 +84,29 @@ def test_shuffled_batches_cover_every_row_once_per_epoch(store):
     assert not set(r0) & set(r1) and sorted(r0 + r1) == keys_all
 
 
+def test_batches_mix_rows_from_across_the_store(store):
+    """Shuffle quality with bounded RAM: each batch draws on many places spread over the whole store, not on one
+    stretch of consecutive rows."""
+    n = len(store)
+    rank = {tuple(k): i for i, k in enumerate(store.positions().tolist())}
+    batches = list(store.batches(64, seed=0, buffer_rows=1024, chunk_rows=64, drop_last=True, return_positions=True))
+    for _, p in batches[:10]:
+        rows = np.array([rank[tuple(k)] for k in p.tolist()])
+        assert len(np.unique(rows // 64)) >= 12  # rows of at least 12 different 64-row chunks in 64 rows
+        assert rows.max() - rows.min() > n / 2  # from both halves of the store
+    centres = [np.mean([rank[tuple(k)] for k in p.tolist()]) for _, p in batches]
+    assert all(n / 4 < c < 3 * n / 4 for c in centres)  # every batch centred on the store, none on one stretch
+
+
+def test_bfloat16_store_batches_carry_exact_rows(model, tokenizer, tmp_path):
+    """The bf16 path of the shuffle buffer (stored as 16-bit words, carried over between buffers) loses no bit."""
+    p = pack(["It was the best of times, it was the worst of times. " * 30], tokenizer, seq_len=32)
+    st = ActivationStore(capture(model, p, HOOK, tmp_path / "bf", dtype="bfloat16", progress=False).path)
+    full, index = st.rows(0, len(st)), {tuple(k): i for i, k in enumerate(st.positions().tolist())}
+    for x, pos in st.batches(24, seed=2, buffer_rows=100, chunk_rows=20, dtype=torch.bfloat16, return_positions=True):
+        assert torch.equal(x, full[[index[tuple(k)] for k in pos.tolist()]])
+
+
 CAPTURE_SCRIPT = textwrap.dedent("""
     import sys
     from saekit.models import load_model

@@ -53,8 +53,8 @@ def zero_sae(d):
 @pytest.fixture(scope="module")
 def seqs(store):
     pos = store.positions()
-    keep = np.zeros(store.tokens.shape, dtype=bool)
-    keep[pos[:, 0], pos[:, 1]] = True
+    keep = store.keep_mask()
+    assert keep.sum() == len(pos) and keep[pos[:, 0], pos[:, 1]].all()
     return np.array(store.tokens[:4]), keep[:4]
 
 
@@ -213,16 +213,17 @@ def test_small_sweep_end_to_end(model, store, tmp_path):
     assert all(x == sorted(x) for x in xs)
     # the results-folder report: tables per SAE and per k, the frontier, and the Matryoshka prefixes
     from saekit.sweep import prefix_table
-    from saekit.sweep_report import main as report
+    from saekit.cli import main as cli
 
     prefixes = prefix_table(tmp_path / "sw")
     assert set(prefixes.name) == {"matryoshka_k8_1152", "matryoshka_k16_1152"} and len(prefixes) == 10
-    report([str(tmp_path / "sw"), str(tmp_path / "res")])
+    assert cli(["sweep-report", str(tmp_path / "sw"), "--out", str(tmp_path / "res")]) == 0
     by_k = (tmp_path / "res" / "by_k.md").read_text().splitlines()
     assert by_k[0].startswith("| architecture | setting | seeds | l0 | nmse") and len(by_k) == 2 + len(df)
     assert "| batchtopk | k=8 | 1 |" in by_k[2]
     diffs = (tmp_path / "res" / "differences.md").read_text()
     assert diffs.count("nmse batchtopk \u2212 topk") == 2 and diffs.count("ce_recovered batchtopk \u2212 topk") == 2
+    assert diffs.count("nmse batchtopk \u2212 jumprelu") == 2 and diffs.count("nmse batchtopk \u2212 matryoshka") == 2
     for col in ("nmse_lo", "nmse_hi", "ce_recovered_lo", "ce_recovered_hi", "kl_lo", "kl_hi"):
         assert (df[col.rsplit("_", 1)[0]].between(df[f"{col.rsplit('_', 1)[0]}_lo"], df[f"{col.rsplit('_', 1)[0]}_hi"])).all()
     assert fig.data[0].error_y.array is not None  # the frontier carries the intervals

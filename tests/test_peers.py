@@ -186,6 +186,39 @@ def test_saekit_loads_sparsify_checkpoints_as_topk(tmp_path):
     _close(_saekit_out(from_sparsify_coder(coder), x)[1], x_hat)
 
 
+@pytest.mark.parametrize("normalize", ["none", "dataset"])
+def test_sparsify_loads_saekit_topk_saes(tmp_path, normalize):
+    """saekit -> sparsify: the files save_sparsify writes load in sparsify with the same code and reconstruction."""
+    from saekit.interop import to_sparsify_coder
+    from saekit.sae import save_sparsify
+
+    torch.manual_seed(0)
+    sae = make_sae(arch="topk", d_in=D, d_sae=F, k=K, normalize=normalize)
+    _randomise(sae)
+    with torch.no_grad():
+        sae.input_scale.fill_(0.37)  # folded into the weights for normalize="dataset", unused otherwise
+    save_sparsify(sae, tmp_path)
+    coder = SparseCoder.load_from_disk(tmp_path)
+    x = _inputs()
+    z, x_hat = _saekit_out(sae, x)
+    with torch.no_grad():
+        enc = coder.encode(x)
+        _close(z, torch.zeros(len(x), F).scatter(-1, enc.top_indices, enc.top_acts))
+        _close(x_hat, coder.decode(enc.top_acts, enc.top_indices))
+    assert coder.cfg.k == K and coder.num_latents == F
+    _close(_saekit_out(from_sparsify_coder(to_sparsify_coder(sae)), x)[1], x_hat)
+
+
+def test_sparsify_export_refuses_what_sparsify_cannot_express(tmp_path):
+    from saekit.sae import save_sparsify
+
+    with pytest.raises(SAEConfigError, match="exactly k latents per token"):
+        save_sparsify(make_sae(arch="batchtopk", d_in=D, d_sae=F, k=K), tmp_path)
+    with pytest.raises(SAEConfigError, match="no per-token input normalisation"):
+        save_sparsify(make_sae(arch="topk", d_in=D, d_sae=F, k=K, normalize="token"), tmp_path)
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
 def test_sparsify_transcoders_get_a_clear_error(tmp_path):
     coder = SparseCoder(D, SparseCoderConfig(num_latents=F, k=K, skip_connection=True), device="cpu")
     coder.save_to_disk(tmp_path)

@@ -74,9 +74,18 @@ def test_threshold_mode_needs_a_trained_threshold():
         sae.encode(torch.randn(4, 8))
 
 
+@pytest.fixture
+def sparse_everywhere(monkeypatch):
+    """The sparse path at these small test sizes too (saekit picks the dense one below SPARSE_MIN_LATENTS)."""
+    import saekit.sae.base as base
+
+    monkeypatch.setattr(base, "SPARSE_MIN_LATENTS", 0)
+    monkeypatch.setattr(base, "SPARSE_MAX_DENSITY", 1.0)
+
+
 @pytest.mark.parametrize("n_dead", [10, 40])  # AuxK with every dead latent (<= k_aux) and with its top k_aux
 @pytest.mark.parametrize("arch", ["batchtopk", "topk"])
-def test_fast_sparse_path_matches_dense_gradients(arch, n_dead):
+def test_fast_sparse_path_matches_dense_gradients(arch, n_dead, sparse_everywhere):
     torch.manual_seed(1)
     cfg = SAEConfig(arch=arch, d_in=24, d_sae=96, k=4, k_aux=16, dead_tokens=10, normalize="none")
     dense, fast = make_sae(cfg), make_sae(cfg)
@@ -85,12 +94,79 @@ def test_fast_sparse_path_matches_dense_gradients(arch, n_dead):
         s.tokens_since_fired[:n_dead] = 100  # dead latents -> AuxK active
     x = torch.randn(48, 24)
     o1, o2 = dense.training_loss(x, fast=False), fast.training_loss(x, fast=True)
-    assert float(o1.terms["aux"]) > 0
+    assert float(o1.terms["aux"]) > 0 and (o1.path, o2.path) == ("reference", "sparse")
     torch.testing.assert_close(o1.loss, o2.loss)
     o1.loss.backward()
     o2.loss.backward()
     for (n, p1), (_, p2) in zip(dense.named_parameters(), fast.named_parameters()):
         torch.testing.assert_close(p1.grad, p2.grad, atol=1e-6, rtol=1e-4, msg=n)
+
+
+def _same_loss_and_gradients(cfg, x, setup):
+    dense, fast = make_sae(cfg), make_sae(cfg)
+    setup(dense)
+    fast.load_state_dict(dense.state_dict())
+    o1, o2 = dense.training_loss(x, fast=False), fast.training_loss(x, fast=True)
+    assert (o1.path, o2.path) == ("reference", "sparse")
+    torch.testing.assert_close(o1.loss, o2.loss)
+    torch.testing.assert_close(o1.l0, o2.l0)
+    assert torch.equal(o1.fired, o2.fired)
+    o1.loss.backward()
+    o2.loss.backward()
+    for (n, p1), (_, p2) in zip(dense.named_parameters(), fast.named_parameters()):
+        assert p1.grad is not None and p1.grad.abs().sum() > 0, n
+        torch.testing.assert_close(p1.grad, p2.grad, atol=1e-6, rtol=1e-4, msg=n)
+    return o1
+
+
+@pytest.mark.parametrize("target", [None, 6.0])  # the paper's L0 penalty and saekit's target-L0 form
+def test_jumprelu_fast_path_matches_reference_loss_and_every_gradient(target, sparse_everywhere):
+    """Every gradient, the thresholds' included: from the entries selected (a > theta) through the sparse encoder,
+    and from the rectangle window around theta (selected or not) through the pseudo-derivatives."""
+    torch.manual_seed(2)
+    cfg = SAEConfig(arch="jumprelu", d_in=24, d_sae=96, target_l0=target, l0_coeff=0.7, jumprelu_bandwidth=0.4,
+                    normalize="none")
+
+    def setup(s):
+        with torch.no_grad():
+            s.b_enc.fill_(-0.3)
+            s.log_threshold.copy_(torch.empty(96).uniform_(0.3, 0.9).log())
+
+    o = _same_loss_and_gradients(cfg, torch.randn(64, 24) * 2, setup)
+    assert 0 < float(o.l0.float().mean()) < 30 and float(o.terms["sparsity"]) > 0
+
+
+def test_relu_fast_path_matches_reference_loss_and_every_gradient(sparse_everywhere):
+    torch.manual_seed(3)
+    cfg = SAEConfig(arch="relu", d_in=24, d_sae=96, l1_coeff=2.0, normalize="none")
+
+    def setup(s):
+        with torch.no_grad():
+            s.b_enc.fill_(-1.0)  # a sparse code, as after the L1 penalty has worked
+
+    o = _same_loss_and_gradients(cfg, torch.randn(64, 24), setup)
+    assert 0 < float(o.l0.float().mean()) < 30 and float(o.terms["sparsity"]) > 0
+
+
+def test_the_path_is_chosen_by_size_and_density():
+    """Where the sparse kernels do not pay (a small dictionary, or a dense code such as a fresh ReLU SAE's) the fast
+    path hands over to the reference path, so the choice never costs more than the dense step."""
+    from saekit.sae.base import SPARSE_MAX_DENSITY, SPARSE_MIN_LATENTS
+
+    x = torch.randn(32, 24)
+    big = SPARSE_MIN_LATENTS * 2
+    assert make_sae(arch="topk", d_in=24, d_sae=SPARSE_MIN_LATENTS // 2, k=2).training_loss(x).path == "reference"
+    assert make_sae(arch="topk", d_in=24, d_sae=big, k=2).training_loss(x).path == "sparse"
+    k_dense = int(SPARSE_MAX_DENSITY * big) + 8
+    assert make_sae(arch="topk", d_in=24, d_sae=big, k=k_dense).training_loss(x).path == "reference"
+    relu = make_sae(arch="relu", d_in=24, d_sae=big, normalize="none")
+    with torch.no_grad():
+        relu.b_enc.fill_(5.0)  # every entry active
+    assert relu.training_loss(x).path == "reference"
+    with torch.no_grad():
+        relu.b_enc.fill_(-2.0)  # a sparse code (about 1% of entries)
+    out = relu.training_loss(x * 4)
+    assert out.path == "sparse" and 0 < float(out.l0.float().mean()) < SPARSE_MAX_DENSITY * big
 
 
 def test_sparse_decode_equals_dense_product():

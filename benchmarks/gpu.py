@@ -1,0 +1,275 @@
+"""The first GPU run, as one command: `bash benchmarks/gpu.sh` (or `python -m benchmarks.gpu`) on a machine with
+one CUDA GPU. About 5 minutes on one H100. It checks the CUDA paths that no CPU run can, times the training step
+at the paper's size, runs the peers and the capture on the GPU, writes benchmarks/results/gpu-DATE.json and
+gpu-DATE.md, prints the table last, and exits non-zero if any check failed.
+
+1. correctness: for every architecture, the fast path against the reference path (loss and every gradient) in
+   fp32 and under bf16 autocast; BatchTopK's theta calibration (exact L0 on the calibration batches); the DDP
+   path (saekit.distributed.wrap_ddp) with NCCL on one rank, against the same steps without DDP.
+2. the training step at the paper's size (d=768, d_sae=24,576, batch 4,096, k=32): the plain dense fp32 step,
+   saekit fp32 / tf32 / bf16 autocast, and torch.compile of the plain step; median of interleaved repetitions.
+3. the peers (benchmarks/peers.py --gpu): tokens/s and held-out NMSE of saekit, SAELens, sparsify, plain.
+4. capture tokens/s of the embedded model on the GPU (benchmarks/capture.py's measure).
+
+    python -m benchmarks.gpu [--out benchmarks/results] [--dry]
+
+--dry runs the same script on the CPU with tiny shapes (gloo instead of NCCL, no tf32): the test suite does,
+so the script cannot rot before a GPU is there to run it.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import peers  # noqa: E402
+from train_step import PlainBatchTopK, plain_step  # noqa: E402
+
+from saekit import distributed as D  # noqa: E402
+from saekit.sae import ARCHS, SAEConfig, make_sae  # noqa: E402
+
+PAPER = dict(d=768, f=24_576, B=4096, k=32)
+DRY = dict(d=32, f=256, B=256, k=8)
+
+
+class Run:
+    """Rows of the final table, and every failure (the run fails at the end if there is one)."""
+
+    def __init__(self):
+        self.rows, self.failures, self.data = [], [], {}
+
+    def row(self, section, what, value, note=""):
+        self.rows.append({"section": section, "what": what, "value": value, "note": note})
+        print(f"  {section:<12} {what:<46} {value:<22} {note}", flush=True)
+
+    def check(self, section, what, ok: bool, value: str, note=""):
+        self.row(section, what, value, ("ok " if ok else "FAILED ") + note)
+        if not ok:
+            self.failures.append(f"{section}: {what}: {value} {note}")
+
+    def guard(self, section, fn, *args):
+        """Run one section; an exception is a failure with its traceback, and the other sections still run."""
+        try:
+            fn(self, *args)
+        except Exception as e:  # noqa: BLE001 - every error is reported and fails the run
+            traceback.print_exc()
+            self.failures.append(f"{section}: {type(e).__name__}: {e}")
+            self.row(section, "error", type(e).__name__, str(e)[:120])
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _rel(a, b) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def correctness(run: Run, dev: torch.device, dry: bool):
+    import saekit.sae.base as base
+
+    d, f, B = (16, 64, 64) if dry else (128, 2048, 1024)
+    # the sparse path whatever the size and density, so that every architecture's kernels are checked
+    saved, (base.SPARSE_MIN_LATENTS, base.SPARSE_MAX_DENSITY) = (base.SPARSE_MIN_LATENTS, base.SPARSE_MAX_DENSITY), (0, 1.0)
+    try:
+        fast_vs_reference(run, dev, d, f, B)
+    finally:
+        base.SPARSE_MIN_LATENTS, base.SPARSE_MAX_DENSITY = saved
+    calibration(run, dev, d, f, B)
+    ddp(run, dev, d, f, B)
+
+
+def fast_vs_reference(run: Run, dev: torch.device, d: int, f: int, B: int):
+    for arch in ARCHS:
+        for amp in (False, True):
+            torch.manual_seed(0)
+            cfg = SAEConfig(arch=arch, d_in=d, d_sae=f, k=8, target_l0=8, dead_tokens=B, k_aux=32)
+            ref, fast = make_sae(cfg).to(dev), make_sae(cfg).to(dev)
+            x = torch.randn(4 * B, d, device=dev)
+            with torch.no_grad():
+                ref.init_from_data(ref.normalize_input(x)[0])
+                ref.tokens_since_fired[: f // 8] = 10 * B  # some dead latents: AuxK runs
+                if arch == "relu":
+                    ref.b_enc.fill_(-0.5)  # a sparse code, as the L1 penalty makes it
+            fast.load_state_dict(ref.state_dict())
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+                o1, o2 = ref.training_loss(x[:B], fast=False), fast.training_loss(x[:B], fast=True)
+            o1.loss.backward()
+            o2.loss.backward()
+            worst = max(_rel(p2.grad.float(), p1.grad.float()) for p1, p2 in zip(ref.parameters(), fast.parameters())
+                        if p1.grad is not None)
+            loss_rel = abs(float(o1.loss) - float(o2.loss)) / abs(float(o1.loss))
+            tol = 2e-2 if amp else 1e-4
+            run.check("correctness", f"{arch} fast vs reference ({'bf16 autocast' if amp else 'fp32'})",
+                      loss_rel < tol and worst < tol * 5 and o2.path == "sparse", f"loss {loss_rel:.1e}, grads {worst:.1e}",
+                      f"path {o2.path}; relative errors, tolerance {tol:g} / {tol * 5:g}")
+
+
+def calibration(run: Run, dev: torch.device, d: int, f: int, B: int):
+    sae = make_sae(SAEConfig(arch="batchtopk", d_in=d, d_sae=f, k=8)).to(dev).eval()
+    batches = [torch.randn(B, d, device=dev) for _ in range(4)]
+    theta = sae.threshold_for_l0(batches, 8.0, 4 * B)
+    sae.set_threshold(theta)
+    l0 = sum(int((sae.encode(b) != 0).sum()) for b in batches) / (4 * B)
+    run.check("correctness", "theta calibrated to L0 8 on its batches", abs(l0 - 8) <= 1 / B, f"L0 {l0:.4f}")
+
+
+def ddp(run: Run, dev: torch.device, d: int, f: int, B: int):
+    """The DDP wrapper with NCCL (gloo on CPU) on one rank: the same weights as the same steps without it."""
+    import torch.distributed as dist
+
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    with tempfile.NamedTemporaryFile() as fh:
+        dist.init_process_group(backend, init_method=f"file://{fh.name}", rank=0, world_size=1)
+        try:
+            torch.manual_seed(0)
+            cfg = SAEConfig(arch="batchtopk", d_in=d, d_sae=f, k=8)
+            plain, wrapped = make_sae(cfg).to(dev), make_sae(cfg).to(dev)
+            wrapped.load_state_dict(plain.state_dict())
+            (module,) = D.wrap_ddp([wrapped], True, dev)
+            opts = [torch.optim.Adam(s.parameters(), lr=1e-3) for s in (plain, wrapped)]
+            for _ in range(3):
+                x = torch.randn(B, d, device=dev)
+                for loss_of, opt in ((lambda x: plain.training_loss(x).loss, opts[0]), (lambda x: module(x).loss, opts[1])):
+                    opt.zero_grad()
+                    loss_of(x).backward()
+                    opt.step()
+            worst = max(_rel(a.detach(), b.detach()) for a, b in zip(wrapped.parameters(), plain.parameters()))
+            run.check("correctness", f"DDP ({backend}, 1 rank) vs no DDP, 3 steps", worst < 1e-5, f"weights {worst:.1e}")
+        finally:
+            dist.destroy_process_group()
+            wrapped.distributed = False
+
+
+def train_step(run: Run, dev: torch.device, dry: bool):
+    s = DRY if dry else PAPER
+    d, f, B, k = s["d"], s["f"], s["B"], s["k"]
+    steps, rounds = (2, 2) if dry else (15, 3)
+    x = [torch.randn(B, d, device=dev) * torch.rand(B, 1, device=dev) * 4 for _ in range(4)]
+
+    def plain_runner(compile_it=False):
+        torch.manual_seed(0)
+        m = PlainBatchTopK(d, f, k).to(dev)
+        if compile_it:
+            m.loss = torch.compile(m.loss)
+        opt = torch.optim.Adam(m.parameters(), lr=3e-4)
+        return lambda i: plain_step(m, opt, x[i % 4], 5 * B)
+
+    def saekit_runner(amp):
+        from saekit.train import TrainConfig, Trainer
+
+        torch.manual_seed(0)
+        tr = Trainer([SAEConfig(arch="batchtopk", d_in=d, d_sae=f, k=k, dead_tokens=5 * B)],
+                     TrainConfig(total_tokens=10**9, batch_size=B, lr=3e-4, warmup_steps=0, progress=False,
+                                 device=str(dev), autocast=amp, b_dec_init="zeros"))
+        return lambda i: tr.train_step(x[i % 4])
+
+    variants = {"plain fp32": (plain_runner, (), False), "saekit fp32": (saekit_runner, (False,), False),
+                "saekit bf16 autocast": (saekit_runner, (True,), False)}
+    if dev.type == "cuda":
+        variants.update({"plain tf32": (plain_runner, (), True), "saekit tf32": (saekit_runner, (False,), True),
+                         "plain torch.compile": (plain_runner, (True,), False)})
+    runners, times = {}, {name: [] for name in variants}
+    for name, (make, args, tf32) in variants.items():
+        try:
+            runners[name] = make(*args)
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            for i in range(2):
+                runners[name](i)  # warm-up (and compile)
+        except Exception as e:  # noqa: BLE001 - compile is optional: report, do not fail
+            if "compile" not in name:
+                raise
+            run.row("train step", name, "n/a", f"{type(e).__name__}: {str(e)[:80]}")
+    for _ in range(rounds):  # interleaved: each variant once per round
+        for name, step in runners.items():
+            torch.backends.cuda.matmul.allow_tf32 = variants[name][2]
+            sync(dev)
+            t = time.perf_counter()
+            for i in range(steps):
+                step(i)
+            sync(dev)
+            times[name].append((time.perf_counter() - t) / steps * 1e3)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    base = statistics.median(times["plain fp32"])
+    run.data["train_step"] = {"shape": s, "ms_per_step": times}
+    for name in runners:
+        ms = statistics.median(times[name])
+        spread = f"{min(times[name]):.2f}-{max(times[name]):.2f}"
+        run.row("train step", f"{name} (d={d}, d_sae={f:,}, B={B:,}, k={k})", f"{ms:.2f} ms  {base / ms:.2f}x",
+                f"x = plain fp32 ms / this; range {spread} ms over {rounds} rounds of {steps} steps")
+
+
+def peer_run(run: Run, dev: torch.device, dry: bool):
+    args = (["--d", "32", "--f", "128", "--batch", "128", "--steps", "4", "--eval-tokens", "512", "--k", "4",
+             "--no-memory"] if dry else ["--gpu", "--steps", "200"])
+    with tempfile.TemporaryDirectory() as tmp:
+        res = peers.main([*args, "--json", os.path.join(tmp, "p.json")])
+    run.data["peers"] = res
+    for m in peers.METHODS:
+        r = res[m]
+        run.row("peers", peers.LABELS[m], f"{r['tokens_per_s']:,.0f} tok/s", f"saekit/this {r['saekit_speedup']:.2f}x, "
+                f"held-out NMSE {r['nmse']:.4f}, L0 {r['l0']:.1f}")
+
+
+def capture_run(run: Run, dev: torch.device, dry: bool):
+    from saekit.activations import capture_throughput
+    from saekit.data import packed_corpus
+    from saekit.models import load_model
+
+    model = load_model(device=str(dev))
+    packed = packed_corpus(model.tokenizer, seq_len=128, max_tokens=64 * 128)
+    n = 2 if dry else 20
+    tps = capture_throughput(model, packed, "resid_post.15", batch_size=8 if dry else 64, n_batches_=n)
+    full = capture_throughput(model, packed, "resid_post.15", batch_size=8 if dry else 64, n_batches_=n, stop=False)
+    run.data["capture"] = {"tokens_per_s": tps, "full_forward_tokens_per_s": full}
+    run.row("capture", "embedded model, resid_post.15", f"{tps:,.0f} tok/s", f"{tps / full:.2f}x the tokens/s of a full forward")
+
+
+SECTIONS = {"correctness": correctness, "train step": train_step, "peers": peer_run, "capture": capture_run}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=str(HERE / "results"), help="folder for gpu-DATE.json and gpu-DATE.md")
+    ap.add_argument("--dry", action="store_true", help="CPU, tiny shapes: check that the script runs")
+    a = ap.parse_args(argv)
+    if not a.dry and not torch.cuda.is_available():
+        print("no CUDA device here: run on a machine with a GPU, or pass --dry to check the script on the CPU")
+        return 2
+    dev = torch.device("cpu" if a.dry else "cuda")
+    t0 = time.perf_counter()
+    name = "CPU (dry run)" if a.dry else torch.cuda.get_device_name()
+    print(f"saekit GPU run on {name}, torch {torch.__version__}")
+    run = Run()
+    for section, fn in SECTIONS.items():
+        print(f"\n[{section}]", flush=True)
+        run.guard(section, fn, dev, a.dry)
+    stamp = datetime.date.today().isoformat() + ("-dry" if a.dry else "")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = [f"# saekit on {name} ({stamp}, torch {torch.__version__}, {time.perf_counter() - t0:.0f} s)", "",
+             "| section | what | value | note |", "|---|---|---|---|"]
+    table += [f"| {r['section']} | {r['what']} | {r['value']} | {r['note']} |" for r in run.rows]
+    if run.failures:
+        table += ["", "FAILED:"] + [f"- {x}" for x in run.failures]
+    (out / f"gpu-{stamp}.md").write_text("\n".join(table) + "\n")
+    (out / f"gpu-{stamp}.json").write_text(json.dumps({"device": name, "rows": run.rows, "failures": run.failures,
+                                                        "data": run.data}, indent=2, default=str))
+    print("\n" + "\n".join(table))
+    return 1 if run.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

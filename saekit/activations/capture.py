@@ -1,0 +1,191 @@
+"""Capture activations with nnsight into a resumable store (see store.py for the layout): one forward per batch
+for any number of hook points, stopped after the last; shards of whole sequences written atomically."""
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..data import PackedTokens, packed_corpus
+from ..files import atomic_save_npy, atomic_write_json
+from ..models import HookPoint, envoy, first_tensor, model_name, resolve_hook, underlying
+from .store import DTYPES, FORMAT, ActivationStore, StoreError, hook_file, read_manifest
+
+
+def _check_finite(acts: torch.Tensor, hook: str, seq_start: int) -> None:
+    if not torch.isfinite(acts).all():
+        bad = (~torch.isfinite(acts)).any(-1).nonzero()[0].tolist()
+        raise StoreError(
+            f"NaN/inf activations at hook {hook}, sequence {seq_start + bad[0]}, position {bad[1]}: the model "
+            f"overflowed (try dtype=float32 for the model) or the input is corrupt; nothing was written for this shard"
+        )
+
+
+@torch.no_grad()
+def forward_hooks(model, input_ids: torch.Tensor, hooks: Sequence[HookPoint], attention_mask=None) -> list[torch.Tensor]:
+    """One nnsight trace that reads every hook and stops after the last one. Returns [B, T, d] each."""
+    order = sorted(range(len(hooks)), key=lambda i: hooks[i].order)
+    inputs = {"input_ids": input_ids}
+    if attention_mask is not None:
+        inputs["attention_mask"] = attention_mask
+    saved = [None] * len(hooks)
+    with model.trace(inputs) as tracer:
+        for i in order:
+            env = envoy(model, hooks[i])
+            value = env.input if hooks[i].io == "input" else env.output
+            saved[i] = first_tensor(value).save()
+        tracer.stop()
+    return [first_tensor(s) for s in saved]
+
+
+def _plan_shards(n_seq: int, shard_sequences: int) -> list[tuple[int, int]]:
+    return [(s, min(s + shard_sequences, n_seq)) for s in range(0, n_seq, shard_sequences)]
+
+
+def capture(model, packed: PackedTokens, hooks: str | Sequence[str], out: str | Path, n_tokens: int | None = None,
+            batch_size: int = 16, dtype: str = "float16", shard_tokens: int = 32_768, overwrite: bool = False,
+            progress: bool = True, corpus_info: dict | None = None) -> "ActivationStore":
+    """Run the model over `packed` sequences and store the activations at `hooks` under `out`.
+
+    n_tokens: stop after at least this many kept positions (None: the whole packed corpus).
+    A store already at `out` from the same model, hooks, dtype and tokens is resumed.
+    """
+    if dtype not in DTYPES:
+        raise StoreError(f"unknown store dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
+    hooks = [hooks] if isinstance(hooks, str) else list(hooks)
+    if not hooks:
+        raise StoreError("no hook points given; pass e.g. hooks='resid_post.15'")
+    points = [resolve_hook(model, h) for h in hooks]
+    out = Path(out)
+    if n_tokens is not None:
+        if n_tokens <= 0:
+            raise StoreError(f"n_tokens must be positive, got {n_tokens}")
+        n_seq = packed.sequences_for(n_tokens)
+        if packed.n_kept < n_tokens:
+            warnings.warn(f"the corpus holds only {packed.n_kept:,} tokens (asked for {n_tokens:,}); capturing all of them")
+        packed = packed.head(n_seq)
+    seq_len = packed.seq_len
+    shard_sequences = max(1, shard_tokens // seq_len)
+    manifest = {
+        "format": FORMAT, "format_version": 1, "saekit_version": __version__,
+        "model": model_name(model), "hooks": hooks, "d_model": None, "dtype": dtype,
+        "seq_len": seq_len, "n_sequences": packed.n_sequences, "drop_bos": bool(packed.meta.get("drop_bos", True)),
+        "bos_token_id": packed.bos_token_id, "pad_token_id": packed.pad_token_id,
+        "corpus": {**{k: v for k, v in packed.meta.items() if k in ("corpus", "split", "text_field", "n_documents", "sampling", "part")},
+                   **(corpus_info or {})},
+        "tokens_sha256": packed.sha256(), "shard_sequences": shard_sequences,
+        "shards": [], "n_rows": 0, "complete": False,
+    }
+    mpath = out / "manifest.json"
+    if mpath.exists() and not overwrite:
+        old = read_manifest(out)
+        keys = ("model", "hooks", "dtype", "seq_len", "tokens_sha256")  # what was captured, not how it was split
+        diff = [k for k in keys if old.get(k) != manifest[k]]
+        if diff:
+            raise StoreError(
+                f"{out} already holds a different capture (differs in: {', '.join(diff)}). Choose another output "
+                f"folder, or pass overwrite=True (--overwrite) to replace it."
+            )
+        manifest = old
+        if manifest.get("complete"):
+            return ActivationStore(out)
+    else:
+        if overwrite and out.exists():
+            for p in list(out.glob("shards/*.npy")) + [mpath]:
+                p.unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_save_npy(out / "tokens.npy", packed.tokens)
+        atomic_save_npy(out / "doc_ids.npy", packed.doc_ids)
+        atomic_write_json(mpath, manifest)
+    for stale in out.glob("shards/.*.tmp"):
+        stale.unlink(missing_ok=True)
+
+    done = {s["index"] for s in manifest["shards"]}
+    plan = _plan_shards(packed.n_sequences, manifest["shard_sequences"])  # a resumed store keeps its shard layout
+    todo = [(i, s, e) for i, (s, e) in enumerate(plan) if i not in done]
+    device = next(underlying(model).parameters()).device
+    total = sum(int(packed.keep[s:e].sum()) for _, s, e in todo)
+    bar = tqdm(total=total, unit="tok", desc=f"capture {','.join(hooks)}", disable=not progress, smoothing=0.1)
+    store_dtype = DTYPES[dtype]
+    try:
+        for index, s, e in todo:
+            parts: list[list[torch.Tensor]] = [[] for _ in points]
+            pos_parts = []
+            for b in range(s, e, batch_size):
+                be = min(b + batch_size, e)
+                ids = torch.from_numpy(packed.tokens[b:be].astype(np.int64)).to(device)
+                keep = torch.from_numpy(packed.keep[b:be])
+                # padding only fills a row's tail, so causal attention keeps it out of every kept position
+                acts = forward_hooks(model, ids, points)
+                for j, a in enumerate(acts):
+                    a = a.detach().to("cpu")
+                    _check_finite(a, hooks[j], b)
+                    parts[j].append(a[keep].to(store_dtype))
+                seq_idx, pos_idx = keep.nonzero(as_tuple=True)
+                pos_parts.append(torch.stack([seq_idx + b, pos_idx], 1).to(torch.int32))
+                bar.update(int(keep.sum()))
+            pos = torch.cat(pos_parts).numpy()
+            d = int(parts[0][0].shape[-1])
+            for j, h in enumerate(hooks):
+                arr = torch.cat(parts[j])
+                arr = arr.view(torch.uint16) if dtype == "bfloat16" else arr
+                atomic_save_npy(out / "shards" / f"{index:05d}.{hook_file(h)}.npy", arr.numpy())
+            atomic_save_npy(out / "shards" / f"{index:05d}.pos.npy", pos)
+            manifest["d_model"] = d
+            manifest["shards"].append({"index": index, "seq_start": s, "seq_end": e, "n_rows": int(pos.shape[0])})
+            manifest["shards"].sort(key=lambda x: x["index"])
+            manifest["n_rows"] = sum(x["n_rows"] for x in manifest["shards"])
+            manifest["complete"] = len(manifest["shards"]) == len(plan)
+            atomic_write_json(mpath, manifest)
+            bar.set_postfix(shards=f"{len(manifest['shards'])}/{len(plan)}")
+    finally:
+        bar.close()
+    return ActivationStore(out)
+
+
+def capture_splits(model, hook: str, out: str | Path, train_tokens: int, test_tokens: int, seq_len: int = 128,
+                   batch_size: int = 16, corpus: str | None = None, progress: bool = True, seed: int = 0,
+                   calib_tokens: int = 0):
+    """Capture the bundled (or named) corpus's train and test splits at `hook` into out/store_train and
+    out/store_test, each a sample of documents from across its split (seeded random order); finished
+    stores are reused and interrupted ones resumed. Returns (train, test).
+
+    calib_tokens > 0 also captures out/store_calib from the train split's documents that come next in the
+    same random order, i.e. text the SAE is not trained on (the store to calibrate theta on), and returns
+    (train, test, calib)."""
+    out = Path(out)
+    train_packed = packed_corpus(model.tokenizer, corpus, split="train", seq_len=seq_len,
+                                 max_tokens=train_tokens + calib_tokens + (seq_len if calib_tokens else 0), seed=seed)
+    n_train = train_packed.sequences_for(train_tokens)
+    parts = [("train", train_packed.head(n_train), train_tokens),
+             ("test", packed_corpus(model.tokenizer, corpus, split="test", seq_len=seq_len, max_tokens=test_tokens,
+                                    seed=seed), test_tokens)]
+    if calib_tokens:
+        parts.append(("calib", train_packed.sequences(n_train, train_packed.n_sequences), calib_tokens))
+    return tuple(capture(model, packed, hook, out / f"store_{name}", n_tokens=n, batch_size=batch_size,
+                         progress=progress) for name, packed, n in parts)
+
+
+def capture_throughput(model, packed: PackedTokens, hook: str, batch_size: int = 16, n_batches_: int = 4,
+                       stop: bool = True) -> float:
+    """Tokens/s of the capture forward (stop=True) or of a full forward (stop=False); for benchmarks."""
+    point = resolve_hook(model, hook)
+    ids = torch.from_numpy(packed.tokens[:batch_size].astype(np.int64)).to(next(underlying(model).parameters()).device)
+    def run():
+        if stop:
+            forward_hooks(model, ids, [point])
+        else:
+            with torch.no_grad():
+                underlying(model)(ids)
+
+    run()  # warm-up
+    t = time.perf_counter()
+    for _ in range(n_batches_):
+        run()
+    return n_batches_ * ids.numel() / (time.perf_counter() - t)

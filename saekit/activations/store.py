@@ -1,0 +1,230 @@
+"""The activation store: a captured folder, validated on open, read memory-mapped, served as shuffled batches.
+
+Store layout (DIR):
+    manifest.json            what was captured and which shards are complete (rewritten atomically)
+    tokens.npy, doc_ids.npy  the packed token ids [n_seq, seq_len] and their document index
+    shards/NNNNN.pos.npy     [rows, 2] int32 (sequence, position) of every stored activation row
+    shards/NNNNN.HOOK.npy    [rows, d_model] activations (bf16 is stored as uint16 bits)
+A shard covers a fixed range of sequences, so an interrupted capture resumes at the first missing
+shard with no token lost or duplicated.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+FORMAT = "saekit-activations"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_NP_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+
+
+class StoreError(RuntimeError):
+    """An activation store that is missing, truncated or inconsistent with its manifest."""
+
+
+def hook_file(hook: str) -> str:
+    return hook.replace("/", "_")
+
+
+def read_manifest(path: Path) -> dict:
+    mpath = Path(path) / "manifest.json"
+    if not mpath.exists():
+        raise StoreError(f"{path} is not an activation store: no manifest.json there (make one with `saekit capture`)")
+    try:
+        m = json.loads(mpath.read_text())
+    except json.JSONDecodeError as e:
+        raise StoreError(f"{mpath} is corrupt ({e}); re-run the capture into a new folder") from e
+    if m.get("format") != FORMAT:
+        raise StoreError(f"{mpath} is not a saekit activation manifest (format={m.get('format')!r})")
+    return m
+
+
+@dataclass
+class _Chunk:
+    shard: int
+    start: int
+    end: int
+
+
+class ActivationStore:
+    """A captured store: validated on open, read memory-mapped, served as shuffled batches."""
+
+    def __init__(self, path: str | Path, hook: str | None = None):
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        self.hooks: list[str] = list(self.manifest["hooks"])
+        if hook is not None and hook not in self.hooks:
+            raise StoreError(f"hook '{hook}' is not in store {self.path}; it holds {self.hooks}")
+        self.hook = hook or self.hooks[0]
+        self.dtype: str = self.manifest["dtype"]
+        self.d_model: int = int(self.manifest["d_model"] or 0)
+        self.shards: list[dict] = list(self.manifest["shards"])
+        if not self.shards:
+            raise StoreError(f"store {self.path} is empty: its capture wrote no shard yet (resume it with the same command)")
+        if not self.manifest.get("complete"):
+            warnings.warn(f"store {self.path} is incomplete ({len(self.shards)} shards); reading what is there. "
+                          f"Re-run the same capture to finish it.")
+        self._maps: dict[tuple[int, str], np.ndarray] = {}
+        self._validate()
+
+    # -- validation --------------------------------------------------------------------------
+    def _open(self, shard: dict, what: str) -> np.ndarray:
+        key = (shard["index"], what)
+        if key not in self._maps:
+            f = self.path / "shards" / f"{shard['index']:05d}.{hook_file(what)}.npy"
+            if not f.exists():
+                raise StoreError(f"store {self.path}: shard file {f.name} is missing; the manifest lists shard "
+                                 f"{shard['index']}. Restore it or re-capture into a new folder.")
+            try:
+                self._maps[key] = np.load(f, mmap_mode="r")
+            except (ValueError, OSError) as e:
+                raise StoreError(f"store {self.path}: shard file {f.name} is truncated or corrupt ({e}). "
+                                 f"Delete the folder and capture again.") from e
+        return self._maps[key]
+
+    def _validate(self) -> None:
+        want_np = np.dtype(_NP_DTYPES[self.dtype])
+        total = 0
+        for sh in self.shards:
+            pos = self._open(sh, "pos")
+            if pos.shape != (sh["n_rows"], 2):
+                raise StoreError(f"store {self.path}: shard {sh['index']} positions have shape {pos.shape}, "
+                                 f"manifest says {sh['n_rows']} rows")
+            for h in self.hooks:
+                a = self._open(sh, h)
+                if a.shape != (sh["n_rows"], self.d_model) or a.dtype != want_np:
+                    raise StoreError(
+                        f"store {self.path}: shard {sh['index']} of hook {h} has shape {a.shape} and dtype {a.dtype}; "
+                        f"the manifest says ({sh['n_rows']}, {self.d_model}) {self.dtype}. The store is inconsistent: "
+                        f"capture again into a new folder.")
+            total += sh["n_rows"]
+        if total != self.manifest["n_rows"]:
+            raise StoreError(f"store {self.path}: shards hold {total} rows, manifest says {self.manifest['n_rows']}")
+        for name in ("tokens.npy", "doc_ids.npy"):
+            if not (self.path / name).exists():
+                raise StoreError(f"store {self.path}: {name} is missing")
+
+    # -- access ------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self.manifest["n_rows"])
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """[n_seq, seq_len] token ids, memory-mapped."""
+        return np.load(self.path / "tokens.npy", mmap_mode="r")
+
+    @property
+    def doc_ids(self) -> np.ndarray:
+        return np.load(self.path / "doc_ids.npy", mmap_mode="r")
+
+    def positions(self) -> np.ndarray:
+        """[n_rows, 2] (sequence, position) of every row in store order."""
+        return np.concatenate([np.asarray(self._open(sh, "pos")) for sh in self.shards])
+
+    def keep_mask(self) -> np.ndarray:
+        """[n_seq, seq_len] bool: which (sequence, position) of `tokens` has a stored activation row."""
+        pos = self.positions()
+        keep = np.zeros(self.tokens.shape, dtype=bool)
+        keep[pos[:, 0], pos[:, 1]] = True
+        return keep
+
+    def _to_torch(self, arr: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.array(arr, copy=True))
+        return t.view(torch.bfloat16) if self.dtype == "bfloat16" else t
+
+    def rows(self, start: int, end: int, hook: str | None = None) -> torch.Tensor:
+        """Rows [start, end) in store order, as stored dtype."""
+        hook = hook or self.hook
+        out, offset = [], 0
+        for sh in self.shards:
+            n = sh["n_rows"]
+            s, e = max(start - offset, 0), min(end - offset, n)
+            if s < e:
+                out.append(self._to_torch(self._open(sh, hook)[s:e]))
+            offset += n
+        return torch.cat(out) if out else torch.empty(0, self.d_model, dtype=DTYPES[self.dtype])
+
+    def take(self, rows: np.ndarray, hook: str | None = None) -> torch.Tensor:
+        """Rows at the given increasing store-order indices, as stored dtype."""
+        hook = hook or self.hook
+        rows = np.asarray(rows, dtype=np.int64)
+        starts = np.cumsum([0] + [sh["n_rows"] for sh in self.shards])
+        shard_of = np.searchsorted(starts, rows, side="right") - 1
+        out = [self._to_torch(self._open(self.shards[i], hook)[rows[shard_of == i] - starts[i]])
+               for i in np.unique(shard_of)]
+        return torch.cat(out) if out else torch.empty(0, self.d_model, dtype=DTYPES[self.dtype])
+
+    def load(self, hook: str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The whole store for one hook in memory [n_rows, d_model] (the in-memory mode for small runs)."""
+        return self.rows(0, len(self), hook).to(dtype)
+
+    def batches(self, batch_size: int, hook: str | None = None, shuffle: bool = True, seed: int = 0,
+                epochs: int = 1, buffer_rows: int = 131_072, chunk_rows: int = 1024, drop_last: bool = False,
+                dtype: torch.dtype = torch.float32, device: str | torch.device | None = None,
+                return_positions: bool = False, rank: int = 0, world_size: int = 1) -> Iterator:
+        """Shuffled batches [batch_size, d_model] covering every row once per epoch with bounded RAM.
+
+        The store is cut into chunks of `chunk_rows` contiguous rows; the chunks are taken in a random order across
+        all shards, `buffer_rows` worth of them read (contiguous reads, one copy) into a buffer, and batches are
+        gathered from the buffer in a random order of its rows, converted to `dtype` a batch at a time. A batch
+        thus mixes rows of buffer_rows / chunk_rows places spread over the whole store. Memory: one buffer of
+        stored-dtype rows. With world_size > 1 each rank reads its own chunks. return_positions adds the [B, 2]
+        (sequence, position) of each row.
+        """
+        hook = hook or self.hook
+        if hook not in self.hooks:
+            raise StoreError(f"hook '{hook}' is not in store {self.path}; it holds {self.hooks}")
+        chunks = [_Chunk(i, s, min(s + chunk_rows, sh["n_rows"]))
+                  for i, sh in enumerate(self.shards) for s in range(0, sh["n_rows"], chunk_rows)]
+        per_buffer = max(1, buffer_rows // chunk_rows)
+        for epoch in range(epochs):
+            g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            order = torch.randperm(len(chunks), generator=g).tolist() if shuffle else list(range(len(chunks)))
+            mine = [chunks[i] for i in order][rank::world_size]
+            carry_x, carry_p = None, None
+            for b in range(0, len(mine), per_buffer):
+                x, p = self._read_chunks(mine[b:b + per_buffer], hook, carry_x, carry_p)
+                idx = torch.randperm(x.shape[0], generator=g) if shuffle else torch.arange(x.shape[0])
+                n_full = (x.shape[0] // batch_size) * batch_size
+                for i in range(0, n_full, batch_size):
+                    sel = idx[i:i + batch_size]
+                    yield self._emit(x[sel], p[sel], dtype, device, return_positions)
+                carry_x, carry_p = x[idx[n_full:]], p[idx[n_full:]]
+            if carry_x is not None and carry_x.shape[0] and not drop_last:
+                yield self._emit(carry_x, carry_p, dtype, device, return_positions)
+
+    def _read_chunks(self, group: list, hook: str, carry_x, carry_p) -> tuple[torch.Tensor, torch.Tensor]:
+        """The chunks' rows (after the carried-over ones) in one buffer each for activations and positions."""
+        n_carry = 0 if carry_x is None else carry_x.shape[0]
+        n = n_carry + sum(c.end - c.start for c in group)
+        x = np.empty((n, self.d_model), dtype=_NP_DTYPES[self.dtype])
+        p = np.empty((n, 2), dtype=np.int32)
+        if n_carry:
+            x[:n_carry] = (carry_x.view(torch.int16) if self.dtype == "bfloat16" else carry_x).numpy()
+            p[:n_carry] = carry_p.numpy()
+        o = n_carry
+        for c in group:
+            m = c.end - c.start
+            x[o:o + m] = self._open(self.shards[c.shard], hook)[c.start:c.end]
+            p[o:o + m] = self._open(self.shards[c.shard], "pos")[c.start:c.end]
+            o += m
+        xt = torch.from_numpy(x)
+        return (xt.view(torch.bfloat16) if self.dtype == "bfloat16" else xt), torch.from_numpy(p)
+
+    @staticmethod
+    def _emit(x, p, dtype, device, return_positions):
+        x = x.to(dtype)
+        if device is not None:
+            x = x.to(device, non_blocking=True)
+        return (x, p) if return_positions else x
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return (f"ActivationStore({str(self.path)!r}, model={m['model']!r}, hooks={self.hooks}, rows={len(self):,}, "
+                f"d_model={self.d_model}, dtype={self.dtype}, complete={m.get('complete')})")

@@ -1,0 +1,378 @@
+"""The architectures: BatchTopK (with its inference threshold theta), Matryoshka BatchTopK, TopK, JumpReLU and
+ReLU-L1. Each is one class that states its facts (name, SAELens names, whether it has k or theta, ...) and is
+registered by name; adding an architecture is one class here plus its tests."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+
+from .. import distributed as D
+from .base import SAE, TrainOutput
+from .config import ARCHITECTURES, SAEConfig, SAEConfigError, architecture, register, resolve_group_sizes
+from .kernels import (JumpReLUFunction, Selection, SparseCode, SparseEncode, StepFunction, ThresholdPseudoGrad,
+                      batch_topk, positive_entries, row_topk, sparse_decode, threshold_window)
+
+
+@register
+class BatchTopKSAE(SAE):
+    """Top B*k pre-activations of the whole batch in training; a global threshold theta at inference."""
+
+    arch, label, color = "batchtopk", "BatchTopK", "#d62728"
+    saelens_name, saelens_training_name = "jumprelu", "batchtopk"  # SAELens saves BatchTopK as a JumpReLU
+    has_k = has_theta = uses_auxk = has_fast_path = True
+    modes = ("threshold", "batch")
+    candidate_factor = 0.5  # exact top-k among pre-activations above this fraction of theta (see batch_topk)
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__(cfg)
+        self.register_buffer("threshold", torch.zeros(()))
+        self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long))
+
+    @property
+    def has_threshold(self) -> bool:
+        """Whether theta has been set (by training, calibration or a file)."""
+        return int(self.threshold_updates) > 0
+
+    def select(self, a, mode=None) -> Selection:
+        mode = mode or ("batch" if self.training else "threshold")
+        if mode == "threshold":
+            if not self.has_threshold:
+                raise SAEConfigError("this BatchTopK SAE has no inference threshold yet (it was never trained); "
+                                     "use encode(x, mode='batch') or train it first")
+            rows, cols = (a > self.threshold).nonzero(as_tuple=True)
+            return Selection(rows, cols)
+        if mode not in ("batch", "train"):
+            raise SAEConfigError(f"unknown BatchTopK mode '{mode}'; use 'threshold' or 'batch'")
+        hint = float(self.threshold) * self.candidate_factor if self.has_threshold else 0.0
+        if mode == "train" and self.distributed:  # over the global batch of every rank
+            flat, vals, cut = D.global_batch_topk(a, self.cfg.k, hint, batch_topk)
+            return Selection(flat // a.shape[1], flat % a.shape[1], cut)
+        vals, flat = batch_topk(a, min(a.shape[0] * self.cfg.k, a.numel()), hint)
+        return positive_entries(vals, flat, a.shape[1])
+
+    @torch.no_grad()
+    def after_step(self, out: TrainOutput) -> dict:
+        """theta: a running mean of the training selections' cuts (the smallest activation kept)."""
+        if out.cut is not None:
+            if not self.has_threshold:
+                self.threshold.copy_(out.cut)
+            else:
+                beta = min(self.cfg.threshold_beta, 1 - 1 / (int(self.threshold_updates) + 1))
+                self.threshold.mul_(beta).add_((1 - beta) * out.cut)
+            self.threshold_updates += 1
+        return {"theta": float(self.threshold)}
+
+    def inference_threshold(self):
+        return self.threshold.detach()
+
+    @torch.no_grad()
+    def set_threshold(self, theta: float, info: dict | None = None) -> None:
+        """Set theta (from a calibration or a file) and record where it came from."""
+        self.threshold.fill_(float(theta))
+        self.threshold_updates.clamp_(min=1)
+        if info is not None:
+            self.theta_info = info
+
+    def load_threshold(self, threshold):
+        self.set_threshold(float(threshold.mean()))
+
+    @torch.no_grad()
+    def first_latents(self, w: int) -> "BatchTopKSAE":
+        """A BatchTopK SAE of this one's first w latents (same weights, same theta), in eval mode."""
+        cfg = SAEConfig.from_dict({**self.cfg.to_dict(), "arch": "batchtopk", "d_sae": w, "k": min(self.cfg.k, w - 1),
+                                   "group_sizes": None, "group_weights": None})
+        sub = BatchTopKSAE(cfg).to(self.W_enc.device)
+        sub.W_enc.copy_(self.W_enc[:, :w])
+        sub.W_dec.copy_(self.W_dec[:w])
+        sub.b_enc.copy_(self.b_enc[:w])
+        sub.b_dec.copy_(self.b_dec)
+        sub.input_scale.copy_(self.input_scale)
+        sub.threshold.copy_(self.threshold)
+        sub.threshold_updates.copy_(self.threshold_updates)
+        return sub.eval()
+
+    @torch.no_grad()
+    def calibrate_threshold(self, batches) -> float:
+        """Set theta to the mean over `batches` of the smallest activation BatchTopK keeps, using the
+        final weights (the training-time running mean lags behind weights that were still moving).
+        Under torch.distributed, the mean of every rank's estimate."""
+        cuts = []
+        for x in batches:
+            xs, _ = self.normalize_input(self._check_input(x.to(self.W_enc.device)))
+            a = self.pre_acts(xs)
+            vals = batch_topk(a, min(a.shape[0] * self.cfg.k, a.numel()))[0]
+            vals = vals[vals > 0]
+            if vals.numel():
+                cuts.append(vals.min())
+        if cuts:
+            running = float(self.threshold) if self.has_threshold else None
+            final = D.mean_over_ranks(torch.stack(cuts).mean()) if self.distributed else torch.stack(cuts).mean()
+            self.threshold_updates += len(cuts)
+            self.set_threshold(float(final), {
+                "source": "training", "running_estimate": running, "final_estimate": float(final),
+                "final_estimate_batches": len(cuts),
+                "how": "mean over batches of the smallest activation BatchTopK keeps; the running estimate during "
+                       "training, the final one with the final weights (used)"})
+        return float(self.threshold)
+
+    @torch.no_grad()
+    def threshold_for_l0(self, batches, target_l0: float, n_tokens: int) -> float:
+        """The theta at which threshold mode gives exactly `target_l0` latents per token on average over
+        `batches` (input space [B, d_in], n_tokens rows in all): halfway between the (n*target)-th and the
+        next largest activation. Exact, holding at most n*target + 1 values."""
+        count = int(round(n_tokens * target_l0))
+        pool = None
+        n = 0
+        for x in batches:
+            xs, _ = self.normalize_input(self._check_input(x.to(self.W_enc.device)))
+            a = self.pre_acts(xs).flatten()
+            n += xs.shape[0]
+            a = a[a > (pool.min() if pool is not None and pool.numel() > count else 0)]
+            pool = a if pool is None else torch.cat([pool, a])
+            if pool.numel() > count + 1:
+                pool = pool.topk(count + 1, sorted=False).values
+        if n != n_tokens:
+            raise SAEConfigError(f"the batches held {n} tokens, not the {n_tokens} announced")
+        if pool is None or pool.numel() <= count:
+            raise SAEConfigError(f"only {0 if pool is None else pool.numel()} positive activations on {n} tokens: "
+                                 f"a mean L0 of {target_l0} cannot be reached; choose a smaller target")
+        top = pool.topk(count + 1).values
+        return float((top[count - 1] + top[count]) / 2) if count else float(top[0])
+
+
+@register
+class TopKSAE(SAE):
+    """The k largest pre-activations of each token."""
+
+    arch, label, color = "topk", "TopK", "#1f77b4"
+    saelens_name = saelens_training_name = "topk"
+    has_k = per_token_k = uses_auxk = has_fast_path = True
+
+    def select(self, a, mode=None) -> Selection:
+        return row_topk(a, self.cfg.k)
+
+
+@register
+class JumpReLUSAE(SAE):
+    """Per-latent learned threshold (log-parametrised); L0 penalty through a straight-through estimator."""
+
+    arch, label, color = "jumprelu", "JumpReLU", "#2ca02c"
+    saelens_name = saelens_training_name = "jumprelu"
+    has_fast_path = True
+
+    @classmethod
+    def sparsity_settings(cls, cfg):
+        return {"target_l0": cfg.target_l0} if cfg.target_l0 else {"l0_coeff": cfg.l0_coeff}
+
+    @classmethod
+    def sweep_setting(cls, level):
+        return {"target_l0": float(level), "k": int(level)}  # k only names the level in sweep tables
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__(cfg)
+        self.log_threshold = torch.nn.Parameter(torch.full((cfg.d_sae,), math.log(cfg.jumprelu_init_threshold)))
+
+    def activate(self, a, mode=None):
+        return JumpReLUFunction.apply(a, self.log_threshold.exp(), self.cfg.jumprelu_bandwidth)
+
+    def train_code(self, a):
+        return self.activate(a), None
+
+    def select(self, a, mode=None) -> Selection:
+        rows, cols = (a > self.log_threshold.exp()).nonzero(as_tuple=True)
+        return Selection(rows, cols)
+
+    def sparsity_loss(self, a, z):
+        return self.l0_penalty(StepFunction.apply(a, self.log_threshold.exp(), self.cfg.jumprelu_bandwidth).sum(-1).mean())
+
+    def fast_loss(self, x: torch.Tensor) -> TrainOutput:
+        """The reference loss through the sparse encoder and decoder: the selected entries (a > theta) are
+        differentiated and decoded sparsely, and the thresholds get their pseudo-derivatives from the entries in
+        the rectangle window around them only (ThresholdPseudoGrad): exact when both sets are small, which they
+        are once theta has moved off zero (with a target L0 from the first step, see init_from_data)."""
+        xs, _ = self.normalize_input(self._check_input(x))
+        bw = self.cfg.jumprelu_bandwidth
+        theta0 = self.log_threshold.detach().exp()
+        if not self.probe_pays(xs, lambda a: (a > theta0).sum() + (((a - theta0) / bw).abs() < 0.5).sum()):
+            return self.reference_loss(x)
+        with torch.no_grad():
+            a = self.pre_acts(xs)
+            theta0 = self.log_threshold.exp()
+            rows, cols = (a > theta0).nonzero(as_tuple=True)
+            wr, wc = threshold_window(a, theta0, bw)
+        if not self.sparse_pays(rows.numel() + wr.numel(), xs.shape[0]):
+            return self.reference_loss(x)
+        theta = self.log_threshold.exp()
+        vals = SparseEncode.apply(xs, self.W_enc, self.b_enc, self.b_dec, rows, cols, a[rows, cols])
+        zeros = ThresholdPseudoGrad.apply(theta, wc, bw, True)  # carry dL/dz of the window entries to theta
+        code = SparseCode(torch.cat([rows, wr]), torch.cat([cols, wc]), torch.cat([vals, zeros.to(vals.dtype)]),
+                          (xs.shape[0], self.cfg.d_sae))
+        x_hat = sparse_decode(code, self.W_dec) + self.b_dec
+        l0 = rows.numel() / xs.shape[0] + ThresholdPseudoGrad.apply(theta, wc, bw, False).sum() / xs.shape[0]
+        fired = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=xs.device)
+        fired[cols] = True
+        return self._finish(xs, x_hat, self.recon_loss(xs, x_hat, code), self.l0_penalty(l0), None, fired,
+                            torch.bincount(rows, minlength=xs.shape[0]), None, "sparse")
+
+    def l0_penalty(self, l0: torch.Tensor) -> torch.Tensor:
+        """The sparsity term for a batch's mean L0 (differentiable through the step's pseudo-derivative)."""
+        c, target = self.cfg.l0_coeff, self.cfg.target_l0
+        if not target:
+            return c * l0 / self.cfg.d_in
+        if self.distributed:  # the penalty of the global batch's L0 (not the mean of per-rank penalties)
+            lg = D.mean_over_ranks(l0.detach())
+            # value P(L_global); DDP's mean of the ranks' gradients is P'(L_global) * mean dL_rank
+            return c * ((lg / target - 1).pow(2) + 2 * (lg / target - 1) / target * (l0 - l0.detach()))
+        return c * (l0 / target - 1).pow(2)
+
+    def inference_threshold(self):
+        return self.log_threshold.exp().detach()
+
+    @torch.no_grad()
+    def load_threshold(self, threshold):
+        self.log_threshold.data = threshold.clamp_min(1e-12).log().to(self.log_threshold)
+
+    def optim_groups(self) -> list[dict]:
+        rest = [p for n, p in self.named_parameters() if n != "log_threshold"]
+        return [{"params": rest, "lr_scale": 1.0},
+                {"params": [self.log_threshold], "lr_scale": self.cfg.threshold_lr_scale}]
+
+    @torch.no_grad()
+    def init_from_data(self, xs: torch.Tensor) -> None:
+        """With a target L0, start every threshold at the value that gives that L0 on the sample.
+
+        The log-threshold moves about lr per Adam step, so from a fixed 0.01 a few hundred steps
+        never reach the ~2 (in per-token-normalised units) that an L0 of 16-64 of 4,608 needs;
+        starting at the sample's global (target_l0 * n)-th largest pre-activation removes that lag.
+        """
+        if not self.cfg.target_l0:
+            return
+        xs = xs[:4096]
+        a = self.pre_acts(xs).flatten()
+        n = max(1, min(a.numel(), int(round(self.cfg.target_l0 * xs.shape[0]))))
+        theta = a.topk(n, sorted=False).values.min().clamp_min(1e-4)
+        self.log_threshold.fill_(math.log(float(theta)))
+
+
+@register
+class ReLUSAE(SAE):
+    """Plain ReLU code with an L1 penalty weighted by decoder row norms."""
+
+    arch, label, color = "relu", "ReLU-L1", "#9467bd"
+    saelens_name = saelens_training_name = "standard"
+    has_fast_path = True
+    sweep_knob = "l1_coeff"
+
+    @classmethod
+    def sparsity_settings(cls, cfg):
+        return {"l1_coeff": cfg.l1_coeff}
+
+    @classmethod
+    def sweep_setting(cls, level):
+        return {"l1_coeff": float(level)}
+
+    def activate(self, a, mode=None):
+        return a
+
+    def train_code(self, a):
+        return a, None
+
+    def select(self, a, mode=None) -> Selection:
+        rows, cols = (a > 0).nonzero(as_tuple=True)
+        return Selection(rows, cols)
+
+    def sparsity_loss(self, a, z):
+        return self.cfg.l1_coeff * (z * self.W_dec.norm(dim=-1)).sum(-1).mean() / self.cfg.d_in
+
+    def fast_loss(self, x: torch.Tensor) -> TrainOutput:
+        """The reference loss through the sparse encoder and decoder over the positive pre-activations, with the L1
+        term on those entries alone; the reference path while the code is too dense for that to pay."""
+        xs, _ = self.normalize_input(self._check_input(x))
+        if not self.probe_pays(xs, lambda a: (a > 0).sum()):
+            return self.reference_loss(x)
+        with torch.no_grad():
+            a = self.pre_acts(xs)
+            rows, cols = (a > 0).nonzero(as_tuple=True)
+        if not self.sparse_pays(rows.numel(), xs.shape[0]):
+            return self.reference_loss(x)
+        vals = SparseEncode.apply(xs, self.W_enc, self.b_enc, self.b_dec, rows, cols, a[rows, cols])
+        code = SparseCode(rows, cols, vals, (xs.shape[0], self.cfg.d_sae))
+        x_hat = sparse_decode(code, self.W_dec) + self.b_dec
+        l1 = (vals * self.W_dec.norm(dim=-1)[cols]).sum() / xs.shape[0]
+        fired = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=xs.device)
+        fired[cols] = True
+        return self._finish(xs, x_hat, self.recon_loss(xs, x_hat, code), self.cfg.l1_coeff * l1 / self.cfg.d_in, None,
+                            fired, torch.bincount(rows, minlength=xs.shape[0]), None, "sparse")
+
+
+@register
+class MatryoshkaSAE(BatchTopKSAE):
+    """Matryoshka BatchTopK (Bussmann, Nabeshima, Karvonen, Nanda 2025): BatchTopK over the whole
+    dictionary, and every nested prefix of latent groups must reconstruct the input on its own.
+
+    The reconstruction term is the weighted mean of the prefixes' MSEs (SAELens sums them: the same
+    up to a constant factor that Adam mostly absorbs). The per-group decodes share the one sparse
+    code, so the decoder work equals one full decode. Inference as BatchTopK: one threshold theta.
+    """
+
+    arch, label, color = "matryoshka", "Matryoshka BatchTopK", "#ff7f0e"
+    saelens_training_name = "matryoshka_batchtopk"
+    has_prefixes = True
+
+    @classmethod
+    def check_config(cls, cfg):
+        cfg.group_sizes = resolve_group_sizes(cfg.group_sizes, cfg.d_sae)
+        if cfg.group_weights is not None and len(cfg.group_weights) != len(cfg.group_sizes):
+            raise SAEConfigError(f"group_weights has {len(cfg.group_weights)} entries but there are "
+                                 f"{len(cfg.group_sizes)} groups; give one weight per group")
+
+    @property
+    def widths(self) -> list[int]:
+        """Cumulative prefix sizes, e.g. [288, 576, 1152, 2304, 4608]."""
+        return list(itertools.accumulate(self.cfg.group_sizes))
+
+    def _weights(self) -> list[float]:
+        w = self.cfg.group_weights or [1.0] * len(self.cfg.group_sizes)
+        total = float(sum(w))
+        return [float(v) / total for v in w]
+
+    def group_of(self, latents: torch.Tensor) -> torch.Tensor:
+        """Group index of each latent index."""
+        return torch.bucketize(latents, torch.tensor(self.widths, device=latents.device), right=True)
+
+    def recon_loss(self, xs, x_hat, code):
+        lo, partial, losses = 0, self.b_dec.expand_as(xs), []
+        for hi in self.widths[:-1]:
+            if isinstance(code, SparseCode):
+                m = (code.cols >= lo) & (code.cols < hi)
+                part = sparse_decode(SparseCode(code.rows[m], code.cols[m], code.vals[m], code.shape), self.W_dec)
+            else:
+                part = code[:, lo:hi] @ self.W_dec[lo:hi]
+            partial = partial + part
+            losses.append((partial - xs).pow(2).mean())
+            lo = hi
+        losses.append((x_hat - xs).pow(2).mean())
+        return sum(w * l for w, l in zip(self._weights(), losses))
+
+    def prefix(self, n_groups: int) -> BatchTopKSAE:
+        """A BatchTopK SAE made of the first n_groups groups (same weights, same theta). In threshold
+        mode its code is exactly this SAE's code restricted to those latents, so every metric (NMSE,
+        CE recovered) of a prefix is the metric of this object."""
+        if not 1 <= n_groups <= len(self.cfg.group_sizes):
+            raise SAEConfigError(f"n_groups must be in 1..{len(self.cfg.group_sizes)} (got {n_groups})")
+        return self.first_latents(self.widths[n_groups - 1])
+
+    def prefixes(self) -> list[BatchTopKSAE]:
+        """Every nested prefix as its own SAE, smallest first (the last is the whole dictionary)."""
+        return [self.prefix(g) for g in range(1, len(self.cfg.group_sizes) + 1)]
+
+
+ARCHS = tuple(ARCHITECTURES)
+
+
+def make_sae(cfg: SAEConfig | None = None, **kwargs) -> SAE:
+    """Build an SAE from a config (or keyword fields of one)."""
+    cfg = cfg or SAEConfig(**kwargs)
+    return architecture(cfg.arch)(cfg)

@@ -1,0 +1,343 @@
+"""The base every SAE shares: encoder `a = relu((x - b_dec) W_enc + b_enc)`, decoder `x_hat = z W_dec + b_dec`,
+input normalisation, the two training paths (fast and reference, each with its own AuxK), dead-latent
+tracking, the unit-norm decoder, and writing the SAE's folder.
+
+What differs between architectures (`architectures.py`) is `select` (which pre-activations survive), the
+sparsity term, and the facts each class states about itself (the class attributes below).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from safetensors.torch import save as safetensors_bytes
+
+from ..files import atomic_write_bytes, atomic_write_json
+from . import formats
+from .config import SAEConfig, SAEConfigError
+from .kernels import Selection, SparseCode, SparseEncode, sparse_decode
+
+
+# Where the sparse path stops paying (see SAE.sparse_pays), measured by benchmarks/crossover.py on the 2-core CPU
+# (benchmarks/results/crossover_cpu.txt): at 192 latents the dense step was as fast (sparse 0.99x), from 512 up the
+# sparse one (1.22x at 512, 1.83x at 4,608); at 4,608 latents sparse won at 5% active entries (1.18x) and lost
+# at 10% (0.72x). Active entries = the selected ones plus JumpReLU's threshold window.
+SPARSE_MIN_LATENTS = 512
+SPARSE_MAX_DENSITY = 0.05
+
+
+class ForwardOutput(NamedTuple):
+    z: torch.Tensor  # [batch, d_sae] code
+    x_hat: torch.Tensor  # [batch, d_in] reconstruction in input space
+
+
+class TrainOutput(NamedTuple):
+    loss: torch.Tensor
+    terms: dict  # name -> scalar tensor (detached), e.g. mse, aux, sparsity
+    x_hat: torch.Tensor  # [batch, d_in], in the normalised space the loss uses
+    x: torch.Tensor  # [batch, d_in] normalised input
+    fired: torch.Tensor  # [d_sae] bool: latents active in this batch
+    l0: torch.Tensor  # [batch] active latents per token
+    cut: torch.Tensor | None = None  # the selection's cut (see kernels.Selection): BatchTopK's theta sample
+    path: str = "reference"  # which path made it: "reference" (dense) or "sparse" (fast_loss on the sparse kernels)
+
+
+class SAE(torch.nn.Module):
+    """Shared base. An architecture subclasses it, sets its facts, defines `select` (and where it has one,
+    `sparsity_loss`), and registers itself with `config.register`."""
+
+    # -- facts every architecture states (read by the trainer, metrics, sweeps, plots, files and CLI) --------
+    arch = "base"  # the name in configs, files and the CLI
+    label = "SAE"  # for people: tables and legends
+    color = "#7f7f7f"  # its colour in every figure
+    saelens_name = "standard"  # SAELens's inference architecture that reproduces the code
+    saelens_training_name = "standard"  # SAELens's name for the training architecture
+    has_k = False  # cfg.k sets its sparsity
+    per_token_k = False  # exactly k latents on every token (TopK)
+    has_theta = False  # one global inference threshold theta, fitted from data (BatchTopK family)
+    has_prefixes = False  # nested prefixes that are SAEs themselves (Matryoshka)
+    uses_auxk = False  # AuxK on dead latents
+    has_fast_path = False  # fast_loss is its own (sparse encoder and decoder); else fast_loss = reference_loss
+    sweep_knob = "k"  # which list of levels a sweep gives it: "k" (k or target L0) or "l1_coeff"
+    modes: tuple[str, ...] = ("default",)  # codes `encode(x, mode)` can give; the first is the inference code
+    distributed = False  # set by the Trainer under torch.distributed: batch-coupled terms use the global batch
+
+    @classmethod
+    def check_config(cls, cfg: SAEConfig) -> None:
+        """Architecture-specific checks (and normalisation) of a config; raise SAEConfigError."""
+
+    @classmethod
+    def sparsity_settings(cls, cfg: SAEConfig) -> dict:
+        """The config fields that fix this SAE's sparsity (k; JumpReLU's target_l0 or l0_coeff; l1_coeff)."""
+        return {"k": cfg.k}
+
+    @classmethod
+    def sparsity_label(cls, cfg: SAEConfig) -> str:
+        """The sparsity settings as they appear in the SAE's name: k32, l032 (target L0), l0c2, l1c5."""
+        short = {"k": "k", "target_l0": "l0", "l0_coeff": "l0c", "l1_coeff": "l1c"}
+        return "".join(f"{short[k]}{v:g}" for k, v in cls.sparsity_settings(cfg).items())
+
+    @classmethod
+    def sweep_setting(cls, level: float) -> dict:
+        """The config fields that put this architecture at sparsity `level` of a sweep (k, target L0, ...)."""
+        return {"k": int(level)}
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, f = cfg.d_in, cfg.d_sae
+        W_dec = torch.empty(f, d)
+        torch.nn.init.kaiming_uniform_(W_dec)
+        W_dec /= W_dec.norm(dim=-1, keepdim=True)
+        self.W_dec = torch.nn.Parameter(W_dec)  # [d_sae, d_in], unit-norm rows
+        # [d_in, d_sae], stored latent-major (strides (1, d_in)): W_enc.t() is then contiguous for the sparse
+        # backward's row sums, and its gradient is made in the same layout, so neither autograd nor Adam copies
+        self.W_enc = torch.nn.Parameter((W_dec * cfg.encoder_start_norm).t())
+        self.b_enc = torch.nn.Parameter(torch.zeros(f))
+        self.b_dec = torch.nn.Parameter(torch.zeros(d))
+        self.register_buffer("input_scale", torch.ones(()))  # dataset-wide scale (normalize="dataset")
+        self.register_buffer("tokens_since_fired", torch.zeros(f, dtype=torch.long))
+        # where the inference threshold came from (training's estimates or a calibration); saved in cfg.json
+        self.theta_info: dict | None = None
+
+    # -- input scaling ------------------------------------------------------------------------
+    def normalize_input(self, x: torch.Tensor):
+        """x in input space -> (x in SAE space, context to undo it)."""
+        if self.cfg.normalize == "token":
+            mu = x.mean(-1, keepdim=True)
+            xc = x - mu
+            std = xc.std(-1, keepdim=True)
+            return xc / (std + 1e-5), (mu, std)
+        if self.cfg.normalize == "dataset":
+            return x * self.input_scale, None
+        return x, None
+
+    def denormalize(self, x_hat: torch.Tensor, ctx) -> torch.Tensor:
+        if self.cfg.normalize == "token":
+            mu, std = ctx
+            return x_hat * (std + 1e-5) + mu
+        if self.cfg.normalize == "dataset":
+            return x_hat / self.input_scale
+        return x_hat
+
+    def renormalize(self, y: torch.Tensor, ctx) -> torch.Tensor:
+        """Input-space y (e.g. x_hat) into the SAE's space with x's context: the inverse of denormalize."""
+        if self.cfg.normalize == "token":
+            mu, std = ctx
+            return (y - mu) / (std + 1e-5)
+        if self.cfg.normalize == "dataset":
+            return y * self.input_scale
+        return y
+
+    # -- the shared encoder/decoder -----------------------------------------------------------
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """relu((x - b_dec) W_enc + b_enc) for x already normalised. [batch, d_sae]"""
+        return torch.relu(torch.addmm(self.b_enc, x - self.b_dec, self.W_enc))
+
+    def select(self, a: torch.Tensor, mode: str | None = None) -> Selection:
+        """The active entries of pre-activations a [batch, d_sae] in code `mode` ("train" in training)."""
+        raise NotImplementedError
+
+    def activate(self, a: torch.Tensor, mode: str | None = None) -> torch.Tensor:
+        """Dense code from pre-activations (differentiable where the architecture is)."""
+        return self._masked(a, self.select(a, mode))
+
+    @staticmethod
+    def _masked(a: torch.Tensor, sel: Selection) -> torch.Tensor:
+        mask = torch.zeros_like(a, dtype=torch.bool)
+        mask[sel.rows, sel.cols] = True
+        return a * mask
+
+    def encode(self, x: torch.Tensor, mode: str | None = None) -> torch.Tensor:
+        """Code [batch, d_sae] for inputs [batch, d_in] (input space)."""
+        xs, _ = self.normalize_input(self._check_input(x))
+        return self.activate(self.pre_acts(xs), mode)
+
+    def decode(self, z: torch.Tensor, ctx=None) -> torch.Tensor:
+        """Reconstruction in input space. Pass the context from normalize_input for normalize='token'."""
+        if self.cfg.normalize == "token" and ctx is None:
+            raise SAEConfigError("decode() of a normalize='token' SAE needs the per-token context; use forward()")
+        return self.denormalize(z @ self.W_dec + self.b_dec, ctx)
+
+    def forward(self, x: torch.Tensor, mode: str | None = None) -> ForwardOutput:
+        xs, ctx = self.normalize_input(self._check_input(x))
+        z = self.activate(self.pre_acts(xs), mode)
+        return ForwardOutput(z, self.denormalize(z @ self.W_dec + self.b_dec, ctx))
+
+    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.cfg.d_in:
+            raise SAEConfigError(f"input has last dimension {x.shape[-1]} but this SAE has d_in={self.cfg.d_in}; "
+                                 f"train or load an SAE for this hook point's width")
+        if not x.is_floating_point():
+            raise SAEConfigError(f"input dtype {x.dtype} is not floating point; pass activations as float tensors")
+        return x.to(self.W_enc.dtype)
+
+    # -- training: two paths ------------------------------------------------------------------
+    def training_loss(self, x: torch.Tensor, fast: bool = True) -> TrainOutput:
+        """Loss on a batch of inputs (input space): `fast_loss`, or with fast=False `reference_loss`."""
+        return self.fast_loss(x) if fast and self.has_fast_path else self.reference_loss(x)
+
+    def _aux_dead(self) -> torch.Tensor | None:
+        """The dead-latent mask when AuxK has work this step (some latent is dead), else None."""
+        if not self.uses_auxk or self.cfg.aux_alpha <= 0:
+            return None
+        dead = self.dead_mask()
+        return dead if bool(dead.any()) else None
+
+    def _finish(self, xs, x_hat, mse, sparsity, aux, fired, l0, cut, path="reference") -> TrainOutput:
+        loss = mse + sparsity + (self.cfg.aux_alpha * aux if aux is not None else 0)
+        zero = xs.new_zeros(())
+        terms = {"mse": mse.detach(), "sparsity": sparsity.detach(), "aux": aux.detach() if aux is not None else zero}
+        return TrainOutput(loss, terms, x_hat, xs, fired, l0, cut, path)
+
+    def reference_loss(self, x: torch.Tensor) -> TrainOutput:
+        """The loss with dense matrices throughout: the definition the fast path is tested against."""
+        xs, _ = self.normalize_input(self._check_input(x))
+        a = self.pre_acts(xs)
+        z, cut = self.train_code(a)
+        x_hat = z @ self.W_dec + self.b_dec
+        active = z != 0
+        aux = None
+        dead = self._aux_dead()
+        if dead is not None:  # AuxK: each row's k_aux largest dead pre-activations reconstruct the residual
+            sel = self.aux_select(a.detach(), dead)
+            e_hat = SparseCode(sel.rows, sel.cols, a[sel.rows, sel.cols], a.shape).dense() @ self.W_dec
+            aux = (e_hat - (xs - x_hat).detach()).pow(2).mean()
+        return self._finish(xs, x_hat, self.recon_loss(xs, x_hat, z), self.sparsity_loss(a, z), aux,
+                            active.any(0), active.sum(-1), cut)
+
+    def sparse_pays(self, n_active: int, batch: int) -> bool:
+        """Whether the sparse path beats the dense one for a code of n_active entries in a [batch, d_sae] batch:
+        the crossover measured by `benchmarks/train_step.py --crossover` (benchmarks/results/crossover_cpu.txt)."""
+        return self.cfg.d_sae >= SPARSE_MIN_LATENTS and n_active <= SPARSE_MAX_DENSITY * batch * self.cfg.d_sae
+
+    @torch.no_grad()
+    def probe_pays(self, xs: torch.Tensor, count_active, rows: int = 128) -> bool:
+        """sparse_pays for the batch, estimated from the first `rows` rows' pre-activations (count_active(a) gives
+        their active entries): lets a code whose density is known only after encoding (JumpReLU, ReLU) go to the
+        reference path without paying for a full encode first."""
+        a = self.pre_acts(xs[:rows])
+        return self.sparse_pays(int(count_active(a)) * xs.shape[0] // max(1, a.shape[0]), xs.shape[0])
+
+    def fast_loss(self, x: torch.Tensor) -> TrainOutput:
+        """The same loss through the sparse encoder and decoder (architectures with `has_fast_path`): one
+        dense encode without autograd, then only the selected entries are differentiated and decoded. Where
+        the code is too dense or the dictionary too small for that to pay (`sparse_pays`), the reference path."""
+        if not self.has_fast_path or not self.sparse_pays(x.shape[0] * self.cfg.k, x.shape[0]):
+            return self.reference_loss(x)
+        xs, _ = self.normalize_input(self._check_input(x))
+        with torch.no_grad():
+            a = self.pre_acts(xs)
+            sel = self.select(a, "train")
+        vals = SparseEncode.apply(xs, self.W_enc, self.b_enc, self.b_dec, sel.rows, sel.cols, a[sel.rows, sel.cols])
+        code = SparseCode(sel.rows, sel.cols, vals, (xs.shape[0], self.cfg.d_sae))
+        x_hat = sparse_decode(code, self.W_dec) + self.b_dec
+        fired = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=xs.device)
+        fired[code.cols] = True
+        aux = None
+        dead = self._aux_dead()
+        if dead is not None:
+            aux = (self.aux_reconstruction(xs, dead) - (xs - x_hat).detach()).pow(2).mean()
+        return self._finish(xs, x_hat, self.recon_loss(xs, x_hat, code), xs.new_zeros(()), aux, fired,
+                            torch.bincount(code.rows, minlength=xs.shape[0]), sel.cut, "sparse")
+
+    def train_code(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The reference path's differentiable code from pre-activations, and the selection's cut."""
+        sel = self.select(a, "train")
+        return self._masked(a, sel), sel.cut
+
+    def sparsity_loss(self, a: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return a.new_zeros(())
+
+    def recon_loss(self, xs: torch.Tensor, x_hat: torch.Tensor, code) -> torch.Tensor:
+        """The reconstruction term (mean squared error per element); `code` is the SparseCode (fast
+        path) or dense z behind x_hat, for architectures whose loss looks inside it."""
+        return (x_hat - xs).pow(2).mean()
+
+    # -- AuxK: one implementation per path ----------------------------------------------------
+    def aux_reconstruction(self, xs: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+        """Fast path's AuxK reconstruction from the dead latents alone, with dense matmuls over just their
+        columns (B x n_dead x d_in each way: small while few latents are dead): their pre-activations again,
+        each row's k_aux largest positive ones kept, decoded. The same values and gradients as the reference
+        path's `aux_select` on the full pre-activations, at a fraction of the cost of routing B * k_aux more
+        entries through the sparse encoder's backward (measured on 2 CPU cores at d_in=576, d_sae=4608,
+        B=1024 with ~170 dead latents: AuxK's share of a step fell from ~25-30 ms to ~15 ms)."""
+        idx = dead.nonzero().squeeze(1)
+        a = torch.relu(torch.addmm(self.b_enc[idx], xs - self.b_dec, self.W_enc[:, idx]))
+        if idx.numel() > self.cfg.k_aux:
+            vals, pos = a.topk(self.cfg.k_aux, dim=-1, sorted=False)
+            a = torch.zeros_like(a).scatter(-1, pos, vals)
+        return a @ self.W_dec[idx]
+
+    def aux_select(self, a: torch.Tensor, dead: torch.Tensor) -> Selection:
+        """Reference path's AuxK: the k_aux largest pre-activations of dead latents in each row (positive ones)."""
+        dead_idx = dead.nonzero().squeeze(1)
+        vals, idx = a[:, dead_idx].topk(min(self.cfg.k_aux, dead_idx.numel()), dim=-1, sorted=False)
+        rows = torch.arange(a.shape[0], device=a.device).repeat_interleave(idx.shape[1])
+        keep = vals.reshape(-1) > 0
+        return Selection(rows[keep], dead_idx[idx.reshape(-1)][keep])
+
+    # -- around the optimiser step ------------------------------------------------------------
+    def optim_groups(self) -> list[dict]:
+        """Parameter groups for the optimiser; `lr_scale` multiplies the run's learning rate."""
+        return [{"params": list(self.parameters()), "lr_scale": 1.0}]
+
+    @torch.no_grad()
+    def init_from_data(self, xs: torch.Tensor) -> None:
+        """Architecture-specific initialisation from a normalised sample (after b_dec is set)."""
+
+    def dead_mask(self) -> torch.Tensor:
+        return self.tokens_since_fired >= self.cfg.dead_tokens
+
+    @torch.no_grad()
+    def update_dead(self, fired: torch.Tensor, n_tokens: int) -> None:
+        self.tokens_since_fired += n_tokens
+        self.tokens_since_fired[fired] = 0
+
+    @torch.no_grad()
+    def after_step(self, out: TrainOutput) -> dict:
+        """Architecture-specific updates and statistics after an optimiser step (e.g. BatchTopK's theta)."""
+        return {}
+
+    @torch.no_grad()
+    def remove_parallel_grad(self) -> None:
+        """Project out the component of each decoder row's gradient parallel to the row."""
+        if self.W_dec.grad is None:
+            return
+        W = self.W_dec.data
+        W_unit = W / W.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        g = self.W_dec.grad
+        g -= (g * W_unit).sum(-1, keepdim=True) * W_unit
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec.data /= self.W_dec.data.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+    # -- files --------------------------------------------------------------------------------
+    def inference_threshold(self) -> torch.Tensor | None:
+        """Per-latent (or one global) threshold used at inference (JumpReLU-style), or None."""
+        return None
+
+    @torch.no_grad()
+    def load_threshold(self, threshold: torch.Tensor) -> None:
+        """Take the `threshold` tensor of a file (architectures with an inference threshold)."""
+
+    @torch.no_grad()
+    def weights(self) -> dict[str, torch.Tensor]:
+        """W_enc, b_enc, W_dec, b_dec (and `threshold` where there is one) on the CPU in float32."""
+        state = {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec}
+        thr = self.inference_threshold()
+        if thr is not None:
+            state["threshold"] = thr.expand(self.cfg.d_sae)
+        return {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
+
+    def save(self, folder: str | Path) -> Path:
+        """Write cfg.json + sae_weights.safetensors (SAELens's inference layout), atomically."""
+        folder = Path(folder)
+        scale = float(self.input_scale) if self.cfg.normalize == "dataset" else None
+        cfg, state = formats.to_saelens(self.cfg, self.weights(), input_scale=scale, theta_info=self.theta_info)
+        atomic_write_bytes(folder / formats.WEIGHTS_FILE,
+                           lambda fh: fh.write(safetensors_bytes(state, metadata={"format": "pt"})))
+        atomic_write_json(folder / formats.CFG_FILE, cfg)
+        return folder

@@ -1,0 +1,72 @@
+"""SAE folders on disk: `load_sae` reads saekit's own, SAELens's (inference or training layout) and sparsify's;
+`SAE.save` writes SAELens's layout and `save_sparsify` sparsify's."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
+
+from ..files import atomic_write_bytes, atomic_write_json
+
+from . import formats
+from .architectures import make_sae
+from .base import SAE
+from .config import SAEConfigError
+
+
+def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
+    """Load an SAE folder: saekit's or SAELens's (`cfg.json` + `sae_weights.safetensors`, inference or
+    training layout) or sparsify's (`cfg.json` + `sae.safetensors`)."""
+    folder = Path(folder)
+    cfg_path = folder / formats.CFG_FILE
+    sparsify = (folder / formats.SPARSIFY_WEIGHTS).exists() and not (folder / formats.WEIGHTS_FILE).exists()
+    w_path = folder / (formats.SPARSIFY_WEIGHTS if sparsify else formats.WEIGHTS_FILE)
+    if not cfg_path.exists() or not w_path.exists():
+        raise SAEConfigError(f"{folder} is not an SAE folder: it needs {formats.CFG_FILE} and {formats.WEIGHTS_FILE} "
+                             f"(saekit/SAELens) or {formats.SPARSIFY_WEIGHTS} (sparsify)")
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise SAEConfigError(f"{cfg_path} is corrupt ({e})") from e
+    try:
+        state = load_file(str(w_path))
+    except Exception as e:
+        raise SAEConfigError(f"{w_path} is corrupt or truncated ({e.__class__.__name__}: {e})") from e
+    state = {k: v.float() for k, v in state.items()}
+    if sparsify:
+        cfg, state = formats.from_sparsify(raw, state, w_path)
+    elif raw.get("saekit"):
+        cfg = formats.saekit_config(raw)
+    else:
+        cfg, state = formats.from_saelens(raw, state, cfg_path)
+    for key in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        if key not in state:
+            raise SAEConfigError(f"{w_path} has no '{key}' tensor (has {sorted(state)}); not an SAE weights file")
+    d_in, d_sae = state["W_enc"].shape
+    if (cfg.d_in, cfg.d_sae) != (d_in, d_sae):
+        raise SAEConfigError(f"{folder}: cfg says d_in={cfg.d_in}, d_sae={cfg.d_sae} but W_enc is {tuple(state['W_enc'].shape)}")
+    sae = make_sae(cfg)
+    with torch.no_grad():
+        for key in ("W_enc", "W_dec", "b_enc", "b_dec"):
+            getattr(sae, key).data = state[key].clone()
+        if raw.get("saekit"):
+            sae.theta_info = raw["saekit"].get("theta")
+        if sae.inference_threshold() is not None:
+            if state.get("threshold") is None:
+                raise SAEConfigError(f"{w_path}: a {sae.label} SAE needs a 'threshold' tensor for inference")
+            sae.load_threshold(state["threshold"])
+    return sae.to(device).eval()
+
+
+def save_sparsify(sae: SAE, folder: str | Path) -> Path:
+    """Write a TopK SAE as a sparsify checkpoint (cfg.json + sae.safetensors) that sparsify loads."""
+    scale = float(sae.input_scale) if sae.cfg.normalize == "dataset" else None
+    raw, state = formats.to_sparsify(sae.cfg, sae.weights(), input_scale=scale)
+    folder = Path(folder)
+    atomic_write_bytes(folder / formats.SPARSIFY_WEIGHTS,
+                       lambda fh: fh.write(safetensors_bytes(state, metadata={"format": "pt"})))
+    atomic_write_json(folder / formats.CFG_FILE, raw)
+    return folder

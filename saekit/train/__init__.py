@@ -1,0 +1,15 @@
+"""Training SAEs on a stream of activations.
+
+    config.py       TrainConfig, the default learning rate, the schedule
+    sources.py      batches from a store, a tensor or a file; read-ahead
+    checkpoints.py  atomic, pickle-free checkpoints that resume to the same weights
+    trainer.py      Trainer (several SAEs, one stream) and train()
+
+Distributed training (torchrun) goes through saekit.distributed.
+"""
+from .config import LR_BASE, TrainConfig, TrainingError, default_lr, lr_factor
+from .sources import Prefetcher, StoreSource, TensorSource, TimedBatches, as_source
+from .trainer import Trainer, TrainResult, geometric_median, train
+
+__all__ = ["LR_BASE", "TrainConfig", "TrainingError", "default_lr", "lr_factor", "Prefetcher", "StoreSource",
+           "TensorSource", "TimedBatches", "as_source", "Trainer", "TrainResult", "geometric_median", "train"]

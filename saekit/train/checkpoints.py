@@ -1,0 +1,79 @@
+"""Training checkpoints: every SAE's weights and optimiser state, the RNG and the run's progress, published
+atomically (a whole folder renamed into place) and without pickle (safetensors + JSON)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def _optim_to_tensors(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+    out = {}
+    for i, p in enumerate(params):
+        st = opt.state.get(p, {})
+        for k, v in st.items():
+            out[f"{i}.{k}"] = v.detach().cpu().contiguous().clone() if torch.is_tensor(v) else torch.tensor(v)
+    return out
+
+
+def _optim_from_tensors(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], t: dict) -> None:
+    for i, p in enumerate(params):
+        # moments take the parameter's memory layout (W_enc is stored transposed): fused Adam walks param,
+        # grad and moments as flat memory, so a contiguous copy of a transposed moment would be misread
+        st = {k.split(".", 1)[1]: (torch.empty_like(p).copy_(v) if v.shape == p.shape else v.to(p.device))
+              for k, v in t.items() if k.split(".", 1)[0] == str(i)}
+        if st:
+            if "step" in st:  # fused Adam keeps its step count on the parameter's device
+                st["step"] = st["step"].to(p.device if opt.defaults.get("fused") else "cpu")
+            opt.state[p] = st
+
+
+def latest(root: Path) -> Path | None:
+    """The newest complete checkpoint under root (a half-written one is a hidden .tmp folder, never picked)."""
+    if not root.exists():
+        return None
+    good = [p for p in sorted(root.glob("step_*")) if (p / "state.json").exists()]
+    return good[-1] if good else None
+
+
+def write(root: Path, step: int, saes, opts, device: torch.device, progress: dict, keep: int = 2) -> Path:
+    """Write root/step_NNNNNNNN (weights, optimiser state, RNG, `progress` as state.json) atomically; keep the
+    newest `keep` checkpoints."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp_step_{step:08d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for i, (sae, opt) in enumerate(zip(saes, opts)):
+        save_file({k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}, str(tmp / f"sae_{i}.safetensors"))
+        save_file(_optim_to_tensors(opt, list(sae.parameters())), str(tmp / f"optim_{i}.safetensors"))
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["torch_cuda"] = torch.cuda.get_rng_state(device)
+    save_file(rng, str(tmp / "rng.safetensors"))
+    (tmp / "state.json").write_text(json.dumps(progress))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)  # atomic publish of the whole checkpoint
+    olds = sorted(p for p in root.glob("step_*") if p != final)
+    for p in olds[: max(0, len(olds) - (keep - 1))]:
+        shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def progress(path: Path) -> dict:
+    """The run's progress saved with a checkpoint (step, tokens, configs, logs)."""
+    return json.loads((path / "state.json").read_text())
+
+
+def restore(path: Path, saes, opts, device: torch.device) -> None:
+    """Load every SAE's weights and optimiser state and the RNG from a checkpoint."""
+    for i, (sae, opt) in enumerate(zip(saes, opts)):
+        sae.load_state_dict({k: v.to(device) for k, v in load_file(str(path / f"sae_{i}.safetensors")).items()})
+        _optim_from_tensors(opt, list(sae.parameters()), load_file(str(path / f"optim_{i}.safetensors")))
+    rng = load_file(str(path / "rng.safetensors"))
+    torch.set_rng_state(rng["torch_cpu"])
+    if "torch_cuda" in rng and device.type == "cuda":
+        torch.cuda.set_rng_state(rng["torch_cuda"], device)

@@ -1,0 +1,80 @@
+"""What a training run is: `TrainConfig`, the default learning rate and the schedule."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+
+class TrainingError(RuntimeError):
+    """Training stopped: non-finite values, or inputs that do not fit the SAEs."""
+
+
+@dataclass
+class TrainConfig:
+    """How to train (shared by every SAE trained on the stream)."""
+    total_tokens: int = 2_000_000
+    batch_size: int = 4096
+    # None: default_lr(d_sae) for each SAE (see there); a number: that rate for every SAE
+    lr: float | None = None
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 100
+    decay_frac: float = 0.2  # linear decay to zero over the final fraction of steps
+    grad_clip: float = 1.0
+    b_dec_init: str = "geometric_median"  # or "mean" or "zeros"
+    init_tokens: int = 16_384  # tokens used for b_dec init and the dataset-wide scale
+    seed: int = 0
+    device: str | None = None  # None: cuda if available, else cpu
+    autocast: bool | None = None  # bf16 autocast; None: on where the device supports it well (cuda)
+    fast: bool = True  # sparse encoder/decoder path for the TopK family
+    calibrate_batches: int = 20  # BatchTopK: re-estimate theta with the final weights over this many batches
+    checkpoint_every: int = 0  # steps; 0: only at the end
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    buffer_rows: int = 131_072  # the store's shuffle buffer (rows in RAM; see ActivationStore.batches)
+    # batches read ahead in a background thread (pinned + async copy on CUDA); 0: off; None: 2 on CUDA, off on
+    # CPU, where the thread competes with the step for the cores (2 cores: data-loading share 27% without, 46% with)
+    prefetch: int | None = None
+    progress: bool = True
+    wandb_project: str | None = None  # logs to wandb only if installed and this is set
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in names}
+        if "betas" in d:
+            d["betas"] = tuple(d["betas"])
+        return cls(**d)
+
+    @property
+    def total_steps(self) -> int:
+        return max(1, self.total_tokens // self.batch_size)
+
+    def lr_for(self, d_sae: int) -> float:
+        """The learning rate of an SAE with d_sae latents: `lr` if set, else default_lr(d_sae)."""
+        return float(self.lr) if self.lr is not None else default_lr(d_sae)
+
+
+LR_BASE = 8e-4  # default_lr at 2^14 latents: 4x sparsify's 2e-4, measured best of a sweep (benchmarks/lr_default.py)
+
+
+def default_lr(d_sae: int) -> float:
+    """LR_BASE / sqrt(d_sae / 2^14): larger for small dictionaries, which the paper's fixed 3e-4 (meant
+    for 12k+ latents and a billion tokens) under-trains in short runs (benchmarks/results/lr_default_cpu.txt)."""
+    return LR_BASE / math.sqrt(d_sae / 2 ** 14)
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, decay_frac: float) -> float:
+    """Linear warmup to 1, flat, then linear decay to 0 over the last `decay_frac` of the steps."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = int(total_steps * decay_frac)
+    decay_start = total_steps - decay_steps
+    if decay_steps and step >= decay_start:
+        return max(0.0, (total_steps - step) / decay_steps)
+    return 1.0

@@ -1,0 +1,336 @@
+"""Train one or several SAEs on one stream of activations (each batch read once).
+
+Adam, warmup then linear decay, gradient clipping, unit-norm decoder rows with the parallel gradient
+removed, b_dec at the data's geometric median, AuxK on dead latents, atomic checkpoints that resume to
+the same weights as an uninterrupted run (on CPU), a pandas log per SAE.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .. import distributed as D
+from ..files import atomic_write_csv, atomic_write_json
+from ..metrics import nmse
+from ..sae import SAE, SAEConfig, make_sae
+from . import checkpoints
+from .config import TrainConfig, TrainingError, lr_factor
+from .sources import Prefetcher, TimedBatches, as_source
+
+
+def geometric_median(x: torch.Tensor, iters: int = 50, eps: float = 1e-6) -> torch.Tensor:
+    """Weiszfeld's algorithm: the point minimising the sum of distances to the rows of x."""
+    y = x.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (x - y).norm(dim=-1).clamp_min(eps)
+        y_new = (w[:, None] * x).sum(0) / w.sum()
+        if (y_new - y).norm() < eps * max(1.0, float(y.norm())):
+            return y_new
+        y = y_new
+    return y
+
+
+@dataclass
+class TrainResult:
+    saes: list[SAE]
+    logs: list[pd.DataFrame]
+    out: Path | None
+    steps: int
+    tokens: int
+    seconds: float
+    names: list[str] = field(default_factory=list)
+    data_wait_s: float = 0.0  # time the loop waited for batches (see Prefetcher)
+
+    def summary(self) -> str:
+        """One line per SAE: steps, tokens and the last logged NMSE, L0 and dead fraction, and its folder."""
+        lines = []
+        for name, log in zip(self.names, self.logs):
+            last = log.iloc[-1]
+            where = f" -> {self.out / name}" if self.out is not None else ""
+            lines.append(f"{name}: steps {self.steps}, tokens {self.tokens:,}, nmse {last['nmse']:.4f}, "
+                         f"l0 {last['l0']:.1f}, dead {last['dead_frac']:.3f}{where}")
+        return "\n".join(lines)
+
+    @property
+    def data_share(self) -> float:
+        """Fraction of the training loop's time spent waiting for data."""
+        return self.data_wait_s / self.seconds if self.seconds > 0 else 0.0
+
+
+class Trainer:
+    """Several SAEs, one stream. Each SAE has its own Adam and schedule; the batches are shared."""
+
+    def __init__(self, cfgs: Sequence[SAEConfig], train_cfg: TrainConfig, out: str | Path | None = None):
+        if not cfgs:
+            raise TrainingError("no SAE configurations given")
+        self.cfgs = list(cfgs)
+        self.tc = train_cfg
+        self.out = Path(out) if out is not None else None
+        self.device = torch.device(train_cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if D.world_size() > 1 and self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())  # torchrun: this rank's GPU
+        use_ac = train_cfg.autocast
+        if use_ac is None:
+            use_ac = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        self.autocast = bool(use_ac)
+        names = [c.name for c in self.cfgs]
+        self.names = [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
+        torch.manual_seed(train_cfg.seed)
+        self.saes = [make_sae(c).to(self.device) for c in self.cfgs]
+        self.lrs = [train_cfg.lr_for(c.d_sae) for c in self.cfgs]
+        self.opts = [torch.optim.Adam(s.optim_groups(), lr=lr, betas=train_cfg.betas, fused=True)
+                     for s, lr in zip(self.saes, self.lrs)]  # fused: one kernel per parameter group (CPU and CUDA)
+        # torch.distributed: one replica per rank, DDP all-reduces gradients, BatchTopK selects globally
+        self.rank, self.world = D.rank(), D.world_size()
+        self.ddp = None
+        if self.world > 1:
+            if train_cfg.batch_size % self.world:
+                raise TrainingError(f"batch_size {train_cfg.batch_size} is the global batch and must divide by the "
+                                    f"{self.world} ranks; use a multiple of {self.world}")
+            self.ddp = D.wrap_ddp(self.saes, train_cfg.fast, self.device)
+        self.logs: list[list[dict]] = [[] for _ in self.saes]
+        self.step = 0
+        self.tokens = 0
+        self.initialised = False
+
+    # -- initialisation from data -------------------------------------------------------------
+    @torch.no_grad()
+    def initialise(self, sample: torch.Tensor) -> None:
+        sample = sample.to(self.device).float()
+        for sae in self.saes:
+            if sae.cfg.normalize == "dataset":
+                sae.input_scale.fill_(math.sqrt(sae.cfg.d_in / sample.pow(2).sum(-1).mean().clamp_min(1e-12).item()))
+            xs, _ = sae.normalize_input(sample)
+            if self.tc.b_dec_init == "geometric_median":
+                sae.b_dec.data = geometric_median(xs)
+            elif self.tc.b_dec_init == "mean":
+                sae.b_dec.data = xs.mean(0)
+            sae.init_from_data(xs)
+            if self.world > 1:  # every rank drew its own sample: rank 0's initialisation for all
+                D.broadcast_module(sae)
+        self.initialised = True
+
+    # -- checkpoints (saekit.train.checkpoints) ---------------------------------------------
+    @property
+    def local_batch(self) -> int:
+        """This rank's part of the global batch (batch_size is the global batch)."""
+        return self.tc.batch_size // self.world
+
+    @property
+    def _shard(self) -> dict:
+        return {"rank": self.rank, "world_size": self.world} if self.world > 1 else {}
+
+    def save_checkpoint(self) -> Path | None:
+        """Write a checkpoint atomically (rank 0 only under torch.distributed)."""
+        if self.rank != 0:
+            return None
+        progress = {"step": self.step, "tokens": self.tokens, "train_cfg": self.tc.to_dict(),
+                    "sae_cfgs": [c.to_dict() for c in self.cfgs], "names": self.names, "logs": self.logs}
+        return checkpoints.write(self.out / "checkpoints", self.step, self.saes, self.opts, self.device, progress,
+                                 keep=self.tc.keep_checkpoints)
+
+    def latest_checkpoint(self) -> Path | None:
+        return checkpoints.latest(self.out / "checkpoints") if self.out is not None else None
+
+    def load_checkpoint(self, path: Path) -> None:
+        progress = checkpoints.progress(path)
+        saved_cfgs = [SAEConfig.from_dict(c).to_dict() for c in progress["sae_cfgs"]]
+        if saved_cfgs != [c.to_dict() for c in self.cfgs]:
+            raise TrainingError(f"checkpoint {path} was made for different SAE configurations; use a new output "
+                                f"folder or the same settings to resume")
+        checkpoints.restore(path, self.saes, self.opts, self.device)
+        self.step, self.tokens = int(progress["step"]), int(progress["tokens"])
+        self.logs = progress["logs"]
+        self.initialised = True
+
+    # -- one step -----------------------------------------------------------------------------
+    def train_step(self, x: torch.Tensor) -> list[dict]:
+        """One optimiser step of every SAE on batch x [B, d_in]. Returns per-SAE stats."""
+        tc = self.tc
+        if not torch.isfinite(x).all():
+            raise TrainingError(self._nan_message("the input activations", "replace or re-capture them"))
+        factor = lr_factor(self.step, tc.total_steps, tc.warmup_steps, tc.decay_frac)
+        stats = []
+        for i, (sae, opt) in enumerate(zip(self.saes, self.opts)):
+            for g in opt.param_groups:
+                g["lr"] = self.lrs[i] * factor * g["lr_scale"]
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                out = self.ddp[i](x) if self.ddp else sae.training_loss(x, fast=tc.fast)
+            if not torch.isfinite(out.loss):
+                raise TrainingError(self._nan_message(f"the loss of SAE {self.names[i]}", "lower the learning rate"))
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            sae.remove_parallel_grad()
+            if tc.grad_clip:
+                torch.nn.utils.clip_grad_norm_(sae.parameters(), tc.grad_clip)
+            opt.step()
+            sae.normalize_decoder()
+            if self.world > 1:  # dead-latent counters see the global batch
+                sae.update_dead(D.all_reduce_fired(out.fired), x.shape[0] * self.world)
+            else:
+                sae.update_dead(out.fired, x.shape[0])
+            extra = sae.after_step(out)
+            stats.append((out, extra, self.lrs[i] * factor))
+        self.step += 1
+        self.tokens += x.shape[0] * self.world
+        return self._log(stats)
+
+    def _nan_message(self, what: str, fix: str) -> str:
+        ck = self.latest_checkpoint()
+        kept = f"the last good checkpoint is kept at {ck}" if ck else "no checkpoint had been written yet"
+        return f"NaN/inf in {what} at step {self.step} (batch {self.step}, tokens {self.tokens:,}); {kept}. Fix: {fix}."
+
+    @torch.no_grad()
+    def _log(self, stats) -> list[dict]:
+        rows = []
+        log_now = self.step % max(1, self.tc.log_every) == 0 or self.step == self.tc.total_steps
+        for i, (out, extra, lr) in enumerate(stats):
+            sae = self.saes[i]
+            row = {"step": self.step, "tokens": self.tokens, "loss": float(out.loss), "lr": lr}
+            row.update({k: float(v) for k, v in out.terms.items()})
+            row["nmse"] = nmse(out.x.float(), out.x_hat.float())
+            row["l0"] = float(out.l0.float().mean())
+            row["dead_frac"] = float(sae.dead_mask().float().mean())
+            row["theta"] = extra.get("theta", float("nan"))
+            if log_now:
+                self.logs[i].append(row)
+            rows.append(row)
+        return rows
+
+    def log_frames(self) -> list[pd.DataFrame]:
+        return [pd.DataFrame(rows) for rows in self.logs]
+
+    def write_outputs(self) -> None:
+        if self.out is None or self.rank != 0:
+            return
+        for name, sae, frame in zip(self.names, self.saes, self.log_frames()):
+            folder = self.out / name
+            sae.save(folder)
+            atomic_write_csv(folder / "train_log.csv", frame)
+        atomic_write_json(self.out / "train_config.json", {"train": self.tc.to_dict(), "names": self.names,
+                                                           "lrs": self.lrs,
+                                                           "saes": [c.to_dict() for c in self.cfgs],
+                                                           "steps": self.step, "tokens": self.tokens})
+
+    # -- the loop -----------------------------------------------------------------------------
+    def fit(self, data, hook: str | None = None, resume: bool = True,
+            callback: Callable[["Trainer", list[dict]], None] | None = None, stop_after: int | None = None) -> TrainResult:
+        """Train on `data` for total_tokens. resume=True continues from the latest checkpoint in `out`.
+
+        callback(trainer, stats) runs after every step (live plots); stop_after stops early (tests).
+        """
+        source = as_source(data, hook)
+        for c in self.cfgs:
+            if c.d_in != source.d_model:
+                raise TrainingError(f"SAE {c.name} has d_in={c.d_in} but the activations have d={source.d_model}; "
+                                    f"set d_in={source.d_model}")
+        tc = self.tc
+        n = len(source)
+        if n < tc.batch_size:
+            raise TrainingError(f"the activations hold {n} rows, fewer than one batch of {tc.batch_size}; "
+                                f"capture more tokens or lower batch_size")
+        D.barrier()  # (distributed) every rank sees the same checkpoints
+        ckpt = self.latest_checkpoint() if resume else None
+        if ckpt is not None:
+            self.load_checkpoint(ckpt)
+        if not self.initialised:
+            init = []
+            got = 0
+            for x in source.batches(self.local_batch, seed=tc.seed + 7919, buffer_rows=tc.buffer_rows, **self._shard):
+                init.append(x)
+                got += x.shape[0]
+                if got >= tc.init_tokens:
+                    break
+            sample = torch.cat(init)
+            if not torch.isfinite(sample).all():
+                raise TrainingError("NaN/inf in the input activations (seen while initialising); re-capture them")
+            self.initialise(sample)
+        per_epoch = n // tc.batch_size
+        # ranks of a store read whole chunks, so their shares differ a little: one spare epoch keeps every
+        # rank stepping until total_steps (a rank that ran out would leave the others waiting)
+        epochs = math.ceil(tc.total_steps / per_epoch) + (self.world > 1)
+        t0 = time.perf_counter()
+        loader = None
+        bar = tqdm(total=tc.total_steps, initial=self.step, desc="train", unit="step", disable=not tc.progress or self.rank != 0)
+        run = self._maybe_wandb() if self.rank == 0 else None
+        try:
+            limit = tc.total_steps if stop_after is None else min(tc.total_steps, stop_after)
+            batches = source.batches(self.local_batch, seed=tc.seed, epochs=epochs, skip_batches=self.step,
+                                     **self._shard,
+                                     buffer_rows=tc.buffer_rows) if self.step < limit else ()
+            if self.step < limit:
+                batches = itertools.islice(batches, limit - self.step)  # read ahead no further than needed
+                ahead = tc.prefetch if tc.prefetch is not None else (2 if self.device.type == "cuda" else 0)
+                batches = loader = Prefetcher(batches, self.device, ahead) if ahead else TimedBatches(batches)
+            for x in batches:
+                stats = self.train_step(x.to(self.device, non_blocking=True))
+                if callback is not None:
+                    callback(self, stats)
+                if run is not None:
+                    run.log({f"{nm}/{k}": v for nm, s in zip(self.names, stats) for k, v in s.items()}, step=self.step)
+                s0 = stats[0]
+                bar.set_postfix(loss=f"{s0['loss']:.4g}", nmse=f"{s0['nmse']:.3f}", l0=f"{s0['l0']:.1f}",
+                                dead=f"{s0['dead_frac']:.2f}")
+                bar.update(1)
+                if self.out is not None and tc.checkpoint_every and self.step % tc.checkpoint_every == 0:
+                    self.save_checkpoint()
+                    D.barrier()
+                if self.step >= limit:
+                    break
+        finally:
+            bar.close()
+            if loader is not None:
+                loader.close()
+            if run is not None:
+                run.finish()
+        if self.step >= tc.total_steps and tc.calibrate_batches:
+            self.calibrate(source)
+        for sae in self.saes:
+            sae.eval()
+        if self.out is not None:
+            if self.step >= tc.total_steps or tc.checkpoint_every:
+                self.save_checkpoint()
+            self.write_outputs()
+            D.barrier()
+        return TrainResult(self.saes, self.log_frames(), self.out, self.step, self.tokens,
+                           time.perf_counter() - t0, self.names, data_wait_s=loader.wait_s if loader else 0.0)
+
+    def calibrate(self, source) -> None:
+        """Final BatchTopK thresholds from the final weights (same seed: the same batches on resume)."""
+        if not any(s.has_theta for s in self.saes):
+            return
+        batches = []
+        for x in source.batches(self.local_batch, seed=self.tc.seed + 104729, buffer_rows=self.tc.buffer_rows,
+                                **self._shard):
+            batches.append(x.to(self.device))
+            if len(batches) >= self.tc.calibrate_batches:
+                break
+        for sae in self.saes:
+            if sae.has_theta:
+                sae.calibrate_threshold(batches)  # under torch.distributed: the mean of the ranks' estimates
+
+    def _maybe_wandb(self):
+        if not self.tc.wandb_project:
+            return None
+        try:
+            import wandb
+        except ImportError:
+            return None
+        return wandb.init(project=self.tc.wandb_project, config={"train": self.tc.to_dict(),
+                                                                  "saes": [c.to_dict() for c in self.cfgs]})
+
+
+def train(data, cfgs: SAEConfig | Sequence[SAEConfig], train_cfg: TrainConfig | None = None,
+          out: str | Path | None = None, hook: str | None = None, resume: bool = True, **kwargs) -> TrainResult:
+    """Train SAE(s) on activations (store, folder, tensor, .npy or .safetensors). See Trainer.fit."""
+    cfgs = [cfgs] if isinstance(cfgs, SAEConfig) else list(cfgs)
+    trainer = Trainer(cfgs, train_cfg or TrainConfig(), out)
+    return trainer.fit(data, hook=hook, resume=resume, **kwargs)
