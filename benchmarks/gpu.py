@@ -213,7 +213,7 @@ def train_step(run: Run, dev: torch.device, dry: bool):
 
 def peer_run(run: Run, dev: torch.device, dry: bool):
     args = (["--d", "32", "--f", "128", "--batch", "128", "--steps", "4", "--eval-tokens", "512", "--k", "4",
-             "--no-memory"] if dry else ["--gpu", "--steps", "200"])
+             "--no-memory", "--repeats", "1"] if dry else ["--gpu", "--steps", "200"])
     with tempfile.TemporaryDirectory() as tmp:
         res = peers.main([*args, "--json", os.path.join(tmp, "p.json")])
     run.data["peers"] = res

@@ -19,6 +19,7 @@ import functools
 import json
 import os
 import platform
+import statistics
 import sys
 import threading
 import time
@@ -220,6 +221,7 @@ def main(argv=None):
                     help="saekit's AuxK weight (default the paper's 1/32; 0: off, as sparsify's trainer by default)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--json", default=None)
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds of every method (median reported)")
     ap.add_argument("--no-memory", action="store_true", help="skip the CPU peak-memory runs (one process per method)")
     ap.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)  # child: one method's CPU peak memory
     a = ap.parse_args(argv)
@@ -257,36 +259,52 @@ def main(argv=None):
     results = {"device": str(device), "device_name": name, "data": src,
                "shape": dict(d=d, d_sae=f, k=a.k, batch=B), "steps": n_steps, "saekit_enc_init_norm": a.enc_init_norm,
                "saekit_aux_alpha": a.aux_alpha}
+    reps = {m: [] for m in a.methods}
+    for rep in range(a.repeats):  # interleaved: every method once per round, the order rotated each round
+        order = a.methods[rep % len(a.methods):] + a.methods[:rep % len(a.methods)]
+        for m in order:
+            init, step, to_saekit = methods[m](d, f, a.k, a.lr, device, n_steps, B)
+            with PeakMemory(device) as mem:
+                state = init(batches[0])
+                for x in batches[:2]:
+                    step(state, x)
+                sync(device)
+                t = time.perf_counter()
+                for x in batches[2:]:
+                    step(state, x)
+                sync(device)
+                secs = time.perf_counter() - t
+            reps[m].append((n_steps - 2) * B / secs)
+            if rep:
+                continue
+            sae = to_saekit(state).to(device).eval()
+            if isinstance(sae, BatchTopKSAE):  # one rule for every BatchTopK model: theta from its final weights
+                sae.calibrate_threshold(batches[-20:])
+            ev = reconstruction_metrics(sae, eval_x.split(4096), device=device)
+            peak = mem.mb if device.type == "cuda" else (float("nan") if a.no_memory else cpu_peak_mb(m, argv))
+            results[m] = dict(nmse=ev["nmse"], l0=ev["l0"], peak_mb=peak)
+            if m == "saekit":
+                results[m]["dead_fraction_at_end"] = float(state.saes[0].dead_mask().float().mean())
     for m in a.methods:
-        init, step, to_saekit = methods[m](d, f, a.k, a.lr, device, n_steps, B)
-        with PeakMemory(device) as mem:
-            state = init(batches[0])
-            for x in batches[:2]:
-                step(state, x)
-            sync(device)
-            t = time.perf_counter()
-            for x in batches[2:]:
-                step(state, x)
-            sync(device)
-            secs = time.perf_counter() - t
-        sae = to_saekit(state).to(device).eval()
-        if isinstance(sae, BatchTopKSAE):  # one rule for every BatchTopK model: theta from its final weights
-            sae.calibrate_threshold(batches[-20:])
-        ev = reconstruction_metrics(sae, eval_x.split(4096), device=device)
-        peak = mem.mb if device.type == "cuda" else (float("nan") if a.no_memory else cpu_peak_mb(m, argv))
-        results[m] = dict(tokens_per_s=(n_steps - 2) * B / secs, nmse=ev["nmse"], l0=ev["l0"], peak_mb=peak)
+        results[m].update(tokens_per_s=statistics.median(reps[m]), tokens_per_s_runs=reps[m])
     base = results.get("saekit")
-    print(f"{'method':<26}{'tokens/s':>12}{'saekit/this':>13}{'NMSE':>9}{'L0':>8}{'peak MB':>10}")
+    print(f"{'method':<26}{'tokens/s':>12}{'range':>20}{'saekit/this':>13}{'NMSE':>9}{'L0':>8}{'peak MB':>10}")
     for m in a.methods:
         r = results[m]
-        ratio = base["tokens_per_s"] / r["tokens_per_s"] if base else float("nan")
-        r["saekit_speedup"] = ratio
-        print(f"{LABELS[m]:<26}{r['tokens_per_s']:>12,.0f}{ratio:>12.2f}x{r['nmse']:>9.4f}{r['l0']:>8.1f}"
-              f"{r['peak_mb']:>10,.0f}")
-    print("saekit/this = saekit tokens/s / this method's tokens/s in this run (> 1: saekit is faster). NMSE and L0 "
-          "on held-out tokens by saekit's metrics after the same batches. peak MB: growth over the run "
-          + ("(CUDA allocator peak)." if a.gpu else "(RSS of a fresh process running 6 steps of only this "
-                                                  "method, sampled every 2 ms)."))
+        # the ratio of each round's saekit run to this method's run in the same round; median and range
+        per_round = [sa / o for sa, o in zip(reps["saekit"], reps[m])] if base else [float("nan")]
+        r["saekit_speedup"], r["saekit_speedup_range"] = statistics.median(per_round), [min(per_round), max(per_round)]
+        rng = f"{min(reps[m]):,.0f}-{max(reps[m]):,.0f}"
+        print(f"{LABELS[m]:<26}{r['tokens_per_s']:>12,.0f}{rng:>20}{r['saekit_speedup']:>12.2f}x{r['nmse']:>9.4f}"
+              f"{r['l0']:>8.1f}{r['peak_mb']:>10,.0f}")
+    ranges = ", ".join(f"{LABELS[m]} {results[m]['saekit_speedup_range'][0]:.2f}-{results[m]['saekit_speedup_range'][1]:.2f}"
+                       for m in a.methods if m != "saekit")
+    print(f"tokens/s: median over {a.repeats} interleaved rounds (range: slowest-fastest round). saekit/this = median "
+          f"over rounds of saekit's tokens/s / this method's in the same round (> 1: saekit is faster; range "
+          f"{ranges}). "
+          f"NMSE and L0 on held-out tokens by saekit's metrics after the same batches (first round). peak MB: "
+          "growth over the run " + ("(CUDA allocator peak)." if a.gpu else "(RSS of a fresh process running 6 steps "
+                                                                          "of only this method, sampled every 2 ms)."))
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2))
     return results

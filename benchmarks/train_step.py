@@ -124,8 +124,9 @@ def main():
     def run_plain():
         m = PlainBatchTopK(d, f, a.k).to(device)
         with torch.no_grad():  # start from exactly saekit's initial weights, so the losses compare
-            for name, p in make_trainer("batchtopk").saes[0].named_parameters():
-                getattr(m, name).copy_(p)
+            sae = make_trainer("batchtopk").saes[0]
+            for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+                getattr(m, name).copy_(getattr(sae, name))
         opt = torch.optim.Adam(m.parameters(), lr=3e-4)
         for i in range(2):
             plain_step(m, opt, data[i], dead_tokens)

@@ -183,6 +183,19 @@ def cmd_report(a) -> int:
     return 0
 
 
+def cmd_notebooks(a) -> int:
+    from .notebooks import copy_notebooks
+
+    try:
+        paths = copy_notebooks(a.dir, overwrite=a.overwrite)
+    except FileExistsError as e:
+        print(f"saekit notebooks: error: {e}", file=sys.stderr)
+        return 2
+    print(f"{len(paths)} notebooks in {a.dir}: {', '.join(p.name for p in paths)}\n"
+          f"open them with: jupyter lab {a.dir}")
+    return 0
+
+
 def cmd_demo(a) -> int:
     from .demo import DemoConfig, run_demo
 
@@ -323,6 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = _sub(sub, "report", "write RUN_DIR/report.html (self-contained figures of a demo run)", cmd_report)
     r.add_argument("run_dir", help="a demo's output folder")
+
+    nb = _sub(sub, "notebooks", "copy the notebook series into a folder to work in", cmd_notebooks)
+    nb.add_argument("dir", help="folder to copy the notebooks into (created if needed)")
+    nb.add_argument("--overwrite", action="store_true", help="replace notebooks already in DIR")
 
     d = _sub(sub, "demo", "the main job on the embedded model and bundled corpus", cmd_demo)
     helps = {"out": "results folder", "hook": "hook point of the embedded model",

@@ -40,7 +40,7 @@ def test_peers_benchmark_runs_every_method_on_a_store(store, tmp_path):
     out = tmp_path / "peers.json"
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "peers.py"), "--store", str(store.path),
                         "--hook", HOOK, "--f", "512", "--batch", "128", "--k", "4", "--steps", "6",
-                        "--eval-tokens", "256", "--json", str(out)], capture_output=True, text=True, timeout=600)
+                        "--eval-tokens", "256", "--repeats", "2", "--json", str(out)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
     assert res["shape"]["d"] == store.d_model
@@ -109,3 +109,15 @@ def test_gpu_script_fails_loudly(tmp_path, monkeypatch):
     assert gpu.main(["--dry", "--out", str(tmp_path)]) == 1
     md = next(tmp_path.glob("gpu-*.md")).read_text()
     assert "FAILED" in md and "a broken kernel" in md and "a passing check" in md
+
+
+def test_profile_and_crossover_benchmarks_run():
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), "--d-sae", "256", "--batch", "128",
+                        "--steps", "3"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    shares = {line.split()[0] for line in r.stdout.splitlines() if line.rstrip().endswith("%")}
+    assert {"encode", "select", "AuxK", "Adam"} <= shares and "step (all)" in r.stdout
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "crossover.py"), "--quick"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "by size" in r.stdout and "by density" in r.stdout and r.stdout.count("\n") > 8

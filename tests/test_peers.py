@@ -51,7 +51,7 @@ def _randomise(module, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
-            if name in ("W_enc", "W_dec", "encoder.weight"):
+            if name in ("W_enc", "W_enc_t", "W_dec", "encoder.weight"):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
             elif name.endswith("b_enc") or name == "encoder.bias":
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)

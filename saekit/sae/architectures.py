@@ -23,7 +23,7 @@ class BatchTopKSAE(SAE):
     saelens_name, saelens_training_name = "jumprelu", "batchtopk"  # SAELens saves BatchTopK as a JumpReLU
     has_k = has_theta = uses_auxk = has_fast_path = True
     modes = ("threshold", "batch")
-    candidate_factor = 0.5  # exact top-k among pre-activations above this fraction of theta (see batch_topk)
+    candidate_factor = 0.9  # exact top-k among pre-activations above this fraction of theta first (see batch_topk)
 
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)

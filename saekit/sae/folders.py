@@ -50,8 +50,7 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
         raise SAEConfigError(f"{folder}: cfg says d_in={cfg.d_in}, d_sae={cfg.d_sae} but W_enc is {tuple(state['W_enc'].shape)}")
     sae = make_sae(cfg)
     with torch.no_grad():
-        for key in ("W_enc", "W_dec", "b_enc", "b_dec"):
-            getattr(sae, key).data = state[key].clone()
+        sae.set_weights(state)
         if raw.get("saekit"):
             sae.theta_info = raw["saekit"].get("theta")
         if sae.inference_threshold() is not None:

@@ -21,10 +21,14 @@ def _optim_to_tensors(opt: torch.optim.Optimizer, params: list[torch.nn.Paramete
 
 def _optim_from_tensors(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], t: dict) -> None:
     for i, p in enumerate(params):
-        # moments take the parameter's memory layout (W_enc is stored transposed): fused Adam walks param,
-        # grad and moments as flat memory, so a contiguous copy of a transposed moment would be misread
-        st = {k.split(".", 1)[1]: (torch.empty_like(p).copy_(v) if v.shape == p.shape else v.to(p.device))
-              for k, v in t.items() if k.split(".", 1)[0] == str(i)}
+        # moments take the parameter's memory layout (fused Adam walks param, grad and moments as flat memory);
+        # checkpoints of saekit <= 0.1 kept the encoder as [d_in, d_sae]: its moments come back transposed
+        def moment(v):
+            if v.shape != p.shape and v.ndim == 2 and v.shape == p.shape[::-1]:
+                v = v.t()
+            return torch.empty_like(p).copy_(v) if v.shape == p.shape else v.to(p.device)
+
+        st = {k.split(".", 1)[1]: moment(v) for k, v in t.items() if k.split(".", 1)[0] == str(i)}
         if st:
             if "step" in st:  # fused Adam keeps its step count on the parameter's device
                 st["step"] = st["step"].to(p.device if opt.defaults.get("fused") else "cpu")

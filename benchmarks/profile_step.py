@@ -1,0 +1,108 @@
+"""Where a training step's time goes: torch.profiler over saekit's BatchTopK step (the Trainer's, AuxK on) at the
+CPU benchmark shape, grouped into the step's parts, as shares of the step.
+
+    python benchmarks/profile_step.py [--store DIR --hook H] [--steps 20] [--dead 0.05]
+
+The data are a store's activations (or random rows); `--dead` marks that fraction of latents dead, as early in
+training, so that AuxK runs (0: no dead latent, AuxK skipped). Writes the table to stdout.
+"""
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from saekit.sae import SAEConfig
+from saekit.train import TrainConfig, Trainer
+
+PARTS = ["normalize", "encode (dense, no grad)", "select", "sparse encode backward", "decode", "AuxK",
+         "loss + backward (rest)", "decoder constraint", "clip", "Adam", "dead latents + theta", "logging"]
+
+
+def instrumented_step(tr: Trainer, x: torch.Tensor):
+    """Trainer.train_step's work for one SAE, each part under a profiler label (same calls, same order)."""
+    from saekit.sae.kernels import SparseCode, SparseEncode, sparse_decode
+
+    sae, opt = tr.saes[0], tr.opts[0]
+    with record_function("normalize"):
+        xs, _ = sae.normalize_input(x)
+    with record_function("encode (dense, no grad)"), torch.no_grad():
+        a = sae.pre_acts(xs)
+    with record_function("select"), torch.no_grad():
+        sel = sae.select(a, "train")
+    with record_function("decode"):
+        vals = SparseEncode.apply(xs, sae.W_enc, sae.b_enc, sae.b_dec, sel.rows, sel.cols, a[sel.rows, sel.cols])
+        code = SparseCode(sel.rows, sel.cols, vals, (xs.shape[0], sae.cfg.d_sae))
+        x_hat = sparse_decode(code, sae.W_dec) + sae.b_dec
+        mse = (x_hat - xs).pow(2).mean()
+    with record_function("AuxK"):
+        dead = sae._aux_dead()
+        aux = (sae.aux_reconstruction(xs, dead) - (xs - x_hat).detach()).pow(2).mean() if dead is not None else 0
+    with record_function("loss + backward (rest)"):
+        opt.zero_grad(set_to_none=True)
+        (mse + sae.cfg.aux_alpha * aux).backward()
+    with record_function("decoder constraint"):
+        sae.remove_parallel_grad()
+    with record_function("clip"):
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+    with record_function("Adam"):
+        opt.step()
+        sae.normalize_decoder()
+    with record_function("dead latents + theta"), torch.no_grad():
+        fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
+        fired[code.cols] = True
+        sae.update_dead(fired, x.shape[0])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--store", default=None)
+    ap.add_argument("--hook", default=None)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--dead", type=float, default=0.05, help="fraction of latents marked dead (AuxK runs)")
+    ap.add_argument("--d-sae", type=int, default=4608)
+    ap.add_argument("--batch", type=int, default=1024)
+    a = ap.parse_args()
+    if a.store:
+        from saekit.activations import ActivationStore
+
+        x_all = ActivationStore(a.store, a.hook).rows(0, (a.steps + 2) * a.batch, a.hook).float()
+    else:
+        x_all = torch.randn((a.steps + 2) * a.batch, 576)
+    d = x_all.shape[1]
+    batches = x_all.split(a.batch)
+    tr = Trainer([SAEConfig(arch="batchtopk", d_in=d, d_sae=a.d_sae, k=32, dead_tokens=5 * a.batch)],
+                 TrainConfig(total_tokens=10**9, batch_size=a.batch, warmup_steps=0, progress=False))
+    tr.initialise(torch.cat(batches[:2]))
+    sae = tr.saes[0]
+    n_dead = int(a.dead * a.d_sae)
+    for i in range(2):
+        tr.train_step(batches[i])
+    sae.tokens_since_fired[:n_dead] = 10 * sae.cfg.dead_tokens  # dead, as early in training
+    hold = sae.tokens_since_fired.clone()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for x in batches[2:a.steps + 2]:
+            with record_function("step"):
+                instrumented_step(tr, x)
+            sae.tokens_since_fired.copy_(hold)  # the same dead set every step
+    totals = defaultdict(float)
+    for ev in prof.key_averages():
+        if ev.key in PARTS or ev.key == "step":
+            totals[ev.key] = ev.cpu_time_total / 1e3 / a.steps
+    # autograd runs a part's backward outside its label: it lands in "loss + backward (rest)"
+    step = totals["step"]
+    print(f"saekit BatchTopK step, d={d}, d_sae={a.d_sae}, batch {a.batch}, k=32, {n_dead} dead latents "
+          f"({a.dead:.0%}), {torch.get_num_threads()} threads, torch {torch.__version__}; mean over {a.steps} steps")
+    print(f"{'part':<28}{'ms/step':>9}{'share':>8}")
+    for p in PARTS:
+        if p in totals:
+            print(f"{p:<28}{totals[p]:>9.2f}{totals[p] / step:>8.1%}")
+    print(f"{'step (all)':<28}{step:>9.2f}{1:>8.0%}")
+    print("\nTop operators (self CPU time):")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=40))
+
+
+if __name__ == "__main__":
+    main()
