@@ -195,3 +195,14 @@ def test_cli_defaults_are_the_librarys():
     assert e.tokens == __import__("inspect").signature(evaluate).parameters["n_tokens"].default
     d = p.parse_args(["demo"])
     assert all(getattr(d, f.name) == f.default for f in dataclasses.fields(DemoConfig))
+
+
+def test_importing_the_sae_package_stays_light():
+    """`import saekit.sae` (to load or use an SAE) pulls in neither training, capture nor the peers' bridges."""
+    import subprocess
+
+    code = "import sys, saekit.sae; print(' '.join(m for m in sys.modules if m.startswith('saekit')))"
+    loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split())
+    assert "saekit.sae.architectures" in loaded
+    heavy = {m for m in loaded if m.split(".")[1] in ("train", "activations", "interop", "metrics", "models", "cli")}
+    assert not heavy, heavy
