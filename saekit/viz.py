@@ -77,13 +77,14 @@ def _token_label(t: str) -> str:
     return t.replace("\n", "⏎").replace(" ", "·") or "∅"
 
 
-def token_counts_figure(tables: dict, width: int = 16, title: str = "Active latents per token") -> go.Figure:
+def token_counts_figure(tables: dict, width: int = 16, title: str = "Active latents per token",
+                        zmax: int | None = None) -> go.Figure:
     """Text laid out in rows of `width` tokens, each cell shaded by its number of active latents,
     one panel per SAE (e.g. BatchTopK above TopK on the same text). Hover: count and top latents.
     tables: {name: DataFrame from analysis.latent_counts / count_table}."""
     names = list(tables)
     fig = make_subplots(rows=len(names), cols=1, subplot_titles=names, vertical_spacing=0.08)
-    zmax = max(int(t["count"].max()) for t in tables.values()) or 1
+    zmax = zmax or max(int(t["count"].max()) for t in tables.values()) or 1  # a fixed scale where the caller gives one
     for r, name in enumerate(names, start=1):
         t = tables[name]
         n = len(t)

@@ -9,21 +9,46 @@ import torch
 
 from . import analysis, viz
 
+class Responsive:
+    """What every explorer shares: an output area (`log`) where its progress bars and errors appear, and callbacks
+    that never fail silently: `guard(fn)` runs fn inside the log area and reports an exception there (and keeps it
+    in `errors`) instead of letting ipywidgets swallow it."""
+
+    def _init_log(self) -> None:
+        self.log = W.Output(layout=W.Layout(max_height="160px", overflow="auto"))
+        self.errors: list[BaseException] = []
+
+    def guard(self, fn):
+        def run(*args, **kwargs):
+            with self.log:
+                try:
+                    return fn(*args, **kwargs)
+                except Exception as e:  # noqa: BLE001 - shown to the user, kept for tests
+                    self.errors.append(e)
+                    self.log.append_stderr(f"{type(e).__name__}: {e}\n")
+        return run
+
+
 DEFAULT_TEXT = ("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer "
                 "the slings and arrows of outrageous fortune.")
 
 
-class AllocationExplorer:
+class AllocationExplorer(Responsive):
     """Type or pick a text, pick an SAE, slide its threshold (BatchTopK, JumpReLU-style) or k (TopK),
-    and watch the per-token latent counts change."""
+    and watch the per-token latent counts change. The text is read when you leave the box (or press
+    Shift+Enter), not on every key; the colour scale stays fixed while a slider moves, so darker always means
+    more latents; the trained θ (or k) is marked on the slider and `reset` goes back to it."""
 
     def __init__(self, saes: dict, model, texts: dict | None = None, hook: str | None = None, width: int = 16):
         self.saes, self.model, self.width = saes, model, width
+        self._init_log()
         self.hook = hook or next(iter(saes.values())).cfg.hook_name
         texts = texts or {"Hamlet": DEFAULT_TEXT}
         self.preset = W.Dropdown(options=list(texts) + ["(type your own)"], description="text")
         self.texts = texts
-        self.text = W.Textarea(value=next(iter(texts.values())), layout=W.Layout(width="100%", height="70px"))
+        self.text = W.Textarea(value=next(iter(texts.values())), continuous_update=False,
+                               layout=W.Layout(width="100%", height="70px"))
+        self.reset = W.Button(description="reset", tooltip="back to the trained θ / k")
         self.sae_choice = W.Dropdown(options=list(saes), description="SAE")
         self.threshold = W.FloatSlider(description="threshold θ", min=0.0, max=1.0, step=0.005, readout_format=".3f",
                                        continuous_update=False, layout=W.Layout(width="60%"))
@@ -33,13 +58,14 @@ class AllocationExplorer:
         self._acts = None
         self._configure_sliders()
         self._load_text()
-        self.preset.observe(self._on_preset, "value")
-        self.text.observe(lambda _: self._load_text(), "value")
-        self.sae_choice.observe(lambda _: (self._configure_sliders(), self.refresh()), "value")
-        self.threshold.observe(lambda _: self.refresh(), "value")
-        self.k.observe(lambda _: self.refresh(), "value")
-        self.widget = W.VBox([W.HBox([self.preset, self.sae_choice]), self.text, self.threshold, self.k,
-                              self.summary, self.figure])
+        self.preset.observe(self.guard(self._on_preset), "value")
+        self.text.observe(self.guard(lambda _: self._load_text()), "value")
+        self.sae_choice.observe(self.guard(lambda _: (self._configure_sliders(), self.refresh())), "value")
+        self.threshold.observe(self.guard(lambda _: self.refresh()), "value")
+        self.k.observe(self.guard(lambda _: self.refresh()), "value")
+        self.reset.on_click(self.guard(lambda _: self._configure_sliders()))
+        self.widget = W.VBox([W.HBox([self.preset, self.sae_choice]), self.text, W.HBox([self.threshold, self.reset]),
+                              self.k, self.summary, self.figure, self.log])
 
     @staticmethod
     def _empty_table():
@@ -60,10 +86,14 @@ class AllocationExplorer:
         if use_k:
             self.k.max = max(128, 4 * sae.cfg.k)
             self.k.value = sae.cfg.k
+            self.k.description = f"k (trained {sae.cfg.k})"
         else:
             theta = float(thr.mean()) if thr is not None else 0.0
             self.threshold.max = max(1.0, 4 * theta)
             self.threshold.value = theta
+            self.threshold.description = f"θ (trained {theta:.3f})"
+        # one colour scale per SAE, fixed while its slider moves: counts above it show as the darkest colour
+        self.zmax = 3 * sae.cfg.k if sae.has_k else None
 
     def _on_preset(self, change) -> None:
         if change["new"] in self.texts:
@@ -88,7 +118,9 @@ class AllocationExplorer:
         if self._acts is None:
             return
         t = self.table()
-        new = viz.token_counts_figure({self.sae_choice.value: t}, width=self.width)
+        if self.zmax is None:  # no k: three times the mean count at the SAE's own setting, fixed from then on
+            self.zmax = max(1, int(3 * t[t.kept]["count"].mean()))
+        new = viz.token_counts_figure({self.sae_choice.value: t}, width=self.width, zmax=self.zmax)
         with self.figure.batch_update():
             self.figure.data[0].z = new.data[0].z
             self.figure.data[0].text = new.data[0].text
@@ -101,16 +133,17 @@ class AllocationExplorer:
                               f"(min {kept['count'].min()}, max {kept['count'].max()})")
 
 
-class FeatureExplorer:
+class FeatureExplorer(Responsive):
     """Browse latents by index, by density or by search over their examples; shows top and
     quantile examples, the activation histogram, logit effects and decoder neighbours."""
 
     def __init__(self, index: analysis.FeatureIndex, sae, model=None):
         self.index, self.sae, self.model = index, sae, model
+        self._init_log()
         self.order = W.Dropdown(options=["index", "density (high first)", "density (low first)"], description="order")
-        self.latent = W.BoundedIntText(min=0, max=index.d_sae - 1, description="latent")
+        self.latent = W.BoundedIntText(min=0, max=index.d_sae - 1, description="latent", continuous_update=False)
         self.prev, self.next = W.Button(description="◀ prev"), W.Button(description="next ▶")
-        self.search = W.Text(placeholder="a word…", description="search")
+        self.search = W.Text(placeholder="a word…", description="search", continuous_update=False)
         self.search_in = W.Dropdown(options=["example tokens", "promoted tokens"], description="in",
                                     disabled=model is None)
         self._promoted = None
@@ -119,14 +152,16 @@ class FeatureExplorer:
         self.examples = W.HTML()
         self.hist = go.FigureWidget(viz.activation_histogram_figure([], 0))
         self.logits = go.FigureWidget(viz.logit_effects_figure({"promoted": [], "suppressed": []}, 0))
-        self.latent.observe(lambda _: self.show(), "value")
-        self.prev.on_click(lambda _: self.step(-1))
-        self.next.on_click(lambda _: self.step(+1))
-        self.search.observe(self._on_search, "value")
-        self.results.observe(lambda c: c["new"] is not None and setattr(self.latent, "value", int(c["new"])), "value")
+        self.latent.observe(self.guard(lambda _: self.show()), "value")
+        self.prev.on_click(self.guard(lambda _: self.step(-1)))
+        self.next.on_click(self.guard(lambda _: self.step(+1)))
+        self.search.observe(self.guard(lambda _: self.run_search()), "value")
+        self.search_in.observe(self.guard(lambda _: self.run_search()), "value")  # a new field reruns the search
+        self.results.observe(self.guard(lambda c: c["new"] is not None and setattr(self.latent, "value", int(c["new"]))),
+                             "value")
         self.widget = W.VBox([W.HBox([self.order, self.latent, self.prev, self.next]),
                               W.HBox([self.search, self.search_in, self.results]), self.info, self.examples,
-                              W.HBox([self.hist, self.logits])])
+                              W.HBox([self.hist, self.logits]), self.log])
         alive = np.nonzero(index.density > 0)[0]
         self.latent.value = int(alive[0]) if len(alive) else 0
         self.show()
@@ -142,8 +177,9 @@ class FeatureExplorer:
         i = seq.index(self.latent.value)
         self.latent.value = int(seq[(i + delta) % len(seq)])
 
-    def _on_search(self, change) -> None:
-        query = change["new"]
+    def run_search(self) -> None:
+        """Search the current field for the current query (both boxes act on Enter or when left)."""
+        query = self.search.value
         if not query:
             hits = []
         elif self.search_in.value == "promoted tokens":
@@ -181,18 +217,19 @@ class FeatureExplorer:
                 self.logits.layout.title = lf.layout.title
 
 
-class FrontierExplorer:
+class FrontierExplorer(Responsive):
     """Interactive frontier from a sweep DataFrame; click (or select) a run to see its per-token L0."""
 
     def __init__(self, df, per_token_l0: dict | None = None):
         self.df = df.reset_index(drop=True)
+        self._init_log()
         self.per_token_l0 = per_token_l0 or {}
         self.figure = go.FigureWidget(viz.frontier_figure(self.df))
         self.detail = go.FigureWidget(viz.l0_distribution_figure({}, title="click a run"))
         self.selected = W.HTML("<i>click a point to see that run's per-token L0</i>")
         for trace in self.figure.data:
-            trace.on_click(self._on_click)
-        self.widget = W.VBox([self.figure, self.selected, self.detail])
+            trace.on_click(self.guard(self._on_click))
+        self.widget = W.VBox([self.figure, self.selected, self.detail, self.log])
 
     def _on_click(self, trace, points, state=None) -> None:
         if points.point_inds:
@@ -210,7 +247,7 @@ class FrontierExplorer:
                 self.detail.layout.title = f.layout.title
 
 
-class ToyAllocationExplorer:
+class ToyAllocationExplorer(Responsive):
     """Toy data: slide TopK's k and BatchTopK's threshold and see how each sample's latent count
     tracks its true number of active features."""
 
@@ -218,6 +255,7 @@ class ToyAllocationExplorer:
         import torch
 
         self.saes, self.x, self.true = saes, torch.as_tensor(x).float(), np.asarray(true_counts)
+        self._init_log()
         self.sliders = {}
         for name, sae in saes.items():
             if sae.per_token_k:
@@ -229,10 +267,10 @@ class ToyAllocationExplorer:
                 s = W.FloatSlider(value=theta, min=0.0, max=max(1.0, 3 * theta), step=0.01, readout_format=".2f",
                                   description=f"{name}: θ", continuous_update=False,
                                   style={"description_width": "initial"})
-            s.observe(lambda _: self.refresh(), "value")
+            s.observe(self.guard(lambda _: self.refresh()), "value")
             self.sliders[name] = s
         self.figure = go.FigureWidget(viz.count_vs_truth_figure(self.true, self.counts()))
-        self.widget = W.VBox([*self.sliders.values(), self.figure])
+        self.widget = W.VBox([*self.sliders.values(), self.figure, self.log])
 
     def counts(self) -> dict:
         out = {}

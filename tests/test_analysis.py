@@ -118,6 +118,25 @@ def test_allocation_explorer_responds(model):
     ex.text.value = "A different sentence."
     assert len(ex.table()) == len(analysis.text_ids(model, "A different sentence."))
     assert "mean" in ex.summary.value
+    assert ex.errors == [] and ex.log in ex.widget.children
+
+
+def test_explorers_act_on_enter_keep_their_scale_and_never_fail_silently(model):
+    from saekit.widgets import AllocationExplorer
+
+    bt = split_sae("batchtopk", threshold=0.5, k=4)
+    ex = AllocationExplorer({"BatchTopK": bt}, model, texts={"t": TEXT})
+    assert not ex.text.continuous_update  # the model runs when the box is left, not on every key
+    assert "trained 0.500" in ex.threshold.description
+    zmax = ex.figure.data[0].zmax
+    for theta in (0.1, 1.0, 3.0):  # the colour scale stays put while the slider moves
+        ex.threshold.value = theta
+        assert ex.figure.data[0].zmax == zmax == 3 * 4
+    ex.reset.click()
+    assert ex.threshold.value == pytest.approx(0.5)
+    ex.saes["BatchTopK"] = None  # a broken state: the callback's error goes to the log, not into the void
+    ex.threshold.value = 0.7
+    assert len(ex.errors) == 1 and "AttributeError" in str(ex.log.outputs)
 
 
 def test_feature_and_frontier_explorers(model, store, tokenizer):
@@ -135,6 +154,9 @@ def test_feature_and_frontier_explorers(model, store, tokenizer):
     assert 42 in [v for _, v in fe.results.options] or len(fe.results.options) == 20
     assert all(any(target.lower() in model.tokenizer.decode([int(i)]).lower() for i in fe._promoted[h])
                for _, h in fe.results.options)
+    fe.search_in.value = "example tokens"  # changing the field reruns the search on it
+    assert [v for _, v in fe.results.options] == list(idx.search_text(eff_tok))
+    assert not fe.search.continuous_update and not fe.latent.continuous_update and fe.errors == []
     fe.order.value = "density (high first)"
     seq = list(np.argsort(-idx.density, kind="stable"))
     fe.step(+1)
