@@ -108,15 +108,30 @@ def token_counts_figure(tables: dict, width: int = 16, title: str = "Active late
     return fig
 
 
-def l0_distribution_figure(per_token: dict, title: str = "Per-token L0") -> go.Figure:
-    """Histograms of active latents per token, one per SAE (TopK is a spike at k, BatchTopK spreads)."""
-    fig = go.Figure()
-    for name, v in per_token.items():
-        v = np.asarray(v)
-        fig.add_trace(go.Histogram(x=v, name=f"{name} (mean {v.mean():.1f})", opacity=0.6,
-                                   xbins=dict(start=-0.5, end=float(v.max()) + 0.5, size=1)))
-    fig.update_layout(barmode="overlay", title=title, xaxis_title="active latents per token",
-                      yaxis_title="tokens", template="plotly_white", height=380)
+def l0_distribution_figure(per_token: dict, title: str = "Per-token L0", k: dict | int | None = None) -> go.Figure:
+    """Histograms of active latents per token, one panel per SAE side by side, each as a share of its tokens with
+    its own y scale: TopK's spike at k cannot flatten BatchTopK's spread. `k` (one number, or one per SAE) draws a
+    dashed line at the budget."""
+    names = list(per_token) or [""]
+    fig = make_subplots(rows=1, cols=len(names), subplot_titles=[
+        f"{n} (mean {np.asarray(per_token[n]).mean():.1f})" if n in per_token else n for n in names],
+        horizontal_spacing=0.06)
+    for c, name in enumerate(names, start=1):
+        if name not in per_token:
+            continue
+        v = np.asarray(per_token[name])
+        fig.add_trace(go.Histogram(x=v, name=f"{name} (mean {v.mean():.1f})", histnorm="percent",
+                                   marker_color=arch_color(next((a for a in ARCHITECTURES if name.lower()
+                                                                 .replace(" ", "").startswith(a)), None)),
+                                   xbins=dict(start=-0.5, end=float(v.max()) + 0.5, size=1), showlegend=False),
+                      row=1, col=c)
+        budget = k.get(name) if isinstance(k, dict) else k
+        if budget:
+            fig.add_vline(x=budget, line_dash="dash", line_color="#444", annotation_text=f"k = {budget}",
+                          row=1, col=c)
+        fig.update_xaxes(title_text="active latents per token", row=1, col=c)
+    fig.update_yaxes(title_text="share of tokens (%)", row=1, col=1)
+    fig.update_layout(title=title, template="plotly_white", height=380)
     return fig
 
 
@@ -152,9 +167,9 @@ def prefix_figure(prefixes, title: str = "Matryoshka: each nested prefix on its 
                                      hovertext=hover, hoverinfo="text+y", legendgroup=str(name), showlegend=False),
                           row=1, col=2)
     fig.update_xaxes(type="log", title_text="latents in the prefix")
-    fig.update_yaxes(title_text="NMSE", row=1, col=1)
+    fig.update_yaxes(title_text="NMSE (squared error / squared norm, summed over tokens)", row=1, col=1)
     if has_ce:
-        fig.update_yaxes(title_text="CE recovered", row=1, col=2)
+        fig.update_yaxes(title_text="CE loss recovered (fraction)", row=1, col=2)
     fig.update_layout(title=title, template="plotly_white", height=380)
     return fig
 

@@ -93,8 +93,11 @@ def test_figures_hold_the_data():
     z = np.array(fig.data[0].z, dtype=float)
     assert z.shape == (2, 3) and np.isnan(z[0, 0]) and z[0, 1] == 3 and z[1, 0] == 4
     assert "3 active latents" in fig.data[0].hovertext[0][1] and fig.data[0].text[1][0] == "⏎"
-    h = viz.l0_distribution_figure({"TopK": np.full(50, 8), "BatchTopK": np.arange(50) % 17})
+    h = viz.l0_distribution_figure({"TopK": np.full(50, 8), "BatchTopK": np.arange(50) % 17}, k=8)
     assert [tr.type for tr in h.data] == ["histogram", "histogram"] and "mean 8.0" in h.data[0].name
+    # side by side, each in its own panel and normalised: the spike does not set the other's scale
+    assert (h.data[0].xaxis, h.data[1].xaxis) == ("x", "x2") and {tr.histnorm for tr in h.data} == {"percent"}
+    assert len(h.layout.shapes) == 2 and "share of tokens" in h.layout.yaxis.title.text
     html = viz.examples_html([{"tokens": ["a", "<b>", "c"], "focus": 1, "activation": 2.0}])
     assert "&lt;b&gt;" in html and "rgba(214,39,40,1.00)" in html
 
@@ -214,3 +217,18 @@ def test_count_by_token_ranks_tokens_by_mean_count():
     out = analysis.count_by_token(props, min_occurrences=3)
     assert out["token"].tolist() == ["b", "a"] and out["mean"].tolist() == [9.0, 1.0]
     assert out["occurrences"].tolist() == [5, 5]
+
+
+def test_training_monitor_plots_against_tokens_with_the_target_marked():
+    from saekit.sae import SAEConfig
+    from saekit.train import TrainConfig, train
+    from saekit.widgets import TrainingMonitor
+
+    mon = TrainingMonitor(every=2)
+    x = torch.randn(2048, 16)
+    train(x, [SAEConfig(arch="batchtopk", d_in=16, d_sae=64, k=4, normalize="none")],
+          TrainConfig(total_tokens=2048, batch_size=256, warmup_steps=1, progress=False), callback=mon)
+    loss, l0 = mon.figure.data[0], mon.figure.data[2]
+    assert list(loss.x) == [512 * i for i in range(1, 5)] and len(l0.y) == 4  # tokens on x, every 2nd step
+    assert mon.figure.layout.yaxis.type == "log" and mon.figure.layout.xaxis.title.text == "training tokens"
+    assert [sh.y0 for sh in mon.figure.layout.shapes] == [4]  # a dashed line at k in the L0 panel
