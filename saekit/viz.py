@@ -242,6 +242,33 @@ def examples_html(examples: list[dict], max_activation: float | None = None) -> 
     return "\n".join(lines) or "<i>this latent never fired on the indexed tokens</i>"
 
 
+def token_shading_html(tokens, values, max_value: float | None = None) -> str:
+    """A text with every token shaded by a value (e.g. one latent's activation); hovering a token shows it."""
+    import html as _html
+
+    top = max_value or max((float(v) for v in values), default=1.0) or 1.0
+    parts = []
+    for t, v in zip(tokens, values):
+        s = _html.escape(t).replace("\n", "⏎")
+        parts.append(f'<span title="{float(v):.3f}" style="background: rgba(214,39,40,{min(1.0, max(0.0, float(v) / top)):.2f})">'
+                     f'{s}</span>')
+    return f'<div style="font-family: monospace; white-space: pre-wrap">{"".join(parts)}</div>'
+
+
+def causal_html(effect: dict) -> str:
+    """analysis.causal_effect's result as a table: the next token's top changes, clean beside edited, and KL."""
+    import html as _html
+
+    rows = "".join(f"<tr><td>{_html.escape(r.token)}</td><td>{r.p_clean:.4f}</td><td>{r.p_edited:.4f}</td>"
+                   f"<td>{r.change:+.4f}</td></tr>" for r in effect["top"].itertuples())
+    fmt = lambda top: ", ".join(f"{_html.escape(t)!s} ({p:.3f})" for t, p in top)  # noqa: E731
+    return (f"<b>{effect['edit']}</b> latent {effect['latent']} (it fired on {effect['fired_on']} tokens, max "
+            f"{effect['max_activation']:.3f}): KL(clean ‖ edited) of the next token {effect['kl_next']:.4f} nats, "
+            f"{effect['kl_mean']:.4f} nats averaged over the text<br>clean next tokens: {fmt(effect['clean_top'])}"
+            f"<br>edited next tokens: {fmt(effect['edited_top'])}<table><tr><th>token</th><th>p clean</th>"
+            f"<th>p edited</th><th>change</th></tr>{rows}</table>")
+
+
 def count_vs_truth_figure(true_counts, counts: dict, title: str = "Latents used vs true active features") -> go.Figure:
     """Per-sample latent count against the true number of active features (toy data): mean and
     spread per true count, one line per SAE. BatchTopK follows the diagonal; TopK is flat at k."""

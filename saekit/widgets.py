@@ -150,6 +150,15 @@ class FeatureExplorer(Responsive):
         self.results = W.Select(options=[], rows=5, description="matches")
         self.info = W.HTML()
         self.examples = W.HTML()
+        # test a hypothesis: type text, see this latent on every token; then ablate or steer it and watch the
+        # next-token distribution move (analysis.causal_effect)
+        self.probe = W.Text(placeholder="type text, Enter: this latent on every token", description="try",
+                            continuous_update=False, disabled=model is None, layout=W.Layout(width="70%"))
+        self.probe_out = W.HTML()
+        self.edit = W.ToggleButtons(options=["ablate", "steer"], disabled=model is None)
+        self.strength = W.FloatText(value=5.0, description="by", layout=W.Layout(width="160px"), disabled=model is None)
+        self.run_edit = W.Button(description="edit and compare", disabled=model is None)
+        self.edit_out = W.HTML()
         self.hist = go.FigureWidget(viz.activation_histogram_figure([], 0))
         self.logits = go.FigureWidget(viz.logit_effects_figure({"promoted": [], "suppressed": []}, 0))
         self.latent.observe(self.guard(lambda _: self.show()), "value")
@@ -157,11 +166,14 @@ class FeatureExplorer(Responsive):
         self.next.on_click(self.guard(lambda _: self.step(+1)))
         self.search.observe(self.guard(lambda _: self.run_search()), "value")
         self.search_in.observe(self.guard(lambda _: self.run_search()), "value")  # a new field reruns the search
+        self.probe.observe(self.guard(lambda _: self.try_text()), "value")
+        self.run_edit.on_click(self.guard(lambda _: self.try_edit()))
         self.results.observe(self.guard(lambda c: c["new"] is not None and setattr(self.latent, "value", int(c["new"]))),
                              "value")
         self.widget = W.VBox([W.HBox([self.order, self.latent, self.prev, self.next]),
                               W.HBox([self.search, self.search_in, self.results]), self.info, self.examples,
-                              W.HBox([self.hist, self.logits]), self.log])
+                              W.HBox([self.hist, self.logits]), self.probe, self.probe_out,
+                              W.HBox([self.edit, self.strength, self.run_edit]), self.edit_out, self.log])
         alive = np.nonzero(index.density > 0)[0]
         self.latent.value = int(alive[0]) if len(alive) else 0
         self.show()
@@ -190,6 +202,23 @@ class FeatureExplorer(Responsive):
             hits = self.index.search_text(query)
         self.results.options = [(f"#{h} ({self.index.density[h]:.2%})", h) for h in hits]
 
+    def try_text(self) -> None:
+        """The current latent on every token of the typed text (hover a token for its value)."""
+        if not self.probe.value:
+            self.probe_out.value = ""
+            return
+        t = analysis.latent_on_text(self.sae, self.model, self.probe.value, int(self.latent.value))
+        top = float(self.index.activations(int(self.latent.value))[1].max(initial=0)) or None
+        self.probe_out.value = (viz.token_shading_html(t["token"][1:], t["activation"][1:], top)
+                                + f"<small>max here {t['activation'].max():.3f}; shading relative to the latent's "
+                                  f"top activation in the index</small>")
+
+    def try_edit(self) -> None:
+        """Ablate or steer the current latent on the typed text; the next-token change beside the clean run."""
+        steer = None if self.edit.value == "ablate" else float(self.strength.value)
+        effect = analysis.causal_effect(self.sae, self.model, self.probe.value or " ", int(self.latent.value), steer)
+        self.edit_out.value = viz.causal_html(effect)
+
     def show(self) -> None:
         lat = int(self.latent.value)
         _, vals = self.index.activations(lat)
@@ -215,6 +244,8 @@ class FeatureExplorer(Responsive):
                 for i in range(2):
                     self.logits.data[i].x, self.logits.data[i].y = lf.data[i].x, lf.data[i].y
                 self.logits.layout.title = lf.layout.title
+            if self.probe.value:
+                self.try_text()
 
 
 class FrontierExplorer(Responsive):

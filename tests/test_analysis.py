@@ -232,3 +232,34 @@ def test_training_monitor_plots_against_tokens_with_the_target_marked():
     assert list(loss.x) == [512 * i for i in range(1, 5)] and len(l0.y) == 4  # tokens on x, every 2nd step
     assert mon.figure.layout.yaxis.type == "log" and mon.figure.layout.xaxis.title.text == "training tokens"
     assert [sh.y0 for sh in mon.figure.layout.shapes] == [4]  # a dashed line at k in the L0 panel
+
+
+def test_latent_on_typed_text_and_its_causal_effect(model):
+    """A hypothesis test and a causal check on typed text, with an SAE whose latent j reads relu(x_j)."""
+    sae = split_sae()
+    acts, _, _ = analysis.text_activations(model, TEXT, HOOK)
+    j = int(acts[1:].max(0).values.argmax())  # the dimension with the largest activation: its latent fires strongly
+    t = analysis.latent_on_text(sae, model, TEXT, j)
+    assert t["activation"].iloc[0] == 0  # BOS
+    np.testing.assert_allclose(t["activation"][1:], torch.relu(acts[1:, j]).numpy(), rtol=1e-5, atol=1e-5)
+    none = analysis.causal_effect(sae, model, TEXT, j, steer=0.0)  # an edit of nothing changes nothing
+    assert none["kl_next"] < 1e-6 and (none["top"]["change"].abs() < 1e-5).all()
+    ab = analysis.causal_effect(sae, model, TEXT, j)
+    assert ab["edit"] == "ablate" and ab["fired_on"] == int((t["activation"] > 0).sum()) > 0
+    assert ab["kl_next"] > 1e-4 and ab["kl_mean"] > 0 and len(ab["top"]) == 10
+    assert abs(ab["top"]["change"]).is_monotonic_decreasing
+    html = viz.causal_html(ab)
+    assert "nats" in html and __import__("html").escape(ab["top"]["token"].iloc[0]) in html
+
+
+def test_feature_explorer_tries_typed_text_and_edits(model, store, tokenizer):
+    from saekit.widgets import FeatureExplorer
+
+    sae = split_sae()
+    idx = analysis.build_feature_index(sae, store, n_tokens=400, tokenizer=tokenizer, progress=False)
+    fe = FeatureExplorer(idx, sae, model)
+    fe.probe.value = TEXT
+    assert fe.probe_out.value.count("<span title=") == len(analysis.text_ids(model, TEXT)) - 1
+    fe.edit.value = "steer"
+    fe.run_edit.click()
+    assert "steer +5" in fe.edit_out.value and "KL" in fe.edit_out.value and fe.errors == []

@@ -13,7 +13,7 @@ from .intervals import CE_STATS, STATISTICS, bootstrap_intervals, resample_weigh
 CE_TOKENS = 16_384  # default scored positions for the CE metrics (intervals narrow enough to compare SAEs)
 
 
-def _patched_logits(model, ids: torch.Tensor, hook, fn=None) -> torch.Tensor:
+def patched_logits(model, ids: torch.Tensor, hook, fn=None) -> torch.Tensor:
     """Logits [b, T, vocab] of a forward where the hook's value v is replaced by fn(v) (None: clean)."""
     from ..models import envoy
 
@@ -106,20 +106,20 @@ def ce_metrics_many(saes: Sequence[SAE], model, tokens, keep, hook: str | None =
             keep_b = keep[b:b + seq_batch]
             rows = slice(b, b + ids.shape[0])
             target = keep_b[:, 1:].to(device)
-            clean = _patched_logits(model, ids, hp)
+            clean = patched_logits(model, ids, hp)
             logp_clean = clean.log_softmax(-1)
             shared["clean"][rows] += per_row(_token_ce(clean, ids), target)
             shared["n"][rows] += target.sum(1).cpu().numpy()
             for name, fn in (("zero", lambda x: torch.zeros_like(x)),
                              ("mean", lambda x: mean_activation.to(x.device).expand_as(x))):
-                shared[name][rows] += per_row(_token_ce(_patched_logits(model, ids, hp, splice(fn, device)), ids), target)
+                shared[name][rows] += per_row(_token_ce(patched_logits(model, ids, hp, splice(fn, device)), ids), target)
             for sae, sums, with_err in zip(saes, own, splice_err):
                 dev = next(sae.parameters()).device
                 runs = {"sae": lambda x, sae=sae: sae(x, mode=mode).x_hat}
                 if with_err:
                     runs["sae_plus_error"] = lambda x, sae=sae: (lambda x_hat: x_hat + (x - x_hat))(sae(x, mode=mode).x_hat)
                 for name, fn in runs.items():
-                    logits = _patched_logits(model, ids, hp, splice(fn, dev))
+                    logits = patched_logits(model, ids, hp, splice(fn, dev))
                     sums[name][rows] += per_row(_token_ce(logits, ids), target)
                     kl = (logp_clean.exp() * (logp_clean - logits.log_softmax(-1))).sum(-1)[:, :-1]
                     sums[f"kl_{name}"][rows] += per_row(kl, target)
