@@ -169,30 +169,61 @@ class FeatureIndex:
         """[d_sae] fraction of tokens on which each latent fires."""
         return np.diff(self.starts) / self.n_tokens
 
-    def context(self, row: int, window: int = 8) -> dict:
+    def context(self, row: int, window: int = 24, after: int = 8, latent: int | None = None) -> dict:
+        """The tokens around a store row (`window` before, `after` after); with `latent`, that latent's activation
+        on every one of them ("values", 0 where it does not fire or the token is outside the index)."""
         seq, pos = (int(v) for v in self.positions[row])
-        lo, hi = max(0, pos - window), min(self.tokens.shape[1], pos + window // 2 + 1)
+        lo, hi = max(0, pos - window), min(self.tokens.shape[1], pos + after + 1)
         ids = self.tokens[seq, lo:hi].tolist()
-        return {"sequence": seq, "position": pos, "tokens": [self.token_strings[i] for i in ids],
-                "focus": pos - lo, "token_ids": ids}
+        out = {"sequence": seq, "position": pos, "tokens": [self.token_strings[i] for i in ids],
+               "focus": pos - lo, "token_ids": ids}
+        if latent is not None:
+            r = self._row_of[seq, lo:hi]
+            lookup = self._values_of(latent)
+            out["values"] = [lookup.get(int(x), 0.0) if x >= 0 else 0.0 for x in r]
+        return out
 
-    def top_examples(self, latent: int, n: int = 10, window: int = 8) -> list[dict]:
+    @property
+    def _row_of(self) -> np.ndarray:
+        """[n_seq, seq_len] store row of each (sequence, position) in the index, -1 elsewhere."""
+        if getattr(self, "_rows_cache", None) is None:
+            m = np.full(self.tokens.shape, -1, dtype=np.int64)
+            m[self.positions[:, 0], self.positions[:, 1]] = np.arange(len(self.positions))
+            self._rows_cache = m
+        return self._rows_cache
+
+    def _values_of(self, latent: int) -> dict:
         rows, vals = self.activations(latent)
-        return [{**self.context(int(r), window), "activation": float(v)} for r, v in zip(rows[:n], vals[:n])]
+        return dict(zip(rows.tolist(), vals.tolist()))
 
-    def quantile_examples(self, latent: int, n_bins: int = 4, per_bin: int = 3, window: int = 8, seed: int = 0) -> list[dict]:
-        """Examples drawn from activation quantile bins (strongest bin first), to see the whole range."""
+    def top_examples(self, latent: int, n: int = 20, window: int = 24, after: int = 8) -> list[dict]:
+        """The latent's strongest firings, each with its context shaded by the latent's activation."""
+        rows, vals = self.activations(latent)
+        return [{**self.context(int(r), window, after, latent), "activation": float(v)} for r, v in zip(rows[:n], vals[:n])]
+
+    def quantile_groups(self, latent: int, n_bins: int = 4, per_bin: int = 3, window: int = 24, after: int = 8,
+                        seed: int = 0) -> list[dict]:
+        """The latent's firings in activation-quantile groups, strongest first: each with its activation range,
+        its share of the firings and a few random examples, to see the whole range and not only the top."""
         rows, vals = self.activations(latent)
         if len(vals) == 0:
             return []
         rng = np.random.default_rng(seed)
         edges = np.quantile(vals, np.linspace(0, 1, n_bins + 1))
-        out = []
+        groups = []
         for b in range(n_bins - 1, -1, -1):
-            sel = np.nonzero((vals >= edges[b]) & (vals <= edges[b + 1]))[0]
-            for i in rng.choice(sel, size=min(per_bin, len(sel)), replace=False):
-                out.append({**self.context(int(rows[i]), window), "activation": float(vals[i]), "bin": b})
-        return out
+            inside = (vals >= edges[b]) & ((vals < edges[b + 1]) if b < n_bins - 1 else (vals <= edges[b + 1]))
+            sel = np.nonzero(inside)[0]
+            pick = rng.choice(sel, size=min(per_bin, len(sel)), replace=False) if len(sel) else []
+            groups.append({"bin": b, "range": (float(edges[b]), float(edges[b + 1])), "share": len(sel) / len(vals),
+                           "examples": [{**self.context(int(rows[i]), window, after, latent),
+                                         "activation": float(vals[i]), "bin": b} for i in pick]})
+        return groups
+
+    def quantile_examples(self, latent: int, n_bins: int = 4, per_bin: int = 3, window: int = 24, after: int = 8,
+                          seed: int = 0) -> list[dict]:
+        """The examples of quantile_groups in one list (strongest group first)."""
+        return [e for g in self.quantile_groups(latent, n_bins, per_bin, window, after, seed) for e in g["examples"]]
 
     def neighbours(self, latent: int, n: int = 5) -> list[tuple[int, float]]:
         """Latents whose decoder rows are closest in cosine."""
@@ -243,14 +274,34 @@ def build_feature_index(sae: SAE, store: ActivationStore, n_tokens: int = 20_000
 
 @torch.no_grad()
 def logit_effects(sae: SAE, model, latent: int, n: int = 10) -> dict:
-    """Tokens the latent's decoder direction promotes and suppresses through the unembedding."""
+    """Tokens the latent's decoder direction promotes and suppresses through the unembedding, with the final norm's
+    gain folded in (W_U diag(gamma): the direction is scaled by the norm's weight before the unembedding reads it;
+    SAELens's tutorials fold it the same way). "all": the effect on every token of the vocabulary."""
     hf = underlying(model)
     W_U = hf.get_output_embeddings().weight.float()  # [vocab, d]
-    effect = W_U @ sae.W_dec[latent].float().to(W_U.device)
+    gain = final_norm_gain(model)
+    direction = sae.W_dec[latent].float().to(W_U.device)
+    effect = W_U @ (direction * gain.to(W_U.device) if gain is not None else direction)
     up, down = effect.topk(n), (-effect).topk(n)
     dec = model.tokenizer.decode
     return {"promoted": [(dec([int(i)]), float(v)) for v, i in zip(up.values, up.indices)],
-            "suppressed": [(dec([int(i)]), float(-v)) for v, i in zip(down.values, down.indices)]}
+            "suppressed": [(dec([int(i)]), float(-v)) for v, i in zip(down.values, down.indices)],
+            "all": effect.cpu().numpy(), "gain_folded": gain is not None}
+
+
+def final_norm_gain(model) -> torch.Tensor | None:
+    """The weight of the model's final normalisation before the unembedding (Llama/SmolLM2 `model.norm`, GPT-2
+    `transformer.ln_f`, GPT-NeoX `gpt_neox.final_layer_norm`, ...), or None if it has none."""
+    hf = underlying(model)
+    for path in ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm", "model.final_layernorm"):
+        mod = hf
+        for part in path.split("."):
+            mod = getattr(mod, part, None)
+        w = getattr(mod, "weight", None) if mod is not None else None
+        if isinstance(w, torch.Tensor) and w.ndim == 1:
+            # Gemma's RMSNorm multiplies by (1 + weight)
+            return (1 + w.float()) if "Gemma" in type(mod).__name__ else w.float()
+    return None
 
 
 @torch.no_grad()

@@ -209,33 +209,57 @@ def activation_histogram_figure(values: np.ndarray, latent: int, density: float 
     return fig
 
 
+def density_histogram_figure(density: np.ndarray, latent: int | None = None) -> go.Figure:
+    """log10 firing density over all latents, the dead ones counted apart and this latent marked."""
+    density = np.asarray(density)
+    alive = density[density > 0]
+    fig = go.Figure(go.Histogram(x=np.log10(alive), nbinsx=40, marker_color="#7f7f7f", name="latents"))
+    if latent is not None and density[latent] > 0:
+        fig.add_vline(x=float(np.log10(density[latent])), line_color="#d62728",
+                      annotation_text=f"latent {latent}")
+    fig.update_layout(title=f"Firing density of all {len(density):,} latents ({int((density == 0).sum()):,} dead, "
+                            f"not shown)", xaxis_title="log10 fraction of tokens a latent fires on",
+                      yaxis_title="latents", template="plotly_white", height=300)
+    return fig
+
+
 def logit_effects_figure(effects: dict, latent: int) -> go.Figure:
-    """Top promoted (right) and suppressed (left) output tokens of a latent's decoder direction."""
+    """A latent's logit effects: the tokens it promotes most and those it suppresses most, side by side, and the
+    histogram of its effect on every token of the vocabulary (where `effects` has "all")."""
     up, down = effects["promoted"], effects["suppressed"]
-    fig = go.Figure()
+    fig = make_subplots(rows=1, cols=3, subplot_titles=["promoted", "suppressed", "all tokens"], horizontal_spacing=0.12)
     fig.add_trace(go.Bar(y=[repr(t) for t, _ in up][::-1], x=[v for _, v in up][::-1], orientation="h",
-                         name="promoted", marker_color="#2ca02c"))
-    fig.add_trace(go.Bar(y=[repr(t) for t, _ in down][::-1], x=[-v for _, v in down][::-1], orientation="h",
-                         name="suppressed", marker_color="#d62728"))
-    fig.update_layout(title=f"Latent {latent}: logit effects (decoder row through the unembedding)",
-                      barmode="overlay", template="plotly_white", height=360, xaxis_title="logit contribution")
+                         name="promoted", marker_color="#2ca02c"), row=1, col=1)
+    fig.add_trace(go.Bar(y=[repr(t) for t, _ in down][::-1], x=[v for _, v in down][::-1], orientation="h",
+                         name="suppressed", marker_color="#d62728"), row=1, col=2)
+    fig.add_trace(go.Histogram(x=np.asarray(effects.get("all", [])), nbinsx=60, marker_color="#7f7f7f",
+                               name="vocabulary"), row=1, col=3)
+    fig.update_xaxes(title_text="logit contribution", row=1, col=1)
+    fig.update_xaxes(title_text="logit contribution", row=1, col=2)
+    fig.update_xaxes(title_text="logit contribution", row=1, col=3)
+    fig.update_yaxes(title_text="tokens", row=1, col=3)
+    folded = " (final norm's gain folded in)" if effects.get("gain_folded") else ""
+    fig.update_layout(title=f"Latent {latent}: logit effects of its decoder row through the unembedding{folded}",
+                      template="plotly_white", height=360, showlegend=False)
     return fig
 
 
 def examples_html(examples: list[dict], max_activation: float | None = None) -> str:
-    """Examples as HTML: the firing token boxed and shaded by its activation, with its context."""
+    """Examples as HTML: the firing token boxed, every token of the context shaded by the latent's activation
+    on it (where the example carries "values"; hover a token for its value)."""
     import html as _html
 
     top = max_activation or max((e["activation"] for e in examples), default=1.0) or 1.0
     lines = []
     for e in examples:
         parts = []
-        for i, t in enumerate(e["tokens"]):
+        values = e.get("values") or [e["activation"] if i == e["focus"] else 0.0 for i in range(len(e["tokens"]))]
+        for i, (t, v) in enumerate(zip(e["tokens"], values)):
             s = _html.escape(t).replace("\n", "⏎")
-            if i == e["focus"]:
-                alpha = min(1.0, e["activation"] / top)
-                s = (f'<span style="background: rgba(214,39,40,{alpha:.2f}); border: 1px solid #d62728; '
-                     f'border-radius: 3px">{s}</span>')
+            alpha = min(1.0, max(0.0, v / top))
+            box = "border: 1px solid #d62728; border-radius: 3px; " if i == e["focus"] else ""
+            if v or box:
+                s = f'<span title="{v:.3f}" style="background: rgba(214,39,40,{alpha:.2f}); {box}">{s}</span>'
             parts.append(s)
         lines.append(f'<div style="font-family: monospace; white-space: pre-wrap; margin: 2px 0">'
                      f'<b>{e["activation"]:.3f}</b>&nbsp;&nbsp;{"".join(parts)}</div>')

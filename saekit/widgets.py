@@ -160,6 +160,7 @@ class FeatureExplorer(Responsive):
         self.run_edit = W.Button(description="edit and compare", disabled=model is None)
         self.edit_out = W.HTML()
         self.hist = go.FigureWidget(viz.activation_histogram_figure([], 0))
+        self.density = go.FigureWidget(viz.density_histogram_figure(index.density))
         self.logits = go.FigureWidget(viz.logit_effects_figure({"promoted": [], "suppressed": []}, 0))
         self.latent.observe(self.guard(lambda _: self.show()), "value")
         self.prev.on_click(self.guard(lambda _: self.step(-1)))
@@ -172,7 +173,7 @@ class FeatureExplorer(Responsive):
                              "value")
         self.widget = W.VBox([W.HBox([self.order, self.latent, self.prev, self.next]),
                               W.HBox([self.search, self.search_in, self.results]), self.info, self.examples,
-                              W.HBox([self.hist, self.logits]), self.probe, self.probe_out,
+                              W.HBox([self.hist, self.density]), self.logits, self.probe, self.probe_out,
                               W.HBox([self.edit, self.strength, self.run_edit]), self.edit_out, self.log])
         alive = np.nonzero(index.density > 0)[0]
         self.latent.value = int(alive[0]) if len(alive) else 0
@@ -230,18 +231,23 @@ class FeatureExplorer(Responsive):
             group = f" &middot; nested group <b>{g + 1}</b> of {len(self.sae.cfg.group_sizes)}"
         self.info.value = (f"<h3>Latent {lat}{group}</h3>fires on <b>{dens:.3%}</b> of {self.index.n_tokens:,} tokens; "
                            f"max activation {vals.max() if len(vals) else 0:.3f}<br>nearest by decoder cosine: {neigh}")
-        top = self.index.top_examples(lat, 8)
-        quant = self.index.quantile_examples(lat)
-        self.examples.value = ("<h4>Top activations</h4>" + viz.examples_html(top)
-                               + "<h4>Across activation quantiles</h4>" + viz.examples_html(quant, vals.max() if len(vals) else None))
+        top_value = vals.max() if len(vals) else None
+        groups = "".join(f"<h5>activation {g['range'][0]:.3f}–{g['range'][1]:.3f} &middot; {g['share']:.0%} of its "
+                         f"firings</h5>" + viz.examples_html(g["examples"], top_value)
+                         for g in self.index.quantile_groups(lat))
+        self.examples.value = ("<h4>Top activations</h4>" + viz.examples_html(self.index.top_examples(lat, 20))
+                               + "<h4>Across its range (quantile groups)</h4>" + groups)
         h = viz.activation_histogram_figure(vals, lat, dens)
         with self.hist.batch_update():
             self.hist.data[0].x = h.data[0].x
             self.hist.layout.title = h.layout.title
+        d = viz.density_histogram_figure(self.index.density, lat)
+        with self.density.batch_update():
+            self.density.layout.shapes, self.density.layout.annotations = d.layout.shapes, d.layout.annotations
         if self.model is not None:
             lf = viz.logit_effects_figure(analysis.logit_effects(self.sae, self.model, lat), lat)
             with self.logits.batch_update():
-                for i in range(2):
+                for i in range(3):
                     self.logits.data[i].x, self.logits.data[i].y = lf.data[i].x, lf.data[i].y
                 self.logits.layout.title = lf.layout.title
             if self.probe.value:

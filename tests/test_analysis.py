@@ -58,6 +58,20 @@ def test_feature_index_examples_and_density(store, tokenizer):
     assert ex[0]["tokens"][ex[0]["focus"]] == idx.token_strings[int(store.tokens[seq, pos])]
     q = idx.quantile_examples(5, n_bins=4, per_bin=2)
     assert len(q) == 8 and [e["bin"] for e in q] == [3, 3, 2, 2, 1, 1, 0, 0]
+    groups = idx.quantile_groups(5, n_bins=4, per_bin=2)
+    assert sum(g["share"] for g in groups) == pytest.approx(1.0) and groups[0]["range"][1] == pytest.approx(vals[0])
+    assert all(g["range"][0] <= e["activation"] <= g["range"][1] for g in groups for e in g["examples"])
+    # every context token carries the latent's activation on it (relu(x_5) here), the window 24 before / 8 after
+    e = ex[0]
+    assert len(e["tokens"]) <= 33 and e["values"][e["focus"]] == pytest.approx(vals[0])
+    seq_rows = {int(p): i for i, (s_, p) in enumerate(store.positions()[:1500].tolist()) if s_ == seq}
+    for j, v in enumerate(e["values"]):
+        p_ = pos - e["focus"] + j
+        want = float(torch.relu(x[seq_rows[p_], 5])) if p_ in seq_rows else 0.0
+        assert v == pytest.approx(want, rel=1e-5, abs=1e-6)
+    assert viz.examples_html([e]).count("<span title=") == sum(1 for v in e["values"] if v) + (e["values"][e["focus"]] == 0)
+    dfig = viz.density_histogram_figure(idx.density, 5)
+    assert f"{int((idx.density == 0).sum()):,} dead" in dfig.layout.title.text and len(dfig.layout.shapes) == 1
     assert idx.neighbours(5, n=1)[0][1] == pytest.approx(0.0, abs=1e-6)  # all rows orthogonal or opposite
     focus_tok = ex[0]["tokens"][ex[0]["focus"]].strip()
     if focus_tok:
@@ -68,9 +82,14 @@ def test_logit_effects_follow_the_unembedding(model):
     sae = split_sae()
     eff = analysis.logit_effects(sae, model, 7, n=5)
     W_U = model._module.get_output_embeddings().weight
-    best = W_U[:, 7].topk(5).indices
+    gamma = model._module.model.norm.weight  # SmolLM2's final RMSNorm: its gain is folded in
+    assert eff["gain_folded"] and torch.equal(analysis.final_norm_gain(model), gamma.float())
+    best = (W_U[:, 7] * gamma[7]).topk(5).indices
     assert [t for t, _ in eff["promoted"]] == [model.tokenizer.decode([int(i)]) for i in best]
     assert eff["promoted"][0][1] >= eff["promoted"][-1][1] and eff["suppressed"][0][1] <= 0
+    assert eff["all"].shape == (W_U.shape[0],)
+    fig = viz.logit_effects_figure(eff, 7)
+    assert [tr.type for tr in fig.data] == ["bar", "bar", "histogram"] and (fig.data[0].xaxis, fig.data[1].xaxis) == ("x", "x2")
 
 
 def test_token_properties_and_correlations(model, store):
