@@ -144,8 +144,9 @@ class FeatureExplorer(Responsive):
         self.latent = W.BoundedIntText(min=0, max=index.d_sae - 1, description="latent", continuous_update=False)
         self.prev, self.next = W.Button(description="◀ prev"), W.Button(description="next ▶")
         self.search = W.Text(placeholder="a word…", description="search", continuous_update=False)
-        self.search_in = W.Dropdown(options=["example tokens", "promoted tokens"], description="in",
-                                    disabled=model is None)
+        self.search_in = W.Dropdown(options=["example tokens", "example contexts"]
+                                    + (["promoted tokens"] if model is not None else []), description="in")
+        self.neighbour_buttons = W.HBox()  # decoder-cosine and co-activation neighbours: click one to open it
         self._promoted = None
         self.results = W.Select(options=[], rows=5, description="matches")
         self.info = W.HTML()
@@ -172,7 +173,8 @@ class FeatureExplorer(Responsive):
         self.results.observe(self.guard(lambda c: c["new"] is not None and setattr(self.latent, "value", int(c["new"]))),
                              "value")
         self.widget = W.VBox([W.HBox([self.order, self.latent, self.prev, self.next]),
-                              W.HBox([self.search, self.search_in, self.results]), self.info, self.examples,
+                              W.HBox([self.search, self.search_in, self.results]), self.info,
+                              self.neighbour_buttons, self.examples,
                               W.HBox([self.hist, self.density]), self.logits, self.probe, self.probe_out,
                               W.HBox([self.edit, self.strength, self.run_edit]), self.edit_out, self.log])
         alive = np.nonzero(index.density > 0)[0]
@@ -200,7 +202,7 @@ class FeatureExplorer(Responsive):
                 self._promoted = analysis.top_promoted(self.sae, self.model, progress=True)
             hits = analysis.search_promoted(self._promoted, self.model.tokenizer, query)
         else:
-            hits = self.index.search_text(query)
+            hits = self.index.search_text(query, where="context" if self.search_in.value == "example contexts" else "token")
         self.results.options = [(f"#{h} ({self.index.density[h]:.2%})", h) for h in hits]
 
     def try_text(self) -> None:
@@ -224,6 +226,16 @@ class FeatureExplorer(Responsive):
         lat = int(self.latent.value)
         _, vals = self.index.activations(lat)
         dens = float(self.index.density[lat])
+        buttons = []
+        for kind, pairs in (("decoder cosine", self.index.neighbours(lat)),
+                            ("fire together", self.index.coactivation_neighbours(lat))):
+            buttons.append(W.HTML(f"<b>{kind}:</b>&nbsp;"))
+            for j, c in pairs:
+                b = W.Button(description=f"#{j} ({c:.2f})", layout=W.Layout(width="auto"),
+                             tooltip=f"open latent {j}")
+                b.on_click(self.guard(lambda _, j=j: setattr(self.latent, "value", j)))
+                buttons.append(b)
+        self.neighbour_buttons.children = buttons
         neigh = ", ".join(f"#{j} ({c:.2f})" for j, c in self.index.neighbours(lat))
         group = ""
         if self.sae.has_prefixes:  # Matryoshka: which nested level the latent belongs to

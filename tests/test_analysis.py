@@ -73,6 +73,13 @@ def test_feature_index_examples_and_density(store, tokenizer):
     dfig = viz.density_histogram_figure(idx.density, 5)
     assert f"{int((idx.density == 0).sum()):,} dead" in dfig.layout.title.text and len(dfig.layout.shapes) == 1
     assert idx.neighbours(5, n=1)[0][1] == pytest.approx(0.0, abs=1e-6)  # all rows orthogonal or opposite
+    # firing together: latent j (relu(x_j)) and latent 5 both fire where x_5 > 0 and x_j > 0
+    co = idx.coactivation_neighbours(5, n=3)
+    pos5 = x[:1500, 5] > 0
+    for j, share in co:
+        assert j != 5 and share == pytest.approx(float(((x[:1500, j % 576] * (1 if j < 576 else -1)) > 0)[pos5]
+                                                       .float().mean()), abs=1e-6)
+    assert co == sorted(co, key=lambda t: -t[1])
     focus_tok = ex[0]["tokens"][ex[0]["focus"]].strip()
     if focus_tok:
         assert 5 in idx.search_text(focus_tok, n=2000)
@@ -178,6 +185,14 @@ def test_feature_and_frontier_explorers(model, store, tokenizer):
                for _, h in fe.results.options)
     fe.search_in.value = "example tokens"  # changing the field reruns the search on it
     assert [v for _, v in fe.results.options] == list(idx.search_text(eff_tok))
+    fe.search_in.value = "example contexts"
+    ctx_hits = [v for _, v in fe.results.options]
+    assert ctx_hits == list(idx.search_text(eff_tok, where="context"))
+    assert set(idx.search_text(eff_tok, n=10**6)) <= set(idx.search_text(eff_tok, n=10**6, where="context"))
+    button = next(b for b in fe.neighbour_buttons.children if (getattr(b, "tooltip", None) or "").startswith("open latent"))
+    button.click()  # a neighbour opens in the view
+    assert fe.latent.value == int(button.tooltip.split()[-1]) and f"Latent {fe.latent.value}" in fe.info.value
+    fe.latent.value = 11
     assert not fe.search.continuous_update and not fe.latent.continuous_update and fe.errors == []
     fe.order.value = "density (high first)"
     seq = list(np.argsort(-idx.density, kind="stable"))
