@@ -186,11 +186,7 @@ def cmd_report(a) -> int:
 def cmd_notebooks(a) -> int:
     from .notebooks import copy_notebooks
 
-    try:
-        paths = copy_notebooks(a.dir, overwrite=a.overwrite)
-    except FileExistsError as e:
-        print(f"saekit notebooks: error: {e}", file=sys.stderr)
-        return 2
+    paths = copy_notebooks(a.dir, overwrite=a.overwrite)
     print(f"{len(paths)} notebooks in {a.dir}: {', '.join(p.name for p in paths)}\n"
           f"open them with: jupyter lab {a.dir}")
     return 0
@@ -366,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.fn(args)
-    except (StoreError, CorpusError, HookPointError, ModelLoadError, SAEConfigError, TrainingError) as e:
+    except (StoreError, CorpusError, HookPointError, ModelLoadError, SAEConfigError, TrainingError,
+            FileExistsError) as e:
         print(f"saekit {args.cmd}: error: {e}", file=sys.stderr)
         return 2
 

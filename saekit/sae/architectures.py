@@ -12,7 +12,7 @@ from .. import distributed as D
 from .base import SAE, TrainOutput
 from .config import ARCHITECTURES, SAEConfig, SAEConfigError, architecture, register, resolve_group_sizes
 from .kernels import (JumpReLUFunction, Selection, SparseCode, SparseEncode, StepFunction, ThresholdPseudoGrad,
-                      batch_topk, positive_entries, row_topk, sparse_decode, threshold_window)
+                      batch_topk, positive_entries, rectangle, row_topk, sparse_decode, threshold_window)
 
 
 @register
@@ -195,11 +195,10 @@ class JumpReLUSAE(SAE):
         xs, _ = self.normalize_input(self._check_input(x))
         bw = self.cfg.jumprelu_bandwidth
         theta0 = self.log_threshold.detach().exp()
-        if not self.probe_pays(xs, lambda a: (a > theta0).sum() + (((a - theta0) / bw).abs() < 0.5).sum()):
+        if not self.probe_pays(xs, lambda a: (a > theta0).sum() + rectangle((a - theta0) / bw).sum()):
             return self.reference_loss(x)
         with torch.no_grad():
             a = self.pre_acts(xs)
-            theta0 = self.log_threshold.exp()
             rows, cols = (a > theta0).nonzero(as_tuple=True)
             wr, wc = threshold_window(a, theta0, bw)
         if not self.sparse_pays(rows.numel() + wr.numel(), xs.shape[0]):
@@ -211,10 +210,8 @@ class JumpReLUSAE(SAE):
                           (xs.shape[0], self.cfg.d_sae))
         x_hat = sparse_decode(code, self.W_dec) + self.b_dec
         l0 = rows.numel() / xs.shape[0] + ThresholdPseudoGrad.apply(theta, wc, bw, False).sum() / xs.shape[0]
-        fired = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=xs.device)
-        fired[cols] = True
-        return self._finish(xs, x_hat, self.recon_loss(xs, x_hat, code), self.l0_penalty(l0), None, fired,
-                            torch.bincount(rows, minlength=xs.shape[0]), None, "sparse")
+        return self._finish(xs, x_hat, self.recon_loss(xs, x_hat, code), self.l0_penalty(l0), None,
+                            *self._sparse_stats(rows, cols, xs.shape[0]), None, "sparse")
 
     def l0_penalty(self, l0: torch.Tensor) -> torch.Tensor:
         """The sparsity term for a batch's mean L0 (differentiable through the step's pseudo-derivative)."""
@@ -301,10 +298,8 @@ class ReLUSAE(SAE):
         code = SparseCode(rows, cols, vals, (xs.shape[0], self.cfg.d_sae))
         x_hat = sparse_decode(code, self.W_dec) + self.b_dec
         l1 = (vals * self.W_dec.norm(dim=-1)[cols]).sum() / xs.shape[0]
-        fired = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=xs.device)
-        fired[cols] = True
         return self._finish(xs, x_hat, self.recon_loss(xs, x_hat, code), self.cfg.l1_coeff * l1 / self.cfg.d_in, None,
-                            fired, torch.bincount(rows, minlength=xs.shape[0]), None, "sparse")
+                            *self._sparse_stats(rows, cols, xs.shape[0]), None, "sparse")
 
 
 @register

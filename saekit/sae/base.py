@@ -258,14 +258,18 @@ class SAE(torch.nn.Module):
         vals = SparseEncode.apply(xs, self.W_enc, self.b_enc, self.b_dec, sel.rows, sel.cols, a[sel.rows, sel.cols])
         code = SparseCode(sel.rows, sel.cols, vals, (xs.shape[0], self.cfg.d_sae))
         x_hat = sparse_decode(code, self.W_dec) + self.b_dec
-        fired = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=xs.device)
-        fired[code.cols] = True
         aux = None
         dead = self._aux_dead()
         if dead is not None:
             aux = (self.aux_reconstruction(xs, dead) - (xs - x_hat).detach()).pow(2).mean()
-        return self._finish(xs, x_hat, self.recon_loss(xs, x_hat, code), xs.new_zeros(()), aux, fired,
-                            torch.bincount(code.rows, minlength=xs.shape[0]), sel.cut, "sparse")
+        return self._finish(xs, x_hat, self.recon_loss(xs, x_hat, code), xs.new_zeros(()), aux,
+                            *self._sparse_stats(sel.rows, sel.cols, xs.shape[0]), sel.cut, "sparse")
+
+    def _sparse_stats(self, rows: torch.Tensor, cols: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A sparse path's (fired [d_sae] bool, l0 [batch]) from its active entries."""
+        fired = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=rows.device)
+        fired[cols] = True
+        return fired, torch.bincount(rows, minlength=batch)
 
     def train_code(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The reference path's differentiable code from pre-activations, and the selection's cut."""
