@@ -24,13 +24,13 @@ def calibrate(sae: SAE, store, target_l0: float | None = None, n_tokens: int | N
     """Set sae's theta so that its threshold-mode L0 on the first n_tokens rows of `store` (all by
     default) is target_l0 (default: the SAE's k). Returns a record of the calibration, also kept in
     sae.theta_info (and so in cfg.json when the SAE is saved)."""
-    from .activations import ActivationStore
+    from .activations import open_store
     from .metrics import per_token_l0
 
     if not sae.has_theta:
         raise SAEConfigError(f"calibration sets the global threshold of a BatchTopK-family SAE; a "
                              f"'{sae.cfg.arch}' SAE has none (JumpReLU learns one threshold per latent)")
-    store = ActivationStore(store) if isinstance(store, (str, Path)) else store
+    store = open_store(store) if isinstance(store, (str, Path)) else store
     target = float(target_l0 if target_l0 is not None else sae.cfg.k)
     if not target > 0:
         raise SAEConfigError(f"target L0 must be positive, got {target}")

@@ -54,6 +54,14 @@ def cmd_capture(a) -> int:
     return 0
 
 
+def cmd_export_store(a) -> int:
+    from .activations import export_store
+
+    out = export_store(a.store, a.out, format=a.format, context_size=a.context_size, overwrite=a.overwrite)
+    print(f"wrote {out}")
+    return 0
+
+
 def _sae_cfgs(a, src):
     """SAE configs for `train`/`sweep`: every --arch at every level (--k, or --l1-coeff for ReLU-L1), with the
     store's provenance (model, hook, context size, corpus) when the data is a store."""
@@ -103,10 +111,13 @@ def _model_for(a, store_path):
     """The model for downstream metrics: --model, else the one the store was captured from."""
     if a.no_ce:
         return None
-    from .activations import ActivationStore
+    from .activations import open_store
     from .models import load_model
 
-    name = a.model or ActivationStore(store_path).manifest.get("model")
+    name = a.model or open_store(store_path).manifest.get("model")
+    if name is None:
+        from .activations import StoreError
+        raise StoreError(f"store {store_path} does not say which model it came from; pass --model (or --no-ce)")
     return load_model(name, device=a.device)
 
 
@@ -332,6 +343,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = _sub(sub, "report", "write RUN_DIR/report.html (self-contained figures of a demo run)", cmd_report)
     r.add_argument("run_dir", help="a demo's output folder")
+
+    from .activations import export_store
+    x = _sub(sub, "export-store", "write an activation store in another tool's format", cmd_export_store)
+    x.add_argument("store", help="store folder (saekit store or SAELens cache)")
+    x.add_argument("out", help="new folder to write")
+    x.add_argument("--format", default=default_of(export_store, "format"), choices=["saelens"], help="format to write")
+    x.add_argument("--context-size", type=int, default=None, help="tokens per SAELens row (None: the store's "
+                   "positions per sequence)")
+    x.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
     nb = _sub(sub, "notebooks", "copy the notebook series into a folder to work in", cmd_notebooks)
     nb.add_argument("dir", help="folder to copy the notebooks into (created if needed)")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from . import analysis, viz
-from .activations import ActivationStore
+from .activations import ActivationStore, open_store
 from .files import atomic_write_bytes
 from .metrics import reconstruction_metrics
 from .sae import load_sae
@@ -43,7 +43,7 @@ def build_report(run_dir: str | Path, model=None, n_tokens: int = 8192, n_featur
 
     run = Path(run_dir)
     saes = {name: load_sae(d) for name, d in _sae_dirs(run).items()}
-    store = ActivationStore(run / "store_test") if (run / "store_test").exists() else ActivationStore(run / "store_train")
+    store = open_store(run / "store_test") if (run / "store_test").exists() else open_store(run / "store_train")
     first = next(iter(saes.values()))
     model = model or load_model(first.cfg.model_name, device="cpu")
     sections: list[tuple[str, str, object]] = []  # (title, prose, figure or html string)

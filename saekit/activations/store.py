@@ -226,5 +226,5 @@ class ActivationStore:
 
     def __repr__(self) -> str:
         m = self.manifest
-        return (f"ActivationStore({str(self.path)!r}, model={m['model']!r}, hooks={self.hooks}, rows={len(self):,}, "
+        return (f"{type(self).__name__}({str(self.path)!r}, model={m['model']!r}, hooks={self.hooks}, rows={len(self):,}, "
                 f"d_model={self.d_model}, dtype={self.dtype}, complete={m.get('complete')})")

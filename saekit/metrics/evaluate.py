@@ -38,13 +38,13 @@ def evaluate_many(saes: Sequence[SAE], model=None, data=None, n_tokens: int = 20
     error_splice=False skips the `x_hat + error` check (one forward per SAE)."""
     from pathlib import Path
 
-    from ..activations import ActivationStore, forward_hooks
+    from ..activations import ActivationStore, forward_hooks, open_store
     from ..data import PackedTokens
     from ..models import resolve_hook, underlying
 
     hook = hook or saes[0].cfg.hook_name
     if isinstance(data, (str, Path)):
-        data = ActivationStore(data)
+        data = open_store(data)
     if isinstance(data, ActivationStore):
         h = hook if hook in data.hooks else None  # the SAE's hook where the store has it
         tokens, pos, keep = data.tokens, data.positions(), data.keep_mask()

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from ..activations import ActivationStore
+from ..activations import ActivationStore, open_store
 from .config import TrainingError
 
 
@@ -81,7 +81,7 @@ def as_source(data, hook: str | None = None):
         return TensorSource(torch.from_numpy(data))
     path = Path(data)
     if path.is_dir():
-        return StoreSource(ActivationStore(path, hook), hook)
+        return StoreSource(open_store(path, hook), hook)
     if not path.exists():
         raise TrainingError(f"no activations at {path}: give an activation store folder, a .npy or .safetensors file")
     if path.suffix == ".npy":
