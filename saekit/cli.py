@@ -1,4 +1,5 @@
-"""`saekit capture / train / eval / calibrate / compare / sweep / sweep-report / report / demo`: thin commands over
+"""`saekit capture / train / eval / calibrate / compare / sweep / sweep-report / report / demo / export-store /
+notebooks`: thin commands over
 the library. Every choice and default comes from the library's own objects (SAEConfig, TrainConfig, the
 architecture registry, the functions' signatures), so the command line and the Python API cannot drift apart."""
 from __future__ import annotations
@@ -40,17 +41,25 @@ def print_table(df, columns) -> None:
 # -- commands --------------------------------------------------------------------------------------------------
 
 def cmd_capture(a) -> int:
+    from . import distributed
     from .activations import capture
     from .data import packed_corpus
     from .models import load_model
 
+    if distributed.launched_by_torchrun():  # each rank captures its own shards into the same store
+        a.device = distributed.init_from_env(a.device, timeout_s=7 * 24 * 3600)
     model = load_model(a.model, device=a.device)
     packed = packed_corpus(model.tokenizer, a.corpus, split=a.split, seq_len=a.seq_len, max_tokens=a.tokens,
                            text_field=a.text_field, drop_bos=not a.keep_bos, shuffle=not a.no_shuffle,
                            seed=a.sample_seed)
-    store = capture(model, packed, a.hook, a.out, n_tokens=a.tokens, batch_size=a.batch_size, dtype=a.dtype,
-                    overwrite=a.overwrite)
-    print(store)
+    rank0 = distributed.rank() == 0
+    try:
+        store = capture(model, packed, a.hook, a.out, n_tokens=a.tokens, batch_size=a.batch_size, dtype=a.dtype,
+                        shard_tokens=a.shard_tokens, overwrite=a.overwrite, progress=rank0)
+    finally:
+        distributed.shutdown()
+    if rank0:
+        print(store)
     return 0
 
 
@@ -114,11 +123,7 @@ def _model_for(a, store_path):
     from .activations import open_store
     from .models import load_model
 
-    name = a.model or open_store(store_path).manifest.get("model")
-    if name is None:
-        from .activations import StoreError
-        raise StoreError(f"store {store_path} does not say which model it came from; pass --model (or --no-ce)")
-    return load_model(name, device=a.device)
+    return load_model(a.model or open_store(store_path).source_model(), device=a.device)
 
 
 def cmd_eval(a) -> int:
@@ -289,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", default=default_of(capture, "dtype"), choices=list(DTYPES), help="stored dtype")
     c.add_argument("--keep-bos", action="store_true", help="keep BOS positions (dropped by default)")
     c.add_argument("--overwrite", action="store_true", help="replace a finished store at --out")
+    c.add_argument("--shard-tokens", type=int, default=default_of(capture, "shard_tokens"), help="tokens per shard "
+                   "(the unit of resuming and of the work dealt to torchrun's ranks)")
     c.add_argument("--device", default=None, help="cpu, cuda, ... (None: cuda where available)")
     _add_corpus_args(c)
 

@@ -13,13 +13,17 @@ all-reduces the gradients. Selection that couples the tokens of a batch is made 
 - JumpReLU's target-L0 penalty is a function of the global batch's L0; BatchTopK's final theta is the mean of
   the ranks' estimates.
 
-Everything that talks to other ranks is in this module; the SAEs and the trainer call it.
+Capture under torchrun (`torchrun --nproc_per_node N -m saekit capture ...`) needs only `on_rank0` (rank 0 opens
+or starts the store and deals out the shards) and barriers; see saekit.activations.capture.
+
+Everything that talks to other ranks is in this module; the SAEs, the trainer and capture call it.
 
 So a distributed step gives the weights of one process stepping on the concatenated batch (tested with
 the gloo backend on CPU). Checkpoints and outputs are written once, by rank 0; every rank resumes from them.
 """
 from __future__ import annotations
 
+import datetime
 import os
 
 import torch
@@ -42,8 +46,9 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
 
 
-def init_from_env(device: str | None = None) -> torch.device:
-    """Join the process group torchrun describes (env://): NCCL with one GPU per rank, else gloo on CPU."""
+def init_from_env(device: str | None = None, timeout_s: float | None = None) -> torch.device:
+    """Join the process group torchrun describes (env://): NCCL with one GPU per rank, else gloo on CPU.
+    timeout_s: how long a collective waits for the slowest rank (None: torch's default, 30 minutes for gloo)."""
     if not launched_by_torchrun():
         raise RuntimeError("distributed training needs torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR); "
                            "launch with: torchrun --nproc_per_node N -m saekit train ...")
@@ -52,7 +57,8 @@ def init_from_env(device: str | None = None) -> torch.device:
     if use_cuda:
         torch.cuda.set_device(local)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        kw = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", **kw)
     return torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
 
 
@@ -64,6 +70,23 @@ def shutdown() -> None:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def on_rank0(fn):
+    """fn() run on rank 0 alone; its result (or the error it raised) on every rank."""
+    if not is_distributed():
+        return fn()
+    box = [None]
+    if rank() == 0:
+        try:
+            box[0] = ("ok", fn())
+        except Exception as e:  # every rank raises it, so none waits forever for rank 0
+            box[0] = ("error", e)
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise value
+    return value
 
 
 def _gather_padded(vals: torch.Tensor, m: int) -> torch.Tensor:

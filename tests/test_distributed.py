@@ -1,11 +1,13 @@
-"""torch.distributed training on CPU (gloo, 2 processes under torchrun): a distributed step gives the
-weights of one process stepping on the combined batch, BatchTopK selects over the global batch, and the
-CLI trains, checkpoints once and resumes."""
+"""torch.distributed on CPU (gloo, 2 processes under torchrun): a distributed step gives the weights of one
+process stepping on the combined batch, BatchTopK selects over the global batch, the CLI trains, checkpoints
+once and resumes; capture under torchrun writes the store one process would, and resumes with any rank count."""
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -79,3 +81,72 @@ def test_torchrun_cli_trains_checkpoints_once_and_resumes(store, tmp_path):
 
     log = pd.read_csv(out / name / "train_log.csv")
     assert log["step"].tolist() == [8, 10, 12]  # the first run's log (its last step) kept on resume
+
+
+CAPTURE = ["-m", "saekit", "capture", "--hook", "resid_post.2", "--hook", "mlp_out.1", "--tokens", "1500",
+           "--seq-len", "64", "--shard-tokens", "256", "--dtype", "float32"]
+
+
+def _rows_by_position(path):
+    """Every hook's rows and the positions, sorted by (sequence, position)."""
+    from saekit.activations import ActivationStore
+
+    st = ActivationStore(path)
+    pos = st.positions()
+    order = np.lexsort((pos[:, 1], pos[:, 0]))
+    return pos[order], {h: st.load(h)[order] for h in st.hooks}, st.manifest
+
+
+def _single(out):
+    r = subprocess.run([sys.executable, *CAPTURE, "--out", str(out)], capture_output=True, text=True, timeout=600,
+                       cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def _assert_same_store(a, b):
+    pa, xa, ma = _rows_by_position(a)
+    pb, xb, mb = _rows_by_position(b)
+    np.testing.assert_array_equal(pa, pb)
+    assert len(np.unique(pa, axis=0)) == len(pa)  # no token twice
+    for h in xa:
+        assert torch.equal(xa[h], xb[h]), h
+    assert ma["complete"] and mb["complete"] and ma["n_rows"] == mb["n_rows"] and ma["shards"] == mb["shards"]
+
+
+def _kill_after(path, finished_in_manifest, finished_unfolded):
+    """The state a killed capture leaves: the manifest lists some shards, ranks finished others whose completion
+    records rank 0 had not folded in yet, one shard has its activations but no record (killed mid-shard), the
+    rest are missing, and an atomic write was cut short."""
+    m = json.loads((path / "manifest.json").read_text())
+    n = len(m["shards"])
+    keep = set(finished_in_manifest) | set(finished_unfolded)
+    for i in range(n):
+        if i not in keep:
+            for f in path.glob(f"shards/{i:05d}.*"):
+                if not (i == max(set(range(n)) - keep) and f.name.endswith("resid_post.2.npy")):
+                    f.unlink()
+    m["shards"] = [s for s in m["shards"] if s["index"] in finished_in_manifest]
+    m["n_rows"], m["complete"] = sum(s["n_rows"] for s in m["shards"]), False
+    (path / "manifest.json").write_text(json.dumps(m))
+    (path / "shards" / ".00005.pos.npy.x1y2.tmp").write_bytes(b"half")
+
+
+def test_torchrun_capture_equals_one_process_and_resumes_with_another_rank_count(tmp_path):
+    """2 gloo ranks capture disjoint shards into one store equal, row for row, to a single process's; a killed
+    capture resumes with another number of ranks with no token lost or duplicated."""
+    torchrun(*CAPTURE, "--out", str(tmp_path / "two"))
+    _single(tmp_path / "one")
+    names = sorted(p.name for p in (tmp_path / "two" / "shards").iterdir())
+    assert len(names) == len(set(names)) and sum(n.endswith(".done.json") for n in names) == 6
+    _assert_same_store(tmp_path / "two", tmp_path / "one")
+
+    shutil.copytree(tmp_path / "two", tmp_path / "resume1")  # killed under 2 ranks, resumed by 1 process
+    _kill_after(tmp_path / "resume1", finished_in_manifest=[0, 1], finished_unfolded=[3])
+    _single(tmp_path / "resume1")
+    _assert_same_store(tmp_path / "resume1", tmp_path / "one")
+    assert not list((tmp_path / "resume1" / "shards").glob(".*.tmp"))
+
+    shutil.copytree(tmp_path / "one", tmp_path / "resume2")  # killed as 1 process, resumed by 2 ranks
+    _kill_after(tmp_path / "resume2", finished_in_manifest=[0, 1, 2], finished_unfolded=[])
+    torchrun(*CAPTURE, "--out", str(tmp_path / "resume2"))
+    _assert_same_store(tmp_path / "resume2", tmp_path / "one")

@@ -2,6 +2,7 @@
 for any number of hook points, stopped after the last; shards of whole sequences written atomically."""
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from pathlib import Path
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .. import __version__
+from .. import __version__, distributed
 from ..data import PackedTokens, packed_corpus
 from ..files import atomic_save_npy, atomic_write_json
 from ..models import HookPoint, envoy, first_tensor, model_name, resolve_hook, underlying
@@ -55,6 +56,11 @@ def capture(model, packed: PackedTokens, hooks: str | Sequence[str], out: str | 
 
     n_tokens: stop after at least this many kept positions (None: the whole packed corpus).
     A store already at `out` from the same model, hooks, dtype and tokens is resumed.
+    Under torchrun (torch.distributed initialised) every rank calls this with the same arguments: rank 0 opens or
+    starts the store, the shards still to do are dealt out round-robin (shard i of the to-do list to rank
+    i % world), each rank writes only its own shard files and a completion record per shard, and rank 0 folds
+    the records into the manifest, finishing it once every rank is done. A killed capture resumes with any
+    number of ranks: the to-do list is whatever shard has no completion record.
     """
     if dtype not in DTYPES:
         raise StoreError(f"unknown store dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
@@ -67,11 +73,10 @@ def capture(model, packed: PackedTokens, hooks: str | Sequence[str], out: str | 
         if n_tokens <= 0:
             raise StoreError(f"n_tokens must be positive, got {n_tokens}")
         n_seq = packed.sequences_for(n_tokens)
-        if packed.n_kept < n_tokens:
+        if packed.n_kept < n_tokens and distributed.rank() == 0:
             warnings.warn(f"the corpus holds only {packed.n_kept:,} tokens (asked for {n_tokens:,}); capturing all of them")
         packed = packed.head(n_seq)
     seq_len = packed.seq_len
-    shard_sequences = max(1, shard_tokens // seq_len)
     manifest = {
         "format": FORMAT, "format_version": 1, "saekit_version": __version__,
         "model": model_name(model), "hooks": hooks, "d_model": None, "dtype": dtype,
@@ -79,39 +84,20 @@ def capture(model, packed: PackedTokens, hooks: str | Sequence[str], out: str | 
         "bos_token_id": packed.bos_token_id, "pad_token_id": packed.pad_token_id,
         "corpus": {**{k: v for k, v in packed.meta.items() if k in ("corpus", "split", "text_field", "n_documents", "sampling", "part")},
                    **(corpus_info or {})},
-        "tokens_sha256": packed.sha256(), "shard_sequences": shard_sequences,
+        "tokens_sha256": packed.sha256(), "shard_sequences": max(1, shard_tokens // seq_len),
         "shards": [], "n_rows": 0, "complete": False,
     }
-    mpath = out / "manifest.json"
-    if mpath.exists() and not overwrite:
-        old = read_manifest(out)
-        keys = ("model", "hooks", "dtype", "seq_len", "tokens_sha256")  # what was captured, not how it was split
-        diff = [k for k in keys if old.get(k) != manifest[k]]
-        if diff:
-            raise StoreError(
-                f"{out} already holds a different capture (differs in: {', '.join(diff)}). Choose another output "
-                f"folder, or pass overwrite=True (--overwrite) to replace it."
-            )
-        manifest = old
-        if manifest.get("complete"):
-            return ActivationStore(out)
-    else:
-        if overwrite and out.exists():
-            for p in list(out.glob("shards/*.npy")) + [mpath]:
-                p.unlink(missing_ok=True)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_save_npy(out / "tokens.npy", packed.tokens)
-        atomic_save_npy(out / "doc_ids.npy", packed.doc_ids)
-        atomic_write_json(mpath, manifest)
-    for stale in out.glob("shards/.*.tmp"):
-        stale.unlink(missing_ok=True)
-
-    done = {s["index"] for s in manifest["shards"]}
+    manifest = distributed.on_rank0(lambda: _open_or_start(out, manifest, packed, overwrite))
+    if manifest.get("complete"):
+        return ActivationStore(out)
     plan = _plan_shards(packed.n_sequences, manifest["shard_sequences"])  # a resumed store keeps its shard layout
-    todo = [(i, s, e) for i, (s, e) in enumerate(plan) if i not in done]
+    done = {s["index"] for s in manifest["shards"]}
+    rank, world = distributed.rank(), distributed.world_size()
+    todo = [(i, s, e) for i, (s, e) in enumerate(plan) if i not in done][rank::world]
     device = next(underlying(model).parameters()).device
     total = sum(int(packed.keep[s:e].sum()) for _, s, e in todo)
-    bar = tqdm(total=total, unit="tok", desc=f"capture {','.join(hooks)}", disable=not progress, smoothing=0.1)
+    who = f" (rank {rank} of {world})" if world > 1 else ""
+    bar = tqdm(total=total, unit="tok", desc=f"capture {','.join(hooks)}{who}", disable=not progress, smoothing=0.1)
     store_dtype = DTYPES[dtype]
     try:
         for index, s, e in todo:
@@ -131,22 +117,66 @@ def capture(model, packed: PackedTokens, hooks: str | Sequence[str], out: str | 
                 pos_parts.append(torch.stack([seq_idx + b, pos_idx], 1).to(torch.int32))
                 bar.update(int(keep.sum()))
             pos = torch.cat(pos_parts).numpy()
-            d = int(parts[0][0].shape[-1])
             for j, h in enumerate(hooks):
                 arr = torch.cat(parts[j])
                 arr = arr.view(torch.uint16) if dtype == "bfloat16" else arr
                 atomic_save_npy(out / "shards" / f"{index:05d}.{hook_file(h)}.npy", arr.numpy())
             atomic_save_npy(out / "shards" / f"{index:05d}.pos.npy", pos)
-            manifest["d_model"] = d
-            manifest["shards"].append({"index": index, "seq_start": s, "seq_end": e, "n_rows": int(pos.shape[0])})
-            manifest["shards"].sort(key=lambda x: x["index"])
-            manifest["n_rows"] = sum(x["n_rows"] for x in manifest["shards"])
-            manifest["complete"] = len(manifest["shards"]) == len(plan)
-            atomic_write_json(mpath, manifest)
-            bar.set_postfix(shards=f"{len(manifest['shards'])}/{len(plan)}")
+            atomic_write_json(out / "shards" / f"{index:05d}.done.json",  # written last: the shard is whole
+                              {"index": index, "seq_start": s, "seq_end": e, "n_rows": int(pos.shape[0]),
+                               "d_model": int(parts[0][0].shape[-1])})
+            if rank == 0:
+                manifest = _fold_done(out, manifest, len(plan))
+                bar.set_postfix(shards=f"{len(manifest['shards'])}/{len(plan)}")
     finally:
         bar.close()
+    distributed.barrier()  # every rank's shards are written
+    distributed.on_rank0(lambda: _fold_done(out, manifest, len(plan)))
     return ActivationStore(out)
+
+
+def _open_or_start(out: Path, manifest: dict, packed: PackedTokens, overwrite: bool) -> dict:
+    """Rank 0: check a store already at `out` is this capture and fold in its finished shards, or start one."""
+    mpath = out / "manifest.json"
+    if mpath.exists() and not overwrite:
+        old = read_manifest(out)
+        keys = ("model", "hooks", "dtype", "seq_len", "tokens_sha256")  # what was captured, not how it was split
+        diff = [k for k in keys if old.get(k) != manifest[k]]
+        if diff:
+            raise StoreError(
+                f"{out} already holds a different capture (differs in: {', '.join(diff)}). Choose another output "
+                f"folder, or pass overwrite=True (--overwrite) to replace it."
+            )
+        for stale in out.glob("shards/.*.tmp"):  # a write a kill cut short
+            stale.unlink(missing_ok=True)
+        return old if old.get("complete") else \
+            _fold_done(out, old, len(_plan_shards(old["n_sequences"], old["shard_sequences"])))
+    if overwrite and out.exists():
+        for p in list(out.glob("shards/*.npy")) + list(out.glob("shards/*.done.json")) + [mpath]:
+            p.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_save_npy(out / "tokens.npy", packed.tokens)
+    atomic_save_npy(out / "doc_ids.npy", packed.doc_ids)
+    atomic_write_json(mpath, manifest)
+    return manifest
+
+
+def _fold_done(out: Path, manifest: dict, n_plan: int) -> dict:
+    """Rank 0: the manifest with every shard that has a completion record (and all its files), written atomically."""
+    listed = {s["index"] for s in manifest["shards"]}
+    shards = list(manifest["shards"])
+    for rec_path in sorted(out.glob("shards/*.done.json")):
+        rec = json.loads(rec_path.read_text())
+        i = rec["index"]
+        files = [out / "shards" / f"{i:05d}.{hook_file(h)}.npy" for h in manifest["hooks"] + ["pos"]]
+        if i not in listed and all(f.exists() for f in files):
+            shards.append({k: rec[k] for k in ("index", "seq_start", "seq_end", "n_rows")})
+            manifest["d_model"] = rec["d_model"]
+    shards.sort(key=lambda x: x["index"])
+    manifest = {**manifest, "shards": shards, "n_rows": sum(x["n_rows"] for x in shards),
+                "complete": len(shards) == n_plan}
+    atomic_write_json(out / "manifest.json", manifest)
+    return manifest
 
 
 def capture_splits(model, hook: str, out: str | Path, train_tokens: int, test_tokens: int, seq_len: int = 128,

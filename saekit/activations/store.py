@@ -123,6 +123,12 @@ class ActivationStore:
     def doc_ids(self) -> np.ndarray:
         return np.load(self.path / "doc_ids.npy", mmap_mode="r")
 
+    def source_model(self) -> str:
+        """The model these activations came from, or a clear error where the store does not say."""
+        if not self.manifest.get("model"):
+            raise StoreError(f"store {self.path} does not say which model it came from; pass --model (or --no-ce)")
+        return self.manifest["model"]
+
     def positions(self) -> np.ndarray:
         """[n_rows, 2] (sequence, position) of every row in store order."""
         return np.concatenate([np.asarray(self._open(sh, "pos")) for sh in self.shards])
