@@ -43,6 +43,20 @@ def count_table(z: torch.Tensor, tokens: list[str], kept: np.ndarray, top: int =
                          "top_latents": tops})
 
 
+def token_latents(sae: SAE, z: torch.Tensor, top: int | None = None) -> pd.DataFrame:
+    """One token's active latents from its code z [d_sae], strongest first: latent, activation, and its share of
+    the reconstruction: the latent's contribution z_j W_dec[j] projected on the decoded sum of all of them, over
+    that sum's squared norm (the shares add up to 1; a negative share pulls against the rest)."""
+    z = z.detach().float().cpu().reshape(-1)
+    idx = torch.nonzero(z).reshape(-1)
+    vals = z[idx]
+    contrib = vals[:, None] * sae.W_dec.detach().float().cpu()[idx]
+    total = contrib.sum(0)
+    share = contrib @ total / total.dot(total).clamp_min(1e-12)
+    order = torch.argsort(vals, descending=True)[:top]
+    return pd.DataFrame({"latent": idx[order].numpy(), "activation": vals[order].numpy(), "share": share[order].numpy()})
+
+
 def text_activations(model, text: str, hook: str) -> tuple[torch.Tensor, list[str], np.ndarray]:
     """(activations [T, d], token strings, kept mask) of a text with BOS in front (BOS not kept)."""
     ids = text_ids(model, text)

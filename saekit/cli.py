@@ -1,15 +1,15 @@
-"""`saekit capture / train / eval / calibrate / compare / sweep / sweep-report / report / demo / export-store /
-notebooks`: thin commands over
-the library. Every choice and default comes from the library's own objects (SAEConfig, TrainConfig, the
+"""The `saekit` command line: capture / train / eval / calibrate / compare / sweep / sweep-report / report / demo /
+export-store / notebooks, each a thin command (saekit/commands.py) over the library. Every choice and default comes from the library's own objects (SAEConfig, TrainConfig, the
 architecture registry, the functions' signatures), so the command line and the Python API cannot drift apart."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import inspect
-import json
 import sys
-from pathlib import Path
+
+from .commands import (cmd_calibrate, cmd_capture, cmd_compare, cmd_demo, cmd_eval, cmd_export_store, cmd_notebooks,
+                       cmd_report, cmd_sweep, cmd_sweep_report, cmd_train)
 
 
 def default_of(fn, name: str):
@@ -28,191 +28,6 @@ def enc_init_norm_arg(v: str) -> float | str:
     if not norm > 0:
         raise argparse.ArgumentTypeError(f"enc-init-norm must be 'paper' or a positive number (got {v!r})")
     return norm
-
-
-def print_table(df, columns) -> None:
-    """A results table on the terminal (the columns that exist)."""
-    import pandas as pd
-
-    with pd.option_context("display.width", 200, "display.max_columns", 30):
-        print(df[[c for c in columns if c in df]].to_string(index=False))
-
-
-# -- commands --------------------------------------------------------------------------------------------------
-
-def cmd_capture(a) -> int:
-    from . import distributed
-    from .activations import capture
-    from .data import packed_corpus
-    from .models import load_model
-
-    if distributed.launched_by_torchrun():  # each rank captures its own shards into the same store
-        a.device = distributed.init_from_env(a.device, timeout_s=7 * 24 * 3600)
-    model = load_model(a.model, device=a.device)
-    packed = packed_corpus(model.tokenizer, a.corpus, split=a.split, seq_len=a.seq_len, max_tokens=a.tokens,
-                           text_field=a.text_field, drop_bos=not a.keep_bos, shuffle=not a.no_shuffle,
-                           seed=a.sample_seed)
-    rank0 = distributed.rank() == 0
-    try:
-        store = capture(model, packed, a.hook, a.out, n_tokens=a.tokens, batch_size=a.batch_size, dtype=a.dtype,
-                        shard_tokens=a.shard_tokens, overwrite=a.overwrite, progress=rank0)
-    finally:
-        distributed.shutdown()
-    if rank0:
-        print(store)
-    return 0
-
-
-def cmd_export_store(a) -> int:
-    from .activations import export_store
-
-    out = export_store(a.store, a.out, format=a.format, context_size=a.context_size, overwrite=a.overwrite)
-    print(f"wrote {out}")
-    return 0
-
-
-def _sae_cfgs(a, src):
-    """SAE configs for `train`/`sweep`: every --arch at every level (--k, or --l1-coeff for ReLU-L1), with the
-    store's provenance (model, hook, context size, corpus) when the data is a store."""
-    from .sweep import sweep_configs
-
-    man = src.store.manifest if hasattr(src, "store") else {}
-    meta = {"model_name": man.get("model"), "hook_name": a.hook or (man.get("hooks") or [None])[0],
-            "context_size": man.get("seq_len"), "dataset": (man.get("corpus") or {}).get("corpus")}
-    return sweep_configs(src.d_model, a.arch, a.k, a.expansion, a.l1_coeff, normalize=a.normalize,
-                         dead_tokens=5 * a.batch_size, enc_init_norm=a.enc_init_norm, **meta)
-
-
-def _train_cfg(a):
-    from .train import TrainConfig
-
-    return TrainConfig(total_tokens=a.tokens, batch_size=a.batch_size, lr=a.lr, seed=a.seed, device=a.device,
-                       checkpoint_every=a.checkpoint_every, warmup_steps=a.warmup_steps)
-
-
-def _print_lrs(cfgs, tc) -> None:
-    for c in cfgs:
-        print(f"learning rate of {c.name}: {tc.lr_for(c.d_sae):.2e}"
-              + (" (--lr)" if tc.lr is not None else f" (default for {c.d_sae:,} latents)"))
-
-
-def cmd_train(a) -> int:
-    from . import distributed
-    from .train import as_source, train
-
-    if a.distributed or distributed.launched_by_torchrun():
-        distributed.init_from_env(a.device)  # DDP over torchrun's ranks; --batch-size is the global batch
-    rank = distributed.rank()
-    src = as_source(a.store, a.hook)
-    cfgs, tc = _sae_cfgs(a, src), _train_cfg(a)
-    if rank == 0:
-        _print_lrs(cfgs, tc)
-    try:
-        res = train(src, cfgs, tc, out=a.out, resume=not a.no_resume)
-    finally:
-        distributed.shutdown()
-    if rank == 0:
-        print(res.summary())
-    return 0
-
-
-def _model_for(a, store_path):
-    """The model for downstream metrics: --model, else the one the store was captured from."""
-    if a.no_ce:
-        return None
-    from .activations import open_store
-    from .models import load_model
-
-    return load_model(a.model or open_store(store_path).source_model(), device=a.device)
-
-
-def cmd_eval(a) -> int:
-    from .files import atomic_write_json
-    from .metrics import describe, evaluate
-    from .sae import load_sae
-
-    sae = load_sae(a.sae_dir)
-    model = _model_for(a, a.store)
-    m = evaluate(sae, model, a.store, n_tokens=a.tokens, ce_tokens=a.ce_tokens, mode=a.mode, hook=a.hook,
-                 progress=not a.json)
-    m = {**m, "sae_dir": str(a.sae_dir), "store": str(a.store)}
-    if a.out:
-        atomic_write_json(Path(a.out), m)
-    print(json.dumps(m, indent=2) if a.json else f"{a.sae_dir}: {describe(m)}")
-    return 0
-
-
-def cmd_calibrate(a) -> int:
-    from .calibrate import calibrate_folder
-
-    r = calibrate_folder(a.sae_dir, a.store, target_l0=a.target_l0, n_tokens=a.tokens)
-    before = f"{r['l0_before']:.2f}" if r["l0_before"] is not None else "n/a"
-    theta_before = f"{r['theta_before']:.5f}" if r["theta_before"] is not None else "none"
-    print(f"{a.sae_dir}: theta {theta_before} -> {r['theta']:.5f}; threshold-mode L0 on {r['n_tokens']:,} tokens of "
-          f"{r['store']}: {before} -> {r['l0_after']:.2f} (target {r['target_l0']:g}); written to cfg.json and "
-          f"sae_weights.safetensors")
-    return 0
-
-
-def cmd_compare(a) -> int:
-    from .metrics import CE_STATS, RECON_STATS, format_difference, paired_difference
-
-    ea, eb = (json.loads(Path(f).read_text()) for f in (a.eval_a, a.eval_b))
-    na, nb = a.names or (ea["sae"]["architecture"], eb["sae"]["architecture"])
-    for metric in a.metrics or [*RECON_STATS, *CE_STATS]:
-        if metric in CE_STATS and not (ea.get("per_sequence") or {}).get("ce"):
-            continue
-        print(format_difference(paired_difference(ea, eb, metric), na, nb))
-    return 0
-
-
-def cmd_sweep(a) -> int:
-    from .sweep import sweep
-    from .train import as_source
-
-    src = as_source(a.store, a.hook)
-    cfgs = _sae_cfgs(a, src)
-    _print_lrs(cfgs, _train_cfg(a))
-    model = _model_for(a, a.eval_store or a.store)
-    df = sweep(src, cfgs, _train_cfg(a), a.out, eval_data=a.eval_store or a.store, model=model,
-               eval_tokens=a.eval_tokens, ce_tokens=a.ce_tokens, hook=cfgs[0].hook_name)
-    print_table(df, ["name", "l0", "nmse", "fvu", "ce_recovered", "kl", "dead_fraction"])
-    print(f"-> {a.out}/sweep.csv, sweep.parquet")
-    return 0
-
-
-def cmd_sweep_report(a) -> int:
-    from .sweep_report import write_report
-
-    tables = write_report(a.sweep_dirs, a.out, title=a.title)
-    for name, t in tables.items():
-        print(f"\n{name}:")
-        print_table(t, [c for c in t.columns if c != "text"])
-    print(f"\n-> {a.out}/")
-    return 0
-
-
-def cmd_report(a) -> int:
-    from .report import build_report
-
-    print(build_report(a.run_dir))
-    return 0
-
-
-def cmd_notebooks(a) -> int:
-    from .notebooks import copy_notebooks
-
-    paths = copy_notebooks(a.dir, overwrite=a.overwrite)
-    print(f"{len(paths)} notebooks in {a.dir}: {', '.join(p.name for p in paths)}\n"
-          f"open them with: jupyter lab {a.dir}")
-    return 0
-
-
-def cmd_demo(a) -> int:
-    from .demo import DemoConfig, run_demo
-
-    run_demo(DemoConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(DemoConfig)}))
-    return 0
 
 
 # -- the parser ------------------------------------------------------------------------------------------------
@@ -350,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = _sub(sub, "report", "write RUN_DIR/report.html (self-contained figures of a demo run)", cmd_report)
     r.add_argument("run_dir", help="a demo's output folder")
+    r.add_argument("--latents", type=int, nargs="+", default=None,
+                   help="latents to give a feature dashboard (None: six, from dense to rare)")
 
     from .activations import export_store
     x = _sub(sub, "export-store", "write an activation store in another tool's format", cmd_export_store)

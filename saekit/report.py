@@ -1,7 +1,9 @@
 """`saekit report RUN_DIR` -> RUN_DIR/report.html: one self-contained page with a run's figures.
 
 A run folder is what `saekit demo` writes: metrics.json, store_test/ (held-out activations) and
-train/NAME/ (SAE folders). A sweep table (sweep.csv) anywhere under the run adds the frontier.
+train/NAME/ (SAE folders with train_log.csv). A sweep table (sweep.csv) anywhere under the run adds the frontier.
+The page holds the summary, the training curves, adaptive allocation, and a feature dashboard for each chosen
+latent (or a spread of them from dense to rare).
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from . import analysis, viz
 from .activations import ActivationStore, open_store
@@ -37,12 +40,38 @@ def _sample_text(store: ActivationStore, tokenizer, seq: int = 0) -> str:
     return tokenizer.decode(ids)[:SAMPLE_CHARS]
 
 
-def build_report(run_dir: str | Path, model=None, n_tokens: int = 8192, n_features: int = 6, progress: bool = True) -> Path:
-    """Compute the figures for a run folder and write report.html beside it. Returns the path."""
+def _dashboard(index, sae, model, lat: int) -> list:
+    """One latent's dashboard for the page: what FeatureExplorer shows, as static HTML and figures."""
+    _, vals = index.activations(lat)
+    link = lambda j, c: f"<a href='#latent-{j}'>#{j}</a> ({c:.2f})"
+    neigh = ", ".join(link(j, c) for j, c in index.neighbours(lat))
+    fire = ", ".join(link(j, c) for j, c in index.coactivation_neighbours(lat))
+    top = float(vals.max()) if len(vals) else None
+    groups = "".join(f"<h5>activation {g['range'][0]:.3f}-{g['range'][1]:.3f} &middot; {g['share']:.0%} of its "
+                     f"firings</h5>" + viz.examples_html(g["examples"], top) for g in index.quantile_groups(lat))
+    head = (f"<h3 id='latent-{lat}'>Latent {lat} &mdash; fires on {index.density[lat]:.2%} of tokens, max activation "
+            f"{top or 0:.3f}</h3><p>nearest by decoder cosine: {neigh or 'none'}<br>fires together with: "
+            f"{fire or 'none'}</p><h4>Top activations</h4>" + viz.examples_html(index.top_examples(lat, 12))
+            + "<h4>Across its range (quantile groups)</h4>" + groups)
+    return [head, viz.activation_histogram_figure(vals, lat, float(index.density[lat])),
+            viz.logit_effects_figure(analysis.logit_effects(sae, model, lat), lat)]
+
+
+def _training_logs(dirs: dict[str, Path], saes: dict) -> tuple[dict, dict]:
+    logs = {n: pd.read_csv(d / "train_log.csv") for n, d in dirs.items() if (d / "train_log.csv").exists()}
+    targets = {n: s.cfg.target_l0 or (s.cfg.k if s.has_k else None) for n, s in saes.items()}
+    return logs, targets
+
+
+def build_report(run_dir: str | Path, model=None, n_tokens: int = 8192, n_features: int = 6, progress: bool = True,
+                 latents: list[int] | None = None) -> Path:
+    """Compute the figures for a run folder and write report.html beside it. Returns the path.
+    latents: the BatchTopK SAE's latents to give a dashboard each (None: n_features of them, dense to rare)."""
     from .models import load_model
 
     run = Path(run_dir)
-    saes = {name: load_sae(d) for name, d in _sae_dirs(run).items()}
+    dirs = _sae_dirs(run)
+    saes = {name: load_sae(d) for name, d in dirs.items()}
     store = open_store(run / "store_test") if (run / "store_test").exists() else open_store(run / "store_train")
     first = next(iter(saes.values()))
     model = model or load_model(first.cfg.model_name, device="cpu")
@@ -75,6 +104,10 @@ def build_report(run_dir: str | Path, model=None, n_tokens: int = 8192, n_featur
     sections.append(("Summary", f"Held-out activations: {len(store):,} tokens at "
                      f"<code>{html.escape(str(first.cfg.hook_name))}</code> of {html.escape(str(first.cfg.model_name))}.", table))
 
+    logs, targets = _training_logs(dirs, saes)
+    if logs:
+        sections.append(("Training", "Each SAE's log against training tokens (train/NAME/train_log.csv).",
+                         viz.training_curves_figure(logs, targets)))
     text = _sample_text(store, model.tokenizer)
     tables = {_label(s, n): analysis.latent_counts(s, model, text) for n, s in saes.items()}
     sections.append(("Adaptive allocation: latents per token",
@@ -89,16 +122,18 @@ def build_report(run_dir: str | Path, model=None, n_tokens: int = 8192, n_featur
                      "Spearman correlation of a token's latent count with its properties.",
                      viz.count_property_figure(props, corr)))
     index = analysis.build_feature_index(bt, store, n_tokens=n_tokens, tokenizer=model.tokenizer, progress=progress)
-    alive = np.nonzero(index.density > 0)[0]
-    picks = alive[np.argsort(-index.density[alive])][:: max(1, len(alive) // n_features)][:n_features]
-    feats = []
-    for lat in picks:
-        eff = analysis.logit_effects(bt, model, int(lat), n=6)
-        promoted = ", ".join(html.escape(repr(t)) for t, _ in eff["promoted"])
-        feats.append(f"<h3>Latent {lat} &mdash; fires on {index.density[lat]:.2%} of tokens</h3>"
-                     f"<p>promotes: {promoted}</p>" + viz.examples_html(index.top_examples(int(lat), 6)))
-    sections.append((f"Feature examples ({_label(bt, bt_name)})",
-                     "Latents from dense to rare, each with its top-activating contexts.", "".join(feats)))
+    if latents is None:
+        alive = np.nonzero(index.density > 0)[0]
+        latents = alive[np.argsort(-index.density[alive])][:: max(1, len(alive) // n_features)][:n_features]
+    bad = [int(j) for j in latents if not 0 <= int(j) < bt.cfg.d_sae]
+    if bad:
+        raise ValueError(f"latents {bad} are out of range: {_label(bt, bt_name)} has {bt.cfg.d_sae} latents (0..{bt.cfg.d_sae - 1})")
+    feats = [part for lat in latents for part in _dashboard(index, bt, model, int(lat))]
+    sections.append((f"Feature dashboards ({_label(bt, bt_name)})",
+                     "For each latent: its top contexts with every token shaded by its activation (hover for the "
+                     "value), examples from each quarter of its range with their share of its firings, its neighbours "
+                     "by decoder cosine and by firing together, its activation histogram, and its logit effects "
+                     "(through the final norm's gain and the unembedding).", feats))
     sweeps = sorted(run.rglob("sweep.csv"))
     if sweeps:
         from .sweep import load_sweep
@@ -115,10 +150,13 @@ def render(sections, title: str) -> str:
     """One HTML page; plotly.js is inlined once so the page works offline."""
     parts, first = [], True
     for head, prose, body in sections:
-        if hasattr(body, "to_html"):
-            body = body.to_html(full_html=False, include_plotlyjs=first)
-            first = False
-        parts.append(f"<section><h2>{html.escape(head)}</h2><p>{prose}</p>{body}</section>")
+        items = []
+        for item in body if isinstance(body, list) else [body]:
+            if hasattr(item, "to_html"):
+                item = item.to_html(full_html=False, include_plotlyjs=first)
+                first = False
+            items.append(item)
+        parts.append(f"<section><h2>{html.escape(head)}</h2><p>{prose}</p>{''.join(items)}</section>")
     style = ("body{font-family:system-ui,sans-serif;max-width:1150px;margin:2em auto;padding:0 1em;color:#222}"
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}"
              "section{margin-bottom:2.5em}h2{border-bottom:2px solid #d62728}")

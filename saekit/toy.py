@@ -92,3 +92,69 @@ def feature_recovery(W_dec: torch.Tensor, features: torch.Tensor, threshold: flo
     best = (Fe @ W.t()).max(dim=-1).values
     return {"mmcs": float(best.mean()), "recovered": float((best >= threshold).float().mean()),
             "best_cosine": best}
+
+
+@torch.no_grad()
+def superposition_table(d: int = 16, features_per_dim=(0.5, 1, 2, 4, 8), active=(1, 3, 10), n_samples: int = 2000,
+                        seed: int = 0):
+    """Superposition in numbers: n = ratio * d random unit feature directions in d dimensions.
+
+    For each n: `max_cosine`, the mean over features of the largest |cosine| with another feature (interference
+    grows as more features share the space); and for m features active per sample (unit coefficients), reading
+    every feature back by projection onto its direction: `active_error`, the mean |read-out - 1| of the active
+    ones, and `inactive_readout`, the mean |read-out| of the inactive ones (what a linear read-out sees that is
+    not there). Both grow with m, hardly with n: many more features than dimensions fit while few are active."""
+    import pandas as pd
+
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for ratio in features_per_dim:
+        n = max(2, int(round(ratio * d)))
+        feats = torch.randn(n, d, generator=g)
+        feats /= feats.norm(dim=-1, keepdim=True)
+        cos = (feats @ feats.T).abs().fill_diagonal_(0)
+        for m in active:
+            if m > n:
+                continue
+            on = torch.rand(n_samples, n, generator=g).argsort(-1) < m  # m features per sample, uniformly
+            read = (on.float() @ feats) @ feats.T
+            rows.append({"features_per_dim": ratio, "n_features": n, "active": m,
+                         "max_cosine": float(cos.max(-1).values.mean()),
+                         "active_error": float((read[on] - 1).abs().mean()),
+                         "inactive_readout": float(read[~on].abs().mean()) if m < n else float("nan")})
+    return pd.DataFrame(rows)
+
+
+@torch.no_grad()
+def batch_dependence(sae, x: torch.Tensor, sample: int = 0, batch_size: int = 32, seed: int = 0):
+    """Why BatchTopK needs its threshold θ at inference: sample `sample` of x goes into two batches of other random
+    samples; each batch is encoded in batch mode (training's selection: the batch_size*k largest of the whole
+    batch) and in threshold mode. Returns one row per (mode, batch): the sample's active latents. In batch mode
+    the sample's code depends on its neighbours; with θ it is its own."""
+    import pandas as pd
+
+    g = torch.Generator().manual_seed(seed)
+    others = torch.cat([torch.arange(sample), torch.arange(sample + 1, len(x))])
+    rows = []
+    for b in ("A", "B"):
+        pick = others[torch.randperm(len(others), generator=g)[:batch_size - 1]]
+        batch = torch.cat([x[sample:sample + 1], x[pick]])
+        for mode in sae.modes:
+            z = sae.encode(batch, mode=mode)[0]
+            idx = torch.nonzero(z).reshape(-1).tolist()
+            rows.append({"mode": mode, "batch": b, "active": len(idx), "latents": idx})
+    return pd.DataFrame(rows)
+
+
+@torch.no_grad()
+def max_cosines(directions: torch.Tensor, chunk: int = 4096):
+    """For each row of [n, d] directions, the largest |cosine| with any other row (computed in chunks, so a
+    dictionary of tens of thousands of latents fits in memory). Returns a numpy array [n]."""
+    W = directions.detach().float().cpu()
+    W = W / W.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    out = torch.empty(len(W))
+    for s in range(0, len(W), chunk):
+        c = (W[s:s + chunk] @ W.T).abs()
+        c[torch.arange(len(c)), torch.arange(s, s + len(c))] = 0
+        out[s:s + chunk] = c.max(-1).values
+    return out.numpy()

@@ -297,3 +297,58 @@ def test_feature_explorer_tries_typed_text_and_edits(model, store, tokenizer):
     fe.edit.value = "steer"
     fe.run_edit.click()
     assert "steer +5" in fe.edit_out.value and "KL" in fe.edit_out.value and fe.errors == []
+
+
+def test_clicking_a_token_lists_its_latents_and_opens_them(model, acts, store, tokenizer):
+    """04's heat-map: a token's active latents with value and share of the reconstruction, each one a button that
+    opens the latent in the feature view."""
+    from saekit.widgets import AllocationExplorer, FeatureExplorer
+
+    a, tokens, kept = acts
+    sae = split_sae("batchtopk", threshold=0.5)
+    z = analysis.codes_with(sae, a)
+    t = analysis.token_latents(sae, z[3])
+    assert len(t) == int((z[3] != 0).sum()) and (np.diff(t["activation"]) <= 0).all()
+    assert t["share"].sum() == pytest.approx(1.0, abs=1e-4)
+    # share: the contribution projected on the decoded sum, over its squared norm, computed directly
+    W = sae.W_dec.detach()
+    total = z[3] @ W
+    j, v = int(t["latent"][0]), float(t["activation"][0])
+    assert t["share"][0] == pytest.approx(float((v * W[j]) @ total / total.dot(total)), rel=1e-4)
+    fx = FeatureExplorer(analysis.build_feature_index(sae, store, n_tokens=400, tokenizer=tokenizer, progress=False),
+                         sae, model)
+    ex = AllocationExplorer({"BatchTopK": sae}, model, texts={"t": TEXT}, feature_explorers={"BatchTopK": fx})
+    click = types.SimpleNamespace(xs=[3], ys=[0])  # row 0, column 3 of the heat-map: position 3
+    ex._on_click(ex.figure.data[0], click)
+    assert repr(tokens[3]) in ex.token_info.value and f"{len(t)} active latents" in ex.token_info.value
+    first = ex.token_buttons.children[0]
+    assert first.description.startswith(f"#{j} ") and not first.disabled
+    first.click()
+    assert fx.latent.value == j and f"Latent {j}" in fx.info.value
+    assert ex.errors == [] and fx.errors == []
+
+
+def test_ablating_a_silent_latent_changes_nothing_and_steering_a_token_direction_raises_it(model):
+    """The causal check's two anchors: ablating a latent that never fires on the text changes nothing; a latent
+    built to write a token's unembedding direction (through the final norm) raises that token when steered."""
+    sae = split_sae()
+    acts, _, _ = analysis.text_activations(model, TEXT, HOOK)
+    always_positive = int(((acts[1:] > 0).all(0) * acts[1:].abs().min(0).values).argmax())
+    assert (acts[1:, always_positive] > 0).all()
+    silent = always_positive + 576  # reads -x_j: never fires on this text
+    assert (analysis.latent_on_text(sae, model, TEXT, silent)["activation"] == 0).all()
+    off = analysis.causal_effect(sae, model, TEXT, silent)
+    assert off["fired_on"] == 0 and off["kl_next"] < 1e-9 and off["kl_mean"] < 1e-9
+    # a latent that writes " Paris" into the last layer's output (resid_post.29 feeds the final norm)
+    last = split_sae()
+    last.cfg.hook_name = "resid_post.29"
+    target = model.tokenizer.encode(" Paris", add_special_tokens=False)[0]
+    W_U = model._module.get_output_embeddings().weight.detach()
+    direction = W_U[target] / analysis.final_norm_gain(model)
+    with torch.no_grad():
+        last.W_dec[0].copy_(direction / direction.norm())
+    clean = analysis.causal_effect(last, model, TEXT, 0, steer=0.0)
+    steered = analysis.causal_effect(last, model, TEXT, 0, steer=200.0)
+    row = steered["top"][steered["top"]["token"] == " Paris"]
+    assert len(row) == 1 and row["p_edited"].iloc[0] > 10 * row["p_clean"].iloc[0]
+    assert steered["edited_top"][0][0] == " Paris" and clean["kl_next"] < 1e-9

@@ -1,7 +1,9 @@
-"""04_adaptive_allocation.ipynb in a real browser: JupyterLab on 127.0.0.1, Debian's chromium driven by
-Playwright (the system browser, no download), Run All, then check what a user would see: plotly figures
-and ipywidgets rendered, no widget error text or traceback, and a widget moved by the browser changes the
-figure. A screenshot goes to test-output/."""
+"""Notebooks 04 and 05 in a real browser: JupyterLab on 127.0.0.1, Debian's chromium driven by Playwright (the
+system browser, no download), Run All, then check what a user would see: plotly figures and ipywidgets
+rendered, no widget error text or traceback, and widgets driven by the browser change what is shown (04: a
+typed θ changes the heat-map, a clicked token lists its latents; 05: typed text is shaded, a clicked neighbour
+opens). 04 runs first and trains the course SAE into the shared run folder; 05 reuses it. Screenshots go to
+test-output/."""
 from __future__ import annotations
 
 import os
@@ -18,7 +20,7 @@ from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from playwright.sync_api import expect, sync_playwright
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOK = "04_adaptive_allocation.ipynb"
+NOTEBOOKS = ("04_adaptive_allocation.ipynb", "05_feature_explorer.ipynb")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run"]
@@ -34,7 +36,8 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     root = tmp_path_factory.mktemp("lab")
-    shutil.copy(ROOT / "notebooks" / NOTEBOOK, root / NOTEBOOK)
+    for name in NOTEBOOKS:
+        shutil.copy(ROOT / "notebooks" / name, root / name)
     # every cell in the DOM (JupyterLab 4 renders only the visible ones by default)
     settings = root / ".settings" / "@jupyterlab" / "notebook-extension"
     settings.mkdir(parents=True)
@@ -95,61 +98,110 @@ def _run_all(page, attempts: int = 4) -> None:
     raise AssertionError(f"Run All Cells started no cell in {attempts} tries: the kernel never attached")
 
 
-def test_notebook_04_runs_and_renders_in_jupyterlab(lab):
+def _open_and_run(page, url: str, name: str, shot: str) -> None:
+    """Open a notebook, Run All, and wait for its last cell's "ok" (a traceback or widget error fails at once)."""
+    page.goto(f"{url}/lab/tree/{name}?reset")  # ?reset: a fresh workspace with this notebook alone
+    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']")
+    _run_all(page)
+    deadline = time.time() + 1200
+    last = page.locator(".jp-CodeCell").last
+    while True:
+        if any(t.strip().endswith("ok") for t in last.locator(".jp-OutputArea-output").all_inner_texts()):
+            break
+        bad = [t for t in _output_text(page) if any(b in t for b in BAD_TEXT)]
+        if bad or time.time() > deadline:
+            page.screenshot(path=str(OUT_DIR / f"{shot}_failed.png"))
+        assert not bad, f"{name}: an output shows an error:\n{bad[0][-3000:]}"
+        assert time.time() < deadline, f"{name}: Run All did not finish in time; last outputs: {_output_text(page)[-3:]}"
+        page.wait_for_timeout(2000)
+    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']")
+    assert not [t for t in _output_text(page) if any(b in t for b in BAD_TEXT)]
+
+
+def _not_blank(path: Path) -> None:
+    from PIL import Image
+
+    colours = Image.open(path).convert("RGB").getcolors(maxcolors=1 << 20)
+    assert colours is not None and len(colours) > 50, f"{path.name} is (nearly) blank"
+
+
+OUT_DIR = ROOT / "test-output"
+
+
+@pytest.fixture(scope="module")
+def browser_page(lab):
     assert Path(CHROMIUM).exists(), "chromium is missing: `make test` installs it (apt-get install chromium)"
-    url, root = lab
-    out_dir = ROOT / "test-output"
-    out_dir.mkdir(exist_ok=True)
+    OUT_DIR.mkdir(exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.set_default_timeout(120_000)
-        page.goto(f"{url}/lab/tree/{NOTEBOOK}")
-        page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']")
-        _run_all(page)
-        # the last cell prints "ok" after its assertions; a failure shows a traceback instead
-        deadline = time.time() + 1200
-        last = page.locator(".jp-CodeCell").last
-        while True:
-            if any(t.strip().endswith("ok") for t in last.locator(".jp-OutputArea-output").all_inner_texts()):
-                break
-            bad = [t for t in _output_text(page) if any(b in t for b in BAD_TEXT)]
-            if bad or time.time() > deadline:
-                page.screenshot(path=str(out_dir / "notebook04_failed.png"))
-            assert not bad, f"an output shows an error:\n{bad[0][-3000:]}"
-            assert time.time() < deadline, f"Run All did not finish in time; last outputs: {_output_text(page)[-3:]}"
-            page.wait_for_timeout(2000)
-        page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']")
-
-        plots = page.locator(".js-plotly-plot")
-        widgets = page.locator(".jupyter-widgets")
-        assert plots.count() >= 4, f"only {plots.count()} plotly figures rendered"
-        assert widgets.count() >= 1 and page.locator(".widget-slider").count() >= 1
-        texts = _output_text(page)
-        assert not [t for t in texts if any(b in t for b in BAD_TEXT)]
-
-        # the explorer: its slider readout is editable in ipywidgets 8; type a new θ and press Enter
-        explorer = page.locator(".widget-vbox", has=page.locator(".widget-textarea")).last
-        figure = explorer.locator(".js-plotly-plot").first
-        figure.scroll_into_view_if_needed()
-        z_before = figure.evaluate("el => JSON.stringify(el.data[0].z)")
-        summary_before = explorer.locator(".widget-html").first.inner_text()
-        readout = explorer.locator(".widget-slider .widget-readout").first
-        old = float(readout.inner_text())
-        readout.click()
-        page.keyboard.press("Control+A")
-        page.keyboard.type(f"{old / 3:.3f}")
-        page.keyboard.press("Enter")
-        page.wait_for_function("([el, before]) => JSON.stringify(el.data[0].z) !== before",
-                               arg=[figure.element_handle(), z_before], timeout=60_000)
-        # the summary is set after the figure, in a later widget message: wait for it too (a CI run read it
-        # in between and saw the old text)
-        expect(explorer.locator(".widget-html").first).not_to_have_text(summary_before, timeout=30_000)
-        explorer.screenshot(path=str(out_dir / "notebook04_explorer.png"))
-        page.screenshot(path=str(out_dir / "notebook04.png"))
+        yield page, lab[0]
         browser.close()
-    from PIL import Image
 
-    img = Image.open(out_dir / "notebook04_explorer.png").convert("RGB")
-    colours = img.getcolors(maxcolors=1 << 20)
-    assert colours is not None and len(colours) > 50, "the explorer screenshot is (nearly) blank"
+
+def test_notebook_04_runs_and_renders_in_jupyterlab(browser_page):
+    page, url = browser_page
+    _open_and_run(page, url, NOTEBOOKS[0], "notebook04")
+    plots = page.locator(".js-plotly-plot")
+    widgets = page.locator(".jupyter-widgets")
+    assert plots.count() >= 4, f"only {plots.count()} plotly figures rendered"
+    assert widgets.count() >= 1 and page.locator(".widget-slider").count() >= 1
+
+    # the explorer: its slider readout is editable in ipywidgets 8; type a new θ and press Enter
+    explorer = page.locator(".widget-vbox", has=page.locator(".widget-textarea")).last
+    figure = explorer.locator(".js-plotly-plot").first
+    figure.scroll_into_view_if_needed()
+    z_before = figure.evaluate("el => JSON.stringify(el.data[0].z)")
+    summary_before = explorer.locator(".widget-html").first.inner_text()
+    readout = explorer.locator(".widget-slider .widget-readout").first
+    old = float(readout.inner_text())
+    readout.click()
+    page.keyboard.press("Control+A")
+    page.keyboard.type(f"{old / 3:.3f}")
+    page.keyboard.press("Enter")
+    page.wait_for_function("([el, before]) => JSON.stringify(el.data[0].z) !== before",
+                           arg=[figure.element_handle(), z_before], timeout=60_000)
+    # the summary is set after the figure, in a later widget message: wait for it too (a CI run read it
+    # in between and saw the old text)
+    expect(explorer.locator(".widget-html").first).not_to_have_text(summary_before, timeout=30_000)
+    # click a token of the heat-map (second row, fourth cell): its active latents appear as buttons
+    box = figure.locator(".nsewdrag").first.bounding_box()
+    n_rows = figure.evaluate("el => el.data[0].z.length")
+    page.mouse.click(box["x"] + box["width"] * (3.5 / 16), box["y"] + box["height"] * (1.5 / n_rows))
+    latent_button = explorer.locator(".widget-button", has_text="%").first
+    expect(latent_button).to_be_visible(timeout=60_000)
+    expect(explorer.locator(".widget-html", has_text="(position").first).to_contain_text("(position 19)")
+    explorer.screenshot(path=str(OUT_DIR / "notebook04_explorer.png"))
+    page.screenshot(path=str(OUT_DIR / "notebook04.png"))
+    _not_blank(OUT_DIR / "notebook04_explorer.png")
+
+
+def test_notebook_05_dashboard_responds_in_jupyterlab(browser_page):
+    page, url = browser_page
+    _open_and_run(page, url, NOTEBOOKS[1], "notebook05")
+    assert page.locator(".js-plotly-plot").count() >= 4
+    explorer = page.locator(".widget-vbox", has=page.locator("input[placeholder^='type text']")).first
+    explorer.scroll_into_view_if_needed()
+    # type a hypothesis: the typed text comes back shaded by the latent's activation
+    probe = explorer.locator("input[placeholder^='type text']")
+    shaded = explorer.locator(".widget-html", has=page.locator("span[title]")).filter(has_text="shading relative")
+    before = shaded.first.inner_html() if shaded.count() else ""
+    probe.click()
+    probe.fill("The king of Egypt went out to war")
+    probe.press("Enter")
+    expect(explorer.locator(".widget-html", has_text="shading relative").first).to_contain_text("Egypt", timeout=60_000)
+    after = explorer.locator(".widget-html", has_text="shading relative").first.inner_html()
+    assert after != before and after.count("<span") >= 6
+    # click a neighbour: the dashboard opens that latent
+    title = explorer.locator("h3", has_text="Latent").first
+    shown = title.inner_text()
+    neighbour = explorer.locator(".widget-button", has_text="#").first
+    target = neighbour.inner_text().split()[0].lstrip("#")
+    neighbour.click()
+    expect(title).to_contain_text(f"Latent {target}", timeout=60_000)
+    assert title.inner_text() != shown or shown.startswith(f"Latent {target}")
+    assert not [t for t in _output_text(page) if any(b in t for b in BAD_TEXT)]
+    explorer.screenshot(path=str(OUT_DIR / "notebook05_explorer.png"))
+    page.screenshot(path=str(OUT_DIR / "notebook05.png"))
+    _not_blank(OUT_DIR / "notebook05_explorer.png")

@@ -8,9 +8,9 @@ from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
-# 04 runs top to bottom in JupyterLab in a real browser (tests/test_browser.py: Run All, its last cell's
-# assertions print "ok"), so it is not executed a second time here
-BROWSER_RUN = {"04_adaptive_allocation.ipynb"}
+# 04 and 05 run top to bottom in JupyterLab in a real browser (tests/test_browser.py: Run All, their last cells'
+# assertions print "ok"), so they are not executed a second time here
+BROWSER_RUN = {"04_adaptive_allocation.ipynb", "05_feature_explorer.ipynb"}
 
 
 def test_there_are_notebooks():

@@ -30,13 +30,30 @@ def report(model, store, tmp_path_factory):
 def test_report_holds_every_figure(report):
     html = report.read_text()
     assert report.name == "report.html"
-    assert html.count('class="plotly-graph-div"') == 3  # token counts, L0 distribution, count vs properties
+    # training curves, token counts, L0 distribution, count vs properties, and per latent its activation
+    # histogram and logit effects
+    assert html.count('class="plotly-graph-div"') == 4 + 2 * 3
     assert html.count("plotly.js v") == 1  # plotly inlined once: works offline
-    for heading in ("Summary", "Adaptive allocation", "Per-token L0 distribution", "What goes with more latents",
-                    "Feature examples"):
+    for heading in ("Summary", "Training", "Adaptive allocation", "Per-token L0 distribution",
+                    "What goes with more latents", "Feature dashboards"):
         assert f"<h2>{heading}" in html
     assert "BatchTopK (batchtopk_k8_1152)" in html and "TopK (topk_k8_1152)" in html
-    assert html.count("<h3>Latent ") == 3
+    assert html.count("<h3 id='latent-") == 3 and html.count("of its firings</h5>") >= 3
+    assert "nearest by decoder cosine: <a href='#latent-" in html and "fires together with:" in html
+    assert html.count('<span title="') > 100  # every context token shaded, its value on hover
+
+
+def test_report_dashboards_for_chosen_latents(report, model):
+    from saekit.sae import load_sae
+
+    run = report.parent
+    sae = load_sae(run / "train" / "batchtopk_k8_1152")
+    out = build_report(run, model=model, n_tokens=1500, latents=[3, 17], progress=False)
+    html = out.read_text()
+    assert "<h3 id='latent-3'>" in html and "<h3 id='latent-17'>" in html and html.count("<h3 id='latent-") == 2
+    assert "training tokens" in html and "L0 (dashed: the target)" in html  # the training curves
+    with pytest.raises(ValueError, match="out of range.*1152 latents"):
+        build_report(run, model=model, n_tokens=1500, latents=[sae.cfg.d_sae], progress=False)
 
 
 def test_report_renders_in_headless_chromium(report, tmp_path):

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from saekit.sae import SAEConfig, load_sae
+from saekit.sae.config import SAEConfigError
 from saekit.toy import make_toy
 from saekit.train import TrainConfig, TrainingError, as_source, geometric_median, lr_factor, train
 
@@ -239,3 +240,30 @@ def test_prefetched_training_equals_unprefetched_and_reports_data_share():
     for a, b in zip(runs[0].saes[0].state_dict().values(), runs[1].saes[0].state_dict().values()):
         assert torch.equal(a, b)
     assert all(0 < r.data_share < 1 for r in runs)  # reading time is measured with and without read-ahead
+
+
+def test_auxk_every_few_steps_runs_on_schedule_weighted_and_resumes_exactly(toy_x, tmp_path):
+    """aux_every=3: the AuxK term is there on steps 0, 3, 6, ... only (dead latents on every step), weighted by 3
+    in the loss; the schedule follows the step count, so a resumed run still equals an uninterrupted one."""
+    cfg = SAEConfig(arch="batchtopk", d_in=16, d_sae=64, k=3, dead_tokens=1, aux_every=3)
+    tc = TrainConfig(total_tokens=128 * 9, batch_size=128, lr=3e-3, warmup_steps=1, progress=False, log_every=1)
+    log = train(toy_x, cfg, tc).logs[0]
+    has_aux = (log["aux"] > 0).tolist()
+    # log row i is step i (0-based); at step 0 no latent has had the chance to die yet
+    assert has_aux == [s % 3 == 0 and s > 0 for s in range(9)], has_aux
+    with_aux = log.iloc[3]
+    assert with_aux["loss"] == pytest.approx(with_aux["mse"] + 3 * cfg.aux_alpha * with_aux["aux"], rel=1e-5)
+    tc = TrainConfig.from_dict({**tc.to_dict(), "checkpoint_every": 4})
+    whole = train(toy_x, cfg, tc, out=tmp_path / "a").saes[0].state_dict()
+
+    def crash(trainer, stats):
+        if trainer.step == 6:
+            raise KeyboardInterrupt  # killed after step 6; resumed from the checkpoint at step 4
+
+    with pytest.raises(KeyboardInterrupt):
+        train(toy_x, cfg, tc, out=tmp_path / "b", callback=crash)
+    resumed = train(toy_x, cfg, tc, out=tmp_path / "b").saes[0].state_dict()
+    for k, v in whole.items():
+        assert torch.equal(v, resumed[k]), k
+    with pytest.raises(SAEConfigError, match="aux_every"):
+        SAEConfig(aux_every=0)

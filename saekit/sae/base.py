@@ -203,15 +203,17 @@ class SAE(torch.nn.Module):
         """Loss on a batch of inputs (input space): `fast_loss`, or with fast=False `reference_loss`."""
         return self.fast_loss(x) if fast and self.has_fast_path else self.reference_loss(x)
 
+    aux_due = True  # the trainer sets it each step: AuxK runs on one step in cfg.aux_every
+
     def _aux_dead(self) -> torch.Tensor | None:
-        """The dead-latent mask when AuxK has work this step (some latent is dead), else None."""
-        if not self.uses_auxk or self.cfg.aux_alpha <= 0:
+        """The dead-latent mask when AuxK has work this step (it is due, and some latent is dead), else None."""
+        if not self.uses_auxk or self.cfg.aux_alpha <= 0 or not self.aux_due:
             return None
         dead = self.dead_mask()
         return dead if bool(dead.any()) else None
 
     def _finish(self, xs, x_hat, mse, sparsity, aux, fired, l0, cut, path="reference") -> TrainOutput:
-        loss = mse + sparsity + (self.cfg.aux_alpha * aux if aux is not None else 0)
+        loss = mse + sparsity + (self.cfg.aux_alpha * self.cfg.aux_every * aux if aux is not None else 0)
         zero = xs.new_zeros(())
         terms = {"mse": mse.detach(), "sparsity": sparsity.detach(), "aux": aux.detach() if aux is not None else zero}
         return TrainOutput(loss, terms, x_hat, xs, fired, l0, cut, path)

@@ -42,6 +42,7 @@ class SAEConfig:
     # AuxK (batchtopk/topk): the k_aux largest dead pre-activations reconstruct the residual
     k_aux: int = 512
     aux_alpha: float = 1 / 32
+    aux_every: int = 1  # AuxK on one step in this many, its loss weighted by aux_every (the same mean gradient)
     dead_tokens: int = 5 * 4096  # a latent is dead after this many tokens without firing (~5 batches)
     # starting norm of each encoder column (W_enc starts as the unit-norm decoder transposed, times this):
     # "paper" = sqrt(2 d_in / d_sae), the norm the paper's code draws (kaiming_uniform_ on a [d_in, d_sae]
@@ -81,6 +82,8 @@ class SAEConfig:
                 isinstance(self.enc_init_norm, (int, float)) and not isinstance(self.enc_init_norm, bool)
                 and self.enc_init_norm > 0):
             raise SAEConfigError(f"enc_init_norm must be a positive number or 'paper' (got {self.enc_init_norm!r})")
+        if not isinstance(self.aux_every, int) or self.aux_every < 1:
+            raise SAEConfigError(f"aux_every must be a whole number >= 1 (got {self.aux_every!r}); 1 runs AuxK every step")
         if cls.has_k and not 0 < self.k < self.d_sae:
             raise SAEConfigError(f"k must satisfy 0 < k < d_sae (got k={self.k}, d_sae={self.d_sae}); "
                                  f"use a larger dictionary (expansion) or a smaller k")

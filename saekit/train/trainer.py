@@ -162,6 +162,7 @@ class Trainer:
         for i, (sae, opt) in enumerate(zip(self.saes, self.opts)):
             for g in opt.param_groups:
                 g["lr"] = self.lrs[i] * factor * g["lr_scale"]
+            sae.aux_due = self.step % max(1, sae.cfg.aux_every) == 0  # from the step count, so a resumed run agrees
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 out = self.ddp[i](x) if self.ddp else sae.training_loss(x, fast=tc.fast)
             if not torch.isfinite(out.loss):
