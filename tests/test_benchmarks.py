@@ -121,3 +121,16 @@ def test_profile_and_crossover_benchmarks_run():
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "by size" in r.stdout and "by density" in r.stdout and r.stdout.count("\n") > 8
+
+
+def test_auxk_every_benchmark_times_and_evaluates_each_setting(store):
+    from conftest import HOOK
+
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "auxk_every.py"), "--store", str(store.path),
+                        "--eval-store", str(store.path), "--hook", HOOK, "--batch", "128", "--k", "4",
+                        "--expansion", "2", "--steps", "6", "--every", "1", "3", "--eval-tokens", "512"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [line.split() for line in r.stdout.splitlines() if line.strip().startswith("0 ")]
+    assert [row[1] for row in rows] == ["1", "3"] and rows[0][3] == "1.00x"
+    assert "nmse every 3 − every 1" in r.stdout and all(0 < float(row[6]) < 2 for row in rows)

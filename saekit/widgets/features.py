@@ -23,7 +23,8 @@ class FeatureExplorer(Responsive):
         self.search = W.Text(placeholder="a word…", description="search", continuous_update=False)
         self.search_in = W.Dropdown(options=["example tokens", "example contexts"]
                                     + (["promoted tokens"] if model is not None else []), description="in")
-        self.neighbour_buttons = W.HBox(layout=W.Layout(flex_flow="row wrap"))  # decoder-cosine and co-activation neighbours: click one to open it
+        # decoder-cosine and co-activation neighbours: click one to open it
+        self.neighbour_buttons = W.HBox(layout=W.Layout(flex_flow="row wrap"))
         self._promoted = None
         self.results = W.Select(options=[], rows=5, description="matches")
         self.info = W.HTML()
