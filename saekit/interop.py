@@ -63,9 +63,12 @@ def _is_network_error(e: BaseException) -> bool:
 def load(spec: str | Path, sae_id: str | None = None, device: str | torch.device = "cpu") -> SAE:
     """Load an SAE: a local folder (saekit, SAELens or sparsify), or a SAELens pretrained release as
     `load("release/sae_id")` / `load("release", "sae_id")`, downloaded from the Hugging Face hub."""
-    path = Path(spec)
+    path = Path(spec).expanduser()
     if sae_id is None and path.exists():
         return load_sae(path, device)
+    if sae_id is None and str(spec).startswith(("/", ".", "~")):
+        raise SAEConfigError(f"no SAE folder at {path}: give the folder of a saved SAE (saekit, SAELens or sparsify "
+                             f"files) or 'release/sae_id' for a SAELens pretrained release")
     spec = str(spec)
     if sae_id is None:
         if "/" not in spec:
