@@ -194,6 +194,10 @@ def test_feature_and_frontier_explorers(model, store, tokenizer):
     assert fe.latent.value == int(button.tooltip.split()[-1]) and f"Latent {fe.latent.value}" in fe.info.value
     fe.latent.value = 11
     assert not fe.search.continuous_update and not fe.latent.continuous_update and fe.errors == []
+    wide = fe.examples.value.count("<span")
+    fe.before.value, fe.after.value = 2, 1  # a narrower window: fewer context tokens shown
+    assert 0 < fe.examples.value.count("<span") < wide and fe.errors == []
+    fe.before.value, fe.after.value = 24, 8
     fe.order.value = "density (high first)"
     seq = list(np.argsort(-idx.density, kind="stable"))
     fe.step(+1)

@@ -29,6 +29,11 @@ class FeatureExplorer(Responsive):
         self.results = W.Select(options=[], rows=5, description="matches")
         self.info = W.HTML()
         self.examples = W.HTML()
+        # the context window of every example: tokens before and after the one it fires on
+        self.before = W.BoundedIntText(value=24, min=0, max=256, description="before", continuous_update=False,
+                                       layout=W.Layout(width="150px"))
+        self.after = W.BoundedIntText(value=8, min=0, max=256, description="after", continuous_update=False,
+                                      layout=W.Layout(width="150px"))
         # test a hypothesis: type text, see this latent on every token; then ablate or steer it and watch the
         # next-token distribution move (analysis.causal_effect)
         self.probe = W.Text(placeholder="type text, Enter: this latent on every token", description="try",
@@ -42,6 +47,8 @@ class FeatureExplorer(Responsive):
         self.density = go.FigureWidget(viz.density_histogram_figure(index.density))
         self.logits = go.FigureWidget(viz.logit_effects_figure({"promoted": [], "suppressed": []}, 0))
         self.latent.observe(self.guard(lambda _: self.show()), "value")
+        self.before.observe(self.guard(lambda _: self.show()), "value")
+        self.after.observe(self.guard(lambda _: self.show()), "value")
         self.prev.on_click(self.guard(lambda _: self.step(-1)))
         self.next.on_click(self.guard(lambda _: self.step(+1)))
         self.search.observe(self.guard(lambda _: self.run_search()), "value")
@@ -52,7 +59,8 @@ class FeatureExplorer(Responsive):
                              "value")
         self.widget = W.VBox([W.HBox([self.order, self.latent, self.prev, self.next]),
                               W.HBox([self.search, self.search_in, self.results]), self.info,
-                              self.neighbour_buttons, self.examples,
+                              self.neighbour_buttons, W.HBox([W.HTML("<b>context:</b>&nbsp;"), self.before, self.after]),
+                              self.examples,
                               W.HBox([self.hist, self.density]), self.logits, self.probe, self.probe_out,
                               W.HBox([self.edit, self.strength, self.run_edit]), self.edit_out, self.log])
         alive = np.nonzero(index.density > 0)[0]
@@ -124,8 +132,9 @@ class FeatureExplorer(Responsive):
         top_value = vals.max() if len(vals) else None
         groups = "".join(f"<h5>activation {g['range'][0]:.3f}–{g['range'][1]:.3f} &middot; {g['share']:.0%} of its "
                          f"firings</h5>" + viz.examples_html(g["examples"], top_value)
-                         for g in self.index.quantile_groups(lat))
-        self.examples.value = ("<h4>Top activations</h4>" + viz.examples_html(self.index.top_examples(lat, 20))
+                         for g in self.index.quantile_groups(lat, window=self.before.value, after=self.after.value))
+        self.examples.value = ("<h4>Top activations</h4>" + viz.examples_html(
+            self.index.top_examples(lat, 20, window=self.before.value, after=self.after.value))
                                + "<h4>Across its range (quantile groups)</h4>" + groups)
         h = viz.activation_histogram_figure(vals, lat, dens)
         with self.hist.batch_update():
