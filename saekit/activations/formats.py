@@ -113,7 +113,7 @@ class SAELensCache(ActivationStore):
         if dtype not in _ARRAY_DTYPES:
             raise StoreError(f"{self.path}: activations stored as {dtype}; saekit reads float16 or float32 caches")
         self.hooks = list(self.columns)
-        self.hook = self._hook_key(hook) if hook is not None else self.hooks[0]
+        self.hook = self.hook_name(hook or self.hooks[0])
         self.dtype, self.d_model = dtype, int(d)
         side = self.path / _SIDE_MANIFEST
         self.side = json.loads(side.read_text()) if side.exists() else None
@@ -122,8 +122,9 @@ class SAELensCache(ActivationStore):
         self.manifest = self._make_manifest()
         self._maps = {}
 
-    def _hook_key(self, hook: str) -> str:
-        key = saekit_hook_name(hook)
+    def hook_name(self, hook: str | None) -> str:
+        """The hook to read (None: the cache's), by saekit's or the column's own (TransformerLens) name."""
+        key = saekit_hook_name(hook or self.hook)
         if key not in self.columns:
             raise StoreError(f"hook '{hook}' is not in SAELens cache {self.path}; it holds "
                              f"{[f'{k} ({c})' if k != c else k for k, c in self.columns.items()]}")
@@ -191,15 +192,6 @@ class SAELensCache(ActivationStore):
 
     def _validate(self) -> None:  # the arrow schema was checked on open; shapes follow from it
         pass
-
-    def batches(self, batch_size: int, hook: str | None = None, **kw):
-        return super().batches(batch_size, hook=self._hook_key(hook or self.hook), **kw)
-
-    def rows(self, start: int, end: int, hook: str | None = None):
-        return super().rows(start, end, self._hook_key(hook or self.hook))
-
-    def take(self, rows: np.ndarray, hook: str | None = None):
-        return super().take(rows, self._hook_key(hook or self.hook))
 
     @property
     def tokens(self) -> np.ndarray:

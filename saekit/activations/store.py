@@ -59,9 +59,7 @@ class ActivationStore:
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         self.hooks: list[str] = list(self.manifest["hooks"])
-        if hook is not None and hook not in self.hooks:
-            raise StoreError(f"hook '{hook}' is not in store {self.path}; it holds {self.hooks}")
-        self.hook = hook or self.hooks[0]
+        self.hook = self.hook_name(hook or self.hooks[0])
         self.dtype: str = self.manifest["dtype"]
         self.d_model: int = int(self.manifest["d_model"] or 0)
         self.shards: list[dict] = list(self.manifest["shards"])
@@ -123,6 +121,13 @@ class ActivationStore:
     def doc_ids(self) -> np.ndarray:
         return np.load(self.path / "doc_ids.npy", mmap_mode="r")
 
+    def hook_name(self, hook: str | None) -> str:
+        """The hook to read (None: the store's), checked against the hooks the store holds."""
+        hook = hook or self.hook
+        if hook not in self.hooks:
+            raise StoreError(f"hook '{hook}' is not in store {self.path}; it holds {self.hooks}")
+        return hook
+
     def source_model(self) -> str:
         """The model these activations came from, or a clear error where the store does not say."""
         if not self.manifest.get("model"):
@@ -146,7 +151,7 @@ class ActivationStore:
 
     def rows(self, start: int, end: int, hook: str | None = None) -> torch.Tensor:
         """Rows [start, end) in store order, as stored dtype."""
-        hook = hook or self.hook
+        hook = self.hook_name(hook)
         out, offset = [], 0
         for sh in self.shards:
             n = sh["n_rows"]
@@ -158,7 +163,7 @@ class ActivationStore:
 
     def take(self, rows: np.ndarray, hook: str | None = None) -> torch.Tensor:
         """Rows at the given increasing store-order indices, as stored dtype."""
-        hook = hook or self.hook
+        hook = self.hook_name(hook)
         rows = np.asarray(rows, dtype=np.int64)
         starts = np.cumsum([0] + [sh["n_rows"] for sh in self.shards])
         shard_of = np.searchsorted(starts, rows, side="right") - 1
@@ -183,9 +188,7 @@ class ActivationStore:
         stored-dtype rows. With world_size > 1 each rank reads its own chunks. return_positions adds the [B, 2]
         (sequence, position) of each row.
         """
-        hook = hook or self.hook
-        if hook not in self.hooks:
-            raise StoreError(f"hook '{hook}' is not in store {self.path}; it holds {self.hooks}")
+        hook = self.hook_name(hook)
         chunks = [_Chunk(i, s, min(s + chunk_rows, sh["n_rows"]))
                   for i, sh in enumerate(self.shards) for s in range(0, sh["n_rows"], chunk_rows)]
         per_buffer = max(1, buffer_rows // chunk_rows)
