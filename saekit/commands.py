@@ -91,24 +91,24 @@ def cmd_train(a) -> int:
     return 0
 
 
-def _model_for(a, store_path):
-    """The model for downstream metrics: --model, else the one the store was captured from."""
+def _model_for(a, store):
+    """The model for downstream metrics: --model, else the one the (opened) store was captured from."""
     if a.no_ce:
         return None
-    from .activations import open_store
     from .models import load_model
 
-    return load_model(a.model or open_store(store_path).source_model(), device=a.device)
+    return load_model(a.model or store.source_model(), device=a.device)
 
 
 def cmd_eval(a) -> int:
+    from .activations import open_store
     from .files import atomic_write_json
     from .metrics import describe, evaluate
     from .sae import load_sae
 
     sae = load_sae(a.sae_dir)
-    model = _model_for(a, a.store)
-    m = evaluate(sae, model, a.store, n_tokens=a.tokens, ce_tokens=a.ce_tokens, mode=a.mode, hook=a.hook,
+    store = open_store(a.store)  # opened once: the model's name and the data come from it
+    m = evaluate(sae, _model_for(a, store), store, n_tokens=a.tokens, ce_tokens=a.ce_tokens, mode=a.mode, hook=a.hook,
                  progress=not a.json)
     m = {**m, "sae_dir": str(a.sae_dir), "store": str(a.store)}
     if a.out:
@@ -142,14 +142,15 @@ def cmd_compare(a) -> int:
 
 
 def cmd_sweep(a) -> int:
+    from .activations import open_store
     from .sweep import sweep
     from .train import as_source
 
     src = as_source(a.store, a.hook)
-    cfgs = _sae_cfgs(a, src)
-    _print_lrs(cfgs, _train_cfg(a))
-    model = _model_for(a, a.eval_store or a.store)
-    df = sweep(src, cfgs, _train_cfg(a), a.out, eval_data=a.eval_store or a.store, model=model,
+    cfgs, tc = _sae_cfgs(a, src), _train_cfg(a)
+    _print_lrs(cfgs, tc)
+    held = open_store(a.eval_store or a.store)
+    df = sweep(src, cfgs, tc, a.out, eval_data=held, model=_model_for(a, held),
                eval_tokens=a.eval_tokens, ce_tokens=a.ce_tokens, hook=cfgs[0].hook_name)
     print_table(df, ["name", "l0", "nmse", "fvu", "ce_recovered", "kl", "dead_fraction"])
     print(f"-> {a.out}/sweep.csv, sweep.parquet")
