@@ -47,8 +47,7 @@ def _dashboard(index, sae, model, lat: int) -> list:
     neigh = ", ".join(link(j, c) for j, c in index.neighbours(lat))
     fire = ", ".join(link(j, c) for j, c in index.coactivation_neighbours(lat))
     top = float(vals.max()) if len(vals) else None
-    groups = "".join(f"<h5>activation {g['range'][0]:.3f}-{g['range'][1]:.3f} &middot; {g['share']:.0%} of its "
-                     f"firings</h5>" + viz.examples_html(g["examples"], top) for g in index.quantile_groups(lat))
+    groups = viz.quantile_groups_html(index.quantile_groups(lat), top)
     head = (f"<h3 id='latent-{lat}'>Latent {lat} &mdash; fires on {index.density[lat]:.2%} of tokens, max activation "
             f"{top or 0:.3f}</h3><p>nearest by decoder cosine: {neigh or 'none'}<br>fires together with: "
             f"{fire or 'none'}</p><h4>Top activations</h4>" + viz.examples_html(index.top_examples(lat, 12))
@@ -59,7 +58,7 @@ def _dashboard(index, sae, model, lat: int) -> list:
 
 def _training_logs(dirs: dict[str, Path], saes: dict) -> tuple[dict, dict]:
     logs = {n: pd.read_csv(d / "train_log.csv") for n, d in dirs.items() if (d / "train_log.csv").exists()}
-    targets = {n: s.cfg.target_l0 or (s.cfg.k if s.has_k else None) for n, s in saes.items()}
+    targets = {n: s.l0_target for n, s in saes.items()}
     return logs, targets
 
 

@@ -266,6 +266,13 @@ def examples_html(examples: list[dict], max_activation: float | None = None) -> 
     return "\n".join(lines) or "<i>this latent never fired on the indexed tokens</i>"
 
 
+def quantile_groups_html(groups: list[dict], max_activation: float | None = None) -> str:
+    """FeatureIndex.quantile_groups as HTML: each group headed by its activation range and its share of the
+    latent's firings, then its examples shaded on one scale (the latent's top activation, where given)."""
+    return "".join(f"<h5>activation {g['range'][0]:.3f}–{g['range'][1]:.3f} &middot; {g['share']:.0%} of its "
+                   f"firings</h5>" + examples_html(g["examples"], max_activation) for g in groups)
+
+
 def token_shading_html(tokens, values, max_value: float | None = None) -> str:
     """A text with every token shaded by a value (e.g. one latent's activation); hovering a token shows it."""
     import html as _html
@@ -347,16 +354,20 @@ def cosine_histogram_figure(values: dict, title: str = "Each direction's largest
     return fig
 
 
-def training_curves_figure(logs: dict, targets: dict | None = None, title: str = "Training") -> go.Figure:
-    """The training monitor's panels from finished runs' train_log.csv: loss (log scale), NMSE, L0 (the target
-    dashed) and the dead fraction against training tokens. logs: {name: DataFrame}; targets: {name: L0 aimed at}."""
-    panels = [("loss", "loss (log scale)"), ("nmse", "NMSE of the batch"), ("l0", "L0 (dashed: the target)"),
-              ("dead_frac", "dead latents")]
-    fig = make_subplots(rows=1, cols=4, subplot_titles=[t for _, t in panels])
+TRAINING_PANELS = (("loss", "loss (log scale)"), ("nmse", "NMSE of the batch"), ("l0", "L0 (dashed: the target)"),
+                   ("dead_frac", "dead latents"))  # (train_log column, panel title)
+
+
+def training_curves_figure(logs: dict, targets: dict | None = None, title: str = "Training",
+                           height: int = 340) -> go.Figure:
+    """The training log's panels (TRAINING_PANELS) against training tokens, the loss on a log scale and the target
+    L0 dashed: for finished runs' train_log.csv, and (with no logs) the empty figure the live TrainingMonitor fills.
+    logs: {name: DataFrame}; targets: {name: L0 aimed at}."""
+    fig = make_subplots(rows=1, cols=4, subplot_titles=[t for _, t in TRAINING_PANELS])
     for name, log in logs.items():
         arch = next((a for a in ARCHITECTURES if name.lower().startswith(a)), None)
         color = arch_color(arch)
-        for c, (key, _) in enumerate(panels, start=1):
+        for c, (key, _) in enumerate(TRAINING_PANELS, start=1):
             if key in log:
                 fig.add_trace(go.Scatter(x=log["tokens"], y=log[key], mode="lines", name=name, legendgroup=name,
                                          showlegend=(c == 1), line=dict(color=color)), row=1, col=c)
@@ -366,5 +377,5 @@ def training_curves_figure(logs: dict, targets: dict | None = None, title: str =
     fig.update_yaxes(type="log", row=1, col=1)
     fig.update_yaxes(title_text="active latents per token", row=1, col=3)
     fig.update_yaxes(title_text="fraction of latents", row=1, col=4)
-    fig.update_layout(title=title, template="plotly_white", height=340)
+    fig.update_layout(title=title, template="plotly_white", height=height, showlegend=True)
     return fig

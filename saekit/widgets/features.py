@@ -130,9 +130,8 @@ class FeatureExplorer(Responsive):
         self.info.value = (f"<h3>Latent {lat}{group}</h3>fires on <b>{dens:.3%}</b> of {self.index.n_tokens:,} tokens; "
                            f"max activation {vals.max() if len(vals) else 0:.3f}<br>nearest by decoder cosine: {neigh}")
         top_value = vals.max() if len(vals) else None
-        groups = "".join(f"<h5>activation {g['range'][0]:.3f}–{g['range'][1]:.3f} &middot; {g['share']:.0%} of its "
-                         f"firings</h5>" + viz.examples_html(g["examples"], top_value)
-                         for g in self.index.quantile_groups(lat, window=self.before.value, after=self.after.value))
+        groups = viz.quantile_groups_html(
+            self.index.quantile_groups(lat, window=self.before.value, after=self.after.value), top_value)
         self.examples.value = ("<h4>Top activations</h4>" + viz.examples_html(
             self.index.top_examples(lat, 20, window=self.before.value, after=self.after.value))
                                + "<h4>Across its range (quantile groups)</h4>" + groups)
