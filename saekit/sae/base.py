@@ -349,6 +349,11 @@ class SAE(torch.nn.Module):
         self.W_dec.data.div_(torch.linalg.vector_norm(self.W_dec.data, dim=-1, keepdim=True).clamp_min(1e-12))
 
     # -- files --------------------------------------------------------------------------------
+    @property
+    def l0_target(self) -> float | None:
+        """The L0 this SAE aims at: JumpReLU's target, else k where the architecture has one (None: neither)."""
+        return self.cfg.target_l0 or (self.cfg.k if self.has_k else None)
+
     def inference_threshold(self) -> torch.Tensor | None:
         """Per-latent (or one global) threshold used at inference (JumpReLU-style), or None."""
         return None

@@ -41,20 +41,11 @@ class FrontierExplorer(Responsive):
 class TrainingMonitor:
     """Live training curves (loss, NMSE, L0, dead fraction) for `train(..., callback=monitor)`."""
 
-    PANELS = ("loss", "nmse", "l0", "dead_frac")
+    PANELS = tuple(key for key, _ in viz.TRAINING_PANELS)
 
     def __init__(self, names: list[str] | None = None, every: int = 5):
-        from plotly.subplots import make_subplots
-
         self.every = every
-        fig = make_subplots(rows=1, cols=4, subplot_titles=["loss (log scale)", "NMSE of the batch",
-                                                             "L0 (dashed: the target)", "dead latents"])
-        fig.update_layout(template="plotly_white", height=320, title="training", showlegend=True)
-        fig.update_xaxes(title_text="training tokens")
-        fig.update_yaxes(type="log", row=1, col=1)
-        fig.update_yaxes(title_text="active latents per token", row=1, col=3)
-        fig.update_yaxes(title_text="fraction of latents", row=1, col=4)
-        self.figure = go.FigureWidget(fig)
+        self.figure = go.FigureWidget(viz.training_curves_figure({}, title="training", height=320))
         self.names = names
         self.widget = self.figure
 
@@ -68,9 +59,8 @@ class TrainingMonitor:
                     self.figure.add_scatter(x=[], y=[], mode="lines", name=name, legendgroup=name,
                                             showlegend=(p == 1), line=dict(color=trainer.saes[i].color), row=1, col=p)
                 sae = trainer.saes[i]
-                target = sae.cfg.target_l0 or (sae.cfg.k if sae.has_k else None)
-                if target:  # the L0 the architecture aims at, for the eye
-                    self.figure.add_hline(y=target, line_dash="dash", line_color=sae.color, row=1, col=3)
+                if sae.l0_target:  # the L0 the architecture aims at, for the eye
+                    self.figure.add_hline(y=sae.l0_target, line_dash="dash", line_color=sae.color, row=1, col=3)
         with self.figure.batch_update():
             for i, s in enumerate(stats):
                 for p, key in enumerate(self.PANELS):
