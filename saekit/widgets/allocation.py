@@ -110,7 +110,6 @@ class AllocationExplorer(Responsive):
 
     def select_token(self, position: int):
         """The token's active latents (analysis.token_latents) as a table and as buttons that open each latent."""
-        self.table()
         t = analysis.token_latents(self.sae, self._z[position])
         fx = self.feature_explorers.get(self.sae_choice.value)
         self.token_info.value = (f"<b>{self._tokens[position]!r}</b> (position {position}): {len(t)} active latents"
