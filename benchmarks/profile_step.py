@@ -1,7 +1,9 @@
 """Where a training step's time goes: torch.profiler over saekit's BatchTopK step (the Trainer's, AuxK on) at the
-CPU benchmark shape, grouped into the step's parts, as shares of the step.
+CPU benchmark shape, grouped into the step's parts, as shares of the step. On a GPU (`--device cuda`) each part is
+timed by CUDA events recorded around it in stream order (GPU time, no synchronisation inside the step).
 
     python benchmarks/profile_step.py [--store DIR --hook H] [--steps 20] [--dead 0.05]
+    python benchmarks/profile_step.py --device cuda --d 768 --d-sae 24576 --batch 4096   # the paper's size
 
 The data are a store's activations (or random rows); `--dead` marks that fraction of latents dead, as early in
 training, so that AuxK runs (0: no dead latent, AuxK skipped). Writes the table to stdout.
@@ -9,6 +11,7 @@ training, so that AuxK runs (0: no dead latent, AuxK skipped). Writes the table 
 from __future__ import annotations
 
 import argparse
+import contextlib
 from collections import defaultdict
 
 import torch
@@ -21,7 +24,29 @@ PARTS = ["normalize", "encode (dense, no grad)", "select", "sparse encode backwa
          "loss + backward (rest)", "decoder constraint", "clip", "Adam", "dead latents + theta", "logging"]
 
 
-def instrumented_step(tr: Trainer, x: torch.Tensor):
+class CudaParts:
+    """record_function's stand-in on a GPU: CUDA events around each part, read once the step's work is done."""
+
+    def __init__(self):
+        self.events = []
+
+    @contextlib.contextmanager
+    def __call__(self, name):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        yield
+        end.record()
+        self.events.append((name, start, end))
+
+    def totals(self, n_steps: int) -> dict:
+        torch.cuda.synchronize()
+        out = defaultdict(float)
+        for name, start, end in self.events:
+            out[name] += start.elapsed_time(end) / n_steps
+        return out
+
+
+def instrumented_step(tr: Trainer, x: torch.Tensor, record_function=record_function):
     """Trainer.train_step's work for one SAE, each part under a profiler label (same calls, same order)."""
     from saekit.sae.kernels import SparseCode, SparseEncode, sparse_decode
 
@@ -51,7 +76,7 @@ def instrumented_step(tr: Trainer, x: torch.Tensor):
         opt.step()
         sae.normalize_decoder()
     with record_function("dead latents + theta"), torch.no_grad():
-        fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
+        fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=x.device)
         fired[code.cols] = True
         sae.update_dead(fired, x.shape[0])
 
@@ -64,17 +89,20 @@ def main():
     ap.add_argument("--dead", type=float, default=0.05, help="fraction of latents marked dead (AuxK runs)")
     ap.add_argument("--d-sae", type=int, default=4608)
     ap.add_argument("--batch", type=int, default=1024)
+    ap.add_argument("--d", type=int, default=576, help="input width of the random rows (without --store)")
+    ap.add_argument("--device", default="cpu")
     a = ap.parse_args()
+    dev = torch.device(a.device)
     if a.store:
         from saekit.activations import ActivationStore
 
         x_all = ActivationStore(a.store, a.hook).rows(0, (a.steps + 2) * a.batch, a.hook).float()
     else:
-        x_all = torch.randn((a.steps + 2) * a.batch, 576)
+        x_all = torch.randn((a.steps + 2) * a.batch, a.d)
     d = x_all.shape[1]
-    batches = x_all.split(a.batch)
+    batches = x_all.to(dev).split(a.batch)
     tr = Trainer([SAEConfig(arch="batchtopk", d_in=d, d_sae=a.d_sae, k=32, dead_tokens=5 * a.batch)],
-                 TrainConfig(total_tokens=10**9, batch_size=a.batch, warmup_steps=0, progress=False))
+                 TrainConfig(total_tokens=10**9, batch_size=a.batch, warmup_steps=0, progress=False, device=str(dev)))
     tr.initialise(torch.cat(batches[:2]))
     sae = tr.saes[0]
     n_dead = int(a.dead * a.d_sae)
@@ -82,24 +110,35 @@ def main():
         tr.train_step(batches[i])
     sae.tokens_since_fired[:n_dead] = 10 * sae.cfg.dead_tokens  # dead, as early in training
     hold = sae.tokens_since_fired.clone()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    if dev.type == "cuda":
+        parts = CudaParts()
         for x in batches[2:a.steps + 2]:
-            with record_function("step"):
-                instrumented_step(tr, x)
-            sae.tokens_since_fired.copy_(hold)  # the same dead set every step
-    totals = defaultdict(float)
-    for ev in prof.key_averages():
-        if ev.key in PARTS or ev.key == "step":
-            totals[ev.key] = ev.cpu_time_total / 1e3 / a.steps
+            with parts("step"):
+                instrumented_step(tr, x, parts)
+            sae.tokens_since_fired.copy_(hold)
+        totals, prof = parts.totals(a.steps), None
+    else:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for x in batches[2:a.steps + 2]:
+                with record_function("step"):
+                    instrumented_step(tr, x)
+                sae.tokens_since_fired.copy_(hold)  # the same dead set every step
+        totals = defaultdict(float)
+        for ev in prof.key_averages():
+            if ev.key in PARTS or ev.key == "step":
+                totals[ev.key] = ev.cpu_time_total / 1e3 / a.steps
     # autograd runs a part's backward outside its label: it lands in "loss + backward (rest)"
     step = totals["step"]
     print(f"saekit BatchTopK step, d={d}, d_sae={a.d_sae}, batch {a.batch}, k=32, {n_dead} dead latents "
-          f"({a.dead:.0%}), {torch.get_num_threads()} threads, torch {torch.__version__}; mean over {a.steps} steps")
+          f"({a.dead:.0%}), {torch.cuda.get_device_name() if prof is None else f'{torch.get_num_threads()} threads'}, "
+          f"torch {torch.__version__}; mean over {a.steps} steps")
     print(f"{'part':<28}{'ms/step':>9}{'share':>8}")
     for p in PARTS:
         if p in totals:
             print(f"{p:<28}{totals[p]:>9.2f}{totals[p] / step:>8.1%}")
     print(f"{'step (all)':<28}{step:>9.2f}{1:>8.0%}")
+    if prof is None:
+        return
     print("\nTop operators (self CPU time):")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=40))
 
