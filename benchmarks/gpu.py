@@ -110,7 +110,7 @@ def fast_vs_reference(run: Run, dev: torch.device, d: int, f: int, B: int):
             o2.loss.backward()
             worst = max(_rel(p2.grad.float(), p1.grad.float()) for p1, p2 in zip(ref.parameters(), fast.parameters())
                         if p1.grad is not None)
-            loss_rel = abs(float(o1.loss) - float(o2.loss)) / abs(float(o1.loss))
+            loss_rel = abs(float(o1.loss.detach()) - float(o2.loss.detach())) / abs(float(o1.loss.detach()))
             tol = 2e-2 if amp else 1e-4
             run.check("correctness", f"{arch} fast vs reference ({'bf16 autocast' if amp else 'fp32'})",
                       loss_rel < tol and worst < tol * 5 and o2.path == "sparse", f"loss {loss_rel:.1e}, grads {worst:.1e}",
@@ -202,6 +202,19 @@ def train_step(run: Run, dev: torch.device, dry: bool):
             sync(dev)
             times[name].append((time.perf_counter() - t) / steps * 1e3)
     torch.backends.cuda.matmul.allow_tf32 = False
+    if dev.type == "cuda":  # each read-back stalls the host until the device is done: count them in one step
+        import warnings
+
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                runners["saekit fp32"](0)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        syncs = [str(w.message).splitlines()[0][:60] for w in caught if "synchroniz" in str(w.message)]
+        run.data["host_syncs_per_step"] = syncs
+        run.row("train step", "saekit fp32: host syncs in one step", str(len(syncs)), "; ".join(sorted(set(syncs)))[:120])
     base = statistics.median(times["plain fp32"])
     run.data["train_step"] = {"shape": s, "ms_per_step": times}
     for name in runners:

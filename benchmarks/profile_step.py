@@ -48,22 +48,23 @@ class CudaParts:
 
 def instrumented_step(tr: Trainer, x: torch.Tensor, record_function=record_function):
     """Trainer.train_step's work for one SAE, each part under a profiler label (same calls, same order)."""
-    from saekit.sae.kernels import SparseCode, SparseEncode, sparse_decode
+    from saekit.sae.kernels import CodeIndex, sparse_decode, sparse_encode
 
     sae, opt = tr.saes[0], tr.opts[0]
     with record_function("normalize"):
         xs, _ = sae.normalize_input(x)
+    with record_function("AuxK"):
+        dead = sae._aux_dead()
     with record_function("encode (dense, no grad)"), torch.no_grad():
         a = sae.pre_acts(xs)
     with record_function("select"), torch.no_grad():
         sel = sae.select(a, "train")
     with record_function("decode"):
-        vals = SparseEncode.apply(xs, sae.W_enc, sae.b_enc, sae.b_dec, sel.rows, sel.cols, a[sel.rows, sel.cols])
-        code = SparseCode(sel.rows, sel.cols, vals, (xs.shape[0], sae.cfg.d_sae))
+        code = sparse_encode(xs, sae.W_enc, sae.b_enc, sae.b_dec,
+                             CodeIndex(sel.rows, sel.cols, xs.shape[0], sae.cfg.d_sae, rows_sorted=True), a)
         x_hat = sparse_decode(code, sae.W_dec) + sae.b_dec
         mse = (x_hat - xs).pow(2).mean()
     with record_function("AuxK"):
-        dead = sae._aux_dead()
         aux = (sae.aux_reconstruction(xs, dead) - (xs - x_hat).detach()).pow(2).mean() if dead is not None else 0
     with record_function("loss + backward (rest)"):
         opt.zero_grad(set_to_none=True)
@@ -81,6 +82,34 @@ def instrumented_step(tr: Trainer, x: torch.Tensor, record_function=record_funct
         sae.update_dead(fired, x.shape[0])
 
 
+def host_or_device(tr: Trainer, batches):
+    """On a GPU: is the real Trainer step bound by the device or by the host? Its wall time against the time the
+    GPU spends in kernels, the kernel launches per step, and the operators by GPU time."""
+    import time
+
+    for x in batches[:3]:
+        tr.train_step(x)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for x in batches:
+        tr.train_step(x)
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t) / len(batches) * 1e3
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for x in batches:
+            tr.train_step(x)
+        torch.cuda.synchronize()
+    avg = prof.key_averages()
+    # kernels' time as the operators that launched them own it (the table's "Self CUDA time total")
+    busy = sum(ev.self_device_time_total for ev in avg if ev.device_type == torch.autograd.DeviceType.CPU)
+    busy = busy / 1e3 / len(batches)
+    launches = sum(ev.count for ev in avg if "LaunchKernel" in ev.key) / len(batches)
+    syncs = sum(ev.count for ev in avg if ev.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize")) / len(batches)
+    print(f"\nTrainer.train_step: {wall:.2f} ms wall per step, GPU busy {busy:.2f} ms ({busy / wall:.0%}), "
+          f"{launches:.0f} kernel launches and {syncs:.1f} host syncs per step")
+    print(avg.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=50))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--store", default=None)
@@ -91,8 +120,10 @@ def main():
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--d", type=int, default=576, help="input width of the random rows (without --store)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--tf32", action="store_true", help="TF32 matrix products on a GPU")
     a = ap.parse_args()
     dev = torch.device(a.device)
+    torch.backends.cuda.matmul.allow_tf32 = a.tf32
     if a.store:
         from saekit.activations import ActivationStore
 
@@ -138,6 +169,7 @@ def main():
             print(f"{p:<28}{totals[p]:>9.2f}{totals[p] / step:>8.1%}")
     print(f"{'step (all)':<28}{step:>9.2f}{1:>8.0%}")
     if prof is None:
+        host_or_device(tr, batches[2:a.steps + 2])
         return
     print("\nTop operators (self CPU time):")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=40))

@@ -24,6 +24,7 @@ the gloo backend on CPU). Checkpoints and outputs are written once, by rank 0; e
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
 import sys
 
@@ -177,7 +178,11 @@ def wrap_ddp(saes, fast: bool, device: torch.device) -> list:
     ids = [device.index] if device.type == "cuda" else None
     for sae in saes:
         sae.distributed = True
-    return [DistributedDataParallel(LossModule(s, fast), device_ids=ids, forward_sync_buffers=False) for s in saes]
+    # buffers (dead-latent counters, theta) are each rank's own: never broadcast on forward (the keyword's name
+    # changed in torch 2.12; a GPU machine may carry an older torch than the pinned one)
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+    return [DistributedDataParallel(LossModule(s, fast), device_ids=ids, **no_sync) for s in saes]
 
 
 class LossModule(torch.nn.Module):

@@ -180,6 +180,45 @@ def test_sparse_decode_equals_dense_product():
     torch.testing.assert_close(code.dense(), z)
 
 
+@pytest.mark.parametrize("shuffled", [False, True])  # row-major entries (a selection's) and any order
+def test_sparse_decode_gradients_equal_the_dense_products(shuffled):
+    torch.manual_seed(0)
+    z = torch.relu(torch.randn(7, 40) - 1.0)
+    z[2] = 0  # a token with no active latent
+    z[:, 5] = 0  # a latent that no token uses
+    r, c = z.nonzero(as_tuple=True)
+    if shuffled:
+        perm = torch.randperm(r.numel())
+        r, c = r[perm], c[perm]
+    W1 = torch.randn(40, 8, requires_grad=True)
+    W2 = W1.detach().clone().requires_grad_(True)
+    vals = z[r, c].clone().requires_grad_(True)
+    zd = z.clone().requires_grad_(True)
+    g = torch.randn(7, 8)
+    (sparse_decode(SparseCode(r, c, vals, z.shape), W1) * g).sum().backward()
+    (zd @ W2 * g).sum().backward()
+    torch.testing.assert_close(W1.grad, W2.grad)
+    torch.testing.assert_close(vals.grad, zd.grad[r, c])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_selection_is_row_major(arch):
+    """The sparse kernels group a selection's entries by row without sorting them: every select keeps rows in
+    order (BatchTopK's batch top-k comes out of topk in no order and is sorted)."""
+    torch.manual_seed(0)
+    sae = make_sae(arch=arch, d_in=16, d_sae=64, k=4, target_l0=4.0)
+    with torch.no_grad():
+        a = sae.pre_acts(torch.randn(40, 16))
+    modes = ("train", "batch") if sae.has_theta else (None,)
+    for mode in modes:
+        sel = sae.select(a, mode)
+        assert sel.rows.numel() > 0 and bool((sel.rows[1:] >= sel.rows[:-1]).all()), mode
+    if sae.has_theta:
+        sae.set_threshold(float(a.flatten().topk(160).values.min()))
+        sel = sae.select(a, "threshold")
+        assert bool((sel.rows[1:] >= sel.rows[:-1]).all())
+
+
 def test_decoder_rows_stay_unit_norm(trained):
     for sae in trained.values():
         norms = sae.W_dec.norm(dim=-1)
@@ -318,7 +357,8 @@ def test_candidate_batch_topk_is_exact():
     a = torch.relu(torch.randn(64, 300))
     n = 64 * 5
     ref_vals, ref_idx = a.reshape(-1).topk(n)
-    for hint in (0.0, 0.5, 1.0, 2.5, 50.0):  # 2.5 and 50 leave fewer than n candidates: full top-k fallback
+    # 2.5 and 50 leave fewer than n candidates: full top-k fallback; a tensor hint stays on the device
+    for hint in (0.0, 0.5, 1.0, 2.5, 50.0, torch.tensor(0.0), torch.tensor(1.0), torch.tensor(50.0)):
         vals, idx = batch_topk(a, n, hint)
         assert set(idx.tolist()) == set(ref_idx.tolist()), hint
         torch.testing.assert_close(vals.sort().values, ref_vals.sort().values)

@@ -11,8 +11,9 @@ import torch
 from .. import distributed as D
 from .base import SAE, TrainOutput
 from .config import ARCHITECTURES, SAEConfig, SAEConfigError, architecture, register, resolve_group_sizes
-from .kernels import (JumpReLUFunction, Selection, SparseCode, SparseEncode, StepFunction, ThresholdPseudoGrad,
-                      batch_topk, positive_entries, rectangle, row_topk, sparse_decode, threshold_window)
+from .kernels import (CodeIndex, JumpReLUFunction, Selection, SparseCode, StepFunction, ThresholdPseudoGrad,
+                      batch_topk, positive_entries, rectangle, row_topk, sparse_decode, sparse_encode,
+                      threshold_window)
 
 
 @register
@@ -45,24 +46,25 @@ class BatchTopKSAE(SAE):
             return Selection(rows, cols)
         if mode not in ("batch", "train"):
             raise SAEConfigError(f"unknown BatchTopK mode '{mode}'; use 'threshold' or 'batch'")
-        hint = float(self.threshold) * self.candidate_factor if self.has_threshold else 0.0
+        # theta read back to the host: one wait, but the compare against a Python number runs vectorised on a GPU,
+        # which made the step 3-4% faster than a device-tensor hint with no wait (benchmarks/step_variants.py,
+        # benchmarks/results/step_variants_gpu.txt). theta is 0 until set: no hint then, the full top-k
+        hint = float(self.threshold) * self.candidate_factor
         if mode == "train" and self.distributed:  # over the global batch of every rank
             flat, vals, cut = D.global_batch_topk(a, self.cfg.k, hint, batch_topk)
+            flat = flat.sort().values  # row-major, as every Selection
             return Selection(flat // a.shape[1], flat % a.shape[1], cut)
-        vals, flat = batch_topk(a, min(a.shape[0] * self.cfg.k, a.numel()), hint)
+        vals, flat = batch_topk(a, min(a.shape[0] * self.cfg.k, a.numel()), hint, positive=True)
         return positive_entries(vals, flat, a.shape[1])
 
     @torch.no_grad()
     def after_step(self, out: TrainOutput) -> dict:
         """theta: a running mean of the training selections' cuts (the smallest activation kept)."""
-        if out.cut is not None:
-            if not self.has_threshold:
-                self.threshold.copy_(out.cut)
-            else:
-                beta = min(self.cfg.threshold_beta, 1 - 1 / (int(self.threshold_updates) + 1))
-                self.threshold.mul_(beta).add_((1 - beta) * out.cut)
+        if out.cut is not None:  # on the device: beta = min(threshold_beta, 1 - 1/(n+1)), 0 at the first cut
+            beta = (1 - 1 / (self.threshold_updates + 1)).clamp(max=self.cfg.threshold_beta).to(self.threshold.dtype)
+            self.threshold.mul_(beta).add_((1 - beta) * out.cut)
             self.threshold_updates += 1
-        return {"theta": float(self.threshold)}
+        return {"theta": self.threshold.clone()}
 
     def inference_threshold(self):
         return self.threshold.detach()
@@ -204,8 +206,10 @@ class JumpReLUSAE(SAE):
         if not self.sparse_pays(rows.numel() + wr.numel(), xs.shape[0]):
             return self.reference_loss(x)
         theta = self.log_threshold.exp()
-        vals = SparseEncode.apply(xs, self.W_enc, self.b_enc, self.b_dec, rows, cols, a[rows, cols])
+        vals = sparse_encode(xs, self.W_enc, self.b_enc, self.b_dec,
+                             CodeIndex(rows, cols, xs.shape[0], self.cfg.d_sae, rows_sorted=True), a).vals
         zeros = ThresholdPseudoGrad.apply(theta, wc, bw, True)  # carry dL/dz of the window entries to theta
+        # the code and the window entries, each row-major but not together: sparse_decode indexes them by row
         code = SparseCode(torch.cat([rows, wr]), torch.cat([cols, wc]), torch.cat([vals, zeros.to(vals.dtype)]),
                           (xs.shape[0], self.cfg.d_sae))
         x_hat = sparse_decode(code, self.W_dec) + self.b_dec
@@ -294,10 +298,10 @@ class ReLUSAE(SAE):
             rows, cols = (a > 0).nonzero(as_tuple=True)
         if not self.sparse_pays(rows.numel(), xs.shape[0]):
             return self.reference_loss(x)
-        vals = SparseEncode.apply(xs, self.W_enc, self.b_enc, self.b_dec, rows, cols, a[rows, cols])
-        code = SparseCode(rows, cols, vals, (xs.shape[0], self.cfg.d_sae))
+        code = sparse_encode(xs, self.W_enc, self.b_enc, self.b_dec,
+                             CodeIndex(rows, cols, xs.shape[0], self.cfg.d_sae, rows_sorted=True), a)
         x_hat = sparse_decode(code, self.W_dec) + self.b_dec
-        l1 = (vals * self.W_dec.norm(dim=-1)[cols]).sum() / xs.shape[0]
+        l1 = (code.vals * self.W_dec.norm(dim=-1)[cols]).sum() / xs.shape[0]
         return self._finish(xs, x_hat, self.recon_loss(xs, x_hat, code), self.cfg.l1_coeff * l1 / self.cfg.d_in, None,
                             *self._sparse_stats(rows, cols, xs.shape[0]), None, "sparse")
 
@@ -341,8 +345,7 @@ class MatryoshkaSAE(BatchTopKSAE):
         lo, partial, losses = 0, self.b_dec.expand_as(xs), []
         for hi in self.widths[:-1]:
             if isinstance(code, SparseCode):
-                m = (code.cols >= lo) & (code.cols < hi)
-                part = sparse_decode(SparseCode(code.rows[m], code.cols[m], code.vals[m], code.shape), self.W_dec)
+                part = sparse_decode(code.restrict((code.cols >= lo) & (code.cols < hi)), self.W_dec)
             else:
                 part = code[:, lo:hi] @ self.W_dec[lo:hi]
             partial = partial + part

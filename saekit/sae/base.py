@@ -16,7 +16,7 @@ from safetensors.torch import save as safetensors_bytes
 from ..files import atomic_write_bytes, atomic_write_json
 from . import formats
 from .config import SAEConfig, SAEConfigError
-from .kernels import Selection, SparseCode, SparseEncode, sparse_decode
+from .kernels import CodeIndex, Selection, SparseCode, sparse_decode, sparse_encode
 
 
 # Where the sparse path stops paying (see SAE.sparse_pays), measured by benchmarks/crossover.py on the 2-core CPU
@@ -160,7 +160,9 @@ class SAE(torch.nn.Module):
     # -- the shared encoder/decoder -----------------------------------------------------------
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         """relu((x - b_dec) W_enc + b_enc) for x already normalised. [batch, d_sae]"""
-        return torch.mm(x - self.b_dec, self.W_enc).add_(self.b_enc).relu_()  # in place: no [batch, d_sae] copies
+        # the bias inside the product (cuBLAS adds it in the GEMM's epilogue on a GPU: one pass less over
+        # [batch, d_sae]), relu in place: no [batch, d_sae] copies
+        return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc).relu_()
 
     def select(self, a: torch.Tensor, mode: str | None = None) -> Selection:
         """The active entries of pre-activations a [batch, d_sae] in code `mode` ("train" in training)."""
@@ -208,11 +210,13 @@ class SAE(torch.nn.Module):
     aux_due = True  # the trainer sets it each step: AuxK runs on one step in cfg.aux_every
 
     def _aux_dead(self) -> torch.Tensor | None:
-        """The dead-latent mask when AuxK has work this step (it is due, and some latent is dead), else None."""
+        """The dead latents' indices when AuxK has work this step (it is due, and some latent is dead), else None.
+        Their number is read back from the device: the paths ask before queueing the step's encode, while the
+        device has little left to do."""
         if not self.uses_auxk or self.cfg.aux_alpha <= 0 or not self.aux_due:
             return None
-        dead = self.dead_mask()
-        return dead if bool(dead.any()) else None
+        dead = self.dead_mask().nonzero().squeeze(1)
+        return dead if dead.numel() else None
 
     def _finish(self, xs, x_hat, mse, sparsity, aux, fired, l0, cut, path="reference") -> TrainOutput:
         loss = mse + sparsity + (self.cfg.aux_alpha * self.cfg.aux_every * aux if aux is not None else 0)
@@ -223,12 +227,12 @@ class SAE(torch.nn.Module):
     def reference_loss(self, x: torch.Tensor) -> TrainOutput:
         """The loss with dense matrices throughout: the definition the fast path is tested against."""
         xs, _ = self.normalize_input(self._check_input(x))
+        dead = self._aux_dead()
         a = self.pre_acts(xs)
         z, cut = self.train_code(a)
         x_hat = z @ self.W_dec + self.b_dec
         active = z != 0
         aux = None
-        dead = self._aux_dead()
         if dead is not None:  # AuxK: each row's k_aux largest dead pre-activations reconstruct the residual
             sel = self.aux_select(a.detach(), dead)
             e_hat = SparseCode(sel.rows, sel.cols, a[sel.rows, sel.cols], a.shape).dense() @ self.W_dec
@@ -256,14 +260,15 @@ class SAE(torch.nn.Module):
         if not self.has_fast_path or not self.sparse_pays(x.shape[0] * self.cfg.k, x.shape[0]):
             return self.reference_loss(x)
         xs, _ = self.normalize_input(self._check_input(x))
+        dead = self._aux_dead()
         with torch.no_grad():
             a = self.pre_acts(xs)
             sel = self.select(a, "train")
-        vals = SparseEncode.apply(xs, self.W_enc, self.b_enc, self.b_dec, sel.rows, sel.cols, a[sel.rows, sel.cols])
-        code = SparseCode(sel.rows, sel.cols, vals, (xs.shape[0], self.cfg.d_sae))
+        # one index of the selection (row-major already) serves the encoder's and the decoder's products
+        code = sparse_encode(xs, self.W_enc, self.b_enc, self.b_dec,
+                             CodeIndex(sel.rows, sel.cols, xs.shape[0], self.cfg.d_sae, rows_sorted=True), a)
         x_hat = sparse_decode(code, self.W_dec) + self.b_dec
         aux = None
-        dead = self._aux_dead()
         if dead is not None:
             aux = (self.aux_reconstruction(xs, dead) - (xs - x_hat).detach()).pow(2).mean()
         return self._finish(xs, x_hat, self.recon_loss(xs, x_hat, code), xs.new_zeros(()), aux,
@@ -271,9 +276,10 @@ class SAE(torch.nn.Module):
 
     def _sparse_stats(self, rows: torch.Tensor, cols: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A sparse path's (fired [d_sae] bool, l0 [batch]) from its active entries."""
-        fired = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=rows.device)
-        fired[cols] = True
-        return fired, torch.bincount(rows, minlength=batch)
+        # index_fill_, not fired[cols] = True: on a GPU the assignment copies its True from the host and waits
+        fired = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=rows.device).index_fill_(0, cols, True)
+        # a count by index_add: bincount reads the largest index back from the device first
+        return fired, torch.zeros(batch, dtype=torch.long, device=rows.device).index_add_(0, rows, torch.ones_like(rows))
 
     def train_code(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The reference path's differentiable code from pre-activations, and the selection's cut."""
@@ -289,14 +295,14 @@ class SAE(torch.nn.Module):
         return (x_hat - xs).pow(2).mean()
 
     # -- AuxK: one implementation per path ----------------------------------------------------
-    def aux_reconstruction(self, xs: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+    def aux_reconstruction(self, xs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Fast path's AuxK reconstruction from the dead latents alone, with dense matmuls over just their
         columns (B x n_dead x d_in each way: small while few latents are dead): their pre-activations again,
         each row's k_aux largest positive ones kept, decoded. The same values and gradients as the reference
         path's `aux_select` on the full pre-activations, at a fraction of the cost of routing B * k_aux more
         entries through the sparse encoder's backward (measured on 2 CPU cores at d_in=576, d_sae=4608,
-        B=1024 with ~170 dead latents: AuxK's share of a step fell from ~25-30 ms to ~15 ms)."""
-        idx = dead.nonzero().squeeze(1)
+        B=1024 with ~170 dead latents: AuxK's share of a step fell from ~25-30 ms to ~15 ms). idx: the dead
+        latents (`_aux_dead`)."""
         # the dead latents as rows of W_enc_t: their gradient comes in the parameter's own layout and adds into the
         # sparse path's in place (indexing W_enc[:, idx] cost a transposing copy a step)
         a = torch.mm(xs - self.b_dec, self.W_enc_t[idx].t()).add_(self.b_enc[idx]).relu_()
@@ -305,9 +311,9 @@ class SAE(torch.nn.Module):
             a = torch.zeros_like(a).scatter(-1, pos, vals)
         return a @ self.W_dec[idx]
 
-    def aux_select(self, a: torch.Tensor, dead: torch.Tensor) -> Selection:
-        """Reference path's AuxK: the k_aux largest pre-activations of dead latents in each row (positive ones)."""
-        dead_idx = dead.nonzero().squeeze(1)
+    def aux_select(self, a: torch.Tensor, dead_idx: torch.Tensor) -> Selection:
+        """Reference path's AuxK: the k_aux largest pre-activations of dead latents (their indices) in each row
+        (positive ones)."""
         vals, idx = a[:, dead_idx].topk(min(self.cfg.k_aux, dead_idx.numel()), dim=-1, sorted=False)
         rows = torch.arange(a.shape[0], device=a.device).repeat_interleave(idx.shape[1])
         keep = vals.reshape(-1) > 0
@@ -328,7 +334,7 @@ class SAE(torch.nn.Module):
     @torch.no_grad()
     def update_dead(self, fired: torch.Tensor, n_tokens: int) -> None:
         self.tokens_since_fired += n_tokens
-        self.tokens_since_fired[fired] = 0
+        self.tokens_since_fired.masked_fill_(fired, 0)  # not [fired] = 0: a mask index reads its size back
 
     @torch.no_grad()
     def after_step(self, out: TrainOutput) -> dict:

@@ -10,24 +10,80 @@ import torch.nn.functional as F
 
 class Selection(NamedTuple):
     """What an architecture's `select` keeps of pre-activations a [batch, d_sae]: the active entries'
-    rows (token) and cols (latent), and, where it cuts by value over the batch (BatchTopK in training),
-    `cut`: the smallest kept value (a 0-dim tensor; None otherwise). BatchTopK's theta is the mean cut."""
+    rows (token) and cols (latent), in row-major order (rows non-decreasing: every selection is made so, and the
+    sparse kernels group a code's entries by row without sorting them), and, where it cuts by value over the
+    batch (BatchTopK in training), `cut`: the smallest kept value (a 0-dim tensor; None otherwise). BatchTopK's
+    theta is the mean cut."""
     rows: torch.Tensor
     cols: torch.Tensor
     cut: torch.Tensor | None = None
 
 
+class CodeIndex:
+    """The layout of a sparse code's entries (rows, cols) that the sparse kernels share: the entries grouped by
+    row (row offsets; a permutation only where the entries were not in row-major order already) and, made once
+    when first needed, grouped by latent (a stable order and latent offsets). One code's forward decode, its
+    encoder and decoder gradients all read the same index, so a training step sorts its entries at most twice
+    (once by row where needed, once by latent) instead of once per product."""
+
+    def __init__(self, rows: torch.Tensor, cols: torch.Tensor, n_rows: int, n_cols: int, rows_sorted: bool = False):
+        self.n_rows, self.n_cols = n_rows, n_cols
+        self.perm = None if rows_sorted else torch.argsort(rows, stable=True)
+        self.rows = rows if rows_sorted else rows[self.perm]
+        self.cols = cols if rows_sorted else cols[self.perm]
+        self.row_offsets = torch.searchsorted(self.rows, torch.arange(n_rows, device=rows.device))
+        self._by_col = None
+
+    def by_row(self, v: torch.Tensor) -> torch.Tensor:
+        """Per-entry values in the index's row order."""
+        return v if self.perm is None else v[self.perm]
+
+    def from_row(self, v: torch.Tensor) -> torch.Tensor:
+        """Per-entry values in row order back in the entries' own order."""
+        if self.perm is None:
+            return v
+        out = torch.empty_like(v)
+        out[self.perm] = v
+        return out
+
+    def by_col(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(order: row-order positions sorted by latent, the entries' rows in that order, latent offsets)."""
+        if self._by_col is None:
+            order = torch.argsort(self.cols, stable=True)
+            offsets = torch.searchsorted(self.cols[order], torch.arange(self.n_cols, device=self.cols.device))
+            self._by_col = (order, self.rows[order], offsets)
+        return self._by_col
+
+    def row_sum(self, w: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """out[r] = sum over entries e of row r of w[e] * table[cols[e]]: [n_rows, table width]."""
+        return F.embedding_bag(self.cols, table, self.row_offsets, mode="sum",
+                               per_sample_weights=self.by_row(w).to(table.dtype))
+
+    def col_sum(self, w: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """out[c] = sum over entries e of latent c of w[e] * table[rows[e]]: [n_cols, table width]."""
+        order, rows, offsets = self.by_col()
+        return F.embedding_bag(rows, table, offsets, mode="sum", per_sample_weights=self.by_row(w)[order].to(table.dtype))
+
+
 class SparseCode(NamedTuple):
-    """Active entries of a code: rows (token), cols (latent), vals; `shape` = (batch, d_sae)."""
+    """Active entries of a code: rows (token), cols (latent), vals; `shape` = (batch, d_sae). `index`: their
+    CodeIndex where one is shared with the code's encoder (None: sparse_decode makes one)."""
     rows: torch.Tensor
     cols: torch.Tensor
     vals: torch.Tensor
     shape: tuple[int, int]
+    index: CodeIndex | None = None
 
     def dense(self) -> torch.Tensor:
         z = self.vals.new_zeros(self.shape)
         z[self.rows, self.cols] = self.vals
         return z
+
+    def restrict(self, keep: torch.Tensor) -> "SparseCode":
+        """The entries where `keep` is true (their order kept, so a row-major code stays row-major)."""
+        rows_sorted = self.index is not None and self.index.perm is None
+        rows, cols = self.rows[keep], self.cols[keep]
+        return SparseCode(rows, cols, self.vals[keep], self.shape, CodeIndex(rows, cols, *self.shape, rows_sorted))
 
 
 def rectangle(x: torch.Tensor) -> torch.Tensor:
@@ -71,72 +127,107 @@ class StepFunction(torch.autograd.Function):
 
 class SparseEncode(torch.autograd.Function):
     """The selected entries `vals` = relu((x - b_dec) W_enc + b_enc)[rows, cols] of a dense encode that ran
-    without autograd, differentiated through those entries only.
+    without autograd, differentiated through those entries only (rows, cols: the entries of `index`).
 
     Backward touches only the selected entries (sums of selected rows through embedding_bag) instead of two
     dense [batch, d_sae] x [d_sae, d_in] products. Gradients equal the dense path's exactly in math.
     """
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, b_dec, rows, cols, vals):
-        ctx.save_for_backward(x - b_dec, W_enc, rows, cols)
-        ctx.n_latents = b_enc.shape[0]
-        ctx.mark_non_differentiable(rows, cols)
+    def forward(ctx, x, W_enc, b_enc, b_dec, index: CodeIndex, cols, vals):
+        ctx.save_for_backward(x - b_dec, W_enc, cols)
+        ctx.index = index
+        ctx.mark_non_differentiable(cols)
         return vals.clone()
 
     @staticmethod
     def backward(ctx, g):
-        xc, W_enc, rows, cols = ctx.saved_tensors
-        B, Fd = xc.shape[0], ctx.n_latents
+        xc, W_enc, cols = ctx.saved_tensors
+        index = ctx.index
         g = g.to(W_enc.dtype)  # under bf16 autocast the values come out in bf16; gradients stay fp32
         # the selected values are positive (relu passes them), so d vals / d a = 1. Both products are
         # sums of selected rows, done as embedding_bag (10x faster than sparse COO matmuls on CPU):
         # grad_xc[r] = sum_c g[r,c] W_enc[:, c];  grad_W_enc[:, c] = sum_r g[r,c] xc[r]
-        grad_xc = bag_sum(rows, cols, g, W_enc.t().contiguous(), B)  # [B, d_in]
-        grad_W_enc = bag_sum(cols, rows, g, xc.to(W_enc.dtype), Fd).t()  # [d_in, d_sae], latent-major
+        grad_xc = index.row_sum(g, W_enc.t().contiguous())  # [B, d_in]
+        grad_W_enc = index.col_sum(g, xc.to(W_enc.dtype)).t()  # [d_in, d_sae], latent-major
         if grad_W_enc.stride() != W_enc.stride():  # a gradient in another layout than its parameter is copied
             grad_W_enc = torch.empty_like(W_enc).copy_(grad_W_enc)  # by autograd and again by fused Adam
-        grad_b_enc = torch.zeros(Fd, dtype=g.dtype, device=g.device).index_add_(0, cols, g)
+        grad_b_enc = torch.zeros(index.n_cols, dtype=g.dtype, device=g.device).index_add_(0, cols, g)
         return grad_xc.to(xc.dtype), grad_W_enc, grad_b_enc, -grad_xc.sum(0), None, None, None
 
 
-def bag_sum(bags: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, table: torch.Tensor, n_bags: int) -> torch.Tensor:
-    """out[b] = sum over entries e with bags[e] == b of w[e] * table[idx[e]]: [n_bags, table width]."""
-    order = torch.argsort(bags, stable=True)
-    offsets = torch.searchsorted(bags[order], torch.arange(n_bags, device=bags.device))
-    return F.embedding_bag(idx[order], table, offsets, mode="sum", per_sample_weights=w[order].to(table.dtype),
-                           include_last_offset=False)
+def sparse_encode(x, W_enc, b_enc, b_dec, index: CodeIndex, a: torch.Tensor) -> SparseCode:
+    """The code of `index`'s entries, their values taken from pre-activations a (computed without autograd) and
+    differentiable to the encoder's parameters through SparseEncode."""
+    rows, cols = index.rows, index.cols
+    if index.perm is not None:  # the entries' own order (the code's), not the index's row order
+        rows, cols = index.from_row(rows), index.from_row(cols)
+    vals = SparseEncode.apply(x, W_enc, b_enc, b_dec, index, cols, a[rows, cols])
+    return SparseCode(rows, cols, vals, (index.n_rows, index.n_cols), index)
+
+
+class SparseDecode(torch.autograd.Function):
+    """z W_dec for a sparse z (`vals` at `index`'s entries) as one embedding_bag over row groups; backward gives
+    the values' gradients (embedding_bag's own per-sample-weight kernel) and W_dec's as sums of the output
+    gradient's rows grouped by latent through the same index (no [B, d_sae] matrix, no sort of its own)."""
+
+    @staticmethod
+    def forward(ctx, vals, W_dec, index: CodeIndex):
+        w = index.by_row(vals).to(W_dec.dtype)
+        out, offset2bag, _, _ = torch.ops.aten._embedding_bag(W_dec, index.cols, index.row_offsets, False, 0, False, w)
+        ctx.save_for_backward(vals, W_dec, offset2bag)
+        ctx.index = index
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        vals, W_dec, offset2bag = ctx.saved_tensors
+        index = ctx.index
+        g = g.contiguous().to(W_dec.dtype)
+        grad_vals = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+            g, W_dec, index.cols, index.row_offsets, offset2bag, 0)
+        return index.from_row(grad_vals).to(vals.dtype), index.col_sum(vals, g), None
 
 
 def sparse_decode(code: SparseCode, W_dec: torch.Tensor) -> torch.Tensor:
     """z W_dec for a sparse z without building it: embedding_bag sums the selected decoder rows."""
-    return bag_sum(code.rows, code.cols, code.vals, W_dec, code.shape[0])
+    index = code.index or CodeIndex(code.rows, code.cols, *code.shape)
+    return SparseDecode.apply(code.vals, W_dec, index)
 
 
-def batch_topk(a: torch.Tensor, n: int, hint: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_topk(a: torch.Tensor, n: int, hint: float | torch.Tensor = 0.0,
+               positive: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The n largest entries of a (flattened): (values, flat indices), exactly as a.flatten().topk(n).
 
-    With hint > 0 (close below the expected cut, e.g. 0.9 x BatchTopK's running theta), first keep the entries
+    With a hint (close below the expected cut, e.g. 0.9 x BatchTopK's running theta), first keep the entries
     above `hint` and run top-k among those: if at least n entries pass, the n largest are all among them, so the
     result is exact; otherwise try again at hint / 3 and hint / 9, then the full top-k. A pass at a good hint
     costs a compare and a scan of the B*d_sae entries (~4 ms at 1,024 x 4,608 on 2 CPU cores), the full top-k
-    ~57 ms.
+    ~57 ms. A tensor hint (BatchTopK's theta on its device) is never read back to the host; a tensor hint of 0
+    (no theta yet) scans the positive entries. A float hint <= 0 goes straight to the full top-k.
+    positive=True: only the positive ones of the n largest (fewer than n where fewer are positive).
     """
     flat = a.reshape(-1)
-    for h in (hint, hint / 3, hint / 9) if hint > 0 else ():
+    tries = (hint, hint / 3, hint / 9) if torch.is_tensor(hint) or hint > 0 else ()
+    for h in tries:
         idx = (flat > h).nonzero().squeeze(1)
         if idx.numel() >= n:
             vals, pos = flat[idx].topk(n, sorted=False)
-            return vals, idx[pos]
-    return flat.topk(n, sorted=False)
+            return vals, idx[pos]  # all above a hint >= 0 (theta is a mean of positive cuts): all positive
+    vals, idx = flat.topk(n, sorted=False)
+    if positive:
+        keep = vals > 0
+        vals, idx = vals[keep], idx[keep]
+    return vals, idx
 
 
 def positive_entries(vals: torch.Tensor, flat: torch.Tensor, width: int) -> Selection:
-    """The positive ones of selected values at flat indices of a [batch, width] matrix, as a Selection whose
-    cut is the smallest kept value (None when nothing is kept)."""
-    keep = vals > 0
-    flat, vals = flat[keep], vals[keep]
-    return Selection(flat // width, flat % width, vals.min().detach() if vals.numel() else None)
+    """Positive selected values at flat indices of a [batch, width] matrix (batch_topk(..., positive=True)) as a
+    row-major Selection whose cut is the smallest kept value (None when nothing is kept)."""
+    if not vals.numel():
+        return Selection(flat, flat, None)
+    flat = flat.sort().values  # row-major: the sparse kernels group by row without sorting again
+    return Selection(flat // width, flat % width, vals.min().detach())
 
 
 def row_topk(a: torch.Tensor, k: int) -> Selection:

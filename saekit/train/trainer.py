@@ -6,9 +6,11 @@ the same weights as an uninterrupted run (on CPU), a pandas log per SAE.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -19,11 +21,45 @@ from tqdm.auto import tqdm
 
 from .. import distributed as D
 from ..files import atomic_write_csv, atomic_write_json
-from ..metrics import nmse
+from ..metrics.intervals import STATISTICS
 from ..sae import SAE, SAEConfig, make_sae
 from . import checkpoints
 from .config import TrainConfig, TrainingError, lr_factor
 from .sources import Prefetcher, TimedBatches, as_source
+
+
+class StepStats(Mapping):
+    """One SAE's statistics of one step (loss, its terms, NMSE, L0, dead fraction, theta, ...), computed and
+    read from the device in one transfer the first time any of them is asked for: a step whose statistics nobody
+    reads (no callback, no log row due, the progress bar not redrawn) neither computes them nor waits for the
+    device. Values that are tensors, or functions that make one, are read then; the others are kept as they are."""
+
+    def __init__(self, values: dict):
+        self._given, self._values = values, None
+
+    def _load(self) -> dict:
+        if self._values is None:
+            lazy = {k: v() if callable(v) else v for k, v in self._given.items()
+                    if callable(v) or isinstance(v, torch.Tensor)}
+            read = torch.stack([v.detach().float().reshape(()) for v in lazy.values()]).tolist() if lazy else []
+            got = dict(zip(lazy, read))
+            self._values = {k: got.get(k, v) for k, v in self._given.items()}  # in the order given
+            self._given = None
+        return self._values
+
+    def __getitem__(self, key):
+        return self._load()[key]
+
+    def __iter__(self):
+        return iter(self._load())
+
+    def __len__(self):
+        return len(self._load())
+
+
+def _nmse(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    x, x_hat = x.float(), x_hat.float()
+    return STATISTICS["nmse"]({"err": (x - x_hat).pow(2).sum(), "norm": x.pow(2).sum().clamp_min(1e-30)})
 
 
 def geometric_median(x: torch.Tensor, iters: int = 50, eps: float = 1e-6) -> torch.Tensor:
@@ -155,8 +191,7 @@ class Trainer:
     def train_step(self, x: torch.Tensor) -> list[dict]:
         """One optimiser step of every SAE on batch x [B, d_in]. Returns per-SAE stats."""
         tc = self.tc
-        if not torch.isfinite(x).all():
-            raise TrainingError(self._nan_message("the input activations", "replace or re-capture them"))
+        finite_x = torch.isfinite(x).all()  # read back with the loss's check, after the backward pass is queued
         factor = lr_factor(self.step, tc.total_steps, tc.warmup_steps, tc.decay_frac)
         stats = []
         for i, (sae, opt) in enumerate(zip(self.saes, self.opts)):
@@ -165,10 +200,13 @@ class Trainer:
             sae.aux_due = self.step % max(1, sae.cfg.aux_every) == 0  # from the step count, so a resumed run agrees
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 out = self.ddp[i](x) if self.ddp else sae.training_loss(x, fast=tc.fast)
-            if not torch.isfinite(out.loss):
-                raise TrainingError(self._nan_message(f"the loss of SAE {self.names[i]}", "lower the learning rate"))
             opt.zero_grad(set_to_none=True)
             out.loss.backward()
+            # one read-back a step, once forward and backward are queued, and before any weight changes
+            if not bool(finite_x & torch.isfinite(out.loss.detach())):
+                if not bool(finite_x):
+                    raise TrainingError(self._nan_message("the input activations", "replace or re-capture them"))
+                raise TrainingError(self._nan_message(f"the loss of SAE {self.names[i]}", "lower the learning rate"))
             sae.remove_parallel_grad()
             if tc.grad_clip:
                 torch.nn.utils.clip_grad_norm_(sae.parameters(), tc.grad_clip)
@@ -190,19 +228,18 @@ class Trainer:
         return f"NaN/inf in {what} at step {self.step} (batch {self.step}, tokens {self.tokens:,}); {kept}. Fix: {fix}."
 
     @torch.no_grad()
-    def _log(self, stats) -> list[dict]:
+    def _log(self, stats) -> list[StepStats]:
         rows = []
         log_now = self.step % max(1, self.tc.log_every) == 0 or self.step == self.tc.total_steps
         for i, (out, extra, lr) in enumerate(stats):
             sae = self.saes[i]
-            row = {"step": self.step, "tokens": self.tokens, "loss": float(out.loss), "lr": lr}
-            row.update({k: float(v) for k, v in out.terms.items()})
-            row["nmse"] = nmse(out.x.float(), out.x_hat.float())
-            row["l0"] = float(out.l0.float().mean())
-            row["dead_frac"] = float(sae.dead_mask().float().mean())
-            row["theta"] = extra.get("theta", float("nan"))
+            row = StepStats({"step": self.step, "tokens": self.tokens, "loss": out.loss, "lr": lr, **out.terms,
+                             "nmse": functools.partial(_nmse, out.x.detach(), out.x_hat.detach()),
+                             "l0": out.l0.float().mean,
+                             "dead_frac": sae.dead_mask().float().mean,  # the mask now: its counters move on
+                             "theta": extra.get("theta", float("nan"))})
             if log_now:
-                self.logs[i].append(row)
+                self.logs[i].append(dict(row))
             rows.append(row)
         return rows
 
@@ -261,6 +298,7 @@ class Trainer:
         t0 = time.perf_counter()
         loader = None
         bar = tqdm(total=tc.total_steps, initial=self.step, desc="train", unit="step", disable=not tc.progress or self.rank != 0)
+        shown = -math.inf
         run = self._maybe_wandb() if self.rank == 0 else None
         try:
             limit = tc.total_steps if stop_after is None else min(tc.total_steps, stop_after)
@@ -277,9 +315,10 @@ class Trainer:
                     callback(self, stats)
                 if run is not None:
                     run.log({f"{nm}/{k}": v for nm, s in zip(self.names, stats) for k, v in s.items()}, step=self.step)
-                s0 = stats[0]
-                bar.set_postfix(loss=f"{s0['loss']:.4g}", nmse=f"{s0['nmse']:.3f}", l0=f"{s0['l0']:.1f}",
-                                dead=f"{s0['dead_frac']:.2f}")
+                if not bar.disable and time.monotonic() - shown >= 0.5:  # read the step's figures when shown
+                    s0, shown = stats[0], time.monotonic()
+                    bar.set_postfix(loss=f"{s0['loss']:.4g}", nmse=f"{s0['nmse']:.3f}", l0=f"{s0['l0']:.1f}",
+                                    dead=f"{s0['dead_frac']:.2f}")
                 bar.update(1)
                 if self.out is not None and tc.checkpoint_every and self.step % tc.checkpoint_every == 0:
                     self.save_checkpoint()
