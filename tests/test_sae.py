@@ -372,3 +372,17 @@ def test_bad_encoder_start_flag_is_refused_by_the_cli(bad, capsys):
         build_parser().parse_args(["train", "--store", "s", "--out", "o", "--enc-init-norm", bad])
     assert "enc-init-norm must be 'paper' or a positive number" in capsys.readouterr().err
     assert build_parser().parse_args(["train", "--store", "s", "--out", "o", "--enc-init-norm", "0.7"]).enc_init_norm == 0.7
+
+
+def test_decoder_gradient_loses_only_its_component_along_each_row():
+    torch.manual_seed(0)
+    sae = make_sae(arch="batchtopk", d_in=12, d_sae=40, k=3)
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(40, 1) + 0.5)  # rows of several norms: the projection divides by |w|^2
+    g = torch.randn(40, 12)
+    sae.W_dec.grad = g.clone()
+    sae.remove_parallel_grad()
+    W = sae.W_dec.detach()
+    along = (g * W).sum(-1, keepdim=True) / (W * W).sum(-1, keepdim=True) * W
+    torch.testing.assert_close(sae.W_dec.grad, g - along)
+    assert float((sae.W_dec.grad * W).sum(-1).abs().max()) < 1e-5

@@ -267,3 +267,34 @@ def test_auxk_every_few_steps_runs_on_schedule_weighted_and_resumes_exactly(toy_
         assert torch.equal(v, resumed[k]), k
     with pytest.raises(SAEConfigError, match="aux_every"):
         SAEConfig(aux_every=0)
+
+
+def test_step_statistics_are_the_steps_own_figures(toy_x):
+    """train_step's statistics are computed and read back only when asked for (one transfer): they must still be
+    the figures of that step's forward pass and of the state right after it, in the log's column order."""
+    import copy
+
+    from saekit.metrics import nmse
+    from saekit.train import Trainer
+
+    torch.manual_seed(0)
+    tr = Trainer([SAEConfig(arch="batchtopk", d_in=toy_x.shape[1], d_sae=64, k=4, dead_tokens=256)],
+                 TrainConfig(total_tokens=10**6, batch_size=128, warmup_steps=0, progress=False))
+    tr.initialise(toy_x[:512])
+    for i in range(3):
+        tr.train_step(toy_x[i * 128:(i + 1) * 128])
+    x = toy_x[512:640]
+    before = copy.deepcopy(tr.saes[0])
+    row = tr.train_step(x)[0]  # not read yet
+    after = tr.saes[0]
+    theta, dead = float(after.threshold), float(after.dead_mask().float().mean())
+    tr.saes[0].tokens_since_fired.fill_(10**6)  # the next step changes the counters and theta...
+    tr.train_step(toy_x[640:768])
+    assert float(tr.saes[0].threshold) != theta
+    out = before.training_loss(x)  # ...and the row, read only now, still holds this step's figures
+    assert list(row)[:4] == ["step", "tokens", "loss", "lr"] and row["step"] == 4 and row["tokens"] == 4 * 128
+    assert row["loss"] == pytest.approx(float(out.loss.detach()), rel=1e-5)
+    assert row["nmse"] == pytest.approx(nmse(out.x.detach(), out.x_hat.detach()), rel=1e-5)
+    assert row["l0"] == pytest.approx(float(out.l0.float().mean()), rel=1e-6)
+    assert row["dead_frac"] == pytest.approx(dead) and row["dead_frac"] < 1
+    assert row["theta"] == pytest.approx(theta) and theta > 0
