@@ -98,6 +98,40 @@ def test_batches_mix_rows_from_across_the_store(store):
     assert all(n / 4 < c < 3 * n / 4 for c in centres)  # every batch centred on the store, none on one stretch
 
 
+def test_the_next_buffer_is_read_ahead_by_the_kernel(store, monkeypatch):
+    """Once a buffer is read, the kernel is asked (posix_fadvise WILLNEED) for exactly the next buffer's chunks,
+    in the activation and the position files, before that buffer is read; the batches are unchanged."""
+    import os
+
+    if not hasattr(os, "posix_fadvise"):
+        pytest.skip("this OS has no posix_fadvise: the read-ahead is a no-op here")
+    calls, reads = [], []
+    real_advise, real_read = os.posix_fadvise, ActivationStore._read_chunks
+
+    def advise(fd, offset, length, how):
+        calls.append((os.readlink(f"/proc/self/fd/{fd}"), offset, length, how, len(reads)))
+        return real_advise(fd, offset, length, how)
+
+    def read(self, group, *args):
+        reads.append([(c.shard, c.start, c.end) for c in group])
+        return real_read(self, group, *args)
+
+    plain = [x for x in store.batches(96, seed=5, buffer_rows=700, chunk_rows=128)]
+    monkeypatch.setattr(os, "posix_fadvise", advise)
+    monkeypatch.setattr(ActivationStore, "_read_chunks", read)
+    advised = [x for x in store.batches(96, seed=5, buffer_rows=700, chunk_rows=128)]
+    assert len(plain) == len(advised) and all(torch.equal(a, b) for a, b in zip(plain, advised))
+    assert len(reads) >= 3 and {c[3] for c in calls} == {os.POSIX_FADV_WILLNEED}
+    arrays = {what: {sh["index"]: store._open(sh, what) for sh in store.shards} for what in (HOOK, "pos")}
+    for i, group in enumerate(reads[1:], start=1):
+        # the advice given once i buffers were read (the one before this group, not yet this one)
+        got = {(f, o, n) for f, o, n, _, t in calls if t == i}
+        want = {(os.path.realpath(arr[s].filename), arr[s].offset + a * arr[s].strides[0], (b - a) * arr[s].strides[0])
+                for arr in arrays.values() for s, a, b in group}
+        assert got == want, i
+    assert len(calls) == 2 * sum(len(g) for g in reads[1:])  # nothing else advised
+
+
 def test_bfloat16_store_batches_carry_exact_rows(model, tokenizer, tmp_path):
     """The bf16 path of the shuffle buffer (stored as 16-bit words, carried over between buffers) loses no bit."""
     p = pack(["It was the best of times, it was the worst of times. " * 30], tokenizer, seq_len=32)

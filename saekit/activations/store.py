@@ -11,6 +11,7 @@ shard with no token lost or duplicated.
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,7 +187,8 @@ class ActivationStore:
         gathered from the buffer in a random order of its rows, converted to `dtype` a batch at a time. A batch
         thus mixes rows of buffer_rows / chunk_rows places spread over the whole store. Memory: one buffer of
         stored-dtype rows. With world_size > 1 each rank reads its own chunks. return_positions adds the [B, 2]
-        (sequence, position) of each row.
+        (sequence, position) of each row. Once a buffer is read, the kernel is asked to read the next buffer's
+        chunks from disk in the background (`_advise`): no thread of ours, so the step keeps the cores.
         """
         hook = self.hook_name(hook)
         chunks = [_Chunk(i, s, min(s + chunk_rows, sh["n_rows"]))
@@ -199,6 +201,7 @@ class ActivationStore:
             carry_x, carry_p = None, None
             for b in range(0, len(mine), per_buffer):
                 x, p = self._read_chunks(mine[b:b + per_buffer], hook, carry_x, carry_p)
+                self._advise(mine[b + per_buffer:b + 2 * per_buffer], hook)
                 idx = torch.randperm(x.shape[0], generator=g) if shuffle else torch.arange(x.shape[0])
                 n_full = (x.shape[0] // batch_size) * batch_size
                 for i in range(0, n_full, batch_size):
@@ -207,6 +210,22 @@ class ActivationStore:
                 carry_x, carry_p = x[idx[n_full:]], p[idx[n_full:]]
             if carry_x is not None and carry_x.shape[0] and not drop_last:
                 yield self._emit(carry_x, carry_p, dtype, device, return_positions)
+
+    def _advise(self, group: list, hook: str) -> None:
+        """posix_fadvise(WILLNEED) over the chunks' bytes in the activation and position files: the kernel starts
+        reading them from disk now, while the step computes, and the buffer copy later finds them in memory.
+        (Where the OS has no fadvise, nothing happens.)"""
+        if not group or not hasattr(os, "posix_fadvise"):
+            return
+        for what in (hook, "pos"):
+            for c in group:
+                arr = self._open(self.shards[c.shard], what)
+                row = arr.strides[0]
+                fd = os.open(arr.filename, os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, arr.offset + c.start * row, (c.end - c.start) * row, os.POSIX_FADV_WILLNEED)
+                finally:
+                    os.close(fd)
 
     def _read_chunks(self, group: list, hook: str, carry_x, carry_p) -> tuple[torch.Tensor, torch.Tensor]:
         """The chunks' rows (after the carried-over ones) in one buffer each for activations and positions."""
