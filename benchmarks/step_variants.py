@@ -47,7 +47,7 @@ def device_theta_hint(self, a, mode=None):
         return BASE_SELECT(self, a, mode)
     hint = self.threshold * self.candidate_factor
     vals, flat = batch_topk(a, min(a.shape[0] * self.cfg.k, a.numel()), hint, positive=True)
-    return positive_entries(vals, flat, a.shape[1])
+    return positive_entries(vals, flat, a.shape[1], a.numel())
 
 
 BASE_SELECT = BatchTopKSAE.select

@@ -80,18 +80,19 @@ STARTED_JS = ("() => [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt
               ".some(e => /\\[(\\*|\\d+)\\]/.test(e.textContent))")
 
 
-def _run_all(page, attempts: int = 4) -> None:
+def _run_all(page, attempts: int = 6) -> None:
     """Run > Run All Cells until the first cell is queued. JupyterLab shows the notebook idle before its
     kernel is attached, and a Run All issued in that window runs nothing (seen once in CI: every prompt
     stayed "[ ]"); nothing ran, so asking again is safe. A dialog JupyterLab raised meanwhile (its kernel
-    picker) is answered with its default button."""
+    picker) is answered with its default button; one raised just after that check covers the menu (a click
+    waited out its 120 s on a loaded machine), so each click has a short timeout and the round starts again."""
     for _ in range(attempts):
         dialog = page.locator(".jp-Dialog .jp-mod-accept")
         if dialog.count():
             dialog.first.click()
-        page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
-        page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
         try:
+            page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click(timeout=15_000)
+            page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click(timeout=15_000)
             page.wait_for_function(STARTED_JS, timeout=30_000)
             return
         except PlaywrightTimeout:

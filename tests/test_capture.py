@@ -98,6 +98,22 @@ def test_batches_mix_rows_from_across_the_store(store):
     assert all(n / 4 < c < 3 * n / 4 for c in centres)  # every batch centred on the store, none on one stretch
 
 
+def test_batches_kept_across_buffer_refills_keep_their_rows(store):
+    """The shuffle buffer is refilled in place: every batch must be a copy, so batches kept while later buffers
+    are read still hold the stored rows of their positions (a view of the buffer would show later rows)."""
+    full = store.load()
+    index = {tuple(k): i for i, k in enumerate(store.positions().tolist())}
+    stored = getattr(torch, store.dtype)  # batches in the stored dtype: no conversion copy to hide a view
+    kept = list(store.batches(80, seed=2, buffer_rows=500, chunk_rows=100, epochs=2, return_positions=True,
+                              dtype=stored))
+    assert len(kept) > 2 * len(store) // 500  # several refills in each of the two epochs
+    seen = [tuple(k) for _, p in kept for k in p.tolist()]  # read only now, after every refill
+    n = len(store)
+    assert sorted(seen[:n]) == sorted(index) and sorted(seen[n:]) == sorted(index)  # each row once an epoch
+    for x, p in kept:
+        assert x.dtype == stored and torch.equal(x.float(), full[[index[tuple(k)] for k in p.tolist()]].float())
+
+
 def test_the_next_buffer_is_read_ahead_by_the_kernel(store, monkeypatch):
     """Once a buffer is read, the kernel is asked (posix_fadvise WILLNEED) for exactly the next buffer's chunks,
     in the activation and the position files, before that buffer is read; the batches are unchanged."""

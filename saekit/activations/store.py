@@ -194,13 +194,17 @@ class ActivationStore:
         chunks = [_Chunk(i, s, min(s + chunk_rows, sh["n_rows"]))
                   for i, sh in enumerate(self.shards) for s in range(0, sh["n_rows"], chunk_rows)]
         per_buffer = max(1, buffer_rows // chunk_rows)
+        # one buffer for the whole run, refilled in place: a fresh one per fill cost its page faults every time
+        # (the second fill of a run measured ~365 ms against ~50 ms once the memory was in place)
+        room = min(per_buffer * chunk_rows, len(self)) + batch_size
+        out = (np.empty((room, self.d_model), dtype=_NP_DTYPES[self.dtype]), np.empty((room, 2), dtype=np.int32))
         for epoch in range(epochs):
             g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
             order = torch.randperm(len(chunks), generator=g).tolist() if shuffle else list(range(len(chunks)))
             mine = [chunks[i] for i in order][rank::world_size]
             carry_x, carry_p = None, None
             for b in range(0, len(mine), per_buffer):
-                x, p = self._read_chunks(mine[b:b + per_buffer], hook, carry_x, carry_p)
+                x, p = self._read_chunks(mine[b:b + per_buffer], hook, carry_x, carry_p, out)
                 self._advise(mine[b + per_buffer:b + 2 * per_buffer], hook)
                 idx = torch.randperm(x.shape[0], generator=g) if shuffle else torch.arange(x.shape[0])
                 n_full = (x.shape[0] // batch_size) * batch_size
@@ -220,6 +224,8 @@ class ActivationStore:
         for what in (hook, "pos"):
             for c in group:
                 arr = self._open(self.shards[c.shard], what)
+                if not isinstance(arr, np.memmap):  # a reader of another format (SAELensCache's rows)
+                    return
                 row = arr.strides[0]
                 fd = os.open(arr.filename, os.O_RDONLY)
                 try:
@@ -227,12 +233,15 @@ class ActivationStore:
                 finally:
                     os.close(fd)
 
-    def _read_chunks(self, group: list, hook: str, carry_x, carry_p) -> tuple[torch.Tensor, torch.Tensor]:
-        """The chunks' rows (after the carried-over ones) in one buffer each for activations and positions."""
+    def _read_chunks(self, group: list, hook: str, carry_x, carry_p, out=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The chunks' rows (after the carried-over ones) in one buffer each for activations and positions: the
+        front of `out`'s arrays where given (the carried rows are copies, never views of it), else new ones."""
         n_carry = 0 if carry_x is None else carry_x.shape[0]
         n = n_carry + sum(c.end - c.start for c in group)
-        x = np.empty((n, self.d_model), dtype=_NP_DTYPES[self.dtype])
-        p = np.empty((n, 2), dtype=np.int32)
+        if out is not None and out[0].shape[0] >= n:
+            x, p = out[0][:n], out[1][:n]
+        else:
+            x, p = np.empty((n, self.d_model), dtype=_NP_DTYPES[self.dtype]), np.empty((n, 2), dtype=np.int32)
         if n_carry:
             x[:n_carry] = (carry_x.view(torch.int16) if self.dtype == "bfloat16" else carry_x).numpy()
             p[:n_carry] = carry_p.numpy()

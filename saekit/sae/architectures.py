@@ -13,7 +13,7 @@ from .base import SAE, TrainOutput
 from .config import ARCHITECTURES, SAEConfig, SAEConfigError, architecture, register, resolve_group_sizes
 from .kernels import (CodeIndex, JumpReLUFunction, Selection, SparseCode, StepFunction, ThresholdPseudoGrad,
                       batch_topk, positive_entries, rectangle, row_topk, sparse_decode, sparse_encode,
-                      threshold_window)
+                      stable_argsort, threshold_window)
 
 
 @register
@@ -52,10 +52,10 @@ class BatchTopKSAE(SAE):
         hint = float(self.threshold) * self.candidate_factor
         if mode == "train" and self.distributed:  # over the global batch of every rank
             flat, vals, cut = D.global_batch_topk(a, self.cfg.k, hint, batch_topk)
-            flat = flat.sort().values  # row-major, as every Selection
+            flat = flat[stable_argsort(flat, a.numel())]  # row-major, as every Selection
             return Selection(flat // a.shape[1], flat % a.shape[1], cut)
         vals, flat = batch_topk(a, min(a.shape[0] * self.cfg.k, a.numel()), hint, positive=True)
-        return positive_entries(vals, flat, a.shape[1])
+        return positive_entries(vals, flat, a.shape[1], a.numel())
 
     @torch.no_grad()
     def after_step(self, out: TrainOutput) -> dict:

@@ -19,6 +19,13 @@ class Selection(NamedTuple):
     cut: torch.Tensor | None = None
 
 
+def stable_argsort(keys: torch.Tensor, bound: int) -> torch.Tensor:
+    """torch.argsort(keys, stable=True) for integer keys in [0, bound), sorted as int32 where they fit: on CPU
+    the int64 stable sort of keys with repeats measured ~25x slower (12 ms vs 0.5 ms for 32,768 latent indices of
+    4,608), and a GPU's radix sort has half the bits to do."""
+    return torch.argsort(keys.to(torch.int32) if bound < 2**31 else keys, stable=True)
+
+
 class CodeIndex:
     """The layout of a sparse code's entries (rows, cols) that the sparse kernels share: the entries grouped by
     row (row offsets; a permutation only where the entries were not in row-major order already) and, made once
@@ -28,7 +35,7 @@ class CodeIndex:
 
     def __init__(self, rows: torch.Tensor, cols: torch.Tensor, n_rows: int, n_cols: int, rows_sorted: bool = False):
         self.n_rows, self.n_cols = n_rows, n_cols
-        self.perm = None if rows_sorted else torch.argsort(rows, stable=True)
+        self.perm = None if rows_sorted else stable_argsort(rows, n_rows)
         self.rows = rows if rows_sorted else rows[self.perm]
         self.cols = cols if rows_sorted else cols[self.perm]
         self.row_offsets = torch.searchsorted(self.rows, torch.arange(n_rows, device=rows.device))
@@ -49,7 +56,7 @@ class CodeIndex:
     def by_col(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(order: row-order positions sorted by latent, the entries' rows in that order, latent offsets)."""
         if self._by_col is None:
-            order = torch.argsort(self.cols, stable=True)
+            order = stable_argsort(self.cols, self.n_cols)
             offsets = torch.searchsorted(self.cols[order], torch.arange(self.n_cols, device=self.cols.device))
             self._by_col = (order, self.rows[order], offsets)
         return self._by_col
@@ -221,12 +228,15 @@ def batch_topk(a: torch.Tensor, n: int, hint: float | torch.Tensor = 0.0,
     return vals, idx
 
 
-def positive_entries(vals: torch.Tensor, flat: torch.Tensor, width: int) -> Selection:
-    """Positive selected values at flat indices of a [batch, width] matrix (batch_topk(..., positive=True)) as a
-    row-major Selection whose cut is the smallest kept value (None when nothing is kept)."""
+def positive_entries(vals: torch.Tensor, flat: torch.Tensor, width: int, total: int = 2**62) -> Selection:
+    """Positive selected values at flat indices of a [batch, width] matrix of `total` entries
+    (batch_topk(..., positive=True)) as a row-major Selection whose cut is the smallest kept value (None when
+    nothing is kept)."""
     if not vals.numel():
         return Selection(flat, flat, None)
-    flat = flat.sort().values  # row-major: the sparse kernels group by row without sorting again
+    # row-major, so the sparse kernels group by row without sorting again; as int32 where the indices fit (as in
+    # stable_argsort: the int64 sort measured several times slower on CPU)
+    flat = (flat.to(torch.int32) if total < 2**31 else flat).sort(stable=True).values.long()
     return Selection(flat // width, flat % width, vals.min().detach())
 
 
