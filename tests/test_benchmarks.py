@@ -134,3 +134,21 @@ def test_auxk_every_benchmark_times_and_evaluates_each_setting(store):
     rows = [line.split() for line in r.stdout.splitlines() if line.strip().startswith("0 ")]
     assert [row[1] for row in rows] == ["1", "3"] and rows[0][3] == "1.00x"
     assert "nmse every 3 − every 1" in r.stdout and all(0 < float(row[6]) < 2 for row in rows)
+
+
+def test_step_variants_and_data_loading_benchmarks_run(store):
+    from conftest import HOOK
+
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_variants.py"), "--d", "32", "--d-sae", "512",
+                        "--batch", "128", "--steps", "2", "--rounds", "2"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {line[:22].strip(): line.split() for line in r.stdout.splitlines()
+            if line[:22].strip() in ("current", "bias after product", "device theta hint")}
+    assert len(rows) == 3 and rows["current"][-2:] == ["1.000", "1.000-1.000"]
+    assert all(float(v[-3]) > 0 for v in rows.values())  # ms per step
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "data_loading.py"), "--store", str(store.path),
+                        "--hook", HOOK, "--steps", "4", "--batch", "64", "--repeats", "1", "--warm-only"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    warm = [line.split() for line in r.stdout.splitlines() if line.startswith("warm")]
+    assert [w[1] for w in warm] == ["on", "off"] and all(0 <= float(w[2].rstrip("%,")) < 100 for w in warm)
