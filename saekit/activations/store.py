@@ -233,15 +233,13 @@ class ActivationStore:
                 finally:
                     os.close(fd)
 
-    def _read_chunks(self, group: list, hook: str, carry_x, carry_p, out=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The chunks' rows (after the carried-over ones) in one buffer each for activations and positions: the
-        front of `out`'s arrays where given (the carried rows are copies, never views of it), else new ones."""
+    def _read_chunks(self, group: list, hook: str, carry_x, carry_p, out) -> tuple[torch.Tensor, torch.Tensor]:
+        """The chunks' rows (after the carried-over ones) at the front of `out`'s activation and position arrays,
+        which hold a group and a carry (fewer than a batch) by construction; the carried rows are copies, never
+        views of `out`."""
         n_carry = 0 if carry_x is None else carry_x.shape[0]
         n = n_carry + sum(c.end - c.start for c in group)
-        if out is not None and out[0].shape[0] >= n:
-            x, p = out[0][:n], out[1][:n]
-        else:
-            x, p = np.empty((n, self.d_model), dtype=_NP_DTYPES[self.dtype]), np.empty((n, 2), dtype=np.int32)
+        x, p = out[0][:n], out[1][:n]
         if n_carry:
             x[:n_carry] = (carry_x.view(torch.int16) if self.dtype == "bfloat16" else carry_x).numpy()
             p[:n_carry] = carry_p.numpy()

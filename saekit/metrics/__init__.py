@@ -15,10 +15,10 @@ from .downstream import CE_TOKENS, ce_metrics, ce_metrics_many, sample_sequences
 from .evaluate import SCHEMA, describe, evaluate, evaluate_many
 from .intervals import (CE_STATS, LEVEL, N_BOOT, RECON_STATS, STATISTICS, bootstrap_intervals, format_difference,
                         paired_difference, resample_weights)
-from .reconstruction import (DENSE_FRACTION, QUANTILES, cosine, fvu, l0_histogram, nmse, per_token_l0, public,
+from .reconstruction import (DENSE_FRACTION, QUANTILES, cosine, fvu, l0_histogram, nmse, nmse_tensor, per_token_l0, public,
                              reconstruction_metrics)
 
 __all__ = ["CE_TOKENS", "ce_metrics", "ce_metrics_many", "sample_sequences", "SCHEMA", "describe", "evaluate",
            "evaluate_many", "CE_STATS", "LEVEL", "N_BOOT", "RECON_STATS", "STATISTICS", "bootstrap_intervals",
            "format_difference", "paired_difference", "resample_weights", "DENSE_FRACTION", "QUANTILES", "cosine", "fvu",
-           "l0_histogram", "nmse", "per_token_l0", "public", "reconstruction_metrics"]
+           "l0_histogram", "nmse", "nmse_tensor", "per_token_l0", "public", "reconstruction_metrics"]

@@ -14,9 +14,15 @@ DENSE_FRACTION = 0.10  # a latent firing on more than 10% of tokens is "dense"
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 
 
+def nmse_tensor(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """sum ||x - x_hat||^2 / sum ||x||^2 as a 0-dim tensor on x's device (the one definition: STATISTICS["nmse"] of
+    the two sums); the trainer reads it back only when a step's statistics are asked for."""
+    return STATISTICS["nmse"]({"err": (x - x_hat).pow(2).sum(), "norm": x.pow(2).sum().clamp_min(1e-30)})
+
+
 def nmse(x: torch.Tensor, x_hat: torch.Tensor) -> float:
-    """sum ||x - x_hat||^2 / sum ||x||^2 (the one definition: STATISTICS["nmse"] of the two sums)."""
-    return float(STATISTICS["nmse"]({"err": (x - x_hat).pow(2).sum(), "norm": x.pow(2).sum().clamp_min(1e-30)}))
+    """nmse_tensor as a float."""
+    return float(nmse_tensor(x, x_hat))
 
 
 def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:

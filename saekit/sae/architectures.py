@@ -46,9 +46,9 @@ class BatchTopKSAE(SAE):
             return Selection(rows, cols)
         if mode not in ("batch", "train"):
             raise SAEConfigError(f"unknown BatchTopK mode '{mode}'; use 'threshold' or 'batch'")
-        # theta read back to the host: one wait, but the compare against a Python number runs vectorised on a GPU,
-        # which made the step 3-4% faster than a device-tensor hint with no wait (benchmarks/step_variants.py,
-        # benchmarks/results/step_variants_gpu.txt). theta is 0 until set: no hint then, the full top-k
+        # theta read back to the host: one wait, but the compare against a Python number runs vectorised on a GPU;
+        # against a device-tensor hint with no wait it was faster in every round of one H200 run (0.961) and
+        # within noise in another (benchmarks/results/step_variants_gpu.txt). theta is 0 until set: no hint then
         hint = float(self.threshold) * self.candidate_factor
         if mode == "train" and self.distributed:  # over the global batch of every rank
             flat, vals, cut = D.global_batch_topk(a, self.cfg.k, hint, batch_topk)

@@ -210,8 +210,8 @@ def batch_topk(a: torch.Tensor, n: int, hint: float | torch.Tensor = 0.0,
     above `hint` and run top-k among those: if at least n entries pass, the n largest are all among them, so the
     result is exact; otherwise try again at hint / 3 and hint / 9, then the full top-k. A pass at a good hint
     costs a compare and a scan of the B*d_sae entries (~4 ms at 1,024 x 4,608 on 2 CPU cores), the full top-k
-    ~57 ms. A tensor hint (BatchTopK's theta on its device) is never read back to the host; a tensor hint of 0
-    (no theta yet) scans the positive entries. A float hint <= 0 goes straight to the full top-k.
+    ~57 ms. A 0-dim tensor hint is used without being read back to the host (a tensor hint of 0 scans the
+    positive entries); a float hint <= 0 goes straight to the full top-k.
     positive=True: only the positive ones of the n largest (fewer than n where fewer are positive).
     """
     flat = a.reshape(-1)
@@ -228,15 +228,13 @@ def batch_topk(a: torch.Tensor, n: int, hint: float | torch.Tensor = 0.0,
     return vals, idx
 
 
-def positive_entries(vals: torch.Tensor, flat: torch.Tensor, width: int, total: int = 2**62) -> Selection:
+def positive_entries(vals: torch.Tensor, flat: torch.Tensor, width: int, total: int) -> Selection:
     """Positive selected values at flat indices of a [batch, width] matrix of `total` entries
     (batch_topk(..., positive=True)) as a row-major Selection whose cut is the smallest kept value (None when
     nothing is kept)."""
     if not vals.numel():
         return Selection(flat, flat, None)
-    # row-major, so the sparse kernels group by row without sorting again; as int32 where the indices fit (as in
-    # stable_argsort: the int64 sort measured several times slower on CPU)
-    flat = (flat.to(torch.int32) if total < 2**31 else flat).sort(stable=True).values.long()
+    flat = flat[stable_argsort(flat, total)]  # row-major: the sparse kernels group by row without sorting again
     return Selection(flat // width, flat % width, vals.min().detach())
 
 

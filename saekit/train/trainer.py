@@ -6,7 +6,6 @@ the same weights as an uninterrupted run (on CPU), a pandas log per SAE.
 """
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 import time
@@ -21,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .. import distributed as D
 from ..files import atomic_write_csv, atomic_write_json
-from ..metrics.intervals import STATISTICS
+from ..metrics.reconstruction import nmse_tensor
 from ..sae import SAE, SAEConfig, make_sae
 from . import checkpoints
 from .config import TrainConfig, TrainingError, lr_factor
@@ -55,11 +54,6 @@ class StepStats(Mapping):
 
     def __len__(self):
         return len(self._load())
-
-
-def _nmse(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-    x, x_hat = x.float(), x_hat.float()
-    return STATISTICS["nmse"]({"err": (x - x_hat).pow(2).sum(), "norm": x.pow(2).sum().clamp_min(1e-30)})
 
 
 def geometric_median(x: torch.Tensor, iters: int = 50, eps: float = 1e-6) -> torch.Tensor:
@@ -188,8 +182,8 @@ class Trainer:
         self.initialised = True
 
     # -- one step -----------------------------------------------------------------------------
-    def train_step(self, x: torch.Tensor) -> list[dict]:
-        """One optimiser step of every SAE on batch x [B, d_in]. Returns per-SAE stats."""
+    def train_step(self, x: torch.Tensor) -> list[StepStats]:
+        """One optimiser step of every SAE on batch x [B, d_in]. Returns per-SAE stats (read when asked for)."""
         tc = self.tc
         finite_x = torch.isfinite(x).all()  # read back with the loss's check, after the backward pass is queued
         factor = lr_factor(self.step, tc.total_steps, tc.warmup_steps, tc.decay_frac)
@@ -234,7 +228,8 @@ class Trainer:
         for i, (out, extra, lr) in enumerate(stats):
             sae = self.saes[i]
             row = StepStats({"step": self.step, "tokens": self.tokens, "loss": out.loss, "lr": lr, **out.terms,
-                             "nmse": functools.partial(_nmse, out.x.detach(), out.x_hat.detach()),
+                             "nmse": lambda x=out.x.detach(), x_hat=out.x_hat.detach():
+                             nmse_tensor(x.float(), x_hat.float()),
                              "l0": out.l0.float().mean,
                              "dead_frac": sae.dead_mask().float().mean,  # the mask now: its counters move on
                              "theta": extra.get("theta", float("nan"))})
