@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 from collections import defaultdict
+from types import SimpleNamespace
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
@@ -58,7 +59,7 @@ def instrumented_step(tr: Trainer, x: torch.Tensor, record_function=record_funct
     with record_function("encode (dense, no grad)"), torch.no_grad():
         a = sae.pre_acts(xs)
     with record_function("select"), torch.no_grad():
-        sel = sae.select(a, "train")
+        sel = sae.train_select(a)
     with record_function("decode"):
         code = sparse_encode(xs, sae.W_enc, sae.b_enc, sae.b_dec,
                              CodeIndex(sel.rows, sel.cols, xs.shape[0], sae.cfg.d_sae, rows_sorted=True), a)
@@ -69,6 +70,10 @@ def instrumented_step(tr: Trainer, x: torch.Tensor, record_function=record_funct
     with record_function("loss + backward (rest)"):
         opt.zero_grad(set_to_none=True)
         (mse + sae.cfg.aux_alpha * aux).backward()
+        fired = sae._sparse_stats(sel.rows, sel.cols, x.shape[0])[0]
+        since, n_dead = sae.next_dead_counters(fired, x.shape[0])
+        exact = sel.exact if sel.exact is not None else torch.ones((), dtype=torch.bool, device=x.device)
+        _, n_dead = torch.stack([exact.long(), n_dead]).tolist()  # the trainer's one read-back (with the loss's check)
     with record_function("decoder constraint"):
         sae.remove_parallel_grad()
     with record_function("clip"):
@@ -77,9 +82,8 @@ def instrumented_step(tr: Trainer, x: torch.Tensor, record_function=record_funct
         opt.step()
         sae.normalize_decoder()
     with record_function("dead latents + theta"), torch.no_grad():
-        fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=x.device)
-        fired[code.cols] = True
-        sae.update_dead(fired, x.shape[0])
+        sae.set_dead_counters(since, n_dead)
+        sae.after_step(SimpleNamespace(cut=sel.cut))  # theta and the next step's hint take this step's cut
 
 
 def host_or_device(tr: Trainer, batches):
@@ -140,20 +144,20 @@ def main():
     for i in range(2):
         tr.train_step(batches[i])
     sae.tokens_since_fired[:n_dead] = 10 * sae.cfg.dead_tokens  # dead, as early in training
-    hold = sae.tokens_since_fired.clone()
+    hold = sae.tokens_since_fired.clone(), int(sae.dead_mask().sum())
     if dev.type == "cuda":
         parts = CudaParts()
         for x in batches[2:a.steps + 2]:
             with parts("step"):
                 instrumented_step(tr, x, parts)
-            sae.tokens_since_fired.copy_(hold)
+            sae.set_dead_counters(*hold)
         totals, prof = parts.totals(a.steps), None
     else:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for x in batches[2:a.steps + 2]:
                 with record_function("step"):
                     instrumented_step(tr, x)
-                sae.tokens_since_fired.copy_(hold)  # the same dead set every step
+                sae.set_dead_counters(*hold)  # the same dead set every step, its number known
         totals = defaultdict(float)
         for ev in prof.key_averages():
             if ev.key in PARTS or ev.key == "step":

@@ -1,14 +1,18 @@
 """A/B of implementation choices inside saekit's BatchTopK training step, on any device: each variant is a
 Trainer from the same start on the same batches (5% of latents held dead, so AuxK runs), timed in interleaved
 rounds; the figure is each round's variant time over the current code's in the same round (median, range).
-On a GPU it also lists where the step reads back from the device (each read-back stalls the host).
+It also lists where the step reads back from the device (on a GPU each read-back stalls the host): CUDA's sync
+debug mode on a GPU, the operators that read back as torch dispatches them elsewhere (DispatchReadBacks).
 
     python benchmarks/step_variants.py [--device cuda] [--tf32] [--d 768 --d-sae 6144 --batch 4096]
 
 Variants (the current code is the baseline):
   bias after product   pre-activations as mm then add_ of b_enc (the code before the bias moved into addmm)
-  device theta hint    BatchTopK's candidate hint kept on the device as a 0-dim tensor (no read-back; the
-                       compare against a device tensor is not vectorised); the current code reads theta back
+  sync-free selection  sync_free on (the default on an accelerator; on the CPU the read-back selection is)
+  read-back selection  sync_free off: BatchTopK's exact selection with its hint (0.9x the previous cut) read back
+                       and a nonzero whose size the host waits for, and the dead latents found by a read-back
+  theta hint (before)  the selection of the code before the previous cut became the hint: 0.9 theta read back,
+                       the dead latents found by a read-back
 """
 from __future__ import annotations
 
@@ -20,9 +24,11 @@ import traceback
 import warnings
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from saekit.sae import SAEConfig
 from saekit.sae.architectures import BatchTopKSAE
+from saekit.sae.auxk import DeadLatents
 from saekit.sae.base import SAE
 from saekit.sae.kernels import batch_topk, positive_entries
 from saekit.train import TrainConfig, Trainer
@@ -42,18 +48,32 @@ def bias_after_product(self, x):
     return torch.mm(x - self.b_dec, self.W_enc).add_(self.b_enc).relu_()
 
 
-def device_theta_hint(self, a, mode=None):
-    if (mode or ("batch" if self.training else "threshold")) != "train" or self.distributed:
-        return BASE_SELECT(self, a, mode)
-    hint = self.threshold * self.candidate_factor
+def exact_selection(self, a):
+    return self.select(a, "train")
+
+
+def theta_hint_selection(self, a):
+    hint = float(self.threshold) * self.candidate_factor
     vals, flat = batch_topk(a, min(a.shape[0] * self.cfg.k, a.numel()), hint, positive=True)
     return positive_entries(vals, flat, a.shape[1], a.numel())
 
 
-BASE_SELECT = BatchTopKSAE.select
+def dead_read_back(self, since, n_dead=None):
+    BASE_SET_DEAD(self, since, None)
+
+
+@contextlib.contextmanager
+def read_back_variant(select):
+    with patched(BatchTopKSAE, "train_select", select), patched(DeadLatents, "set_dead_counters", dead_read_back):
+        yield
+
+
+BASE_SET_DEAD = SAE.set_dead_counters
 VARIANTS = {"current": contextlib.nullcontext,
             "bias after product": lambda: patched(SAE, "pre_acts", bias_after_product),
-            "device theta hint": lambda: patched(BatchTopKSAE, "select", device_theta_hint)}
+            "sync-free selection": lambda: patched(SAE, "sync_free", True),
+            "read-back selection": lambda: read_back_variant(exact_selection),
+            "theta hint (before)": lambda: read_back_variant(theta_hint_selection)}
 
 
 def sync(dev):
@@ -61,14 +81,54 @@ def sync(dev):
         torch.cuda.synchronize()
 
 
+def _saekit_line() -> str:
+    frames = [f for f in traceback.extract_stack() if "/saekit/" in f.filename]
+    return f"{frames[-1].filename.split('/saekit/')[-1]}:{frames[-1].lineno} {frames[-1].line}" if frames else "?"
+
+
+class DispatchReadBacks(TorchDispatchMode):
+    """The saekit lines that make the host wait for the device, found where torch dispatches each operator: a value
+    read back (item, bool, float) or an output whose size depends on the data (nonzero, a boolean-mask index). The
+    stand-in on any device for CUDA's sync debug mode; it does not see a .tolist() (not dispatched), so the
+    Trainer's one deliberate read-back per step is not listed."""
+
+    WAITS = {"_local_scalar_dense", "nonzero", "is_nonzero", "equal", "masked_select", "unique", "_unique2",
+             "unique_consecutive", "bincount"}
+
+    def __init__(self):
+        super().__init__()
+        self.found: list[str] = []
+        self.kernels = 0  # operators dispatched that compute (views and detach excluded): a GPU's kernel launches, ~
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.kernels += not (func.is_view or name in ("detach", "_record_function_enter_new", "_record_function_exit"))
+        masks = name in ("index", "index_put", "index_put_") and any(
+            isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in (args[1] if len(args) > 1 else ()) or ())
+        if name in self.WAITS or masks or (name == "repeat_interleave" and not (kwargs or {}).get("output_size")):
+            self.found.append(f"{name}: {_saekit_line()}")
+        return func(*args, **(kwargs or {}))
+
+
+def operators(tr: Trainer, x: torch.Tensor) -> int:
+    """Operators one training step dispatches (DispatchReadBacks.kernels)."""
+    with DispatchReadBacks() as seen:
+        tr.train_step(x)
+    return seen.kernels
+
+
 def read_backs(tr: Trainer, x: torch.Tensor) -> list[str]:
-    """The saekit lines that read back from the device in one step (CUDA's sync debug mode)."""
+    """The saekit lines that read back from the device in one step: CUDA's sync debug mode on a GPU (every
+    read-back), DispatchReadBacks elsewhere (all but the Trainer's .tolist())."""
+    if x.device.type != "cuda":
+        with DispatchReadBacks() as seen:
+            tr.train_step(x)
+        return seen.found
     found = []
 
     def show(message, category, filename, lineno, file=None, line=None):
-        frames = [f for f in traceback.extract_stack() if "/saekit/" in f.filename]
-        found.append(f"{frames[-1].filename.split('/saekit/')[-1]}:{frames[-1].lineno} {frames[-1].line}" if frames
-                     else str(message)[:80])
+        where = _saekit_line()
+        found.append(where if where != "?" else str(message)[:80])
 
     torch.cuda.set_sync_debug_mode("warn")
     try:
@@ -106,7 +166,7 @@ def main(argv=None):
             for x in xs[:3]:
                 tr.train_step(x)
         sae.tokens_since_fired[: a.d_sae // 20] = 10 * sae.cfg.dead_tokens  # 5% dead: AuxK runs every step
-        trainers[name], holds[name] = tr, sae.tokens_since_fired.clone()
+        trainers[name], holds[name] = tr, (sae.tokens_since_fired.clone(), int(sae.dead_mask().sum()))
     times = {name: [] for name in VARIANTS}
     for _ in range(a.rounds):
         for name, tr in trainers.items():
@@ -115,7 +175,7 @@ def main(argv=None):
                 t = time.perf_counter()
                 for i in range(a.steps):
                     tr.train_step(xs[i % len(xs)])
-                    tr.saes[0].tokens_since_fired.copy_(holds[name])
+                    tr.saes[0].set_dead_counters(*holds[name])  # the same dead set every step, its number known
                 sync(dev)
             times[name].append((time.perf_counter() - t) / a.steps * 1e3)
     where = torch.cuda.get_device_name() if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
@@ -127,9 +187,13 @@ def main(argv=None):
         print(f"{name:<22}{statistics.median(times[name]):>9.2f}{statistics.median(ratio):>18.3f}"
               f"{min(ratio):>8.3f}-{max(ratio):.3f}")
     print("(variant/current > 1: the variant is slower than the current code)")
-    if dev.type == "cuda":
-        lines = read_backs(trainers["current"], xs[0])
-        print(f"\nread-backs to the host in one step of the current code: {len(lines)}")
+    for name in ("sync-free selection", "read-back selection"):
+        with VARIANTS[name]():
+            lines = read_backs(trainers[name], xs[0])
+            n_ops = operators(trainers[name], xs[1])
+        how = "CUDA sync debug mode" if dev.type == "cuda" else "at dispatch, besides the Trainer's one .tolist()"
+        print(f"\n'{name}': {n_ops} operators dispatched in one step (views excluded)")
+        print(f"read-backs to the host in one step of '{name}' ({how}): {len(lines)}")
         for line in lines:
             print("  " + line)
 

@@ -139,16 +139,33 @@ def test_auxk_every_benchmark_times_and_evaluates_each_setting(store):
 def test_step_variants_and_data_loading_benchmarks_run(store):
     from conftest import HOOK
 
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_variants.py"), "--d", "32", "--d-sae", "512",
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_variants.py"), "--d", "32", "--d-sae", "1024",
                         "--batch", "128", "--steps", "2", "--rounds", "2"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    rows = {line[:22].strip(): line.split() for line in r.stdout.splitlines()
-            if line[:22].strip() in ("current", "bias after product", "device theta hint")}
-    assert len(rows) == 3 and rows["current"][-2:] == ["1.000", "1.000-1.000"]
+    names = ("current", "bias after product", "sync-free selection", "read-back selection", "theta hint (before)")
+    rows = {line[:22].strip(): line.split() for line in r.stdout.splitlines() if line[:22].strip() in names}
+    assert len(rows) == 5 and rows["current"][-2:] == ["1.000", "1.000-1.000"]
     assert all(float(v[-3]) > 0 for v in rows.values())  # ms per step
+    # the listing of read-backs: none in the sync-free step, the exact selection's three in the other
+    assert "'sync-free selection' (at dispatch, besides the Trainer's one .tolist()): 0" in r.stdout
+    assert "'read-back selection' (at dispatch, besides the Trainer's one .tolist()): 3" in r.stdout
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "data_loading.py"), "--store", str(store.path),
                         "--hook", HOOK, "--steps", "4", "--batch", "64", "--repeats", "1", "--warm-only"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     warm = [line.split() for line in r.stdout.splitlines() if line.startswith("warm")]
     assert [w[1] for w in warm] == ["on", "off"] and all(0 <= float(w[2].rstrip("%,")) < 100 for w in warm)
+
+
+def test_selection_hint_benchmark_runs(store):
+    from conftest import HOOK
+
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "selection_hint.py"), "--store", str(store.path),
+                        "--hook", HOOK, "--steps", "5", "--batch", "64", "--d-sae", "512", "--k", "4"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [line.split()[-11:] for line in r.stdout.splitlines() if line.startswith(("theta", "previous cut"))]
+    assert len(rows) == 6
+    for factor, lo, mid, hi, below, _, steps, over, *_ in rows:
+        assert 0 < float(lo) <= float(mid) <= float(hi) and int(steps) == 4  # steps 1-4: the hints exist from step 1
+        assert 0 <= int(below) <= 4 and 0 <= int(over) <= 4

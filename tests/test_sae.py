@@ -1,4 +1,6 @@
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,6 +102,43 @@ def test_fast_sparse_path_matches_dense_gradients(arch, n_dead, sparse_everywher
     o2.loss.backward()
     for (n, p1), (_, p2) in zip(dense.named_parameters(), fast.named_parameters()):
         torch.testing.assert_close(p1.grad, p2.grad, atol=1e-6, rtol=1e-4, msg=n)
+
+
+@pytest.mark.parametrize("n_dead", [0, 10, 40])
+def test_sync_free_batchtopk_loss_equals_the_exact_one_without_a_read_back(n_dead, sparse_everywhere):
+    """BatchTopK's selection without read-backs (hint: 0.9x the previous step's cut on the device; the dead latents'
+    number known from the step before) gives the exact path's loss, code and every gradient, flagged exact, and
+    reads nothing back; a hint above this batch's cut leaves too few candidates and is flagged."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.step_variants import DispatchReadBacks
+
+    torch.manual_seed(3)
+    cfg = SAEConfig(arch="batchtopk", d_in=24, d_sae=96, k=4, k_aux=16, dead_tokens=10, normalize="none")
+    exact, free = make_sae(cfg), make_sae(cfg)
+    free.load_state_dict(exact.state_dict())
+    for s in (exact, free):
+        s.tokens_since_fired[:n_dead] = 100
+    free.set_dead_counters(free.tokens_since_fired.clone(), n_dead)
+    free.sync_free = True
+    x = torch.randn(48, 24)
+    o1 = exact.training_loss(x)
+    assert o1.exact is None and o1.path == "sparse"  # no previous cut: the exact selection
+    free.previous_cut.copy_(o1.cut * 1.05)  # the previous batch's cut, a little above this one's
+    free.has_previous_cut = True
+    with DispatchReadBacks() as seen:
+        o2 = free.training_loss(x)
+    assert seen.found == [] and bool(o2.exact) and o2.path == "sparse"
+    assert (float(o1.terms["aux"]) > 0) == (n_dead > 0)
+    torch.testing.assert_close(o1.loss, o2.loss, rtol=0, atol=0)
+    assert torch.equal(o1.l0, o2.l0) and torch.equal(o1.fired, o2.fired) and torch.equal(o1.cut, o2.cut)
+    o1.loss.backward()
+    o2.loss.backward()
+    for (n, p1), (_, p2) in zip(exact.named_parameters(), free.named_parameters()):
+        assert torch.equal(p1.grad, p2.grad), n
+    free.previous_cut.copy_(o1.cut * 2)  # far above this batch's cut: fewer than B*k candidates
+    assert not bool(free.training_loss(x).exact)
+    free.redo_exact = True  # as the Trainer redoes such a step: exact again
+    assert free.training_loss(x).exact is None
 
 
 def _same_loss_and_gradients(cfg, x, setup):
@@ -362,6 +401,57 @@ def test_candidate_batch_topk_is_exact():
         vals, idx = batch_topk(a, n, hint)
         assert set(idx.tolist()) == set(ref_idx.tolist()), hint
         torch.testing.assert_close(vals.sort().values, ref_vals.sort().values)
+
+
+def test_static_batch_topk_is_exact_or_says_so():
+    """batch_topk_static: fixed shapes, no read-back; exact (the same entries and values as a full top-k) whenever
+    between n and `capacity` entries pass the hint, and flagged otherwise (too few, or too many to hold)."""
+    from saekit.sae.kernels import batch_topk_static
+
+    torch.manual_seed(0)
+    a = torch.relu(torch.randn(64, 300))
+    n = 64 * 5
+    ref_vals, ref_idx = a.reshape(-1).topk(n)
+    seen = set()
+    for factor in (0.0, 0.5, 0.9, 1.0, 1.2):
+        hint = ref_vals.min() * factor
+        count = int((a > hint).sum())
+        for capacity in {n, 2 * n, 3 * n, max(n, count), max(n, count - 1)}:
+            vals, idx, exact = batch_topk_static(a, n, hint, capacity)
+            assert vals.shape == idx.shape == (n,) and exact.dtype == torch.bool and exact.dim() == 0
+            assert bool(exact) == (n <= count <= capacity), (factor, capacity, count)
+            seen.add(bool(exact))
+            if exact:
+                assert set(idx.tolist()) == set(ref_idx.tolist()), (factor, capacity)
+                torch.testing.assert_close(vals.sort().values, ref_vals.sort().values)
+            assert int(idx.min()) >= 0 and int(idx.max()) < a.numel()  # even when not exact: valid indices
+    assert seen == {True, False}
+    with pytest.raises(ValueError, match="capacity"):
+        batch_topk_static(a, n, ref_vals.min(), n - 1)
+
+
+def test_dead_latents_whose_number_is_known_are_found_without_a_read_back():
+    """_aux_dead takes the number of dead latents set_dead_counters was given (the trainer's one read-back of the
+    step before): no read-back of its own; counters changed since (by hand, a load) are read back again."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.step_variants import DispatchReadBacks
+
+    sae = make_sae(arch="batchtopk", d_in=8, d_sae=64, k=2, dead_tokens=10)
+    fired = torch.zeros(64, dtype=torch.bool)
+    fired[::3] = True
+    since, n_dead = sae.next_dead_counters(fired, 20)
+    assert int(n_dead) == 64 - 22 and int(sae.tokens_since_fired.sum()) == 0  # the counters are left alone
+    sae.set_dead_counters(since, int(n_dead))
+    with DispatchReadBacks() as seen:
+        dead = sae._aux_dead()
+    assert seen.found == [] and torch.equal(dead, (~fired).nonzero().squeeze(1))
+    sae.tokens_since_fired[:6] = 0  # changed by hand: the number known is stale
+    with DispatchReadBacks() as seen:
+        dead = sae._aux_dead()
+    assert len(seen.found) == 1 and "nonzero" in seen.found[0]
+    assert torch.equal(dead, sae.dead_mask().nonzero().squeeze(1)) and dead.numel() == 64 - 22 - 4
+    sae.set_dead_counters(torch.zeros(64, dtype=torch.long), 0)
+    assert sae._aux_dead() is None
 
 
 @pytest.mark.parametrize("bad", ["large", "-1", "0"])

@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -298,3 +299,48 @@ def test_step_statistics_are_the_steps_own_figures(toy_x):
     assert row["l0"] == pytest.approx(float(out.l0.float().mean()), rel=1e-6)
     assert row["dead_frac"] == pytest.approx(dead) and row["dead_frac"] < 1
     assert row["theta"] == pytest.approx(theta) and theta > 0
+
+
+def test_sync_free_training_equals_exact_training_and_redoes_a_step_it_cannot_prove(toy_x, monkeypatch):
+    """A BatchTopK run whose selections are made without read-backs (sync_free, the default on an accelerator)
+    ends with exactly the weights, theta, counters and log of a run with exact selections. A step whose
+    candidates could not hold the top B*k (here: its hint spoilt) is flagged and redone exactly by the trainer."""
+    import saekit.sae.architectures as A
+    import saekit.sae.base as base
+    from saekit.train import Trainer
+
+    monkeypatch.setattr(base, "SPARSE_MIN_LATENTS", 0)  # the sparse path at toy size
+    monkeypatch.setattr(base, "SPARSE_MAX_DENSITY", 1.0)
+    flags = []
+
+    def spy(*args):
+        out = A.batch_topk_static.__wrapped__(*args)
+        flags.append(bool(out[2]))
+        return out
+
+    spy.__wrapped__ = A.batch_topk_static
+    monkeypatch.setattr(A, "batch_topk_static", spy)
+    cfg = SAEConfig(arch="batchtopk", d_in=16, d_sae=64, k=3, dead_tokens=256)
+
+    def run(sync_free, spoil_at=None):
+        torch.manual_seed(0)
+        tr = Trainer([cfg], TrainConfig(total_tokens=10**6, batch_size=128, warmup_steps=0, progress=False,
+                                        log_every=1))
+        tr.saes[0].sync_free = sync_free
+        tr.initialise(toy_x[:512])
+        for i in range(12):
+            if i == spoil_at:
+                tr.saes[0].previous_cut.mul_(100)
+            tr.train_step(toy_x[i * 128:(i + 1) * 128])
+        return tr
+
+    exact = run(False)
+    assert flags == []
+    free = run(True, spoil_at=6)
+    assert len(flags) == 11 and flags[5] is False and flags.count(False) == 1  # steps 1-11; step 0 has no cut
+    assert free.saes[0].redo_exact is False
+    for k, v in exact.saes[0].state_dict().items():
+        assert torch.equal(v, free.saes[0].state_dict()[k]), k
+    log_exact, log_free = exact.log_frames()[0], free.log_frames()[0]
+    assert (log_exact["aux"] > 0).any() and (log_exact["dead_frac"] > 0).any()  # AuxK had dead latents to use
+    pd.testing.assert_frame_equal(log_exact, log_free)

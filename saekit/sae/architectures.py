@@ -12,7 +12,7 @@ from .. import distributed as D
 from .base import SAE, TrainOutput
 from .config import ARCHITECTURES, SAEConfig, SAEConfigError, architecture, register, resolve_group_sizes
 from .kernels import (CodeIndex, JumpReLUFunction, Selection, SparseCode, StepFunction, ThresholdPseudoGrad,
-                      batch_topk, positive_entries, rectangle, row_topk, sparse_decode, sparse_encode,
+                      batch_topk, batch_topk_static, positive_entries, rectangle, row_topk, sparse_decode, sparse_encode,
                       stable_argsort, threshold_window)
 
 
@@ -24,12 +24,21 @@ class BatchTopKSAE(SAE):
     saelens_name, saelens_training_name = "jumprelu", "batchtopk"  # SAELens saves BatchTopK as a JumpReLU
     has_k = has_theta = uses_auxk = has_fast_path = True
     modes = ("threshold", "batch")
-    candidate_factor = 0.9  # exact top-k among pre-activations above this fraction of theta first (see batch_topk)
+    # the top B*k is first looked for among the pre-activations above a hint (batch_topk, batch_topk_static): this
+    # fraction of the previous training batch's cut in training, of theta in batch mode. The previous cut, not
+    # theta: theta is a long running mean that lags behind the cut, and late in a 300-step run on SmolLM2 fewer
+    # than B*k entries passed 0.9 theta at 195 of 200 steps (each then needs a second pass), while 0.9x the
+    # previous cut passed 1.31-2.01 B*k at every step (benchmarks/results/selection_hint_cpu.txt)
+    candidate_factor = 0.9
+    candidate_capacity = 3  # batch_topk_static keeps up to this many times B*k candidates
 
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)
         self.register_buffer("threshold", torch.zeros(()))
         self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long))
+        # the previous training step's cut (the next selection's hint; after_step writes it), not saved with the SAE
+        self.register_buffer("previous_cut", torch.zeros(()), persistent=False)
+        self.has_previous_cut = False
 
     @property
     def has_threshold(self) -> bool:
@@ -46,10 +55,9 @@ class BatchTopKSAE(SAE):
             return Selection(rows, cols)
         if mode not in ("batch", "train"):
             raise SAEConfigError(f"unknown BatchTopK mode '{mode}'; use 'threshold' or 'batch'")
-        # theta read back to the host: one wait, but the compare against a Python number runs vectorised on a GPU;
-        # against a device-tensor hint with no wait it was faster in every round of one H200 run (0.961) and
-        # within noise in another (benchmarks/results/step_variants_gpu.txt). theta is 0 until set: no hint then
-        hint = float(self.threshold) * self.candidate_factor
+        # the hint read back to the host (train_select is the path without read-backs); 0 until known: no hint
+        known = mode == "train" and self.has_previous_cut
+        hint = float(self.previous_cut if known else self.threshold) * self.candidate_factor
         if mode == "train" and self.distributed:  # over the global batch of every rank
             flat, vals, cut = D.global_batch_topk(a, self.cfg.k, hint, batch_topk)
             flat = flat[stable_argsort(flat, a.numel())]  # row-major, as every Selection
@@ -57,10 +65,26 @@ class BatchTopKSAE(SAE):
         vals, flat = batch_topk(a, min(a.shape[0] * self.cfg.k, a.numel()), hint, positive=True)
         return positive_entries(vals, flat, a.shape[1], a.numel())
 
+    def train_select(self, a) -> Selection:
+        """The training selection without a read-back (batch_topk_static, hint from the previous step's cut),
+        flagged by Selection.exact; the exact select(a, "train") where there is no previous cut yet, under
+        torch.distributed (the global cut is agreed between ranks on the host), with sync_free off (None: on the
+        CPU) or in a step redone because its selection was not exact (redo_exact)."""
+        free = self.sync_free if self.sync_free is not None else a.device.type != "cpu"
+        if not self.has_previous_cut or self.distributed or not free or self.redo_exact:
+            return self.select(a, "train")
+        n = min(a.shape[0] * self.cfg.k, a.numel())
+        vals, flat, exact = batch_topk_static(a, n, self.previous_cut * self.candidate_factor,
+                                              min(self.candidate_capacity * n, a.numel()))
+        flat = flat[stable_argsort(flat, a.numel())]  # row-major, as every Selection
+        return Selection(flat // a.shape[1], flat % a.shape[1], vals.min(), exact)
+
     @torch.no_grad()
     def after_step(self, out: TrainOutput) -> dict:
         """theta: a running mean of the training selections' cuts (the smallest activation kept)."""
         if out.cut is not None:  # on the device: beta = min(threshold_beta, 1 - 1/(n+1)), 0 at the first cut
+            self.previous_cut.copy_(out.cut)
+            self.has_previous_cut = True
             beta = (1 - 1 / (self.threshold_updates + 1)).clamp(max=self.cfg.threshold_beta).to(self.threshold.dtype)
             self.threshold.mul_(beta).add_((1 - beta) * out.cut)
             self.threshold_updates += 1

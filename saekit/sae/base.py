@@ -15,6 +15,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from ..files import atomic_write_bytes, atomic_write_json
 from . import formats
+from .auxk import DeadLatents
 from .config import SAEConfig, SAEConfigError
 from .kernels import CodeIndex, Selection, SparseCode, sparse_decode, sparse_encode
 
@@ -41,9 +42,11 @@ class TrainOutput(NamedTuple):
     l0: torch.Tensor  # [batch] active latents per token
     cut: torch.Tensor | None = None  # the selection's cut (see kernels.Selection): BatchTopK's theta sample
     path: str = "reference"  # which path made it: "reference" (dense) or "sparse" (fast_loss on the sparse kernels)
+    exact: torch.Tensor | None = None  # 0-dim bool: False where a selection made without read-backs was not exact
+    # and the step must be redone with redo_exact set (see kernels.batch_topk_static); None: exact by construction
 
 
-class SAE(torch.nn.Module):
+class SAE(DeadLatents, torch.nn.Module):
     """Shared base. An architecture subclasses it, sets its facts, defines `select` (and where it has one,
     `sparsity_loss`), and registers itself with `config.register`."""
 
@@ -62,6 +65,12 @@ class SAE(torch.nn.Module):
     sweep_knob = "k"  # which list of levels a sweep gives it: "k" (k or target L0) or "l1_coeff"
     modes: tuple[str, ...] = ("default",)  # codes `encode(x, mode)` can give; the first is the inference code
     distributed = False  # set by the Trainer under torch.distributed: batch-coupled terms use the global batch
+    # fast_loss may select without reading back from the device, flagging a selection that might not be exact
+    # (TrainOutput.exact). None: on an accelerator only, where each read-back stalls the host. On the CPU a
+    # read-back costs nothing, and the selection without one measured 1.03x slower
+    # (benchmarks/results/step_variants_cpu.txt)
+    sync_free: bool | None = None
+    redo_exact = False  # set by the Trainer while it redoes a step whose selection was not exact: select exactly
 
     @classmethod
     def check_config(cls, cfg: SAEConfig) -> None:
@@ -209,20 +218,11 @@ class SAE(torch.nn.Module):
 
     aux_due = True  # the trainer sets it each step: AuxK runs on one step in cfg.aux_every
 
-    def _aux_dead(self) -> torch.Tensor | None:
-        """The dead latents' indices when AuxK has work this step (it is due, and some latent is dead), else None.
-        Their number is read back from the device: the paths ask before queueing the step's encode, while the
-        device has little left to do."""
-        if not self.uses_auxk or self.cfg.aux_alpha <= 0 or not self.aux_due:
-            return None
-        dead = self.dead_mask().nonzero().squeeze(1)
-        return dead if dead.numel() else None
-
-    def _finish(self, xs, x_hat, mse, sparsity, aux, fired, l0, cut, path="reference") -> TrainOutput:
+    def _finish(self, xs, x_hat, mse, sparsity, aux, fired, l0, cut, path="reference", exact=None) -> TrainOutput:
         loss = mse + sparsity + (self.cfg.aux_alpha * self.cfg.aux_every * aux if aux is not None else 0)
         zero = xs.new_zeros(())
         terms = {"mse": mse.detach(), "sparsity": sparsity.detach(), "aux": aux.detach() if aux is not None else zero}
-        return TrainOutput(loss, terms, x_hat, xs, fired, l0, cut, path)
+        return TrainOutput(loss, terms, x_hat, xs, fired, l0, cut, path, exact)
 
     def reference_loss(self, x: torch.Tensor) -> TrainOutput:
         """The loss with dense matrices throughout: the definition the fast path is tested against."""
@@ -263,7 +263,7 @@ class SAE(torch.nn.Module):
         dead = self._aux_dead()
         with torch.no_grad():
             a = self.pre_acts(xs)
-            sel = self.select(a, "train")
+            sel = self.train_select(a)
         # one index of the selection (row-major already) serves the encoder's and the decoder's products
         code = sparse_encode(xs, self.W_enc, self.b_enc, self.b_dec,
                              CodeIndex(sel.rows, sel.cols, xs.shape[0], self.cfg.d_sae, rows_sorted=True), a)
@@ -272,7 +272,7 @@ class SAE(torch.nn.Module):
         if dead is not None:
             aux = (self.aux_reconstruction(xs, dead) - (xs - x_hat).detach()).pow(2).mean()
         return self._finish(xs, x_hat, self.recon_loss(xs, x_hat, code), xs.new_zeros(()), aux,
-                            *self._sparse_stats(sel.rows, sel.cols, xs.shape[0]), sel.cut, "sparse")
+                            *self._sparse_stats(sel.rows, sel.cols, xs.shape[0]), sel.cut, "sparse", sel.exact)
 
     def _sparse_stats(self, rows: torch.Tensor, cols: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A sparse path's (fired [d_sae] bool, l0 [batch]) from its active entries."""
@@ -280,6 +280,11 @@ class SAE(torch.nn.Module):
         fired = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=rows.device).index_fill_(0, cols, True)
         # a count by index_add: bincount reads the largest index back from the device first
         return fired, torch.zeros(batch, dtype=torch.long, device=rows.device).index_add_(0, rows, torch.ones_like(rows))
+
+    def train_select(self, a: torch.Tensor) -> Selection:
+        """The fast path's training selection: select(a, "train"), or where an architecture has one, a selection
+        made without read-backs while `sync_free` (its Selection.exact says whether it is exact)."""
+        return self.select(a, "train")
 
     def train_code(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The reference path's differentiable code from pre-activations, and the selection's cut."""
@@ -294,31 +299,6 @@ class SAE(torch.nn.Module):
         path) or dense z behind x_hat, for architectures whose loss looks inside it."""
         return (x_hat - xs).pow(2).mean()
 
-    # -- AuxK: one implementation per path ----------------------------------------------------
-    def aux_reconstruction(self, xs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """Fast path's AuxK reconstruction from the dead latents alone, with dense matmuls over just their
-        columns (B x n_dead x d_in each way: small while few latents are dead): their pre-activations again,
-        each row's k_aux largest positive ones kept, decoded. The same values and gradients as the reference
-        path's `aux_select` on the full pre-activations, at a fraction of the cost of routing B * k_aux more
-        entries through the sparse encoder's backward (measured on 2 CPU cores at d_in=576, d_sae=4608,
-        B=1024 with ~170 dead latents: AuxK's share of a step fell from ~25-30 ms to ~15 ms). idx: the dead
-        latents (`_aux_dead`)."""
-        # the dead latents as rows of W_enc_t: their gradient comes in the parameter's own layout and adds into the
-        # sparse path's in place (indexing W_enc[:, idx] cost a transposing copy a step)
-        a = torch.mm(xs - self.b_dec, self.W_enc_t[idx].t()).add_(self.b_enc[idx]).relu_()
-        if idx.numel() > self.cfg.k_aux:
-            vals, pos = a.topk(self.cfg.k_aux, dim=-1, sorted=False)
-            a = torch.zeros_like(a).scatter(-1, pos, vals)
-        return a @ self.W_dec[idx]
-
-    def aux_select(self, a: torch.Tensor, dead_idx: torch.Tensor) -> Selection:
-        """Reference path's AuxK: the k_aux largest pre-activations of dead latents (their indices) in each row
-        (positive ones)."""
-        vals, idx = a[:, dead_idx].topk(min(self.cfg.k_aux, dead_idx.numel()), dim=-1, sorted=False)
-        rows = torch.arange(a.shape[0], device=a.device).repeat_interleave(idx.shape[1])
-        keep = vals.reshape(-1) > 0
-        return Selection(rows[keep], dead_idx[idx.reshape(-1)][keep])
-
     # -- around the optimiser step ------------------------------------------------------------
     def optim_groups(self) -> list[dict]:
         """Parameter groups for the optimiser; `lr_scale` multiplies the run's learning rate."""
@@ -327,14 +307,6 @@ class SAE(torch.nn.Module):
     @torch.no_grad()
     def init_from_data(self, xs: torch.Tensor) -> None:
         """Architecture-specific initialisation from a normalised sample (after b_dec is set)."""
-
-    def dead_mask(self) -> torch.Tensor:
-        return self.tokens_since_fired >= self.cfg.dead_tokens
-
-    @torch.no_grad()
-    def update_dead(self, fired: torch.Tensor, n_tokens: int) -> None:
-        self.tokens_since_fired += n_tokens
-        self.tokens_since_fired.masked_fill_(fired, 0)  # not [fired] = 0: a mask index reads its size back
 
     @torch.no_grad()
     def after_step(self, out: TrainOutput) -> dict:

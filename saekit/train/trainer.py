@@ -185,36 +185,54 @@ class Trainer:
     def train_step(self, x: torch.Tensor) -> list[StepStats]:
         """One optimiser step of every SAE on batch x [B, d_in]. Returns per-SAE stats (read when asked for)."""
         tc = self.tc
-        finite_x = torch.isfinite(x).all()  # read back with the loss's check, after the backward pass is queued
         factor = lr_factor(self.step, tc.total_steps, tc.warmup_steps, tc.decay_frac)
+        n_tokens = x.shape[0] * self.world
         stats = []
         for i, (sae, opt) in enumerate(zip(self.saes, self.opts)):
             for g in opt.param_groups:
                 g["lr"] = self.lrs[i] * factor * g["lr_scale"]
             sae.aux_due = self.step % max(1, sae.cfg.aux_every) == 0  # from the step count, so a resumed run agrees
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                out = self.ddp[i](x) if self.ddp else sae.training_loss(x, fast=tc.fast)
-            opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            # one read-back a step, once forward and backward are queued, and before any weight changes
-            if not bool(finite_x & torch.isfinite(out.loss.detach())):
-                if not bool(finite_x):
-                    raise TrainingError(self._nan_message("the input activations", "replace or re-capture them"))
-                raise TrainingError(self._nan_message(f"the loss of SAE {self.names[i]}", "lower the learning rate"))
+            out, since, n_dead = self._forward_backward(i, x, n_tokens)
             sae.remove_parallel_grad()
             if tc.grad_clip:
                 torch.nn.utils.clip_grad_norm_(sae.parameters(), tc.grad_clip)
             opt.step()
             sae.normalize_decoder()
-            if self.world > 1:  # dead-latent counters see the global batch
-                sae.update_dead(D.all_reduce_fired(out.fired), x.shape[0] * self.world)
-            else:
-                sae.update_dead(out.fired, x.shape[0])
+            sae.set_dead_counters(since, n_dead)
             extra = sae.after_step(out)
-            stats.append((out, extra, self.lrs[i] * factor))
+            stats.append((out, extra, self.lrs[i] * factor, n_dead / sae.cfg.d_sae))
         self.step += 1
-        self.tokens += x.shape[0] * self.world
+        self.tokens += n_tokens
         return self._log(stats)
+
+    def _forward_backward(self, i: int, x: torch.Tensor, n_tokens: int):
+        """SAE i's loss and gradients on x, checked with the step's one read-back from the device (queued after
+        the backward pass, before any weight changes): the loss is finite, a selection made without read-backs
+        was exact (else the step is redone with redo_exact set, see kernels.batch_topk_static), and the number of
+        dead latents after this step (the next step's AuxK needs it). (out, the new dead-latent counters, that
+        number)."""
+        sae = self.saes[i]
+        try:
+            for attempt in range(2):
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                    out = self.ddp[i](x) if self.ddp else sae.training_loss(x, fast=self.tc.fast)
+                self.opts[i].zero_grad(set_to_none=True)
+                out.loss.backward()
+                fired = D.all_reduce_fired(out.fired) if self.world > 1 else out.fired  # the global batch's
+                since, n_dead = sae.next_dead_counters(fired, n_tokens)
+                exact = out.exact if out.exact is not None else torch.ones((), dtype=torch.bool, device=x.device)
+                finite, exact, n_dead = torch.stack([torch.isfinite(out.loss.detach()).long(), exact.long(),
+                                                     n_dead]).tolist()
+                if exact:
+                    break
+                sae.redo_exact = True  # the selection was not exact: once more, exactly
+        finally:
+            sae.redo_exact = False
+        if not finite:
+            if not bool(torch.isfinite(x).all()):  # NaN in x makes every loss NaN: which of the two it was
+                raise TrainingError(self._nan_message("the input activations", "replace or re-capture them"))
+            raise TrainingError(self._nan_message(f"the loss of SAE {self.names[i]}", "lower the learning rate"))
+        return out, since, n_dead
 
     def _nan_message(self, what: str, fix: str) -> str:
         ck = self.latest_checkpoint()
@@ -225,13 +243,12 @@ class Trainer:
     def _log(self, stats) -> list[StepStats]:
         rows = []
         log_now = self.step % max(1, self.tc.log_every) == 0 or self.step == self.tc.total_steps
-        for i, (out, extra, lr) in enumerate(stats):
-            sae = self.saes[i]
+        for i, (out, extra, lr, dead_frac) in enumerate(stats):
             row = StepStats({"step": self.step, "tokens": self.tokens, "loss": out.loss, "lr": lr, **out.terms,
                              "nmse": lambda x=out.x.detach(), x_hat=out.x_hat.detach():
                              nmse_tensor(x.float(), x_hat.float()),
                              "l0": out.l0.float().mean,
-                             "dead_frac": sae.dead_mask().float().mean,  # the mask now: its counters move on
+                             "dead_frac": dead_frac,
                              "theta": extra.get("theta", float("nan"))})
             if log_now:
                 self.logs[i].append(dict(row))
