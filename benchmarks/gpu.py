@@ -85,6 +85,7 @@ def correctness(run: Run, dev: torch.device, dry: bool):
     saved, (base.SPARSE_MIN_LATENTS, base.SPARSE_MAX_DENSITY) = (base.SPARSE_MIN_LATENTS, base.SPARSE_MAX_DENSITY), (0, 1.0)
     try:
         fast_vs_reference(run, dev, d, f, B)
+        sync_free_vs_exact(run, dev, d, f, B)
     finally:
         base.SPARSE_MIN_LATENTS, base.SPARSE_MAX_DENSITY = saved
     calibration(run, dev, d, f, B)
@@ -115,6 +116,41 @@ def fast_vs_reference(run: Run, dev: torch.device, d: int, f: int, B: int):
             run.check("correctness", f"{arch} fast vs reference ({'bf16 autocast' if amp else 'fp32'})",
                       loss_rel < tol and worst < tol * 5 and o2.path == "sparse", f"loss {loss_rel:.1e}, grads {worst:.1e}",
                       f"path {o2.path}; relative errors, tolerance {tol:g} / {tol * 5:g}")
+
+
+def sync_free_vs_exact(run: Run, dev: torch.device, d: int, f: int, B: int):
+    """BatchTopK's selection without read-backs (the default on a GPU) trains as the exact one: two Trainers from
+    the same start on the same batches, 8 steps with dead latents (AuxK from the read-back count); every
+    selection after the first step flagged exact, or redone."""
+    from saekit.sae.architectures import BatchTopKSAE
+    from saekit.train import TrainConfig, Trainer
+
+    xs = [torch.randn(B, d, device=dev) * torch.rand(B, 1, device=dev) * 4 for _ in range(8)]
+    flags, original = [], BatchTopKSAE.train_select
+
+    def spy(self, a):
+        sel = original(self, a)
+        if sel.exact is not None:  # a selection made without read-backs (the exact path's have no flag)
+            flags.append(bool(sel.exact))
+        return sel
+
+    trainers = {}
+    BatchTopKSAE.train_select = spy
+    try:
+        for free in (True, False):
+            torch.manual_seed(0)
+            tr = Trainer([SAEConfig(arch="batchtopk", d_in=d, d_sae=f, k=8, dead_tokens=2 * B)],
+                         TrainConfig(total_tokens=10**9, batch_size=B, warmup_steps=0, progress=False, device=str(dev)))
+            tr.saes[0].sync_free = free
+            tr.initialise(torch.cat(xs[:2]))
+            for x in xs:
+                tr.train_step(x)
+            trainers[free] = tr.saes[0]
+    finally:
+        BatchTopKSAE.train_select = original
+    worst = max(_rel(a.detach(), b.detach()) for a, b in zip(trainers[True].parameters(), trainers[False].parameters()))
+    run.check("correctness", "BatchTopK selection without read-backs vs exact, 8 steps", worst < 1e-4 and len(flags) == 7,
+              f"weights {worst:.1e}", f"{sum(flags)} of {len(flags)} selections without read-backs exact, the rest redone")
 
 
 def calibration(run: Run, dev: torch.device, d: int, f: int, B: int):

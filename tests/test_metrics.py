@@ -168,6 +168,21 @@ def test_batchtopk_evaluation_does_not_depend_on_batch_size(store):
     c = reconstruction_metrics(sae, x.split(1024), mode="batch")
     d = reconstruction_metrics(sae, x.split(37), mode="batch")
     assert c["l0"] == pytest.approx(8.0) and c["nmse"] != pytest.approx(d["nmse"], rel=1e-6)
+    # several (SAE, mode) pairs in one pass give each pair's own figures
+    from saekit.metrics.reconstruction import reconstruction_metrics_many
+
+    both = reconstruction_metrics_many([(sae, None), (sae, "batch")], x.split(37))
+    assert [m["nmse"] for m in both] == [b["nmse"], d["nmse"]] and [m["l0"] for m in both] == [b["l0"], d["l0"]]
+    # evaluate() reads the store once for threshold and batch mode (it read it twice before)
+    reads = []
+    take = type(store).take
+    store.take = lambda rows, hook=None: reads.append(len(rows)) or take(store, rows, hook)
+    try:
+        m = evaluate(sae, None, store, n_tokens=1000, batch_size=400)
+    finally:
+        del store.take
+    assert reads == [400, 400, 200] and m["sparsity"]["l0_batch_mode"] > 0
+    assert m["sparsity"]["l0_threshold_over_batch"] == pytest.approx(m["sparsity"]["l0"] / m["sparsity"]["l0_batch_mode"])
 
 
 def test_small_sweep_end_to_end(model, store, tmp_path):

@@ -26,6 +26,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from ..files import atomic_save_npy, atomic_write_json
@@ -250,8 +251,9 @@ def export_store(store: ActivationStore | str | Path, out: str | Path, format: s
                                    disable=not progress)):
             e = min(s + rows_per_piece, n_ctx)
             r0, r1 = s * context_size, e * context_size
-            piece = {c: store.rows(r0, r1, h).float().numpy().astype(np_dtype).reshape(e - s, context_size, -1)
-                     for c, h in columns.items()}
+            # float16 is written as it is stored; bfloat16 (numpy has none) and float32 go out as float32
+            piece = {c: store.rows(r0, r1, h).to(torch.float16 if dtype == "float16" else torch.float32).numpy()
+                     .reshape(e - s, context_size, -1) for c, h in columns.items()}
             piece["token_ids"] = toks[pos[r0:r1, 0], pos[r0:r1, 1]].reshape(e - s, context_size).astype(np.int32)
             d = datasets.Dataset.from_dict(piece, features=features)
             d.save_to_disk(str(tmp / "pieces" / f"{i:05d}"))

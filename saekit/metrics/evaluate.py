@@ -10,7 +10,7 @@ import torch
 from ..sae import SAE
 from .downstream import CE_TOKENS, ce_metrics_many, sample_sequences
 from .intervals import LEVEL, N_BOOT
-from .reconstruction import l0_histogram, reconstruction_metrics
+from .reconstruction import l0_histogram, reconstruction_metrics_many
 
 SCHEMA = "saekit.eval/2"
 
@@ -91,21 +91,24 @@ def evaluate_many(saes: Sequence[SAE], model=None, data=None, n_tokens: int = 20
 
 def _one_evaluation(sae, subs, downstream, sub_ce, make_batches, mode, hook, n_sequences) -> dict:
     """evaluate()'s dict for one SAE, given its (and its prefixes') CE results."""
-    rec = reconstruction_metrics(sae, make_batches(), mode=mode)
+    # one pass over the data for the SAE, its batch-mode code (theta's SAEs) and its prefixes (Matryoshka)
+    batch_mode = sae.has_theta and mode in (None, "threshold")
+    runs = [(sae, mode)] + [(sae, "batch")] * batch_mode + [(sub, mode) for sub in subs]
+    rec, *others = reconstruction_metrics_many(runs, make_batches())
     c = sae.cfg
     sparsity = {"l0": rec["l0"], "l0_std": rec["l0_std"], "l0_quantiles": rec["l0_quantiles"],
                 "l0_histogram": l0_histogram(rec["_per_token_l0"]), "dead_fraction": rec["dead_fraction"],
                 "dense_fraction": rec["dense_fraction"]}
     if sae.has_theta and mode in (None, "threshold"):
         # the batch-coupled training-time code next to the threshold that replaces it
-        batch_l0 = reconstruction_metrics(sae, (x for x, _ in make_batches()), mode="batch")["l0"]
+        batch_l0 = others.pop(0)["l0"]
         sparsity.update({"l0_batch_mode": batch_l0, "l0_threshold_mode": rec["l0"],
                          "l0_threshold_over_batch": rec["l0"] / batch_l0 if batch_l0 else float("nan")})
     prefixes = None
     if subs:
         prefixes = []
         for g, (sub, d) in enumerate(zip(subs, sub_ce), start=1):
-            r = reconstruction_metrics(sub, make_batches(), mode=mode)
+            r = others[g - 1]
             prefixes.append({"groups": g, "width": sub.cfg.d_sae,
                              **{k: r[k] for k in ("nmse", "mse_normalized", "fvu", "explained_variance", "cosine")},
                              "l0": r["l0"], "ce_recovered": d.get("ce_recovered"), "kl": d.get("kl"),

@@ -2,7 +2,7 @@
 its distribution, dead and dense latents, accumulated per sequence for the intervals."""
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -124,22 +124,34 @@ def reconstruction_metrics(sae: SAE, batches: Iterable, mode: str | None = None,
     BatchTopK uses threshold mode unless mode="batch", so results do not depend on batch size.
     Keys starting with "_" hold tensors: per-token L0 and per-latent firing density.
     """
-    device = device or next(sae.parameters()).device
-    was_training = sae.training
-    sae.eval()
-    acc = _Accumulator(sae.cfg.d_sae)
+    return reconstruction_metrics_many([(sae, mode)], batches, device)[0]
+
+
+@torch.no_grad()
+def reconstruction_metrics_many(runs: Sequence[tuple[SAE, str | None]], batches: Iterable,
+                                device: str | torch.device | None = None) -> list[dict]:
+    """reconstruction_metrics of several (SAE, mode) pairs over one pass of the batches: each batch is read (or
+    computed by the model) once for all of them, e.g. an SAE in threshold and in batch mode and its prefixes."""
+    device = device or next(runs[0][0].parameters()).device
+    saes = list(dict.fromkeys(sae for sae, _ in runs))  # each SAE once, in order
+    was_training = [sae.training for sae in saes]
+    accs = [_Accumulator(sae.cfg.d_sae) for sae, _ in runs]
+    for sae in saes:
+        sae.eval()
     try:
         for item in batches:
             x, seq = item if isinstance(item, (tuple, list)) else (item, None)
             x = x.to(device).float()
-            xs, ctx = sae.normalize_input(x)
-            z, x_hat = sae(x, mode=mode)
-            acc.add(x, x_hat, z, (xs - sae.renormalize(x_hat, ctx)).pow(2).mean(-1), seq)
+            for (sae, mode), acc in zip(runs, accs):
+                xs, ctx = sae.normalize_input(x)
+                z, x_hat = sae(x, mode=mode)
+                acc.add(x, x_hat, z, (xs - sae.renormalize(x_hat, ctx)).pow(2).mean(-1), seq)
     finally:
-        sae.train(was_training)
-    if acc.n == 0:
+        for sae, training in zip(saes, was_training):
+            sae.train(training)
+    if accs[0].n == 0:
         raise ValueError("no activations to evaluate")
-    return acc.result()
+    return [acc.result() for acc in accs]
 
 
 def l0_histogram(per_token_l0: torch.Tensor, max_bins: int = 200) -> dict:
