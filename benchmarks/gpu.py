@@ -154,9 +154,11 @@ def sync_free_vs_exact(run: Run, dev: torch.device, d: int, f: int, B: int):
 
 
 def calibration(run: Run, dev: torch.device, d: int, f: int, B: int):
+    from saekit.calibrate import threshold_for_l0
+
     sae = make_sae(SAEConfig(arch="batchtopk", d_in=d, d_sae=f, k=8)).to(dev).eval()
     batches = [torch.randn(B, d, device=dev) for _ in range(4)]
-    theta = sae.threshold_for_l0(batches, 8.0, 4 * B)
+    theta = threshold_for_l0(sae, batches, 8.0, 4 * B)
     sae.set_threshold(theta)
     l0 = sum(int((sae.encode(b) != 0).sum()) for b in batches) / (4 * B)
     run.check("correctness", "theta calibrated to L0 8 on its batches", abs(l0 - 8) <= 1 / B, f"L0 {l0:.4f}")

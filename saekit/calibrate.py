@@ -19,6 +19,31 @@ def _store_batches(store, n: int, batch_size: int, hook: str | None):
 
 
 @torch.no_grad()
+def threshold_for_l0(sae: SAE, batches, target_l0: float, n_tokens: int) -> float:
+    """The theta at which a BatchTopK SAE's threshold mode gives exactly `target_l0` latents per token on average
+    over `batches` (input space [B, d_in], n_tokens rows in all): halfway between the (n*target)-th and the next
+    largest activation. Exact, holding at most n*target + 1 values."""
+    count = int(round(n_tokens * target_l0))
+    pool = None
+    n = 0
+    for x in batches:
+        xs, _ = sae.normalize_input(sae._check_input(x.to(sae.W_enc.device)))
+        a = sae.pre_acts(xs).flatten()
+        n += xs.shape[0]
+        a = a[a > (pool.min() if pool is not None and pool.numel() > count else 0)]
+        pool = a if pool is None else torch.cat([pool, a])
+        if pool.numel() > count + 1:
+            pool = pool.topk(count + 1, sorted=False).values
+    if n != n_tokens:
+        raise SAEConfigError(f"the batches held {n} tokens, not the {n_tokens} announced")
+    if pool is None or pool.numel() <= count:
+        raise SAEConfigError(f"only {0 if pool is None else pool.numel()} positive activations on {n} tokens: "
+                             f"a mean L0 of {target_l0} cannot be reached; choose a smaller target")
+    top = pool.topk(count + 1).values
+    return float((top[count - 1] + top[count]) / 2) if count else float(top[0])
+
+
+@torch.no_grad()
 def calibrate(sae: SAE, store, target_l0: float | None = None, n_tokens: int | None = None,
               batch_size: int = 4096) -> dict:
     """Set sae's theta so that its threshold-mode L0 on the first n_tokens rows of `store` (all by
@@ -42,7 +67,7 @@ def calibrate(sae: SAE, store, target_l0: float | None = None, n_tokens: int | N
     sae.eval()
     before = float(per_token_l0(sae, store, n, batch_size=batch_size).mean()) if sae.has_threshold else None
     theta_before = float(sae.threshold) if sae.has_threshold else None
-    theta = sae.threshold_for_l0(_store_batches(store, n, batch_size, hook), target, n)
+    theta = threshold_for_l0(sae, _store_batches(store, n, batch_size, hook), target, n)
     sae.set_threshold(theta)
     after = float(per_token_l0(sae, store, n, batch_size=batch_size).mean())
     record = {"source": "calibrated", "target_l0": target, "theta": theta, "store": str(store.path),

@@ -141,6 +141,36 @@ def test_sync_free_batchtopk_loss_equals_the_exact_one_without_a_read_back(n_dea
     assert free.training_loss(x).exact is None
 
 
+def test_sync_free_topk_selection_equals_the_exact_one_or_says_so(sparse_everywhere):
+    """TopK without read-backs keeps all k of every row (the exact selection drops the non-positive ones, a mask the
+    host waits for): the same loss and gradients, flagged exact, while every kept value is positive; not otherwise."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.step_variants import DispatchReadBacks
+
+    torch.manual_seed(4)
+    cfg = SAEConfig(arch="topk", d_in=24, d_sae=96, k=4, k_aux=16, dead_tokens=10, normalize="none")
+    exact, free = make_sae(cfg), make_sae(cfg)
+    free.load_state_dict(exact.state_dict())
+    for s in (exact, free):
+        s.tokens_since_fired[:10] = 100
+    free.set_dead_counters(free.tokens_since_fired.clone(), 10)
+    free.sync_free = True
+    x = torch.randn(48, 24)
+    o1 = exact.training_loss(x)
+    with DispatchReadBacks() as seen:
+        o2 = free.training_loss(x)
+    assert seen.found == [] and bool(o2.exact) and o1.exact is None and o2.path == "sparse"
+    torch.testing.assert_close(o1.loss, o2.loss, rtol=0, atol=0)
+    assert torch.equal(o1.l0, o2.l0) and torch.equal(o1.fired, o2.fired)
+    o1.loss.backward()
+    o2.loss.backward()
+    for (n, p1), (_, p2) in zip(exact.named_parameters(), free.named_parameters()):
+        assert torch.equal(p1.grad, p2.grad), n
+    with torch.no_grad():
+        free.b_enc.fill_(-1.0)  # no positive pre-activation on a zero input: the 4 kept of each row are not positive
+    assert not bool(free.training_loss(x[:8] * 0).exact)
+
+
 def _same_loss_and_gradients(cfg, x, setup):
     dense, fast = make_sae(cfg), make_sae(cfg)
     setup(dense)

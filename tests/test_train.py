@@ -344,3 +344,6 @@ def test_sync_free_training_equals_exact_training_and_redoes_a_step_it_cannot_pr
     log_exact, log_free = exact.log_frames()[0], free.log_frames()[0]
     assert (log_exact["aux"] > 0).any() and (log_exact["dead_frac"] > 0).any()  # AuxK had dead latents to use
     pd.testing.assert_frame_equal(log_exact, log_free)
+    cfg = SAEConfig(arch="topk", d_in=16, d_sae=64, k=3, dead_tokens=256)  # TopK's selection without read-backs
+    exact, free = run(False).saes[0].state_dict(), run(True).saes[0].state_dict()
+    assert all(torch.equal(v, free[k]) for k, v in exact.items())

@@ -70,8 +70,7 @@ class BatchTopKSAE(SAE):
         flagged by Selection.exact; the exact select(a, "train") where there is no previous cut yet, under
         torch.distributed (the global cut is agreed between ranks on the host), with sync_free off (None: on the
         CPU) or in a step redone because its selection was not exact (redo_exact)."""
-        free = self.sync_free if self.sync_free is not None else a.device.type != "cpu"
-        if not self.has_previous_cut or self.distributed or not free or self.redo_exact:
+        if not (self.has_previous_cut and self._select_without_read_backs(a)):
             return self.select(a, "train")
         n = min(a.shape[0] * self.cfg.k, a.numel())
         vals, flat, exact = batch_topk_static(a, n, self.previous_cut * self.candidate_factor,
@@ -143,30 +142,6 @@ class BatchTopKSAE(SAE):
                        "training, the final one with the final weights (used)"})
         return float(self.threshold)
 
-    @torch.no_grad()
-    def threshold_for_l0(self, batches, target_l0: float, n_tokens: int) -> float:
-        """The theta at which threshold mode gives exactly `target_l0` latents per token on average over
-        `batches` (input space [B, d_in], n_tokens rows in all): halfway between the (n*target)-th and the
-        next largest activation. Exact, holding at most n*target + 1 values."""
-        count = int(round(n_tokens * target_l0))
-        pool = None
-        n = 0
-        for x in batches:
-            xs, _ = self.normalize_input(self._check_input(x.to(self.W_enc.device)))
-            a = self.pre_acts(xs).flatten()
-            n += xs.shape[0]
-            a = a[a > (pool.min() if pool is not None and pool.numel() > count else 0)]
-            pool = a if pool is None else torch.cat([pool, a])
-            if pool.numel() > count + 1:
-                pool = pool.topk(count + 1, sorted=False).values
-        if n != n_tokens:
-            raise SAEConfigError(f"the batches held {n} tokens, not the {n_tokens} announced")
-        if pool is None or pool.numel() <= count:
-            raise SAEConfigError(f"only {0 if pool is None else pool.numel()} positive activations on {n} tokens: "
-                                 f"a mean L0 of {target_l0} cannot be reached; choose a smaller target")
-        top = pool.topk(count + 1).values
-        return float((top[count - 1] + top[count]) / 2) if count else float(top[0])
-
 
 @register
 class TopKSAE(SAE):
@@ -178,6 +153,16 @@ class TopKSAE(SAE):
 
     def select(self, a, mode=None) -> Selection:
         return row_topk(a, self.cfg.k)
+
+    def train_select(self, a) -> Selection:
+        """Each row's k largest without a read-back: all k of every row, flagged exact when all are positive (the
+        exact selection drops the others, a mask whose size the host would wait for); the exact select off
+        sync_free."""
+        if not self._select_without_read_backs(a):
+            return self.select(a, "train")
+        vals, idx = a.topk(self.cfg.k, dim=-1, sorted=False)
+        rows = torch.arange(a.shape[0], device=a.device).repeat_interleave(self.cfg.k, output_size=idx.numel())
+        return Selection(rows, idx.reshape(-1), None, (vals > 0).all())
 
 
 @register

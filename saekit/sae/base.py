@@ -286,6 +286,12 @@ class SAE(DeadLatents, torch.nn.Module):
         made without read-backs while `sync_free` (its Selection.exact says whether it is exact)."""
         return self.select(a, "train")
 
+    def _select_without_read_backs(self, a: torch.Tensor) -> bool:
+        """Whether train_select may select without read-backs: sync_free (None: off the CPU), not under
+        torch.distributed, and not in a step the Trainer redoes because its selection was not exact."""
+        free = self.sync_free if self.sync_free is not None else a.device.type != "cpu"
+        return free and not self.distributed and not self.redo_exact
+
     def train_code(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The reference path's differentiable code from pre-activations, and the selection's cut."""
         sel = self.select(a, "train")
