@@ -73,7 +73,8 @@ def instrumented_step(tr: Trainer, x: torch.Tensor, record_function=record_funct
         fired = sae._sparse_stats(sel.rows, sel.cols, x.shape[0])[0]
         since, n_dead = sae.next_dead_counters(fired, x.shape[0])
         exact = sel.exact if sel.exact is not None else torch.ones((), dtype=torch.bool, device=x.device)
-        _, n_dead = torch.stack([exact.long(), n_dead]).tolist()  # the trainer's one read-back (with the loss's check)
+        # the trainer's one read-back (with the loss's check)
+        _, n_dead, cut = torch.stack([exact.double(), n_dead.double(), sel.cut.double()]).tolist()
     with record_function("decoder constraint"):
         sae.remove_parallel_grad()
     with record_function("clip"):
@@ -82,8 +83,8 @@ def instrumented_step(tr: Trainer, x: torch.Tensor, record_function=record_funct
         opt.step()
         sae.normalize_decoder()
     with record_function("dead latents + theta"), torch.no_grad():
-        sae.set_dead_counters(since, n_dead)
-        sae.after_step(SimpleNamespace(cut=sel.cut))  # theta and the next step's hint take this step's cut
+        sae.set_dead_counters(since, int(n_dead))
+        sae.after_step(SimpleNamespace(cut=sel.cut, cut_value=cut))  # theta and the next step's hint: this cut
 
 
 def host_or_device(tr: Trainer, batches):

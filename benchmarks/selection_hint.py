@@ -37,9 +37,9 @@ def main(argv=None):
 
     def spy(self, pre):
         flat, n = pre.reshape(-1), pre.shape[0] * self.cfg.k
-        if self.has_previous_cut:  # from step 1 on (theta and the previous cut are both set then)
+        if self.previous_cut is not None:  # from step 1 on (theta and the previous cut are both set then)
             for (hint, f), got in seen.items():
-                base = self.threshold if hint == "theta" else self.previous_cut
+                base = float(self.threshold) if hint == "theta" else self.previous_cut
                 got.append(int(torch.count_nonzero(flat > base * f)) / n)
         return original(self, pre)
 

@@ -9,8 +9,8 @@ debug mode on a GPU, the operators that read back as torch dispatches them elsew
 Variants (the current code is the baseline):
   bias after product   pre-activations as mm then add_ of b_enc (the code before the bias moved into addmm)
   sync-free selection  sync_free on (the default on an accelerator; on the CPU the read-back selection is)
-  read-back selection  sync_free off: BatchTopK's exact selection with its hint (0.9x the previous cut) read back
-                       and a nonzero whose size the host waits for, and the dead latents found by a read-back
+  read-back selection  sync_free off: BatchTopK's exact selection (a nonzero whose size the host waits for) and
+                       the dead latents found by a read-back
   theta hint (before)  the selection of the code before the previous cut became the hint: 0.9 theta read back,
                        the dead latents found by a read-back
 """

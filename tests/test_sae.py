@@ -123,8 +123,7 @@ def test_sync_free_batchtopk_loss_equals_the_exact_one_without_a_read_back(n_dea
     x = torch.randn(48, 24)
     o1 = exact.training_loss(x)
     assert o1.exact is None and o1.path == "sparse"  # no previous cut: the exact selection
-    free.previous_cut.copy_(o1.cut * 1.05)  # the previous batch's cut, a little above this one's
-    free.has_previous_cut = True
+    free.previous_cut = float(o1.cut) * 1.05  # the previous batch's cut, a little above this one's
     with DispatchReadBacks() as seen:
         o2 = free.training_loss(x)
     assert seen.found == [] and bool(o2.exact) and o2.path == "sparse"
@@ -135,7 +134,7 @@ def test_sync_free_batchtopk_loss_equals_the_exact_one_without_a_read_back(n_dea
     o2.loss.backward()
     for (n, p1), (_, p2) in zip(exact.named_parameters(), free.named_parameters()):
         assert torch.equal(p1.grad, p2.grad), n
-    free.previous_cut.copy_(o1.cut * 2)  # far above this batch's cut: fewer than B*k candidates
+    free.previous_cut = float(o1.cut) * 2  # far above this batch's cut: fewer than B*k candidates
     assert not bool(free.training_loss(x).exact)
     free.redo_exact = True  # as the Trainer redoes such a step: exact again
     assert free.training_loss(x).exact is None

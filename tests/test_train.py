@@ -330,7 +330,7 @@ def test_sync_free_training_equals_exact_training_and_redoes_a_step_it_cannot_pr
         tr.initialise(toy_x[:512])
         for i in range(12):
             if i == spoil_at:
-                tr.saes[0].previous_cut.mul_(100)
+                tr.saes[0].previous_cut *= 100
             tr.train_step(toy_x[i * 128:(i + 1) * 128])
         return tr
 

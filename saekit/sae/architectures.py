@@ -36,9 +36,10 @@ class BatchTopKSAE(SAE):
         super().__init__(cfg)
         self.register_buffer("threshold", torch.zeros(()))
         self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long))
-        # the previous training step's cut (the next selection's hint; after_step writes it), not saved with the SAE
-        self.register_buffer("previous_cut", torch.zeros(()), persistent=False)
-        self.has_previous_cut = False
+        # the previous training step's cut as a number on the host (the next selection's hint; after_step writes
+        # it from the trainer's read-back), not saved with the SAE. A number, not a device tensor: a GPU compares
+        # a tensor against a number in its vectorised kernel, against a 0-dim device tensor in a slower one
+        self.previous_cut: float | None = None
 
     @property
     def has_threshold(self) -> bool:
@@ -55,9 +56,9 @@ class BatchTopKSAE(SAE):
             return Selection(rows, cols)
         if mode not in ("batch", "train"):
             raise SAEConfigError(f"unknown BatchTopK mode '{mode}'; use 'threshold' or 'batch'")
-        # the hint read back to the host (train_select is the path without read-backs); 0 until known: no hint
-        known = mode == "train" and self.has_previous_cut
-        hint = float(self.previous_cut if known else self.threshold) * self.candidate_factor
+        # theta read back to the host where the previous cut is not known; 0 until set: no hint
+        known = mode == "train" and self.previous_cut is not None
+        hint = (self.previous_cut if known else float(self.threshold)) * self.candidate_factor
         if mode == "train" and self.distributed:  # over the global batch of every rank
             flat, vals, cut = D.global_batch_topk(a, self.cfg.k, hint, batch_topk)
             flat = flat[stable_argsort(flat, a.numel())]  # row-major, as every Selection
@@ -70,7 +71,7 @@ class BatchTopKSAE(SAE):
         flagged by Selection.exact; the exact select(a, "train") where there is no previous cut yet, under
         torch.distributed (the global cut is agreed between ranks on the host), with sync_free off (None: on the
         CPU) or in a step redone because its selection was not exact (redo_exact)."""
-        if not (self.has_previous_cut and self._select_without_read_backs(a)):
+        if self.previous_cut is None or not self._select_without_read_backs(a):
             return self.select(a, "train")
         n = min(a.shape[0] * self.cfg.k, a.numel())
         vals, flat, exact = batch_topk_static(a, n, self.previous_cut * self.candidate_factor,
@@ -80,10 +81,10 @@ class BatchTopKSAE(SAE):
 
     @torch.no_grad()
     def after_step(self, out: TrainOutput) -> dict:
-        """theta: a running mean of the training selections' cuts (the smallest activation kept)."""
+        """theta: a running mean of the training selections' cuts (the smallest activation kept); the cut as a
+        number for the next selection's hint (out.cut_value, read back by the trainer with its flags)."""
         if out.cut is not None:  # on the device: beta = min(threshold_beta, 1 - 1/(n+1)), 0 at the first cut
-            self.previous_cut.copy_(out.cut)
-            self.has_previous_cut = True
+            self.previous_cut = out.cut_value if out.cut_value is not None else float(out.cut)
             beta = (1 - 1 / (self.threshold_updates + 1)).clamp(max=self.cfg.threshold_beta).to(self.threshold.dtype)
             self.threshold.mul_(beta).add_((1 - beta) * out.cut)
             self.threshold_updates += 1

@@ -44,6 +44,7 @@ class TrainOutput(NamedTuple):
     path: str = "reference"  # which path made it: "reference" (dense) or "sparse" (fast_loss on the sparse kernels)
     exact: torch.Tensor | None = None  # 0-dim bool: False where a selection made without read-backs was not exact
     # and the step must be redone with redo_exact set (see kernels.batch_topk_static); None: exact by construction
+    cut_value: float | None = None  # `cut` as a number, where the trainer has read it back (with its flags)
 
 
 class SAE(DeadLatents, torch.nn.Module):

@@ -229,11 +229,11 @@ def batch_topk(a: torch.Tensor, n: int, hint: float | torch.Tensor = 0.0,
     return vals, idx
 
 
-def batch_topk_static(a: torch.Tensor, n: int, hint: torch.Tensor, capacity: int
+def batch_topk_static(a: torch.Tensor, n: int, hint: float | torch.Tensor, capacity: int
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """batch_topk without a read-back to the host: every shape is fixed by (n, capacity), so a GPU never waits and
-    the host queues the rest of the step at once. The n largest among the first `capacity` entries above the
-    device-tensor `hint` (torch.nonzero_static, no sync): (values, flat indices, exact), where `exact` (a 0-dim
+    the host queues the rest of the step at once. The n largest among the first `capacity` entries above
+    `hint` >= 0 (a number or a 0-dim tensor; torch.nonzero_static, no sync): (values, flat indices, exact), where `exact` (a 0-dim
     bool tensor) says that between n and capacity entries passed the hint, so the result is exactly
     a.flatten().topk(n)'s, all positive where hint >= 0. Where it is False the values and indices are not the top n
     (some may be padding) and the caller must redo the selection exactly (the trainer does, see

@@ -208,9 +208,9 @@ class Trainer:
     def _forward_backward(self, i: int, x: torch.Tensor, n_tokens: int):
         """SAE i's loss and gradients on x, checked with the step's one read-back from the device (queued after
         the backward pass, before any weight changes): the loss is finite, a selection made without read-backs
-        was exact (else the step is redone with redo_exact set, see kernels.batch_topk_static), and the number of
-        dead latents after this step (the next step's AuxK needs it). (out, the new dead-latent counters, that
-        number)."""
+        was exact (else the step is redone with redo_exact set, see kernels.batch_topk_static), the number of
+        dead latents after this step (the next step's AuxK needs it) and the selection's cut (the next step's
+        hint, out.cut_value). (out, the new dead-latent counters, that number)."""
         sae = self.saes[i]
         try:
             for attempt in range(2):
@@ -221,9 +221,10 @@ class Trainer:
                 fired = D.all_reduce_fired(out.fired) if self.world > 1 else out.fired  # the global batch's
                 since, n_dead = sae.next_dead_counters(fired, n_tokens)
                 exact = out.exact if out.exact is not None else torch.ones((), dtype=torch.bool, device=x.device)
-                finite, exact, n_dead = torch.stack([torch.isfinite(out.loss.detach()).long(), exact.long(),
-                                                     n_dead]).tolist()
+                read = [torch.isfinite(out.loss.detach()), exact, n_dead] + ([out.cut] if out.cut is not None else [])
+                finite, exact, n_dead, *cut = torch.stack([v.detach().double() for v in read]).tolist()
                 if exact:
+                    out = out._replace(cut_value=cut[0] if cut else None)  # the next step's hint (after_step)
                     break
                 sae.redo_exact = True  # the selection was not exact: once more, exactly
         finally:
@@ -232,7 +233,7 @@ class Trainer:
             if not bool(torch.isfinite(x).all()):  # NaN in x makes every loss NaN: which of the two it was
                 raise TrainingError(self._nan_message("the input activations", "replace or re-capture them"))
             raise TrainingError(self._nan_message(f"the loss of SAE {self.names[i]}", "lower the learning rate"))
-        return out, since, n_dead
+        return out, since, int(n_dead)
 
     def _nan_message(self, what: str, fix: str) -> str:
         ck = self.latest_checkpoint()
