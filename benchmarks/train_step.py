@@ -3,7 +3,8 @@
 The plain step is the paper's code path written out: dense encode, flat top-k over the batch, a dense
 [B, d_sae] code, dense decode, autograd through all of it, AuxK with a second dense decode. Prints
 tokens/s for each, the ratio saekit/plain per architecture, peak memory, and the loss of both after
-the same steps on the same data.
+the same steps on the same data. Every method runs once per round, the rounds interleaved (--rounds, 3 by
+default): the figures are medians over rounds, each ratio taken within its round, with the range.
 
     python benchmarks/train_step.py            # CPU shape d=576, d_sae=4608, B=1024
     python benchmarks/train_step.py --gpu      # reference shape d=768, d_sae=24576, B=4096 on CUDA
@@ -95,6 +96,7 @@ def main():
     ap.add_argument("--batch", type=int)
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every method (medians reported)")
     ap.add_argument("--archs", nargs="+", default=["batchtopk", "topk", "jumprelu", "relu"])
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     ap.add_argument("--store", default=None, help="also train from this activation store (Trainer.fit), with and "
@@ -155,16 +157,28 @@ def main():
         sync(device)
         return steps * B / (time.perf_counter() - t), stats[0]["loss"], peak_mb(device)
 
-    results = {"device": str(device), "shape": dict(d=d, d_sae=f, batch=B, k=a.k), "steps": steps}
-    base_tps, base_loss, base_mem = run_plain()
-    results["plain_batchtopk"] = dict(tokens_per_s=base_tps, loss=base_loss, peak_mb=base_mem)
-    print(f"{'plain dense batchtopk':<24} {base_tps:>12,.0f} tok/s  ratio 1.00  loss {base_loss:.5f}  peak {base_mem:,.0f} MB")
-    for arch in a.archs:
-        tps, loss, mem = run_saekit(arch)
-        results[f"saekit_{arch}"] = dict(tokens_per_s=tps, loss=loss, peak_mb=mem, ratio=tps / base_tps)
-        print(f"{'saekit ' + arch:<24} {tps:>12,.0f} tok/s  ratio {tps / base_tps:.2f}  loss {loss:.5f}  peak {mem:,.0f} MB")
-    print("ratio = saekit tokens/s / plain tokens/s in this run. plain and saekit batchtopk start from the same "
-          "weights and see the same batches, so their losses after the same steps compare directly.")
+    import statistics
+
+    results = {"device": str(device), "shape": dict(d=d, d_sae=f, batch=B, k=a.k), "steps": steps,
+               "rounds": a.rounds}
+    runs = {"plain dense batchtopk": run_plain, **{f"saekit {arch}": lambda arch=arch: run_saekit(arch)
+                                                   for arch in a.archs}}
+    got = {name: [] for name in runs}
+    for _ in range(a.rounds):  # interleaved: machine drift hits every method alike
+        for name, run in runs.items():
+            got[name].append(run())
+    base = [tps for tps, _, _ in got["plain dense batchtopk"]]
+    for name, rows in got.items():
+        tps = [r[0] for r in rows]
+        ratio = [t / b for t, b in zip(tps, base)]
+        key = "plain_batchtopk" if name.startswith("plain") else name.replace(" ", "_")
+        results[key] = dict(tokens_per_s=statistics.median(tps), loss=rows[-1][1], peak_mb=max(r[2] for r in rows),
+                            ratio=statistics.median(ratio), ratio_range=[min(ratio), max(ratio)])
+        print(f"{name:<24} {statistics.median(tps):>12,.0f} tok/s  ratio {statistics.median(ratio):.2f} "
+              f"({min(ratio):.2f}-{max(ratio):.2f})  loss {rows[-1][1]:.5f}  peak {max(r[2] for r in rows):,.0f} MB")
+    print(f"ratio = saekit tokens/s / plain tokens/s in the same round: median (range) over {a.rounds} interleaved "
+          f"rounds; tokens/s: median. plain and saekit batchtopk start from the same weights and see the same "
+          f"batches, so their losses after the same steps compare directly.")
     if not a.gpu and not a.no_toy:
         results["toy"] = run_toy(device)
     if a.store:

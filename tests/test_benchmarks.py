@@ -12,7 +12,7 @@ def test_train_step_benchmark_runs_and_matches_the_plain_step(tmp_path, store):
 
     out = tmp_path / "r.json"
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--d", "32", "--f", "256",
-                        "--batch", "128", "--k", "4", "--steps", "4", "--json", str(out),
+                        "--batch", "128", "--k", "4", "--steps", "4", "--rounds", "2", "--json", str(out),
                         "--store", str(store.path), "--hook", HOOK, "--store-steps", "6"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -22,6 +22,8 @@ def test_train_step_benchmark_runs_and_matches_the_plain_step(tmp_path, store):
     # same initial weights, same batches: the fast sparse step and the plain dense step agree
     assert abs(res["plain_batchtopk"]["loss"] - res["saekit_batchtopk"]["loss"]) < 1e-4
     assert all(v["tokens_per_s"] > 0 for k, v in res.items() if isinstance(v, dict) and "tokens_per_s" in v)
+    assert res["rounds"] == 2 and all(lo <= res[k]["ratio"] <= hi for k in res if k.startswith("saekit_")
+                                      for lo, hi in [res[k]["ratio_range"]])
     assert all(0 < v["data_share"] < 1 for v in res["store"].values()) and "data-loading share" in r.stdout
     assert res["toy"]["path"] == "reference" and res["toy"]["ratio"] > 0 and "toy size" in r.stdout
 
