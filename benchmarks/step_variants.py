@@ -13,6 +13,9 @@ Variants (the current code is the baseline):
                        the dead latents found by a read-back
   theta hint (before)  the selection of the code before the previous cut became the hint: 0.9 theta read back,
                        the dead latents found by a read-back
+With --arch jumprelu or relu (their usual sparsity, L0 ~ 32):
+  probe every step     the path chosen from a probe encode of 128 rows at every step (the code before the
+                       previous step's density was kept for that)
 """
 from __future__ import annotations
 
@@ -68,6 +71,13 @@ def read_back_variant(select):
         yield
 
 
+def probe_every_step(self, xs, count_active, rows=128):
+    a = self.pre_acts(xs[:rows])
+    return self.sparse_pays(int(count_active(a)) * xs.shape[0] // max(1, a.shape[0]), xs.shape[0])
+
+
+PROBE_VARIANTS = {"current": contextlib.nullcontext,
+                  "probe every step": lambda: patched(SAE, "probe_pays", probe_every_step)}
 BASE_SET_DEAD = SAE.set_dead_counters
 VARIANTS = {"current": contextlib.nullcontext,
             "bias after product": lambda: patched(SAE, "pre_acts", bias_after_product),
@@ -150,27 +160,32 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=10, help="steps per variant per round")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--arch", default="batchtopk", choices=["batchtopk", "jumprelu", "relu"])
     a = ap.parse_args(argv)
+    variants = VARIANTS if a.arch == "batchtopk" else PROBE_VARIANTS
     dev = torch.device(a.device)
     torch.backends.cuda.matmul.allow_tf32 = a.tf32
     g = torch.Generator().manual_seed(0)
     xs = [(torch.randn(a.batch, a.d, generator=g) * torch.rand(a.batch, 1, generator=g) * 4).to(dev) for _ in range(8)]
     trainers, holds = {}, {}
-    for name in VARIANTS:
+    for name in variants:
         torch.manual_seed(0)
-        tr = Trainer([SAEConfig(arch="batchtopk", d_in=a.d, d_sae=a.d_sae, k=32, dead_tokens=5 * a.batch)],
+        tr = Trainer([SAEConfig(arch=a.arch, d_in=a.d, d_sae=a.d_sae, k=32, target_l0=32, dead_tokens=5 * a.batch)],
                      TrainConfig(total_tokens=10**9, batch_size=a.batch, warmup_steps=0, progress=False, device=str(dev)))
         tr.initialise(torch.cat(xs[:2]))
         sae = tr.saes[0]
-        with VARIANTS[name]():
+        if a.arch == "relu":  # a trained ReLU-L1's sparsity (L0 ~ 32), as benchmarks/train_step.py sets it
+            with torch.no_grad():
+                sae.b_enc -= sae.pre_acts(sae.normalize_input(xs[0])[0]).flatten().topk(a.batch * 32).values.min()
+        with variants[name]():
             for x in xs[:3]:
                 tr.train_step(x)
         sae.tokens_since_fired[: a.d_sae // 20] = 10 * sae.cfg.dead_tokens  # 5% dead: AuxK runs every step
         trainers[name], holds[name] = tr, (sae.tokens_since_fired.clone(), int(sae.dead_mask().sum()))
-    times = {name: [] for name in VARIANTS}
+    times = {name: [] for name in variants}
     for _ in range(a.rounds):
         for name, tr in trainers.items():
-            with VARIANTS[name]():
+            with variants[name]():
                 sync(dev)
                 t = time.perf_counter()
                 for i in range(a.steps):
@@ -179,16 +194,16 @@ def main(argv=None):
                 sync(dev)
             times[name].append((time.perf_counter() - t) / a.steps * 1e3)
     where = torch.cuda.get_device_name() if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"saekit BatchTopK step variants on {where} (torch {torch.__version__}{', tf32' if a.tf32 else ''}): "
-          f"d={a.d}, d_sae={a.d_sae}, B={a.batch}, k=32, 5% dead; {a.rounds} interleaved rounds of {a.steps} steps")
+    print(f"saekit {a.arch} step variants on {where} (torch {torch.__version__}{', tf32' if a.tf32 else ''}): "
+          f"d={a.d}, d_sae={a.d_sae}, B={a.batch}, k=32 (L0 ~ 32), 5% dead; {a.rounds} interleaved rounds of {a.steps} steps")
     print(f"{'variant':<22}{'ms/step':>9}{'variant/current':>18}{'range':>16}")
-    for name in VARIANTS:
+    for name in variants:
         ratio = [t / c for t, c in zip(times[name], times["current"])]
         print(f"{name:<22}{statistics.median(times[name]):>9.2f}{statistics.median(ratio):>18.3f}"
               f"{min(ratio):>8.3f}-{max(ratio):.3f}")
     print("(variant/current > 1: the variant is slower than the current code)")
-    for name in ("sync-free selection", "read-back selection"):
-        with VARIANTS[name]():
+    for name in ("sync-free selection", "read-back selection") if a.arch == "batchtopk" else ("current",):
+        with variants[name]():
             lines = read_backs(trainers[name], xs[0])
             n_ops = operators(trainers[name], xs[1])
         how = "CUDA sync debug mode" if dev.type == "cuda" else "at dispatch, besides the Trainer's one .tolist()"

@@ -152,6 +152,13 @@ def test_step_variants_and_data_loading_benchmarks_run(store):
     # the listing of read-backs: none in the sync-free step; the exact selection's nonzero and the dead latents'
     assert "'sync-free selection' (at dispatch, besides the Trainer's one .tolist()): 0" in r.stdout
     assert "'read-back selection' (at dispatch, besides the Trainer's one .tolist()): 2" in r.stdout
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_variants.py"), "--arch", "jumprelu", "--d", "32",
+                        "--d-sae", "1024", "--batch", "128", "--steps", "2", "--rounds", "2"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {line[:22].strip(): line.split() for line in r.stdout.splitlines()
+            if line[:22].strip() in ("current", "probe every step")}
+    assert len(rows) == 2 and float(rows["probe every step"][-3]) > 0 and "jumprelu step variants" in r.stdout
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "data_loading.py"), "--store", str(store.path),
                         "--hook", HOOK, "--steps", "4", "--batch", "64", "--repeats", "1", "--warm-only"],
                        capture_output=True, text=True, timeout=300)

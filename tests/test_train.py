@@ -347,3 +347,35 @@ def test_sync_free_training_equals_exact_training_and_redoes_a_step_it_cannot_pr
     cfg = SAEConfig(arch="topk", d_in=16, d_sae=64, k=3, dead_tokens=256)  # TopK's selection without read-backs
     exact, free = run(False).saes[0].state_dict(), run(True).saes[0].state_dict()
     assert all(torch.equal(v, free[k]) for k, v in exact.items())
+
+
+def test_jumprelu_chooses_its_path_from_the_previous_steps_density_and_resumes_with_it(toy_x, tmp_path, monkeypatch):
+    """JumpReLU's fast path estimates the code's density from the previous step's sparse path (no probe encode of
+    128 rows, no read-back) once it has one; checkpoints keep that density (and BatchTopK's previous cut), so a
+    resumed run chooses its steps' paths as the uninterrupted run does, and ends with its weights."""
+    import saekit.sae.base as base
+
+    monkeypatch.setattr(base, "SPARSE_MIN_LATENTS", 0)  # the sparse path at toy size
+    monkeypatch.setattr(base, "SPARSE_MAX_DENSITY", 1.0)
+    probes = []
+    pre_acts = base.SAE.pre_acts
+    monkeypatch.setattr(base.SAE, "pre_acts", lambda self, x: probes.append(x.shape[0]) or pre_acts(self, x))
+    cfgs = [SAEConfig(arch="jumprelu", d_in=16, d_sae=64, target_l0=3),
+            SAEConfig(arch="batchtopk", d_in=16, d_sae=64, k=3)]
+    tc = TrainConfig(total_tokens=256 * 8, batch_size=256, warmup_steps=1, progress=False, checkpoint_every=4)
+    whole = train(toy_x, cfgs, tc, out=tmp_path / "a")
+    assert probes.count(128) == 1  # step 0's probe only: the later steps know the previous step's density
+    assert whole.saes[0].previous_density > 0 and whole.saes[1].previous_cut > 0
+
+    def crash(trainer, stats):
+        if trainer.step == 6:
+            raise KeyboardInterrupt  # resumed from the checkpoint at step 4
+
+    with pytest.raises(KeyboardInterrupt):
+        train(toy_x, cfgs, tc, out=tmp_path / "b", callback=crash)
+    probes.clear()
+    resumed = train(toy_x, cfgs, tc, out=tmp_path / "b")
+    assert probes.count(128) == 0  # the checkpoint's density: no probe at the first resumed step either
+    for w, r in zip(whole.saes, resumed.saes):
+        for k, v in w.state_dict().items():
+            assert torch.equal(v, r.state_dict()[k]), k

@@ -225,7 +225,8 @@ class JumpReLUSAE(SAE):
         x_hat = sparse_decode(code, self.W_dec) + self.b_dec
         l0 = rows.numel() / xs.shape[0] + ThresholdPseudoGrad.apply(theta, wc, bw, False).sum() / xs.shape[0]
         return self._finish(xs, x_hat, self.recon_loss(xs, x_hat, code), self.l0_penalty(l0), None,
-                            *self._sparse_stats(rows, cols, xs.shape[0]), None, "sparse")
+                            *self._sparse_stats(rows, cols, xs.shape[0]), None, "sparse",
+                            n_active=rows.numel() + wr.numel())
 
     def l0_penalty(self, l0: torch.Tensor) -> torch.Tensor:
         """The sparsity term for a batch's mean L0 (differentiable through the step's pseudo-derivative)."""
@@ -313,7 +314,7 @@ class ReLUSAE(SAE):
         x_hat = sparse_decode(code, self.W_dec) + self.b_dec
         l1 = (code.vals * self.W_dec.norm(dim=-1)[cols]).sum() / xs.shape[0]
         return self._finish(xs, x_hat, self.recon_loss(xs, x_hat, code), self.cfg.l1_coeff * l1 / self.cfg.d_in, None,
-                            *self._sparse_stats(rows, cols, xs.shape[0]), None, "sparse")
+                            *self._sparse_stats(rows, cols, xs.shape[0]), None, "sparse", n_active=rows.numel())
 
 
 @register

@@ -45,6 +45,7 @@ class TrainOutput(NamedTuple):
     exact: torch.Tensor | None = None  # 0-dim bool: False where a selection made without read-backs was not exact
     # and the step must be redone with redo_exact set (see kernels.batch_topk_static); None: exact by construction
     cut_value: float | None = None  # `cut` as a number, where the trainer has read it back (with its flags)
+    density: float | None = None  # active entries / (batch x d_sae) where the host knows it (a sparse path's sizes)
 
 
 class SAE(DeadLatents, torch.nn.Module):
@@ -219,11 +220,13 @@ class SAE(DeadLatents, torch.nn.Module):
 
     aux_due = True  # the trainer sets it each step: AuxK runs on one step in cfg.aux_every
 
-    def _finish(self, xs, x_hat, mse, sparsity, aux, fired, l0, cut, path="reference", exact=None) -> TrainOutput:
+    def _finish(self, xs, x_hat, mse, sparsity, aux, fired, l0, cut, path="reference", exact=None,
+                n_active=None) -> TrainOutput:
         loss = mse + sparsity + (self.cfg.aux_alpha * self.cfg.aux_every * aux if aux is not None else 0)
         zero = xs.new_zeros(())
         terms = {"mse": mse.detach(), "sparsity": sparsity.detach(), "aux": aux.detach() if aux is not None else zero}
-        return TrainOutput(loss, terms, x_hat, xs, fired, l0, cut, path, exact)
+        density = None if n_active is None else n_active / (xs.shape[0] * self.cfg.d_sae)
+        return TrainOutput(loss, terms, x_hat, xs, fired, l0, cut, path, exact, density=density)
 
     def reference_loss(self, x: torch.Tensor) -> TrainOutput:
         """The loss with dense matrices throughout: the definition the fast path is tested against."""
@@ -246,11 +249,17 @@ class SAE(DeadLatents, torch.nn.Module):
         the crossover measured by `benchmarks/train_step.py --crossover` (benchmarks/results/crossover_cpu.txt)."""
         return self.cfg.d_sae >= SPARSE_MIN_LATENTS and n_active <= SPARSE_MAX_DENSITY * batch * self.cfg.d_sae
 
+    previous_density: float | None = None  # the density the last training step's sparse path saw (after_step)
+
     @torch.no_grad()
     def probe_pays(self, xs: torch.Tensor, count_active, rows: int = 128) -> bool:
-        """sparse_pays for the batch, estimated from the first `rows` rows' pre-activations (count_active(a) gives
-        their active entries): lets a code whose density is known only after encoding (JumpReLU, ReLU) go to the
-        reference path without paying for a full encode first."""
+        """sparse_pays for the batch, estimated from the density the previous training step's sparse path saw
+        (no work, no read-back), else from the first `rows` rows' pre-activations (count_active(a) gives their
+        active entries): lets a code whose density is known only after encoding (JumpReLU, ReLU) go to the
+        reference path without paying for a full encode first. Only the speed depends on it: both paths give the
+        same loss, and the sparse path checks the real density again after its encode."""
+        if self.previous_density is not None:
+            return self.sparse_pays(int(self.previous_density * xs.shape[0] * self.cfg.d_sae), xs.shape[0])
         a = self.pre_acts(xs[:rows])
         return self.sparse_pays(int(count_active(a)) * xs.shape[0] // max(1, a.shape[0]), xs.shape[0])
 
@@ -317,7 +326,9 @@ class SAE(DeadLatents, torch.nn.Module):
 
     @torch.no_grad()
     def after_step(self, out: TrainOutput) -> dict:
-        """Architecture-specific updates and statistics after an optimiser step (e.g. BatchTopK's theta)."""
+        """Architecture-specific updates and statistics after an optimiser step (e.g. BatchTopK's theta); here, the
+        density the step's sparse path saw, for the next step's choice of path (probe_pays)."""
+        self.previous_density = out.density
         return {}
 
     @torch.no_grad()

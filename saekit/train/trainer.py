@@ -27,6 +27,11 @@ from .config import TrainConfig, TrainingError, lr_factor
 from .sources import Prefetcher, TimedBatches, as_source
 
 
+# what an SAE learns between steps about the next one (not weights: the choice of path, a selection's hint);
+# checkpoints keep them so that a resumed run takes the same paths as an uninterrupted one
+HINTS = ("previous_density", "previous_cut")
+
+
 class StepStats(Mapping):
     """One SAE's statistics of one step (loss, its terms, NMSE, L0, dead fraction, theta, ...), computed and
     read from the device in one transfer the first time any of them is asked for: a step whose statistics nobody
@@ -163,7 +168,8 @@ class Trainer:
         if self.rank != 0:
             return None
         progress = {"step": self.step, "tokens": self.tokens, "train_cfg": self.tc.to_dict(),
-                    "sae_cfgs": [c.to_dict() for c in self.cfgs], "names": self.names, "logs": self.logs}
+                    "sae_cfgs": [c.to_dict() for c in self.cfgs], "names": self.names, "logs": self.logs,
+                    "hints": [{k: getattr(s, k) for k in HINTS if hasattr(s, k)} for s in self.saes]}
         return checkpoints.write(self.out / "checkpoints", self.step, self.saes, self.opts, self.device, progress,
                                  keep=self.tc.keep_checkpoints)
 
@@ -179,6 +185,9 @@ class Trainer:
         checkpoints.restore(path, self.saes, self.opts, self.device)
         self.step, self.tokens = int(progress["step"]), int(progress["tokens"])
         self.logs = progress["logs"]
+        for sae, hints in zip(self.saes, progress.get("hints") or [{}] * len(self.saes)):
+            for k, v in hints.items():  # so that a resumed run chooses its steps' paths as an uninterrupted one
+                setattr(sae, k, v)
         self.initialised = True
 
     # -- one step -----------------------------------------------------------------------------
