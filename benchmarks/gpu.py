@@ -205,19 +205,22 @@ def train_step(run: Run, dev: torch.device, dry: bool):
         opt = torch.optim.Adam(m.parameters(), lr=3e-4)
         return lambda i: plain_step(m, opt, x[i % 4], 5 * B)
 
-    def saekit_runner(amp):
+    def saekit_runner(amp, sync_free=None):
         from saekit.train import TrainConfig, Trainer
 
         torch.manual_seed(0)
         tr = Trainer([SAEConfig(arch="batchtopk", d_in=d, d_sae=f, k=k, dead_tokens=5 * B)],
                      TrainConfig(total_tokens=10**9, batch_size=B, lr=3e-4, warmup_steps=0, progress=False,
                                  device=str(dev), autocast=amp, b_dec_init="zeros"))
+        tr.saes[0].sync_free = sync_free  # None: the default (without read-backs on a GPU)
         return lambda i: tr.train_step(x[i % 4])
 
     variants = {"plain fp32": (plain_runner, (), False), "saekit fp32": (saekit_runner, (False,), False),
                 "saekit bf16 autocast": (saekit_runner, (True,), False)}
     if dev.type == "cuda":
         variants.update({"plain tf32": (plain_runner, (), True), "saekit tf32": (saekit_runner, (False,), True),
+                         # the selection with read-backs, as before 2026-11-27: what the one read-back a step buys
+                         "saekit tf32, selection with read-backs": (saekit_runner, (False, False), True),
                          "plain torch.compile": (plain_runner, (True,), False)})
     runners, times = {}, {name: [] for name in variants}
     for name, (make, args, tf32) in variants.items():
