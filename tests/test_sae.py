@@ -104,36 +104,50 @@ def test_fast_sparse_path_matches_dense_gradients(arch, n_dead, sparse_everywher
         torch.testing.assert_close(p1.grad, p2.grad, atol=1e-6, rtol=1e-4, msg=n)
 
 
-@pytest.mark.parametrize("n_dead", [0, 10, 40])
-def test_sync_free_batchtopk_loss_equals_the_exact_one_without_a_read_back(n_dead, sparse_everywhere):
-    """BatchTopK's selection without read-backs (hint: 0.9x the previous step's cut on the device; the dead latents'
-    number known from the step before) gives the exact path's loss, code and every gradient, flagged exact, and
-    reads nothing back; a hint above this batch's cut leaves too few candidates and is flagged."""
+def _read_back_counter():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from benchmarks.step_variants import DispatchReadBacks
 
-    torch.manual_seed(3)
-    cfg = SAEConfig(arch="batchtopk", d_in=24, d_sae=96, k=4, k_aux=16, dead_tokens=10, normalize="none")
+    return DispatchReadBacks()
+
+
+def _exact_and_sync_free(arch: str, n_dead: int, seed: int):
+    """Two equal SAEs with n_dead dead latents, the second selecting without read-backs (its dead count known)."""
+    torch.manual_seed(seed)
+    cfg = SAEConfig(arch=arch, d_in=24, d_sae=96, k=4, k_aux=16, dead_tokens=10, normalize="none")
     exact, free = make_sae(cfg), make_sae(cfg)
     free.load_state_dict(exact.state_dict())
     for s in (exact, free):
         s.tokens_since_fired[:n_dead] = 100
     free.set_dead_counters(free.tokens_since_fired.clone(), n_dead)
     free.sync_free = True
-    x = torch.randn(48, 24)
-    o1 = exact.training_loss(x)
-    assert o1.exact is None and o1.path == "sparse"  # no previous cut: the exact selection
-    free.previous_cut = float(o1.cut) * 1.05  # the previous batch's cut, a little above this one's
-    with DispatchReadBacks() as seen:
-        o2 = free.training_loss(x)
-    assert seen.found == [] and bool(o2.exact) and o2.path == "sparse"
-    assert (float(o1.terms["aux"]) > 0) == (n_dead > 0)
+    return exact, free, torch.randn(48, 24)
+
+
+def _same_step(exact, free, o1, o2) -> None:
+    """The two outputs' loss, code statistics and every gradient are identical, bit for bit."""
     torch.testing.assert_close(o1.loss, o2.loss, rtol=0, atol=0)
-    assert torch.equal(o1.l0, o2.l0) and torch.equal(o1.fired, o2.fired) and torch.equal(o1.cut, o2.cut)
+    assert torch.equal(o1.l0, o2.l0) and torch.equal(o1.fired, o2.fired)
     o1.loss.backward()
     o2.loss.backward()
     for (n, p1), (_, p2) in zip(exact.named_parameters(), free.named_parameters()):
         assert torch.equal(p1.grad, p2.grad), n
+
+
+@pytest.mark.parametrize("n_dead", [0, 10, 40])
+def test_sync_free_batchtopk_loss_equals_the_exact_one_without_a_read_back(n_dead, sparse_everywhere):
+    """BatchTopK's selection without read-backs (hint: 0.9x the previous step's cut; the dead latents' number known
+    from the step before) gives the exact path's loss, code and every gradient, flagged exact, and reads nothing
+    back; a hint above this batch's cut leaves too few candidates and is flagged."""
+    exact, free, x = _exact_and_sync_free("batchtopk", n_dead, seed=3)
+    o1 = exact.training_loss(x)
+    assert o1.exact is None and o1.path == "sparse"  # no previous cut: the exact selection
+    free.previous_cut = float(o1.cut) * 1.05  # the previous batch's cut, a little above this one's
+    with _read_back_counter() as seen:
+        o2 = free.training_loss(x)
+    assert seen.found == [] and bool(o2.exact) and o2.path == "sparse" and torch.equal(o1.cut, o2.cut)
+    assert (float(o1.terms["aux"]) > 0) == (n_dead > 0)
+    _same_step(exact, free, o1, o2)
     free.previous_cut = float(o1.cut) * 2  # far above this batch's cut: fewer than B*k candidates
     assert not bool(free.training_loss(x).exact)
     free.redo_exact = True  # as the Trainer redoes such a step: exact again
@@ -143,28 +157,12 @@ def test_sync_free_batchtopk_loss_equals_the_exact_one_without_a_read_back(n_dea
 def test_sync_free_topk_selection_equals_the_exact_one_or_says_so(sparse_everywhere):
     """TopK without read-backs keeps all k of every row (the exact selection drops the non-positive ones, a mask the
     host waits for): the same loss and gradients, flagged exact, while every kept value is positive; not otherwise."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from benchmarks.step_variants import DispatchReadBacks
-
-    torch.manual_seed(4)
-    cfg = SAEConfig(arch="topk", d_in=24, d_sae=96, k=4, k_aux=16, dead_tokens=10, normalize="none")
-    exact, free = make_sae(cfg), make_sae(cfg)
-    free.load_state_dict(exact.state_dict())
-    for s in (exact, free):
-        s.tokens_since_fired[:10] = 100
-    free.set_dead_counters(free.tokens_since_fired.clone(), 10)
-    free.sync_free = True
-    x = torch.randn(48, 24)
+    exact, free, x = _exact_and_sync_free("topk", 10, seed=4)
     o1 = exact.training_loss(x)
-    with DispatchReadBacks() as seen:
+    with _read_back_counter() as seen:
         o2 = free.training_loss(x)
     assert seen.found == [] and bool(o2.exact) and o1.exact is None and o2.path == "sparse"
-    torch.testing.assert_close(o1.loss, o2.loss, rtol=0, atol=0)
-    assert torch.equal(o1.l0, o2.l0) and torch.equal(o1.fired, o2.fired)
-    o1.loss.backward()
-    o2.loss.backward()
-    for (n, p1), (_, p2) in zip(exact.named_parameters(), free.named_parameters()):
-        assert torch.equal(p1.grad, p2.grad), n
+    _same_step(exact, free, o1, o2)
     with torch.no_grad():
         free.b_enc.fill_(-1.0)  # no positive pre-activation on a zero input: the 4 kept of each row are not positive
     assert not bool(free.training_loss(x[:8] * 0).exact)
@@ -462,20 +460,17 @@ def test_static_batch_topk_is_exact_or_says_so():
 def test_dead_latents_whose_number_is_known_are_found_without_a_read_back():
     """_aux_dead takes the number of dead latents set_dead_counters was given (the trainer's one read-back of the
     step before): no read-back of its own; counters changed since (by hand, a load) are read back again."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from benchmarks.step_variants import DispatchReadBacks
-
     sae = make_sae(arch="batchtopk", d_in=8, d_sae=64, k=2, dead_tokens=10)
     fired = torch.zeros(64, dtype=torch.bool)
     fired[::3] = True
     since, n_dead = sae.next_dead_counters(fired, 20)
     assert int(n_dead) == 64 - 22 and int(sae.tokens_since_fired.sum()) == 0  # the counters are left alone
     sae.set_dead_counters(since, int(n_dead))
-    with DispatchReadBacks() as seen:
+    with _read_back_counter() as seen:
         dead = sae._aux_dead()
     assert seen.found == [] and torch.equal(dead, (~fired).nonzero().squeeze(1))
     sae.tokens_since_fired[:6] = 0  # changed by hand: the number known is stale
-    with DispatchReadBacks() as seen:
+    with _read_back_counter() as seen:
         dead = sae._aux_dead()
     assert len(seen.found) == 1 and "nonzero" in seen.found[0]
     assert torch.equal(dead, sae.dead_mask().nonzero().squeeze(1)) and dead.numel() == 64 - 22 - 4
