@@ -16,6 +16,8 @@ Variants (the current code is the baseline):
 With --arch jumprelu or relu (their usual sparsity, L0 ~ 32):
   probe every step     the path chosen from a probe encode of 128 rows at every step (the code before the
                        previous step's density was kept for that)
+  window as a kernel   (jumprelu) the threshold window found as the kernel of (a - theta) / bandwidth, the code
+                       before the window became two compares against its bounds
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ import warnings
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from saekit.sae import SAEConfig
+from saekit.sae import SAEConfig, architectures
 from saekit.sae.architectures import BatchTopKSAE
 from saekit.sae.auxk import DeadLatents
 from saekit.sae.base import SAE
@@ -76,8 +78,15 @@ def probe_every_step(self, xs, count_active, rows=128):
     return self.sparse_pays(int(count_active(a)) * xs.shape[0] // max(1, a.shape[0]), xs.shape[0])
 
 
+def window_as_kernel(a, theta, bandwidth):
+    x = (a - theta) / bandwidth
+    return ((x > -0.5) & (x < 0.5)).to(x.dtype).nonzero(as_tuple=True)
+
+
 PROBE_VARIANTS = {"current": contextlib.nullcontext,
                   "probe every step": lambda: patched(SAE, "probe_pays", probe_every_step)}
+JUMPRELU_VARIANTS = {**PROBE_VARIANTS,
+                     "window as a kernel": lambda: patched(architectures, "threshold_window", window_as_kernel)}
 BASE_SET_DEAD = SAE.set_dead_counters
 VARIANTS = {"current": contextlib.nullcontext,
             "bias after product": lambda: patched(SAE, "pre_acts", bias_after_product),
@@ -162,7 +171,7 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--arch", default="batchtopk", choices=["batchtopk", "jumprelu", "relu"])
     a = ap.parse_args(argv)
-    variants = VARIANTS if a.arch == "batchtopk" else PROBE_VARIANTS
+    variants = {"batchtopk": VARIANTS, "jumprelu": JUMPRELU_VARIANTS, "relu": PROBE_VARIANTS}[a.arch]
     dev = torch.device(a.device)
     torch.backends.cuda.matmul.allow_tf32 = a.tf32
     g = torch.Generator().manual_seed(0)

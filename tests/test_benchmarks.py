@@ -157,8 +157,8 @@ def test_step_variants_and_data_loading_benchmarks_run(store):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = {line[:22].strip(): line.split() for line in r.stdout.splitlines()
-            if line[:22].strip() in ("current", "probe every step")}
-    assert len(rows) == 2 and float(rows["probe every step"][-3]) > 0 and "jumprelu step variants" in r.stdout
+            if line[:22].strip() in ("current", "probe every step", "window as a kernel")}
+    assert len(rows) == 3 and float(rows["window as a kernel"][-3]) > 0 and "jumprelu step variants" in r.stdout
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "data_loading.py"), "--store", str(store.path),
                         "--hook", HOOK, "--steps", "4", "--batch", "64", "--repeats", "1", "--warm-only"],
                        capture_output=True, text=True, timeout=300)

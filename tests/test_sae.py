@@ -168,6 +168,22 @@ def test_sync_free_topk_selection_equals_the_exact_one_or_says_so(sparse_everywh
     assert not bool(free.training_loss(x[:8] * 0).exact)
 
 
+def test_rectangle_window_is_the_band_around_theta():
+    """JumpReLU's window |a - theta| < bandwidth / 2 per latent, as two compares against its bounds (the reference
+    and the fast path share it), equals the band computed in float64 wherever an entry is not on its edge."""
+    from saekit.sae.kernels import rectangle, threshold_window
+
+    torch.manual_seed(5)
+    a, theta, bw = torch.rand(64, 40) * 3, torch.rand(40) + 1, 0.3
+    band = (a.double() - theta.double()).abs() < bw / 2
+    edge = ((a.double() - theta.double()).abs() - bw / 2).abs() < 1e-5
+    got = rectangle(a, theta, bw)
+    assert got.dtype == torch.bool and band.any() and (~band).any()
+    assert torch.equal(got[~edge], band[~edge])
+    rows, cols = threshold_window(a, theta, bw)
+    assert torch.equal(torch.stack([rows, cols]), got.nonzero().t())
+
+
 def _same_loss_and_gradients(cfg, x, setup):
     dense, fast = make_sae(cfg), make_sae(cfg)
     setup(dense)

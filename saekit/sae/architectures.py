@@ -207,7 +207,7 @@ class JumpReLUSAE(SAE):
         xs, _ = self.normalize_input(self._check_input(x))
         bw = self.cfg.jumprelu_bandwidth
         theta0 = self.log_threshold.detach().exp()
-        if not self.probe_pays(xs, lambda a: (a > theta0).sum() + rectangle((a - theta0) / bw).sum()):
+        if not self.probe_pays(xs, lambda a: (a > theta0).sum() + rectangle(a, theta0, bw).sum()):
             return self.reference_loss(x)
         with torch.no_grad():
             a = self.pre_acts(xs)
