@@ -16,8 +16,11 @@ Variants (the current code is the baseline):
 With --arch jumprelu or relu (their usual sparsity, L0 ~ 32):
   probe every step     the path chosen from a probe encode of 128 rows at every step (the code before the
                        previous step's density was kept for that)
-  window as a kernel   (jumprelu) the threshold window found as the kernel of (a - theta) / bandwidth, the code
-                       before the window became two compares against its bounds
+  two scans            (jumprelu) the code and the threshold window found by scans of their own (the window as
+                       two compares against its bounds)
+  window as a kernel   (jumprelu) the code and the threshold window found by scans of their own, the window as
+                       the kernel of (a - theta) / bandwidth: the code before the window became two compares
+                       against its bounds and one scan found both
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ from saekit.sae import SAEConfig, architectures
 from saekit.sae.architectures import BatchTopKSAE
 from saekit.sae.auxk import DeadLatents
 from saekit.sae.base import SAE
-from saekit.sae.kernels import batch_topk, positive_entries
+from saekit.sae.kernels import Selection, batch_topk, positive_entries, rectangle
 from saekit.train import TrainConfig, Trainer
 
 
@@ -80,13 +83,20 @@ def probe_every_step(self, xs, count_active, rows=128):
 
 def window_as_kernel(a, theta, bandwidth):
     x = (a - theta) / bandwidth
-    return ((x > -0.5) & (x < 0.5)).to(x.dtype).nonzero(as_tuple=True)
+    window = ((x > -0.5) & (x < 0.5)).to(x.dtype).nonzero(as_tuple=True)
+    return Selection(*(a > theta).nonzero(as_tuple=True)), Selection(*window)
+
+
+def two_scans(a, theta, bandwidth):
+    return (Selection(*(a > theta).nonzero(as_tuple=True)),
+            Selection(*rectangle(a, theta, bandwidth).nonzero(as_tuple=True)))
 
 
 PROBE_VARIANTS = {"current": contextlib.nullcontext,
                   "probe every step": lambda: patched(SAE, "probe_pays", probe_every_step)}
 JUMPRELU_VARIANTS = {**PROBE_VARIANTS,
-                     "window as a kernel": lambda: patched(architectures, "threshold_window", window_as_kernel)}
+                     "two scans": lambda: patched(architectures, "jumprelu_entries", two_scans),
+                     "window as a kernel": lambda: patched(architectures, "jumprelu_entries", window_as_kernel)}
 BASE_SET_DEAD = SAE.set_dead_counters
 VARIANTS = {"current": contextlib.nullcontext,
             "bias after product": lambda: patched(SAE, "pre_acts", bias_after_product),

@@ -171,7 +171,7 @@ def test_sync_free_topk_selection_equals_the_exact_one_or_says_so(sparse_everywh
 def test_rectangle_window_is_the_band_around_theta():
     """JumpReLU's window |a - theta| < bandwidth / 2 per latent, as two compares against its bounds (the reference
     and the fast path share it), equals the band computed in float64 wherever an entry is not on its edge."""
-    from saekit.sae.kernels import rectangle, threshold_window
+    from saekit.sae.kernels import jumprelu_entries, rectangle
 
     torch.manual_seed(5)
     a, theta, bw = torch.rand(64, 40) * 3, torch.rand(40) + 1, 0.3
@@ -180,8 +180,10 @@ def test_rectangle_window_is_the_band_around_theta():
     got = rectangle(a, theta, bw)
     assert got.dtype == torch.bool and band.any() and (~band).any()
     assert torch.equal(got[~edge], band[~edge])
-    rows, cols = threshold_window(a, theta, bw)
-    assert torch.equal(torch.stack([rows, cols]), got.nonzero().t())
+    code, window = jumprelu_entries(a, theta, bw)  # both sets from one scan: the same entries, row-major
+    assert torch.equal(torch.stack([window.rows, window.cols]), got.nonzero().t())
+    assert torch.equal(torch.stack([code.rows, code.cols]), (a > theta).nonzero().t())
+    assert code.rows.numel() and window.rows.numel()
 
 
 def _same_loss_and_gradients(cfg, x, setup):

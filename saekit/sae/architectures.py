@@ -12,8 +12,8 @@ from .. import distributed as D
 from .base import SAE, TrainOutput
 from .config import ARCHITECTURES, SAEConfig, SAEConfigError, architecture, register, resolve_group_sizes
 from .kernels import (CodeIndex, JumpReLUFunction, Selection, SparseCode, StepFunction, ThresholdPseudoGrad,
-                      batch_topk, batch_topk_static, positive_entries, rectangle, row_topk, sparse_decode, sparse_encode,
-                      stable_argsort, threshold_window)
+                      batch_topk, batch_topk_static, jumprelu_entries, positive_entries, rectangle, row_topk,
+                      sparse_decode, sparse_encode, stable_argsort)
 
 
 @register
@@ -211,8 +211,7 @@ class JumpReLUSAE(SAE):
             return self.reference_loss(x)
         with torch.no_grad():
             a = self.pre_acts(xs)
-            rows, cols = (a > theta0).nonzero(as_tuple=True)
-            wr, wc = threshold_window(a, theta0, bw)
+            (rows, cols, _, _), (wr, wc, _, _) = jumprelu_entries(a, theta0, bw)
         if not self.sparse_pays(rows.numel() + wr.numel(), xs.shape[0]):
             return self.reference_loss(x)
         theta = self.log_threshold.exp()
