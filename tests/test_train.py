@@ -379,3 +379,22 @@ def test_jumprelu_chooses_its_path_from_the_previous_steps_density_and_resumes_w
     for w, r in zip(whole.saes, resumed.saes):
         for k, v in w.state_dict().items():
             assert torch.equal(v, r.state_dict()[k]), k
+
+
+def test_a_selection_that_stays_inexact_when_redone_is_an_error(toy_x, monkeypatch):
+    """The trainer redoes a step whose selection was not exact once; a train_select that ignores redo_exact would
+    leave an inexact step in training, so it stops with an error that names the SAE and the rule."""
+    import saekit.sae.base as base
+    from saekit.sae.kernels import Selection
+    from saekit.train import Trainer
+
+    monkeypatch.setattr(base, "SPARSE_MIN_LATENTS", 0)
+    monkeypatch.setattr(base, "SPARSE_MAX_DENSITY", 1.0)
+    tr = Trainer([SAEConfig(arch="topk", d_in=16, d_sae=64, k=3)],
+                 TrainConfig(total_tokens=10**6, batch_size=128, progress=False))
+    tr.initialise(toy_x[:512])
+    sae = tr.saes[0]
+    sae.train_select = lambda a: Selection(*sae.select(a, "train")[:2], None, torch.tensor(False))  # never exact
+    with pytest.raises(TrainingError, match="not exact even when redone"):
+        tr.train_step(toy_x[:128])
+    assert sae.redo_exact is False

@@ -222,7 +222,7 @@ class Trainer:
         hint, out.cut_value). (out, the new dead-latent counters, that number)."""
         sae = self.saes[i]
         try:
-            for attempt in range(2):
+            for _ in range(2):
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                     out = self.ddp[i](x) if self.ddp else sae.training_loss(x, fast=self.tc.fast)
                 self.opts[i].zero_grad(set_to_none=True)
@@ -236,6 +236,9 @@ class Trainer:
                     out = out._replace(cut_value=cut[0] if cut else None)  # the next step's hint (after_step)
                     break
                 sae.redo_exact = True  # the selection was not exact: once more, exactly
+            else:
+                raise TrainingError(f"SAE {self.names[i]}'s training selection was not exact even when redone with "
+                                    f"redo_exact set; its train_select must select exactly then")
         finally:
             sae.redo_exact = False
         if not finite:
