@@ -26,9 +26,9 @@ class BatchTopKSAE(SAE):
     modes = ("threshold", "batch")
     # the top B*k is first looked for among the pre-activations above a hint (batch_topk, batch_topk_static): this
     # fraction of the previous training batch's cut in training, of theta in batch mode. The previous cut, not
-    # theta: theta is a long running mean that lags behind the cut, and late in a 300-step run on SmolLM2 fewer
-    # than B*k entries passed 0.9 theta at 195 of 200 steps (each then needs a second pass), while 0.9x the
-    # previous cut passed 1.31-2.01 B*k at every step (benchmarks/results/selection_hint_cpu.txt)
+    # theta: theta is a long running mean that lags behind the cut, and in a 300-step run on SmolLM2 fewer than B*k
+    # entries passed 0.9 theta at 195 of 299 steps, every step of the last third (each then needs a second pass),
+    # while 0.9x the previous cut passed 1.31-2.00 B*k at every step (benchmarks/results/selection_hint_cpu.txt)
     candidate_factor = 0.9
     candidate_capacity = 3  # batch_topk_static keeps up to this many times B*k candidates
 

@@ -257,7 +257,7 @@ class SAE(DeadLatents, torch.nn.Module):
         (no work, no read-back), else from the first `rows` rows' pre-activations (count_active(a) gives their
         active entries): lets a code whose density is known only after encoding (JumpReLU, ReLU) go to the
         reference path without paying for a full encode first. Only the speed depends on it: both paths give the
-        same loss, and the sparse path checks the real density again after its encode."""
+        same loss (up to rounding), and the sparse path checks the real density again after its encode."""
         if self.previous_density is not None:
             return self.sparse_pays(int(self.previous_density * xs.shape[0] * self.cfg.d_sae), xs.shape[0])
         a = self.pre_acts(xs[:rows])

@@ -243,7 +243,7 @@ def batch_topk_static(a: torch.Tensor, n: int, hint: float | torch.Tensor, capac
     a.flatten().topk(n)'s, all positive where hint >= 0. Where it is False the values and indices are not the top n
     (some may be padding) and the caller must redo the selection exactly (the trainer does, see
     Trainer.train_step); with the hint at 0.9x the previous batch's cut, a 300-step training run on SmolLM2's
-    layer 15 had between 1.31 n and 2.01 n entries above it at every step (benchmarks/results/selection_hint_cpu.txt)."""
+    layer 15 had between 1.31 n and 2.00 n entries above it at every step (benchmarks/results/selection_hint_cpu.txt)."""
     if capacity < n:
         raise ValueError(f"batch_topk_static needs room for the {n} entries it selects; capacity {capacity} < {n}")
     flat = a.reshape(-1)
