@@ -27,9 +27,8 @@ from .config import TrainConfig, TrainingError, lr_factor
 from .sources import Prefetcher, TimedBatches, as_source
 
 
-# what an SAE learns between steps about the next one (not weights: the choice of path, a selection's hint);
-# checkpoints keep them so that a resumed run takes the same paths as an uninterrupted one
-HINTS = ("previous_density", "previous_cut")
+# what an SAE learns between steps about the next one (the choice of path, a selection's hint): checkpoints keep
+HINTS = ("previous_density", "previous_cut")  # them, so that a resumed run takes an uninterrupted run's paths
 
 
 class StepStats(Mapping):
@@ -215,11 +214,10 @@ class Trainer:
         return self._log(stats)
 
     def _forward_backward(self, i: int, x: torch.Tensor, n_tokens: int):
-        """SAE i's loss and gradients on x, checked with the step's one read-back from the device (queued after
-        the backward pass, before any weight changes): the loss is finite, a selection made without read-backs
-        was exact (else the step is redone with redo_exact set, see kernels.batch_topk_static), the number of
-        dead latents after this step (the next step's AuxK needs it) and the selection's cut (the next step's
-        hint, out.cut_value). (out, the new dead-latent counters, that number)."""
+        """SAE i's loss and gradients on x, checked with the step's one read-back (after backward, before any weight
+        changes): the loss is finite, a selection made without read-backs was exact (else the step is redone with
+        redo_exact set, see kernels.batch_topk_static), the dead latents' number after this step (the next AuxK's)
+        and the cut (the next hint, out.cut_value). Returns (out, the new dead-latent counters, that number)."""
         sae = self.saes[i]
         try:
             for _ in range(2):
