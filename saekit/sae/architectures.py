@@ -12,8 +12,8 @@ from .. import distributed as D
 from .base import SAE, TrainOutput
 from .config import ARCHITECTURES, SAEConfig, SAEConfigError, architecture, register, resolve_group_sizes
 from .kernels import (CodeIndex, JumpReLUFunction, Selection, SparseCode, StepFunction, ThresholdPseudoGrad,
-                      batch_topk, batch_topk_static, jumprelu_entries, positive_entries, rectangle, row_topk,
-                      sparse_decode, sparse_encode, stable_argsort)
+                      batch_topk, batch_topk_static, flat_selection, jumprelu_entries, positive_entries, rectangle,
+                      row_topk, sparse_decode, sparse_encode)
 
 
 @register
@@ -61,8 +61,7 @@ class BatchTopKSAE(SAE):
         hint = (self.previous_cut if known else float(self.threshold)) * self.candidate_factor
         if mode == "train" and self.distributed:  # over the global batch of every rank
             flat, vals, cut = D.global_batch_topk(a, self.cfg.k, hint, batch_topk)
-            flat = flat[stable_argsort(flat, a.numel())]  # row-major, as every Selection
-            return Selection(flat // a.shape[1], flat % a.shape[1], cut)
+            return flat_selection(flat, a.shape[1], a.numel(), cut)
         vals, flat = batch_topk(a, min(a.shape[0] * self.cfg.k, a.numel()), hint, positive=True)
         return positive_entries(vals, flat, a.shape[1], a.numel())
 
@@ -76,8 +75,7 @@ class BatchTopKSAE(SAE):
         n = min(a.shape[0] * self.cfg.k, a.numel())
         vals, flat, exact = batch_topk_static(a, n, self.previous_cut * self.candidate_factor,
                                               min(self.candidate_capacity * n, a.numel()))
-        flat = flat[stable_argsort(flat, a.numel())]  # row-major, as every Selection
-        return Selection(flat // a.shape[1], flat % a.shape[1], vals.min(), exact)
+        return flat_selection(flat, a.shape[1], a.numel(), vals.min(), exact)
 
     @torch.no_grad()
     def after_step(self, out: TrainOutput) -> dict:
@@ -159,11 +157,7 @@ class TopKSAE(SAE):
         """Each row's k largest without a read-back: all k of every row, flagged exact when all are positive (the
         exact selection drops the others, a mask whose size the host would wait for); the exact select off
         sync_free."""
-        if not self._select_without_read_backs(a):
-            return self.select(a, "train")
-        vals, idx = a.topk(self.cfg.k, dim=-1, sorted=False)
-        rows = torch.arange(a.shape[0], device=a.device).repeat_interleave(self.cfg.k, output_size=idx.numel())
-        return Selection(rows, idx.reshape(-1), None, (vals > 0).all())
+        return row_topk(a, self.cfg.k, static=self._select_without_read_backs(a))
 
 
 @register

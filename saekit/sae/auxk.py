@@ -48,10 +48,6 @@ class DeadLatents:
         counters = self.tokens_since_fired
         self._dead_known = None if n_dead is None else (int(n_dead), counters, counters._version)
 
-    @torch.no_grad()
-    def update_dead(self, fired: torch.Tensor, n_tokens: int) -> None:
-        self.set_dead_counters(self.next_dead_counters(fired, n_tokens)[0])
-
     # -- AuxK: one implementation per path ----------------------------------------------------
     def aux_reconstruction(self, xs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Fast path's AuxK reconstruction from the dead latents alone, with dense matmuls over just their

@@ -238,11 +238,11 @@ def batch_topk_static(a: torch.Tensor, n: int, hint: float | torch.Tensor, capac
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """batch_topk without a read-back to the host: every shape is fixed by (n, capacity), so a GPU never waits and
     the host queues the rest of the step at once. The n largest among the first `capacity` entries above
-    `hint` >= 0 (a number or a 0-dim tensor; torch.nonzero_static, no sync): (values, flat indices, exact), where `exact` (a 0-dim
-    bool tensor) says that between n and capacity entries passed the hint, so the result is exactly
-    a.flatten().topk(n)'s, all positive where hint >= 0. Where it is False the values and indices are not the top n
-    (some may be padding) and the caller must redo the selection exactly (the trainer does, see
-    Trainer.train_step); with the hint at 0.9x the previous batch's cut, a 300-step training run on SmolLM2's
+    `hint` >= 0 (a number or a 0-dim tensor; torch.nonzero_static, no sync): (values, flat indices, exact), where
+    `exact` (a 0-dim bool tensor) says that between n and capacity entries passed the hint, so the result is
+    exactly a.flatten().topk(n)'s, all positive where hint >= 0. Where it is False the values and indices are not
+    the top n (some may be padding) and the caller must redo the selection exactly (the trainer does, see
+    Trainer._forward_backward); with the hint at 0.9x the previous batch's cut, a 300-step training run on SmolLM2's
     layer 15 had between 1.31 n and 2.00 n entries above it at every step (benchmarks/results/selection_hint_cpu.txt)."""
     if capacity < n:
         raise ValueError(f"batch_topk_static needs room for the {n} entries it selects; capacity {capacity} < {n}")
@@ -257,20 +257,29 @@ def batch_topk_static(a: torch.Tensor, n: int, hint: float | torch.Tensor, capac
     return vals, idx[pos], (count >= n) & (count <= capacity)
 
 
+def flat_selection(flat: torch.Tensor, width: int, total: int, cut=None, exact=None) -> Selection:
+    """Entries at flat indices of a [batch, width] matrix of `total` entries as a row-major Selection (sorted once
+    here: the sparse kernels then group by row without sorting again)."""
+    flat = flat[stable_argsort(flat, total)]
+    return Selection(flat // width, flat % width, cut, exact)
+
+
 def positive_entries(vals: torch.Tensor, flat: torch.Tensor, width: int, total: int) -> Selection:
     """Positive selected values at flat indices of a [batch, width] matrix of `total` entries
     (batch_topk(..., positive=True)) as a row-major Selection whose cut is the smallest kept value (None when
     nothing is kept)."""
     if not vals.numel():
         return Selection(flat, flat, None)
-    flat = flat[stable_argsort(flat, total)]  # row-major: the sparse kernels group by row without sorting again
-    return Selection(flat // width, flat % width, vals.min().detach())
+    return flat_selection(flat, width, total, vals.min().detach())
 
 
-def row_topk(a: torch.Tensor, k: int) -> Selection:
-    """The k largest positive entries of each row of a [batch, d_sae]."""
+def row_topk(a: torch.Tensor, k: int, static: bool = False) -> Selection:
+    """The k largest positive entries of each row of a [batch, d_sae]. static=True: all k of every row without a
+    read-back (dropping the others is a mask whose size the host waits for), flagged exact when all are positive."""
     vals, idx = a.topk(k, dim=-1, sorted=False)
-    rows = torch.arange(a.shape[0], device=a.device).repeat_interleave(idx.shape[1])
+    rows = torch.arange(a.shape[0], device=a.device).repeat_interleave(k, output_size=idx.numel())
+    if static:
+        return Selection(rows, idx.reshape(-1), None, (vals > 0).all())
     keep = vals.reshape(-1) > 0
     return Selection(rows[keep], idx.reshape(-1)[keep])
 
