@@ -7,7 +7,8 @@ gpu-DATE.md, prints the table last, and exits non-zero if any check failed.
    fp32 and under bf16 autocast; BatchTopK's theta calibration (exact L0 on the calibration batches); the DDP
    path (saekit.distributed.wrap_ddp) with NCCL on one rank, against the same steps without DDP.
 2. the training step at the paper's size (d=768, d_sae=24,576, batch 4,096, k=32): the plain dense fp32 step,
-   saekit fp32 / tf32 / bf16 autocast, and torch.compile of the plain step; median of interleaved repetitions.
+   saekit fp32 / tf32 / bf16 autocast, each also with its step recorded as CUDA graphs (step_graphs="cuda", checked
+   against the eager step in 1.), and torch.compile of the plain step; median of interleaved repetitions.
 3. the peers (benchmarks/peers.py --gpu): tokens/s and held-out NMSE of saekit, SAELens, sparsify, plain.
 4. capture tokens/s of the embedded model on the GPU (benchmarks/capture.py's measure).
 
@@ -86,6 +87,7 @@ def correctness(run: Run, dev: torch.device, dry: bool):
     try:
         fast_vs_reference(run, dev, d, f, B)
         sync_free_vs_exact(run, dev, d, f, B)
+        graphs_vs_eager(run, dev, d, f, B)
     finally:
         base.SPARSE_MIN_LATENTS, base.SPARSE_MAX_DENSITY = saved
     calibration(run, dev, d, f, B)
@@ -153,6 +155,34 @@ def sync_free_vs_exact(run: Run, dev: torch.device, d: int, f: int, B: int):
               f"weights {worst:.1e}", f"{sum(flags)} of {len(flags)} selections without read-backs exact, the rest redone")
 
 
+def graphs_vs_eager(run: Run, dev: torch.device, d: int, f: int, B: int):
+    """The step recorded as CUDA graphs (step_graphs="cuda"; --dry: the same phases unrecorded) trains as the eager
+    step: two Trainers from the same start on the same batches (the selection without read-backs in both), 16 steps
+    with warmup and dead latents, so that several phases are recorded and replayed (AuxK's slots change)."""
+    from saekit.train import TrainConfig, Trainer
+
+    xs = [torch.randn(B, d, device=dev) * torch.rand(B, 1, device=dev) * 4 for _ in range(16)]
+    mode = "cuda" if dev.type == "cuda" else "eager"
+    trainers = {}
+    for graphs in (mode, "off"):
+        torch.manual_seed(0)
+        tr = Trainer([SAEConfig(arch="batchtopk", d_in=d, d_sae=f, k=8, dead_tokens=2 * B)],
+                     TrainConfig(total_tokens=10**9, batch_size=B, warmup_steps=4, progress=False, device=str(dev),
+                                 step_graphs=graphs))
+        tr.saes[0].sync_free = True
+        tr.initialise(torch.cat(xs[:2]))
+        for x in xs:
+            tr.train_step(x)
+        trainers[graphs] = tr
+    rec = trainers[mode].graphed[0]
+    worst = max(_rel(a.detach(), b.detach()) for a, b in zip(trainers[mode].saes[0].parameters(),
+                                                             trainers["off"].saes[0].parameters()))
+    recorded = sorted(str(k) for k in rec.graphs) if rec is not None else []
+    ok = worst < 1e-4 and rec is not None and (mode == "eager" or len(recorded) >= 2)
+    run.check("correctness", f"BatchTopK step_graphs={mode} vs eager step, 16 steps", ok, f"weights {worst:.1e}",
+              f"recorded phases: {', '.join(recorded) or 'none (unrecorded mode)'}")
+
+
 def calibration(run: Run, dev: torch.device, d: int, f: int, B: int):
     from saekit.calibrate import threshold_for_l0
 
@@ -194,7 +224,7 @@ def ddp(run: Run, dev: torch.device, d: int, f: int, B: int):
 def train_step(run: Run, dev: torch.device, dry: bool):
     s = DRY if dry else PAPER
     d, f, B, k = s["d"], s["f"], s["B"], s["k"]
-    steps, rounds = (2, 2) if dry else (15, 3)
+    steps, rounds, warm = (2, 2, 2) if dry else (15, 3, 12)
     x = [torch.randn(B, d, device=dev) * torch.rand(B, 1, device=dev) * 4 for _ in range(4)]
 
     def plain_runner(compile_it=False):
@@ -205,30 +235,35 @@ def train_step(run: Run, dev: torch.device, dry: bool):
         opt = torch.optim.Adam(m.parameters(), lr=3e-4)
         return lambda i: plain_step(m, opt, x[i % 4], 5 * B)
 
-    def saekit_runner(amp, sync_free=None):
+    def saekit_runner(amp, sync_free=None, graphs="off"):
         from saekit.train import TrainConfig, Trainer
 
         torch.manual_seed(0)
         tr = Trainer([SAEConfig(arch="batchtopk", d_in=d, d_sae=f, k=k, dead_tokens=5 * B)],
                      TrainConfig(total_tokens=10**9, batch_size=B, lr=3e-4, warmup_steps=0, progress=False,
-                                 device=str(dev), autocast=amp, b_dec_init="zeros"))
+                                 device=str(dev), autocast=amp, b_dec_init="zeros", step_graphs=graphs))
         tr.saes[0].sync_free = sync_free  # None: the default (without read-backs on a GPU)
         return lambda i: tr.train_step(x[i % 4])
 
     variants = {"plain fp32": (plain_runner, (), False), "saekit fp32": (saekit_runner, (False,), False),
-                "saekit bf16 autocast": (saekit_runner, (True,), False)}
+                "saekit bf16 autocast": (saekit_runner, (True,), False),
+                # the step recorded once and replayed (saekit.train.graphs); --dry: its phases unrecorded
+                "saekit fp32, step_graphs": (saekit_runner, (False, None, "cuda" if dev.type == "cuda" else "eager"),
+                                             False)}
     if dev.type == "cuda":
         variants.update({"plain tf32": (plain_runner, (), True), "saekit tf32": (saekit_runner, (False,), True),
                          # the selection with read-backs, as before 2026-11-27: what the one read-back a step buys
                          "saekit tf32, selection with read-backs": (saekit_runner, (False, False), True),
+                         "saekit tf32, step_graphs": (saekit_runner, (False, None, "cuda"), True),
+                         "saekit bf16 autocast, step_graphs": (saekit_runner, (True, None, "cuda"), False),
                          "plain torch.compile": (plain_runner, (True,), False)})
     runners, times = {}, {name: [] for name in variants}
     for name, (make, args, tf32) in variants.items():
         try:
             runners[name] = make(*args)
             torch.backends.cuda.matmul.allow_tf32 = tf32
-            for i in range(2):
-                runners[name](i)  # warm-up (and compile)
+            for i in range(warm):
+                runners[name](i)  # warm-up (and compile; step_graphs: most recordings, dead latents appear at 5)
         except Exception as e:  # noqa: BLE001 - compile is optional: report, do not fail
             if "compile" not in name:
                 raise
@@ -246,16 +281,18 @@ def train_step(run: Run, dev: torch.device, dry: bool):
     if dev.type == "cuda":  # each read-back stalls the host until the device is done: count them in one step
         import warnings
 
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                runners["saekit fp32"](0)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        syncs = [str(w.message).splitlines()[0][:60] for w in caught if "synchroniz" in str(w.message)]
-        run.data["host_syncs_per_step"] = syncs
-        run.row("train step", "saekit fp32: host syncs in one step", str(len(syncs)), "; ".join(sorted(set(syncs)))[:120])
+        for name in ("saekit fp32", "saekit fp32, step_graphs"):
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    runners[name](0)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            syncs = [str(w.message).splitlines()[0][:60] for w in caught if "synchroniz" in str(w.message)]
+            run.data.setdefault("host_syncs_per_step", {})[name] = syncs
+            run.row("train step", f"{name}: host syncs in one step", str(len(syncs)),
+                    "; ".join(sorted(set(syncs)))[:120])
     base = statistics.median(times["plain fp32"])
     run.data["train_step"] = {"shape": s, "ms_per_step": times}
     for name in runners:
@@ -267,11 +304,12 @@ def train_step(run: Run, dev: torch.device, dry: bool):
 
 def peer_run(run: Run, dev: torch.device, dry: bool):
     args = (["--d", "32", "--f", "128", "--batch", "128", "--steps", "4", "--eval-tokens", "512", "--k", "4",
-             "--no-memory", "--repeats", "1"] if dry else ["--gpu", "--steps", "200"])
+             "--no-memory", "--repeats", "1", "--step-graphs", "eager"] if dry
+            else ["--gpu", "--steps", "200", "--step-graphs", "cuda"])
     with tempfile.TemporaryDirectory() as tmp:
         res = peers.main([*args, "--json", os.path.join(tmp, "p.json")])
     run.data["peers"] = res
-    for m in peers.METHODS:
+    for m in [*peers.METHODS, "saekit_graphs"]:
         r = res[m]
         run.row("peers", peers.LABELS[m], f"{r['tokens_per_s']:,.0f} tok/s", f"saekit/this {r['saekit_speedup']:.2f}x, "
                 f"held-out NMSE {r['nmse']:.4f}, L0 {r['l0']:.1f}")

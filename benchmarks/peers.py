@@ -84,12 +84,13 @@ def sync(device):
 
 # -- the four methods: each returns (init -> state, step(state, x), to_saekit(state)) ----------------
 
-def saekit_method(d, f, k, lr, device, n_steps, B, enc_init_norm="paper", aux_alpha=1 / 32):
+def saekit_method(d, f, k, lr, device, n_steps, B, enc_init_norm="paper", aux_alpha=1 / 32, step_graphs="off"):
     def init(first):
         cfg = SAEConfig(arch="batchtopk", d_in=d, d_sae=f, k=k, normalize="none", dead_tokens=5 * B,
                         enc_init_norm=enc_init_norm, aux_alpha=aux_alpha)
         tr = Trainer([cfg], TrainConfig(total_tokens=n_steps * B, batch_size=B, lr=lr, warmup_steps=0, decay_frac=0,
-                                        progress=False, device=str(device), log_every=10**9))
+                                        progress=False, device=str(device), log_every=10**9,
+                                        step_graphs=step_graphs))
         tr.initialise(first)
         return tr
 
@@ -181,7 +182,7 @@ def cpu_peak_mb(method: str, argv) -> float:
 
 METHODS = {"plain": plain_method, "saekit": saekit_method, "saelens": saelens_method, "sparsify": sparsify_method}
 LABELS = {"plain": "plain dense BatchTopK", "saekit": "saekit BatchTopK (fast)",
-          "saelens": "SAELens BatchTopK", "sparsify": "sparsify TopK"}
+          "saelens": "SAELens BatchTopK", "sparsify": "sparsify TopK", "saekit_graphs": "saekit, step_graphs"}
 
 
 def load_data(a, device):
@@ -220,6 +221,8 @@ def main(argv=None):
     ap.add_argument("--aux-alpha", type=float, default=1 / 32,
                     help="saekit's AuxK weight (default the paper's 1/32; 0: off, as sparsify's trainer by default)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--step-graphs", default="off", choices=["off", "cuda", "eager"],
+                    help="also run saekit with TrainConfig.step_graphs set to this (method saekit_graphs)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds of every method (median reported)")
     ap.add_argument("--no-memory", action="store_true", help="skip the CPU peak-memory runs (one process per method)")
@@ -228,6 +231,9 @@ def main(argv=None):
     device = torch.device("cuda" if a.gpu else "cpu")
     methods = {**METHODS, "saekit": functools.partial(saekit_method, enc_init_norm=a.enc_init_norm,
                                                       aux_alpha=a.aux_alpha)}
+    if a.step_graphs != "off":  # the step recorded once and replayed (saekit.train.graphs), beside the eager one
+        methods["saekit_graphs"] = functools.partial(methods["saekit"], step_graphs=a.step_graphs)
+        a.methods = [*a.methods, "saekit_graphs"]
     a.d = a.d or (768 if a.gpu else 576)
     a.batch = a.batch or (4096 if a.gpu else 1024)
     a.steps = a.steps or (200 if a.gpu else 60)
@@ -283,7 +289,7 @@ def main(argv=None):
             ev = reconstruction_metrics(sae, eval_x.split(4096), device=device)
             peak = mem.mb if device.type == "cuda" else (float("nan") if a.no_memory else cpu_peak_mb(m, argv))
             results[m] = dict(nmse=ev["nmse"], l0=ev["l0"], peak_mb=peak)
-            if m == "saekit":
+            if m.startswith("saekit"):
                 results[m]["dead_fraction_at_end"] = float(state.saes[0].dead_mask().float().mean())
     for m in a.methods:
         results[m].update(tokens_per_s=statistics.median(reps[m]), tokens_per_s_runs=reps[m])

@@ -87,7 +87,7 @@ def instrumented_step(tr: Trainer, x: torch.Tensor, record_function=record_funct
         sae.after_step(SimpleNamespace(cut=sel.cut, cut_value=cut))  # theta and the next step's hint: this cut
 
 
-def host_or_device(tr: Trainer, batches):
+def host_or_device(tr: Trainer, batches, label: str = "Trainer.train_step"):
     """On a GPU: is the real Trainer step bound by the device or by the host? Its wall time against the time the
     GPU spends in kernels, the kernel launches per step, and the operators by GPU time."""
     import time
@@ -105,12 +105,12 @@ def host_or_device(tr: Trainer, batches):
             tr.train_step(x)
         torch.cuda.synchronize()
     avg = prof.key_averages()
-    # kernels' time as the operators that launched them own it (the table's "Self CUDA time total")
-    busy = sum(ev.self_device_time_total for ev in avg if ev.device_type == torch.autograd.DeviceType.CPU)
+    # the device's own events (kernels, copies, memsets): a replayed CUDA graph's kernels have no operator above them
+    busy = sum(ev.self_device_time_total for ev in avg if ev.device_type == torch.autograd.DeviceType.CUDA)
     busy = busy / 1e3 / len(batches)
     launches = sum(ev.count for ev in avg if "LaunchKernel" in ev.key) / len(batches)
     syncs = sum(ev.count for ev in avg if ev.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize")) / len(batches)
-    print(f"\nTrainer.train_step: {wall:.2f} ms wall per step, GPU busy {busy:.2f} ms ({busy / wall:.0%}), "
+    print(f"\n{label}: {wall:.2f} ms wall per step, GPU busy {busy:.2f} ms ({busy / wall:.0%}), "
           f"{launches:.0f} kernel launches and {syncs:.1f} host syncs per step")
     print(avg.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=50))
 
@@ -126,6 +126,8 @@ def main():
     ap.add_argument("--d", type=int, default=576, help="input width of the random rows (without --store)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--tf32", action="store_true", help="TF32 matrix products on a GPU")
+    ap.add_argument("--step-graphs", action="store_true",
+                    help="on a GPU, also the Trainer with step_graphs='cuda' (the step recorded once and replayed)")
     a = ap.parse_args()
     dev = torch.device(a.device)
     torch.backends.cuda.matmul.allow_tf32 = a.tf32
@@ -175,6 +177,15 @@ def main():
     print(f"{'step (all)':<28}{step:>9.2f}{1:>8.0%}")
     if prof is None:
         host_or_device(tr, batches[2:a.steps + 2])
+        if a.step_graphs:
+            torch.manual_seed(0)
+            tr = Trainer([SAEConfig(arch="batchtopk", d_in=d, d_sae=a.d_sae, k=32, dead_tokens=5 * a.batch)],
+                         TrainConfig(total_tokens=10**9, batch_size=a.batch, warmup_steps=0, progress=False,
+                                     device=str(dev), step_graphs="cuda"))
+            tr.initialise(torch.cat(batches[:2]))
+            for x in batches[:8]:  # past the warm-up runs and the first recordings
+                tr.train_step(x)
+            host_or_device(tr, batches[2:a.steps + 2], "Trainer.train_step, step_graphs='cuda'")
         return
     print("\nTop operators (self CPU time):")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=40))

@@ -60,6 +60,7 @@ def _add_corpus_args(p: argparse.ArgumentParser) -> None:
 def _add_training_args(p, archs, ks, l1, tokens, checkpoint_every) -> None:
     from .sae import ARCHITECTURES, NORMALIZATIONS, SAEConfig
     from .train import LR_BASE, TrainConfig
+    from .train.graphs import MODES as GRAPH_MODES
 
     p.add_argument("--store", required=True, help="activation store folder, or a .npy/.safetensors [N, d] file")
     p.add_argument("--hook", default=None, help="hook point to train on (None: the store's first)")
@@ -81,6 +82,8 @@ def _add_training_args(p, archs, ks, l1, tokens, checkpoint_every) -> None:
     p.add_argument("--seed", type=int, default=TrainConfig.seed, help="seed of the initialisation and the batch order")
     p.add_argument("--checkpoint-every", type=int, default=checkpoint_every, help="steps between checkpoints (0: at the end)")
     p.add_argument("--device", default=TrainConfig.device, help="cpu, cuda, ... (None: cuda where available)")
+    p.add_argument("--step-graphs", default=TrainConfig.step_graphs, choices=GRAPH_MODES,
+                   help="'cuda': record each BatchTopK/TopK step once as CUDA graphs and replay it (one GPU)")
     p.add_argument("--out", required=True, help="output folder (one subfolder per SAE; checkpoints to resume from)")
 
 

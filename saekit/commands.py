@@ -62,7 +62,8 @@ def _train_cfg(a):
     from .train import TrainConfig
 
     return TrainConfig(total_tokens=a.tokens, batch_size=a.batch_size, lr=a.lr, seed=a.seed, device=a.device,
-                       checkpoint_every=a.checkpoint_every, warmup_steps=a.warmup_steps)
+                       checkpoint_every=a.checkpoint_every, warmup_steps=a.warmup_steps,
+                       step_graphs=a.step_graphs)
 
 
 def _print_lrs(cfgs, tc) -> None:

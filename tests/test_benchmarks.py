@@ -93,8 +93,9 @@ def test_gpu_script_dry_run_checks_every_path_and_writes_its_table(tmp_path):
     sections = {row["section"] for row in res["rows"]}
     assert sections == {"correctness", "train step", "peers", "capture"}
     checks = [row for row in res["rows"] if row["section"] == "correctness"]
-    # fast vs reference for 5 architectures x 2 precisions, the selection without read-backs, theta, DDP
-    assert len(checks) == 2 * 5 + 3 and all(row["note"].startswith("ok") for row in checks)
+    # fast vs reference for 5 architectures x 2 precisions, the selection without read-backs, the recordable step
+    # (step_graphs) against the eager one, theta, DDP
+    assert len(checks) == 2 * 5 + 4 and all(row["note"].startswith("ok") for row in checks)
     assert all("path sparse" in row["note"] for row in checks if "fast vs reference" in row["what"])
 
 

@@ -22,7 +22,7 @@ class BatchTopKSAE(SAE):
 
     arch, label, color = "batchtopk", "BatchTopK", "#d62728"
     saelens_name, saelens_training_name = "jumprelu", "batchtopk"  # SAELens saves BatchTopK as a JumpReLU
-    has_k = has_theta = uses_auxk = has_fast_path = True
+    has_k = has_theta = uses_auxk = has_fast_path = graph_safe = True
     modes = ("threshold", "batch")
     # the top B*k is first looked for among the pre-activations above a hint (batch_topk, batch_topk_static): this
     # fraction of the previous training batch's cut in training, of theta in batch mode. The previous cut, not
@@ -38,8 +38,9 @@ class BatchTopKSAE(SAE):
         self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long))
         # the previous training step's cut as a number on the host (the next selection's hint; after_step writes
         # it from the trainer's read-back), not saved with the SAE. A number, not a device tensor: a GPU compares
-        # a tensor against a number in its vectorised kernel, against a 0-dim device tensor in a slower one
-        self.previous_cut: float | None = None
+        # a tensor against a number in its vectorised kernel, against a 0-dim device tensor in a slower one. A step
+        # recorded once and replayed (saekit.train.graphs) holds it as a 0-dim tensor it updates on the device
+        self.previous_cut: float | torch.Tensor | None = None
 
     @property
     def has_threshold(self) -> bool:
@@ -81,12 +82,18 @@ class BatchTopKSAE(SAE):
     def after_step(self, out: TrainOutput) -> dict:
         """theta: a running mean of the training selections' cuts (the smallest activation kept); the cut as a
         number for the next selection's hint (out.cut_value, read back by the trainer with its flags)."""
-        if out.cut is not None:  # on the device: beta = min(threshold_beta, 1 - 1/(n+1)), 0 at the first cut
+        if out.cut is not None:
             self.previous_cut = out.cut_value if out.cut_value is not None else float(out.cut)
-            beta = (1 - 1 / (self.threshold_updates + 1)).clamp(max=self.cfg.threshold_beta).to(self.threshold.dtype)
-            self.threshold.mul_(beta).add_((1 - beta) * out.cut)
-            self.threshold_updates += 1
+            self.update_theta(out.cut)
         return {"theta": self.threshold.clone()}
+
+    @torch.no_grad()
+    def update_theta(self, cut: torch.Tensor) -> None:
+        """theta's running mean takes a training selection's cut, on the device: beta = min(threshold_beta,
+        1 - 1/(n+1)), 0 at the first cut."""
+        beta = (1 - 1 / (self.threshold_updates + 1)).clamp(max=self.cfg.threshold_beta).to(self.threshold.dtype)
+        self.threshold.mul_(beta).add_((1 - beta) * cut)
+        self.threshold_updates += 1
 
     def inference_threshold(self):
         return self.threshold.detach()
@@ -148,7 +155,7 @@ class TopKSAE(SAE):
 
     arch, label, color = "topk", "TopK", "#1f77b4"
     saelens_name = saelens_training_name = "topk"
-    has_k = per_token_k = uses_auxk = has_fast_path = True
+    has_k = per_token_k = uses_auxk = has_fast_path = graph_safe = True
 
     def select(self, a, mode=None) -> Selection:
         return row_topk(a, self.cfg.k)
@@ -323,6 +330,7 @@ class MatryoshkaSAE(BatchTopKSAE):
     arch, label, color = "matryoshka", "Matryoshka BatchTopK", "#ff7f0e"
     saelens_training_name = "matryoshka_batchtopk"
     has_prefixes = True
+    graph_safe = False  # its per-group restrict reads a mask's size back
 
     @classmethod
     def check_config(cls, cfg):

@@ -14,6 +14,10 @@ class DeadLatents:
     tokens_since_fired and the encoder and decoder parameters."""
 
     _dead_known = None  # (number of dead latents, the counters tensor, its version) from set_dead_counters
+    # set by a step recorded once and replayed (saekit.train.graphs): AuxK's dead latents as a fixed number of slots,
+    # the dead ones first, then -1 (aux_reconstruction gives those nothing), so that the step's shapes do not follow
+    # the dead count from step to step; 0: no AuxK this step. None: exactly the dead latents (_dead_known)
+    aux_capacity: int | None = None
 
     def _aux_dead(self) -> torch.Tensor | None:
         """The dead latents' indices when AuxK has work this step (it is due, and some latent is dead), else None.
@@ -22,6 +26,9 @@ class DeadLatents:
         changed since (loaded, set by hand) it is read back from the device."""
         if not self.uses_auxk or self.cfg.aux_alpha <= 0 or not self.aux_due:
             return None
+        if self.aux_capacity is not None:
+            cap = self.aux_capacity
+            return torch.nonzero_static(self.dead_mask(), size=cap, fill_value=-1).squeeze(1) if cap else None
         counters, known = self.tokens_since_fired, self._dead_known
         if known is not None and known[1] is counters and known[2] == counters._version:
             return torch.nonzero_static(self.dead_mask(), size=known[0]).squeeze(1) if known[0] else None
@@ -56,14 +63,18 @@ class DeadLatents:
         path's `aux_select` on the full pre-activations, at a fraction of the cost of routing B * k_aux more
         entries through the sparse encoder's backward (measured on 2 CPU cores at d_in=576, d_sae=4608,
         B=1024 with ~170 dead latents: AuxK's share of a step fell from ~25-30 ms to ~15 ms). idx: the dead
-        latents (`_aux_dead`)."""
+        latents (`_aux_dead`); with aux_capacity set, padded with -1 (slots that contribute nothing)."""
+        padded = self.aux_capacity is not None
+        slots = idx.clamp_min(0) if padded else idx  # padding reads latent 0, then its columns are zeroed
         # the dead latents as rows of W_enc_t: their gradient comes in the parameter's own layout and adds into the
         # sparse path's in place (indexing W_enc[:, idx] cost a transposing copy a step)
-        a = torch.mm(xs - self.b_dec, self.W_enc_t[idx].t()).add_(self.b_enc[idx]).relu_()
+        a = torch.mm(xs - self.b_dec, self.W_enc_t[slots].t()).add_(self.b_enc[slots]).relu_()
+        if padded:
+            a = a.masked_fill(idx < 0, 0)  # a zero is never among a row's k_aux largest unless it adds nothing
         if idx.numel() > self.cfg.k_aux:
             vals, pos = a.topk(self.cfg.k_aux, dim=-1, sorted=False)
             a = torch.zeros_like(a).scatter(-1, pos, vals)
-        return a @ self.W_dec[idx]
+        return a @ self.W_dec[slots]
 
     def aux_select(self, a: torch.Tensor, dead_idx: torch.Tensor) -> Selection:
         """Reference path's AuxK: the k_aux largest pre-activations of dead latents (their indices) in each row

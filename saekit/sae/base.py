@@ -72,6 +72,9 @@ class SAE(DeadLatents, torch.nn.Module):
     # read-back costs nothing, and the selection without one measured 1.034x slower (every round 1.009-1.216)
     # (benchmarks/results/step_variants_cpu.txt)
     sync_free: bool | None = None
+    # its fast_loss has fixed shapes and no read-back once the trainer has its hints, so the training step can be
+    # recorded once and replayed as CUDA graphs (saekit.train.graphs)
+    graph_safe = False
     redo_exact = False  # set by the Trainer while it redoes a step whose selection was not exact: select exactly
 
     @classmethod

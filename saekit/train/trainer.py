@@ -9,8 +9,6 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -21,43 +19,15 @@ from tqdm.auto import tqdm
 from .. import distributed as D
 from ..files import atomic_write_csv, atomic_write_json
 from ..metrics.reconstruction import nmse_tensor
-from ..sae import SAE, SAEConfig, make_sae
-from . import checkpoints
+from ..sae import SAEConfig, make_sae
+from . import checkpoints, graphs
 from .config import TrainConfig, TrainingError, lr_factor
+from .results import StepStats, TrainResult
 from .sources import Prefetcher, TimedBatches, as_source
 
 
 # what an SAE learns between steps about the next one (the choice of path, a selection's hint): checkpoints keep
 HINTS = ("previous_density", "previous_cut")  # them, so that a resumed run takes an uninterrupted run's paths
-
-
-class StepStats(Mapping):
-    """One SAE's statistics of one step (loss, its terms, NMSE, L0, dead fraction, theta, ...), computed and
-    read from the device in one transfer the first time any of them is asked for: a step whose statistics nobody
-    reads (no callback, no log row due, the progress bar not redrawn) neither computes them nor waits for the
-    device. Values that are tensors, or functions that make one, are read then; the others are kept as they are."""
-
-    def __init__(self, values: dict):
-        self._given, self._values = values, None
-
-    def _load(self) -> dict:
-        if self._values is None:
-            lazy = {k: v() if callable(v) else v for k, v in self._given.items()
-                    if callable(v) or isinstance(v, torch.Tensor)}
-            read = torch.stack([v.detach().float().reshape(()) for v in lazy.values()]).tolist() if lazy else []
-            got = dict(zip(lazy, read))
-            self._values = {k: got.get(k, v) for k, v in self._given.items()}  # in the order given
-            self._given = None
-        return self._values
-
-    def __getitem__(self, key):
-        return self._load()[key]
-
-    def __iter__(self):
-        return iter(self._load())
-
-    def __len__(self):
-        return len(self._load())
 
 
 def geometric_median(x: torch.Tensor, iters: int = 50, eps: float = 1e-6) -> torch.Tensor:
@@ -70,33 +40,6 @@ def geometric_median(x: torch.Tensor, iters: int = 50, eps: float = 1e-6) -> tor
             return y_new
         y = y_new
     return y
-
-
-@dataclass
-class TrainResult:
-    saes: list[SAE]
-    logs: list[pd.DataFrame]
-    out: Path | None
-    steps: int
-    tokens: int
-    seconds: float
-    names: list[str] = field(default_factory=list)
-    data_wait_s: float = 0.0  # time the loop waited for batches (see Prefetcher)
-
-    def summary(self) -> str:
-        """One line per SAE: steps, tokens and the last logged NMSE, L0 and dead fraction, and its folder."""
-        lines = []
-        for name, log in zip(self.names, self.logs):
-            last = log.iloc[-1]
-            where = f" -> {self.out / name}" if self.out is not None else ""
-            lines.append(f"{name}: steps {self.steps}, tokens {self.tokens:,}, nmse {last['nmse']:.4f}, "
-                         f"l0 {last['l0']:.1f}, dead {last['dead_frac']:.3f}{where}")
-        return "\n".join(lines)
-
-    @property
-    def data_share(self) -> float:
-        """Fraction of the training loop's time spent waiting for data."""
-        return self.data_wait_s / self.seconds if self.seconds > 0 else 0.0
 
 
 class Trainer:
@@ -131,6 +74,7 @@ class Trainer:
                                     f"{self.world} ranks; use a multiple of {self.world}")
             self.ddp = D.wrap_ddp(self.saes, train_cfg.fast, self.device)
         self.logs: list[list[dict]] = [[] for _ in self.saes]
+        self.graphed: list[graphs.GraphedStep | None] = [None] * len(self.saes)  # step_graphs (see there)
         self.step = 0
         self.tokens = 0
         self.initialised = False
@@ -168,7 +112,7 @@ class Trainer:
             return None
         progress = {"step": self.step, "tokens": self.tokens, "train_cfg": self.tc.to_dict(),
                     "sae_cfgs": [c.to_dict() for c in self.cfgs], "names": self.names, "logs": self.logs,
-                    "hints": [{k: getattr(s, k) for k in HINTS if hasattr(s, k)} for s in self.saes]}
+                    "hints": [{k: _number(getattr(s, k)) for k in HINTS if hasattr(s, k)} for s in self.saes]}
         return checkpoints.write(self.out / "checkpoints", self.step, self.saes, self.opts, self.device, progress,
                                  keep=self.tc.keep_checkpoints)
 
@@ -198,8 +142,19 @@ class Trainer:
         stats = []
         for i, (sae, opt) in enumerate(zip(self.saes, self.opts)):
             for g in opt.param_groups:
-                g["lr"] = self.lrs[i] * factor * g["lr_scale"]
+                if isinstance(g["lr"], torch.Tensor):  # a recorded step (graphs) reads its rate from this tensor
+                    g["lr"].fill_(self.lrs[i] * factor * g["lr_scale"])
+                else:
+                    g["lr"] = self.lrs[i] * factor * g["lr_scale"]
             sae.aux_due = self.step % max(1, sae.cfg.aux_every) == 0  # from the step count, so a resumed run agrees
+            if self.graphed[i] is None:
+                self.graphed[i] = graphs.start(sae, opt, n_tokens, x.shape[0], tc, self.autocast, self.world)
+            if self.graphed[i] is not None:  # the step recorded once and replayed (graphs.GraphedStep)
+                finite, values = self.graphed[i].step(x)
+                if not finite:
+                    self._not_finite(i, x)
+                stats.append((values, self.lrs[i] * factor))
+                continue
             out, since, n_dead = self._forward_backward(i, x, n_tokens)
             sae.remove_parallel_grad()
             if tc.grad_clip:
@@ -208,7 +163,7 @@ class Trainer:
             sae.normalize_decoder()
             sae.set_dead_counters(since, n_dead)
             extra = sae.after_step(out)
-            stats.append((out, extra, self.lrs[i] * factor, n_dead / sae.cfg.d_sae))
+            stats.append((self._values(out, extra, n_dead / sae.cfg.d_sae), self.lrs[i] * factor))
         self.step += 1
         self.tokens += n_tokens
         return self._log(stats)
@@ -240,27 +195,33 @@ class Trainer:
         finally:
             sae.redo_exact = False
         if not finite:
-            if not bool(torch.isfinite(x).all()):  # NaN in x makes every loss NaN: which of the two it was
-                raise TrainingError(self._nan_message("the input activations", "replace or re-capture them"))
-            raise TrainingError(self._nan_message(f"the loss of SAE {self.names[i]}", "lower the learning rate"))
+            self._not_finite(i, x)
         return out, since, int(n_dead)
+
+    def _not_finite(self, i: int, x: torch.Tensor):
+        if not bool(torch.isfinite(x).all()):  # NaN in x makes every loss NaN: which of the two it was
+            raise TrainingError(self._nan_message("the input activations", "replace or re-capture them"))
+        raise TrainingError(self._nan_message(f"the loss of SAE {self.names[i]}", "lower the learning rate"))
 
     def _nan_message(self, what: str, fix: str) -> str:
         ck = self.latest_checkpoint()
         kept = f"the last good checkpoint is kept at {ck}" if ck else "no checkpoint had been written yet"
         return f"NaN/inf in {what} at step {self.step} (batch {self.step}, tokens {self.tokens:,}); {kept}. Fix: {fix}."
 
+    @staticmethod
+    def _values(out, extra: dict, dead_frac: float) -> dict:
+        """An eager step's figures as StepStats reads them (tensors, or functions that make one, read when asked)."""
+        return {"loss": out.loss, **out.terms,
+                "nmse": lambda x=out.x.detach(), x_hat=out.x_hat.detach(): nmse_tensor(x.float(), x_hat.float()),
+                "l0": out.l0.float().mean, "dead_frac": dead_frac, "theta": extra.get("theta", float("nan"))}
+
     @torch.no_grad()
     def _log(self, stats) -> list[StepStats]:
         rows = []
         log_now = self.step % max(1, self.tc.log_every) == 0 or self.step == self.tc.total_steps
-        for i, (out, extra, lr, dead_frac) in enumerate(stats):
-            row = StepStats({"step": self.step, "tokens": self.tokens, "loss": out.loss, "lr": lr, **out.terms,
-                             "nmse": lambda x=out.x.detach(), x_hat=out.x_hat.detach():
-                             nmse_tensor(x.float(), x_hat.float()),
-                             "l0": out.l0.float().mean,
-                             "dead_frac": dead_frac,
-                             "theta": extra.get("theta", float("nan"))})
+        for i, (values, lr) in enumerate(stats):
+            row = StepStats({"step": self.step, "tokens": self.tokens, "loss": values["loss"], "lr": lr,
+                             **{k: v for k, v in values.items() if k != "loss"}})
             if log_now:
                 self.logs[i].append(dict(row))
             rows.append(row)
@@ -389,6 +350,11 @@ class Trainer:
             return None
         return wandb.init(project=self.tc.wandb_project, config={"train": self.tc.to_dict(),
                                                                   "saes": [c.to_dict() for c in self.cfgs]})
+
+
+def _number(v):
+    """A hint as checkpoints keep it: a number (a recorded step holds it as a 0-dim tensor)."""
+    return float(v) if isinstance(v, torch.Tensor) else v
 
 
 def train(data, cfgs: SAEConfig | Sequence[SAEConfig], train_cfg: TrainConfig | None = None,

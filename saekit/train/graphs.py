@@ -1,0 +1,223 @@
+"""The training step recorded once and replayed: CUDA graphs for BatchTopK's and TopK's step on one GPU
+(`TrainConfig.step_graphs`).
+
+Why: on a GPU the sparse step is bound by the host. At d_sae 6,144 the GPU was busy 1.9 ms of a 5.1 ms step and
+the host launched 154 kernels (benchmarks/results/profile_step_cuda.txt). A CUDA graph launches a recorded step's
+kernels with one call. A step can be recorded when:
+- its shapes are fixed and nothing is read back: the selection without read-backs (kernels.batch_topk_static,
+  row_topk(static=True)), and AuxK's dead latents in a fixed number of slots (`aux_capacity`);
+- every value that changes from step to step lives in a device tensor, not in a Python number: the learning rate,
+  and the selection's hint (the previous step's cut).
+
+The step is two phases with the trainer's one read-back between them:
+- A: the loss, its gradients, the next dead-latent counters and the step's figures (`report`). One graph per
+  number of AuxK slots: a power of two, so a run records a handful.
+- The read-back of the report says whether the loss is finite, whether the selection was exact, and the dead
+  count (the next step's AuxK slots). A step whose selection was not exact runs A again, not recorded, with
+  redo_exact set; its results land in the same buffers.
+- B: the decoder constraint, clipping, Adam (capturable, its rate a tensor), the decoder's norm, the counters,
+  theta and the next hint.
+
+Mode "cuda" records CUDA graphs. Mode "eager" runs the same phases without recording, on any device: on the CPU
+the test suite checks that they train to the eager trainer's weights, and that two steps dispatch the same
+operators with the same arguments (what a recording freezes).
+"""
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from typing import Callable
+
+import torch
+
+from ..metrics.reconstruction import nmse_tensor
+from ..sae import SAE
+from .config import TrainingError
+
+MODES = ("off", "cuda", "eager")
+REPORT = ("finite", "exact", "n_dead", "loss", "mse", "sparsity", "aux", "nmse", "l0")  # what phase A reports
+TERMS = ("mse", "sparsity", "aux")  # the loss terms a recordable SAE reports (SAE._finish)
+MIN_AUX_SLOTS = 256  # the fewest AuxK slots a phase A is recorded with (a power of two)
+WARMUP = 2  # runs of a phase before it is recorded: CUDA's lazy set-up (cuBLAS workspaces, ...) must happen first
+
+
+def aux_slots(n_dead: int, d_sae: int) -> int:
+    """AuxK slots for n_dead dead latents: 0 for none, else the power of two at or above n_dead (at least
+    MIN_AUX_SLOTS), at most d_sae. One recorded phase A serves every dead count up to its slots."""
+    if n_dead <= 0:
+        return 0
+    return min(d_sae, max(MIN_AUX_SLOTS, 1 << (int(n_dead) - 1).bit_length()))
+
+
+def why_not(sae: SAE, batch: int, fast: bool, world: int) -> str | None:
+    """Why this SAE's training step cannot be recorded (None: it can)."""
+    if not sae.graph_safe:
+        return f"{sae.label}'s training step reads values back from the device"
+    if not fast:
+        return "the reference path (fast=False) reads values back from the device"
+    if world > 1:
+        return "under torch.distributed the selection agrees its cut between ranks on the host"
+    if not sae.sparse_pays(batch * sae.cfg.k, batch):
+        return f"at d_sae {sae.cfg.d_sae} the step takes the dense reference path, which reads values back"
+    return None
+
+
+class GraphedStep:
+    """One SAE's training step as two phases recorded as CUDA graphs (mode "cuda") or run as they are ("eager").
+    Made by the Trainer once the SAE has its hints (BatchTopK's previous cut); from then on it owns the SAE's
+    gradients (kept, zeroed in place), its optimiser's rates (tensors) and the hint (a tensor)."""
+
+    def __init__(self, sae: SAE, opt: torch.optim.Optimizer, n_tokens: int, grad_clip: float, autocast: bool,
+                 mode: str, n_dead: int):
+        if mode not in ("cuda", "eager"):
+            raise ValueError(f"GraphedStep mode {mode!r}: use 'cuda' or 'eager'")
+        dev = sae.W_dec.device
+        if mode == "cuda" and dev.type != "cuda":
+            raise TrainingError(f"step_graphs='cuda' records CUDA graphs, but the SAE is on {dev}; use "
+                                f"step_graphs='off' there (or 'eager' to run the recordable phases unrecorded)")
+        self.sae, self.opt, self.n_tokens, self.grad_clip, self.autocast = sae, opt, n_tokens, grad_clip, autocast
+        self.capture = mode == "cuda"
+        self.n_dead = int(n_dead)
+        sae.sync_free = True  # the selection without read-backs, on every device
+        self.report = torch.zeros(len(REPORT), dtype=torch.float64, device=dev)
+        self.since = sae.tokens_since_fired.clone()  # the counters after phase A's step
+        self.cut = torch.zeros((), device=dev)  # phase A's cut, float32 as theta
+        self.hint = None
+        if sae.has_theta:  # the next selection's hint, updated on the device by phase B
+            self.hint = torch.full((), float(sae.previous_cut), device=dev)
+            sae.previous_cut = self.hint
+        for p in sae.parameters():  # gradients in fixed memory, zeroed in place by phase A
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        # the rate as a tensor the trainer fills each step: float32 on CUDA (fused Adam reads it there as float),
+        # float64 on the CPU (read as a double there: the same updates as a rate given as a number)
+        lr_dtype = torch.float32 if dev.type == "cuda" else torch.float64
+        for g in opt.param_groups:
+            g["lr"] = torch.tensor(float(g["lr"]), dtype=lr_dtype, device=dev)
+            g["capturable"] = g["capturable"] or self.capture
+        self.x: torch.Tensor | None = None  # the static input batch
+        self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self.runs: Counter = Counter()  # unrecorded runs of each phase key
+        self.pool = torch.cuda.graph_pool_handle() if self.capture else None  # one memory pool for every graph
+
+    # -- one step -------------------------------------------------------------------------------
+    def step(self, x: torch.Tensor) -> tuple[bool, dict]:
+        """One optimiser step on batch x. Returns (whether the loss was finite, the step's figures). Where it was not
+        finite, phase B has not run: the weights are the step's starting ones."""
+        sae = self.sae
+        if self.x is None or self.x.shape != x.shape or self.x.dtype != x.dtype:
+            self.x, self.graphs, self.runs = torch.empty_like(x), {}, Counter()  # a new shape: record anew
+        self.x.copy_(x)
+        due = sae.aux_due and sae.uses_auxk and sae.cfg.aux_alpha > 0
+        slots = aux_slots(self.n_dead, sae.cfg.d_sae) if due else 0
+        self._run(("A", slots), lambda: self._phase_a(slots))
+        finite, exact, n_dead, *figures = self.report.tolist()  # the step's one read-back
+        if not exact:
+            sae.redo_exact = True  # not recorded: the exact selection reads back
+            try:
+                self._phase_a(slots)
+            finally:
+                sae.redo_exact = False
+            finite, exact, n_dead, *figures = self.report.tolist()
+            if not exact:
+                raise TrainingError(f"SAE {sae.cfg.name}'s training selection was not exact even when redone with "
+                                    f"redo_exact set; its train_select must select exactly then")
+        if not finite:
+            return False, {}
+        self._run(("B",), self._phase_b)
+        self.n_dead = int(n_dead)
+        values = dict(zip(REPORT[3:], figures))
+        values["dead_frac"] = n_dead / sae.cfg.d_sae
+        values["theta"] = sae.threshold.clone() if sae.has_theta else float("nan")
+        return True, values
+
+    def _run(self, key: tuple, phase: Callable[[], None]) -> None:
+        """Run a phase: as it is in mode "eager"; else its first WARMUP runs on a side stream, then recorded once
+        and replayed from then on."""
+        if not self.capture:
+            phase()
+            return
+        graph = self.graphs.get(key)
+        if graph is None:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            if self.runs[key] < WARMUP:
+                self.runs[key] += 1
+                with torch.cuda.stream(side):
+                    phase()
+                torch.cuda.current_stream().wait_stream(side)
+                return
+            graph = torch.cuda.CUDAGraph()
+            try:
+                # thread_local: the Prefetcher's thread keeps copying batches to the GPU while a phase is recorded
+                with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                    phase()
+            except Exception as err:
+                raise TrainingError(f"recording SAE {self.sae.cfg.name}'s step phase {key} as a CUDA graph failed "
+                                    f"({type(err).__name__}: {err}); train with step_graphs='off'") from err
+            self.graphs[key] = graph
+        graph.replay()
+
+    # -- the two phases -------------------------------------------------------------------------
+    def _phase_a(self, slots: int) -> None:
+        """Loss and gradients of the batch in self.x, the next counters in self.since, the cut in self.cut, and
+        REPORT's figures in self.report."""
+        sae = self.sae
+        sae.aux_capacity = slots
+        try:
+            self.opt.zero_grad(set_to_none=False)  # in place: the gradients stay where phase B reads them
+            with torch.autocast(self.x.device.type, dtype=torch.bfloat16, enabled=self.autocast, cache_enabled=False):
+                out = sae.fast_loss(self.x)
+            out.loss.backward()
+        finally:
+            sae.aux_capacity = None
+        if out.path != "sparse" or set(out.terms) != set(TERMS):
+            raise TrainingError(f"SAE {sae.cfg.name}'s step is not the recordable sparse step (path {out.path}, "
+                                f"terms {sorted(out.terms)}); train with step_graphs='off'")
+        since, n_dead = sae.next_dead_counters(out.fired, self.n_tokens)
+        self.since.copy_(since)
+        if out.cut is not None:
+            self.cut.copy_(out.cut)
+        loss = out.loss.detach()
+        exact = out.exact if out.exact is not None else torch.ones((), dtype=torch.bool, device=loss.device)
+        figures = [torch.isfinite(loss), exact, n_dead, loss, *(out.terms[t] for t in TERMS),
+                   nmse_tensor(out.x.detach().float(), out.x_hat.detach().float()), out.l0.float().mean()]
+        self.report.copy_(torch.stack([v.detach().double().reshape(()) for v in figures]))
+
+    @torch.no_grad()
+    def _phase_b(self) -> None:
+        """The optimiser step and what follows it (Trainer.train_step's order)."""
+        sae = self.sae
+        sae.remove_parallel_grad()
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), self.grad_clip)
+        self.opt.step()
+        sae.normalize_decoder()
+        sae.tokens_since_fired.copy_(self.since)
+        if self.hint is not None:
+            sae.update_theta(self.cut)
+            self.hint.copy_(self.cut)
+
+
+def start(sae: SAE, opt, n_tokens: int, batch: int, tc, autocast: bool, world: int) -> GraphedStep | None:
+    """A GraphedStep for this SAE where tc.step_graphs asks for one and the SAE is ready (BatchTopK: once it has a
+    previous cut); None where it is off, or not yet. An SAE that cannot be recorded is warned about once and left
+    on the eager step."""
+    if tc.step_graphs == "off" or getattr(sae, "_graphs_refused", False):
+        return None
+    if tc.step_graphs not in MODES:
+        raise TrainingError(f"unknown step_graphs {tc.step_graphs!r}; use one of {', '.join(MODES)}")
+    reason = why_not(sae, batch, tc.fast, world)
+    if reason is not None:
+        sae._graphs_refused = True
+        warnings.warn(f"SAE {sae.cfg.name} trains without step_graphs: {reason}", stacklevel=3)
+        return None
+    if sae.has_theta and sae.previous_cut is None:
+        return None  # its first step selects exactly and gives the first hint
+    known = sae._dead_known
+    counters = sae.tokens_since_fired
+    if known is not None and known[1] is counters and known[2] == counters._version:
+        n_dead = known[0]
+    else:
+        n_dead = int(sae.dead_mask().sum())
+    return GraphedStep(sae, opt, n_tokens, tc.grad_clip, autocast, tc.step_graphs, n_dead)
