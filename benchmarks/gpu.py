@@ -121,38 +121,45 @@ def fast_vs_reference(run: Run, dev: torch.device, d: int, f: int, B: int):
 
 
 def sync_free_vs_exact(run: Run, dev: torch.device, d: int, f: int, B: int):
-    """BatchTopK's selection without read-backs (the default on a GPU) trains as the exact one: two Trainers from
-    the same start on the same batches, 8 steps with dead latents (AuxK from the read-back count); every
+    """The selections without read-backs (the default on a GPU) train as the exact ones: for BatchTopK (its top B*k
+    above a hint), JumpReLU and ReLU-L1 (their entries in slots sized by the previous density), two Trainers from
+    the same start on the same batches, 8 steps (BatchTopK with dead latents, AuxK from the read-back count); every
     selection after the first step flagged exact, or redone."""
     from saekit.sae.architectures import BatchTopKSAE
+    from saekit.sae.base import SAE
     from saekit.train import TrainConfig, Trainer
 
     xs = [torch.randn(B, d, device=dev) * torch.rand(B, 1, device=dev) * 4 for _ in range(8)]
-    flags, original = [], BatchTopKSAE.train_select
+    for arch, owner, method in (("batchtopk", BatchTopKSAE, "train_select"), ("jumprelu", SAE, "train_entries"),
+                                ("relu", SAE, "train_entries")):
+        flags, original = [], owner.__dict__[method]
 
-    def spy(self, a):
-        sel = original(self, a)
-        if sel.exact is not None:  # a selection made without read-backs (the exact path's have no flag)
-            flags.append(bool(sel.exact))
-        return sel
+        def spy(self, *args, original=original):
+            got = original(self, *args)
+            if got.exact is not None:  # made without read-backs (the exact paths' have no flag)
+                flags.append(bool(got.exact))
+            return got
 
-    trainers = {}
-    BatchTopKSAE.train_select = spy
-    try:
-        for free in (True, False):
-            torch.manual_seed(0)
-            tr = Trainer([SAEConfig(arch="batchtopk", d_in=d, d_sae=f, k=8, dead_tokens=2 * B)],
-                         TrainConfig(total_tokens=10**9, batch_size=B, warmup_steps=0, progress=False, device=str(dev)))
-            tr.saes[0].sync_free = free
-            tr.initialise(torch.cat(xs[:2]))
-            for x in xs:
-                tr.train_step(x)
-            trainers[free] = tr.saes[0]
-    finally:
-        BatchTopKSAE.train_select = original
-    worst = max(_rel(a.detach(), b.detach()) for a, b in zip(trainers[True].parameters(), trainers[False].parameters()))
-    run.check("correctness", "BatchTopK selection without read-backs vs exact, 8 steps", worst < 1e-4 and len(flags) == 7,
-              f"weights {worst:.1e}", f"{sum(flags)} of {len(flags)} selections without read-backs exact, the rest redone")
+        trainers = {}
+        setattr(owner, method, spy)
+        try:
+            for free in (True, False):
+                torch.manual_seed(0)
+                tr = Trainer([SAEConfig(arch=arch, d_in=d, d_sae=f, k=8, target_l0=8, dead_tokens=2 * B)],
+                             TrainConfig(total_tokens=10**9, batch_size=B, warmup_steps=0, progress=False,
+                                         device=str(dev)))
+                tr.saes[0].sync_free = free
+                tr.initialise(torch.cat(xs[:2]))
+                for x in xs:
+                    tr.train_step(x)
+                trainers[free] = tr.saes[0]
+        finally:
+            setattr(owner, method, original)
+        worst = max(_rel(a.detach(), b.detach()) for a, b in zip(trainers[True].parameters(),
+                                                                 trainers[False].parameters()))
+        run.check("correctness", f"{arch} selection without read-backs vs exact, 8 steps",
+                  worst < 1e-4 and len(flags) >= 7, f"weights {worst:.1e}",
+                  f"{sum(flags)} of {len(flags)} selections without read-backs exact, the rest redone")
 
 
 def graphs_vs_eager(run: Run, dev: torch.device, d: int, f: int, B: int):

@@ -16,11 +16,13 @@ Variants (the current code is the baseline):
 With --arch jumprelu or relu (their usual sparsity, L0 ~ 32):
   probe every step     the path chosen from a probe encode of 128 rows at every step (the code before the
                        previous step's density was kept for that)
-  two scans            (jumprelu) the code and the threshold window found by scans of their own (the window as
-                       two compares against its bounds)
-  window as a kernel   (jumprelu) the code and the threshold window found by scans of their own, the window as
-                       the kernel of (a - theta) / bandwidth: the code before the window became two compares
-                       against its bounds and one scan found both
+  sync-free entries    sync_free on (the default on an accelerator): the entries found into slots sized by the
+                       previous step's density, without a read-back
+  split code, window   (jumprelu) the one scan's entries split into the code and the window (two more read-backs),
+                       each encoded or decoded apart, the decode indexing their concatenation anew: the code before
+                       the entries stayed together with masks (2026-11-27)
+(Earlier JumpReLU variants, "two scans" and "window as a kernel", timed code that no longer exists: their figures
+are in benchmarks/results/step_variants_cpu.txt.)
 """
 from __future__ import annotations
 
@@ -34,11 +36,12 @@ import warnings
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from saekit.sae import SAEConfig, architectures
-from saekit.sae.architectures import BatchTopKSAE
+from saekit.sae import SAEConfig
+from saekit.sae.architectures import BatchTopKSAE, JumpReLUSAE
 from saekit.sae.auxk import DeadLatents
 from saekit.sae.base import SAE
-from saekit.sae.kernels import Selection, batch_topk, positive_entries, rectangle
+from saekit.sae.kernels import (CodeIndex, SparseCode, ThresholdPseudoGrad, batch_topk, positive_entries,
+                                rectangle, sparse_decode, sparse_encode)
 from saekit.train import TrainConfig, Trainer
 
 
@@ -81,22 +84,40 @@ def probe_every_step(self, xs, count_active, rows=128):
     return self.sparse_pays(int(count_active(a)) * xs.shape[0] // max(1, a.shape[0]), xs.shape[0])
 
 
-def window_as_kernel(a, theta, bandwidth):
-    x = (a - theta) / bandwidth
-    window = ((x > -0.5) & (x < 0.5)).to(x.dtype).nonzero(as_tuple=True)
-    return Selection(*(a > theta).nonzero(as_tuple=True)), Selection(*window)
-
-
-def two_scans(a, theta, bandwidth):
-    return (Selection(*(a > theta).nonzero(as_tuple=True)),
-            Selection(*rectangle(a, theta, bandwidth).nonzero(as_tuple=True)))
+def split_code_and_window(self, x):
+    """JumpReLUSAE.fast_loss as it was before its entries stayed together with masks (a copy: the baseline)."""
+    xs, _ = self.normalize_input(self._check_input(x))
+    bw = self.cfg.jumprelu_bandwidth
+    theta0 = self.log_threshold.detach().exp()
+    if not self.probe_pays(xs, lambda a: (a > theta0).sum() + rectangle(a, theta0, bw).sum()):
+        return self.reference_loss(x)
+    with torch.no_grad():
+        a = self.pre_acts(xs)
+        half = bw / 2
+        rows, cols = (a > theta0 - half).nonzero(as_tuple=True)
+        v, t = a[rows, cols], theta0[cols]
+        on, window = (v > t).nonzero().squeeze(1), (v < t + half).nonzero().squeeze(1)
+        rows, cols, wr, wc = rows[on], cols[on], rows[window], cols[window]
+    if not self.sparse_pays(rows.numel() + wr.numel(), xs.shape[0]):
+        return self.reference_loss(x)
+    theta = self.log_threshold.exp()
+    vals = sparse_encode(xs, self.W_enc, self.b_enc, self.b_dec,
+                         CodeIndex(rows, cols, xs.shape[0], self.cfg.d_sae, rows_sorted=True), a).vals
+    zeros = ThresholdPseudoGrad.apply(theta, wc, bw, True)
+    code = SparseCode(torch.cat([rows, wr]), torch.cat([cols, wc]), torch.cat([vals, zeros.to(vals.dtype)]),
+                      (xs.shape[0], self.cfg.d_sae))
+    x_hat = sparse_decode(code, self.W_dec) + self.b_dec
+    l0 = rows.numel() / xs.shape[0] + ThresholdPseudoGrad.apply(theta, wc, bw, False).sum() / xs.shape[0]
+    return self._finish(xs, x_hat, self.recon_loss(xs, x_hat, code), self.l0_penalty(l0), None,
+                        *self._sparse_stats(rows, cols, xs.shape[0]), None, "sparse",
+                        n_active=rows.numel() + wr.numel())
 
 
 PROBE_VARIANTS = {"current": contextlib.nullcontext,
-                  "probe every step": lambda: patched(SAE, "probe_pays", probe_every_step)}
+                  "probe every step": lambda: patched(SAE, "probe_pays", probe_every_step),
+                  "sync-free entries": lambda: patched(SAE, "sync_free", True)}
 JUMPRELU_VARIANTS = {**PROBE_VARIANTS,
-                     "two scans": lambda: patched(architectures, "jumprelu_entries", two_scans),
-                     "window as a kernel": lambda: patched(architectures, "jumprelu_entries", window_as_kernel)}
+                     "split code, window": lambda: patched(JumpReLUSAE, "fast_loss", split_code_and_window)}
 BASE_SET_DEAD = SAE.set_dead_counters
 VARIANTS = {"current": contextlib.nullcontext,
             "bias after product": lambda: patched(SAE, "pre_acts", bias_after_product),
@@ -221,7 +242,8 @@ def main(argv=None):
         print(f"{name:<22}{statistics.median(times[name]):>9.2f}{statistics.median(ratio):>18.3f}"
               f"{min(ratio):>8.3f}-{max(ratio):.3f}")
     print("(variant/current > 1: the variant is slower than the current code)")
-    for name in ("sync-free selection", "read-back selection") if a.arch == "batchtopk" else ("current",):
+    for name in ("sync-free selection", "read-back selection") if a.arch == "batchtopk" else ("current",
+                                                                                             "sync-free entries"):
         with variants[name]():
             lines = read_backs(trainers[name], xs[0])
             n_ops = operators(trainers[name], xs[1])

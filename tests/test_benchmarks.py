@@ -93,9 +93,9 @@ def test_gpu_script_dry_run_checks_every_path_and_writes_its_table(tmp_path):
     sections = {row["section"] for row in res["rows"]}
     assert sections == {"correctness", "train step", "peers", "capture"}
     checks = [row for row in res["rows"] if row["section"] == "correctness"]
-    # fast vs reference for 5 architectures x 2 precisions, the selection without read-backs, the recordable step
-    # (step_graphs) against the eager one, theta, DDP
-    assert len(checks) == 2 * 5 + 4 and all(row["note"].startswith("ok") for row in checks)
+    # fast vs reference for 5 architectures x 2 precisions, the selections without read-backs of BatchTopK, JumpReLU
+    # and ReLU, the recordable step (step_graphs) against the eager one, theta, DDP
+    assert len(checks) == 2 * 5 + 6 and all(row["note"].startswith("ok") for row in checks)
     assert all("path sparse" in row["note"] for row in checks if "fast vs reference" in row["what"])
 
 
@@ -157,9 +157,12 @@ def test_step_variants_and_data_loading_benchmarks_run(store):
                         "--d-sae", "1024", "--batch", "128", "--steps", "2", "--rounds", "2"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    rows = {line[:22].strip(): line.split() for line in r.stdout.splitlines()
-            if line[:22].strip() in ("current", "probe every step", "window as a kernel")}
-    assert len(rows) == 3 and float(rows["window as a kernel"][-3]) > 0 and "jumprelu step variants" in r.stdout
+    names = ("current", "probe every step", "sync-free entries", "split code, window")
+    rows = {line[:22].strip(): line.split() for line in r.stdout.splitlines() if line[:22].strip() in names}
+    assert len(rows) == 4 and float(rows["split code, window"][-3]) > 0 and "jumprelu step variants" in r.stdout
+    # the entries found with one read-back (a nonzero's size), or into slots without one
+    assert "'current' (at dispatch, besides the Trainer's one .tolist()): 1" in r.stdout
+    assert "'sync-free entries' (at dispatch, besides the Trainer's one .tolist()): 0" in r.stdout
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "data_loading.py"), "--store", str(store.path),
                         "--hook", HOOK, "--steps", "4", "--batch", "64", "--repeats", "1", "--warm-only"],
                        capture_output=True, text=True, timeout=300)

@@ -154,6 +154,26 @@ def test_sync_free_batchtopk_loss_equals_the_exact_one_without_a_read_back(n_dea
     assert free.training_loss(x).exact is None
 
 
+@pytest.mark.parametrize("arch", ["jumprelu", "relu"])
+def test_sync_free_thresholded_codes_equal_the_exact_ones_without_a_read_back(arch, sparse_everywhere):
+    """JumpReLU and ReLU-L1 find their entries without a read-back, into slots sized by the previous step's density
+    (train_entries): the exact path's loss, code statistics and every gradient, bit for bit, flagged exact, and
+    nothing read back; too few slots are flagged, and with redo_exact set the entries are found exactly."""
+    exact, free, x = _exact_and_sync_free(arch, 0, seed=5)
+    o1 = exact.training_loss(x)
+    assert o1.exact is None and o1.count is None and o1.path == "sparse" and o1.density > 0
+    free.previous_density = o1.density  # as after_step leaves it
+    with _read_back_counter() as seen:
+        o2 = free.training_loss(x)
+    n = round(o1.density * x.shape[0] * 96)
+    assert seen.found == [] and bool(o2.exact) and o2.path == "sparse" and int(o2.count) == n > 1024
+    _same_step(exact, free, o1, o2)
+    free.previous_density = 0.0  # the fewest slots (1,024): fewer than the entries
+    assert not bool(free.training_loss(x).exact)
+    free.redo_exact = True  # as the Trainer redoes such a step: exact again
+    assert free.training_loss(x).exact is None
+
+
 def test_sync_free_topk_selection_equals_the_exact_one_or_says_so(sparse_everywhere):
     """TopK without read-backs keeps all k of every row (the exact selection drops the non-positive ones, a mask the
     host waits for): the same loss and gradients, flagged exact, while every kept value is positive; not otherwise."""
@@ -171,7 +191,7 @@ def test_sync_free_topk_selection_equals_the_exact_one_or_says_so(sparse_everywh
 def test_rectangle_window_is_the_band_around_theta():
     """JumpReLU's window |a - theta| < bandwidth / 2 per latent, as two compares against its bounds (the reference
     and the fast path share it), equals the band computed in float64 wherever an entry is not on its edge."""
-    from saekit.sae.kernels import jumprelu_entries, rectangle
+    from saekit.sae.kernels import entries_above, rectangle
 
     torch.manual_seed(5)
     a, theta, bw = torch.rand(64, 40) * 3, torch.rand(40) + 1, 0.3
@@ -180,10 +200,36 @@ def test_rectangle_window_is_the_band_around_theta():
     got = rectangle(a, theta, bw)
     assert got.dtype == torch.bool and band.any() and (~band).any()
     assert torch.equal(got[~edge], band[~edge])
-    code, window = jumprelu_entries(a, theta, bw)  # both sets from one scan: the same entries, row-major
-    assert torch.equal(torch.stack([window.rows, window.cols]), got.nonzero().t())
-    assert torch.equal(torch.stack([code.rows, code.cols]), (a > theta).nonzero().t())
-    assert code.rows.numel() and window.rows.numel()
+    e = entries_above(a, theta - bw / 2)  # one scan finds both sets (the fast path's), row-major; values split them
+    v, t = a[e.rows, e.cols], theta[e.cols]
+    entries = torch.stack([e.rows, e.cols])
+    assert torch.equal(entries[:, rectangle(v, t, bw)], got.nonzero().t())
+    assert torch.equal(entries[:, v > t], (a > theta).nonzero().t())
+    assert (v > t).any() and rectangle(v, t, bw).any()
+
+
+def test_entries_found_without_a_read_back_equal_the_exact_ones_or_say_so():
+    """entries_above with a capacity: fixed shapes, the entries first (row-major, as the exact ones), then padding
+    that repeats the last entry of the matrix and is marked invalid; exact when they all fit, and the count tells
+    the next step how many slots to make (entry_slots: a power of two at or above 1.25x, at least 1,024)."""
+    from saekit.sae.kernels import entries_above, entry_slots
+
+    torch.manual_seed(3)
+    a = torch.randn(50, 80)
+    exact = entries_above(a, 1.0)
+    n = exact.count
+    assert exact.valid is None and n == exact.rows.numel() > 0
+    for cap in (n, n + 37):
+        e = entries_above(a, 1.0, cap)
+        assert e.rows.shape == (cap,) and bool(e.exact) and int(e.count) == n and int(e.valid.sum()) == n
+        assert torch.equal(e.rows[:n], exact.rows) and torch.equal(e.cols[:n], exact.cols)
+        assert bool((e.rows[n:] == 49).all() and (e.cols[n:] == 79).all()) and not e.valid[n:].any()
+        assert bool((e.rows[1:] >= e.rows[:-1]).all())  # row-major, padding included
+    short = entries_above(a, 1.0, n - 1)
+    assert not bool(short.exact) and int(short.count) == n and bool(short.valid.all())
+    assert entry_slots(0.0, 64, 64) == 1024 and entry_slots(0.5, 64, 64) == 3072 and entry_slots(0.9, 64, 64) == 4096
+    slots = entry_slots(0.002, 4096, 24576)  # 201,327 entries at the paper's size
+    assert slots % 1024 == 0 and 1.25 * 201_327 <= slots < 1.25 * 201_327 + 1024
 
 
 def _same_loss_and_gradients(cfg, x, setup):

@@ -349,6 +349,47 @@ def test_sync_free_training_equals_exact_training_and_redoes_a_step_it_cannot_pr
     assert all(torch.equal(v, free[k]) for k, v in exact.items())
 
 
+@pytest.mark.parametrize("arch", ["jumprelu", "relu"])
+def test_sync_free_thresholded_training_equals_exact_training(arch, toy_x, monkeypatch):
+    """JumpReLU and ReLU-L1 runs whose entries are found without read-backs (slots from the previous step's density,
+    read back with the trainer's flags) end with the weights and log of exact runs; a step whose slots were too few
+    (here: the density hint spoilt) is flagged and redone exactly."""
+    import saekit.sae.base as base
+    from saekit.train import Trainer
+
+    monkeypatch.setattr(base, "SPARSE_MIN_LATENTS", 0)  # the sparse path at toy size
+    monkeypatch.setattr(base, "SPARSE_MAX_DENSITY", 1.0)
+    cfg = SAEConfig(arch=arch, d_in=16, d_sae=64, target_l0=3, l1_coeff=1.0)
+    found = []
+    train_entries = base.SAE.train_entries
+    monkeypatch.setattr(base.SAE, "train_entries",
+                        lambda self, a, bound: found.append(e := train_entries(self, a, bound)) or e)
+
+    def run(sync_free, spoil_at=None):
+        torch.manual_seed(0)
+        tr = Trainer([cfg], TrainConfig(total_tokens=10**6, batch_size=512, warmup_steps=0, progress=False,
+                                        log_every=1))
+        tr.saes[0].sync_free = sync_free
+        tr.initialise(toy_x[:1024])
+        for i in range(10):
+            if i == spoil_at:
+                tr.saes[0].previous_density = 0.0  # 1,024 slots: too few
+            tr.train_step(toy_x[i * 512:(i + 1) * 512])
+        return tr
+
+    exact = run(False)
+    assert all(e.valid is None for e in found)
+    found.clear()
+    free = run(True, spoil_at=5)
+    flags = [bool(e.exact) for e in found if e.exact is not None]  # steps 1-9 (step 0 has no density yet)
+    assert len(flags) == 9 and flags.count(False) == 1 and not flags[4]
+    assert sum(e.exact is None for e in found) == 2  # step 0, and step 5 redone exactly
+    assert int(found[-1].count) > 1024
+    for k, v in exact.saes[0].state_dict().items():
+        assert torch.equal(v, free.saes[0].state_dict()[k]), k
+    pd.testing.assert_frame_equal(exact.log_frames()[0], free.log_frames()[0])
+
+
 def test_jumprelu_chooses_its_path_from_the_previous_steps_density_and_resumes_with_it(toy_x, tmp_path, monkeypatch):
     """JumpReLU's fast path estimates the code's density from the previous step's sparse path (no probe encode of
     128 rows, no read-back) once it has one; checkpoints keep that density (and BatchTopK's previous cut), so a

@@ -12,7 +12,7 @@ from .. import distributed as D
 from .base import SAE, TrainOutput
 from .config import ARCHITECTURES, SAEConfig, SAEConfigError, architecture, register, resolve_group_sizes
 from .kernels import (CodeIndex, JumpReLUFunction, Selection, SparseCode, StepFunction, ThresholdPseudoGrad,
-                      batch_topk, batch_topk_static, flat_selection, jumprelu_entries, positive_entries, rectangle,
+                      batch_topk, batch_topk_static, flat_selection, positive_entries, rectangle,
                       row_topk, sparse_decode, sparse_encode)
 
 
@@ -201,32 +201,36 @@ class JumpReLUSAE(SAE):
         return self.l0_penalty(StepFunction.apply(a, self.log_threshold.exp(), self.cfg.jumprelu_bandwidth).sum(-1).mean())
 
     def fast_loss(self, x: torch.Tensor) -> TrainOutput:
-        """The reference loss through the sparse encoder and decoder: the selected entries (a > theta) are
-        differentiated and decoded sparsely, and the thresholds get their pseudo-derivatives from the entries in
-        the rectangle window around them only (ThresholdPseudoGrad): exact when both sets are small, which they
-        are once theta has moved off zero (with a target L0 from the first step, see init_from_data)."""
+        """The reference loss through the sparse encoder and decoder. One scan finds the entries above the window's
+        lower bound, a > theta - bandwidth / 2, which hold the code (a > theta) and the rectangle window
+        (|a - theta| < bandwidth / 2); their values say which is which. The code's entries are differentiated and
+        decoded sparsely, and the thresholds get their pseudo-derivatives from the window's entries
+        (ThresholdPseudoGrad): exact when both sets are small, which they are once theta has moved off zero (with a
+        target L0 from the first step, see init_from_data). One index serves the encoder and the decoder. Without
+        read-backs (`train_entries`) where the previous step's density gives the number of slots."""
         xs, _ = self.normalize_input(self._check_input(x))
-        bw = self.cfg.jumprelu_bandwidth
+        bw, batch = self.cfg.jumprelu_bandwidth, xs.shape[0]
         theta0 = self.log_threshold.detach().exp()
-        if not self.probe_pays(xs, lambda a: (a > theta0).sum() + rectangle(a, theta0, bw).sum()):
+        if not self.probe_pays(xs, lambda a: (a > theta0 - bw / 2).sum()):
             return self.reference_loss(x)
         with torch.no_grad():
             a = self.pre_acts(xs)
-            (rows, cols, _, _), (wr, wc, _, _) = jumprelu_entries(a, theta0, bw)
-        if not self.sparse_pays(rows.numel() + wr.numel(), xs.shape[0]):
+            e = self.train_entries(a, theta0 - bw / 2)
+            v, t = a[e.rows, e.cols], theta0[e.cols]
+            on, window = v > t, rectangle(v, t, bw)  # the same compares as a > theta and rectangle(a, theta)
+            if e.valid is not None:
+                on, window = on & e.valid, window & e.valid
+        if e.valid is None and not self.sparse_pays(e.rows.numel(), batch):
             return self.reference_loss(x)
         theta = self.log_threshold.exp()
-        vals = sparse_encode(xs, self.W_enc, self.b_enc, self.b_dec,
-                             CodeIndex(rows, cols, xs.shape[0], self.cfg.d_sae, rows_sorted=True), a).vals
-        zeros = ThresholdPseudoGrad.apply(theta, wc, bw, True)  # carry dL/dz of the window entries to theta
-        # the code and the window entries, each row-major but not together: sparse_decode indexes them by row
-        code = SparseCode(torch.cat([rows, wr]), torch.cat([cols, wc]), torch.cat([vals, zeros.to(vals.dtype)]),
-                          (xs.shape[0], self.cfg.d_sae))
+        index = CodeIndex(e.rows, e.cols, batch, self.cfg.d_sae, rows_sorted=True)
+        vals = sparse_encode(xs, self.W_enc, self.b_enc, self.b_dec, index, a).vals * on  # the window's: 0
+        zeros = ThresholdPseudoGrad.apply(theta, e.cols, bw, True, window)  # carry dL/dz of the window to theta
+        code = SparseCode(e.rows, e.cols, vals + zeros.to(vals.dtype), (batch, self.cfg.d_sae), index)
         x_hat = sparse_decode(code, self.W_dec) + self.b_dec
-        l0 = rows.numel() / xs.shape[0] + ThresholdPseudoGrad.apply(theta, wc, bw, False).sum() / xs.shape[0]
+        l0 = on.sum() / batch + ThresholdPseudoGrad.apply(theta, e.cols, bw, False, window).sum() / batch
         return self._finish(xs, x_hat, self.recon_loss(xs, x_hat, code), self.l0_penalty(l0), None,
-                            *self._sparse_stats(rows, cols, xs.shape[0]), None, "sparse",
-                            n_active=rows.numel() + wr.numel())
+                            *self._sparse_stats(e.rows, e.cols, batch, on), None, "sparse", e.exact, e.count)
 
     def l0_penalty(self, l0: torch.Tensor) -> torch.Tensor:
         """The sparsity term for a batch's mean L0 (differentiable through the step's pseudo-derivative)."""
@@ -306,15 +310,18 @@ class ReLUSAE(SAE):
             return self.reference_loss(x)
         with torch.no_grad():
             a = self.pre_acts(xs)
-            rows, cols = (a > 0).nonzero(as_tuple=True)
-        if not self.sparse_pays(rows.numel(), xs.shape[0]):
+            e = self.train_entries(a, 0)  # without read-backs where the previous density gives the slots
+        if e.valid is None and not self.sparse_pays(e.rows.numel(), xs.shape[0]):
             return self.reference_loss(x)
         code = sparse_encode(xs, self.W_enc, self.b_enc, self.b_dec,
-                             CodeIndex(rows, cols, xs.shape[0], self.cfg.d_sae, rows_sorted=True), a)
+                             CodeIndex(e.rows, e.cols, xs.shape[0], self.cfg.d_sae, rows_sorted=True), a)
+        if e.valid is not None:
+            code = code._replace(vals=code.vals * e.valid)  # slots without an entry: 0, and no gradient
         x_hat = sparse_decode(code, self.W_dec) + self.b_dec
-        l1 = (code.vals * self.W_dec.norm(dim=-1)[cols]).sum() / xs.shape[0]
+        l1 = (code.vals * self.W_dec.norm(dim=-1)[e.cols]).sum() / xs.shape[0]
         return self._finish(xs, x_hat, self.recon_loss(xs, x_hat, code), self.cfg.l1_coeff * l1 / self.cfg.d_in, None,
-                            *self._sparse_stats(rows, cols, xs.shape[0]), None, "sparse", n_active=rows.numel())
+                            *self._sparse_stats(e.rows, e.cols, xs.shape[0], e.valid), None, "sparse", e.exact,
+                            e.count)
 
 
 @register

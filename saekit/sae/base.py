@@ -17,7 +17,7 @@ from ..files import atomic_write_bytes, atomic_write_json
 from . import formats
 from .auxk import DeadLatents
 from .config import SAEConfig, SAEConfigError
-from .kernels import CodeIndex, Selection, SparseCode, sparse_decode, sparse_encode
+from .kernels import CodeIndex, Entries, Selection, SparseCode, entries_above, entry_slots, sparse_decode, sparse_encode
 
 
 # Where the sparse path stops paying (see SAE.sparse_pays), measured by benchmarks/crossover.py on the 2-core CPU
@@ -46,6 +46,8 @@ class TrainOutput(NamedTuple):
     # and the step must be redone with redo_exact set (see kernels.batch_topk_static); None: exact by construction
     cut_value: float | None = None  # `cut` as a number, where the trainer has read it back (with its flags)
     density: float | None = None  # active entries / (batch x d_sae) where the host knows it (a sparse path's sizes)
+    count: torch.Tensor | None = None  # the entries a sparse path found without a read-back (kernels.Entries.count)
+    count_value: float | None = None  # `count` as a number, read back by the trainer with its flags
 
 
 class SAE(DeadLatents, torch.nn.Module):
@@ -225,11 +227,13 @@ class SAE(DeadLatents, torch.nn.Module):
 
     def _finish(self, xs, x_hat, mse, sparsity, aux, fired, l0, cut, path="reference", exact=None,
                 n_active=None) -> TrainOutput:
+        """The TrainOutput of a path's loss terms; n_active: the entries a sparse path processed (a number, or a
+        device tensor where it was found without a read-back)."""
         loss = mse + sparsity + (self.cfg.aux_alpha * self.cfg.aux_every * aux if aux is not None else 0)
-        zero = xs.new_zeros(())
-        terms = {"mse": mse.detach(), "sparsity": sparsity.detach(), "aux": aux.detach() if aux is not None else zero}
-        density = None if n_active is None else n_active / (xs.shape[0] * self.cfg.d_sae)
-        return TrainOutput(loss, terms, x_hat, xs, fired, l0, cut, path, exact, density=density)
+        terms = {"mse": mse.detach(), "sparsity": sparsity.detach(), "aux": xs.new_zeros(()) if aux is None else aux.detach()}
+        count = n_active if isinstance(n_active, torch.Tensor) else None
+        density = None if n_active is None or count is not None else n_active / (xs.shape[0] * self.cfg.d_sae)
+        return TrainOutput(loss, terms, x_hat, xs, fired, l0, cut, path, exact, density=density, count=count)
 
     def reference_loss(self, x: torch.Tensor) -> TrainOutput:
         """The loss with dense matrices throughout: the definition the fast path is tested against."""
@@ -287,8 +291,13 @@ class SAE(DeadLatents, torch.nn.Module):
         return self._finish(xs, x_hat, self.recon_loss(xs, x_hat, code), xs.new_zeros(()), aux,
                             *self._sparse_stats(sel.rows, sel.cols, xs.shape[0]), sel.cut, "sparse", sel.exact)
 
-    def _sparse_stats(self, rows: torch.Tensor, cols: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A sparse path's (fired [d_sae] bool, l0 [batch]) from its active entries."""
+    def _sparse_stats(self, rows: torch.Tensor, cols: torch.Tensor, batch: int, on: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A sparse path's (fired [d_sae] bool, l0 [batch]) from its active entries (where `on`, if given)."""
+        if on is not None:  # counts of the active entries: the others add 0
+            on = on.long()
+            fired = torch.zeros(self.cfg.d_sae, dtype=torch.long, device=rows.device).index_add_(0, cols, on) > 0
+            return fired, torch.zeros(batch, dtype=torch.long, device=rows.device).index_add_(0, rows, on)
         # index_fill_, not fired[cols] = True: on a GPU the assignment copies its True from the host and waits
         fired = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=rows.device).index_fill_(0, cols, True)
         # a count by index_add: bincount reads the largest index back from the device first
@@ -298,6 +307,14 @@ class SAE(DeadLatents, torch.nn.Module):
         """The fast path's training selection: select(a, "train"), or where an architecture has one, a selection
         made without read-backs while `sync_free` (its Selection.exact says whether it is exact)."""
         return self.select(a, "train")
+
+    def train_entries(self, a: torch.Tensor, bound) -> Entries:
+        """A thresholded code's candidate entries, a > bound (kernels.entries_above): exactly, or while
+        `_select_without_read_backs` and the previous step's density is known, without a read-back into
+        `entry_slots` for that density (flagged exact when every entry fit)."""
+        if self.previous_density is None or not self._select_without_read_backs(a):
+            return entries_above(a, bound)
+        return entries_above(a, bound, entry_slots(self.previous_density, *a.shape))
 
     def _select_without_read_backs(self, a: torch.Tensor) -> bool:
         """Whether train_select may select without read-backs: sync_free (None: off the CPU), not under
@@ -330,8 +347,9 @@ class SAE(DeadLatents, torch.nn.Module):
     @torch.no_grad()
     def after_step(self, out: TrainOutput) -> dict:
         """Architecture-specific updates and statistics after an optimiser step (e.g. BatchTopK's theta); here, the
-        density the step's sparse path saw, for the next step's choice of path (probe_pays)."""
-        self.previous_density = out.density
+        density the step's sparse path saw, for the next step's choice of path (probe_pays) and its slots."""
+        known = out.count_value is not None and out.x.numel()
+        self.previous_density = out.count_value / (out.x.shape[0] * self.cfg.d_sae) if known else out.density
         return {}
 
     @torch.no_grad()

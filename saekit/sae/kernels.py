@@ -2,6 +2,7 @@
 embedding_bag row sums, exact top-k over a whole batch, and JumpReLU's straight-through step functions."""
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -291,32 +292,57 @@ class ThresholdPseudoGrad(torch.autograd.Function):
         grad_theta[c] += -(scale(theta_c) / bandwidth) * g_e   for each window entry e in latent c,
 
     with scale = theta (the JumpReLU code's pseudo-derivative, g_e = dL/dz_e: decode these zeros with the code)
-    or scale = 1 (the L0 step's, g_e = dL/d(step_e): add their sum to the count of active entries)."""
+    or scale = 1 (the L0 step's, g_e = dL/d(step_e): add their sum to the count of active entries). `window` (bool,
+    one per entry): which of the entries are in the window (None: all are)."""
 
     @staticmethod
-    def forward(ctx, theta, cols, bandwidth, times_theta):
-        ctx.save_for_backward(theta, cols)
+    def forward(ctx, theta, cols, bandwidth, times_theta, window=None):
+        ctx.save_for_backward(theta, cols, window)
         ctx.bandwidth, ctx.times_theta = bandwidth, times_theta
         ctx.mark_non_differentiable(cols)
         return theta.new_zeros(cols.shape[0])
 
     @staticmethod
     def backward(ctx, g):
-        theta, cols = ctx.saved_tensors
+        theta, cols, window = ctx.saved_tensors
         scale = theta[cols] if ctx.times_theta else torch.ones_like(g)
-        grad = torch.zeros_like(theta).index_add_(0, cols, -(scale / ctx.bandwidth) * g.to(theta.dtype))
-        return grad, None, None, None
+        g = g.to(theta.dtype) if window is None else g.to(theta.dtype) * window
+        grad = torch.zeros_like(theta).index_add_(0, cols, -(scale / ctx.bandwidth) * g)
+        return grad, None, None, None, None
 
 
-def jumprelu_entries(a: torch.Tensor, theta: torch.Tensor, bandwidth: float) -> tuple[Selection, Selection]:
-    """JumpReLU's entries of pre-activations a [batch, d_sae], each row-major: the code's (a > theta) and the
-    rectangle window's (|a - theta| < bandwidth / 2, as `rectangle`). One scan of a finds the entries above the
-    window's lower bound, which hold both sets, and their values split them (the same compares as a > theta and
-    rectangle, on the same numbers). A JumpReLU step with the two sets' own scans (three compares and two nonzeros
-    over a) was 1.111x slower on 2 CPU cores (benchmarks/results/step_variants_cpu.txt); on a GPU this reads back
-    three times (the scan's and the split's sizes), the two scans twice."""
-    half = bandwidth / 2
-    rows, cols = (a > theta - half).nonzero(as_tuple=True)
-    v, t = a[rows, cols], theta[cols]
-    on, window = (v > t).nonzero().squeeze(1), (v < t + half).nonzero().squeeze(1)  # one read-back each, not two
-    return Selection(rows[on], cols[on]), Selection(rows[window], cols[window])
+class Entries(NamedTuple):
+    """The entries of a [batch, width] matrix above a bound (`entries_above`), row-major. Found exactly, `valid` and
+    `exact` are None and `count` is their number. Found into a fixed number of slots without a read-back, `valid`
+    says which slots hold an entry (the others repeat the matrix's last entry and must count for nothing), `exact`
+    (0-dim bool) that every entry found a slot, and `count` (0-dim tensor) how many there are (capacity + 1 where
+    more did not fit)."""
+    rows: torch.Tensor
+    cols: torch.Tensor
+    valid: torch.Tensor | None = None
+    exact: torch.Tensor | None = None
+    count: torch.Tensor | int = 0
+
+
+def entries_above(a: torch.Tensor, bound, capacity: int | None = None) -> Entries:
+    """The entries of a [batch, width] above `bound` (a number, or one per column broadcast over rows): exactly (a
+    nonzero, which reads their number back), or with `capacity` into that many slots without a read-back
+    (nonzero_static, fixed shapes; see Entries)."""
+    above = a > bound
+    if capacity is None:
+        rows, cols = above.nonzero(as_tuple=True)
+        return Entries(rows, cols, None, None, rows.numel())
+    flat = torch.nonzero_static(above.reshape(-1), size=capacity + 1, fill_value=-1).squeeze(1)
+    count = (flat >= 0).sum()  # one slot more than the capacity tells whether more entries than slots were found
+    flat = flat[:capacity]
+    valid = flat >= 0
+    flat = torch.where(valid, flat, a.numel() - 1)  # padding after every entry: row-major order kept
+    return Entries(flat // a.shape[1], flat % a.shape[1], valid, count <= capacity, count)
+
+
+def entry_slots(density: float, batch: int, width: int) -> int:
+    """Slots for the entries of a [batch, width] matrix expected at `density` (the previous training step's): 1.25
+    times as many, rounded up to a multiple of 1,024 (at least 1,024, at most batch x width). Every slot goes through
+    the sparse kernels, so the margin is small: a batch's count of entries varies little at training sizes (a sum
+    over thousands of rows), and the trainer redoes the rare step whose entries did not fit."""
+    return min(batch * width, 1024 * max(1, math.ceil(1.25 * density * batch * width / 1024)))

@@ -172,7 +172,8 @@ class Trainer:
         """SAE i's loss and gradients on x, checked with the step's one read-back (after backward, before any weight
         changes): the loss is finite, a selection made without read-backs was exact (else the step is redone with
         redo_exact set, see kernels.batch_topk_static), the dead latents' number after this step (the next AuxK's)
-        and the cut (the next hint, out.cut_value). Returns (out, the new dead-latent counters, that number)."""
+        and the hints for the next step (the cut, out.cut_value; the entries found without a read-back,
+        out.count_value). Returns (out, the new dead-latent counters, that number)."""
         sae = self.saes[i]
         try:
             for _ in range(2):
@@ -183,10 +184,13 @@ class Trainer:
                 fired = D.all_reduce_fired(out.fired) if self.world > 1 else out.fired  # the global batch's
                 since, n_dead = sae.next_dead_counters(fired, n_tokens)
                 exact = out.exact if out.exact is not None else torch.ones((), dtype=torch.bool, device=x.device)
-                read = [torch.isfinite(out.loss.detach()), exact, n_dead] + ([out.cut] if out.cut is not None else [])
-                finite, exact, n_dead, *cut = torch.stack([v.detach().double() for v in read]).tolist()
+                hints = [v for v in (out.cut, out.count) if v is not None]  # the next step's (after_step)
+                read = [torch.isfinite(out.loss.detach()), exact, n_dead, *hints]
+                finite, exact, n_dead, *got = torch.stack([v.detach().double().reshape(()) for v in read]).tolist()
                 if exact:
-                    out = out._replace(cut_value=cut[0] if cut else None)  # the next step's hint (after_step)
+                    got = iter(got)
+                    out = out._replace(cut_value=next(got) if out.cut is not None else None,
+                                       count_value=next(got) if out.count is not None else None)
                     break
                 sae.redo_exact = True  # the selection was not exact: once more, exactly
             else:
