@@ -164,30 +164,32 @@ def sync_free_vs_exact(run: Run, dev: torch.device, d: int, f: int, B: int):
 
 def graphs_vs_eager(run: Run, dev: torch.device, d: int, f: int, B: int):
     """The step recorded as CUDA graphs (step_graphs="cuda"; --dry: the same phases unrecorded) trains as the eager
-    step: two Trainers from the same start on the same batches (the selection without read-backs in both), 16 steps
-    with warmup and dead latents, so that several phases are recorded and replayed (AuxK's slots change)."""
+    step, for BatchTopK (AuxK's slots change: dead latents appear) and JumpReLU (its entry slots follow its
+    density): two Trainers from the same start on the same batches (the selections without read-backs in both), 16
+    steps with warmup, so that several phases are recorded and replayed."""
     from saekit.train import TrainConfig, Trainer
 
     xs = [torch.randn(B, d, device=dev) * torch.rand(B, 1, device=dev) * 4 for _ in range(16)]
     mode = "cuda" if dev.type == "cuda" else "eager"
-    trainers = {}
-    for graphs in (mode, "off"):
-        torch.manual_seed(0)
-        tr = Trainer([SAEConfig(arch="batchtopk", d_in=d, d_sae=f, k=8, dead_tokens=2 * B)],
-                     TrainConfig(total_tokens=10**9, batch_size=B, warmup_steps=4, progress=False, device=str(dev),
-                                 step_graphs=graphs))
-        tr.saes[0].sync_free = True
-        tr.initialise(torch.cat(xs[:2]))
-        for x in xs:
-            tr.train_step(x)
-        trainers[graphs] = tr
-    rec = trainers[mode].graphed[0]
-    worst = max(_rel(a.detach(), b.detach()) for a, b in zip(trainers[mode].saes[0].parameters(),
-                                                             trainers["off"].saes[0].parameters()))
-    recorded = sorted(str(k) for k in rec.graphs) if rec is not None else []
-    ok = worst < 1e-4 and rec is not None and (mode == "eager" or len(recorded) >= 2)
-    run.check("correctness", f"BatchTopK step_graphs={mode} vs eager step, 16 steps", ok, f"weights {worst:.1e}",
-              f"recorded phases: {', '.join(recorded) or 'none (unrecorded mode)'}")
+    for arch in ("batchtopk", "jumprelu"):
+        trainers = {}
+        for graphs in (mode, "off"):
+            torch.manual_seed(0)
+            tr = Trainer([SAEConfig(arch=arch, d_in=d, d_sae=f, k=8, target_l0=8, dead_tokens=2 * B)],
+                         TrainConfig(total_tokens=10**9, batch_size=B, warmup_steps=4, progress=False,
+                                     device=str(dev), step_graphs=graphs))
+            tr.saes[0].sync_free = True
+            tr.initialise(torch.cat(xs[:2]))
+            for x in xs:
+                tr.train_step(x)
+            trainers[graphs] = tr
+        rec = trainers[mode].graphed[0]
+        worst = max(_rel(a.detach(), b.detach()) for a, b in zip(trainers[mode].saes[0].parameters(),
+                                                                 trainers["off"].saes[0].parameters()))
+        recorded = sorted(str(k) for k in rec.graphs) if rec is not None else []
+        ok = worst < 1e-4 and rec is not None and (mode == "eager" or len(recorded) >= 2)
+        run.check("correctness", f"{arch} step_graphs={mode} vs eager step, 16 steps", ok, f"weights {worst:.1e}",
+                  f"recorded phases: {', '.join(recorded) or 'none (unrecorded mode)'}")
 
 
 def calibration(run: Run, dev: torch.device, d: int, f: int, B: int):

@@ -94,8 +94,8 @@ def test_gpu_script_dry_run_checks_every_path_and_writes_its_table(tmp_path):
     assert sections == {"correctness", "train step", "peers", "capture"}
     checks = [row for row in res["rows"] if row["section"] == "correctness"]
     # fast vs reference for 5 architectures x 2 precisions, the selections without read-backs of BatchTopK, JumpReLU
-    # and ReLU, the recordable step (step_graphs) against the eager one, theta, DDP
-    assert len(checks) == 2 * 5 + 6 and all(row["note"].startswith("ok") for row in checks)
+    # and ReLU, the recordable step (step_graphs) against the eager one for BatchTopK and JumpReLU, theta, DDP
+    assert len(checks) == 2 * 5 + 7 and all(row["note"].startswith("ok") for row in checks)
     assert all("path sparse" in row["note"] for row in checks if "fast vs reference" in row["what"])
 
 

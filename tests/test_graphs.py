@@ -40,7 +40,7 @@ def _run(cfg, toy_x, mode, steps=14, spoil_at=None, **tc):
     return tr
 
 
-@pytest.mark.parametrize("arch", ["batchtopk", "topk"])
+@pytest.mark.parametrize("arch", ["batchtopk", "topk", "jumprelu", "relu"])
 def test_recordable_step_trains_to_the_eager_trainers_weights(arch, toy_x, sparse_everywhere, monkeypatch):
     """14 steps with warmup (a rate that changes every step), dead latents and AuxK (in fixed slots, padded), theta,
     and for BatchTopK one step whose hint is spoilt and which is redone: the weights, theta, counters and log of
@@ -49,17 +49,19 @@ def test_recordable_step_trains_to_the_eager_trainers_weights(arch, toy_x, spars
     slots = []
     aux_dead = base.SAE._aux_dead
     monkeypatch.setattr(base.SAE, "_aux_dead", lambda self: slots.append(self.aux_capacity) or aux_dead(self))
-    cfg = SAEConfig(arch=arch, d_in=16, d_sae=64, k=3, dead_tokens=256)
+    cfg = SAEConfig(arch=arch, d_in=16, d_sae=64, k=3, target_l0=3, l1_coeff=1.0, dead_tokens=256)
     spoil = 8 if arch == "batchtopk" else None
     eager = _run(cfg, toy_x, "off", spoil_at=spoil)
     slots.clear()
     rec = _run(cfg, toy_x, "eager", spoil_at=spoil)
     assert isinstance(rec.graphed[0], graphs.GraphedStep) and eager.graphed[0] is None
-    assert graphs.MIN_AUX_SLOTS > 64 and 64 in slots  # the padded slots ran (capped at d_sae)
+    if eager.saes[0].uses_auxk:
+        assert graphs.MIN_AUX_SLOTS > 64 and 64 in slots  # the padded slots ran (capped at d_sae)
     for k, v in eager.saes[0].state_dict().items():
         torch.testing.assert_close(rec.saes[0].state_dict()[k], v, msg=k)
     log_e, log_r = eager.log_frames()[0], rec.log_frames()[0]
-    assert (log_e["aux"] > 0).any() and (log_e["dead_frac"] > 0).any()  # AuxK had dead latents to use
+    if eager.saes[0].uses_auxk:  # AuxK had dead latents to use
+        assert (log_e["aux"] > 0).any() and (log_e["dead_frac"] > 0).any()
     assert list(log_r.columns) == list(log_e.columns)
     pd.testing.assert_frame_equal(log_r, log_e, check_exact=False, rtol=1e-5)
     assert rec.saes[0].redo_exact is False
@@ -91,7 +93,7 @@ class OperatorLog(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-@pytest.mark.parametrize("arch", ["batchtopk", "topk"])
+@pytest.mark.parametrize("arch", ["batchtopk", "topk", "jumprelu", "relu"])
 def test_every_step_dispatches_the_same_operators_and_none_waits(arch, toy_x, sparse_everywhere, monkeypatch):
     """What a CUDA graph records is one run's operators with their arguments (after WARMUP runs); later steps replay
     them. So every step of the same phase (same AuxK slots) after the warmup must dispatch the same operators with the same arguments (the
@@ -107,7 +109,7 @@ def test_every_step_dispatches_the_same_operators_and_none_waits(arch, toy_x, sp
         seen.setdefault(key, []).append(log.ops)
 
     monkeypatch.setattr(graphs.GraphedStep, "_run", logged)
-    cfg = SAEConfig(arch=arch, d_in=16, d_sae=64, k=3, dead_tokens=256)
+    cfg = SAEConfig(arch=arch, d_in=16, d_sae=64, k=3, target_l0=3, l1_coeff=1.0, dead_tokens=256)
     torch.manual_seed(0)
     tr = Trainer([cfg], TrainConfig(total_tokens=10**6, batch_size=128, warmup_steps=6, progress=False,
                                     step_graphs="eager"))
@@ -122,7 +124,7 @@ def test_every_step_dispatches_the_same_operators_and_none_waits(arch, toy_x, sp
         lrs.append(float(tr.opts[0].param_groups[0]["lr"]))
         tr.train_step(toy_x[i * 128:(i + 1) * 128])
     assert len(set(lrs)) > 3  # the rate changed during the steps compared
-    assert ("B",) in seen and any(k[1] > 0 for k in seen if k[0] == "A")  # AuxK ran in some steps
+    assert ("B",) in seen and any(k[1] > 0 for k in seen if k[0] == "A") == sae.uses_auxk  # AuxK ran in some
     w = graphs.WARMUP  # runs before the recording (lazy set-up: Adam's state on its first step)
     assert len(seen[("B",)]) > w + 2 and max(len(r) for k, r in seen.items() if k[0] == "A") > w + 2
     for key, runs in seen.items():
@@ -137,20 +139,25 @@ def test_every_step_dispatches_the_same_operators_and_none_waits(arch, toy_x, sp
         assert sae.previous_cut is step.hint
 
 
-def test_step_graphs_refuses_what_it_cannot_record(toy_x, sparse_everywhere):
-    """An SAE whose step reads back (JumpReLU, Matryoshka) trains on the eager step with a warning; "cuda" off a
-    GPU, or an unknown mode, is an error that names the fix."""
-    cfgs = [SAEConfig(arch="jumprelu", d_in=16, d_sae=64, target_l0=3),
-            SAEConfig(arch="matryoshka", d_in=16, d_sae=64, k=3, group_sizes=[16, 48]),
-            SAEConfig(arch="batchtopk", d_in=16, d_sae=64, k=3)]
+def test_step_graphs_refuses_what_it_cannot_record(toy_x, sparse_everywhere, monkeypatch):
+    """An SAE whose step reads back (Matryoshka's per-group masks), or that is too small for the sparse path, trains
+    on the eager step with a warning; "cuda" off a GPU, or an unknown mode, is an error that names the fix."""
+    cfgs = [SAEConfig(arch="matryoshka", d_in=16, d_sae=64, k=3, group_sizes=[16, 48]),
+            SAEConfig(arch="batchtopk", d_in=16, d_sae=64, k=3), SAEConfig(arch="jumprelu", d_in=16, d_sae=64, k=3)]
     tc = TrainConfig(total_tokens=128 * 4, batch_size=128, warmup_steps=1, progress=False, step_graphs="eager")
-    with warnings.catch_warnings(record=True) as got:
-        warnings.simplefilter("always")
-        res = train(toy_x, cfgs, tc)
-    said = [str(w.message) for w in got if "step_graphs" in str(w.message)]
-    assert len(said) == 2 and "JumpReLU's" in said[0] and "Matryoshka BatchTopK's" in said[1]
-    assert not any("batchtopk_k3" in m for m in said)  # the BatchTopK SAE beside them is recorded
-    assert res.steps == 4 and all(len(log) for log in res.logs)
+
+    def warned(cfgs):
+        with warnings.catch_warnings(record=True) as got:
+            warnings.simplefilter("always")
+            res = train(toy_x, cfgs, tc)
+        assert res.steps == 4 and all(len(log) for log in res.logs)
+        return [str(w.message) for w in got if "step_graphs" in str(w.message)]
+
+    said = warned(cfgs)
+    assert len(said) == 1 and "Matryoshka BatchTopK's training step reads values back" in said[0]
+    monkeypatch.setattr(base, "SPARSE_MIN_LATENTS", 512)  # d_sae 64: the dense path, which reads back
+    said = warned(cfgs[1:])
+    assert len(said) == 2 and all("at d_sae 64 the step takes the dense reference path" in m for m in said)
     with pytest.raises(TrainingError, match="step_graphs='off'"):
         train(toy_x, [cfgs[2]], TrainConfig(total_tokens=128 * 3, batch_size=128, progress=False, step_graphs="cuda",
                                            device="cpu"))

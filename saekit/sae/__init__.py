@@ -4,7 +4,8 @@
     kernels.py        selections, sparse codes, the sparse encoder's autograd, exact batch top-k (also without
                       read-backs), JumpReLU steps
     auxk.py           dead latents and AuxK (mixed into SAE)
-    base.py           SAE: encoder/decoder, normalisation, the fast and reference training paths, saving
+    scaling.py        input scaling: per token, dataset-wide or none (mixed into SAE)
+    base.py           SAE: encoder/decoder, the fast and reference training paths, saving
     architectures.py  BatchTopK, TopK, JumpReLU, ReLU-L1, Matryoshka BatchTopK (each with its facts); make_sae
     formats.py        SAELens and sparsify files as plain dicts and tensors, both ways
     folders.py        load_sae (saekit, SAELens or sparsify folders), save_sparsify

@@ -173,7 +173,7 @@ class JumpReLUSAE(SAE):
 
     arch, label, color = "jumprelu", "JumpReLU", "#2ca02c"
     saelens_name = saelens_training_name = "jumprelu"
-    has_fast_path = True
+    has_fast_path = graph_safe = thresholded = True
 
     @classmethod
     def sparsity_settings(cls, cfg):
@@ -278,7 +278,7 @@ class ReLUSAE(SAE):
 
     arch, label, color = "relu", "ReLU-L1", "#9467bd"
     saelens_name = saelens_training_name = "standard"
-    has_fast_path = True
+    has_fast_path = graph_safe = thresholded = True
     sweep_knob = "l1_coeff"
 
     @classmethod

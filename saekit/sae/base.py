@@ -16,6 +16,7 @@ from safetensors.torch import save as safetensors_bytes
 from ..files import atomic_write_bytes, atomic_write_json
 from . import formats
 from .auxk import DeadLatents
+from .scaling import InputScaling
 from .config import SAEConfig, SAEConfigError
 from .kernels import CodeIndex, Entries, Selection, SparseCode, entries_above, entry_slots, sparse_decode, sparse_encode
 
@@ -50,7 +51,7 @@ class TrainOutput(NamedTuple):
     count_value: float | None = None  # `count` as a number, read back by the trainer with its flags
 
 
-class SAE(DeadLatents, torch.nn.Module):
+class SAE(InputScaling, DeadLatents, torch.nn.Module):
     """Shared base. An architecture subclasses it, sets its facts, defines `select` (and where it has one,
     `sparsity_loss`), and registers itself with `config.register`."""
 
@@ -77,6 +78,7 @@ class SAE(DeadLatents, torch.nn.Module):
     # its fast_loss has fixed shapes and no read-back once the trainer has its hints, so the training step can be
     # recorded once and replayed as CUDA graphs (saekit.train.graphs)
     graph_safe = False
+    thresholded = False  # its code keeps the pre-activations above a threshold (JumpReLU, ReLU): train_entries
     redo_exact = False  # set by the Trainer while it redoes a step whose selection was not exact: select exactly
 
     @classmethod
@@ -141,37 +143,6 @@ class SAE(DeadLatents, torch.nn.Module):
         self.W_enc_t.data = weights["W_enc"].t().contiguous().to(self.W_dec)
         for key in ("W_dec", "b_enc", "b_dec"):
             getattr(self, key).data = weights[key].clone().to(self.W_dec)
-
-    # -- input scaling ------------------------------------------------------------------------
-    def normalize_input(self, x: torch.Tensor):
-        """x in input space -> (x in SAE space, context to undo it)."""
-        if self.cfg.normalize == "token":
-            mu = x.mean(-1, keepdim=True)
-            xc = x - mu
-            # the unbiased std from the centred values (what x.std gives; 6x faster than x.std on CPU, 1.5 -> 0.24 ms
-            # for [1024, 576], which spends its time in a one-pass variance)
-            std = (xc * xc).sum(-1, keepdim=True).div_(max(x.shape[-1] - 1, 1)).sqrt_()
-            return xc / (std + 1e-5), (mu, std)
-        if self.cfg.normalize == "dataset":
-            return x * self.input_scale, None
-        return x, None
-
-    def denormalize(self, x_hat: torch.Tensor, ctx) -> torch.Tensor:
-        if self.cfg.normalize == "token":
-            mu, std = ctx
-            return x_hat * (std + 1e-5) + mu
-        if self.cfg.normalize == "dataset":
-            return x_hat / self.input_scale
-        return x_hat
-
-    def renormalize(self, y: torch.Tensor, ctx) -> torch.Tensor:
-        """Input-space y (e.g. x_hat) into the SAE's space with x's context: the inverse of denormalize."""
-        if self.cfg.normalize == "token":
-            mu, std = ctx
-            return (y - mu) / (std + 1e-5)
-        if self.cfg.normalize == "dataset":
-            return y * self.input_scale
-        return y
 
     # -- the shared encoder/decoder -----------------------------------------------------------
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
@@ -315,6 +286,19 @@ class SAE(DeadLatents, torch.nn.Module):
         if self.previous_density is None or not self._select_without_read_backs(a):
             return entries_above(a, bound)
         return entries_above(a, bound, entry_slots(self.previous_density, *a.shape))
+
+    def step_shape(self, batch: int) -> tuple | None:
+        """What fixes the shapes of this SAE's next training step besides the batch and AuxK's slots (a recorded
+        step, saekit.train.graphs, is keyed by it): a thresholded code's entry slots. None where the step cannot be
+        recorded: it takes the dense path, or lacks its hint (BatchTopK's first step)."""
+        if self.has_theta and self.previous_cut is None:
+            return None
+        if not self.thresholded:
+            return () if self.sparse_pays(batch * self.cfg.k, batch) else None
+        density, d = self.previous_density, self.cfg.d_sae
+        if density is None or not self.sparse_pays(int(density * batch * d), batch):
+            return None
+        return (entry_slots(density, batch, d),)
 
     def _select_without_read_backs(self, a: torch.Tensor) -> bool:
         """Whether train_select may select without read-backs: sync_free (None: off the CPU), not under

@@ -342,7 +342,11 @@ def entries_above(a: torch.Tensor, bound, capacity: int | None = None) -> Entrie
 
 def entry_slots(density: float, batch: int, width: int) -> int:
     """Slots for the entries of a [batch, width] matrix expected at `density` (the previous training step's): 1.25
-    times as many, rounded up to a multiple of 1,024 (at least 1,024, at most batch x width). Every slot goes through
-    the sparse kernels, so the margin is small: a batch's count of entries varies little at training sizes (a sum
-    over thousands of rows), and the trainer redoes the rare step whose entries did not fit."""
-    return min(batch * width, 1024 * max(1, math.ceil(1.25 * density * batch * width / 1024)))
+    times as many, rounded up on a coarse grid (8 to 16 steps an octave, multiples of 1,024; at most batch x width),
+    so that a count that drifts keeps its slots, and a recorded step (saekit.train.graphs) its shape, for many
+    steps. Every slot goes through the sparse kernels, so the margin is small: a batch's count of entries varies
+    little at training sizes (a sum over thousands of rows), and the trainer redoes the rare step whose entries did
+    not fit."""
+    want = max(1024, math.ceil(1.25 * density * batch * width))
+    unit = max(1024, 1 << (want.bit_length() - 4))
+    return min(batch * width, unit * math.ceil(want / unit))

@@ -1,19 +1,22 @@
-"""The training step recorded once and replayed: CUDA graphs for BatchTopK's and TopK's step on one GPU
-(`TrainConfig.step_graphs`).
+"""The training step recorded once and replayed: CUDA graphs for the step of BatchTopK, TopK, JumpReLU and ReLU-L1
+on one GPU (`TrainConfig.step_graphs`).
 
 Why: on a GPU the sparse step is bound by the host. At d_sae 6,144 the GPU was busy 1.9 ms of a 5.1 ms step and
 the host launched 154 kernels (benchmarks/results/profile_step_cuda.txt). A CUDA graph launches a recorded step's
 kernels with one call. A step can be recorded when:
 - its shapes are fixed and nothing is read back: the selection without read-backs (kernels.batch_topk_static,
-  row_topk(static=True)), and AuxK's dead latents in a fixed number of slots (`aux_capacity`);
+  row_topk(static=True), JumpReLU's and ReLU's entries in slots, SAE.train_entries), and AuxK's dead latents in a
+  fixed number of slots (`aux_capacity`);
 - every value that changes from step to step lives in a device tensor, not in a Python number: the learning rate,
   and the selection's hint (the previous step's cut).
 
 The step is two phases with the trainer's one read-back between them:
 - A: the loss, its gradients, the next dead-latent counters and the step's figures (`report`). One graph per
-  number of AuxK slots: a power of two, so a run records a handful.
-- The read-back of the report says whether the loss is finite, whether the selection was exact, and the dead
-  count (the next step's AuxK slots). A step whose selection was not exact runs A again, not recorded, with
+  number of AuxK slots (a power of two, so a run records a handful) and per `SAE.step_shape` (a thresholded code's
+  entry slots, a multiple of 1,024 that follows its density). A step whose shape cannot be recorded (the dense
+  path, no hint yet) runs phase A unrecorded.
+- The read-back of the report says whether the loss is finite, whether the selection was exact, the dead count
+  (the next step's AuxK slots) and a thresholded code's count of entries (its next slots). A step whose selection was not exact runs A again, not recorded, with
   redo_exact set; its results land in the same buffers.
 - B: the decoder constraint, clipping, Adam (capturable, its rate a tensor), the decoder's norm, the counters,
   theta and the next hint.
@@ -32,10 +35,11 @@ import torch
 
 from ..metrics.reconstruction import nmse_tensor
 from ..sae import SAE
+from ..sae import base as sae_base
 from .config import TrainingError
 
 MODES = ("off", "cuda", "eager")
-REPORT = ("finite", "exact", "n_dead", "loss", "mse", "sparsity", "aux", "nmse", "l0")  # what phase A reports
+REPORT = ("finite", "exact", "n_dead", "count", "loss", "mse", "sparsity", "aux", "nmse", "l0")  # phase A's figures
 TERMS = ("mse", "sparsity", "aux")  # the loss terms a recordable SAE reports (SAE._finish)
 MIN_AUX_SLOTS = 256  # the fewest AuxK slots a phase A is recorded with (a power of two)
 WARMUP = 2  # runs of a phase before it is recorded: CUDA's lazy set-up (cuBLAS workspaces, ...) must happen first
@@ -57,7 +61,7 @@ def why_not(sae: SAE, batch: int, fast: bool, world: int) -> str | None:
         return "the reference path (fast=False) reads values back from the device"
     if world > 1:
         return "under torch.distributed the selection agrees its cut between ranks on the host"
-    if not sae.sparse_pays(batch * sae.cfg.k, batch):
+    if sae.cfg.d_sae < sae_base.SPARSE_MIN_LATENTS:
         return f"at d_sae {sae.cfg.d_sae} the step takes the dense reference path, which reads values back"
     return None
 
@@ -72,9 +76,6 @@ class GraphedStep:
         if mode not in ("cuda", "eager"):
             raise ValueError(f"GraphedStep mode {mode!r}: use 'cuda' or 'eager'")
         dev = sae.W_dec.device
-        if mode == "cuda" and dev.type != "cuda":
-            raise TrainingError(f"step_graphs='cuda' records CUDA graphs, but the SAE is on {dev}; use "
-                                f"step_graphs='off' there (or 'eager' to run the recordable phases unrecorded)")
         self.sae, self.opt, self.n_tokens, self.grad_clip, self.autocast = sae, opt, n_tokens, grad_clip, autocast
         self.capture = mode == "cuda"
         self.n_dead = int(n_dead)
@@ -110,15 +111,19 @@ class GraphedStep:
         self.x.copy_(x)
         due = sae.aux_due and sae.uses_auxk and sae.cfg.aux_alpha > 0
         slots = aux_slots(self.n_dead, sae.cfg.d_sae) if due else 0
-        self._run(("A", slots), lambda: self._phase_a(slots))
-        finite, exact, n_dead, *figures = self.report.tolist()  # the step's one read-back
+        shape = sae.step_shape(x.shape[0])
+        if shape is None:  # this step cannot be recorded (the dense path, no hint yet): phase A as it is
+            self._phase_a(slots, recordable=False)
+        else:
+            self._run(("A", slots, *shape), lambda: self._phase_a(slots))
+        finite, exact, n_dead, count, *figures = self.report.tolist()  # the step's one read-back
         if not exact:
             sae.redo_exact = True  # not recorded: the exact selection reads back
             try:
-                self._phase_a(slots)
+                self._phase_a(slots, recordable=False)
             finally:
                 sae.redo_exact = False
-            finite, exact, n_dead, *figures = self.report.tolist()
+            finite, exact, n_dead, count, *figures = self.report.tolist()
             if not exact:
                 raise TrainingError(f"SAE {sae.cfg.name}'s training selection was not exact even when redone with "
                                     f"redo_exact set; its train_select must select exactly then")
@@ -126,7 +131,9 @@ class GraphedStep:
             return False, {}
         self._run(("B",), self._phase_b)
         self.n_dead = int(n_dead)
-        values = dict(zip(REPORT[3:], figures))
+        if sae.thresholded:  # the next step's entry slots (as after_step sets it from the trainer's read-back)
+            sae.previous_density = count / (x.shape[0] * sae.cfg.d_sae)
+        values = dict(zip(REPORT[4:], figures))
         values["dead_frac"] = n_dead / sae.cfg.d_sae
         values["theta"] = sae.threshold.clone() if sae.has_theta else float("nan")
         return True, values
@@ -159,9 +166,9 @@ class GraphedStep:
         graph.replay()
 
     # -- the two phases -------------------------------------------------------------------------
-    def _phase_a(self, slots: int) -> None:
+    def _phase_a(self, slots: int, recordable: bool = True) -> None:
         """Loss and gradients of the batch in self.x, the next counters in self.since, the cut in self.cut, and
-        REPORT's figures in self.report."""
+        REPORT's figures in self.report. recordable: the step's shape said it takes the sparse path."""
         sae = self.sae
         sae.aux_capacity = slots
         try:
@@ -171,7 +178,7 @@ class GraphedStep:
             out.loss.backward()
         finally:
             sae.aux_capacity = None
-        if out.path != "sparse" or set(out.terms) != set(TERMS):
+        if (recordable and out.path != "sparse") or set(out.terms) != set(TERMS):
             raise TrainingError(f"SAE {sae.cfg.name}'s step is not the recordable sparse step (path {out.path}, "
                                 f"terms {sorted(out.terms)}); train with step_graphs='off'")
         since, n_dead = sae.next_dead_counters(out.fired, self.n_tokens)
@@ -180,7 +187,11 @@ class GraphedStep:
             self.cut.copy_(out.cut)
         loss = out.loss.detach()
         exact = out.exact if out.exact is not None else torch.ones((), dtype=torch.bool, device=loss.device)
-        figures = [torch.isfinite(loss), exact, n_dead, loss, *(out.terms[t] for t in TERMS),
+        count = out.count  # the entries found without a read-back; else known to the host (not in a recording)
+        if count is None:
+            known = 0.0 if out.density is None else out.density * out.x.shape[0] * sae.cfg.d_sae
+            count = torch.full((), known, device=loss.device)
+        figures = [torch.isfinite(loss), exact, n_dead, count, loss, *(out.terms[t] for t in TERMS),
                    nmse_tensor(out.x.detach().float(), out.x_hat.detach().float()), out.l0.float().mean()]
         self.report.copy_(torch.stack([v.detach().double().reshape(()) for v in figures]))
 
@@ -207,6 +218,9 @@ def start(sae: SAE, opt, n_tokens: int, batch: int, tc, autocast: bool, world: i
         return None
     if tc.step_graphs not in MODES:
         raise TrainingError(f"unknown step_graphs {tc.step_graphs!r}; use one of {', '.join(MODES)}")
+    if tc.step_graphs == "cuda" and sae.W_dec.device.type != "cuda":
+        raise TrainingError(f"step_graphs='cuda' records CUDA graphs, but the SAE is on {sae.W_dec.device}; use "
+                            f"step_graphs='off' there (or 'eager' to run the recordable phases unrecorded)")
     reason = why_not(sae, batch, tc.fast, world)
     if reason is not None:
         sae._graphs_refused = True
