@@ -8,7 +8,8 @@ gpu-DATE.md, prints the table last, and exits non-zero if any check failed.
    path (saekit.distributed.wrap_ddp) with NCCL on one rank, against the same steps without DDP.
 2. the training step at the paper's size (d=768, d_sae=24,576, batch 4,096, k=32): the plain dense fp32 step,
    saekit fp32 / tf32 / bf16 autocast, each also with its step recorded as CUDA graphs (step_graphs="cuda", checked
-   against the eager step in 1.), and torch.compile of the plain step; median of interleaved repetitions.
+   against the eager step in 1.), JumpReLU fp32 (target L0 = k) with and without graphs, and torch.compile of the
+   plain step; median of interleaved repetitions.
 3. the peers (benchmarks/peers.py --gpu): tokens/s and held-out NMSE of saekit, SAELens, sparsify, plain.
 4. capture tokens/s of the embedded model on the GPU (benchmarks/capture.py's measure).
 
@@ -244,21 +245,25 @@ def train_step(run: Run, dev: torch.device, dry: bool):
         opt = torch.optim.Adam(m.parameters(), lr=3e-4)
         return lambda i: plain_step(m, opt, x[i % 4], 5 * B)
 
-    def saekit_runner(amp, sync_free=None, graphs="off"):
+    def saekit_runner(amp, sync_free=None, graphs="off", arch="batchtopk"):
         from saekit.train import TrainConfig, Trainer
 
-        torch.manual_seed(0)
-        tr = Trainer([SAEConfig(arch="batchtopk", d_in=d, d_sae=f, k=k, dead_tokens=5 * B)],
+        torch.manual_seed(0)  # JumpReLU: its target L0 is k, its thresholds start where the batch has that L0
+        tr = Trainer([SAEConfig(arch=arch, d_in=d, d_sae=f, k=k, target_l0=k, dead_tokens=5 * B)],
                      TrainConfig(total_tokens=10**9, batch_size=B, lr=3e-4, warmup_steps=0, progress=False,
                                  device=str(dev), autocast=amp, b_dec_init="zeros", step_graphs=graphs))
         tr.saes[0].sync_free = sync_free  # None: the default (without read-backs on a GPU)
+        if arch == "jumprelu":
+            tr.initialise(x[0])
         return lambda i: tr.train_step(x[i % 4])
 
+    graphs_mode = "cuda" if dev.type == "cuda" else "eager"
     variants = {"plain fp32": (plain_runner, (), False), "saekit fp32": (saekit_runner, (False,), False),
                 "saekit bf16 autocast": (saekit_runner, (True,), False),
                 # the step recorded once and replayed (saekit.train.graphs); --dry: its phases unrecorded
-                "saekit fp32, step_graphs": (saekit_runner, (False, None, "cuda" if dev.type == "cuda" else "eager"),
-                                             False)}
+                "saekit fp32, step_graphs": (saekit_runner, (False, None, graphs_mode), False),
+                "saekit JumpReLU fp32": (saekit_runner, (False, None, "off", "jumprelu"), False),
+                "saekit JumpReLU fp32, step_graphs": (saekit_runner, (False, None, graphs_mode, "jumprelu"), False)}
     if dev.type == "cuda":
         variants.update({"plain tf32": (plain_runner, (), True), "saekit tf32": (saekit_runner, (False,), True),
                          # the selection with read-backs, as before 2026-11-27: what the one read-back a step buys
