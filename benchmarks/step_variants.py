@@ -21,6 +21,9 @@ With --arch jumprelu or relu (their usual sparsity, L0 ~ 32):
   split code, window   (jumprelu) the one scan's entries split into the code and the window (two more read-backs),
                        each encoded or decoded apart, the decode indexing their concatenation anew: the code before
                        the entries stayed together with masks (2026-11-27)
+With --arch matryoshka:
+  decode per group     each group's entries decoded apart (a boolean mask per group, whose size the host reads
+                       back): the code before every group's part came from one decode
 (Earlier JumpReLU variants, "two scans" and "window as a kernel", timed code that no longer exists: their figures
 are in benchmarks/results/step_variants_cpu.txt.)
 """
@@ -37,7 +40,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from saekit.sae import SAEConfig
-from saekit.sae.architectures import BatchTopKSAE, JumpReLUSAE
+from saekit.sae.architectures import BatchTopKSAE, JumpReLUSAE, MatryoshkaSAE
 from saekit.sae.auxk import DeadLatents
 from saekit.sae.base import SAE
 from saekit.sae.kernels import (CodeIndex, SparseCode, ThresholdPseudoGrad, batch_topk, positive_entries,
@@ -113,11 +116,32 @@ def split_code_and_window(self, x):
                         n_active=rows.numel() + wr.numel())
 
 
+def decode_per_group(self, xs, x_hat, code):
+    """MatryoshkaSAE.recon_loss as it was before one decode gave every group's part (a copy: the baseline)."""
+    lo, partial, losses = 0, self.b_dec.expand_as(xs), []
+    for hi in self.widths[:-1]:
+        if isinstance(code, SparseCode):
+            keep = (code.cols >= lo) & (code.cols < hi)
+            rows, cols = code.rows[keep], code.cols[keep]
+            part = sparse_decode(SparseCode(rows, cols, code.vals[keep], code.shape,
+                                            CodeIndex(rows, cols, *code.shape, code.index is not None
+                                                      and code.index.perm is None)), self.W_dec)
+        else:
+            part = code[:, lo:hi] @ self.W_dec[lo:hi]
+        partial = partial + part
+        losses.append((partial - xs).pow(2).mean())
+        lo = hi
+    losses.append((x_hat - xs).pow(2).mean())
+    return sum(w * l for w, l in zip(self._weights(), losses))
+
+
 PROBE_VARIANTS = {"current": contextlib.nullcontext,
                   "probe every step": lambda: patched(SAE, "probe_pays", probe_every_step),
                   "sync-free entries": lambda: patched(SAE, "sync_free", True)}
 JUMPRELU_VARIANTS = {**PROBE_VARIANTS,
                      "split code, window": lambda: patched(JumpReLUSAE, "fast_loss", split_code_and_window)}
+MATRYOSHKA_VARIANTS = {"current": contextlib.nullcontext,
+                       "decode per group": lambda: patched(MatryoshkaSAE, "recon_loss", decode_per_group)}
 BASE_SET_DEAD = SAE.set_dead_counters
 VARIANTS = {"current": contextlib.nullcontext,
             "bias after product": lambda: patched(SAE, "pre_acts", bias_after_product),
@@ -200,9 +224,10 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=10, help="steps per variant per round")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--arch", default="batchtopk", choices=["batchtopk", "jumprelu", "relu"])
+    ap.add_argument("--arch", default="batchtopk", choices=["batchtopk", "jumprelu", "relu", "matryoshka"])
     a = ap.parse_args(argv)
-    variants = {"batchtopk": VARIANTS, "jumprelu": JUMPRELU_VARIANTS, "relu": PROBE_VARIANTS}[a.arch]
+    variants = {"batchtopk": VARIANTS, "jumprelu": JUMPRELU_VARIANTS, "relu": PROBE_VARIANTS,
+                "matryoshka": MATRYOSHKA_VARIANTS}[a.arch]
     dev = torch.device(a.device)
     torch.backends.cuda.matmul.allow_tf32 = a.tf32
     g = torch.Generator().manual_seed(0)
@@ -242,8 +267,9 @@ def main(argv=None):
         print(f"{name:<22}{statistics.median(times[name]):>9.2f}{statistics.median(ratio):>18.3f}"
               f"{min(ratio):>8.3f}-{max(ratio):.3f}")
     print("(variant/current > 1: the variant is slower than the current code)")
-    for name in ("sync-free selection", "read-back selection") if a.arch == "batchtopk" else ("current",
-                                                                                             "sync-free entries"):
+    listed = {"batchtopk": ("sync-free selection", "read-back selection"), "matryoshka": ("current",
+                                                                                         "decode per group")}
+    for name in listed.get(a.arch, ("current", "sync-free entries")):
         with variants[name]():
             lines = read_backs(trainers[name], xs[0])
             n_ops = operators(trainers[name], xs[1])

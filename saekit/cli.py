@@ -83,7 +83,7 @@ def _add_training_args(p, archs, ks, l1, tokens, checkpoint_every) -> None:
     p.add_argument("--checkpoint-every", type=int, default=checkpoint_every, help="steps between checkpoints (0: at the end)")
     p.add_argument("--device", default=TrainConfig.device, help="cpu, cuda, ... (None: cuda where available)")
     p.add_argument("--step-graphs", default=TrainConfig.step_graphs, choices=GRAPH_MODES,
-                   help="'cuda': record each SAE's step once as CUDA graphs and replay it (one GPU; not Matryoshka)")
+                   help="'cuda': record each SAE's step once as CUDA graphs and replay it (one GPU)")
     p.add_argument("--out", required=True, help="output folder (one subfolder per SAE; checkpoints to resume from)")
 
 

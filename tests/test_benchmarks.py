@@ -163,6 +163,13 @@ def test_step_variants_and_data_loading_benchmarks_run(store):
     # the entries found with one read-back (a nonzero's size), or into slots without one
     assert "'current' (at dispatch, besides the Trainer's one .tolist()): 1" in r.stdout
     assert "'sync-free entries' (at dispatch, besides the Trainer's one .tolist()): 0" in r.stdout
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_variants.py"), "--arch", "matryoshka", "--d",
+                        "32", "--d-sae", "1024", "--batch", "128", "--steps", "2", "--rounds", "2"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "decode per group" in r.stdout  # the per-group masks read back; one decode of every part does not
+    assert "'current' (at dispatch, besides the Trainer's one .tolist()): 1" in r.stdout
+    assert "'decode per group' (at dispatch, besides the Trainer's one .tolist()): 17" in r.stdout
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "data_loading.py"), "--store", str(store.path),
                         "--hook", HOOK, "--steps", "4", "--batch", "64", "--repeats", "1", "--warm-only"],
                        capture_output=True, text=True, timeout=300)

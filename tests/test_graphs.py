@@ -40,7 +40,7 @@ def _run(cfg, toy_x, mode, steps=14, spoil_at=None, **tc):
     return tr
 
 
-@pytest.mark.parametrize("arch", ["batchtopk", "topk", "jumprelu", "relu"])
+@pytest.mark.parametrize("arch", ["batchtopk", "topk", "jumprelu", "relu", "matryoshka"])
 def test_recordable_step_trains_to_the_eager_trainers_weights(arch, toy_x, sparse_everywhere, monkeypatch):
     """14 steps with warmup (a rate that changes every step), dead latents and AuxK (in fixed slots, padded), theta,
     and for BatchTopK one step whose hint is spoilt and which is redone: the weights, theta, counters and log of
@@ -49,7 +49,8 @@ def test_recordable_step_trains_to_the_eager_trainers_weights(arch, toy_x, spars
     slots = []
     aux_dead = base.SAE._aux_dead
     monkeypatch.setattr(base.SAE, "_aux_dead", lambda self: slots.append(self.aux_capacity) or aux_dead(self))
-    cfg = SAEConfig(arch=arch, d_in=16, d_sae=64, k=3, target_l0=3, l1_coeff=1.0, dead_tokens=256)
+    cfg = SAEConfig(arch=arch, d_in=16, d_sae=64, k=3, target_l0=3, l1_coeff=1.0, dead_tokens=256,
+                    group_sizes=[16, 16, 32] if arch == "matryoshka" else None)
     spoil = 8 if arch == "batchtopk" else None
     eager = _run(cfg, toy_x, "off", spoil_at=spoil)
     slots.clear()
@@ -93,7 +94,7 @@ class OperatorLog(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-@pytest.mark.parametrize("arch", ["batchtopk", "topk", "jumprelu", "relu"])
+@pytest.mark.parametrize("arch", ["batchtopk", "topk", "jumprelu", "relu", "matryoshka"])
 def test_every_step_dispatches_the_same_operators_and_none_waits(arch, toy_x, sparse_everywhere, monkeypatch):
     """What a CUDA graph records is one run's operators with their arguments (after WARMUP runs); later steps replay
     them. So every step of the same phase (same AuxK slots) after the warmup must dispatch the same operators with the same arguments (the
@@ -109,7 +110,8 @@ def test_every_step_dispatches_the_same_operators_and_none_waits(arch, toy_x, sp
         seen.setdefault(key, []).append(log.ops)
 
     monkeypatch.setattr(graphs.GraphedStep, "_run", logged)
-    cfg = SAEConfig(arch=arch, d_in=16, d_sae=64, k=3, target_l0=3, l1_coeff=1.0, dead_tokens=256)
+    cfg = SAEConfig(arch=arch, d_in=16, d_sae=64, k=3, target_l0=3, l1_coeff=1.0, dead_tokens=256,
+                    group_sizes=[16, 16, 32] if arch == "matryoshka" else None)
     torch.manual_seed(0)
     tr = Trainer([cfg], TrainConfig(total_tokens=10**6, batch_size=128, warmup_steps=6, progress=False,
                                     step_graphs="eager"))
@@ -135,13 +137,13 @@ def test_every_step_dispatches_the_same_operators_and_none_waits(arch, toy_x, sp
                          "bincount", "item"}
         assert not waits, f"phase {key} waits for the device: {waits}"
     assert all(p.grad is g for p, g in zip(sae.parameters(), grads))
-    if arch == "batchtopk":
+    if sae.has_theta:
         assert sae.previous_cut is step.hint
 
 
 def test_step_graphs_refuses_what_it_cannot_record(toy_x, sparse_everywhere, monkeypatch):
-    """An SAE whose step reads back (Matryoshka's per-group masks), or that is too small for the sparse path, trains
-    on the eager step with a warning; "cuda" off a GPU, or an unknown mode, is an error that names the fix."""
+    """An SAE whose step reads back (the reference path, fast=False; a dictionary too small for the sparse path)
+    trains on the eager step with a warning; "cuda" off a GPU, or an unknown mode, is an error that names the fix."""
     cfgs = [SAEConfig(arch="matryoshka", d_in=16, d_sae=64, k=3, group_sizes=[16, 48]),
             SAEConfig(arch="batchtopk", d_in=16, d_sae=64, k=3), SAEConfig(arch="jumprelu", d_in=16, d_sae=64, k=3)]
     tc = TrainConfig(total_tokens=128 * 4, batch_size=128, warmup_steps=1, progress=False, step_graphs="eager")
@@ -153,11 +155,14 @@ def test_step_graphs_refuses_what_it_cannot_record(toy_x, sparse_everywhere, mon
         assert res.steps == 4 and all(len(log) for log in res.logs)
         return [str(w.message) for w in got if "step_graphs" in str(w.message)]
 
-    said = warned(cfgs)
-    assert len(said) == 1 and "Matryoshka BatchTopK's training step reads values back" in said[0]
+    assert warned(cfgs) == []  # every architecture records its step
+    tc.fast = False
+    said = warned(cfgs[1:2])
+    assert len(said) == 1 and "the reference path (fast=False) reads values back" in said[0]
+    tc.fast = True
     monkeypatch.setattr(base, "SPARSE_MIN_LATENTS", 512)  # d_sae 64: the dense path, which reads back
-    said = warned(cfgs[1:])
-    assert len(said) == 2 and all("at d_sae 64 the step takes the dense reference path" in m for m in said)
+    said = warned(cfgs)
+    assert len(said) == 3 and all("at d_sae 64 the step takes the dense reference path" in m for m in said)
     with pytest.raises(TrainingError, match="step_graphs='off'"):
         train(toy_x, [cfgs[2]], TrainConfig(total_tokens=128 * 3, batch_size=128, progress=False, step_graphs="cuda",
                                            device="cpu"))

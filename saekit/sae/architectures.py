@@ -330,14 +330,14 @@ class MatryoshkaSAE(BatchTopKSAE):
     dictionary, and every nested prefix of latent groups must reconstruct the input on its own.
 
     The reconstruction term is the weighted mean of the prefixes' MSEs (SAELens sums them: the same
-    up to a constant factor that Adam mostly absorbs). The per-group decodes share the one sparse
-    code, so the decoder work equals one full decode. Inference as BatchTopK: one threshold theta.
+    up to a constant factor that Adam mostly absorbs). The fast path decodes every group's part of the one sparse
+    code at once (its entries indexed by group and row: fixed shapes, no read-back), and the prefixes are their
+    running sums. Inference as BatchTopK: one threshold theta.
     """
 
     arch, label, color = "matryoshka", "Matryoshka BatchTopK", "#ff7f0e"
     saelens_training_name = "matryoshka_batchtopk"
     has_prefixes = True
-    graph_safe = False  # its per-group restrict reads a mask's size back
 
     @classmethod
     def check_config(cls, cfg):
@@ -361,15 +361,19 @@ class MatryoshkaSAE(BatchTopKSAE):
         return torch.bucketize(latents, torch.tensor(self.widths, device=latents.device), right=True)
 
     def recon_loss(self, xs, x_hat, code):
-        lo, partial, losses = 0, self.b_dec.expand_as(xs), []
-        for hi in self.widths[:-1]:
-            if isinstance(code, SparseCode):
-                part = sparse_decode(code.restrict((code.cols >= lo) & (code.cols < hi)), self.W_dec)
-            else:
-                part = code[:, lo:hi] @ self.W_dec[lo:hi]
+        widths, batch = self.widths, xs.shape[0]
+        spans = list(zip([0, *widths], widths[:-1]))  # every group but the last
+        if not isinstance(code, SparseCode):
+            parts = (code[:, lo:hi] @ self.W_dec[lo:hi] for lo, hi in spans)
+        else:  # every group's part from one decode, the entries as rows group * batch + row: fixed shapes, no
+            group = sum((code.cols >= w).long() for w in widths[:-1])  # read-back (a mask per group read its size)
+            parts = sparse_decode(SparseCode(group * batch + code.rows, code.cols, code.vals,
+                                             (len(widths) * batch, self.cfg.d_sae)), self.W_dec)
+            parts = parts.view(len(widths), batch, -1).unbind(0)[:-1]
+        partial, losses = self.b_dec.expand_as(xs), []
+        for part in parts:  # the prefixes' reconstructions
             partial = partial + part
             losses.append((partial - xs).pow(2).mean())
-            lo = hi
         losses.append((x_hat - xs).pow(2).mean())
         return sum(w * l for w, l in zip(self._weights(), losses))
 

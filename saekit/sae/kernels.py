@@ -88,12 +88,6 @@ class SparseCode(NamedTuple):
         z[self.rows, self.cols] = self.vals
         return z
 
-    def restrict(self, keep: torch.Tensor) -> "SparseCode":
-        """The entries where `keep` is true (their order kept, so a row-major code stays row-major)."""
-        rows_sorted = self.index is not None and self.index.perm is None
-        rows, cols = self.rows[keep], self.cols[keep]
-        return SparseCode(rows, cols, self.vals[keep], self.shape, CodeIndex(rows, cols, *self.shape, rows_sorted))
-
 
 def rectangle(a: torch.Tensor, theta: torch.Tensor, bandwidth: float) -> torch.Tensor:
     """The rectangle kernel's window, |a - theta| < bandwidth / 2 (theta per latent, broadcast over rows), as a bool

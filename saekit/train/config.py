@@ -36,7 +36,7 @@ class TrainConfig:
     # CPU, where the thread competes with the step for the cores (2 cores: data-loading share 27% without, 46% with)
     prefetch: int | None = None
     progress: bool = True
-    # "cuda": each SAE's step recorded once as CUDA graphs and replayed (saekit.train.graphs; not Matryoshka): one
+    # "cuda": each SAE's step recorded once as CUDA graphs and replayed (saekit.train.graphs): one
     # launch instead of ~150 a step, for a step bound by the host; "eager": the same fixed-shape phases, unrecorded,
     # on any device (checks); "off": the eager step. Off by default until measured on a GPU (benchmarks/gpu.py)
     step_graphs: str = "off"

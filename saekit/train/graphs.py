@@ -1,12 +1,12 @@
-"""The training step recorded once and replayed: CUDA graphs for the step of BatchTopK, TopK, JumpReLU and ReLU-L1
-on one GPU (`TrainConfig.step_graphs`).
+"""The training step recorded once and replayed: CUDA graphs for every architecture's training step on one GPU
+(`TrainConfig.step_graphs`).
 
 Why: on a GPU the sparse step is bound by the host. At d_sae 6,144 the GPU was busy 1.9 ms of a 5.1 ms step and
 the host launched 154 kernels (benchmarks/results/profile_step_cuda.txt). A CUDA graph launches a recorded step's
 kernels with one call. A step can be recorded when:
 - its shapes are fixed and nothing is read back: the selection without read-backs (kernels.batch_topk_static,
-  row_topk(static=True), JumpReLU's and ReLU's entries in slots, SAE.train_entries), and AuxK's dead latents in a
-  fixed number of slots (`aux_capacity`);
+  row_topk(static=True), JumpReLU's and ReLU's entries in slots, SAE.train_entries), Matryoshka's group decodes
+  from one decode, and AuxK's dead latents in a fixed number of slots (`aux_capacity`);
 - every value that changes from step to step lives in a device tensor, not in a Python number: the learning rate,
   and the selection's hint (the previous step's cut).
 
