@@ -114,6 +114,26 @@ def test_batches_kept_across_buffer_refills_keep_their_rows(store):
         assert x.dtype == stored and torch.equal(x.float(), full[[index[tuple(k)] for k in p.tolist()]].float())
 
 
+def test_a_pass_over_the_store_refills_the_last_passes_buffer_and_never_shares_one(store):
+    """Each pass over a store (a trainer's init sample, training, calibration) refills the buffer the previous pass
+    left, its pages already in place, and gives the batches a first pass gives; two passes at once each have a
+    buffer of their own."""
+    kw = dict(buffer_rows=512, chunk_rows=64)
+    alone = list(store.batches(64, seed=5, **kw))
+    left = store._spare
+    assert left is not None
+    again = list(store.batches(64, seed=5, **kw))
+    assert store._spare is left and len(again) == len(alone) > 8  # the same arrays, refilled in place
+    assert all(torch.equal(a, b) for a, b in zip(alone, again))
+    other = list(store.batches(64, seed=6, **kw))
+    got_a, got_b = [], []
+    for xa, xb in zip(store.batches(64, seed=5, **kw), store.batches(64, seed=6, **kw)):  # both at once
+        got_a.append(xa)
+        got_b.append(xb)
+    assert len(got_a) == len(alone) and all(torch.equal(a, b) for a, b in zip(alone, got_a))
+    assert all(torch.equal(a, b) for a, b in zip(other, got_b)) and not torch.equal(got_a[0], got_b[0])
+
+
 def test_the_next_buffer_is_read_ahead_by_the_kernel(store, monkeypatch):
     """Once a buffer is read, the kernel is asked (posix_fadvise WILLNEED) for exactly the next buffer's chunks,
     in the activation and the position files, before that buffer is read; the batches are unchanged."""

@@ -6,6 +6,7 @@ the same weights as an uninterrupted run (on CPU), a pandas log per SAE.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import time
@@ -284,15 +285,14 @@ class Trainer:
         # rank stepping until total_steps (a rank that ran out would leave the others waiting)
         epochs = math.ceil(tc.total_steps / per_epoch) + (self.world > 1)
         t0 = time.perf_counter()
-        loader = None
+        loader, stream = None, ()
         bar = tqdm(total=tc.total_steps, initial=self.step, desc="train", unit="step", disable=not tc.progress or self.rank != 0)
         shown = -math.inf
         run = self._maybe_wandb() if self.rank == 0 else None
         try:
             limit = tc.total_steps if stop_after is None else min(tc.total_steps, stop_after)
-            batches = source.batches(self.local_batch, seed=tc.seed, epochs=epochs, skip_batches=self.step,
-                                     **self._shard,
-                                     buffer_rows=tc.buffer_rows) if self.step < limit else ()
+            batches = stream = source.batches(self.local_batch, seed=tc.seed, epochs=epochs, skip_batches=self.step,
+                                              **self._shard, buffer_rows=tc.buffer_rows) if self.step < limit else ()
             if self.step < limit:
                 batches = itertools.islice(batches, limit - self.step)  # read ahead no further than needed
                 ahead = tc.prefetch if tc.prefetch is not None else (2 if self.device.type == "cuda" else 0)
@@ -317,6 +317,8 @@ class Trainer:
             bar.close()
             if loader is not None:
                 loader.close()
+            with contextlib.suppress(ValueError):  # (a read-ahead thread that did not stop still runs it)
+                getattr(stream, "close", lambda: None)()  # now: the store keeps its buffer for calibration
             if run is not None:
                 run.finish()
         if self.step >= tc.total_steps and tc.calibrate_batches:
