@@ -301,13 +301,28 @@ def test_step_statistics_are_the_steps_own_figures(toy_x):
     assert row["theta"] == pytest.approx(theta) and theta > 0
 
 
+def _steps(cfg, x, sync_free, batch, steps, spoil_at=None, spoil=None):
+    """A Trainer's first `steps` steps on x, selecting without read-backs where sync_free; spoil(sae) before step
+    spoil_at."""
+    from saekit.train import Trainer
+
+    torch.manual_seed(0)
+    tr = Trainer([cfg], TrainConfig(total_tokens=10**6, batch_size=batch, warmup_steps=0, progress=False, log_every=1))
+    tr.saes[0].sync_free = sync_free
+    tr.initialise(x[:4 * batch])
+    for i in range(steps):
+        if i == spoil_at:
+            spoil(tr.saes[0])
+        tr.train_step(x[i * batch:(i + 1) * batch])
+    return tr
+
+
 def test_sync_free_training_equals_exact_training_and_redoes_a_step_it_cannot_prove(toy_x, monkeypatch):
     """A BatchTopK run whose selections are made without read-backs (sync_free, the default on an accelerator)
     ends with exactly the weights, theta, counters and log of a run with exact selections. A step whose
     candidates could not hold the top B*k (here: its hint spoilt) is flagged and redone exactly by the trainer."""
     import saekit.sae.architectures as A
     import saekit.sae.base as base
-    from saekit.train import Trainer
 
     monkeypatch.setattr(base, "SPARSE_MIN_LATENTS", 0)  # the sparse path at toy size
     monkeypatch.setattr(base, "SPARSE_MAX_DENSITY", 1.0)
@@ -322,17 +337,11 @@ def test_sync_free_training_equals_exact_training_and_redoes_a_step_it_cannot_pr
     monkeypatch.setattr(A, "batch_topk_static", spy)
     cfg = SAEConfig(arch="batchtopk", d_in=16, d_sae=64, k=3, dead_tokens=256)
 
+    def spoil(sae):
+        sae.previous_cut *= 100
+
     def run(sync_free, spoil_at=None):
-        torch.manual_seed(0)
-        tr = Trainer([cfg], TrainConfig(total_tokens=10**6, batch_size=128, warmup_steps=0, progress=False,
-                                        log_every=1))
-        tr.saes[0].sync_free = sync_free
-        tr.initialise(toy_x[:512])
-        for i in range(12):
-            if i == spoil_at:
-                tr.saes[0].previous_cut *= 100
-            tr.train_step(toy_x[i * 128:(i + 1) * 128])
-        return tr
+        return _steps(cfg, toy_x, sync_free, batch=128, steps=12, spoil_at=spoil_at, spoil=spoil)
 
     exact = run(False)
     assert flags == []
@@ -355,7 +364,6 @@ def test_sync_free_thresholded_training_equals_exact_training(arch, toy_x, monke
     read back with the trainer's flags) end with the weights and log of exact runs; a step whose slots were too few
     (here: the density hint spoilt) is flagged and redone exactly."""
     import saekit.sae.base as base
-    from saekit.train import Trainer
 
     monkeypatch.setattr(base, "SPARSE_MIN_LATENTS", 0)  # the sparse path at toy size
     monkeypatch.setattr(base, "SPARSE_MAX_DENSITY", 1.0)
@@ -365,17 +373,11 @@ def test_sync_free_thresholded_training_equals_exact_training(arch, toy_x, monke
     monkeypatch.setattr(base.SAE, "train_entries",
                         lambda self, a, bound: found.append(e := train_entries(self, a, bound)) or e)
 
+    def spoil(sae):
+        sae.previous_density = 0.0  # 1,024 slots: too few
+
     def run(sync_free, spoil_at=None):
-        torch.manual_seed(0)
-        tr = Trainer([cfg], TrainConfig(total_tokens=10**6, batch_size=512, warmup_steps=0, progress=False,
-                                        log_every=1))
-        tr.saes[0].sync_free = sync_free
-        tr.initialise(toy_x[:1024])
-        for i in range(10):
-            if i == spoil_at:
-                tr.saes[0].previous_density = 0.0  # 1,024 slots: too few
-            tr.train_step(toy_x[i * 512:(i + 1) * 512])
-        return tr
+        return _steps(cfg, toy_x, sync_free, batch=512, steps=10, spoil_at=spoil_at, spoil=spoil)
 
     exact = run(False)
     assert all(e.valid is None for e in found)
