@@ -49,24 +49,38 @@ WORKER = textwrap.dedent("""
     tc = TrainConfig(total_tokens=%(rows)d, batch_size=4096, lr=1e-3, warmup_steps=5, progress=False, log_every=50,
                      buffer_rows=65_536, init_tokens=8192)
     small = dict(tc.to_dict(), total_tokens=tc.total_tokens // 8)
+
+    def peak_of(path, cfg, tc):
+        peak, stop = [0], threading.Event()
+        def poll():
+            while not stop.is_set():
+                peak[0] = max(peak[0], rss_anon())
+                time.sleep(0.002)
+        t = threading.Thread(target=poll, daemon=True)
+        t.start()
+        res = train(path, cfg, tc)
+        stop.set(); t.join()
+        return res, peak[0]
+
     train(sys.argv[2], cfg, TrainConfig.from_dict(small))  # warm-up on a store an eighth the size
-    base, peak, stop = rss_anon(), [0], threading.Event()
-    def poll():
-        while not stop.is_set():
-            peak[0] = max(peak[0], rss_anon())
-            time.sleep(0.002)
-    t = threading.Thread(target=poll, daemon=True)
-    t.start()
-    res = train(sys.argv[1], cfg, tc)
-    stop.set(); t.join()
+    base = rss_anon()
+    _, peak_small = peak_of(sys.argv[2], cfg, TrainConfig.from_dict(small))  # the same again, measured
+    res, peak = peak_of(sys.argv[1], cfg, tc)
     log = res.logs[0]
-    print(json.dumps({"base": base, "peak": peak[0], "tokens": int(log["tokens"].iloc[-1]),
+    print(json.dumps({"base": base, "peak_small": peak_small, "peak": peak, "tokens": int(log["tokens"].iloc[-1]),
                       "nmse_first": float(log["nmse"].iloc[0]), "nmse_last": float(log["nmse"].iloc[-1])}))
 """)
 
 
 def test_a_store_larger_than_the_memory_cap_trains_in_bounded_memory(tmp_path):
-    """One epoch over a 512 MiB float16 store; the process's anonymous memory grows less than 160 MiB."""
+    """One epoch over a 512 MiB float16 store in bounded memory: the process's anonymous memory peaks within 128 MiB
+    of its peak over a store an eighth the size (8x the data; the whole store in memory would add ~448 MiB), and
+    grows less than half the store over the warmed-up process.
+
+    Why two peaks and not only growth over a base: the base (after a warm-up run) holds whatever that run left
+    resident, which moved the measured growth by ~50-75 MiB between otherwise equal runs (a store that keeps its
+    shuffle buffer for its next pass left less behind and so "grew" more, at the same peak); a peak against a peak
+    does not depend on it."""
     _write_store(tmp_path / "big")
     _write_store(tmp_path / "small", ROWS // 8)
     store_bytes = ROWS * D * 2
@@ -75,11 +89,11 @@ def test_a_store_larger_than_the_memory_cap_trains_in_bounded_memory(tmp_path):
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads(r.stdout.strip().splitlines()[-1])
-    grew = m["peak"] - m["base"]
-    # the cap: under a third of the store. What the step needs does not depend on the store's size: the 16 MiB
-    # shuffle buffer, a batch in fp32, the [4096, 512] codes and their gradients, the allocator's slack (about
-    # 110 MiB here, measured after a warm-up run over a store an eighth the size)
-    cap = 160 * 2**20
-    assert 0 < grew < cap, f"anonymous memory grew {grew / 2**20:.0f} MiB training on a {store_bytes / 2**20:.0f} MiB store"
+    mib = {k: round(v / 2**20) for k, v in m.items() if "peak" in k or k == "base"}
+    # what the step needs does not depend on the store's size: the 16 MiB shuffle buffer, a batch in fp32, the
+    # [4096, 512] codes and their gradients, the allocator's slack. Measured (MiB, base / small peak / peak): 307 /
+    # 390-439 / 424-472 over three runs
+    assert m["peak"] - m["peak_small"] < 128 * 2**20, f"8x the store, {mib}"
+    assert 0 < m["peak"] - m["base"] < store_bytes // 2, f"grew over half the {store_bytes >> 20} MiB store: {mib}"
     assert m["tokens"] >= 0.99 * ROWS  # the whole store went through
     assert m["nmse_last"] < 0.5 * m["nmse_first"]  # and it trained
