@@ -100,6 +100,7 @@ class GraphedStep:
         self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self.runs: Counter = Counter()  # unrecorded runs of each phase key
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None  # one memory pool for every graph
+        self.side = torch.cuda.Stream(device=dev) if self.capture else None  # the warm-up runs' stream
 
     # -- one step -------------------------------------------------------------------------------
     def step(self, x: torch.Tensor) -> tuple[bool, dict]:
@@ -146,13 +147,12 @@ class GraphedStep:
             return
         graph = self.graphs.get(key)
         if graph is None:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
             if self.runs[key] < WARMUP:
                 self.runs[key] += 1
-                with torch.cuda.stream(side):
+                self.side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(self.side):
                     phase()
-                torch.cuda.current_stream().wait_stream(side)
+                torch.cuda.current_stream().wait_stream(self.side)
                 return
             graph = torch.cuda.CUDAGraph()
             try:
