@@ -29,11 +29,19 @@ class DeadLatents:
         if self.aux_capacity is not None:
             cap = self.aux_capacity
             return torch.nonzero_static(self.dead_mask(), size=cap, fill_value=-1).squeeze(1) if cap else None
-        counters, known = self.tokens_since_fired, self._dead_known
-        if known is not None and known[1] is counters and known[2] == counters._version:
-            return torch.nonzero_static(self.dead_mask(), size=known[0]).squeeze(1) if known[0] else None
+        n_dead = self.known_dead_count()
+        if n_dead is not None:
+            return torch.nonzero_static(self.dead_mask(), size=n_dead).squeeze(1) if n_dead else None
         dead = self.dead_mask().nonzero().squeeze(1)
         return dead if dead.numel() else None
+
+    def known_dead_count(self) -> int | None:
+        """The number of dead latents `set_dead_counters` was given, while the counters are still the tensor it set
+        at the version it left (None where they have changed since: loaded, set by hand)."""
+        counters, known = self.tokens_since_fired, self._dead_known
+        if known is not None and known[1] is counters and known[2] == counters._version:
+            return known[0]
+        return None
 
     # -- the counters ---------------------------------------------------------------------------
     def dead_mask(self) -> torch.Tensor:

@@ -332,9 +332,16 @@ class SAE(InputScaling, DeadLatents, torch.nn.Module):
     def after_step(self, out: TrainOutput) -> dict:
         """Architecture-specific updates and statistics after an optimiser step (e.g. BatchTopK's theta); here, the
         density the step's sparse path saw, for the next step's choice of path (probe_pays) and its slots."""
-        known = out.count_value is not None and out.x.numel()
-        self.previous_density = out.count_value / (out.x.shape[0] * self.cfg.d_sae) if known else out.density
+        if out.count_value is not None:
+            self.entries_seen(out.count_value, out.x.shape[0])
+        else:
+            self.previous_density = out.density
         return {}
+
+    def entries_seen(self, count: float, batch: int) -> None:
+        """A sparse path found `count` entries on a batch of `batch` rows: the density the next step chooses its
+        path (probe_pays) and its entry slots from."""
+        self.previous_density = count / (batch * self.cfg.d_sae)
 
     @torch.no_grad()
     def remove_parallel_grad(self) -> None:

@@ -35,7 +35,6 @@ import torch
 
 from ..metrics.reconstruction import nmse_tensor
 from ..sae import SAE
-from ..sae import base as sae_base
 from .config import TrainingError
 
 MODES = ("off", "cuda", "eager")
@@ -61,7 +60,7 @@ def why_not(sae: SAE, batch: int, fast: bool, world: int) -> str | None:
         return "the reference path (fast=False) reads values back from the device"
     if world > 1:
         return "under torch.distributed the selection agrees its cut between ranks on the host"
-    if sae.cfg.d_sae < sae_base.SPARSE_MIN_LATENTS:
+    if not sae.sparse_pays(0, batch):  # too few latents for the sparse path, however sparse the code
         return f"at d_sae {sae.cfg.d_sae} the step takes the dense reference path, which reads values back"
     return None
 
@@ -132,8 +131,8 @@ class GraphedStep:
             return False, {}
         self._run(("B",), self._phase_b)
         self.n_dead = int(n_dead)
-        if sae.thresholded:  # the next step's entry slots (as after_step sets it from the trainer's read-back)
-            sae.previous_density = count / (x.shape[0] * sae.cfg.d_sae)
+        if sae.thresholded:  # the next step's entry slots (as after_step sets them from the trainer's read-back)
+            sae.entries_seen(count, x.shape[0])
         values = dict(zip(REPORT[4:], figures))
         values["dead_frac"] = n_dead / sae.cfg.d_sae
         values["theta"] = sae.threshold.clone() if sae.has_theta else float("nan")
@@ -228,10 +227,7 @@ def start(sae: SAE, opt, n_tokens: int, batch: int, tc, autocast: bool, world: i
         return None
     if sae.has_theta and sae.previous_cut is None:
         return None  # its first step selects exactly and gives the first hint
-    known = sae._dead_known
-    counters = sae.tokens_since_fired
-    if known is not None and known[1] is counters and known[2] == counters._version:
-        n_dead = known[0]
-    else:
+    n_dead = sae.known_dead_count()
+    if n_dead is None:
         n_dead = int(sae.dead_mask().sum())
     return GraphedStep(sae, opt, n_tokens, tc.grad_clip, autocast, tc.step_graphs, n_dead)
