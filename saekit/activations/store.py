@@ -201,8 +201,22 @@ class ActivationStore:
         room = min(per_buffer * chunk_rows, len(self)) + batch_size
         out = self._take_buffer(room)
         try:
-            yield from self._batches(chunks, per_buffer, out, hook, batch_size, shuffle, seed, epochs, drop_last,
-                                     dtype, device, return_positions, rank, world_size)
+            for epoch in range(epochs):
+                g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+                order = torch.randperm(len(chunks), generator=g).tolist() if shuffle else list(range(len(chunks)))
+                mine = [chunks[i] for i in order][rank::world_size]
+                carry_x, carry_p = None, None
+                for b in range(0, len(mine), per_buffer):
+                    x, p = self._read_chunks(mine[b:b + per_buffer], hook, carry_x, carry_p, out)
+                    self._advise(mine[b + per_buffer:b + 2 * per_buffer], hook)
+                    idx = torch.randperm(x.shape[0], generator=g) if shuffle else torch.arange(x.shape[0])
+                    n_full = (x.shape[0] // batch_size) * batch_size
+                    for i in range(0, n_full, batch_size):
+                        sel = idx[i:i + batch_size]
+                        yield self._emit(x[sel], p[sel], dtype, device, return_positions)
+                    carry_x, carry_p = x[idx[n_full:]], p[idx[n_full:]]
+                if carry_x is not None and carry_x.shape[0] and not drop_last:
+                    yield self._emit(carry_x, carry_p, dtype, device, return_positions)
         finally:  # the next pass over this store (a trainer's init sample, training, calibration) refills it
             self._spare = out
 
@@ -214,25 +228,6 @@ class ActivationStore:
         if spare is not None and spare[0].shape[0] >= room:
             return spare
         return np.empty((room, self.d_model), dtype=_NP_DTYPES[self.dtype]), np.empty((room, 2), dtype=np.int32)
-
-    def _batches(self, chunks, per_buffer, out, hook, batch_size, shuffle, seed, epochs, drop_last, dtype, device,
-                 return_positions, rank, world_size) -> Iterator:
-        for epoch in range(epochs):
-            g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-            order = torch.randperm(len(chunks), generator=g).tolist() if shuffle else list(range(len(chunks)))
-            mine = [chunks[i] for i in order][rank::world_size]
-            carry_x, carry_p = None, None
-            for b in range(0, len(mine), per_buffer):
-                x, p = self._read_chunks(mine[b:b + per_buffer], hook, carry_x, carry_p, out)
-                self._advise(mine[b + per_buffer:b + 2 * per_buffer], hook)
-                idx = torch.randperm(x.shape[0], generator=g) if shuffle else torch.arange(x.shape[0])
-                n_full = (x.shape[0] // batch_size) * batch_size
-                for i in range(0, n_full, batch_size):
-                    sel = idx[i:i + batch_size]
-                    yield self._emit(x[sel], p[sel], dtype, device, return_positions)
-                carry_x, carry_p = x[idx[n_full:]], p[idx[n_full:]]
-            if carry_x is not None and carry_x.shape[0] and not drop_last:
-                yield self._emit(carry_x, carry_p, dtype, device, return_positions)
 
     def _advise(self, group: list, hook: str) -> None:
         """posix_fadvise(WILLNEED) over the chunks' bytes in the activation and position files: the kernel starts
