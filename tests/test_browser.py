@@ -6,6 +6,7 @@ opens). 04 runs first and trains the course SAE into the shared run folder; 05 r
 test-output/."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -42,6 +43,10 @@ def lab(tmp_path_factory):
     settings = root / ".settings" / "@jupyterlab" / "notebook-extension"
     settings.mkdir(parents=True)
     (settings / "tracker.jupyterlab-settings").write_text('{"windowingMode": "none"}')
+    # no "get notified about Jupyter news?" toast over the notebook
+    news = root / ".settings" / "@jupyterlab" / "apputils-extension"
+    news.mkdir(parents=True)
+    (news / "notification.jupyterlab-settings").write_text('{"fetchNews": "false"}')
     env = {**os.environ, "JUPYTERLAB_SETTINGS_DIR": str(root / ".settings")}
     port = _free_port()
     log = open(root / "jupyter.log", "w")
@@ -100,13 +105,57 @@ def _run_all(page, attempts: int = 6) -> None:
     raise AssertionError(f"Run All Cells started no cell in {attempts} tries: the kernel never attached")
 
 
-def _open_and_run(page, url: str, name: str, shot: str) -> None:
-    """Open a notebook, Run All, and wait for its last cell's "ok" (a traceback or widget error fails at once)."""
+PROMPTS_JS = "() => [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')].map(e => e.textContent.trim())"
+# Run All of either notebook here shows a change (a prompt or an output) at least every 8 s; 180 s with none
+# is a lost run
+STALL_S = 180
+
+
+def _kernel_states(url: str) -> list[str]:
+    """What the Jupyter server says its kernels are doing ("idle", "busy", "starting", "dead"), for a failure's
+    message only: after a restart it says "idle" while a cell runs."""
+    try:
+        with urllib.request.urlopen(f"{url}/api/kernels", timeout=5) as r:
+            return [k.get("execution_state", "?") for k in json.load(r)]
+    except OSError as e:
+        return [f"unreachable ({e})"]
+
+
+def _diagnosis(page, lab) -> str:
+    url, root = lab
+    log = (root / "jupyter.log").read_text(errors="replace")
+    shutil.copy(root / "jupyter.log", OUT_DIR / "jupyter.log")
+    return (f"prompts {page.evaluate(PROMPTS_JS)}; kernels {_kernel_states(url)}; "
+            f"outputs {_output_text(page)[-3:]}; jupyter.log ends:\n{log[-3000:]}")
+
+
+def _reload_restart_and_run_all(page, url: str, name: str) -> None:
+    """Open the notebook afresh (a new connection to its kernel), Kernel > Restart Kernel and Run All Cells,
+    and confirm."""
+    page.goto(f"{url}/lab/tree/{name}?reset")
+    try:
+        page.wait_for_selector(IDLE, timeout=60_000)
+    except PlaywrightTimeout:
+        pass  # a wedged kernel may never show idle: the restart is what should mend it
+    page.locator(".lm-MenuBar-itemLabel", has_text="Kernel").first.click(timeout=15_000)
+    page.locator(".lm-Menu-itemLabel", has_text="Restart Kernel and Run All Cells").first.click(timeout=15_000)
+    page.locator(".jp-Dialog .jp-mod-accept").first.click(timeout=30_000)
+    page.wait_for_function(STARTED_JS, timeout=60_000)
+
+
+def _open_and_run(page, lab, name: str, shot: str) -> None:
+    """Open a notebook, Run All, and wait for its last cell's "ok" (a traceback or widget error fails at once).
+    Two ways a Run All was seen to get lost, each once in CI, are retried, since nothing had run: every prompt
+    stays "[ ]" with the kernel idle (Run All again), or the page shows no change at all for 20 minutes (no
+    output ever came): after STALL_S of no change, open the notebook afresh and restart its kernel, twice at
+    most. A failure says what the prompts, the server's kernels and its log showed."""
+    url = lab[0]
     page.goto(f"{url}/lab/tree/{name}?reset")  # ?reset: a fresh workspace with this notebook alone
     page.wait_for_selector(IDLE)
     _run_all(page)
     deadline = time.time() + 1200
     last = page.locator(".jp-CodeCell").last
+    shown, changed, restarts = None, time.time(), 0
     while True:
         if any(t.strip().endswith("ok") for t in last.locator(".jp-OutputArea-output").all_inner_texts()):
             break
@@ -114,12 +163,20 @@ def _open_and_run(page, url: str, name: str, shot: str) -> None:
         if bad or time.time() > deadline:
             page.screenshot(path=str(OUT_DIR / f"{shot}_failed.png"))
         assert not bad, f"{name}: an output shows an error:\n{bad[0][-3000:]}"
-        assert time.time() < deadline, f"{name}: Run All did not finish in time; last outputs: {_output_text(page)[-3:]}"
+        assert time.time() < deadline, f"{name}: Run All did not finish in time; {_diagnosis(page, lab)}"
         page.wait_for_timeout(2000)
         if not page.evaluate(STARTED_JS) and page.locator(IDLE).count():
-            # nothing queued, nothing run, kernel idle: the Run All was lost (seen once in a full-suite run: the
-            # notebook showed every prompt "[ ]" for 20 minutes); nothing ran, so asking again is safe
-            _run_all(page)
+            _run_all(page)  # nothing queued, nothing run, kernel idle
+        now = (page.evaluate(PROMPTS_JS), _output_text(page))
+        if now != shown:
+            shown, changed = now, time.time()
+        elif time.time() - changed > STALL_S:
+            page.screenshot(path=str(OUT_DIR / f"{shot}_stalled{restarts}.png"))
+            assert restarts < 2, f"{name}: no change in {STALL_S} s after {restarts} restarts; {_diagnosis(page, lab)}"
+            print(f"{name}: no change in {STALL_S} s, restarting: {_diagnosis(page, lab)}")
+            _reload_restart_and_run_all(page, url, name)
+            last = page.locator(".jp-CodeCell").last
+            shown, changed, restarts = None, time.time(), restarts + 1
     page.wait_for_selector(IDLE)
     assert not [t for t in _output_text(page) if any(b in t for b in BAD_TEXT)]
 
@@ -142,13 +199,13 @@ def browser_page(lab):
         browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.set_default_timeout(120_000)
-        yield page, lab[0]
+        yield page, lab
         browser.close()
 
 
 def test_notebook_04_runs_and_renders_in_jupyterlab(browser_page):
-    page, url = browser_page
-    _open_and_run(page, url, NOTEBOOKS[0], "notebook04")
+    page, lab = browser_page
+    _open_and_run(page, lab, NOTEBOOKS[0], "notebook04")
     plots = page.locator(".js-plotly-plot")
     widgets = page.locator(".jupyter-widgets")
     assert plots.count() >= 4, f"only {plots.count()} plotly figures rendered"
@@ -184,8 +241,8 @@ def test_notebook_04_runs_and_renders_in_jupyterlab(browser_page):
 
 
 def test_notebook_05_dashboard_responds_in_jupyterlab(browser_page):
-    page, url = browser_page
-    _open_and_run(page, url, NOTEBOOKS[1], "notebook05")
+    page, lab = browser_page
+    _open_and_run(page, lab, NOTEBOOKS[1], "notebook05")
     assert page.locator(".js-plotly-plot").count() >= 4
     explorer = page.locator(".widget-vbox", has=page.locator("input[placeholder^='type text']")).first
     explorer.scroll_into_view_if_needed()
