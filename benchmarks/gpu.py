@@ -125,7 +125,8 @@ def sync_free_vs_exact(run: Run, dev: torch.device, d: int, f: int, B: int):
     """The selections without read-backs (the default on a GPU) train as the exact ones: for BatchTopK (its top B*k
     above a hint), JumpReLU and ReLU-L1 (their entries in slots sized by the previous density), two Trainers from
     the same start on the same batches, 8 steps (BatchTopK with dead latents, AuxK from the read-back count); every
-    selection after the first step flagged exact, or redone."""
+    selection after the first step flagged exact, or redone. In fp32: bf16 pre-activations tie at the cut, and two
+    correct selections may keep different tied entries."""
     from saekit.sae.architectures import BatchTopKSAE
     from saekit.sae.base import SAE
     from saekit.train import TrainConfig, Trainer
@@ -148,7 +149,7 @@ def sync_free_vs_exact(run: Run, dev: torch.device, d: int, f: int, B: int):
                 torch.manual_seed(0)
                 tr = Trainer([SAEConfig(arch=arch, d_in=d, d_sae=f, k=8, target_l0=8, dead_tokens=2 * B)],
                              TrainConfig(total_tokens=10**9, batch_size=B, warmup_steps=0, progress=False,
-                                         device=str(dev)))
+                                         device=str(dev), autocast=False))
                 tr.saes[0].sync_free = free
                 tr.initialise(torch.cat(xs[:2]))
                 for x in xs:

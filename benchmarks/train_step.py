@@ -3,7 +3,8 @@
 The plain step is the paper's code path written out: dense encode, flat top-k over the batch, a dense
 [B, d_sae] code, dense decode, autograd through all of it, AuxK with a second dense decode. Prints
 tokens/s for each, the ratio saekit/plain per architecture, peak memory, and the loss of both after
-the same steps on the same data. Every method runs once per round, the rounds interleaved (--rounds, 3 by
+the same steps on the same data. Both run in fp32 (like for like); where saekit's default precision is bf16
+autocast (TrainConfig.autocast=None on a CPU with AMX or a CUDA GPU) one more row times BatchTopK at that default. Every method runs once per round, the rounds interleaved (--rounds, 3 by
 default): the figures are medians over rounds, each ratio taken within its round, with the range.
 
     python benchmarks/train_step.py            # CPU shape d=576, d_sae=4608, B=1024
@@ -117,11 +118,12 @@ def main():
     print(f"device {device} ({torch.cuda.get_device_name() if a.gpu else platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads), d={d}, d_sae={f}, batch={B}, k={a.k}, steps={steps}")
 
-    def make_trainer(arch):
+    def make_trainer(arch, autocast=False):
         cfg = SAEConfig(arch=arch, d_in=d, d_sae=f, k=a.k, target_l0=a.k, dead_tokens=dead_tokens)
         torch.manual_seed(0)
         return Trainer([cfg], TrainConfig(total_tokens=(steps + 2) * B, batch_size=B, lr=3e-4, warmup_steps=0,
-                                          decay_frac=0, b_dec_init="zeros", progress=False, device=str(device)))
+                                          decay_frac=0, b_dec_init="zeros", progress=False, device=str(device),
+                                          autocast=autocast))
 
     def run_plain():
         m = PlainBatchTopK(d, f, a.k).to(device)
@@ -139,8 +141,8 @@ def main():
         sync(device)
         return steps * B / (time.perf_counter() - t), losses[-1], peak_mb(device)
 
-    def run_saekit(arch):
-        tr = make_trainer(arch)
+    def run_saekit(arch, autocast=False):
+        tr = make_trainer(arch, autocast)
         tr.initialise(data[0])  # b_dec stays zero (b_dec_init="zeros"); JumpReLU's thresholds start at its target L0
         if arch == "relu":  # a trained ReLU-L1's sparsity (L0 ~ k), which its penalty reaches only after many steps
             with torch.no_grad():
@@ -163,6 +165,8 @@ def main():
                "rounds": a.rounds}
     runs = {"plain dense batchtopk": run_plain, **{f"saekit {arch}": lambda arch=arch: run_saekit(arch)
                                                    for arch in a.archs}}
+    if TrainConfig().uses_autocast(device):  # saekit's default here: bf16 autocast
+        runs["saekit batchtopk bf16"] = lambda: run_saekit("batchtopk", None)
     got = {name: [] for name in runs}
     for _ in range(a.rounds):  # interleaved: machine drift hits every method alike
         for name, run in runs.items():
@@ -178,7 +182,9 @@ def main():
               f"({min(ratio):.2f}-{max(ratio):.2f})  loss {rows[-1][1]:.5f}  peak {max(r[2] for r in rows):,.0f} MB")
     print(f"ratio = saekit tokens/s / plain tokens/s in the same round: median (range) over {a.rounds} interleaved "
           f"rounds; tokens/s: median. plain and saekit batchtopk start from the same weights and see the same "
-          f"batches, so their losses after the same steps compare directly.")
+          f"batches, so their losses after the same steps compare directly. Every row fp32"
+          + (", but 'saekit batchtopk bf16': bf16 autocast, saekit's default on this device." if
+             "saekit batchtopk bf16" in runs else "."))
     if not a.gpu and not a.no_toy:
         results["toy"] = run_toy(device)
     if a.store:
@@ -199,7 +205,7 @@ def run_toy(device, d=48, f=192, B=4096, k=5, steps=20):
     opt = torch.optim.Adam(plain.parameters(), lr=1e-3)
     tr = Trainer([SAEConfig(arch="batchtopk", d_in=d, d_sae=f, k=k, dead_tokens=5 * B)],
                  TrainConfig(total_tokens=10**9, batch_size=B, lr=1e-3, warmup_steps=0, progress=False,
-                             device=str(device), b_dec_init="zeros"))
+                             device=str(device), b_dec_init="zeros", autocast=False))
     runs = {"plain": lambda i: plain_step(plain, opt, x[i % 4], 5 * B), "saekit": lambda i: tr.train_step(x[i % 4])}
     times = {n: [] for n in runs}
     for n, r in runs.items():

@@ -60,6 +60,7 @@ def _add_corpus_args(p: argparse.ArgumentParser) -> None:
 def _add_training_args(p, archs, ks, l1, tokens, checkpoint_every) -> None:
     from .sae import ARCHITECTURES, NORMALIZATIONS, SAEConfig
     from .train import LR_BASE, TrainConfig
+    from .train.config import PRECISIONS
     from .train.graphs import MODES as GRAPH_MODES
 
     p.add_argument("--store", required=True, help="activation store folder, or a .npy/.safetensors [N, d] file")
@@ -82,6 +83,9 @@ def _add_training_args(p, archs, ks, l1, tokens, checkpoint_every) -> None:
     p.add_argument("--seed", type=int, default=TrainConfig.seed, help="seed of the initialisation and the batch order")
     p.add_argument("--checkpoint-every", type=int, default=checkpoint_every, help="steps between checkpoints (0: at the end)")
     p.add_argument("--device", default=TrainConfig.device, help="cpu, cuda, ... (None: cuda where available)")
+    p.add_argument("--precision", default="auto", choices=list(PRECISIONS),
+                   help="matrix products in training: 'bf16' autocast, 'fp32', or 'auto' (bf16 where the device "
+                        "multiplies bf16 in hardware: a CUDA GPU, a CPU with AMX)")
     p.add_argument("--step-graphs", default=TrainConfig.step_graphs, choices=GRAPH_MODES,
                    help="'cuda': record each SAE's step once as CUDA graphs and replay it (one GPU)")
     p.add_argument("--out", required=True, help="output folder (one subfolder per SAE; checkpoints to resume from)")

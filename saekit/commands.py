@@ -60,16 +60,22 @@ def _sae_cfgs(a, src):
 
 def _train_cfg(a):
     from .train import TrainConfig
+    from .train.config import PRECISIONS
 
     return TrainConfig(total_tokens=a.tokens, batch_size=a.batch_size, lr=a.lr, seed=a.seed, device=a.device,
                        checkpoint_every=a.checkpoint_every, warmup_steps=a.warmup_steps,
-                       step_graphs=a.step_graphs)
+                       step_graphs=a.step_graphs, autocast=PRECISIONS[a.precision])
 
 
 def _print_lrs(cfgs, tc) -> None:
+    import torch
+
     for c in cfgs:
         print(f"learning rate of {c.name}: {tc.lr_for(c.d_sae):.2e}"
               + (" (--lr)" if tc.lr is not None else f" (default for {c.d_sae:,} latents)"))
+    device = tc.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"precision: {'bf16 autocast' if tc.uses_autocast(device) else 'fp32'} on {device}"
+          + (" (--precision auto)" if tc.autocast is None else ""))
 
 
 def cmd_train(a) -> int:

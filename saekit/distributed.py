@@ -8,7 +8,8 @@ all-reduces the gradients. Selection that couples the tokens of a batch is made 
   2*B*k+1 largest values (one all_gather); the cut is the (world*B*k)-th largest of the union, and it is
   exact when every rank's first unsent value lies below it (checked from the same gather). Otherwise the
   ranks gather their full top world*B*k (a second all_gather). Either way a rank keeps its entries at or
-  above the cut: the same code as one process on the concatenated batch.
+  above the cut: the same code as one process on the concatenated batch. Values equal to the cut on several
+  ranks (frequent under bf16) are taken in rank order until world*B*k are kept (one all_gather of two counts).
 - dead-latent counters see the global batch (fired latents all-reduced with MAX).
 - JumpReLU's target-L0 penalty is a function of the global batch's L0; BatchTopK's final theta is the mean of
   the ranks' estimates.
@@ -152,12 +153,32 @@ def global_batch_topk(a: torch.Tensor, k: int, hint: float, topk) -> tuple[torch
         vals, flat = topk(a, full, hint)
         cut, _ = global_batch_cut(vals, n_global, full)
     keep = (vals >= cut) & (vals > 0)
+    if cut > 0:
+        keep = _ties_in_rank_order(vals, keep, cut, n_global)
     flat, vals = flat[keep], vals[keep]
     if cut > 0:
         return flat, vals, a.new_tensor(cut)
     m = vals.min() if vals.numel() else a.new_tensor(float("inf"))
     dist.all_reduce(m, op=dist.ReduceOp.MIN)
     return flat, vals, (m if torch.isfinite(m) else None)
+
+
+def _ties_in_rank_order(vals: torch.Tensor, keep: torch.Tensor, cut: float, n_global: int) -> torch.Tensor:
+    """`keep` (entries at or above the cut) trimmed so that all ranks together keep exactly n_global: values equal
+    to the cut on several ranks (bf16 pre-activations tie often: up to 2 extra of 256 a step in the tests) are
+    taken in rank order, and on a rank in the order of `vals`, until n_global are kept. One all_gather of two
+    counts."""
+    tie = keep & (vals == cut)
+    counts = torch.stack([(keep & ~tie).sum(), tie.sum()]).to(torch.int64)
+    every = [torch.empty_like(counts) for _ in range(world_size())]
+    dist.all_gather(every, counts)
+    c = torch.stack(every).tolist()
+    me = rank()
+    take = max(0, min(c[me][1], n_global - sum(above for above, _ in c) - sum(t for _, t in c[:me])))
+    if take < c[me][1]:
+        keep = keep.clone()
+        keep[tie.nonzero().squeeze(1)[take:]] = False
+    return keep
 
 
 def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:

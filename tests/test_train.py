@@ -144,10 +144,13 @@ def test_cli_capture_train_eval(tmp_path):
     r = run("capture", "--hook", "resid_post.2", "--tokens", "1500", "--seq-len", "64", "--out", str(tmp_path / "st"))
     assert r.returncode == 0, r.stderr[-2000:]
     r = run("train", "--store", str(tmp_path / "st"), "--arch", "batchtopk", "topk", "--k", "8", "--expansion", "2",
-            "--tokens", "3000", "--batch-size", "256", "--enc-init-norm", "0.7", "--out", str(tmp_path / "tr"))
+            "--tokens", "3000", "--batch-size", "256", "--enc-init-norm", "0.7", "--precision", "fp32",
+            "--out", str(tmp_path / "tr"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "batchtopk_k8_1152" in r.stdout and "topk_k8_1152" in r.stdout
     assert load_sae(tmp_path / "tr" / "topk_k8_1152").cfg.enc_init_norm == 0.7  # the flag reached the config
+    assert "precision: fp32 on cpu" in r.stdout  # --precision reached the trainer, and its record
+    assert json.loads((tmp_path / "tr" / "train_config.json").read_text())["autocast"] is False
     r = run("eval", str(tmp_path / "tr" / "batchtopk_k8_1152"), "--store", str(tmp_path / "st"), "--json",
             "--ce-tokens", "60")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -168,6 +171,25 @@ def test_bf16_autocast_trains(toy_x):
     for sae, log in zip(res.saes, res.logs):
         assert sae.W_enc.dtype == torch.float32
         assert log["nmse"].iloc[-5:].mean() < log["nmse"].iloc[:5].mean()
+
+
+def test_autocast_default_follows_the_hardware(monkeypatch, toy_x):
+    """autocast=None: bf16 on a CPU whose torch reports AMX tiles and AVX-512 BF16, fp32 on one without (its bf16
+    products would be emulated); an explicit True/False wins either way."""
+    from saekit.train import Trainer
+    from saekit.train.config import PRECISIONS, cpu_has_bf16_matrix_units
+
+    for amx, bf16, expect in ((True, True, True), (False, True, False), (True, False, False)):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=bf16: v)
+        assert cpu_has_bf16_matrix_units() is expect
+        assert [TrainConfig(autocast=PRECISIONS[p]).uses_autocast("cpu") for p in ("auto", "fp32", "bf16")] == \
+            [expect, False, True]
+        tr = Trainer([SAEConfig(arch="batchtopk", d_in=16, d_sae=64, k=3)],
+                     TrainConfig(total_tokens=1024, batch_size=128, progress=False, device="cpu"))
+        assert tr.autocast is expect
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")  # a torch without the check: fp32
+    assert TrainConfig().uses_autocast("cpu") is False and TrainConfig().uses_autocast("meta") is False
 
 
 def test_empty_store_is_refused(store, tmp_path):
@@ -292,7 +314,8 @@ def test_step_statistics_are_the_steps_own_figures(toy_x):
     tr.saes[0].tokens_since_fired.fill_(10**6)  # the next step changes the counters and theta...
     tr.train_step(toy_x[640:768])
     assert float(tr.saes[0].threshold) != theta
-    out = before.training_loss(x)  # ...and the row, read only now, still holds this step's figures
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=tr.autocast):  # the step's own precision
+        out = before.training_loss(x)  # ...and the row, read only now, still holds this step's figures
     assert list(row)[:4] == ["step", "tokens", "loss", "lr"] and row["step"] == 4 and row["tokens"] == 4 * 128
     assert row["loss"] == pytest.approx(float(out.loss.detach()), rel=1e-5)
     assert row["nmse"] == pytest.approx(nmse(out.x.detach(), out.x_hat.detach()), rel=1e-5)
@@ -307,7 +330,9 @@ def _steps(cfg, x, sync_free, batch, steps, spoil_at=None, spoil=None):
     from saekit.train import Trainer
 
     torch.manual_seed(0)
-    tr = Trainer([cfg], TrainConfig(total_tokens=10**6, batch_size=batch, warmup_steps=0, progress=False, log_every=1))
+    # fp32: under bf16 pre-activations tie at the cut, and the two selections may keep different tied entries
+    tr = Trainer([cfg], TrainConfig(total_tokens=10**6, batch_size=batch, warmup_steps=0, progress=False, log_every=1,
+                                    autocast=False))
     tr.saes[0].sync_free = sync_free
     tr.initialise(x[:4 * batch])
     for i in range(steps):

@@ -107,7 +107,7 @@ class BatchTopKSAE(SAE):
             self.theta_info = info
 
     def load_threshold(self, threshold):
-        self.set_threshold(float(threshold.mean()))
+        self.set_threshold(float(threshold.double().mean()))  # float64: d_sae equal values give that value exactly
 
     @torch.no_grad()
     def first_latents(self, w: int) -> "BatchTopKSAE":

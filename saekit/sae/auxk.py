@@ -72,6 +72,12 @@ class DeadLatents:
         entries through the sparse encoder's backward (measured on 2 CPU cores at d_in=576, d_sae=4608,
         B=1024 with ~170 dead latents: AuxK's share of a step fell from ~25-30 ms to ~15 ms). idx: the dead
         latents (`_aux_dead`); with aux_capacity set, padded with -1 (slots that contribute nothing)."""
+        if xs.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            # fp32 on the CPU: oneDNN keeps a compiled kernel (~0.7 MB) per bf16 product shape, up to 1,024 of
+            # them, and these shapes follow the dead count from step to step (an epoch over a 512 MiB store grew the
+            # process by 1.2 GB under bf16 autocast; tests/test_scale.py)
+            with torch.autocast("cpu", enabled=False):
+                return self.aux_reconstruction(xs, idx)
         padded = self.aux_capacity is not None
         slots = idx.clamp_min(0) if padded else idx  # padding reads latent 0, then its columns are zeroed
         # the dead latents as rows of W_enc_t: their gradient comes in the parameter's own layout and adds into the

@@ -55,10 +55,7 @@ class Trainer:
         self.device = torch.device(train_cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if D.world_size() > 1 and self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())  # torchrun: this rank's GPU
-        use_ac = train_cfg.autocast
-        if use_ac is None:
-            use_ac = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
-        self.autocast = bool(use_ac)
+        self.autocast = train_cfg.uses_autocast(self.device)
         names = [c.name for c in self.cfgs]
         self.names = [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
         torch.manual_seed(train_cfg.seed)
@@ -243,7 +240,7 @@ class Trainer:
             sae.save(folder)
             atomic_write_csv(folder / "train_log.csv", frame)
         atomic_write_json(self.out / "train_config.json", {"train": self.tc.to_dict(), "names": self.names,
-                                                           "lrs": self.lrs,
+                                                           "lrs": self.lrs, "autocast": self.autocast,
                                                            "saes": [c.to_dict() for c in self.cfgs],
                                                            "steps": self.step, "tokens": self.tokens})
 

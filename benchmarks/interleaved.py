@@ -1,0 +1,88 @@
+"""Shared by the benchmarks that weigh a training setting against a baseline (auxk_every.py, autocast_cpu.py): one
+Trainer per setting, the same initialisation and the same batches for all, the settings interleaved step by step
+(machine drift hits them alike), then each SAE evaluated on the same held-out rows, so that the NMSE difference
+against the baseline carries a paired 95% bootstrap interval over held-out sequences."""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from saekit.activations import open_store
+from saekit.metrics import evaluate, format_difference, paired_difference
+from saekit.sae import SAEConfig
+from saekit.train import TrainConfig, Trainer
+
+
+def add_arguments(ap: argparse.ArgumentParser, steps: int) -> None:
+    ap.add_argument("--store", required=True)
+    ap.add_argument("--eval-store", required=True)
+    ap.add_argument("--hook", default=None)
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--batch", type=int, default=1024)
+    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--expansion", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--eval-tokens", type=int, default=16_384)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+
+
+def run(a, seed: int, settings: dict[str, tuple[dict, dict]]) -> dict:
+    """settings: name -> (SAEConfig fields, TrainConfig fields) beyond the common ones; the first is the baseline.
+    Returns per setting: training seconds (steps after the first two), dead fraction (mean over steps, at the end)
+    and the held-out evaluation."""
+    store = open_store(a.store, a.hook)
+    g = torch.Generator().manual_seed(seed)
+    n = a.batch * a.steps
+    start = torch.randint(0, len(store) - n, (1,), generator=g).item() if len(store) > n else 0
+    data = store.rows(start, start + n).float()
+    data = data[torch.randperm(len(data), generator=g)]
+    per_pass = len(data) // a.batch  # a store shorter than the run is read again (epochs), never a short batch
+    if per_pass < 1:
+        raise SystemExit(f"the store holds {len(data):,} rows, fewer than one batch of {a.batch}: lower --batch")
+    trainers = {}
+    for name, (sae_fields, train_fields) in settings.items():
+        cfg = SAEConfig(**{"arch": "batchtopk", "d_in": store.d_model, "d_sae": a.expansion * store.d_model,
+                           "k": a.k, "dead_tokens": 5 * a.batch, "hook_name": store.hook, **sae_fields})
+        tc = TrainConfig(**{"total_tokens": n, "batch_size": a.batch, "lr": a.lr, "seed": seed, "warmup_steps": 10,
+                            "progress": False, "log_every": 10**9, "device": "cpu", **train_fields})
+        torch.manual_seed(seed)
+        tr = Trainer([cfg], tc)
+        tr.initialise(data[:a.batch * 16])
+        trainers[name] = tr
+    seconds = dict.fromkeys(settings, 0.0)
+    dead_seen = {name: [] for name in settings}
+    for s in range(a.steps):
+        x = data[(s % per_pass) * a.batch:(s % per_pass + 1) * a.batch]
+        for name, tr in trainers.items():
+            t = time.perf_counter()
+            tr.train_step(x)
+            if s >= 2:
+                seconds[name] += time.perf_counter() - t
+            dead_seen[name].append(float(tr.saes[0].dead_mask().float().mean()))
+    evals = {name: evaluate(tr.saes[0].eval(), None, a.eval_store, n_tokens=a.eval_tokens, hook=a.hook,
+                            progress=False) for name, tr in trainers.items()}
+    return {"seconds": seconds, "dead_mean": {e: float(np.mean(v)) for e, v in dead_seen.items()},
+            "dead_end": {e: v[-1] for e, v in dead_seen.items()}, "evals": evals}
+
+
+def print_seed(a, seed: int, r: dict, label: str) -> None:
+    """One row per setting: ms/step, speed-up over the baseline (the first setting), dead fractions, held-out NMSE
+    and L0, and the paired NMSE difference against the baseline."""
+    names = list(r["seconds"])
+    base = names[0]
+    for name in names:
+        ms = 1000 * r["seconds"][name] / max(a.steps - 2, 1)
+        rec = r["evals"][name]["reconstruction"]
+        diff = "" if name == base else format_difference(
+            paired_difference(r["evals"][name], r["evals"][base], "nmse"), f"{label} {name}".strip(), f"{label} {base}".strip())
+        print(f"{seed:>4} {name:>9} {ms:>8.1f} {r['seconds'][base] / r['seconds'][name]:>8.2f}x "
+              f"{r['dead_mean'][name]:>9.4f} {r['dead_end'][name]:>9.4f} {rec['nmse']:>8.4f} "
+              f"{r['evals'][name]['sparsity']['l0']:>6.1f}   {diff}")
+
+
+def header(label: str) -> str:
+    return (f"{'seed':>4} {label:>9} {'ms/step':>8} {'speed-up':>9} {'dead mean':>9} {'dead end':>9} {'NMSE':>8} "
+            f"{'L0':>6}   NMSE difference vs the first [95% interval]")
