@@ -5,6 +5,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from .activations import capture_splits
 from .calibrate import calibrate
 from .files import atomic_write_json
@@ -53,8 +55,10 @@ def run_demo(c: DemoConfig) -> dict:
     cfgs = [SAEConfig(arch="batchtopk", **common), SAEConfig(arch="topk", **common)]
     tc = TrainConfig(total_tokens=c.train_tokens, batch_size=c.batch_size, lr=c.lr, warmup_steps=20,
                      checkpoint_every=50, device=c.device)
+    device = c.device or ("cuda" if torch.cuda.is_available() else "cpu")
     print(f"      learning rate {tc.lr_for(cfgs[0].d_sae):.2e} "
-          f"({'--lr' if c.lr else 'default for ' + str(cfgs[0].d_sae) + ' latents'})")
+          f"({'--lr' if c.lr else 'default for ' + str(cfgs[0].d_sae) + ' latents'}); "
+          f"{'bf16 autocast' if tc.uses_autocast(device) else 'fp32'} (the default on this {device})")
     res = train(store, cfgs, tc, out=out / "train")
     sae, sae_dir = res.saes[0], out / "train" / res.names[0]
     theta_trained = float(sae.threshold)
@@ -72,7 +76,8 @@ def run_demo(c: DemoConfig) -> dict:
     summary = {**m, "store_train": str(out / "store_train"), "store_test": str(out / "store_test"),
                "store_calib": str(out / "store_calib"),
                "sae_dir": str(sae_dir), "train_tokens": res.tokens, "train_steps": res.steps,
-               "lr": tc.lr_for(sae.cfg.d_sae), "theta": cal["theta"], "theta_trained": theta_trained,
+               "lr": tc.lr_for(sae.cfg.d_sae), "autocast": tc.uses_autocast(device), "theta": cal["theta"],
+               "theta_trained": theta_trained,
                "l0_threshold_mode_trained_theta": l0_trained, "l0_batch_mode": m["sparsity"]["l0_batch_mode"],
                "ce_tokens": m["downstream"]["n_tokens"], "seconds": round(time.perf_counter() - t0, 1)}
     atomic_write_json(out / "metrics.json", summary)

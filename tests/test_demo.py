@@ -23,6 +23,10 @@ def test_demo_end_to_end(tmp_path):
         lo, hi = m["intervals"][name]
         assert lo < hi
     assert m["lr"] > 0 and "learning rate" in r.stdout
+    from saekit.train import TrainConfig
+
+    assert m["autocast"] is TrainConfig().uses_autocast("cpu")  # the precision the demo trained at, recorded
+    assert ("bf16 autocast (the default on this cpu)" if m["autocast"] else "fp32 (the default on this cpu)") in r.stdout
     assert m["downstream"]["ce_sae"] >= m["downstream"]["ce_clean"] - 0.05
     for name in ("batchtopk_k8_1152", "topk_k8_1152"):
         assert (out / "train" / name / "sae_weights.safetensors").exists()
