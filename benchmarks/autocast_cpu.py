@@ -9,7 +9,7 @@ bootstrap interval over held-out sequences. TrainConfig.autocast=None turns bf16
 reports AMX tiles and AVX-512 BF16 (saekit.train.config.autocast_default); this benchmark is the evidence for it.
 
     python benchmarks/autocast_cpu.py --store runs/smollm2_l15/store_train --eval-store runs/smollm2_l15/store_test \\
-        --hook resid_post.15 --steps 600 --seeds 0 1 2
+        --hook resid_post.15 --steps 500 --seeds 0 1 2 [--archs batchtopk jumprelu relu matryoshka]
 """
 from __future__ import annotations
 
@@ -58,6 +58,8 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds per shape (speed)")
     ap.add_argument("--speed-steps", type=int, default=10, help="steps per round and setting (speed)")
     ap.add_argument("--shapes", default=None, help="speed shapes as d,d_sae,batch,k;... (default: toy to benchmark)")
+    ap.add_argument("--archs", nargs="+", default=["batchtopk"], help="architectures of the quality part (JumpReLU "
+                                                                      "at target L0 k)")
     a = ap.parse_args(argv)
     shapes = SHAPES if a.shapes is None else [tuple(map(int, s.split(","))) for s in a.shapes.split(";")]
     print(f"# python benchmarks/autocast_cpu.py --store {a.store} --eval-store {a.eval_store} --steps {a.steps} "
@@ -67,10 +69,12 @@ def main(argv=None):
     speed(shapes, a.rounds, a.speed_steps)
     print(f"## quality: d_sae = {a.expansion}x d_in, k={a.k}, batch {a.batch}, {a.steps} steps per setting, "
           f"interleaved step by step; held-out {a.eval_tokens:,} tokens; L0 with the trained threshold")
-    print(interleaved.header("setting"))
-    for seed in a.seeds:
-        r = interleaved.run(a, seed, {"fp32": ({}, {"autocast": False}), "bf16": ({}, {"autocast": True})})
-        interleaved.print_seed(a, seed, r, "")
+    for arch in a.archs:
+        fields = {"arch": arch, **({"target_l0": a.k} if arch == "jumprelu" else {})}
+        print(f"### {arch}\n{interleaved.header('setting')}")
+        for seed in a.seeds:
+            r = interleaved.run(a, seed, {"fp32": (fields, {"autocast": False}), "bf16": (fields, {"autocast": True})})
+            interleaved.print_seed(a, seed, r, "")
 
 
 if __name__ == "__main__":
