@@ -72,9 +72,11 @@ def main(argv=None):
     for arch in a.archs:
         fields = {"arch": arch, **({"target_l0": a.k} if arch == "jumprelu" else {})}
         print(f"### {arch}\n{interleaved.header('setting')}")
+        diffs = []
         for seed in a.seeds:
             r = interleaved.run(a, seed, {"fp32": (fields, {"autocast": False}), "bf16": (fields, {"autocast": True})})
-            interleaved.print_seed(a, seed, r, "")
+            diffs.append(interleaved.print_seed(a, seed, r, ""))
+        interleaved.over_seeds(diffs, f"{arch}:")
 
 
 if __name__ == "__main__":

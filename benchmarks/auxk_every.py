@@ -32,9 +32,11 @@ def main(argv=None):
     print(f"d_sae = {a.expansion}x d_in, k={a.k}, batch {a.batch}, {a.steps} steps per setting, settings interleaved "
           f"step by step; held-out {a.eval_tokens:,} tokens")
     print(interleaved.header("aux_every"))
+    diffs = []
     for seed in a.seeds:
         r = interleaved.run(a, seed, {str(e): ({"aux_every": e}, {}) for e in a.every})
-        interleaved.print_seed(a, seed, r, "every")
+        diffs.append(interleaved.print_seed(a, seed, r, "every"))
+    interleaved.over_seeds(diffs, "aux_every")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,10 @@ from saekit.sae import SAEConfig
 from saekit.train import TrainConfig, Trainer
 
 
+# Student's t, 97.5% quantile, by degrees of freedom (a 95% interval over a few seeds)
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
 def add_arguments(ap: argparse.ArgumentParser, steps: int) -> None:
     ap.add_argument("--store", required=True)
     ap.add_argument("--eval-store", required=True)
@@ -68,19 +72,38 @@ def run(a, seed: int, settings: dict[str, tuple[dict, dict]]) -> dict:
             "dead_end": {e: v[-1] for e, v in dead_seen.items()}, "evals": evals}
 
 
-def print_seed(a, seed: int, r: dict, label: str) -> None:
+def print_seed(a, seed: int, r: dict, label: str) -> dict:
     """One row per setting: ms/step, speed-up over the baseline (the first setting), dead fractions, held-out NMSE
-    and L0, and the paired NMSE difference against the baseline."""
+    and L0, and the paired NMSE difference against the baseline. Returns {setting: NMSE difference} (not the
+    baseline), for over_seeds."""
+    diffs = {}
     names = list(r["seconds"])
     base = names[0]
     for name in names:
         ms = 1000 * r["seconds"][name] / max(a.steps - 2, 1)
         rec = r["evals"][name]["reconstruction"]
-        diff = "" if name == base else format_difference(
-            paired_difference(r["evals"][name], r["evals"][base], "nmse"), f"{label} {name}".strip(), f"{label} {base}".strip())
+        d = None if name == base else paired_difference(r["evals"][name], r["evals"][base], "nmse")
+        diff = "" if d is None else format_difference(d, f"{label} {name}".strip(), f"{label} {base}".strip())
+        if d is not None:
+            diffs[name] = d["difference"]
         print(f"{seed:>4} {name:>9} {ms:>8.1f} {r['seconds'][base] / r['seconds'][name]:>8.2f}x "
               f"{r['dead_mean'][name]:>9.4f} {r['dead_end'][name]:>9.4f} {rec['nmse']:>8.4f} "
               f"{r['evals'][name]['sparsity']['l0']:>6.1f}   {diff}")
+    return diffs
+
+
+def over_seeds(per_seed: list[dict], label: str) -> None:
+    """Each setting's NMSE difference against the baseline over the seeds: mean and a 95% t-interval (a seed is
+    one sample: a different start and batch order moves a run as much as a setting may)."""
+    for name in per_seed[0] if per_seed else []:
+        v = np.array([d[name] for d in per_seed])
+        if len(v) < 2:
+            continue
+        half = T975.get(len(v) - 1, 2.0) * v.std(ddof=1) / np.sqrt(len(v))
+        verdict = "excludes zero" if abs(v.mean()) > half else "includes zero"
+        f = lambda x: f"{x:+.4f}".replace("-", "−")
+        print(f"{label} {name}: NMSE difference over {len(v)} seeds {f(v.mean())} [{f(v.mean() - half)}, "
+              f"{f(v.mean() + half)}] (95% t-interval over seeds; {verdict})")
 
 
 def header(label: str) -> str:

@@ -146,11 +146,14 @@ def test_autocast_cpu_benchmark_times_and_evaluates_both_precisions(store):
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "autocast_cpu.py"), "--store", str(store.path),
                         "--eval-store", str(store.path), "--hook", HOOK, "--shapes", "16,64,256,4;24,96,128,4",
                         "--rounds", "2", "--speed-steps", "2", "--batch", "128", "--k", "4", "--expansion", "2",
-                        "--steps", "6", "--eval-tokens", "512", "--archs", "batchtopk", "jumprelu"],
+                        "--steps", "6", "--eval-tokens", "512", "--archs", "batchtopk", "jumprelu",
+                        "--seeds", "0", "1"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "### batchtopk" in r.stdout and "### jumprelu" in r.stdout
     assert sum(line.strip().startswith("0 ") for line in r.stdout.splitlines()) == 4  # 2 archs x fp32, bf16
+    over = [line for line in r.stdout.splitlines() if "NMSE difference over 2 seeds" in line]
+    assert [line.split(":")[0] for line in over] == ["batchtopk", "jumprelu"] and all("t-interval" in x for x in over)
     speed = [line.split() for line in r.stdout.splitlines() if line.split()[:2] in (["16", "64"], ["24", "96"])]
     assert len(speed) == 2 and all(float(row[4]) > 0 and float(row[5]) > 0 and row[6].endswith("x") for row in speed)
     rows = {line.split()[1]: line.split() for line in r.stdout.splitlines() if line.strip().startswith("0 ")}
