@@ -43,8 +43,8 @@ from saekit.sae import SAEConfig
 from saekit.sae.architectures import BatchTopKSAE, JumpReLUSAE, MatryoshkaSAE
 from saekit.sae.auxk import DeadLatents
 from saekit.sae.base import SAE
-from saekit.sae.kernels import (CodeIndex, SparseCode, ThresholdPseudoGrad, batch_topk, positive_entries,
-                                rectangle, sparse_decode, sparse_encode)
+from saekit.sae.kernels import (CodeIndex, SparseCode, SparseEncode, ThresholdPseudoGrad, batch_topk,
+                                positive_entries, rectangle, sparse_decode, sparse_encode)
 from saekit.train import TrainConfig, Trainer
 
 
@@ -135,6 +135,21 @@ def decode_per_group(self, xs, x_hat, code):
     return sum(w * l for w, l in zip(self._weights(), losses))
 
 
+@staticmethod
+def encode_backward_with_input_gradient(ctx, g):
+    """SparseEncode's backward before 2026-11-27: the input's gradient always (an embedding_bag over every entry
+    and a transposed copy of W_enc), b_dec's as its row sum."""
+    xc, W_enc, cols = ctx.saved_tensors
+    index = ctx.index
+    g = g.to(W_enc.dtype)
+    grad_xc = index.row_sum(g, W_enc.t().contiguous())
+    grad_W_enc = index.col_sum(g, xc.to(W_enc.dtype)).t()
+    if grad_W_enc.stride() != W_enc.stride():
+        grad_W_enc = torch.empty_like(W_enc).copy_(grad_W_enc)
+    grad_b_enc = torch.zeros(index.n_cols, dtype=g.dtype, device=g.device).index_add_(0, cols, g)
+    return grad_xc.to(xc.dtype), grad_W_enc, grad_b_enc, -grad_xc.sum(0), None, None, None
+
+
 PROBE_VARIANTS = {"current": contextlib.nullcontext,
                   "probe every step": lambda: patched(SAE, "probe_pays", probe_every_step),
                   "sync-free entries": lambda: patched(SAE, "sync_free", True)}
@@ -147,7 +162,8 @@ VARIANTS = {"current": contextlib.nullcontext,
             "bias after product": lambda: patched(SAE, "pre_acts", bias_after_product),
             "sync-free selection": lambda: patched(SAE, "sync_free", True),
             "read-back selection": lambda: read_back_variant(exact_selection),
-            "theta hint (before)": lambda: read_back_variant(theta_hint_selection)}
+            "theta hint (before)": lambda: read_back_variant(theta_hint_selection),
+            "input grad (before)": lambda: patched(SparseEncode, "backward", encode_backward_with_input_gradient)}
 
 
 def sync(dev):

@@ -554,6 +554,58 @@ def test_bad_encoder_start_flag_is_refused_by_the_cli(bad, capsys):
     assert build_parser().parse_args(["train", "--store", "s", "--out", "o", "--enc-init-norm", "0.7"]).enc_init_norm == 0.7
 
 
+@pytest.mark.parametrize("input_grad", [False, True])
+def test_sparse_encode_gradients_equal_the_dense_products(input_grad):
+    """SparseEncode's gradients of W_enc, b_enc and b_dec (b_dec's as -W_enc times the column sums of the values'
+    gradient) and, when the input asks for one, of the input, against autograd through the dense encode."""
+    from saekit.sae.kernels import CodeIndex, sparse_encode
+
+    torch.manual_seed(0)
+    B, d, f = 9, 6, 30
+    x = torch.randn(B, d, requires_grad=input_grad)
+    W_enc, b_enc, b_dec = torch.randn(d, f), torch.randn(f), torch.randn(d)
+    params = [t.clone().requires_grad_(True) for t in (W_enc, b_enc, b_dec)]
+    dense = [t.clone().requires_grad_(True) for t in (W_enc, b_enc, b_dec)]
+    a = torch.relu((x.detach() - b_dec) @ W_enc + b_enc)
+    r, c = (a > 1.0).nonzero(as_tuple=True)  # row-major entries, some rows without any
+    g = torch.randn(r.numel())
+    (sparse_encode(x, *params, CodeIndex(r, c, B, f, rows_sorted=True), a).vals * g).sum().backward()
+    x_grad = x.grad.clone() if input_grad else None
+    if input_grad:
+        x.grad = None
+    ad = torch.relu((x - dense[2]) @ dense[0] + dense[1])
+    (ad[r, c] * g).sum().backward()
+    for p1, p2, name in zip(params, dense, ("W_enc", "b_enc", "b_dec")):
+        torch.testing.assert_close(p1.grad, p2.grad, msg=name)
+    if input_grad:
+        torch.testing.assert_close(x_grad, x.grad)
+
+
+def test_sparse_kernels_under_bf16_autocast_give_fp32_gradients():
+    """Under autocast the encoder's values come from bf16 products; the sparse kernels' gradients still come back in
+    the parameters' fp32, within bf16 rounding of the gradients of the same code in fp32."""
+    from saekit.sae.kernels import CodeIndex, sparse_encode
+
+    torch.manual_seed(0)
+    B, d, f = 16, 32, 96
+    x = torch.randn(B, d)
+    base = [torch.randn(d, f) * 0.3, torch.randn(f) * 0.1, torch.randn(d) * 0.1, torch.randn(f, d) * 0.3]
+    r, c = (torch.relu((x - base[2]) @ base[0] + base[1]) > 0.8).nonzero(as_tuple=True)  # the same entries in both
+    grads = {}
+    for low in (False, True):
+        W_enc, b_enc, b_dec, W_dec = [t.clone().requires_grad_(True) for t in base]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low):
+            a = torch.relu((x - b_dec.detach()) @ W_enc.detach() + b_enc.detach())  # bf16 under autocast
+            code = sparse_encode(x, W_enc, b_enc, b_dec, CodeIndex(r, c, B, f, rows_sorted=True), a)
+            out = sparse_decode(code, W_dec)
+        (out.float() - x).pow(2).mean().backward()
+        grads[low] = [t.grad for t in (W_enc, b_enc, b_dec, W_dec)] + [code.vals.detach()]
+    assert not torch.equal(grads[False][4], grads[True][4])  # the values did come from bf16 products
+    for g32, g16, name in zip(grads[False], grads[True], ("W_enc", "b_enc", "b_dec", "W_dec")):
+        assert g16.dtype == torch.float32, name
+        assert (g16 - g32).norm() / g32.norm() < 0.02, name
+
+
 def test_decoder_gradient_loses_only_its_component_along_each_row():
     torch.manual_seed(0)
     sae = make_sae(arch="batchtopk", d_in=12, d_sae=40, k=3)

@@ -153,15 +153,19 @@ class SparseEncode(torch.autograd.Function):
         xc, W_enc, cols = ctx.saved_tensors
         index = ctx.index
         g = g.to(W_enc.dtype)  # under bf16 autocast the values come out in bf16; gradients stay fp32
-        # the selected values are positive (relu passes them), so d vals / d a = 1. Both products are
-        # sums of selected rows, done as embedding_bag (10x faster than sparse COO matmuls on CPU):
-        # grad_xc[r] = sum_c g[r,c] W_enc[:, c];  grad_W_enc[:, c] = sum_r g[r,c] xc[r]
-        grad_xc = index.row_sum(g, W_enc.t().contiguous())  # [B, d_in]
+        # the selected values are positive (relu passes them), so d vals / d a = 1. The products are sums of
+        # selected rows, done as embedding_bag (10x faster than sparse COO matmuls on CPU):
+        # grad_W_enc[:, c] = sum_r g[r,c] xc[r];  grad_xc[r] = sum_c g[r,c] W_enc[:, c]
         grad_W_enc = index.col_sum(g, xc.to(W_enc.dtype)).t()  # [d_in, d_sae], latent-major
         if grad_W_enc.stride() != W_enc.stride():  # a gradient in another layout than its parameter is copied
             grad_W_enc = torch.empty_like(W_enc).copy_(grad_W_enc)  # by autograd and again by fused Adam
         grad_b_enc = torch.zeros(index.n_cols, dtype=g.dtype, device=g.device).index_add_(0, cols, g)
-        return grad_xc.to(xc.dtype), grad_W_enc, grad_b_enc, -grad_xc.sum(0), None, None, None
+        # b_dec's gradient is -sum_r grad_xc[r] = -W_enc (sum_r g[r, :]) = -W_enc grad_b_enc: one product with
+        # a vector; grad_xc itself (an embedding_bag over every entry and a transposed copy of W_enc) only when
+        # the input needs a gradient (training data does not)
+        grad_xc = index.row_sum(g, W_enc.t().contiguous()).to(xc.dtype) if ctx.needs_input_grad[0] else None
+        grad_b_dec = -(W_enc @ grad_b_enc) if ctx.needs_input_grad[3] else None
+        return grad_xc, grad_W_enc, grad_b_enc, grad_b_dec, None, None, None
 
 
 def sparse_encode(x, W_enc, b_enc, b_dec, index: CodeIndex, a: torch.Tensor) -> SparseCode:
