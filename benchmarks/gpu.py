@@ -129,7 +129,6 @@ def sync_free_vs_exact(run: Run, dev: torch.device, d: int, f: int, B: int):
     correct selections may keep different tied entries."""
     from saekit.sae.architectures import BatchTopKSAE
     from saekit.sae.base import SAE
-    from saekit.train import TrainConfig, Trainer
 
     xs = [torch.randn(B, d, device=dev) * torch.rand(B, 1, device=dev) * 4 for _ in range(8)]
     for arch, owner, method in (("batchtopk", BatchTopKSAE, "train_select"), ("jumprelu", SAE, "train_entries"),
@@ -142,26 +141,36 @@ def sync_free_vs_exact(run: Run, dev: torch.device, d: int, f: int, B: int):
                 flags.append(bool(got.exact))
             return got
 
-        trainers = {}
         setattr(owner, method, spy)
         try:
-            for free in (True, False):
-                torch.manual_seed(0)
-                tr = Trainer([SAEConfig(arch=arch, d_in=d, d_sae=f, k=8, target_l0=8, dead_tokens=2 * B)],
-                             TrainConfig(total_tokens=10**9, batch_size=B, warmup_steps=0, progress=False,
-                                         device=str(dev), autocast=False))
-                tr.saes[0].sync_free = free
-                tr.initialise(torch.cat(xs[:2]))
-                for x in xs:
-                    tr.train_step(x)
-                trainers[free] = tr.saes[0]
+            trainers = {free: _trained(arch, xs, d, f, B, dev, free, warmup_steps=0, autocast=False)
+                        for free in (True, False)}
         finally:
             setattr(owner, method, original)
-        worst = max(_rel(a.detach(), b.detach()) for a, b in zip(trainers[True].parameters(),
-                                                                 trainers[False].parameters()))
+        worst = _worst(trainers[True], trainers[False])
         run.check("correctness", f"{arch} selection without read-backs vs exact, 8 steps",
                   worst < 1e-4 and len(flags) >= 7, f"weights {worst:.1e}",
                   f"{sum(flags)} of {len(flags)} selections without read-backs exact, the rest redone")
+
+
+def _trained(arch: str, xs, d: int, f: int, B: int, dev: torch.device, sync_free: bool, **train_fields):
+    """A Trainer for one SAE of `arch` (k / target L0 8), seeded, initialised on the first two batches and stepped
+    over all of xs; train_fields go to its TrainConfig."""
+    from saekit.train import TrainConfig, Trainer
+
+    torch.manual_seed(0)
+    tr = Trainer([SAEConfig(arch=arch, d_in=d, d_sae=f, k=8, target_l0=8, dead_tokens=2 * B)],
+                 TrainConfig(total_tokens=10**9, batch_size=B, progress=False, device=str(dev), **train_fields))
+    tr.saes[0].sync_free = sync_free
+    tr.initialise(torch.cat(xs[:2]))
+    for x in xs:
+        tr.train_step(x)
+    return tr
+
+
+def _worst(a, b) -> float:
+    """The largest relative difference between two Trainers' SAE parameters."""
+    return max(_rel(p.detach(), q.detach()) for p, q in zip(a.saes[0].parameters(), b.saes[0].parameters()))
 
 
 def graphs_vs_eager(run: Run, dev: torch.device, d: int, f: int, B: int):
@@ -169,25 +178,13 @@ def graphs_vs_eager(run: Run, dev: torch.device, d: int, f: int, B: int):
     step, for BatchTopK (AuxK's slots change: dead latents appear) and JumpReLU (its entry slots follow its
     density): two Trainers from the same start on the same batches (the selections without read-backs in both), 16
     steps with warmup, so that several phases are recorded and replayed."""
-    from saekit.train import TrainConfig, Trainer
-
     xs = [torch.randn(B, d, device=dev) * torch.rand(B, 1, device=dev) * 4 for _ in range(16)]
     mode = "cuda" if dev.type == "cuda" else "eager"
     for arch in ("batchtopk", "jumprelu"):
-        trainers = {}
-        for graphs in (mode, "off"):
-            torch.manual_seed(0)
-            tr = Trainer([SAEConfig(arch=arch, d_in=d, d_sae=f, k=8, target_l0=8, dead_tokens=2 * B)],
-                         TrainConfig(total_tokens=10**9, batch_size=B, warmup_steps=4, progress=False,
-                                     device=str(dev), step_graphs=graphs))
-            tr.saes[0].sync_free = True
-            tr.initialise(torch.cat(xs[:2]))
-            for x in xs:
-                tr.train_step(x)
-            trainers[graphs] = tr
+        trainers = {graphs: _trained(arch, xs, d, f, B, dev, True, warmup_steps=4, step_graphs=graphs)
+                    for graphs in (mode, "off")}
         rec = trainers[mode].graphed[0]
-        worst = max(_rel(a.detach(), b.detach()) for a, b in zip(trainers[mode].saes[0].parameters(),
-                                                                 trainers["off"].saes[0].parameters()))
+        worst = _worst(trainers[mode], trainers["off"])
         recorded = sorted(str(k) for k in rec.graphs) if rec is not None else []
         ok = worst < 1e-4 and rec is not None and (mode == "eager" or len(recorded) >= 2)
         run.check("correctness", f"{arch} step_graphs={mode} vs eager step, 16 steps", ok, f"weights {worst:.1e}",
