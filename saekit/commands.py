@@ -68,12 +68,12 @@ def _train_cfg(a):
 
 
 def _print_lrs(cfgs, tc) -> None:
-    import torch
+    from .models import default_device
 
     for c in cfgs:
         print(f"learning rate of {c.name}: {tc.lr_for(c.d_sae):.2e}"
               + (" (--lr)" if tc.lr is not None else f" (default for {c.d_sae:,} latents)"))
-    device = tc.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = tc.device or default_device()
     print(f"precision: {'bf16 autocast' if tc.uses_autocast(device) else 'fp32'} on {device}"
           + (" (--precision auto)" if tc.autocast is None else ""))
 

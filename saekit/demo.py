@@ -5,13 +5,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from .activations import capture_splits
 from .calibrate import calibrate
 from .files import atomic_write_json
 from .metrics import describe, evaluate, per_token_l0
-from .models import load_model
+from .models import default_device, load_model
 from .report import build_report
 from .sae import SAEConfig
 from .train import TrainConfig, train
@@ -55,7 +53,7 @@ def run_demo(c: DemoConfig) -> dict:
     cfgs = [SAEConfig(arch="batchtopk", **common), SAEConfig(arch="topk", **common)]
     tc = TrainConfig(total_tokens=c.train_tokens, batch_size=c.batch_size, lr=c.lr, warmup_steps=20,
                      checkpoint_every=50, device=c.device)
-    device = c.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = c.device or default_device()
     print(f"      learning rate {tc.lr_for(cfgs[0].d_sae):.2e} "
           f"({'--lr' if c.lr else 'default for ' + str(cfgs[0].d_sae) + ' latents'}); "
           f"{'bf16 autocast' if tc.uses_autocast(device) else 'fp32'} (the default on this {device})")

@@ -72,7 +72,7 @@ class TrainConfig:
 
 def cpu_has_bf16_matrix_units() -> bool:
     """Whether this CPU multiplies bf16 matrices in hardware (Intel AMX tiles with AVX-512 BF16, as torch's own
-    CPU checks report): there bf16 autocast speeds a CPU training step up (1.07x at the toy size to 1.3x at the
+    CPU checks report): there bf16 autocast speeds a CPU training step up (1.06x at the toy size to 1.29x at the
     benchmark shape; benchmarks/autocast_cpu.py); elsewhere bf16 products are emulated and slower."""
     import torch
 
@@ -88,8 +88,8 @@ PRECISIONS = {"auto": None, "fp32": False, "bf16": True}  # the CLI's --precisio
 
 def autocast_default(device) -> bool:
     """TrainConfig.autocast=None on this device: bf16 autocast where bf16 matrix products run in hardware (a CUDA GPU
-    with bf16; a CPU with AMX, where it was measured at the same held-out NMSE as fp32 and 1.06-1.3x faster;
-    benchmarks/autocast_cpu.py), fp32 elsewhere."""
+    with bf16; a CPU with AMX, where it was measured 1.06-1.29x faster a step, with no held-out NMSE difference
+    distinguishable from zero over 3 seeds; benchmarks/autocast_cpu.py), fp32 elsewhere."""
     import torch
 
     device = torch.device(device)

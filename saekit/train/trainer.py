@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from .. import distributed as D
 from ..files import atomic_write_csv, atomic_write_json
 from ..metrics.reconstruction import nmse_tensor
+from ..models import default_device
 from ..sae import SAEConfig, make_sae
 from . import checkpoints, graphs
 from .config import TrainConfig, TrainingError, lr_factor
@@ -52,7 +53,7 @@ class Trainer:
         self.cfgs = list(cfgs)
         self.tc = train_cfg
         self.out = Path(out) if out is not None else None
-        self.device = torch.device(train_cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(train_cfg.device or default_device())
         if D.world_size() > 1 and self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())  # torchrun: this rank's GPU
         self.autocast = train_cfg.uses_autocast(self.device)
