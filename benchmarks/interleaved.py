@@ -20,9 +20,9 @@ from saekit.train import TrainConfig, Trainer
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
-def add_arguments(ap: argparse.ArgumentParser, steps: int) -> None:
-    ap.add_argument("--store", required=True)
-    ap.add_argument("--eval-store", required=True)
+def add_arguments(ap: argparse.ArgumentParser, steps: int, stores_required: bool = True) -> None:
+    ap.add_argument("--store", required=stores_required)
+    ap.add_argument("--eval-store", required=stores_required)
     ap.add_argument("--hook", default=None)
     ap.add_argument("--steps", type=int, default=steps)
     ap.add_argument("--batch", type=int, default=1024)

@@ -246,10 +246,11 @@ def main(argv=None):
     batches = [train_x[(i * B) % (len(train_x) - B + 1):][:B].to(device) for i in range(n_steps)]
     epochs = n_steps * B / len(train_x)
     name = torch.cuda.get_device_name() if a.gpu else (platform.processor() or platform.machine())
+    bf16 = TrainConfig(batch_size=B).uses_autocast(device, SAEConfig(d_in=d, d_sae=f))
     print(f"device {device} ({name}, {torch.get_num_threads()} threads); {src}; d={d}, d_sae={f}, k={a.k}, "
           f"batch={B}, steps={n_steps} ({n_steps * B:,} tokens, {epochs:.2f} epochs), lr={a.lr}, "
           f"held-out {len(eval_x):,} tokens; saekit enc_init_norm={a.enc_init_norm}, aux_alpha={a.aux_alpha:g}, "
-          f"precision {'bf16 autocast' if TrainConfig().uses_autocast(device) else 'fp32'} (its default here; the "
+          f"precision {'bf16 autocast' if bf16 else 'fp32'} (its default at this size here; the "
           f"peers run theirs)")
     if a.memory_of:  # a fresh process runs only this method: its RSS growth is its own
         w_init, w_step, _ = methods[a.memory_of](d, 4 * a.k, a.k, a.lr, device, n_steps, 64)

@@ -50,7 +50,7 @@ class CudaParts:
 def instrumented_step(tr: Trainer, x: torch.Tensor, record_function=record_function):
     """Trainer.train_step's work for one SAE, each part under a profiler label (same calls, same order), at the
     trainer's precision (bf16 autocast where it is the default)."""
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=tr.autocast):
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=tr.autocasts[0]):
         _instrumented_step(tr, x, record_function)
 
 
@@ -174,7 +174,7 @@ def main():
     # autograd runs a part's backward outside its label: it lands in "loss + backward (rest)"
     step = totals["step"]
     print(f"saekit BatchTopK step, d={d}, d_sae={a.d_sae}, batch {a.batch}, k=32, {n_dead} dead latents "
-          f"({a.dead:.0%}), {'bf16 autocast' if tr.autocast else 'fp32'}, {torch.cuda.get_device_name() if prof is None else f'{torch.get_num_threads()} threads'}, "
+          f"({a.dead:.0%}), {'bf16 autocast' if tr.autocasts[0] else 'fp32'}, {torch.cuda.get_device_name() if prof is None else f'{torch.get_num_threads()} threads'}, "
           f"torch {torch.__version__}; mean over {a.steps} steps")
     print(f"{'part':<28}{'ms/step':>9}{'share':>8}")
     for p in PARTS:

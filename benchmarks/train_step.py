@@ -165,7 +165,7 @@ def main():
                "rounds": a.rounds}
     runs = {"plain dense batchtopk": run_plain, **{f"saekit {arch}": lambda arch=arch: run_saekit(arch)
                                                    for arch in a.archs}}
-    if TrainConfig().uses_autocast(device):  # saekit's default here: bf16 autocast
+    if TrainConfig(batch_size=B).uses_autocast(device, SAEConfig(d_in=d, d_sae=f)):  # saekit's default: bf16
         runs["saekit batchtopk bf16"] = lambda: run_saekit("batchtopk", None)
     got = {name: [] for name in runs}
     for _ in range(a.rounds):  # interleaved: machine drift hits every method alike

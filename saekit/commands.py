@@ -74,8 +74,13 @@ def _print_lrs(cfgs, tc) -> None:
         print(f"learning rate of {c.name}: {tc.lr_for(c.d_sae):.2e}"
               + (" (--lr)" if tc.lr is not None else f" (default for {c.d_sae:,} latents)"))
     device = tc.device or default_device()
-    print(f"precision: {'bf16 autocast' if tc.uses_autocast(device) else 'fp32'} on {device}"
-          + (" (--precision auto)" if tc.autocast is None else ""))
+    auto = " (--precision auto: bf16 where the device and the SAE's size make it pay)" if tc.autocast is None else ""
+    uses = {c.name: tc.uses_autocast(device, c) for c in cfgs}
+    if len(set(uses.values())) == 1:
+        print(f"precision: {'bf16 autocast' if next(iter(uses.values())) else 'fp32'} on {device}{auto}")
+    else:
+        for name, bf16 in uses.items():
+            print(f"precision of {name}: {'bf16 autocast' if bf16 else 'fp32'} on {device}{auto}")
 
 
 def cmd_train(a) -> int:

@@ -23,10 +23,13 @@ def test_demo_end_to_end(tmp_path):
         lo, hi = m["intervals"][name]
         assert lo < hi
     assert m["lr"] > 0 and "learning rate" in r.stdout
+    from saekit.sae import SAEConfig
     from saekit.train import TrainConfig
 
-    assert m["autocast"] is TrainConfig().uses_autocast("cpu")  # the precision the demo trained at, recorded
-    assert ("bf16 autocast (the default on this cpu)" if m["autocast"] else "fp32 (the default on this cpu)") in r.stdout
+    run = json.loads((out / "train" / "train_config.json").read_text())  # the precision the demo trained at, recorded
+    tc, cfg = TrainConfig.from_dict(run["train"]), SAEConfig.from_dict(run["saes"][0])
+    assert m["autocast"] is run["autocast"][0] is tc.uses_autocast("cpu", cfg)  # the default at its size
+    assert f"{'bf16 autocast' if m['autocast'] else 'fp32'} (the default at this size on this cpu)" in r.stdout
     assert m["downstream"]["ce_sae"] >= m["downstream"]["ce_clean"] - 0.05
     for name in ("batchtopk_k8_1152", "topk_k8_1152"):
         assert (out / "train" / name / "sae_weights.safetensors").exists()

@@ -150,7 +150,7 @@ def test_cli_capture_train_eval(tmp_path):
     assert "batchtopk_k8_1152" in r.stdout and "topk_k8_1152" in r.stdout
     assert load_sae(tmp_path / "tr" / "topk_k8_1152").cfg.enc_init_norm == 0.7  # the flag reached the config
     assert "precision: fp32 on cpu" in r.stdout  # --precision reached the trainer, and its record
-    assert json.loads((tmp_path / "tr" / "train_config.json").read_text())["autocast"] is False
+    assert json.loads((tmp_path / "tr" / "train_config.json").read_text())["autocast"] == [False, False]
     r = run("eval", str(tmp_path / "tr" / "batchtopk_k8_1152"), "--store", str(tmp_path / "st"), "--json",
             "--ce-tokens", "60")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -173,23 +173,28 @@ def test_bf16_autocast_trains(toy_x):
         assert log["nmse"].iloc[-5:].mean() < log["nmse"].iloc[:5].mean()
 
 
-def test_autocast_default_follows_the_hardware(monkeypatch, toy_x):
+def test_autocast_default_follows_the_hardware_and_the_size(monkeypatch):
     """autocast=None: bf16 on a CPU whose torch reports AMX tiles and AVX-512 BF16, fp32 on one without (its bf16
-    products would be emulated); an explicit True/False wins either way."""
+    products would be emulated), and on such a CPU only for a step large enough to pay for the casts (rows x d_in x
+    d_sae at least CPU_BF16_MIN_WORK); an explicit True/False wins either way."""
     from saekit.train import Trainer
-    from saekit.train.config import PRECISIONS, cpu_has_bf16_matrix_units
+    from saekit.train.config import CPU_BF16_MIN_WORK, PRECISIONS, cpu_has_bf16_matrix_units
 
+    large = SAEConfig(arch="batchtopk", d_in=64, d_sae=512, k=3)  # 64 x 512 x 1,024 rows = 2^25
+    small = SAEConfig(arch="batchtopk", d_in=16, d_sae=64, k=3)
+    assert 1024 * 64 * 512 >= CPU_BF16_MIN_WORK > 1024 * 16 * 64 and 512 * 64 * 512 < CPU_BF16_MIN_WORK
     for amx, bf16, expect in ((True, True, True), (False, True, False), (True, False, False)):
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=bf16: v)
         assert cpu_has_bf16_matrix_units() is expect
-        assert [TrainConfig(autocast=PRECISIONS[p]).uses_autocast("cpu") for p in ("auto", "fp32", "bf16")] == \
-            [expect, False, True]
-        tr = Trainer([SAEConfig(arch="batchtopk", d_in=16, d_sae=64, k=3)],
-                     TrainConfig(total_tokens=1024, batch_size=128, progress=False, device="cpu"))
-        assert tr.autocast is expect
+        tc = {p: TrainConfig(batch_size=1024, autocast=PRECISIONS[p]) for p in ("auto", "fp32", "bf16")}
+        assert [tc[p].uses_autocast("cpu", large) for p in ("auto", "fp32", "bf16")] == [expect, False, True]
+        assert [tc[p].uses_autocast("cpu", small) for p in ("auto", "fp32", "bf16")] == [False, False, True]
+        assert tc["auto"].uses_autocast("cpu", large, batch=512) is False  # too few rows for that size
+        tr = Trainer([large, small], TrainConfig(total_tokens=4096, batch_size=1024, progress=False, device="cpu"))
+        assert tr.autocasts == [expect, False]  # each SAE by its own size
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")  # a torch without the check: fp32
-    assert TrainConfig().uses_autocast("cpu") is False and TrainConfig().uses_autocast("meta") is False
+    assert TrainConfig().uses_autocast("cpu", large) is False and TrainConfig().uses_autocast("meta") is False
 
 
 def test_empty_store_is_refused(store, tmp_path):
@@ -314,7 +319,7 @@ def test_step_statistics_are_the_steps_own_figures(toy_x):
     tr.saes[0].tokens_since_fired.fill_(10**6)  # the next step changes the counters and theta...
     tr.train_step(toy_x[640:768])
     assert float(tr.saes[0].threshold) != theta
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=tr.autocast):  # the step's own precision
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=tr.autocasts[0]):  # the step's own precision
         out = before.training_loss(x)  # ...and the row, read only now, still holds this step's figures
     assert list(row)[:4] == ["step", "tokens", "loss", "lr"] and row["step"] == 4 and row["tokens"] == 4 * 128
     assert row["loss"] == pytest.approx(float(out.loss.detach()), rel=1e-5)

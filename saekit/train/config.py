@@ -25,8 +25,8 @@ class TrainConfig:
     init_tokens: int = 16_384  # tokens used for b_dec init and the dataset-wide scale
     seed: int = 0
     device: str | None = None  # None: cuda if available, else cpu
-    # bf16 autocast of the matrix products; None: on where the device multiplies bf16 in hardware (autocast_default:
-    # CUDA with bf16, a CPU with AMX), off elsewhere; False: fp32 throughout
+    # bf16 autocast of the matrix products; None: on where the device multiplies bf16 in hardware and (on a CPU) the
+    # SAE's step is large enough for it to pay (autocast_default), off elsewhere; False: fp32 throughout
     autocast: bool | None = None
     fast: bool = True  # sparse encoder/decoder path for the TopK family
     calibrate_batches: int = 20  # BatchTopK: re-estimate theta with the final weights over this many batches
@@ -61,9 +61,14 @@ class TrainConfig:
     def total_steps(self) -> int:
         return max(1, self.total_tokens // self.batch_size)
 
-    def uses_autocast(self, device) -> bool:
-        """Whether training on `device` runs under bf16 autocast (autocast None: autocast_default(device))."""
-        return autocast_default(device) if self.autocast is None else bool(self.autocast)
+    def uses_autocast(self, device, sae_cfg=None, batch: int | None = None) -> bool:
+        """Whether an SAE (its SAEConfig; None: a step large enough for bf16 to pay) trains on `device` under bf16
+        autocast, with batches of `batch` rows (None: batch_size; a rank's share under torch.distributed).
+        autocast None: autocast_default."""
+        if self.autocast is not None:
+            return bool(self.autocast)
+        shape = None if sae_cfg is None else (batch or self.batch_size, sae_cfg.d_in, sae_cfg.d_sae)
+        return autocast_default(device, shape)
 
     def lr_for(self, d_sae: int) -> float:
         """The learning rate of an SAE with d_sae latents: `lr` if set, else default_lr(d_sae)."""
@@ -72,8 +77,8 @@ class TrainConfig:
 
 def cpu_has_bf16_matrix_units() -> bool:
     """Whether this CPU multiplies bf16 matrices in hardware (Intel AMX tiles with AVX-512 BF16, as torch's own
-    CPU checks report): there bf16 autocast speeds a CPU training step up (1.06x at the toy size to 1.29x at the
-    benchmark shape; benchmarks/autocast_cpu.py); elsewhere bf16 products are emulated and slower."""
+    CPU checks report): there bf16 autocast speeds a large enough CPU training step up (1.06x at the toy size to
+    1.29x at the benchmark shape; benchmarks/autocast_cpu.py); elsewhere bf16 products are emulated and slower."""
     import torch
 
     checks = [getattr(torch.cpu, n, None) for n in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
@@ -86,16 +91,29 @@ def cpu_has_bf16_matrix_units() -> bool:
 PRECISIONS = {"auto": None, "fp32": False, "bf16": True}  # the CLI's --precision: its TrainConfig.autocast
 
 
-def autocast_default(device) -> bool:
-    """TrainConfig.autocast=None on this device: bf16 autocast where bf16 matrix products run in hardware (a CUDA GPU
-    with bf16; a CPU with AMX, where it was measured 1.06-1.29x faster a step, with no held-out NMSE difference
-    distinguishable from zero over 3 seeds; benchmarks/autocast_cpu.py), fp32 elsewhere."""
+# Where bf16 autocast pays on a CPU with AMX (benchmarks/autocast_cpu.py --sizes, benchmarks/results/autocast_cpu.txt):
+# its casts cost a fixed time per product, its bf16 products save in proportion to batch x d_in x d_sae. Below 2^25
+# the bf16 step was slower or even at every size measured (0.78x at d=16, d_sae=128, 64 rows; 0.89-0.99x from 1M to
+# 16M); from 2^25 up it was even or faster, 1.00-1.30x (the teaching toy 1.06x, d_sae 4,608 at 1,024 rows 1.30x).
+CPU_BF16_MIN_WORK = 2 ** 25  # batch x d_in x d_sae
+
+
+def autocast_default(device, shape: tuple[int, int, int] | None = None) -> bool:
+    """TrainConfig.autocast=None on this device, for a step of `shape` (batch, d_in, d_sae; None: a large one):
+    bf16 autocast where bf16 matrix products run in hardware, on a CUDA GPU with bf16, and on a CPU with AMX where
+    the step is large enough for it to pay (CPU_BF16_MIN_WORK; there it was measured 1.00-1.30x faster a step, with
+    no held-out NMSE difference distinguishable from zero over 3 seeds); fp32 elsewhere."""
     import torch
 
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and cpu_has_bf16_matrix_units()
+    if device.type != "cpu" or not cpu_has_bf16_matrix_units():
+        return False
+    if shape is None:
+        return True
+    batch, d_in, d_sae = shape
+    return batch * d_in * d_sae >= CPU_BF16_MIN_WORK
 
 
 LR_BASE = 8e-4  # default_lr at 2^14 latents: 4x sparsify's 2e-4, measured best of a sweep (benchmarks/lr_default.py)

@@ -56,7 +56,6 @@ class Trainer:
         self.device = torch.device(train_cfg.device or default_device())
         if D.world_size() > 1 and self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())  # torchrun: this rank's GPU
-        self.autocast = train_cfg.uses_autocast(self.device)
         names = [c.name for c in self.cfgs]
         self.names = [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
         torch.manual_seed(train_cfg.seed)
@@ -66,6 +65,8 @@ class Trainer:
                      for s, lr in zip(self.saes, self.lrs)]  # fused: one kernel per parameter group (CPU and CUDA)
         # torch.distributed: one replica per rank, DDP all-reduces gradients, BatchTopK selects globally
         self.rank, self.world = D.rank(), D.world_size()
+        # bf16 autocast per SAE: on a CPU it pays only for a large enough step (config.autocast_default)
+        self.autocasts = [train_cfg.uses_autocast(self.device, c, self.local_batch) for c in self.cfgs]
         self.ddp = None
         if self.world > 1:
             if train_cfg.batch_size % self.world:
@@ -147,7 +148,7 @@ class Trainer:
                     g["lr"] = self.lrs[i] * factor * g["lr_scale"]
             sae.aux_due = self.step % max(1, sae.cfg.aux_every) == 0  # from the step count, so a resumed run agrees
             if self.graphed[i] is None:
-                self.graphed[i] = graphs.start(sae, opt, n_tokens, x.shape[0], tc, self.autocast, self.world)
+                self.graphed[i] = graphs.start(sae, opt, n_tokens, x.shape[0], tc, self.autocasts[i], self.world)
             if self.graphed[i] is not None:  # the step recorded once and replayed (graphs.GraphedStep)
                 finite, values = self.graphed[i].step(x)
                 if not finite:
@@ -176,7 +177,7 @@ class Trainer:
         sae = self.saes[i]
         try:
             for _ in range(2):
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocasts[i]):
                     out = self.ddp[i](x) if self.ddp else sae.training_loss(x, fast=self.tc.fast)
                 self.opts[i].zero_grad(set_to_none=True)
                 out.loss.backward()
@@ -241,7 +242,7 @@ class Trainer:
             sae.save(folder)
             atomic_write_csv(folder / "train_log.csv", frame)
         atomic_write_json(self.out / "train_config.json", {"train": self.tc.to_dict(), "names": self.names,
-                                                           "lrs": self.lrs, "autocast": self.autocast,
+                                                           "lrs": self.lrs, "autocast": self.autocasts,
                                                            "saes": [c.to_dict() for c in self.cfgs],
                                                            "steps": self.step, "tokens": self.tokens})
 
