@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -229,6 +230,19 @@ def ddp(run: Run, dev: torch.device, d: int, f: int, B: int):
             wrapped.distributed = False
 
 
+def sync_sites(caught) -> list[str]:
+    """Where each synchronizing CUDA operation was called from (torch.cuda.set_sync_debug_mode("warn") warns at the
+    Python line that called it): the project's own file and line, else the first line of the message."""
+    sites = []
+    for w in caught:
+        text = str(w.message)
+        if "synchroniz" not in text:
+            continue
+        outside, inside, rest = Path(w.filename).as_posix().rpartition("/saekit/")
+        sites.append(f"{rest}:{w.lineno}" if inside else f"{Path(w.filename).name}:{w.lineno} ({text.splitlines()[0][:40]})")
+    return sites
+
+
 def train_step(run: Run, dev: torch.device, dry: bool):
     s = DRY if dry else PAPER
     d, f, B, k = s["d"], s["f"], s["B"], s["k"]
@@ -301,10 +315,10 @@ def train_step(run: Run, dev: torch.device, dry: bool):
                     runners[name](0)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-            syncs = [str(w.message).splitlines()[0][:60] for w in caught if "synchroniz" in str(w.message)]
+            syncs = sync_sites(caught)
             run.data.setdefault("host_syncs_per_step", {})[name] = syncs
             run.row("train step", f"{name}: host syncs in one step", str(len(syncs)),
-                    "; ".join(sorted(set(syncs)))[:120])
+                    "at " + "; ".join(f"{site} x{n}" if n > 1 else site for site, n in Counter(syncs).items())[:300])
     base = statistics.median(times["plain fp32"])
     run.data["train_step"] = {"shape": s, "ms_per_step": times}
     for name in runners:

@@ -99,6 +99,21 @@ def test_gpu_script_dry_run_checks_every_path_and_writes_its_table(tmp_path):
     assert all("path sparse" in row["note"] for row in checks if "fast vs reference" in row["what"])
 
 
+def test_gpu_script_names_where_each_host_sync_was_called():
+    """The sync count on a GPU says which line of saekit (or else which file) called each synchronizing operation."""
+    import warnings
+
+    from benchmarks import gpu
+
+    msg = "called a synchronizing CUDA operation (Triggered internally at CUDAFunctions.cpp:1)"
+    caught = [warnings.WarningMessage(msg, UserWarning, "/x/saekit/train/trainer.py", 183),
+              warnings.WarningMessage(msg, UserWarning, "/x/saekit/sae/kernels.py", 62),
+              warnings.WarningMessage(msg, UserWarning, "/x/site-packages/torch/nn/utils/clip_grad.py", 40),
+              warnings.WarningMessage("an unrelated warning", UserWarning, "/x/saekit/sae/base.py", 1)]
+    assert gpu.sync_sites(caught) == ["train/trainer.py:183", "sae/kernels.py:62",
+                                      "clip_grad.py:40 (called a synchronizing CUDA operation (T)"]
+
+
 def test_gpu_script_fails_loudly(tmp_path, monkeypatch):
     """One section raising: the others still run, the table lists the failure, the exit code is non-zero."""
     from benchmarks import gpu
