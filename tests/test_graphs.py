@@ -70,6 +70,28 @@ def test_recordable_step_trains_to_the_eager_trainers_weights(arch, toy_x, spars
         assert rec.saes[0].previous_cut is rec.graphed[0].hint and float(rec.saes[0].threshold) > 0
 
 
+@pytest.mark.parametrize("arch", ["batchtopk", "topk", "matryoshka"])
+def test_a_dense_step_with_auxk_in_padded_slots_trains_to_the_eager_trainers_weights(arch, toy_x, monkeypatch):
+    """A step too dense for the sparse path runs phase A unrecorded on the reference path, with AuxK's dead latents
+    in padded slots (-1 after the dead ones): the padding marks no latent (it once read as the last latent, which
+    then counted as dead many times over)."""
+    monkeypatch.setattr(base, "SPARSE_MIN_LATENTS", 0)  # recordable in principle, but every step too dense for it
+    monkeypatch.setattr(base, "SPARSE_MAX_DENSITY", 0.01)
+    paths = []
+    ref = base.SAE.reference_loss
+    monkeypatch.setattr(base.SAE, "reference_loss", lambda self, x: paths.append(self.aux_capacity) or ref(self, x))
+    cfg = SAEConfig(arch=arch, d_in=16, d_sae=64, k=3, dead_tokens=256,
+                    group_sizes=[16, 16, 32] if arch == "matryoshka" else None)
+    eager = _run(cfg, toy_x, "off")
+    paths.clear()
+    rec = _run(cfg, toy_x, "eager")
+    assert isinstance(rec.graphed[0], graphs.GraphedStep) and 64 in paths  # dense steps with AuxK's padded slots
+    assert (eager.log_frames()[0]["aux"] > 0).any()
+    for k, v in eager.saes[0].state_dict().items():
+        torch.testing.assert_close(rec.saes[0].state_dict()[k], v, msg=k)
+    pd.testing.assert_frame_equal(rec.log_frames()[0], eager.log_frames()[0], check_exact=False, rtol=1e-5)
+
+
 class OperatorLog(TorchDispatchMode):
     """Each operator dispatched with its arguments as a recording would freeze them: tensors by shape, dtype and
     device, everything else by value."""

@@ -18,7 +18,7 @@ from . import formats
 from .auxk import DeadLatents
 from .scaling import InputScaling
 from .config import SAEConfig, SAEConfigError
-from .kernels import CodeIndex, Entries, Selection, SparseCode, entries_above, entry_slots, sparse_decode, sparse_encode
+from .kernels import CodeIndex, Entries, Selection, entries_above, entry_slots, sparse_decode, sparse_encode
 
 
 # Where the sparse path stops paying (see SAE.sparse_pays), measured by benchmarks/crossover.py on the 2-core CPU
@@ -216,9 +216,7 @@ class SAE(InputScaling, DeadLatents, torch.nn.Module):
         active = z != 0
         aux = None
         if dead is not None:  # AuxK: each row's k_aux largest dead pre-activations reconstruct the residual
-            sel = self.aux_select(a.detach(), dead)
-            e_hat = SparseCode(sel.rows, sel.cols, a[sel.rows, sel.cols], a.shape).dense() @ self.W_dec
-            aux = (e_hat - (xs - x_hat).detach()).pow(2).mean()
+            aux = (self.aux_code(a, dead) @ self.W_dec - (xs - x_hat).detach()).pow(2).mean()
         return self._finish(xs, x_hat, self.recon_loss(xs, x_hat, z), self.sparsity_loss(a, z), aux,
                             active.any(0), active.sum(-1), cut)
 
