@@ -26,6 +26,10 @@ def test_train_step_benchmark_runs_and_matches_the_plain_step(tmp_path, store):
                                       for lo, hi in [res[k]["ratio_range"]])
     assert all(0 < v["data_share"] < 1 for v in res["store"].values()) and "data-loading share" in r.stdout
     assert res["toy"]["path"] == "reference" and res["toy"]["ratio"] > 0 and "toy size" in r.stdout
+    from saekit.train.config import autocast_default
+
+    assert res["toy"]["precision"] == ("bf16 autocast" if autocast_default("cpu", (4096, 48, 192)) else "fp32")
+    assert res["tiny"]["precision"] == "fp32" and res["tiny"]["ratio"] > 0 and "tiny size" in r.stdout  # below 2^25
 
 
 def test_capture_benchmark_runs(tmp_path):

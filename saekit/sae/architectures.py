@@ -12,7 +12,7 @@ from .. import distributed as D
 from .base import SAE, TrainOutput
 from .config import ARCHITECTURES, SAEConfig, SAEConfigError, architecture, register, resolve_group_sizes
 from .kernels import (CodeIndex, JumpReLUFunction, Selection, SparseCode, StepFunction, ThresholdPseudoGrad,
-                      batch_topk, batch_topk_static, flat_selection, positive_entries, rectangle,
+                      batch_topk, batch_topk_static, flat_selection, rectangle,
                       row_topk, sparse_decode, sparse_encode)
 
 
@@ -24,11 +24,10 @@ class BatchTopKSAE(SAE):
     saelens_name, saelens_training_name = "jumprelu", "batchtopk"  # SAELens saves BatchTopK as a JumpReLU
     has_k = has_theta = uses_auxk = has_fast_path = graph_safe = True
     modes = ("threshold", "batch")
-    # the top B*k is first looked for among the pre-activations above a hint (batch_topk, batch_topk_static): this
-    # fraction of the previous training batch's cut in training, of theta in batch mode. The previous cut, not
-    # theta: theta is a long running mean that lags behind the cut, and in a 300-step run on SmolLM2 fewer than B*k
-    # entries passed 0.9 theta at 195 of 299 steps, every step of the last third (each then needs a second pass),
-    # while 0.9x the previous cut passed 1.31-2.00 B*k at every step (benchmarks/results/selection_hint_cpu.txt)
+    # the top B*k is first looked for above a hint (batch_topk, batch_topk_static): this fraction of the previous
+    # training batch's cut (of theta in batch mode). Theta, a running mean, lags behind: in a 300-step SmolLM2 run
+    # fewer than B*k entries passed 0.9 theta at 195 of 299 steps, 0.9x the previous cut 1.31-2.00 B*k at every
+    # step (benchmarks/results/selection_hint_cpu.txt)
     candidate_factor = 0.9
     candidate_capacity = 3  # batch_topk_static keeps up to this many times B*k candidates
 
@@ -36,10 +35,9 @@ class BatchTopKSAE(SAE):
         super().__init__(cfg)
         self.register_buffer("threshold", torch.zeros(()))
         self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long))
-        # the previous training step's cut as a number on the host (the next selection's hint; after_step writes
-        # it from the trainer's read-back), not saved with the SAE. A number, not a device tensor: a GPU compares
-        # a tensor against a number in its vectorised kernel, against a 0-dim device tensor in a slower one. A step
-        # recorded once and replayed (saekit.train.graphs) holds it as a 0-dim tensor it updates on the device
+        # the previous training step's cut, the next selection's hint (after_step writes it from the trainer's
+        # read-back; not saved): a number, which a GPU compares in a faster kernel than a 0-dim device tensor,
+        # except in a step recorded once and replayed (saekit.train.graphs), which updates it as one on the device
         self.previous_cut: float | torch.Tensor | None = None
 
     @property
@@ -53,8 +51,12 @@ class BatchTopKSAE(SAE):
             if not self.has_threshold:
                 raise SAEConfigError("this BatchTopK SAE has no inference threshold yet (it was never trained); "
                                      "use encode(x, mode='batch') or train it first")
-            rows, cols = (a > self.threshold).nonzero(as_tuple=True)
-            return Selection(rows, cols)
+            return Selection(*(a > self.threshold).nonzero(as_tuple=True))
+        flat, cut = self._top_entries(a, mode)
+        return flat_selection(flat, a.shape[1], a.numel(), cut)
+
+    def _top_entries(self, a, mode="train") -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The batch's top B*k positive entries of a (mode "batch" or "train"): their flat indices and cut."""
         if mode not in ("batch", "train"):
             raise SAEConfigError(f"unknown BatchTopK mode '{mode}'; use 'threshold' or 'batch'")
         # theta read back to the host where the previous cut is not known; 0 until set: no hint
@@ -62,9 +64,15 @@ class BatchTopKSAE(SAE):
         hint = (self.previous_cut if known else float(self.threshold)) * self.candidate_factor
         if mode == "train" and self.distributed:  # over the global batch of every rank
             flat, vals, cut = D.global_batch_topk(a, self.cfg.k, hint, batch_topk)
-            return flat_selection(flat, a.shape[1], a.numel(), cut)
+            return flat, cut
         vals, flat = batch_topk(a, min(a.shape[0] * self.cfg.k, a.numel()), hint, positive=True)
-        return positive_entries(vals, flat, a.shape[1], a.numel())
+        return flat, vals.min().detach() if vals.numel() else None
+
+    def train_code(self, a):
+        """The reference path's code: a masked to the batch's top entries, found by flat index (unsorted)."""
+        flat, cut = self._top_entries(a)
+        keep = torch.zeros(a.numel(), dtype=torch.bool, device=a.device).index_fill_(0, flat, True)
+        return a * keep.view_as(a), cut
 
     def train_select(self, a) -> Selection:
         """The training selection without a read-back (batch_topk_static, hint from the previous step's cut),
@@ -115,13 +123,10 @@ class BatchTopKSAE(SAE):
         cfg = SAEConfig.from_dict({**self.cfg.to_dict(), "arch": "batchtopk", "d_sae": w, "k": min(self.cfg.k, w - 1),
                                    "group_sizes": None, "group_weights": None})
         sub = BatchTopKSAE(cfg).to(self.W_enc.device)
-        sub.W_enc.copy_(self.W_enc[:, :w])
-        sub.W_dec.copy_(self.W_dec[:w])
-        sub.b_enc.copy_(self.b_enc[:w])
-        sub.b_dec.copy_(self.b_dec)
-        sub.input_scale.copy_(self.input_scale)
-        sub.threshold.copy_(self.threshold)
-        sub.threshold_updates.copy_(self.threshold_updates)
+        for mine, theirs in ((sub.W_enc, self.W_enc[:, :w]), (sub.W_dec, self.W_dec[:w]), (sub.b_enc, self.b_enc[:w])):
+            mine.copy_(theirs)
+        for name in ("b_dec", "input_scale", "threshold", "threshold_updates"):
+            getattr(sub, name).copy_(getattr(self, name))
         return sub.eval()
 
     @torch.no_grad()
@@ -133,8 +138,7 @@ class BatchTopKSAE(SAE):
         for x in batches:
             xs, _ = self.normalize_input(self._check_input(x.to(self.W_enc.device)))
             a = self.pre_acts(xs)
-            vals = batch_topk(a, min(a.shape[0] * self.cfg.k, a.numel()))[0]
-            vals = vals[vals > 0]
+            vals = batch_topk(a, min(a.shape[0] * self.cfg.k, a.numel()), positive=True)[0]
             if vals.numel():
                 cuts.append(vals.min())
         if cuts:
@@ -194,8 +198,7 @@ class JumpReLUSAE(SAE):
         return self.activate(a), None
 
     def select(self, a, mode=None) -> Selection:
-        rows, cols = (a > self.log_threshold.exp()).nonzero(as_tuple=True)
-        return Selection(rows, cols)
+        return Selection(*(a > self.log_threshold.exp()).nonzero(as_tuple=True))
 
     def sparsity_loss(self, a, z):
         return self.l0_penalty(StepFunction.apply(a, self.log_threshold.exp(), self.cfg.jumprelu_bandwidth).sum(-1).mean())
@@ -296,8 +299,7 @@ class ReLUSAE(SAE):
         return a, None
 
     def select(self, a, mode=None) -> Selection:
-        rows, cols = (a > 0).nonzero(as_tuple=True)
-        return Selection(rows, cols)
+        return Selection(*(a > 0).nonzero(as_tuple=True))
 
     def sparsity_loss(self, a, z):
         return self.cfg.l1_coeff * (z * self.W_dec.norm(dim=-1)).sum(-1).mean() / self.cfg.d_in
@@ -352,9 +354,8 @@ class MatryoshkaSAE(BatchTopKSAE):
         return list(itertools.accumulate(self.cfg.group_sizes))
 
     def _weights(self) -> list[float]:
-        w = self.cfg.group_weights or [1.0] * len(self.cfg.group_sizes)
-        total = float(sum(w))
-        return [float(v) / total for v in w]
+        w = [float(v) for v in self.cfg.group_weights or [1.0] * len(self.cfg.group_sizes)]
+        return [v / sum(w) for v in w]
 
     def group_of(self, latents: torch.Tensor) -> torch.Tensor:
         """Group index of each latent index."""
