@@ -222,7 +222,7 @@ class SAE(InputScaling, DeadLatents, torch.nn.Module):
 
     def sparse_pays(self, n_active: int, batch: int) -> bool:
         """Whether the sparse path beats the dense one for a code of n_active entries in a [batch, d_sae] batch:
-        the crossover measured by `benchmarks/train_step.py --crossover` (benchmarks/results/crossover_cpu.txt)."""
+        the crossover measured by `benchmarks/crossover.py` (benchmarks/results/crossover_cpu.txt)."""
         return self.cfg.d_sae >= SPARSE_MIN_LATENTS and n_active <= SPARSE_MAX_DENSITY * batch * self.cfg.d_sae
 
     previous_density: float | None = None  # the density the last training step's sparse path saw (after_step)
