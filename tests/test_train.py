@@ -197,6 +197,22 @@ def test_autocast_default_follows_the_hardware_and_the_size(monkeypatch):
     assert TrainConfig().uses_autocast("cpu", large) is False and TrainConfig().uses_autocast("meta") is False
 
 
+def test_the_cli_prints_each_saes_precision_where_they_differ(monkeypatch, capsys):
+    """saekit train/sweep print the precision: one line where every SAE trains alike, one per SAE where the size
+    rule gives them different ones."""
+    from saekit.commands import _print_lrs
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    large = SAEConfig(arch="batchtopk", d_in=64, d_sae=512, k=3)
+    small = SAEConfig(arch="batchtopk", d_in=16, d_sae=64, k=3)
+    _print_lrs([large, small], TrainConfig(batch_size=1024, device="cpu"))
+    out = capsys.readouterr().out
+    assert "precision of batchtopk_k3_512: bf16 autocast on cpu" in out and "of batchtopk_k3_64: fp32 on cpu" in out
+    _print_lrs([large, small], TrainConfig(batch_size=1024, device="cpu", autocast=False))
+    assert "precision: fp32 on cpu\n" in capsys.readouterr().out  # forced: one line, no "auto"
+
+
 def test_empty_store_is_refused(store, tmp_path):
     import shutil
 
