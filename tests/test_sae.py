@@ -618,3 +618,23 @@ def test_decoder_gradient_loses_only_its_component_along_each_row():
     along = (g * W).sum(-1, keepdim=True) / (W * W).sum(-1, keepdim=True) * W
     torch.testing.assert_close(sae.W_dec.grad, g - along)
     assert float((sae.W_dec.grad * W).sum(-1).abs().max()) < 1e-5
+
+
+def test_theta_is_the_mean_of_the_first_cuts_then_a_moving_average():
+    """BatchTopK's training theta: the plain mean of the first 1 / (1 - threshold_beta) cuts, then an exponential
+    moving average with weight 1 - threshold_beta on each new cut (one update per training step, on the device)."""
+    import numpy as np
+
+    sae = make_sae(arch="batchtopk", d_in=8, d_sae=32, k=2, threshold_beta=0.9)
+    cuts = np.random.default_rng(0).uniform(0.5, 2.0, 25)
+    expect = []
+    for n, c in enumerate(cuts, 1):
+        sae.update_theta(torch.tensor(c, dtype=torch.float32))
+        w = max(0.1, 1 / n)
+        expect.append(c if n == 1 else expect[-1] + w * (c - expect[-1]))
+        assert abs(float(sae.threshold) - expect[-1]) < 1e-5 * expect[-1]
+        assert int(sae.threshold_updates) == n
+    assert abs(expect[9] - cuts[:10].mean()) < 1e-9  # the first 10 (= 1 / (1 - 0.9)): their mean
+    assert sae.threshold.dtype == torch.float32
+    sae.update_theta(torch.tensor(3.0, dtype=torch.bfloat16))  # a cut from a bf16 selection (autocast)
+    assert sae.threshold.dtype == torch.float32 and float(sae.threshold) > expect[-1]

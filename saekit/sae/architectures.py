@@ -97,11 +97,11 @@ class BatchTopKSAE(SAE):
 
     @torch.no_grad()
     def update_theta(self, cut: torch.Tensor) -> None:
-        """theta's running mean takes a training selection's cut, on the device: beta = min(threshold_beta,
-        1 - 1/(n+1)), 0 at the first cut."""
-        beta = (1 - 1 / (self.threshold_updates + 1)).clamp(max=self.cfg.threshold_beta).to(self.threshold.dtype)
-        self.threshold.mul_(beta).add_((1 - beta) * cut)
+        """theta takes a training selection's cut, on the device: theta += w (cut - theta), w = max(1 -
+        threshold_beta, 1/n) at the n-th cut (the mean of the first cuts, then an EMA); four kernels."""
         self.threshold_updates += 1
+        w = self.threshold_updates.reciprocal().clamp_(min=1 - self.cfg.threshold_beta)
+        self.threshold.lerp_(cut.to(self.threshold.dtype), w.to(self.threshold.dtype))
 
     def inference_threshold(self):
         return self.threshold.detach()
