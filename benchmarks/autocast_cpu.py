@@ -13,8 +13,8 @@ reports AMX tiles and AVX-512 BF16 (saekit.train.config.autocast_default); this 
     python benchmarks/autocast_cpu.py --sizes     # where it pays: part 1 over a grid of sizes, no store needed
 
 `--sizes` times the step over a grid from d=16, d_sae=64 to the benchmark shape at 64 to 4,096 rows, and checks the
-size rule of the default (saekit.train.config.CPU_BF16_MIN_WORK) against it: which setting
-the rule picks at each size, and whether that was the faster one.
+size rule of the default (saekit.train.config.bf16_pays_on_cpu) against it: which setting the rule picks at each
+size, and whether that was the faster one.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import torch
 import interleaved
 from saekit.sae import SAEConfig
 from saekit.train import TrainConfig, Trainer
-from saekit.train.config import CPU_BF16_MIN_WORK, autocast_default, cpu_has_bf16_matrix_units
+from saekit.train.config import CPU_BF16_MIN_WORK, bf16_pays_on_cpu, cpu_has_bf16_matrix_units
 
 SHAPES = [(48, 192, 4096, 5), (128, 1024, 1024, 16), (256, 2048, 1024, 32), (576, 4608, 1024, 32)]
 SIZES = [(16, 128, 64, 4), (16, 64, 1024, 4), (16, 128, 1024, 4), (32, 256, 256, 8), (16, 128, 4096, 4),
@@ -65,7 +65,7 @@ def speed(shapes, rounds: int, steps: int, rule: bool = False) -> None:
         line = (f"{d:>5} {f:>6} {B:>6} {k:>3} {statistics.median(ms[False]):>8.2f} {statistics.median(ms[True]):>8.2f} "
                 f"{statistics.median(ratio):>9.2f}x {min(ratio):>5.2f}-{max(ratio):.2f}")
         if rule:
-            bf16 = autocast_default("cpu", (B, d, f)) if cpu_has_bf16_matrix_units() else B * d * f >= CPU_BF16_MIN_WORK
+            bf16 = bf16_pays_on_cpu(B, d, f)
             r = statistics.median(ratio)
             picked[bf16].append(r)
             right = "even" if abs(r - 1) < 0.02 else "yes" if (r > 1) == bf16 else "no"

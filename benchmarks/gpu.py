@@ -238,8 +238,9 @@ def sync_sites(caught) -> list[str]:
         text = str(w.message)
         if "synchroniz" not in text:
             continue
-        outside, inside, rest = Path(w.filename).as_posix().rpartition("/saekit/")
-        sites.append(f"{rest}:{w.lineno}" if inside else f"{Path(w.filename).name}:{w.lineno} ({text.splitlines()[0][:40]})")
+        _, inside, rest = Path(w.filename).as_posix().rpartition("/saekit/")
+        sites.append(f"{rest}:{w.lineno}" if inside
+                     else f"{Path(w.filename).name}:{w.lineno} ({text.splitlines()[0][:40]})")
     return sites
 
 

@@ -68,6 +68,7 @@ def _train_cfg(a):
 
 
 def _print_lrs(cfgs, tc) -> None:
+    from .distributed import world_size
     from .models import default_device
 
     for c in cfgs:
@@ -75,7 +76,7 @@ def _print_lrs(cfgs, tc) -> None:
               + (" (--lr)" if tc.lr is not None else f" (default for {c.d_sae:,} latents)"))
     device = tc.device or default_device()
     auto = " (--precision auto: bf16 where the device and the SAE's size make it pay)" if tc.autocast is None else ""
-    uses = {c.name: tc.uses_autocast(device, c) for c in cfgs}
+    uses = {c.name: tc.uses_autocast(device, c, tc.batch_size // world_size()) for c in cfgs}  # a rank's batch
     if len(set(uses.values())) == 1:
         print(f"precision: {'bf16 autocast' if next(iter(uses.values())) else 'fp32'} on {device}{auto}")
     else:

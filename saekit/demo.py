@@ -54,10 +54,10 @@ def run_demo(c: DemoConfig) -> dict:
     tc = TrainConfig(total_tokens=c.train_tokens, batch_size=c.batch_size, lr=c.lr, warmup_steps=20,
                      checkpoint_every=50, device=c.device)
     device = c.device or default_device()
+    bf16 = tc.uses_autocast(device, cfgs[0])  # the BatchTopK SAE's, the one evaluated
     print(f"      learning rate {tc.lr_for(cfgs[0].d_sae):.2e} "
           f"({'--lr' if c.lr else 'default for ' + str(cfgs[0].d_sae) + ' latents'}); "
-          f"{'bf16 autocast' if tc.uses_autocast(device, cfgs[0]) else 'fp32'} (the default at this size on this "
-          f"{device})")
+          f"{'bf16 autocast' if bf16 else 'fp32'} (the default at this size on this {device})")
     res = train(store, cfgs, tc, out=out / "train")
     sae, sae_dir = res.saes[0], out / "train" / res.names[0]
     theta_trained = float(sae.threshold)
@@ -75,7 +75,7 @@ def run_demo(c: DemoConfig) -> dict:
     summary = {**m, "store_train": str(out / "store_train"), "store_test": str(out / "store_test"),
                "store_calib": str(out / "store_calib"),
                "sae_dir": str(sae_dir), "train_tokens": res.tokens, "train_steps": res.steps,
-               "lr": tc.lr_for(sae.cfg.d_sae), "autocast": tc.uses_autocast(device, sae.cfg), "theta": cal["theta"],
+               "lr": tc.lr_for(sae.cfg.d_sae), "autocast": bf16, "theta": cal["theta"],
                "theta_trained": theta_trained,
                "l0_threshold_mode_trained_theta": l0_trained, "l0_batch_mode": m["sparsity"]["l0_batch_mode"],
                "ce_tokens": m["downstream"]["n_tokens"], "seconds": round(time.perf_counter() - t0, 1)}

@@ -194,7 +194,7 @@ def test_autocast_default_follows_the_hardware_and_the_size(monkeypatch):
         tr = Trainer([large, small], TrainConfig(total_tokens=4096, batch_size=1024, progress=False, device="cpu"))
         assert tr.autocasts == [expect, False]  # each SAE by its own size
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")  # a torch without the check: fp32
-    assert TrainConfig().uses_autocast("cpu", large) is False and TrainConfig().uses_autocast("meta") is False
+    assert TrainConfig().uses_autocast("cpu", large) is False and TrainConfig().uses_autocast("meta", large) is False
 
 
 def test_the_cli_prints_each_saes_precision_where_they_differ(monkeypatch, capsys):

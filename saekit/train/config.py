@@ -61,14 +61,12 @@ class TrainConfig:
     def total_steps(self) -> int:
         return max(1, self.total_tokens // self.batch_size)
 
-    def uses_autocast(self, device, sae_cfg=None, batch: int | None = None) -> bool:
-        """Whether an SAE (its SAEConfig; None: a step large enough for bf16 to pay) trains on `device` under bf16
-        autocast, with batches of `batch` rows (None: batch_size; a rank's share under torch.distributed).
-        autocast None: autocast_default."""
+    def uses_autocast(self, device, sae_cfg, batch: int | None = None) -> bool:
+        """Whether an SAE (its SAEConfig) trains on `device` under bf16 autocast, with batches of `batch` rows (None:
+        batch_size; under torch.distributed pass a rank's share). autocast None: autocast_default."""
         if self.autocast is not None:
             return bool(self.autocast)
-        shape = None if sae_cfg is None else (batch or self.batch_size, sae_cfg.d_in, sae_cfg.d_sae)
-        return autocast_default(device, shape)
+        return autocast_default(device, (batch or self.batch_size, sae_cfg.d_in, sae_cfg.d_sae))
 
     def lr_for(self, d_sae: int) -> float:
         """The learning rate of an SAE with d_sae latents: `lr` if set, else default_lr(d_sae)."""
@@ -98,22 +96,22 @@ PRECISIONS = {"auto": None, "fp32": False, "bf16": True}  # the CLI's --precisio
 CPU_BF16_MIN_WORK = 2 ** 25  # batch x d_in x d_sae
 
 
-def autocast_default(device, shape: tuple[int, int, int] | None = None) -> bool:
-    """TrainConfig.autocast=None on this device, for a step of `shape` (batch, d_in, d_sae; None: a large one):
-    bf16 autocast where bf16 matrix products run in hardware, on a CUDA GPU with bf16, and on a CPU with AMX where
-    the step is large enough for it to pay (CPU_BF16_MIN_WORK; there it was measured 1.00-1.30x faster a step, with
-    no held-out NMSE difference distinguishable from zero over 3 seeds); fp32 elsewhere."""
+def bf16_pays_on_cpu(batch: int, d_in: int, d_sae: int) -> bool:
+    """Whether a step of this shape is large enough for bf16 autocast to pay on a CPU with AMX (CPU_BF16_MIN_WORK)."""
+    return batch * d_in * d_sae >= CPU_BF16_MIN_WORK
+
+
+def autocast_default(device, shape: tuple[int, int, int]) -> bool:
+    """TrainConfig.autocast=None on this device, for a step of `shape` (batch, d_in, d_sae): bf16 autocast where
+    bf16 matrix products run in hardware, on a CUDA GPU with bf16, and on a CPU with AMX where the step is large
+    enough for it to pay (bf16_pays_on_cpu; there it was measured 1.00-1.30x faster a step, with no held-out NMSE
+    difference distinguishable from zero over 3 seeds); fp32 elsewhere."""
     import torch
 
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    if device.type != "cpu" or not cpu_has_bf16_matrix_units():
-        return False
-    if shape is None:
-        return True
-    batch, d_in, d_sae = shape
-    return batch * d_in * d_sae >= CPU_BF16_MIN_WORK
+    return device.type == "cpu" and cpu_has_bf16_matrix_units() and bf16_pays_on_cpu(*shape)
 
 
 LR_BASE = 8e-4  # default_lr at 2^14 latents: 4x sparsify's 2e-4, measured best of a sweep (benchmarks/lr_default.py)
