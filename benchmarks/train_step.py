@@ -222,11 +222,12 @@ def run_toy(device, d=48, f=192, B=4096, k=5, steps=20, label="toy size"):
     path = tr.saes[0].training_loss(x[0]).path
     precision = "bf16 autocast" if tr.autocasts[0] else "fp32"
     ms = {n: statistics.median(v) * 1e3 for n, v in times.items()}
+    rounds = [p / q for p, q in zip(times["plain"], times["saekit"])]  # each round's ratio
     print(f"{label:<24} d={d}, d_sae={f}, batch={B}, k={k}: plain {ms['plain']:.2f} ms, saekit {ms['saekit']:.2f} ms "
-          f"per step, ratio {ms['plain'] / ms['saekit']:.2f} (saekit's {path} path at its default {precision}; "
-          f"median of 5 interleaved rounds)")
+          f"per step, ratio {ms['plain'] / ms['saekit']:.2f} (rounds {min(rounds):.2f}-{max(rounds):.2f}; saekit's "
+          f"{path} path at its default {precision}; medians of 5 interleaved rounds)")
     return dict(plain_ms=ms["plain"], saekit_ms=ms["saekit"], ratio=ms["plain"] / ms["saekit"], path=path,
-                precision=precision)
+                precision=precision, ratio_range=[min(rounds), max(rounds)])
 
 
 def run_store(a, device, steps):

@@ -30,6 +30,7 @@ def test_train_step_benchmark_runs_and_matches_the_plain_step(tmp_path, store):
 
     assert res["toy"]["precision"] == ("bf16 autocast" if autocast_default("cpu", (4096, 48, 192)) else "fp32")
     assert res["tiny"]["precision"] == "fp32" and res["tiny"]["ratio"] > 0 and "tiny size" in r.stdout  # below 2^25
+    assert all(0 < res[s]["ratio_range"][0] <= res[s]["ratio_range"][1] for s in ("toy", "tiny"))
 
 
 def test_capture_benchmark_runs(tmp_path):
