@@ -286,7 +286,10 @@ def main(argv=None):
     listed = {"batchtopk": ("sync-free selection", "read-back selection"), "matryoshka": ("current",
                                                                                          "decode per group")}
     for name in listed.get(a.arch, ("current", "sync-free entries")):
-        with variants[name]():
+        # off a GPU, sync_free set (False, the CPU's selection, unless the variant sets it): the step reads back as
+        # on a GPU (the Trainer's one .tolist(), theta on the device), not with the CPU's cheaper read per value
+        stand_in = patched(SAE, "sync_free", False) if dev.type != "cuda" else contextlib.nullcontext()
+        with stand_in, variants[name]():
             lines = read_backs(trainers[name], xs[0])
             n_ops = operators(trainers[name], xs[1])
         how = "CUDA sync debug mode" if dev.type == "cuda" else "at dispatch, besides the Trainer's one .tolist()"

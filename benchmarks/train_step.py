@@ -188,7 +188,7 @@ def main():
     if not a.gpu and not a.no_toy:
         results["toy"] = run_toy(device)
         # the smallest step: ~1 ms, where a step's fixed costs (theta, dead latents, the checks) weigh most
-        results["tiny"] = run_toy(device, d=16, f=128, B=64, k=4, steps=500, label="tiny size")
+        results["tiny"] = run_toy(device, d=16, f=128, B=64, k=4, steps=100, rounds=15, label="tiny size")
     if a.store:
         results["store"] = run_store(a, device, a.store_steps)
     if a.json:
@@ -196,7 +196,7 @@ def main():
             json.dump(results, fh, indent=2)
 
 
-def run_toy(device, d=48, f=192, B=4096, k=5, steps=20, label="toy size"):
+def run_toy(device, d=48, f=192, B=4096, k=5, steps=4, rounds=5, label="toy size"):
     """A small shape (default: the teaching notebook's toy), where the sparse kernels do not pay: saekit must take
     its dense path and cost no more than the plain step; saekit at its default precision for that size. Median
     over interleaved rounds."""
@@ -213,21 +213,21 @@ def run_toy(device, d=48, f=192, B=4096, k=5, steps=20, label="toy size"):
     times = {n: [] for n in runs}
     for n, r in runs.items():
         r(0)
-    for _ in range(5):
+    for _ in range(rounds):
         for n, r in runs.items():
             t = time.perf_counter()
-            for i in range(steps // 5):
+            for i in range(steps):
                 r(i)
-            times[n].append((time.perf_counter() - t) / (steps // 5))
+            times[n].append((time.perf_counter() - t) / steps)
     path = tr.saes[0].training_loss(x[0]).path
     precision = "bf16 autocast" if tr.autocasts[0] else "fp32"
     ms = {n: statistics.median(v) * 1e3 for n, v in times.items()}
-    rounds = [p / q for p, q in zip(times["plain"], times["saekit"])]  # each round's ratio
+    per_round = [p / q for p, q in zip(times["plain"], times["saekit"])]  # each round's ratio
     print(f"{label:<24} d={d}, d_sae={f}, batch={B}, k={k}: plain {ms['plain']:.2f} ms, saekit {ms['saekit']:.2f} ms "
-          f"per step, ratio {ms['plain'] / ms['saekit']:.2f} (rounds {min(rounds):.2f}-{max(rounds):.2f}; saekit's "
-          f"{path} path at its default {precision}; medians of 5 interleaved rounds)")
+          f"per step, ratio {ms['plain'] / ms['saekit']:.2f} (rounds {min(per_round):.2f}-{max(per_round):.2f}; saekit's "
+          f"{path} path at its default {precision}; medians of {rounds} interleaved rounds of {steps} steps)")
     return dict(plain_ms=ms["plain"], saekit_ms=ms["saekit"], ratio=ms["plain"] / ms["saekit"], path=path,
-                precision=precision, ratio_range=[min(rounds), max(rounds)])
+                precision=precision, ratio_range=[min(per_round), max(per_round)], rounds=rounds)
 
 
 def run_store(a, device, steps):

@@ -638,3 +638,19 @@ def test_theta_is_the_mean_of_the_first_cuts_then_a_moving_average():
     assert sae.threshold.dtype == torch.float32
     sae.update_theta(torch.tensor(3.0, dtype=torch.bfloat16))  # a cut from a bf16 selection (autocast)
     assert sae.threshold.dtype == torch.float32 and float(sae.threshold) > expect[-1]
+
+
+def test_theta_from_the_cuts_value_on_the_host_follows_the_device_update():
+    """On the CPU the trainer gives update_theta the cut's value (read back with its flags) and theta is updated in
+    host arithmetic: the same running mean, then EMA, as the device's four kernels, to float32 rounding, and the
+    same count of updates."""
+    import numpy as np
+
+    device, host = (make_sae(arch="batchtopk", d_in=8, d_sae=32, k=2, threshold_beta=0.9) for _ in range(2))
+    for n, c in enumerate(np.random.default_rng(1).uniform(0.5, 2.0, 40), 1):
+        cut = torch.tensor(c, dtype=torch.float32)
+        device.update_theta(cut)
+        host.update_theta(cut, float(cut))
+        torch.testing.assert_close(host.threshold, device.threshold, rtol=2e-7, atol=0)
+        assert int(host.threshold_updates) == int(device.threshold_updates) == n
+    assert host.threshold.dtype == torch.float32

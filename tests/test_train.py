@@ -404,6 +404,45 @@ def test_sync_free_training_equals_exact_training_and_redoes_a_step_it_cannot_pr
     assert all(torch.equal(v, free[k]) for k, v in exact.items())
 
 
+@pytest.mark.parametrize("arch", ["batchtopk", "topk", "jumprelu"])
+def test_the_cpus_read_per_value_and_theta_on_the_host_train_as_the_gpus_way(arch, toy_x):
+    """On the CPU (sync_free unset) the trainer reads its check back one value at a time and BatchTopK's theta is
+    updated on the host; set (False), the CPU steps as a GPU does (one stacked read-back, theta on the device). The
+    two runs end with the same weights, counters and log, theta to float32 rounding."""
+    cfg = SAEConfig(arch=arch, d_in=16, d_sae=64, k=3, target_l0=3, dead_tokens=256)
+    cpu, gpu_way = _steps(cfg, toy_x, None, batch=128, steps=12), _steps(cfg, toy_x, False, batch=128, steps=12)
+    for k, v in gpu_way.saes[0].state_dict().items():
+        torch.testing.assert_close(cpu.saes[0].state_dict()[k], v, rtol=1e-6, atol=1e-7, msg=k)
+    log_cpu, log_gpu = cpu.log_frames()[0], gpu_way.log_frames()[0]
+    assert (log_gpu["dead_frac"] > 0).any() and (log_gpu["aux"] > 0).any() == cpu.saes[0].uses_auxk  # AuxK ran
+    pd.testing.assert_frame_equal(log_cpu, log_gpu, check_exact=False, rtol=1e-6)
+    if arch == "batchtopk":
+        assert 0 < float(cpu.saes[0].threshold) and int(cpu.saes[0].threshold_updates) == 12
+
+
+def test_clip_grad_norm_is_torchs():
+    """saekit.train.optim.clip_grad_norm_ scales the gradients as torch.nn.utils.clip_grad_norm_ does and returns
+    the same total norm, above the limit and below it, skipping parameters without a gradient."""
+    from saekit.train.optim import clip_grad_norm_, drop_grads
+
+    for scale, max_norm in ((10.0, 1.0), (0.01, 1.0), (3.0, 0.5)):
+        ps = [torch.nn.Parameter(torch.randn(s)) for s in ((64, 16), (16,), (64,), (3, 3))]
+        for p in ps[:3]:
+            p.grad = torch.randn_like(p) * scale
+        qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+        for p, q in zip(ps, qs):
+            q.grad = None if p.grad is None else p.grad.clone()
+        total = clip_grad_norm_(ps, max_norm)
+        torch.testing.assert_close(total, torch.nn.utils.clip_grad_norm_(qs, max_norm))
+        for p, q in zip(ps[:3], qs[:3]):
+            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
+        assert ps[3].grad is None
+        assert (torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in ps[:3]])) <= max_norm * 1.0001) == (
+            float(total) > max_norm or scale < 1)
+    drop_grads(ps)
+    assert all(p.grad is None for p in ps)
+
+
 @pytest.mark.parametrize("arch", ["jumprelu", "relu"])
 def test_sync_free_thresholded_training_equals_exact_training(arch, toy_x, monkeypatch):
     """JumpReLU and ReLU-L1 runs whose entries are found without read-backs (slots from the previous step's density,

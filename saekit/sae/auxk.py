@@ -33,6 +33,16 @@ class DeadLatents:
         dead = self.dead_mask().nonzero().squeeze(1)
         return dead if dead.numel() else None
 
+    def _aux_dead_mask(self) -> tuple[torch.Tensor, int] | None:
+        """The reference path's dead latents: (their mask, at most how many it marks) where AuxK has work this step,
+        else None; as `_aux_dead`, read back only where the counters changed since set_dead_counters."""
+        if not self.uses_auxk or self.cfg.aux_alpha <= 0 or not self.aux_due:
+            return None
+        n_dead = self.aux_capacity if self.aux_capacity is not None else self.known_dead_count()
+        dead = self.dead_mask()
+        n_dead = int(dead.sum()) if n_dead is None else n_dead
+        return (dead, n_dead) if n_dead else None
+
     def known_dead_count(self) -> int | None:
         """The number of dead latents `set_dead_counters` was given, while the counters are still the tensor it set
         at the version it left (None where they have changed since: loaded, set by hand)."""
@@ -88,10 +98,12 @@ class DeadLatents:
             a = torch.zeros_like(a).scatter(-1, pos, vals)
         return a @ self.W_dec[slots]
 
-    def aux_code(self, a: torch.Tensor, dead_idx: torch.Tensor) -> torch.Tensor:
+    def aux_code(self, a: torch.Tensor, dead: torch.Tensor, n_dead: int) -> torch.Tensor:
         """Reference path's AuxK code, dense [batch, d_sae]: each row's k_aux largest pre-activations of dead latents,
-        zeros elsewhere (a: the relu'd pre-activations, differentiable). dead_idx: the dead latents (`_aux_dead`;
-        with aux_capacity set, padded with -1, which marks none)."""
-        dead = torch.zeros(self.cfg.d_sae + 1, dtype=torch.bool, device=a.device).index_fill_(0, dead_idx + 1, True)
-        vals, idx = a.masked_fill(~dead[1:], 0).topk(min(self.cfg.k_aux, dead_idx.numel()), dim=-1, sorted=False)
-        return torch.zeros_like(a).scatter(-1, idx, vals)
+        zeros elsewhere (a: the relu'd pre-activations, differentiable). dead: the dead-latent mask [d_sae], n_dead:
+        at most how many it marks (`_aux_dead_mask`). The entries are chosen without autograd and kept by a mask, so
+        the backward is one multiply (as train_code's)."""
+        with torch.no_grad():
+            idx = torch.where(dead, a, 0).topk(min(self.cfg.k_aux, n_dead), dim=-1, sorted=False).indices
+            keep = torch.zeros_like(a, dtype=torch.bool).scatter_(-1, idx, True).logical_and_(dead)
+        return a * keep
