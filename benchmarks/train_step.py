@@ -18,8 +18,10 @@ import platform
 import resource
 import time
 
+import numpy as np
 import torch
 
+from saekit.metrics.intervals import resample_weights
 from saekit.sae import SAEConfig
 from saekit.train import TrainConfig, Trainer
 
@@ -223,11 +225,16 @@ def run_toy(device, d=48, f=192, B=4096, k=5, steps=4, rounds=5, label="toy size
     precision = "bf16 autocast" if tr.autocasts[0] else "fp32"
     ms = {n: statistics.median(v) * 1e3 for n, v in times.items()}
     per_round = [p / q for p, q in zip(times["plain"], times["saekit"])]  # each round's ratio
+    # 95% interval of the ratio of total times: a bootstrap over the rounds, each round's two times kept paired
+    w = resample_weights(rounds, seed=1)
+    ci = np.quantile((w @ np.array(times["plain"])) / (w @ np.array(times["saekit"])), [0.025, 0.975])
     print(f"{label:<24} d={d}, d_sae={f}, batch={B}, k={k}: plain {ms['plain']:.2f} ms, saekit {ms['saekit']:.2f} ms "
-          f"per step, ratio {ms['plain'] / ms['saekit']:.2f} (rounds {min(per_round):.2f}-{max(per_round):.2f}; saekit's "
-          f"{path} path at its default {precision}; medians of {rounds} interleaved rounds of {steps} steps)")
+          f"per step, ratio {ms['plain'] / ms['saekit']:.2f} [95% {ci[0]:.2f}-{ci[1]:.2f}] (rounds "
+          f"{min(per_round):.2f}-{max(per_round):.2f}; saekit's {path} path at its default {precision}; medians of "
+          f"{rounds} interleaved rounds of {steps} steps)")
     return dict(plain_ms=ms["plain"], saekit_ms=ms["saekit"], ratio=ms["plain"] / ms["saekit"], path=path,
-                precision=precision, ratio_range=[min(per_round), max(per_round)], rounds=rounds)
+                precision=precision, ratio_range=[min(per_round), max(per_round)], rounds=rounds,
+                ratio_interval=[float(ci[0]), float(ci[1])], per_round=per_round)
 
 
 def run_store(a, device, steps):

@@ -31,6 +31,9 @@ def test_train_step_benchmark_runs_and_matches_the_plain_step(tmp_path, store):
     assert res["toy"]["precision"] == ("bf16 autocast" if autocast_default("cpu", (4096, 48, 192)) else "fp32")
     assert res["tiny"]["precision"] == "fp32" and res["tiny"]["ratio"] > 0 and "tiny size" in r.stdout  # below 2^25
     assert all(0 < res[s]["ratio_range"][0] <= res[s]["ratio_range"][1] for s in ("toy", "tiny"))
+    for s in ("toy", "tiny"):  # the interval: a bootstrap over the rounds, within their range
+        lo, hi = res[s]["ratio_interval"]
+        assert res[s]["ratio_range"][0] <= lo <= hi <= res[s]["ratio_range"][1] and len(res[s]["per_round"]) == res[s]["rounds"]
 
 
 def test_capture_benchmark_runs(tmp_path):
