@@ -22,7 +22,7 @@ class DeadLatents:
         Their number is the one `set_dead_counters` was given with the counters as they are now (the trainer
         reads it back with its one read-back of the previous step), so no read-back here; where the counters have
         changed since (loaded, set by hand) it is read back from the device."""
-        if not self.uses_auxk or self.cfg.aux_alpha <= 0 or not self.aux_due:
+        if not self.aux_wanted():
             return None
         if self.aux_capacity is not None:
             cap = self.aux_capacity
@@ -33,10 +33,14 @@ class DeadLatents:
         dead = self.dead_mask().nonzero().squeeze(1)
         return dead if dead.numel() else None
 
+    def aux_wanted(self) -> bool:
+        """Whether AuxK runs this step at all: the architecture uses it, with a weight, and it is due."""
+        return self.uses_auxk and self.cfg.aux_alpha > 0 and self.aux_due
+
     def _aux_dead_mask(self) -> tuple[torch.Tensor, int] | None:
         """The reference path's dead latents: (their mask, at most how many it marks) where AuxK has work this step,
         else None; as `_aux_dead`, read back only where the counters changed since set_dead_counters."""
-        if not self.uses_auxk or self.cfg.aux_alpha <= 0 or not self.aux_due:
+        if not self.aux_wanted():
             return None
         n_dead = self.aux_capacity if self.aux_capacity is not None else self.known_dead_count()
         dead = self.dead_mask()

@@ -110,7 +110,7 @@ class GraphedStep:
         if self.x is None or self.x.shape != x.shape or self.x.dtype != x.dtype:
             self.x, self.graphs, self.runs = torch.empty_like(x), {}, Counter()  # a new shape: record anew
         self.x.copy_(x)
-        due = sae.aux_due and sae.uses_auxk and sae.cfg.aux_alpha > 0
+        due = sae.aux_wanted()
         slots = aux_slots(self.n_dead, sae.cfg.d_sae) if due else 0
         shape = sae.step_shape(x.shape[0])
         if shape is None:  # this step cannot be recorded (the dense path, no hint yet): phase A as it is
