@@ -92,14 +92,14 @@ class BatchTopKSAE(SAE):
         number for the next selection's hint (out.cut_value, read back by the trainer with its flags)."""
         if out.cut is not None:
             self.previous_cut = out.cut_value if out.cut_value is not None else float(out.cut)
-            self.update_theta(out.cut, self.previous_cut if self.threshold.is_cpu and self.sync_free is None else None)
+            self.update_theta(out.cut, self.previous_cut if self.reads_back_freely else None)
         return {"theta": self.threshold.clone()}
 
     @torch.no_grad()
     def update_theta(self, cut: torch.Tensor, value: float | None = None) -> None:
         """theta takes a training selection's cut: theta += w (cut - theta), w = max(1 - threshold_beta, 1/n) at the
         n-th cut (the mean of the first cuts, then an EMA). On the device in four kernels; with the cut's `value`
-        known on the host and theta on the CPU (sync_free unset), in host arithmetic (a fill: ~20 us less a step)."""
+        known on the host where a read-back is free (SAE.reads_back_freely), in host arithmetic (one fill, ~20 us less)."""
         n, theta = self.threshold_updates.add_(1), self.threshold
         if value is None:
             theta.lerp_(cut.to(theta.dtype), n.reciprocal().clamp_(min=1 - self.cfg.threshold_beta).to(theta.dtype))

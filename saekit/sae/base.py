@@ -1,10 +1,8 @@
 """The base every SAE shares: encoder `a = relu((x - b_dec) W_enc + b_enc)`, decoder `x_hat = z W_dec + b_dec`,
-input normalisation, the two training paths (fast and reference, each with its own AuxK), dead-latent
-tracking, the unit-norm decoder, and writing the SAE's folder.
-
-What differs between architectures (`architectures.py`) is `select` (which pre-activations survive), the
-sparsity term, and the facts each class states about itself (the class attributes below).
-"""
+input normalisation, the two training paths (fast and reference, each with its own AuxK), dead-latent tracking,
+the unit-norm decoder, and writing the SAE's folder. What differs between architectures (`architectures.py`) is
+`select` (which pre-activations survive), the sparsity term, and the facts each class states about itself (the
+class attributes below)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -72,10 +70,9 @@ class SAE(InputScaling, DeadLatents, torch.nn.Module):
     modes: tuple[str, ...] = ("default",)  # codes `encode(x, mode)` can give; the first is the inference code
     distributed = False  # set by the Trainer under torch.distributed: batch-coupled terms use the global batch
     # fast_loss may select without reading back from the device, flagging a selection that might not be exact
-    # (TrainOutput.exact). None: on an accelerator only, where each read-back stalls the host. On the CPU a
-    # read-back costs nothing, and the selection without one measured 1.034x slower (every round 1.009-1.216)
-    # (benchmarks/results/step_variants_cpu.txt). Set (True or False) on the CPU, the trainer's check and theta work
-    # as on a GPU too (one read-back, theta on the device): the CPU stands in for the GPU in tests and benchmarks
+    # (TrainOutput.exact). None: on an accelerator only, where each read-back stalls the host. On the CPU a read-back
+    # costs nothing, and the selection without one measured 1.034x slower (every round 1.009-1.216)
+    # (benchmarks/results/step_variants_cpu.txt). See also reads_back_freely
     sync_free: bool | None = None
     # its fast_loss has fixed shapes and no read-back once the trainer has its hints, so the training step can be
     # recorded once and replayed as CUDA graphs (saekit.train.graphs)
@@ -201,8 +198,7 @@ class SAE(InputScaling, DeadLatents, torch.nn.Module):
     def _finish(self, xs, x_hat, mse, sparsity, aux, fired, l0, cut, path="reference", exact=None,
                 n_active=None) -> TrainOutput:
         """The TrainOutput of a path's loss terms; n_active: the entries a sparse path processed (a number, or a
-        device tensor where it was found without a read-back)."""
-        # sparsity None: the architecture has no such term (no zero added, forward and backward)
+        device tensor where it was found without a read-back); sparsity None: no such term (no zero added)."""
         loss = mse if sparsity is None else mse + sparsity
         if aux is not None:  # one add, scaled (no separate multiply)
             loss = torch.add(loss, aux, alpha=self.cfg.aux_alpha * self.cfg.aux_every)
@@ -310,6 +306,12 @@ class SAE(InputScaling, DeadLatents, torch.nn.Module):
         torch.distributed, and not in a step the Trainer redoes because its selection was not exact."""
         free = self.sync_free if self.sync_free is not None else a.device.type != "cpu"
         return free and not self.distributed and not self.redo_exact
+
+    @property
+    def reads_back_freely(self) -> bool:
+        """On the CPU with sync_free unset (a read-back costs nothing there): the trainer reads its check a value at a
+        time and theta is updated on the host. Set (True or False), the CPU steps as a GPU does, to stand in for one."""
+        return self.W_dec.device.type == "cpu" and self.sync_free is None
 
     def train_code(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The reference path's differentiable code from pre-activations, and the selection's cut."""

@@ -187,8 +187,7 @@ class Trainer:
                 fired = D.all_reduce_fired(out.fired) if self.world > 1 else out.fired  # the global batch's
                 since, n_dead = sae.next_dead_counters(fired, n_tokens)
                 hints = [v for v in (out.cut, out.count) if v is not None]  # the next step's (after_step)
-                finite, exact, n_dead, *got = _read_back(out.loss, out.exact, n_dead, hints,
-                                                         x.device.type == "cpu" and sae.sync_free is None)
+                finite, exact, n_dead, *got = _read_back(out.loss, out.exact, n_dead, hints, sae.reads_back_freely)
                 if exact:
                     got = iter(got)
                     out = out._replace(cut_value=next(got) if out.cut is not None else None,
@@ -363,7 +362,7 @@ class Trainer:
 
 def _read_back(loss: torch.Tensor, exact: torch.Tensor | None, n_dead: torch.Tensor, hints: list, each: bool) -> list:
     """[loss is finite, the selection was exact, n_dead, *hints] as numbers: one transfer (stacked), or with `each`
-    (on the CPU, where a read-back costs nothing) one .item() each: the stack's dozen small kernels cost ~28 us."""
+    (SAE.reads_back_freely) one .item() each: the stack's dozen small kernels cost ~28 us on the CPU."""
     if each:
         return [math.isfinite(loss.item()), exact is None or bool(exact), int(n_dead), *(float(v) for v in hints)]
     exact = exact if exact is not None else torch.ones((), dtype=torch.bool, device=loss.device)
