@@ -323,9 +323,9 @@ class SAE(InputScaling, DeadLatents, torch.nn.Module):
         return None
 
     def recon_loss(self, xs: torch.Tensor, x_hat: torch.Tensor, code) -> torch.Tensor:
-        """The reconstruction term (mean squared error per element); `code` is the SparseCode (fast
-        path) or dense z behind x_hat, for architectures whose loss looks inside it. F.mse_loss: one kernel each
-        way (2.2x faster on the CPU than (x_hat - xs).pow(2).mean() forward and backward at 1,024 x 576)."""
+        """The reconstruction term (mean squared error per element); `code` is the SparseCode (fast path) or dense z
+        behind x_hat, for architectures whose loss looks inside it. F.mse_loss, one kernel each way: forward and
+        backward 2.3x / 2.8x faster on 2 CPU cores than (x_hat - xs).pow(2).mean() at 1,024 x 576 / 4,096 x 48."""
         return F.mse_loss(x_hat, xs)
 
     # -- around the optimiser step ------------------------------------------------------------

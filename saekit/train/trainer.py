@@ -362,7 +362,7 @@ class Trainer:
 
 def _read_back(loss: torch.Tensor, exact: torch.Tensor | None, n_dead: torch.Tensor, hints: list, each: bool) -> list:
     """[loss is finite, the selection was exact, n_dead, *hints] as numbers: one transfer (stacked), or with `each`
-    (SAE.reads_back_freely) one .item() each: the stack's dozen small kernels cost ~28 us on the CPU."""
+    (SAE.reads_back_freely) one .item() each: 0.8 us on the CPU, where the stack's dozen small kernels took 21 us (7 interleaved runs)."""
     if each:
         return [math.isfinite(loss.item()), exact is None or bool(exact), int(n_dead), *(float(v) for v in hints)]
     exact = exact if exact is not None else torch.ones((), dtype=torch.bool, device=loss.device)
