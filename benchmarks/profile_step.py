@@ -55,28 +55,28 @@ def instrumented_step(tr: Trainer, x: torch.Tensor, record_function=record_funct
 
 
 def _instrumented_step(tr: Trainer, x: torch.Tensor, record_function):
-    from saekit.sae.kernels import CodeIndex, sparse_decode, sparse_encode
+    from saekit.sae.kernels import CodeIndex, sparse_decode, sparse_encode, sparse_stats
 
     sae, opt = tr.saes[0], tr.opts[0]
     with record_function("normalize"):
         xs, _ = sae.normalize_input(x)
     with record_function("AuxK"):
         dead = sae._aux_dead()
-    with record_function("encode (dense, no grad)"), torch.no_grad():
-        a = sae.pre_acts(xs)
+    with record_function("encode (dense, no grad)"):
+        xc, a = sae.centred_pre_acts(xs)
     with record_function("select"), torch.no_grad():
         sel = sae.train_select(a)
     with record_function("decode"):
-        code = sparse_encode(xs, sae.W_enc, sae.b_enc, sae.b_dec,
-                             CodeIndex(sel.rows, sel.cols, xs.shape[0], sae.cfg.d_sae, rows_sorted=True), a)
+        index = CodeIndex(sel.rows, sel.cols, xs.shape[0], sae.cfg.d_sae, rows_sorted=True)
+        code = sparse_encode(xs, sae.W_enc, sae.b_enc, sae.b_dec, index, a, xc)
         x_hat = sparse_decode(code, sae.W_dec) + sae.b_dec
         mse = (x_hat - xs).pow(2).mean()
     with record_function("AuxK"):
-        aux = (sae.aux_reconstruction(xs, dead) - (xs - x_hat).detach()).pow(2).mean() if dead is not None else 0
+        aux = (sae.aux_reconstruction(xc, dead) - (xs - x_hat).detach()).pow(2).mean() if dead is not None else 0
     with record_function("loss + backward (rest)"):
         opt.zero_grad(set_to_none=True)
         (mse + sae.cfg.aux_alpha * aux).backward()
-        fired = sae._sparse_stats(sel.rows, sel.cols, x.shape[0])[0]
+        fired = sparse_stats(sel.rows, sel.cols, x.shape[0], sae.cfg.d_sae, index=index)[0]
         since, n_dead = sae.next_dead_counters(fired, x.shape[0])
         exact = sel.exact if sel.exact is not None else torch.ones((), dtype=torch.bool, device=x.device)
         # the trainer's one read-back (with the loss's check)

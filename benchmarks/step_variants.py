@@ -44,7 +44,7 @@ from saekit.sae.architectures import BatchTopKSAE, JumpReLUSAE, MatryoshkaSAE
 from saekit.sae.auxk import DeadLatents
 from saekit.sae.base import SAE
 from saekit.sae.kernels import (CodeIndex, SparseCode, SparseEncode, ThresholdPseudoGrad, batch_topk,
-                                positive_entries, rectangle, sparse_decode, sparse_encode)
+                                positive_entries, rectangle, sparse_decode, sparse_encode, sparse_stats)
 from saekit.train import TrainConfig, Trainer
 
 
@@ -58,8 +58,8 @@ def patched(cls, name, fn):
         setattr(cls, name, old)
 
 
-def bias_after_product(self, x):
-    return torch.mm(x - self.b_dec, self.W_enc).add_(self.b_enc).relu_()
+def bias_after_product(self, x, xc=None):
+    return torch.mm(x - self.b_dec if xc is None else xc, self.W_enc).add_(self.b_enc).relu_()
 
 
 def exact_selection(self, a):
@@ -112,7 +112,7 @@ def split_code_and_window(self, x):
     x_hat = sparse_decode(code, self.W_dec) + self.b_dec
     l0 = rows.numel() / xs.shape[0] + ThresholdPseudoGrad.apply(theta, wc, bw, False).sum() / xs.shape[0]
     return self._finish(xs, x_hat, self.recon_loss(xs, x_hat, code), self.l0_penalty(l0), None,
-                        *self._sparse_stats(rows, cols, xs.shape[0]), None, "sparse",
+                        *sparse_stats(rows, cols, xs.shape[0], self.cfg.d_sae), None, "sparse",
                         n_active=rows.numel() + wr.numel())
 
 
@@ -147,7 +147,7 @@ def encode_backward_with_input_gradient(ctx, g):
     if grad_W_enc.stride() != W_enc.stride():
         grad_W_enc = torch.empty_like(W_enc).copy_(grad_W_enc)
     grad_b_enc = torch.zeros(index.n_cols, dtype=g.dtype, device=g.device).index_add_(0, cols, g)
-    return grad_xc.to(xc.dtype), grad_W_enc, grad_b_enc, -grad_xc.sum(0), None, None, None
+    return grad_xc.to(xc.dtype), grad_W_enc, grad_b_enc, -grad_xc.sum(0), None, None, None, None, None
 
 
 PROBE_VARIANTS = {"current": contextlib.nullcontext,

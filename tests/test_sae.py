@@ -554,10 +554,12 @@ def test_bad_encoder_start_flag_is_refused_by_the_cli(bad, capsys):
     assert build_parser().parse_args(["train", "--store", "s", "--out", "o", "--enc-init-norm", "0.7"]).enc_init_norm == 0.7
 
 
-@pytest.mark.parametrize("input_grad", [False, True])
-def test_sparse_encode_gradients_equal_the_dense_products(input_grad):
+@pytest.mark.parametrize("input_grad,centred", [(False, False), (True, False), (False, True)])
+def test_sparse_encode_gradients_equal_the_dense_products(input_grad, centred):
     """SparseEncode's gradients of W_enc, b_enc and b_dec (b_dec's as -W_enc times the column sums of the values'
-    gradient) and, when the input asks for one, of the input, against autograd through the dense encode."""
+    gradient) and, when the input asks for one, of the input, against autograd through the dense encode; also
+    given x - b_dec made by the caller (differentiable to b_dec, as SAE.centred_pre_acts makes it): no gradient
+    goes through it, so b_dec's is counted once."""
     from saekit.sae.kernels import CodeIndex, sparse_encode
 
     torch.manual_seed(0)
@@ -569,7 +571,8 @@ def test_sparse_encode_gradients_equal_the_dense_products(input_grad):
     a = torch.relu((x.detach() - b_dec) @ W_enc + b_enc)
     r, c = (a > 1.0).nonzero(as_tuple=True)  # row-major entries, some rows without any
     g = torch.randn(r.numel())
-    (sparse_encode(x, *params, CodeIndex(r, c, B, f, rows_sorted=True), a).vals * g).sum().backward()
+    xc = x - params[2] if centred else None
+    (sparse_encode(x, *params, CodeIndex(r, c, B, f, rows_sorted=True), a, xc).vals * g).sum().backward()
     x_grad = x.grad.clone() if input_grad else None
     if input_grad:
         x.grad = None
@@ -579,6 +582,49 @@ def test_sparse_encode_gradients_equal_the_dense_products(input_grad):
         torch.testing.assert_close(p1.grad, p2.grad, msg=name)
     if input_grad:
         torch.testing.assert_close(x_grad, x.grad)
+
+
+@pytest.mark.parametrize("rows_sorted", [True, False])
+def test_code_index_counts_each_rows_entries(rows_sorted):
+    """CodeIndex's row bounds: the offsets embedding_bag reads and, from the same search, each row's number of
+    entries (a sparse path's l0 per token), rows without entries included; the shared aranges are arange's."""
+    from saekit.sae.kernels import CodeIndex, arange
+
+    torch.manual_seed(0)
+    rows = torch.tensor([0, 0, 2, 2, 2, 5, 6, 6])
+    cols = torch.randint(0, 30, (8,))
+    if not rows_sorted:
+        perm = torch.randperm(8)
+        rows, cols = rows[perm], cols[perm]
+    index = CodeIndex(rows, cols, 8, 30, rows_sorted=rows_sorted)
+    assert index.row_counts().tolist() == torch.bincount(rows, minlength=8).tolist() == [2, 0, 3, 0, 0, 1, 2, 0]
+    assert index.row_offsets.tolist() == [0, 2, 2, 5, 5, 5, 6, 8]
+    assert arange(9, rows.device) is arange(9, rows.device) and arange(9, rows.device).tolist() == list(range(9))
+
+
+def test_the_fast_path_centres_its_input_once(sparse_everywhere):
+    """x - b_dec, read by the dense encode, the sparse encoder's backward and AuxK, is computed once a step (each
+    subtraction of [batch, d_in] by [d_in] is a kernel launch that a GPU's host-bound step pays for)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Subs(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.sub.Tensor and [tuple(a.shape) for a in args[:2]] == [(64, 16), (16,)]:
+                Subs.n += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    sae = make_sae(SAEConfig(arch="batchtopk", d_in=16, d_sae=64, k=3, dead_tokens=1))
+    sae.tokens_since_fired[:40] = 10  # dead: AuxK runs
+    sae.previous_cut = 0.1
+    x = torch.randn(64, 16)
+    with Subs():
+        out = sae.training_loss(x)
+        out.loss.backward()
+    assert out.path == "sparse" and float(out.terms["aux"]) > 0 and Subs.n == 1
+    assert sae.b_dec.grad is not None and bool(sae.b_dec.grad.abs().sum() > 0)
 
 
 def test_sparse_kernels_under_bf16_autocast_give_fp32_gradients():

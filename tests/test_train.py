@@ -1,4 +1,5 @@
 import json
+import math
 import subprocess
 import sys
 
@@ -420,6 +421,33 @@ def test_the_cpus_read_per_value_and_theta_on_the_host_train_as_the_gpus_way(arc
         assert 0 < float(cpu.saes[0].threshold) and int(cpu.saes[0].threshold_updates) == 12
 
 
+def test_stack_scalars_reads_every_dtype_exactly_in_one_operator():
+    """The read-back's stack: bools, integers past float32's exact range, bf16 and float32 values come out as
+    float64 numbers equal to each value's own, through one dispatched operator (into `out` where given)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from saekit.train.optim import stack_scalars
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    values = [torch.tensor(float("nan")), torch.tensor(True), torch.tensor(2**40 + 3), torch.tensor(False),
+              torch.tensor(0.3, dtype=torch.bfloat16), torch.tensor(1 / 3, requires_grad=True) * 1]
+    out = torch.zeros(len(values), dtype=torch.float64)
+    with Ops() as ops:
+        got = stack_scalars(values, out=out)
+    assert got is out and [n for n in ops.names if "detach" not in n] == ["aten.stack.out"]
+    want = [float("nan"), 1.0, float(2**40 + 3), 0.0, float(values[4]), float(values[5].detach())]
+    assert math.isnan(got[0]) and got[1:].tolist() == want[1:]
+    assert stack_scalars(values).dtype == torch.float64 and stack_scalars(values)[2] == 2**40 + 3
+
+
 def test_clip_grad_norm_is_torchs():
     """saekit.train.optim.clip_grad_norm_ scales the gradients as torch.nn.utils.clip_grad_norm_ does and returns
     the same total norm, above the limit and below it, skipping parameters without a gradient."""
@@ -487,7 +515,7 @@ def test_jumprelu_chooses_its_path_from_the_previous_steps_density_and_resumes_w
     monkeypatch.setattr(base, "SPARSE_MAX_DENSITY", 1.0)
     probes = []
     pre_acts = base.SAE.pre_acts
-    monkeypatch.setattr(base.SAE, "pre_acts", lambda self, x: probes.append(x.shape[0]) or pre_acts(self, x))
+    monkeypatch.setattr(base.SAE, "pre_acts", lambda self, x, *xc: probes.append(x.shape[0]) or pre_acts(self, x, *xc))
     cfgs = [SAEConfig(arch="jumprelu", d_in=16, d_sae=64, target_l0=3),
             SAEConfig(arch="batchtopk", d_in=16, d_sae=64, k=3)]
     tc = TrainConfig(total_tokens=256 * 8, batch_size=256, warmup_steps=1, progress=False, checkpoint_every=4)

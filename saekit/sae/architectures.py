@@ -13,7 +13,8 @@ from .. import distributed as D
 from .base import SAE, TrainOutput
 from .config import ARCHITECTURES, SAEConfig, SAEConfigError, architecture, register, resolve_group_sizes
 from .kernels import (CodeIndex, JumpReLUFunction, Selection, SparseCode, StepFunction, ThresholdPseudoGrad, batch_topk,
-                      batch_topk_static, flat_selection, rectangle, row_topk, sparse_decode, sparse_encode)
+                      batch_topk_static, flat_selection, rectangle, row_topk, sparse_decode, sparse_encode,
+                      sparse_stats)
 
 
 @register
@@ -88,8 +89,7 @@ class BatchTopKSAE(SAE):
 
     @torch.no_grad()
     def after_step(self, out: TrainOutput) -> dict:
-        """theta: a running mean of the training selections' cuts (the smallest activation kept); the cut as a
-        number for the next selection's hint (out.cut_value, read back by the trainer with its flags)."""
+        """theta: a running mean of the training cuts; the cut as a number (trainer's read-back) for the next hint."""
         if out.cut is not None:
             self.previous_cut = out.cut_value if out.cut_value is not None else float(out.cut)
             self.update_theta(out.cut, self.previous_cut if self.reads_back_freely else None)
@@ -219,8 +219,8 @@ class JumpReLUSAE(SAE):
         theta0 = self.log_threshold.detach().exp()
         if not self.probe_pays(xs, lambda a: (a > theta0 - bw / 2).sum()):
             return self.reference_loss(x)
+        xc, a = self.centred_pre_acts(xs)
         with torch.no_grad():
-            a = self.pre_acts(xs)
             e = self.train_entries(a, theta0 - bw / 2)
             v, t = a[e.rows, e.cols], theta0[e.cols]
             on, window = v > t, rectangle(v, t, bw)  # the same compares as a > theta and rectangle(a, theta)
@@ -230,13 +230,13 @@ class JumpReLUSAE(SAE):
             return self.reference_loss(x)
         theta = self.log_threshold.exp()
         index = CodeIndex(e.rows, e.cols, batch, self.cfg.d_sae, rows_sorted=True)
-        vals = sparse_encode(xs, self.W_enc, self.b_enc, self.b_dec, index, a).vals * on  # the window's: 0
+        vals = sparse_encode(xs, self.W_enc, self.b_enc, self.b_dec, index, a, xc).vals * on  # the window's: 0
         zeros = ThresholdPseudoGrad.apply(theta, e.cols, bw, True, window)  # carry dL/dz of the window to theta
         code = SparseCode(e.rows, e.cols, vals + zeros.to(vals.dtype), (batch, self.cfg.d_sae), index)
         x_hat = sparse_decode(code, self.W_dec) + self.b_dec
         l0 = on.sum() / batch + ThresholdPseudoGrad.apply(theta, e.cols, bw, False, window).sum() / batch
         return self._finish(xs, x_hat, self.recon_loss(xs, x_hat, code), self.l0_penalty(l0), None,
-                            *self._sparse_stats(e.rows, e.cols, batch, on), None, "sparse", e.exact, e.count)
+                            *sparse_stats(e.rows, e.cols, batch, self.cfg.d_sae, on), None, "sparse", e.exact, e.count)
 
     def l0_penalty(self, l0: torch.Tensor) -> torch.Tensor:
         """The sparsity term for a batch's mean L0 (differentiable through the step's pseudo-derivative)."""
@@ -310,19 +310,19 @@ class ReLUSAE(SAE):
         xs, _ = self.normalize_input(self._check_input(x))
         if not self.probe_pays(xs, lambda a: (a > 0).sum()):
             return self.reference_loss(x)
+        xc, a = self.centred_pre_acts(xs)
         with torch.no_grad():
-            a = self.pre_acts(xs)
             e = self.train_entries(a, 0)  # without read-backs where the previous density gives the slots
         if e.valid is None and not self.sparse_pays(e.rows.numel(), xs.shape[0]):
             return self.reference_loss(x)
         code = sparse_encode(xs, self.W_enc, self.b_enc, self.b_dec,
-                             CodeIndex(e.rows, e.cols, xs.shape[0], self.cfg.d_sae, rows_sorted=True), a)
+                             CodeIndex(e.rows, e.cols, xs.shape[0], self.cfg.d_sae, rows_sorted=True), a, xc)
         if e.valid is not None:
             code = code._replace(vals=code.vals * e.valid)  # slots without an entry: 0, and no gradient
         x_hat = sparse_decode(code, self.W_dec) + self.b_dec
         l1 = (code.vals * self.W_dec.norm(dim=-1)[e.cols]).sum() / xs.shape[0]
         return self._finish(xs, x_hat, self.recon_loss(xs, x_hat, code), self.cfg.l1_coeff * l1 / self.cfg.d_in, None,
-                            *self._sparse_stats(e.rows, e.cols, xs.shape[0], e.valid), None, "sparse", e.exact,
+                            *sparse_stats(e.rows, e.cols, xs.shape[0], self.cfg.d_sae, e.valid), None, "sparse", e.exact,
                             e.count)
 
 

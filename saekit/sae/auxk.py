@@ -76,25 +76,26 @@ class DeadLatents:
         self._dead_known = None if n_dead is None else (int(n_dead), counters, counters._version)
 
     # -- AuxK: one implementation per path ----------------------------------------------------
-    def aux_reconstruction(self, xs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def aux_reconstruction(self, xc: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Fast path's AuxK reconstruction from the dead latents alone, with dense matmuls over just their
         columns (B x n_dead x d_in each way: small while few latents are dead): their pre-activations again,
         each row's k_aux largest positive ones kept, decoded. The same values and gradients as the reference
         path's `aux_code` on the full pre-activations, at a fraction of the cost of routing B * k_aux more
         entries through the sparse encoder's backward (measured on 2 CPU cores at d_in=576, d_sae=4608,
         B=1024 with ~170 dead latents: AuxK's share of a step fell from ~25-30 ms to ~15 ms). idx: the dead
-        latents (`_aux_dead`); with aux_capacity set, padded with -1 (slots that contribute nothing)."""
-        if xs.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        latents (`_aux_dead`); with aux_capacity set, padded with -1 (slots that contribute nothing). xc: the
+        normalised input less b_dec (SAE.centred_pre_acts), differentiable to b_dec."""
+        if xc.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
             # fp32 on the CPU: oneDNN keeps a compiled kernel (~0.7 MB) per bf16 product shape, up to 1,024 of
             # them, and these shapes follow the dead count from step to step (an epoch over a 512 MiB store grew the
             # process by 1.2 GB under bf16 autocast; tests/test_scale.py)
             with torch.autocast("cpu", enabled=False):
-                return self.aux_reconstruction(xs, idx)
+                return self.aux_reconstruction(xc, idx)
         padded = self.aux_capacity is not None
         slots = idx.clamp_min(0) if padded else idx  # padding reads latent 0, then its columns are zeroed
         # the dead latents as rows of W_enc_t: their gradient comes in the parameter's own layout and adds into the
         # sparse path's in place (indexing W_enc[:, idx] cost a transposing copy a step)
-        a = torch.mm(xs - self.b_dec, self.W_enc_t[slots].t()).add_(self.b_enc[slots]).relu_()
+        a = torch.mm(xc, self.W_enc_t[slots].t()).add_(self.b_enc[slots]).relu_()
         if padded:
             a = a.masked_fill(idx < 0, 0)  # a zero is never among a row's k_aux largest unless it adds nothing
         if idx.numel() > self.cfg.k_aux:

@@ -17,7 +17,8 @@ from . import formats
 from .auxk import DeadLatents
 from .scaling import InputScaling
 from .config import SAEConfig, SAEConfigError
-from .kernels import CodeIndex, Entries, Selection, entries_above, entry_slots, sparse_decode, sparse_encode
+from .kernels import (CodeIndex, Entries, Selection, entries_above, entry_slots, sparse_decode, sparse_encode,
+                      sparse_stats)
 
 
 # Where the sparse path stops paying (see SAE.sparse_pays), measured by benchmarks/crossover.py on the 2-core CPU
@@ -144,11 +145,18 @@ class SAE(InputScaling, DeadLatents, torch.nn.Module):
             getattr(self, key).data = weights[key].clone().to(self.W_dec)
 
     # -- the shared encoder/decoder -----------------------------------------------------------
-    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
-        """relu((x - b_dec) W_enc + b_enc) for x already normalised. [batch, d_sae]"""
+    def pre_acts(self, x: torch.Tensor, xc: torch.Tensor | None = None) -> torch.Tensor:
+        """relu((x - b_dec) W_enc + b_enc) for x already normalised [batch, d_sae]; xc: x - b_dec, if known."""
         # the bias inside the product (cuBLAS adds it in the GEMM's epilogue on a GPU: one pass less over
         # [batch, d_sae]), relu in place: no [batch, d_sae] copies
-        return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc).relu_()
+        return torch.addmm(self.b_enc, x - self.b_dec if xc is None else xc, self.W_enc).relu_()
+
+    def centred_pre_acts(self, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fast paths' (xs - b_dec, differentiable to b_dec, and the pre-activations from it without autograd):
+        one centring that the dense encode, the sparse encoder's backward and AuxK all read."""
+        xc = xs - self.b_dec
+        with torch.no_grad():
+            return xc, self.pre_acts(xs, xc)
 
     def select(self, a: torch.Tensor, mode: str | None = None) -> Selection:
         """The active entries of pre-activations a [batch, d_sae] in code `mode` ("train" in training)."""
@@ -250,30 +258,19 @@ class SAE(InputScaling, DeadLatents, torch.nn.Module):
             return self.reference_loss(x)
         xs, _ = self.normalize_input(self._check_input(x))
         dead = self._aux_dead()
+        xc, a = self.centred_pre_acts(xs)
         with torch.no_grad():
-            a = self.pre_acts(xs)
             sel = self.train_select(a)
         # one index of the selection (row-major already) serves the encoder's and the decoder's products
-        code = sparse_encode(xs, self.W_enc, self.b_enc, self.b_dec,
-                             CodeIndex(sel.rows, sel.cols, xs.shape[0], self.cfg.d_sae, rows_sorted=True), a)
+        index = CodeIndex(sel.rows, sel.cols, xs.shape[0], self.cfg.d_sae, rows_sorted=True)
+        code = sparse_encode(xs, self.W_enc, self.b_enc, self.b_dec, index, a, xc)
         x_hat = sparse_decode(code, self.W_dec) + self.b_dec
         aux = None
         if dead is not None:
-            aux = F.mse_loss(self.aux_reconstruction(xs, dead), (xs - x_hat).detach())
+            aux = F.mse_loss(self.aux_reconstruction(xc, dead), (xs - x_hat).detach())
         return self._finish(xs, x_hat, self.recon_loss(xs, x_hat, code), None, aux,
-                            *self._sparse_stats(sel.rows, sel.cols, xs.shape[0]), sel.cut, "sparse", sel.exact)
-
-    def _sparse_stats(self, rows: torch.Tensor, cols: torch.Tensor, batch: int, on: torch.Tensor | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        """A sparse path's (fired [d_sae] bool, l0 [batch]) from its active entries (where `on`, if given)."""
-        if on is not None:  # counts of the active entries: the others add 0
-            on = on.long()
-            fired = torch.zeros(self.cfg.d_sae, dtype=torch.long, device=rows.device).index_add_(0, cols, on) > 0
-            return fired, torch.zeros(batch, dtype=torch.long, device=rows.device).index_add_(0, rows, on)
-        # index_fill_, not fired[cols] = True: on a GPU the assignment copies its True from the host and waits
-        fired = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=rows.device).index_fill_(0, cols, True)
-        # a count by index_add: bincount reads the largest index back from the device first
-        return fired, torch.zeros(batch, dtype=torch.long, device=rows.device).index_add_(0, rows, torch.ones_like(rows))
+                            *sparse_stats(sel.rows, sel.cols, xs.shape[0], self.cfg.d_sae, index=index), sel.cut,
+                            "sparse", sel.exact)
 
     def train_select(self, a: torch.Tensor) -> Selection:
         """The fast path's training selection: select(a, "train"), or where an architecture has one, a selection

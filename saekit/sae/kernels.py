@@ -21,6 +21,23 @@ class Selection(NamedTuple):
     exact: torch.Tensor | None = None  # a 0-dim bool tensor where the selection may not be exact (see batch_topk_static)
 
 
+_ARANGES: dict = {}
+
+
+def arange(n: int, device: torch.device) -> torch.Tensor:
+    """torch.arange(n) on `device`, made once per (n, device) and shared (never written to): a kernel launch less
+    each time a step needs one. Not kept while a CUDA graph is being recorded (its kernels have not run yet)."""
+    key = (n, device)
+    got = _ARANGES.get(key)
+    if got is None:
+        got = torch.arange(n, device=device)
+        if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
+            if len(_ARANGES) >= 64:  # a handful of sizes in practice (batch, d_sae): bounded all the same
+                _ARANGES.clear()
+            _ARANGES[key] = got
+    return got
+
+
 def stable_argsort(keys: torch.Tensor, bound: int) -> torch.Tensor:
     """torch.argsort(keys, stable=True) for integer keys in [0, bound), sorted as int32 where they fit: on CPU
     the int64 stable sort of keys with repeats measured ~25x slower (12 ms vs 0.5 ms for 32,768 latent indices of
@@ -40,8 +57,14 @@ class CodeIndex:
         self.perm = None if rows_sorted else stable_argsort(rows, n_rows)
         self.rows = rows if rows_sorted else rows[self.perm]
         self.cols = cols if rows_sorted else cols[self.perm]
-        self.row_offsets = torch.searchsorted(self.rows, torch.arange(n_rows, device=rows.device))
+        # each row's first entry and, one past the last row, the count: the row offsets (a view) and l0 per row
+        self.row_bounds = torch.searchsorted(self.rows, arange(n_rows + 1, rows.device))
+        self.row_offsets = self.row_bounds[:-1]
         self._by_col = None
+
+    def row_counts(self) -> torch.Tensor:
+        """Entries per row (l0 per token where every entry is active)."""
+        return self.row_bounds.diff()
 
     def by_row(self, v: torch.Tensor) -> torch.Tensor:
         """Per-entry values in the index's row order."""
@@ -59,7 +82,7 @@ class CodeIndex:
         """(order: row-order positions sorted by latent, the entries' rows in that order, latent offsets)."""
         if self._by_col is None:
             order = stable_argsort(self.cols, self.n_cols)
-            offsets = torch.searchsorted(self.cols[order], torch.arange(self.n_cols, device=self.cols.device))
+            offsets = torch.searchsorted(self.cols[order], arange(self.n_cols, self.cols.device))
             self._by_col = (order, self.rows[order], offsets)
         return self._by_col
 
@@ -142,11 +165,10 @@ class SparseEncode(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, b_dec, index: CodeIndex, cols, vals):
-        ctx.save_for_backward(x - b_dec, W_enc, cols)
+    def forward(ctx, x, W_enc, b_enc, b_dec, index: CodeIndex, rows, cols, a, xc):
+        ctx.save_for_backward(x - b_dec if xc is None else xc.detach(), W_enc, cols)
         ctx.index = index
-        ctx.mark_non_differentiable(cols)
-        return vals.clone()
+        return a[rows, cols]  # the gather is the output: no copy of it
 
     @staticmethod
     def backward(ctx, g):
@@ -165,16 +187,18 @@ class SparseEncode(torch.autograd.Function):
         # the input needs a gradient (training data does not)
         grad_xc = index.row_sum(g, W_enc.t().contiguous()).to(xc.dtype) if ctx.needs_input_grad[0] else None
         grad_b_dec = -(W_enc @ grad_b_enc) if ctx.needs_input_grad[3] else None
-        return grad_xc, grad_W_enc, grad_b_enc, grad_b_dec, None, None, None
+        return grad_xc, grad_W_enc, grad_b_enc, grad_b_dec, None, None, None, None, None
 
 
-def sparse_encode(x, W_enc, b_enc, b_dec, index: CodeIndex, a: torch.Tensor) -> SparseCode:
+def sparse_encode(x, W_enc, b_enc, b_dec, index: CodeIndex, a: torch.Tensor, xc: torch.Tensor | None = None
+                  ) -> SparseCode:
     """The code of `index`'s entries, their values taken from pre-activations a (computed without autograd) and
-    differentiable to the encoder's parameters through SparseEncode."""
+    differentiable to the encoder's parameters through SparseEncode. xc: x - b_dec where the caller has it
+    (SAE.centred_pre_acts), else computed here."""
     rows, cols = index.rows, index.cols
     if index.perm is not None:  # the entries' own order (the code's), not the index's row order
         rows, cols = index.from_row(rows), index.from_row(cols)
-    vals = SparseEncode.apply(x, W_enc, b_enc, b_dec, index, cols, a[rows, cols])
+    vals = SparseEncode.apply(x, W_enc, b_enc, b_dec, index, rows, cols, a, xc)
     return SparseCode(rows, cols, vals, (index.n_rows, index.n_cols), index)
 
 
@@ -199,6 +223,22 @@ class SparseDecode(torch.autograd.Function):
         grad_vals = torch.ops.aten._embedding_bag_per_sample_weights_backward(
             g, W_dec, index.cols, index.row_offsets, offset2bag, 0)
         return index.from_row(grad_vals).to(vals.dtype), index.col_sum(vals, g), None
+
+
+def sparse_stats(rows: torch.Tensor, cols: torch.Tensor, batch: int, d_sae: int, on: torch.Tensor | None = None,
+                 index: CodeIndex | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sparse path's (fired [d_sae] bool, l0 [batch]) from its active entries (where `on`, if given; else all,
+    and `index`, their CodeIndex, counts each row's)."""
+    if on is not None:  # counts of the active entries: the others add 0
+        on = on.long()
+        fired = torch.zeros(d_sae, dtype=torch.long, device=rows.device).index_add_(0, cols, on) > 0
+        return fired, torch.zeros(batch, dtype=torch.long, device=rows.device).index_add_(0, rows, on)
+    # index_fill_, not fired[cols] = True: on a GPU the assignment copies its True from the host and waits
+    fired = torch.zeros(d_sae, dtype=torch.bool, device=rows.device).index_fill_(0, cols, True)
+    if index is not None:
+        return fired, index.row_counts()
+    # a count by index_add: bincount reads the largest index back from the device first
+    return fired, torch.zeros(batch, dtype=torch.long, device=rows.device).index_add_(0, rows, torch.ones_like(rows))
 
 
 def sparse_decode(code: SparseCode, W_dec: torch.Tensor) -> torch.Tensor:
@@ -276,7 +316,7 @@ def row_topk(a: torch.Tensor, k: int, static: bool = False) -> Selection:
     """The k largest positive entries of each row of a [batch, d_sae]. static=True: all k of every row without a
     read-back (dropping the others is a mask whose size the host waits for), flagged exact when all are positive."""
     vals, idx = a.topk(k, dim=-1, sorted=False)
-    rows = torch.arange(a.shape[0], device=a.device).repeat_interleave(k, output_size=idx.numel())
+    rows = arange(a.shape[0], a.device).repeat_interleave(k, output_size=idx.numel())
     if static:
         return Selection(rows, idx.reshape(-1), None, (vals > 0).all())
     keep = vals.reshape(-1) > 0

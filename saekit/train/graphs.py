@@ -36,7 +36,7 @@ import torch
 from ..metrics.reconstruction import nmse_tensor
 from ..sae import SAE
 from .config import TrainingError
-from .optim import clip_grad_norm_
+from .optim import clip_grad_norm_, stack_scalars
 
 MODES = ("off", "cuda", "eager")
 REPORT = ("finite", "exact", "n_dead", "count", "loss", "mse", "sparsity", "aux", "nmse", "l0")  # phase A's figures
@@ -193,7 +193,7 @@ class GraphedStep:
             count = torch.full((), known, device=loss.device)
         figures = [torch.isfinite(loss), exact, n_dead, count, loss, *(out.terms[t] for t in TERMS),
                    nmse_tensor(out.x.detach().float(), out.x_hat.detach().float()), out.l0.float().mean()]
-        self.report.copy_(torch.stack([v.detach().double().reshape(()) for v in figures]))
+        stack_scalars(figures, out=self.report)
 
     @torch.no_grad()
     def _phase_b(self) -> None:

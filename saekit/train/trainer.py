@@ -361,13 +361,13 @@ class Trainer:
 
 
 def _read_back(loss: torch.Tensor, exact: torch.Tensor | None, n_dead: torch.Tensor, hints: list, each: bool) -> list:
-    """[loss is finite, the selection was exact, n_dead, *hints] as numbers: one transfer (stacked), or with `each`
-    (SAE.reads_back_freely) one .item() each: 0.8 us on the CPU, where the stack's dozen small kernels took 21 us (7 interleaved runs)."""
+    """[loss is finite, the selection was exact, n_dead, *hints] as numbers: one transfer (optim.stack_scalars: one
+    operator; the loss itself is read and checked on the host), or with `each` (SAE.reads_back_freely) one .item()
+    each: 0.8 us on the CPU, where a stack of per-value conversions took 21 us (7 interleaved runs)."""
     if each:
         return [math.isfinite(loss.item()), exact is None or bool(exact), int(n_dead), *(float(v) for v in hints)]
-    exact = exact if exact is not None else torch.ones((), dtype=torch.bool, device=loss.device)
-    read = [torch.isfinite(loss.detach()), exact, n_dead, *hints]
-    return torch.stack([v.detach().double().reshape(()) for v in read]).tolist()
+    got = optim.stack_scalars([loss, n_dead, *hints, *([] if exact is None else [exact])]).tolist()
+    return [math.isfinite(got[0]), exact is None or bool(got[-1]), got[1], *got[2:2 + len(hints)]]
 
 
 def _number(v):
