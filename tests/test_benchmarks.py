@@ -99,7 +99,9 @@ def test_gpu_script_dry_run_checks_every_path_and_writes_its_table(tmp_path):
     res = json.loads(next(tmp_path.glob("gpu-*-dry.json")).read_text())
     assert res["failures"] == [] and r.stdout.rstrip().endswith(md.read_text().rstrip())  # the table comes last
     sections = {row["section"] for row in res["rows"]}
-    assert sections == {"correctness", "train step", "peers", "capture"}
+    assert sections == {"correctness", "train step", "kernels", "peers", "capture"}
+    kernels = [row for row in res["rows"] if row["section"] == "kernels"]  # 4 + 3 + 3 methods, each checked
+    assert len(kernels) == 10 and all(row["note"].startswith("ok") for row in kernels)
     checks = [row for row in res["rows"] if row["section"] == "correctness"]
     # fast vs reference for 5 architectures x 2 precisions, the selections without read-backs of BatchTopK, JumpReLU
     # and ReLU, the recordable step (step_graphs) against the eager one for BatchTopK and JumpReLU, theta, DDP
@@ -136,6 +138,24 @@ def test_gpu_script_fails_loudly(tmp_path, monkeypatch):
     assert gpu.main(["--dry", "--out", str(tmp_path)]) == 1
     md = next(tmp_path.glob("gpu-*.md")).read_text()
     assert "FAILED" in md and "a broken kernel" in md and "a passing check" in md
+
+
+def test_sparse_kernels_benchmark_checks_and_times_every_candidate(tmp_path):
+    """benchmarks/sparse_kernels.py at a small shape: every product's candidates agree with saekit's result, each
+    has a time and a ratio, and saekit's own is the 1.00x baseline of its product."""
+    out = tmp_path / "k.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sparse_kernels.py"), "--d", "16", "--d-sae", "96",
+                        "--batch", "40", "--k", "3", "--rounds", "2", "--number", "1", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    products = {row["product"] for row in rows}
+    assert len(products) == 3 and len(rows) == 10 and "x = saekit's ms / this" in r.stdout
+    for product in products:
+        first = next(row for row in rows if row["product"] == product)
+        assert "(saekit)" in first["method"] and first["x"] == 1.0 and first["rel_error"] == 0.0
+    for row in rows:  # bf16 rounds to ~3 significant digits; fp32 kernels agree to float32 rounding
+        assert row["rel_error"] < (1e-2 if "bf16" in row["method"] else 1e-4) and row["ms_range"][0] <= row["ms"], row
 
 
 def test_profile_and_crossover_benchmarks_run():
