@@ -23,10 +23,12 @@ import platform
 import statistics
 import warnings
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils import benchmark
 
+from saekit.metrics.intervals import resample_weights
 from saekit.sae.kernels import CodeIndex, SparseCode, sparse_decode
 
 SHAPES = {"cpu": dict(d=576, f=4608, B=1024, k=32), "cuda": dict(d=768, f=24_576, B=4096, k=32)}
@@ -113,21 +115,27 @@ def measure(device: torch.device, d: int, f: int, B: int, k: int, rounds: int, n
             for r in range(rounds):  # interleaved, the order rotated each round
                 names = list(methods)[r % len(methods):] + list(methods)[:r % len(methods)]
                 for name in names:
-                    timer = benchmark.Timer("fn()", globals={"fn": methods[name]})
+                    timer = benchmark.Timer("fn()", globals={"fn": methods[name]}, num_threads=torch.get_num_threads())
                     times[name].append(timer.timeit(number).median * 1e3)
-            base = statistics.median(times[next(iter(methods))])
+            base = times[next(iter(methods))]
+            w = resample_weights(rounds, seed=1)
             for name, ts in times.items():
                 ms = statistics.median(ts)
-                rows.append(dict(product=product, method=name, ms=ms, x=base / ms, ms_range=[min(ts), max(ts)],
+                # 95% interval of x (total times' ratio): a bootstrap over the rounds, each round's times paired
+                ci = np.quantile((w @ np.array(base)) / (w @ np.array(ts)), [0.025, 0.975])
+                rows.append(dict(product=product, method=name, ms=ms, x=statistics.median(base) / ms,
+                                 x_interval=[float(ci[0]), float(ci[1])], ms_range=[min(ts), max(ts)],
                                  rel_error=errors[name]))
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"{'product':<32} {'method':<34} {'ms':>9} {'x':>6}  {'rounds (ms)':<19} rel. error"]
+    lines = [f"{'product':<32} {'method':<34} {'ms':>8} {'x':>5} {'95% interval':<13} {'rounds (ms)':<17} rel. error"]
     for r in rows:
-        lines.append(f"{r['product']:<32} {r['method']:<34} {r['ms']:>9.3f} {r['x']:>6.2f}  "
-                     f"{r['ms_range'][0]:.3f}-{r['ms_range'][1]:.3f}".ljust(95) + f" {r['rel_error']:.1e}")
+        interval = "{:.2f}-{:.2f}".format(*r["x_interval"])
+        spread = "{:.3f}-{:.3f}".format(*r["ms_range"])
+        lines.append(f"{r['product']:<32} {r['method']:<34} {r['ms']:>8.3f} {r['x']:>5.2f} {interval:<13} {spread:<17} "
+                     f"{r['rel_error']:.1e}")
     return "\n".join(lines)
 
 
@@ -151,8 +159,8 @@ def main(argv=None):
           f"{a.number} runs each")
     rows = measure(device, shape["d"], shape["f"], shape["B"], shape["k"], a.rounds, a.number)
     print(table(rows))
-    print("x = saekit's ms / this method's ms (above 1: faster than saekit's); ms: median over rounds; rel. error: "
-          "|result - saekit's| / |saekit's|")
+    print("x = saekit's ms / this method's ms (above 1: faster than saekit's), with a 95% bootstrap interval over "
+          "the rounds (paired); ms: median over rounds; rel. error: |result - saekit's| / |saekit's|")
     if a.json:
         with open(a.json, "w") as fh:
             json.dump({"device": name, "shape": shape, "rows": rows}, fh, indent=2)

@@ -158,6 +158,20 @@ def test_sparse_kernels_benchmark_checks_and_times_every_candidate(tmp_path):
         assert row["rel_error"] < (1e-2 if "bf16" in row["method"] else 1e-4) and row["ms_range"][0] <= row["ms"], row
 
 
+def test_step_ops_benchmark_counts_every_architectures_step(capsys):
+    """benchmarks/step_ops.py: each architecture's step, the GPU's way and the CPU's, counted against the plain
+    dense step's; BatchTopK's GPU-way step, with AuxK, theta and the dead-latent counters, dispatches no more
+    operators than the plain step (the launches a GPU's host pays for)."""
+    from benchmarks import step_ops
+
+    got = step_ops.main(["--d", "16", "--d-sae", "256", "--batch", "64", "--k", "4"])
+    out = capsys.readouterr().out
+    assert len(got) == 11 and all(v > 0 for v in got.values())
+    assert got["batchtopk GPU"] <= got["plain"] and got["matryoshka GPU"] > got["batchtopk GPU"]
+    aux = {line.split()[0]: float(line.split()[-1]) for line in out.splitlines() if line.startswith(("batchtopk", "topk"))}
+    assert aux and all(v > 0 for v in aux.values())  # dead latents by then: AuxK is in the counted step
+
+
 def test_profile_and_crossover_benchmarks_run():
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), "--d-sae", "256", "--batch", "128",
                         "--steps", "3"], capture_output=True, text=True, timeout=300)
