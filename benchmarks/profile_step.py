@@ -69,10 +69,12 @@ def _instrumented_step(tr: Trainer, x: torch.Tensor, record_function):
     with record_function("decode"):
         index = CodeIndex(sel.rows, sel.cols, xs.shape[0], sae.cfg.d_sae, rows_sorted=True)
         code = sparse_encode(xs, sae.W_enc, sae.b_enc, sae.b_dec, index, a, xc)
-        x_hat = sparse_decode(code, sae.W_dec) + sae.b_dec
+        decoded = sparse_decode(code, sae.W_dec)
+        x_hat = decoded + sae.b_dec
         mse = (x_hat - xs).pow(2).mean()
     with record_function("AuxK"):
-        aux = (sae.aux_reconstruction(xc, dead) - (xs - x_hat).detach()).pow(2).mean() if dead is not None else 0
+        aux = 0 if dead is None else (sae.aux_reconstruction(xc, dead, (index, code.vals, decoded))
+                                      - (xs - x_hat).detach()).pow(2).mean()
     with record_function("loss + backward (rest)"):
         opt.zero_grad(set_to_none=True)
         (mse + sae.cfg.aux_alpha * aux).backward()

@@ -104,6 +104,71 @@ def test_fast_sparse_path_matches_dense_gradients(arch, n_dead, sparse_everywher
         torch.testing.assert_close(p1.grad, p2.grad, atol=1e-6, rtol=1e-4, msg=n)
 
 
+def test_auxk_gradients_fold_into_the_sparse_paths_without_a_full_size_zero_tensor(sparse_everywhere, monkeypatch):
+    """The fast path's AuxK hands its dead columns' gradients to the sparse encoder's and decoder's backward
+    (auxk.DeadColumns), so no [d_sae, d_in] gradient is zero-filled for it and none is added to another; the
+    gradients equal those of the plain indexing it replaces (autograd's scatter of the dead rows)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from saekit.sae.auxk import DeadLatents
+
+    class FullSizeZeros(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.__name__.split(".")[0] in ("zeros", "new_zeros", "zeros_like", "fill_", "zero_") and (
+                    tuple(out.shape) == (96, 24)):
+                FullSizeZeros.n += 1
+            return out
+
+    grads = {}
+    for folded in (True, False):
+        if not folded:  # the dead rows by plain indexing, their gradients scattered by autograd
+            plain = DeadLatents.aux_reconstruction
+            monkeypatch.setattr(DeadLatents, "aux_reconstruction", lambda self, xc, idx, fold=None: plain(self, xc, idx))
+        torch.manual_seed(1)
+        sae = make_sae(SAEConfig(arch="batchtopk", d_in=24, d_sae=96, k=4, k_aux=16, dead_tokens=10))
+        sae.tokens_since_fired[:40] = 100
+        FullSizeZeros.n = 0
+        with FullSizeZeros():
+            out = sae.training_loss(torch.randn(48, 24))
+            out.loss.backward()
+        assert out.path == "sparse" and float(out.terms["aux"]) > 0
+        grads[folded] = ({n: p.grad.clone() for n, p in sae.named_parameters()}, FullSizeZeros.n)
+    assert grads[True][1] == 0 and grads[False][1] >= 2  # W_enc's and W_dec's zero-filled gradients, unfolded
+    for n, g in grads[False][0].items():
+        torch.testing.assert_close(grads[True][0][n], g, rtol=1e-6, atol=1e-7, msg=n)
+
+
+def test_auxk_under_cpu_autocast_pads_its_dead_latents_to_a_grid_and_keeps_the_loss(sparse_everywhere):
+    """Under bf16 autocast on the CPU the fast path's AuxK pads the dead latents to aux_bucket's grid (a few
+    product shapes a run, each a compiled oneDNN kernel) and runs its products in bf16: the padded slots add
+    nothing, so loss and gradients match the reference path's (also bf16 there) to bf16 rounding."""
+    from saekit.sae.auxk import aux_bucket
+
+    sizes = [aux_bucket(n, 10**6) for n in range(1, 5000)]
+    assert all(0 <= s - n < max(64, n / 8) for n, s in zip(range(1, 5000), sizes))  # <= 12.5% more above 512
+    assert len(set(sizes)) < 60 and aux_bucket(5000, 4608) == 4608
+    torch.manual_seed(2)
+    cfg = SAEConfig(arch="batchtopk", d_in=24, d_sae=96, k=4, k_aux=16, dead_tokens=10, normalize="none")
+    ref, fast = make_sae(cfg), make_sae(cfg)
+    fast.load_state_dict(ref.state_dict())
+    for s in (ref, fast):
+        s.tokens_since_fired[:37] = 100  # 37 dead latents -> 64 slots, 27 of them padding
+    x = torch.randn(48, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        idx = fast._aux_dead()
+        assert idx.numel() == 64 and (idx < 0).sum() == 27 and sorted(idx[idx >= 0].tolist()) == list(range(37))
+        o1, o2 = ref.training_loss(x, fast=False), fast.training_loss(x)
+    assert (o1.path, o2.path) == ("reference", "sparse") and float(o2.terms["aux"]) > 0
+    torch.testing.assert_close(o2.terms["aux"], o1.terms["aux"], rtol=2e-2, atol=1e-4)
+    o1.loss.backward()
+    o2.loss.backward()
+    for (n, p1), (_, p2) in zip(ref.named_parameters(), fast.named_parameters()):
+        torch.testing.assert_close(p2.grad, p1.grad, rtol=5e-2, atol=2e-3, msg=n)
+
+
 def _read_back_counter():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from benchmarks.step_variants import DispatchReadBacks

@@ -7,6 +7,14 @@ from __future__ import annotations
 import torch
 
 
+def aux_bucket(n_dead: int, d_sae: int) -> int:
+    """AuxK's slots for n_dead dead latents on the CPU under bf16 (DeadLatents._aux_bucketed): n_dead rounded up on
+    a grid of 8 to 16 sizes an octave (multiples of 64 below 1,024), so at most 12.5% more columns above 512, and
+    at most d_sae."""
+    unit = max(64, 1 << max(0, int(n_dead).bit_length() - 4))
+    return min(d_sae, unit * -(-int(n_dead) // unit))
+
+
 class DeadLatents:
     """Mixed into SAE: uses its cfg (dead_tokens, k_aux, aux_alpha), uses_auxk, aux_due, the buffer
     tokens_since_fired and the encoder and decoder parameters."""
@@ -28,10 +36,22 @@ class DeadLatents:
             cap = self.aux_capacity
             return torch.nonzero_static(self.dead_mask(), size=cap, fill_value=-1).squeeze(1) if cap else None
         n_dead = self.known_dead_count()
+        if self._aux_bucketed():  # padded with -1 to a size on aux_bucket's grid
+            n_dead = int(self.dead_mask().sum()) if n_dead is None else n_dead
+            cap = aux_bucket(n_dead, self.cfg.d_sae)
+            return torch.nonzero_static(self.dead_mask(), size=cap, fill_value=-1).squeeze(1) if n_dead else None
         if n_dead is not None:
             return torch.nonzero_static(self.dead_mask(), size=n_dead).squeeze(1) if n_dead else None
         dead = self.dead_mask().nonzero().squeeze(1)
         return dead if dead.numel() else None
+
+    def _aux_bucketed(self) -> bool:
+        """Whether the fast path's AuxK pads its dead latents to a size on aux_bucket's grid: under bf16 autocast on
+        the CPU, where oneDNN keeps a compiled kernel (~0.7 MB) per bf16 product shape, up to 1,024 of them, and
+        exact shapes follow the dead count from step to step (an epoch over a 512 MiB store grew the process by
+        1.2 GB so; tests/test_scale.py). On the grid a run meets a few dozen shapes, and AuxK's products run in
+        bf16: ~4x faster than fp32 on this AMX CPU at [1,024 x 576] x [576 x 230] (0.2 vs 0.9 ms)."""
+        return self.aux_capacity is None and self.W_dec.device.type == "cpu" and torch.is_autocast_enabled("cpu")
 
     def aux_wanted(self) -> bool:
         """Whether AuxK runs this step at all: the architecture uses it, with a weight, and it is due."""
@@ -76,7 +96,7 @@ class DeadLatents:
         self._dead_known = None if n_dead is None else (int(n_dead), counters, counters._version)
 
     # -- AuxK: one implementation per path ----------------------------------------------------
-    def aux_reconstruction(self, xc: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def aux_reconstruction(self, xc: torch.Tensor, idx: torch.Tensor, fold=None) -> torch.Tensor:
         """Fast path's AuxK reconstruction from the dead latents alone, with dense matmuls over just their
         columns (B x n_dead x d_in each way: small while few latents are dead): their pre-activations again,
         each row's k_aux largest positive ones kept, decoded. The same values and gradients as the reference
@@ -84,24 +104,24 @@ class DeadLatents:
         entries through the sparse encoder's backward (measured on 2 CPU cores at d_in=576, d_sae=4608,
         B=1024 with ~170 dead latents: AuxK's share of a step fell from ~25-30 ms to ~15 ms). idx: the dead
         latents (`_aux_dead`); with aux_capacity set, padded with -1 (slots that contribute nothing). xc: the
-        normalised input less b_dec (SAE.centred_pre_acts), differentiable to b_dec."""
-        if xc.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-            # fp32 on the CPU: oneDNN keeps a compiled kernel (~0.7 MB) per bf16 product shape, up to 1,024 of
-            # them, and these shapes follow the dead count from step to step (an epoch over a 512 MiB store grew the
-            # process by 1.2 GB under bf16 autocast; tests/test_scale.py)
-            with torch.autocast("cpu", enabled=False):
-                return self.aux_reconstruction(xc, idx)
-        padded = self.aux_capacity is not None
+        normalised input less b_dec (SAE.centred_pre_acts), differentiable to b_dec. fold: (the main code's
+        CodeIndex, its values, its decode): the dead columns' gradients then add into the sparse encoder's and
+        decoder's (DeadColumns), where autograd would give each parameter a second gradient of its full size."""
+        padded = self.aux_capacity is not None or self._aux_bucketed()
         slots = idx.clamp_min(0) if padded else idx  # padding reads latent 0, then its columns are zeroed
         # the dead latents as rows of W_enc_t: their gradient comes in the parameter's own layout and adds into the
         # sparse path's in place (indexing W_enc[:, idx] cost a transposing copy a step)
-        a = torch.mm(xc, self.W_enc_t[slots].t()).add_(self.b_enc[slots]).relu_()
+        if fold is None:
+            W_enc, b_enc, W_dec = self.W_enc_t[slots], self.b_enc[slots], self.W_dec[slots]
+        else:
+            W_enc, b_enc, W_dec = DeadColumns.apply(self.W_enc_t, self.b_enc, self.W_dec, slots, *fold)
+        a = torch.mm(xc, W_enc.t()).add_(b_enc).relu_()
         if padded:
             a = a.masked_fill(idx < 0, 0)  # a zero is never among a row's k_aux largest unless it adds nothing
         if idx.numel() > self.cfg.k_aux:
             vals, pos = a.topk(self.cfg.k_aux, dim=-1, sorted=False)
             a = torch.zeros_like(a).scatter(-1, pos, vals)
-        return a @ self.W_dec[slots]
+        return a @ W_dec
 
     def aux_code(self, a: torch.Tensor, dead: torch.Tensor, n_dead: int) -> torch.Tensor:
         """Reference path's AuxK code, dense [batch, d_sae]: each row's k_aux largest pre-activations of dead latents,
@@ -112,3 +132,25 @@ class DeadLatents:
             idx = torch.where(dead, a, 0).topk(min(self.cfg.k_aux, n_dead), dim=-1, sorted=False).indices
             keep = torch.zeros_like(a, dtype=torch.bool).scatter_(-1, idx, True).logical_and_(dead)
         return a * keep
+
+
+class DeadColumns(torch.autograd.Function):
+    """The dead latents' rows of W_enc_t, b_enc and W_dec (`slots`) for AuxK, whose gradients are not handed to
+    autograd, which would give each parameter a zero-filled gradient of its full size ([d_sae, d_in]; the fill of
+    fresh pages and the add into the main gradient took ~7 ms of a 51 ms step on 2 CPU cores at 4,608 x 576, 5%
+    dead). Backward leaves them on the main code's CodeIndex (`aux_grads`), and the sparse encoder's and decoder's
+    backward add them into their own gradients (kernels.SparseEncode, SparseDecode) with index_add_. That those
+    run after this one is made sure by the graph: this takes the main code's values and decode as inputs (not read:
+    their gradient from here is none), so autograd runs their backward after this node's."""
+
+    @staticmethod
+    def forward(ctx, W_enc_t, b_enc, W_dec, slots, index, vals, decoded):
+        ctx.index = index
+        ctx.save_for_backward(slots)
+        return W_enc_t[slots], b_enc[slots], W_dec[slots]
+
+    @staticmethod
+    def backward(ctx, g_enc, g_b_enc, g_dec):
+        (slots,) = ctx.saved_tensors
+        ctx.index.aux_grads = (slots, g_enc, g_b_enc, g_dec)
+        return None, None, None, None, None, None, None

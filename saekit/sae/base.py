@@ -264,10 +264,11 @@ class SAE(InputScaling, DeadLatents, torch.nn.Module):
         # one index of the selection (row-major already) serves the encoder's and the decoder's products
         index = CodeIndex(sel.rows, sel.cols, xs.shape[0], self.cfg.d_sae, rows_sorted=True)
         code = sparse_encode(xs, self.W_enc, self.b_enc, self.b_dec, index, a, xc)
-        x_hat = sparse_decode(code, self.W_dec) + self.b_dec
+        decoded = sparse_decode(code, self.W_dec)
+        x_hat = decoded + self.b_dec
         aux = None
-        if dead is not None:
-            aux = F.mse_loss(self.aux_reconstruction(xc, dead), (xs - x_hat).detach())
+        if dead is not None:  # its gradients fold into the sparse encoder's and decoder's (auxk.DeadColumns)
+            aux = F.mse_loss(self.aux_reconstruction(xc, dead, (index, code.vals, decoded)), (xs - x_hat).detach())
         return self._finish(xs, x_hat, self.recon_loss(xs, x_hat, code), None, aux,
                             *sparse_stats(sel.rows, sel.cols, xs.shape[0], self.cfg.d_sae, index=index), sel.cut,
                             "sparse", sel.exact)

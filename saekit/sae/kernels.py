@@ -61,6 +61,7 @@ class CodeIndex:
         self.row_bounds = torch.searchsorted(self.rows, arange(n_rows + 1, rows.device))
         self.row_offsets = self.row_bounds[:-1]
         self._by_col = None
+        self.aux_grads = None  # AuxK's dead-column gradients, left by auxk.DeadColumns for the backward to add
 
     def row_counts(self) -> torch.Tensor:
         """Entries per row (l0 per token where every entry is active)."""
@@ -187,6 +188,10 @@ class SparseEncode(torch.autograd.Function):
         # the input needs a gradient (training data does not)
         grad_xc = index.row_sum(g, W_enc.t().contiguous()).to(xc.dtype) if ctx.needs_input_grad[0] else None
         grad_b_dec = -(W_enc @ grad_b_enc) if ctx.needs_input_grad[3] else None
+        if index.aux_grads is not None:  # AuxK's dead columns (auxk.DeadColumns; b_dec's comes through xc)
+            slots, g_enc, g_b_enc, _ = index.aux_grads
+            grad_W_enc.t().index_add_(0, slots, g_enc.to(grad_W_enc.dtype))
+            grad_b_enc.index_add_(0, slots, g_b_enc.to(grad_b_enc.dtype))
         return grad_xc, grad_W_enc, grad_b_enc, grad_b_dec, None, None, None, None, None
 
 
@@ -222,7 +227,11 @@ class SparseDecode(torch.autograd.Function):
         g = g.contiguous().to(W_dec.dtype)
         grad_vals = torch.ops.aten._embedding_bag_per_sample_weights_backward(
             g, W_dec, index.cols, index.row_offsets, offset2bag, 0)
-        return index.from_row(grad_vals).to(vals.dtype), index.col_sum(vals, g), None
+        grad_W_dec = index.col_sum(vals, g)
+        if index.aux_grads is not None:  # AuxK's dead rows of W_dec (auxk.DeadColumns)
+            slots, _, _, g_dec = index.aux_grads
+            grad_W_dec.index_add_(0, slots, g_dec.to(grad_W_dec.dtype))
+        return index.from_row(grad_vals).to(vals.dtype), grad_W_dec, None
 
 
 def sparse_stats(rows: torch.Tensor, cols: torch.Tensor, batch: int, d_sae: int, on: torch.Tensor | None = None,
