@@ -13,6 +13,12 @@ Variants (the current code is the baseline):
                        the dead latents found by a read-back
   theta hint (before)  the selection of the code before the previous cut became the hint: 0.9 theta read back,
                        the dead latents found by a read-back
+  input grad (before)  the sparse encoder's backward with the input's gradient always (the code before it was
+                       computed only when asked for)
+  AuxK scatter (before) AuxK's dead rows by plain indexing, their gradients scattered by autograd into
+                       zero-filled gradients of the parameters' full size (before auxk.DeadColumns)
+  AuxK fp32 (before)   AuxK in fp32 over exactly the dead latents on the CPU (before its grid of sizes and bf16
+                       under the CPU's autocast, auxk.aux_bucket)
 With --arch jumprelu or relu (their usual sparsity, L0 ~ 32):
   probe every step     the path chosen from a probe encode of 128 rows at every step (the code before the
                        previous step's density was kept for that)
@@ -150,6 +156,29 @@ def encode_backward_with_input_gradient(ctx, g):
     return grad_xc.to(xc.dtype), grad_W_enc, grad_b_enc, -grad_xc.sum(0), None, None, None, None, None
 
 
+AUX = DeadLatents.aux_reconstruction
+
+
+def aux_scattered(self, xc, idx, fold=None):
+    """AuxK's dead rows by plain indexing: autograd scatters their gradients into zero-filled full-size ones."""
+    return AUX(self, xc, idx)
+
+
+def aux_fp32_exact(self, xc, idx, fold=None):
+    """AuxK in fp32 on the CPU, over exactly the dead latents (the code before session 15's grid of sizes)."""
+    if xc.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            return AUX(self, xc, idx, fold)
+    return AUX(self, xc, idx, fold)
+
+
+@contextlib.contextmanager
+def aux_before_grid():
+    with patched(DeadLatents, "_aux_bucketed", lambda self: False), \
+            patched(DeadLatents, "aux_reconstruction", aux_fp32_exact):
+        yield
+
+
 PROBE_VARIANTS = {"current": contextlib.nullcontext,
                   "probe every step": lambda: patched(SAE, "probe_pays", probe_every_step),
                   "sync-free entries": lambda: patched(SAE, "sync_free", True)}
@@ -163,7 +192,9 @@ VARIANTS = {"current": contextlib.nullcontext,
             "sync-free selection": lambda: patched(SAE, "sync_free", True),
             "read-back selection": lambda: read_back_variant(exact_selection),
             "theta hint (before)": lambda: read_back_variant(theta_hint_selection),
-            "input grad (before)": lambda: patched(SparseEncode, "backward", encode_backward_with_input_gradient)}
+            "input grad (before)": lambda: patched(SparseEncode, "backward", encode_backward_with_input_gradient),
+            "AuxK scatter (before)": lambda: patched(DeadLatents, "aux_reconstruction", aux_scattered),
+            "AuxK fp32 (before)": aux_before_grid}
 
 
 def sync(dev):

@@ -243,9 +243,10 @@ def test_step_variants_and_data_loading_benchmarks_run(store):
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_variants.py"), "--d", "32", "--d-sae", "1024",
                         "--batch", "128", "--steps", "2", "--rounds", "2"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    names = ("current", "bias after product", "sync-free selection", "read-back selection", "theta hint (before)")
+    names = ("current", "bias after product", "sync-free selection", "read-back selection", "theta hint (before)",
+             "input grad (before)", "AuxK scatter (before)", "AuxK fp32 (before)")
     rows = {line[:22].strip(): line.split() for line in r.stdout.splitlines() if line[:22].strip() in names}
-    assert len(rows) == 5 and rows["current"][-2:] == ["1.000", "1.000-1.000"]
+    assert len(rows) == 8 and rows["current"][-2:] == ["1.000", "1.000-1.000"]
     assert all(float(v[-3]) > 0 for v in rows.values())  # ms per step
     # the listing of read-backs: none in the sync-free step; the exact selection's nonzero and the dead latents'
     assert "'sync-free selection' (at dispatch, besides the Trainer's one .tolist()): 0" in r.stdout
