@@ -64,8 +64,9 @@ def patched(cls, name, fn):
         setattr(cls, name, old)
 
 
-def bias_after_product(self, x, xc=None):
-    return torch.mm(x - self.b_dec if xc is None else xc, self.W_enc).add_(self.b_enc).relu_()
+def bias_after_product(self, x, xc=None, relu=True):
+    a = torch.mm(x - self.b_dec if xc is None else xc, self.W_enc).add_(self.b_enc)
+    return a.relu_() if relu else a
 
 
 def exact_selection(self, a):

@@ -169,6 +169,37 @@ def test_auxk_under_cpu_autocast_pads_its_dead_latents_to_a_grid_and_keeps_the_l
         torch.testing.assert_close(p2.grad, p1.grad, rtol=5e-2, atol=2e-3, msg=n)
 
 
+@pytest.mark.parametrize("sync_free", [None, True])
+@pytest.mark.parametrize("arch", ["batchtopk", "topk", "matryoshka"])
+def test_the_topk_familys_fast_path_selects_positive_entries_without_relu(arch, sync_free, sparse_everywhere):
+    """The TopK family's fast path selects from the pre-activations before relu (it keeps positive entries only):
+    with most of them negative, fewer than k a row positive on many rows, it gives the reference path's (relu'd)
+    code, loss and gradients, with and without read-backs."""
+    torch.manual_seed(3)
+    cfg = SAEConfig(arch=arch, d_in=24, d_sae=96, k=8, normalize="none", aux_alpha=0,
+                    group_sizes=[32, 64] if arch == "matryoshka" else None)
+    ref, fast = make_sae(cfg), make_sae(cfg)
+    with torch.no_grad():
+        ref.b_enc.fill_(-2.5)  # most pre-activations negative
+    fast.load_state_dict(ref.state_dict())
+    fast.sync_free = sync_free
+    if sync_free and ref.has_theta:
+        fast.previous_cut = 0.05  # a hint: the selection without read-backs
+    x = torch.randn(40, 24)
+    assert int((ref.pre_acts(x) > 0).sum(1).lt(8).sum()) > 5  # rows with fewer than k positive pre-activations
+    o1, o2 = ref.training_loss(x, fast=False), fast.training_loss(x)
+    if o2.exact is not None and not bool(o2.exact):  # the trainer would redo it exactly
+        fast.redo_exact = True
+        o2 = fast.training_loss(x)
+    assert (o1.path, o2.path) == ("reference", "sparse")
+    assert torch.equal(o1.l0, o2.l0) and torch.equal(o1.fired, o2.fired)
+    torch.testing.assert_close(o2.loss, o1.loss)
+    o1.loss.backward()
+    o2.loss.backward()
+    for (n, p1), (_, p2) in zip(ref.named_parameters(), fast.named_parameters()):
+        torch.testing.assert_close(p2.grad, p1.grad, atol=1e-6, rtol=1e-4, msg=n)
+
+
 def _read_back_counter():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from benchmarks.step_variants import DispatchReadBacks

@@ -448,25 +448,29 @@ def test_stack_scalars_reads_every_dtype_exactly_in_one_operator():
     assert stack_scalars(values).dtype == torch.float64 and stack_scalars(values)[2] == 2**40 + 3
 
 
-def test_clip_grad_norm_is_torchs():
-    """saekit.train.optim.clip_grad_norm_ scales the gradients as torch.nn.utils.clip_grad_norm_ does and returns
-    the same total norm, above the limit and below it, skipping parameters without a gradient."""
-    from saekit.train.optim import clip_grad_norm_, drop_grads
+def test_clipping_in_the_step_is_torchs_clip_then_step():
+    """saekit.train.optim.clip_in_step (the scale handed to fused Adam as its grad_scale) returns torch's total norm
+    and moves every parameter as torch.nn.utils.clip_grad_norm_ followed by the same Adam step does, above the
+    limit and below it, over three steps (Adam's state too), a parameter without a gradient left alone."""
+    from saekit.train.optim import clip_in_step, drop_grads
 
     for scale, max_norm in ((10.0, 1.0), (0.01, 1.0), (3.0, 0.5)):
+        torch.manual_seed(0)
         ps = [torch.nn.Parameter(torch.randn(s)) for s in ((64, 16), (16,), (64,), (3, 3))]
-        for p in ps[:3]:
-            p.grad = torch.randn_like(p) * scale
         qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
-        for p, q in zip(ps, qs):
-            q.grad = None if p.grad is None else p.grad.clone()
-        total = clip_grad_norm_(ps, max_norm)
-        torch.testing.assert_close(total, torch.nn.utils.clip_grad_norm_(qs, max_norm))
-        for p, q in zip(ps[:3], qs[:3]):
-            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
-        assert ps[3].grad is None
-        assert (torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in ps[:3]])) <= max_norm * 1.0001) == (
-            float(total) > max_norm or scale < 1)
+        opt_p, opt_q = (torch.optim.Adam(v, lr=1e-2, fused=True) for v in (ps, qs))
+        for _ in range(3):
+            for p, q in zip(ps[:3], qs[:3]):
+                p.grad = torch.randn_like(p) * scale
+                q.grad = p.grad.clone()
+            total = clip_in_step(opt_p, ps, max_norm)
+            torch.testing.assert_close(total, torch.nn.utils.clip_grad_norm_(qs, max_norm))
+            assert float(opt_p.grad_scale) >= 1.0 and (float(opt_p.grad_scale) > 1.0) == (float(total) > max_norm)
+            opt_p.step()
+            opt_q.step()
+            for p, q in zip(ps, qs):
+                torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
+        assert ps[3].grad is None and torch.equal(ps[3].detach(), qs[3].detach())
     drop_grads(ps)
     assert all(p.grad is None for p in ps)
 

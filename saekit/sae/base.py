@@ -145,18 +145,20 @@ class SAE(InputScaling, DeadLatents, torch.nn.Module):
             getattr(self, key).data = weights[key].clone().to(self.W_dec)
 
     # -- the shared encoder/decoder -----------------------------------------------------------
-    def pre_acts(self, x: torch.Tensor, xc: torch.Tensor | None = None) -> torch.Tensor:
+    def pre_acts(self, x: torch.Tensor, xc: torch.Tensor | None = None, relu: bool = True) -> torch.Tensor:
         """relu((x - b_dec) W_enc + b_enc) for x already normalised [batch, d_sae]; xc: x - b_dec, if known."""
         # the bias inside the product (cuBLAS adds it in the GEMM's epilogue on a GPU: one pass less over
         # [batch, d_sae]), relu in place: no [batch, d_sae] copies
-        return torch.addmm(self.b_enc, x - self.b_dec if xc is None else xc, self.W_enc).relu_()
+        a = torch.addmm(self.b_enc, x - self.b_dec if xc is None else xc, self.W_enc)
+        return a.relu_() if relu else a
 
-    def centred_pre_acts(self, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fast paths' (xs - b_dec, differentiable to b_dec, and the pre-activations from it without autograd):
-        one centring that the dense encode, the sparse encoder's backward and AuxK all read."""
+    def centred_pre_acts(self, xs: torch.Tensor, relu: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fast paths' (xs - b_dec, differentiable to b_dec; the pre-activations from it, without autograd): one
+        centring for the dense encode, the sparse encoder's backward and AuxK. relu=False: before relu, for a selection
+        keeping positive entries only (the TopK family's, but across ranks; relu took 2 ms of a 46 ms CPU step)."""
         xc = xs - self.b_dec
         with torch.no_grad():
-            return xc, self.pre_acts(xs, xc)
+            return xc, self.pre_acts(xs, xc, relu)
 
     def select(self, a: torch.Tensor, mode: str | None = None) -> Selection:
         """The active entries of pre-activations a [batch, d_sae] in code `mode` ("train" in training)."""
@@ -258,7 +260,7 @@ class SAE(InputScaling, DeadLatents, torch.nn.Module):
             return self.reference_loss(x)
         xs, _ = self.normalize_input(self._check_input(x))
         dead = self._aux_dead()
-        xc, a = self.centred_pre_acts(xs)
+        xc, a = self.centred_pre_acts(xs, relu=self.distributed)  # no relu: the selection keeps positive entries
         with torch.no_grad():
             sel = self.train_select(a)
         # one index of the selection (row-major already) serves the encoder's and the decoder's products

@@ -36,7 +36,7 @@ import torch
 from ..metrics.reconstruction import nmse_tensor
 from ..sae import SAE
 from .config import TrainingError
-from .optim import clip_grad_norm_, stack_scalars
+from .optim import clip_in_step, stack_scalars
 
 MODES = ("off", "cuda", "eager")
 REPORT = ("finite", "exact", "n_dead", "count", "loss", "mse", "sparsity", "aux", "nmse", "l0")  # phase A's figures
@@ -201,7 +201,7 @@ class GraphedStep:
         sae = self.sae
         sae.remove_parallel_grad()
         if self.grad_clip:
-            clip_grad_norm_(sae.parameters(), self.grad_clip)
+            clip_in_step(self.opt, list(sae.parameters()), self.grad_clip)
         self.opt.step()
         sae.normalize_decoder()
         sae.tokens_since_fired.copy_(self.since)

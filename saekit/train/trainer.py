@@ -160,8 +160,8 @@ class Trainer:
                 continue
             out, since, n_dead = self._forward_backward(i, x, n_tokens)
             sae.remove_parallel_grad()
-            if tc.grad_clip:
-                optim.clip_grad_norm_(self.params[i], tc.grad_clip)
+            if tc.grad_clip:  # by the step itself (fused Adam's grad_scale), not by scaling the gradients first
+                optim.clip_in_step(opt, self.params[i], tc.grad_clip)
             opt.step()
             sae.normalize_decoder()
             sae.set_dead_counters(since, n_dead)
