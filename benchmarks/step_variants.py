@@ -175,7 +175,7 @@ def aux_fp32_exact(self, xc, idx, fold=None):
 
 @contextlib.contextmanager
 def aux_before_grid():
-    with patched(DeadLatents, "_aux_bucketed", lambda self: False), \
+    with patched(DeadLatents, "_aux_padded", lambda self: self.aux_capacity is not None), \
             patched(DeadLatents, "aux_reconstruction", aux_fp32_exact):
         yield
 

@@ -8,7 +8,7 @@ import torch
 
 
 def aux_bucket(n_dead: int, d_sae: int) -> int:
-    """AuxK's slots for n_dead dead latents on the CPU under bf16 (DeadLatents._aux_bucketed): n_dead rounded up on
+    """AuxK's slots for n_dead dead latents on the CPU under bf16 (DeadLatents._aux_padded): n_dead rounded up on
     a grid of 8 to 16 sizes an octave (multiples of 64 below 1,024), so at most 12.5% more columns above 512, and
     at most d_sae."""
     unit = max(64, 1 << max(0, int(n_dead).bit_length() - 4))
@@ -32,26 +32,26 @@ class DeadLatents:
         changed since (loaded, set by hand) it is read back from the device."""
         if not self.aux_wanted():
             return None
-        if self.aux_capacity is not None:
-            cap = self.aux_capacity
-            return torch.nonzero_static(self.dead_mask(), size=cap, fill_value=-1).squeeze(1) if cap else None
         n_dead = self.known_dead_count()
-        if self._aux_bucketed():  # padded with -1 to a size on aux_bucket's grid
-            n_dead = int(self.dead_mask().sum()) if n_dead is None else n_dead
-            cap = aux_bucket(n_dead, self.cfg.d_sae)
-            return torch.nonzero_static(self.dead_mask(), size=cap, fill_value=-1).squeeze(1) if n_dead else None
+        if self._aux_padded():  # the slots: a recorded step's, or on the CPU's bf16 grid for this dead count
+            cap = self.aux_capacity
+            if cap is None:
+                n_dead = int(self.dead_mask().sum()) if n_dead is None else n_dead
+                cap = aux_bucket(n_dead, self.cfg.d_sae) if n_dead else 0
+            return torch.nonzero_static(self.dead_mask(), size=cap, fill_value=-1).squeeze(1) if cap else None
         if n_dead is not None:
             return torch.nonzero_static(self.dead_mask(), size=n_dead).squeeze(1) if n_dead else None
         dead = self.dead_mask().nonzero().squeeze(1)
         return dead if dead.numel() else None
 
-    def _aux_bucketed(self) -> bool:
-        """Whether the fast path's AuxK pads its dead latents to a size on aux_bucket's grid: under bf16 autocast on
-        the CPU, where oneDNN keeps a compiled kernel (~0.7 MB) per bf16 product shape, up to 1,024 of them, and
-        exact shapes follow the dead count from step to step (an epoch over a 512 MiB store grew the process by
-        1.2 GB so; tests/test_scale.py). On the grid a run meets a few dozen shapes, and AuxK's products run in
-        bf16: ~4x faster than fp32 on this AMX CPU at [1,024 x 576] x [576 x 230] (0.2 vs 0.9 ms)."""
-        return self.aux_capacity is None and self.W_dec.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+    def _aux_padded(self) -> bool:
+        """Whether the fast path's AuxK takes its dead latents in slots padded with -1: a recorded step's fixed number
+        (aux_capacity), or under bf16 autocast on the CPU a size on aux_bucket's grid. There oneDNN keeps a compiled
+        kernel (~0.7 MB) per bf16 product shape, up to 1,024 of them, and exact shapes follow the dead count from step
+        to step (an epoch over a 512 MiB store grew the process by 1.2 GB so; tests/test_scale.py); on the grid a run
+        meets a few dozen shapes, and AuxK's products run in bf16: ~4x faster than fp32 on this AMX CPU at
+        [1,024 x 576] x [576 x 230] (0.2 vs 0.9 ms)."""
+        return self.aux_capacity is not None or (self.W_dec.device.type == "cpu" and torch.is_autocast_enabled("cpu"))
 
     def aux_wanted(self) -> bool:
         """Whether AuxK runs this step at all: the architecture uses it, with a weight, and it is due."""
@@ -107,7 +107,7 @@ class DeadLatents:
         normalised input less b_dec (SAE.centred_pre_acts), differentiable to b_dec. fold: (the main code's
         CodeIndex, its values, its decode): the dead columns' gradients then add into the sparse encoder's and
         decoder's (DeadColumns), where autograd would give each parameter a second gradient of its full size."""
-        padded = self.aux_capacity is not None or self._aux_bucketed()
+        padded = self._aux_padded()
         slots = idx.clamp_min(0) if padded else idx  # padding reads latent 0, then its columns are zeroed
         # the dead latents as rows of W_enc_t: their gradient comes in the parameter's own layout and adds into the
         # sparse path's in place (indexing W_enc[:, idx] cost a transposing copy a step)

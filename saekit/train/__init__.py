@@ -4,7 +4,7 @@
     sources.py      batches from a store, a tensor or a file; read-ahead
     checkpoints.py  atomic, pickle-free checkpoints that resume to the same weights
     trainer.py      Trainer (several SAEs, one stream) and train()
-    optim.py        the step's gradient clipping and zero-grad, lean (torch's cost more than their kernels when small)
+    optim.py        the step's clipping (folded into fused Adam), zero-grad and read-back stack, lean
     graphs.py       the training step recorded once and replayed as CUDA graphs (step_graphs)
     results.py      StepStats (one step's figures, read when asked for) and TrainResult
 
