@@ -28,6 +28,8 @@ With --arch jumprelu or relu (their usual sparsity, L0 ~ 32):
                        each encoded or decoded apart, the decode indexing their concatenation anew: the code before
                        the entries stayed together with masks (2026-11-27)
 With --arch matryoshka:
+  decode twice (before) every group's part from one decode, and the whole code decoded again for the
+                       reconstruction (the code before the prefixes' running sums gave it, 2026-11-27)
   decode per group     each group's entries decoded apart (a boolean mask per group, whose size the host reads
                        back): the code before every group's part came from one decode
 (Earlier JumpReLU variants, "two scans" and "window as a kernel", timed code that no longer exists: their figures
@@ -43,6 +45,7 @@ import traceback
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from saekit.sae import SAEConfig
@@ -123,6 +126,31 @@ def split_code_and_window(self, x):
                         n_active=rows.numel() + wr.numel())
 
 
+def decode_twice(self, xs, x_hat, code):
+    """MatryoshkaSAE.recon_loss before its code was decoded once (a copy: the baseline): every group's part from
+    one decode, besides the base's decode of the whole code for x_hat."""
+    widths, batch = self.widths, xs.shape[0]
+    if not isinstance(code, SparseCode):
+        return MATRYOSHKA_RECON(self, xs, x_hat, code)
+    group = sum((code.cols >= w).long() for w in widths[:-1])
+    parts = sparse_decode(SparseCode(group * batch + code.rows, code.cols, code.vals,
+                                     (len(widths) * batch, self.cfg.d_sae)), self.W_dec)
+    partial, losses = self.b_dec.expand_as(xs), []
+    for part in parts.view(len(widths), batch, -1).unbind(0)[:-1]:
+        partial = partial + part
+        losses.append(F.mse_loss(partial, xs))
+    losses.append(F.mse_loss(x_hat, xs))
+    return sum(w * l for w, l in zip(self._weights(), losses))
+
+
+@contextlib.contextmanager
+def whole_decode(recon_loss):
+    """Matryoshka's step with the base's decode of the whole code and the given recon_loss (the code before)."""
+    with patched(MatryoshkaSAE, "sparse_reconstruction", SAE.sparse_reconstruction), \
+            patched(MatryoshkaSAE, "recon_loss", recon_loss):
+        yield
+
+
 def decode_per_group(self, xs, x_hat, code):
     """MatryoshkaSAE.recon_loss as it was before one decode gave every group's part (a copy: the baseline)."""
     lo, partial, losses = 0, self.b_dec.expand_as(xs), []
@@ -186,7 +214,9 @@ PROBE_VARIANTS = {"current": contextlib.nullcontext,
 JUMPRELU_VARIANTS = {**PROBE_VARIANTS,
                      "split code, window": lambda: patched(JumpReLUSAE, "fast_loss", split_code_and_window)}
 MATRYOSHKA_VARIANTS = {"current": contextlib.nullcontext,
-                       "decode per group": lambda: patched(MatryoshkaSAE, "recon_loss", decode_per_group)}
+                       "decode twice (before)": lambda: whole_decode(decode_twice),
+                       "decode per group": lambda: whole_decode(decode_per_group)}
+MATRYOSHKA_RECON = MatryoshkaSAE.recon_loss
 BASE_SET_DEAD = SAE.set_dead_counters
 VARIANTS = {"current": contextlib.nullcontext,
             "bias after product": lambda: patched(SAE, "pre_acts", bias_after_product),
@@ -315,8 +345,8 @@ def main(argv=None):
         print(f"{name:<22}{statistics.median(times[name]):>9.2f}{statistics.median(ratio):>18.3f}"
               f"{min(ratio):>8.3f}-{max(ratio):.3f}")
     print("(variant/current > 1: the variant is slower than the current code)")
-    listed = {"batchtopk": ("sync-free selection", "read-back selection"), "matryoshka": ("current",
-                                                                                         "decode per group")}
+    listed = {"batchtopk": ("sync-free selection", "read-back selection"),
+              "matryoshka": ("current", "decode twice (before)", "decode per group")}
     for name in listed.get(a.arch, ("current", "sync-free entries")):
         # off a GPU, sync_free set (False, the CPU's selection, unless the variant sets it): the step reads back as
         # on a GPU (the Trainer's one .tolist(), theta on the device), not with the CPU's cheaper read per value

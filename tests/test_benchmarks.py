@@ -1,5 +1,6 @@
 """The benchmark scripts run end to end at a tiny size (their timings are not asserted)."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -268,6 +269,8 @@ def test_step_variants_and_data_loading_benchmarks_run(store):
     assert "decode per group" in r.stdout  # the per-group masks read back; one decode of every part does not
     assert "'current' (at dispatch, besides the Trainer's one .tolist()): 1" in r.stdout
     assert "'decode per group' (at dispatch, besides the Trainer's one .tolist()): 17" in r.stdout
+    ops = {m[0]: int(m[1]) for m in re.findall(r"'(.+?)': (\d+) operators dispatched", r.stdout)}
+    assert ops["current"] < ops["decode twice (before)"]  # the code decoded once, not again for x_hat
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "data_loading.py"), "--store", str(store.path),
                         "--hook", HOOK, "--steps", "4", "--batch", "64", "--repeats", "1", "--warm-only"],
                        capture_output=True, text=True, timeout=300)

@@ -86,7 +86,7 @@ def sparse_everywhere(monkeypatch):
 
 
 @pytest.mark.parametrize("n_dead", [10, 40])  # AuxK with every dead latent (<= k_aux) and with its top k_aux
-@pytest.mark.parametrize("arch", ["batchtopk", "topk"])
+@pytest.mark.parametrize("arch", ["batchtopk", "topk", "matryoshka"])  # Matryoshka: its decode has its own index
 def test_fast_sparse_path_matches_dense_gradients(arch, n_dead, sparse_everywhere):
     torch.manual_seed(1)
     cfg = SAEConfig(arch=arch, d_in=24, d_sae=96, k=4, k_aux=16, dead_tokens=10, normalize="none")
@@ -104,7 +104,8 @@ def test_fast_sparse_path_matches_dense_gradients(arch, n_dead, sparse_everywher
         torch.testing.assert_close(p1.grad, p2.grad, atol=1e-6, rtol=1e-4, msg=n)
 
 
-def test_auxk_gradients_fold_into_the_sparse_paths_without_a_full_size_zero_tensor(sparse_everywhere, monkeypatch):
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
+def test_auxk_gradients_fold_into_the_sparse_paths_without_a_full_size_zero_tensor(arch, sparse_everywhere, monkeypatch):
     """The fast path's AuxK hands its dead columns' gradients to the sparse encoder's and decoder's backward
     (auxk.DeadColumns), so no [d_sae, d_in] gradient is zero-filled for it and none is added to another; the
     gradients equal those of the plain indexing it replaces (autograd's scatter of the dead rows)."""
@@ -128,7 +129,7 @@ def test_auxk_gradients_fold_into_the_sparse_paths_without_a_full_size_zero_tens
             plain = DeadLatents.aux_reconstruction
             monkeypatch.setattr(DeadLatents, "aux_reconstruction", lambda self, xc, idx, fold=None: plain(self, xc, idx))
         torch.manual_seed(1)
-        sae = make_sae(SAEConfig(arch="batchtopk", d_in=24, d_sae=96, k=4, k_aux=16, dead_tokens=10))
+        sae = make_sae(SAEConfig(arch=arch, d_in=24, d_sae=96, k=4, k_aux=16, dead_tokens=10))
         sae.tokens_since_fired[:40] = 100
         FullSizeZeros.n = 0
         with FullSizeZeros():

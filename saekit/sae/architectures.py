@@ -29,8 +29,7 @@ class BatchTopKSAE(SAE):
     # training batch's cut (of theta in batch mode). Theta, a running mean, lags behind: in a 300-step SmolLM2 run
     # fewer than B*k entries passed 0.9 theta at 195 of 299 steps, 0.9x the previous cut 1.31-2.00 B*k at every
     # step (benchmarks/results/selection_hint_cpu.txt)
-    candidate_factor = 0.9
-    candidate_capacity = 3  # batch_topk_static keeps up to this many times B*k candidates
+    candidate_factor, candidate_capacity = 0.9, 3  # the latter: batch_topk_static keeps up to 3 B*k candidates
 
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)
@@ -333,8 +332,8 @@ class MatryoshkaSAE(BatchTopKSAE):
 
     The reconstruction term is the weighted mean of the prefixes' MSEs (SAELens sums them: the same
     up to a constant factor that Adam mostly absorbs). The fast path decodes every group's part of the one sparse
-    code at once (its entries indexed by group and row: fixed shapes, no read-back), and the prefixes are their
-    running sums. Inference as BatchTopK: one threshold theta.
+    code at once (its entries indexed by group and row: fixed shapes, no read-back), and the prefixes and the whole
+    reconstruction are their running sums. Inference as BatchTopK: one threshold theta.
     """
 
     arch, label, color = "matryoshka", "Matryoshka BatchTopK", "#ff7f0e"
@@ -361,21 +360,21 @@ class MatryoshkaSAE(BatchTopKSAE):
         """Group index of each latent index."""
         return torch.bucketize(latents, torch.tensor(self.widths, device=latents.device), right=True)
 
-    def recon_loss(self, xs, x_hat, code):
-        widths, batch = self.widths, xs.shape[0]
-        spans = list(zip([0, *widths], widths[:-1]))  # every group but the last
-        if not isinstance(code, SparseCode):
-            parts = (code[:, lo:hi] @ self.W_dec[lo:hi] for lo, hi in spans)
-        else:  # every group's part from one decode, the entries as rows group * batch + row: fixed shapes, no
-            group = sum((code.cols >= w).long() for w in widths[:-1])  # read-back (a mask per group read its size)
-            parts = sparse_decode(SparseCode(group * batch + code.rows, code.cols, code.vals,
-                                             (len(widths) * batch, self.cfg.d_sae)), self.W_dec)
-            parts = parts.view(len(widths), batch, -1).unbind(0)[:-1]
-        partial, losses = self.b_dec.expand_as(xs), []
-        for part in parts:  # the prefixes' reconstructions
-            partial = partial + part
-            losses.append(F.mse_loss(partial, xs))
-        losses.append(F.mse_loss(x_hat, xs))
+    def sparse_reconstruction(self, code: SparseCode) -> tuple[torch.Tensor, CodeIndex, list[torch.Tensor]]:
+        """Every group's part of the code decoded at once (entries as rows group * batch + row: fixed shapes), and
+        b_dec plus their running sums, one add each (a cumsum measured slower): the prefixes', the last x_hat."""
+        widths, batch = self.widths, code.shape[0]
+        index = CodeIndex(sum((code.cols >= w).long() for w in widths[:-1]) * batch + code.rows, code.cols,
+                          len(widths) * batch, self.cfg.d_sae)
+        parts = sparse_decode(code._replace(index=index), self.W_dec).chunk(len(widths))
+        sums = list(itertools.accumulate(parts, initial=self.b_dec))[1:]
+        return sums[-1], index, sums
+
+    def recon_loss(self, xs, x_hat, code):  # code: the dense z, or the fast path's prefixes (sparse_reconstruction)
+        if not isinstance(code, list):  # every group but the last (x_hat is the whole dictionary's)
+            parts = (code[:, lo:hi] @ self.W_dec[lo:hi] for lo, hi in zip([0, *self.widths], self.widths[:-1]))
+            code = list(itertools.accumulate(parts, initial=self.b_dec))[1:] + [x_hat]
+        losses = [F.mse_loss(p, xs) for p in code[:-1]] + [F.mse_loss(x_hat, xs)]
         return sum(w * l for w, l in zip(self._weights(), losses))
 
     def prefix(self, n_groups: int) -> BatchTopKSAE:

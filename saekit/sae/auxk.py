@@ -105,8 +105,9 @@ class DeadLatents:
         B=1024 with ~170 dead latents: AuxK's share of a step fell from ~25-30 ms to ~15 ms). idx: the dead
         latents (`_aux_dead`); with aux_capacity set, padded with -1 (slots that contribute nothing). xc: the
         normalised input less b_dec (SAE.centred_pre_acts), differentiable to b_dec. fold: (the main code's
-        CodeIndex, its values, its decode): the dead columns' gradients then add into the sparse encoder's and
-        decoder's (DeadColumns), where autograd would give each parameter a second gradient of its full size."""
+        CodeIndex, its values, its reconstruction, the CodeIndex its decode read: another where it decodes by its
+        own, as Matryoshka's): the dead columns' gradients then add into the sparse encoder's and decoder's
+        (DeadColumns), where autograd would give each parameter a second gradient of its full size."""
         padded = self._aux_padded()
         slots = idx.clamp_min(0) if padded else idx  # padding reads latent 0, then its columns are zeroed
         # the dead latents as rows of W_enc_t: their gradient comes in the parameter's own layout and adds into the
@@ -138,19 +139,21 @@ class DeadColumns(torch.autograd.Function):
     """The dead latents' rows of W_enc_t, b_enc and W_dec (`slots`) for AuxK, whose gradients are not handed to
     autograd, which would give each parameter a zero-filled gradient of its full size ([d_sae, d_in]; the fill of
     fresh pages and the add into the main gradient took ~7 ms of a 51 ms step on 2 CPU cores at 4,608 x 576, 5%
-    dead). Backward leaves them on the main code's CodeIndex (`aux_grads`), and the sparse encoder's and decoder's
-    backward add them into their own gradients (kernels.SparseEncode, SparseDecode) with index_add_. That those
-    run after this one is made sure by the graph: this takes the main code's values and decode as inputs (not read:
-    their gradient from here is none), so autograd runs their backward after this node's."""
+    dead). Backward leaves them on the main code's CodeIndex (`aux_grads`; on its decode's too where that has its
+    own), and the sparse encoder's and decoder's backward add them into their own gradients (kernels.SparseEncode,
+    SparseDecode) with index_add_. That those run after this one is made sure by the graph: this takes the main
+    code's values and reconstruction as inputs (not read: their gradient from here is none), so autograd runs their
+    backward after this node's."""
 
     @staticmethod
-    def forward(ctx, W_enc_t, b_enc, W_dec, slots, index, vals, decoded):
-        ctx.index = index
+    def forward(ctx, W_enc_t, b_enc, W_dec, slots, index, vals, x_hat, dec_index=None):
+        ctx.indexes = (index, dec_index or index)  # the encoder's; the decoder's where it decodes by its own
         ctx.save_for_backward(slots)
         return W_enc_t[slots], b_enc[slots], W_dec[slots]
 
     @staticmethod
     def backward(ctx, g_enc, g_b_enc, g_dec):
         (slots,) = ctx.saved_tensors
-        ctx.index.aux_grads = (slots, g_enc, g_b_enc, g_dec)
-        return None, None, None, None, None, None, None
+        for index in ctx.indexes:  # SparseEncode adds the encoder's two, SparseDecode W_dec's
+            index.aux_grads = (slots, g_enc, g_b_enc, g_dec)
+        return None, None, None, None, None, None, None, None

@@ -6,8 +6,6 @@ class attributes below)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save as safetensors_bytes
@@ -15,10 +13,11 @@ from safetensors.torch import save as safetensors_bytes
 from ..files import atomic_write_bytes, atomic_write_json
 from . import formats
 from .auxk import DeadLatents
+from .outputs import ForwardOutput, TrainOutput
 from .scaling import InputScaling
 from .config import SAEConfig, SAEConfigError
-from .kernels import (CodeIndex, Entries, Selection, entries_above, entry_slots, sparse_decode, sparse_encode,
-                      sparse_stats)
+from .kernels import (CodeIndex, Entries, Selection, SparseCode, entries_above, entry_slots, sparse_decode,
+                      sparse_encode, sparse_stats)
 
 
 # Where the sparse path stops paying (see SAE.sparse_pays), measured by benchmarks/crossover.py on the 2-core CPU
@@ -27,28 +26,6 @@ from .kernels import (CodeIndex, Entries, Selection, entries_above, entry_slots,
 # at 10% (0.72x). Active entries = the selected ones plus JumpReLU's threshold window.
 SPARSE_MIN_LATENTS = 512
 SPARSE_MAX_DENSITY = 0.05
-
-
-class ForwardOutput(NamedTuple):
-    z: torch.Tensor  # [batch, d_sae] code
-    x_hat: torch.Tensor  # [batch, d_in] reconstruction in input space
-
-
-class TrainOutput(NamedTuple):
-    loss: torch.Tensor
-    terms: dict  # name -> scalar tensor (detached), e.g. mse, aux, sparsity
-    x_hat: torch.Tensor  # [batch, d_in], in the normalised space the loss uses
-    x: torch.Tensor  # [batch, d_in] normalised input
-    fired: torch.Tensor  # [d_sae] bool: latents active in this batch
-    l0: torch.Tensor  # [batch] active latents per token
-    cut: torch.Tensor | None = None  # the selection's cut (see kernels.Selection): BatchTopK's theta sample
-    path: str = "reference"  # which path made it: "reference" (dense) or "sparse" (fast_loss on the sparse kernels)
-    exact: torch.Tensor | None = None  # 0-dim bool: False where a selection made without read-backs was not exact
-    # and the step must be redone with redo_exact set (see kernels.batch_topk_static); None: exact by construction
-    cut_value: float | None = None  # `cut` as a number, where the trainer has read it back (with its flags)
-    density: float | None = None  # active entries / (batch x d_sae) where the host knows it (a sparse path's sizes)
-    count: torch.Tensor | None = None  # the entries a sparse path found without a read-back (kernels.Entries.count)
-    count_value: float | None = None  # `count` as a number, read back by the trainer with its flags
 
 
 class SAE(InputScaling, DeadLatents, torch.nn.Module):
@@ -266,14 +243,18 @@ class SAE(InputScaling, DeadLatents, torch.nn.Module):
         # one index of the selection (row-major already) serves the encoder's and the decoder's products
         index = CodeIndex(sel.rows, sel.cols, xs.shape[0], self.cfg.d_sae, rows_sorted=True)
         code = sparse_encode(xs, self.W_enc, self.b_enc, self.b_dec, index, a, xc)
-        decoded = sparse_decode(code, self.W_dec)
-        x_hat = decoded + self.b_dec
+        x_hat, dec_index, recon = self.sparse_reconstruction(code)
         aux = None
         if dead is not None:  # its gradients fold into the sparse encoder's and decoder's (auxk.DeadColumns)
-            aux = F.mse_loss(self.aux_reconstruction(xc, dead, (index, code.vals, decoded)), (xs - x_hat).detach())
-        return self._finish(xs, x_hat, self.recon_loss(xs, x_hat, code), None, aux,
+            fold = (index, code.vals, x_hat, dec_index)
+            aux = F.mse_loss(self.aux_reconstruction(xc, dead, fold), (xs - x_hat).detach())
+        return self._finish(xs, x_hat, self.recon_loss(xs, x_hat, recon), None, aux,
                             *sparse_stats(sel.rows, sel.cols, xs.shape[0], self.cfg.d_sae, index=index), sel.cut,
                             "sparse", sel.exact)
+
+    def sparse_reconstruction(self, code: SparseCode) -> tuple[torch.Tensor, CodeIndex, object]:
+        """The fast path's z W_dec + b_dec: (it, the CodeIndex its decode read, what recon_loss gets as the code)."""
+        return sparse_decode(code, self.W_dec) + self.b_dec, code.index, code
 
     def train_select(self, a: torch.Tensor) -> Selection:
         """The fast path's training selection: select(a, "train"), or where an architecture has one, a selection
