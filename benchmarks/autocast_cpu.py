@@ -1,12 +1,12 @@
-"""bf16 autocast on a CPU with AMX matrix units: what it saves per training step at several sizes, and what it costs
-in held-out reconstruction, L0 and dead latents after the same training.
+"""bf16 autocast on a CPU with bf16 hardware (AVX-512 BF16, with AMX tiles or without): what it saves per training
+step at several sizes, and what it costs in held-out reconstruction, L0 and dead latents after the same training.
 
 Part 1 (speed): saekit's BatchTopK Trainer step at the toy size of the teaching notebook up to the benchmark
 shape, fp32 and bf16 autocast interleaved round by round (median and range over rounds of fp32 ms / bf16 ms).
 Part 2 (quality): the two settings train from the same initialisation on the same batches, interleaved step by step
 (benchmarks/interleaved.py), then are evaluated on the same held-out rows; the NMSE difference carries a paired 95%
 bootstrap interval over held-out sequences. TrainConfig.autocast=None turns bf16 on by itself on a CPU whose torch
-reports AMX tiles and AVX-512 BF16 (saekit.train.config.autocast_default); this benchmark is the evidence for it.
+reports AVX-512 BF16 (saekit.train.config.autocast_default); this benchmark is the evidence for it.
 
     python benchmarks/autocast_cpu.py --store runs/smollm2_l15/store_train --eval-store runs/smollm2_l15/store_test \\
         --hook resid_post.15 --steps 500 --seeds 0 1 2 [--archs batchtopk jumprelu relu matryoshka]
@@ -28,7 +28,7 @@ import torch
 import interleaved
 from saekit.sae import SAEConfig
 from saekit.train import TrainConfig, Trainer
-from saekit.train.config import CPU_BF16_MIN_WORK, bf16_pays_on_cpu, cpu_has_bf16_matrix_units
+from saekit.train.config import CPU_BF16_MIN_WORK, bf16_pays_on_cpu, cpu_has_bf16_hardware
 
 SHAPES = [(48, 192, 4096, 5), (128, 1024, 1024, 16), (256, 2048, 1024, 32), (576, 4608, 1024, 32)]
 SIZES = [(16, 128, 64, 4), (16, 64, 1024, 4), (16, 128, 1024, 4), (32, 256, 256, 8), (16, 128, 4096, 4),
@@ -39,8 +39,8 @@ SIZES = [(16, 128, 64, 4), (16, 64, 1024, 4), (16, 128, 1024, 4), (32, 256, 256,
 
 
 def speed(shapes, rounds: int, steps: int, rule: bool = False) -> None:
-    """fp32 ms / bf16 ms of the BatchTopK step at each shape; rule: also the default's choice there (on this CPU's
-    kind, with AMX) and whether it was the faster setting (the median ratio's side of 1)."""
+    """fp32 ms / bf16 ms of the BatchTopK step at each shape; rule: also the default's choice there (on a CPU
+    with bf16 hardware) and whether it was the faster setting (the median ratio's side of 1)."""
     print(f"{'d':>5} {'d_sae':>6} {'batch':>6} {'k':>3} {'fp32 ms':>8} {'bf16 ms':>8} {'fp32/bf16':>10} {'range':>12}"
           + (f" {'rows x d x d_sae':>17} {'default':>8} {'faster?':>8}" if rule else ""))
     picked = {True: [], False: []}
@@ -94,14 +94,14 @@ def main(argv=None):
         ap.error("--store and --eval-store are needed for the quality part (or --sizes for the speed grid alone)")
     if a.sizes:
         print(f"# python benchmarks/autocast_cpu.py --sizes  ({platform.processor() or platform.machine()}, "
-              f"{torch.get_num_threads()} threads, torch {torch.__version__}, AMX bf16: {cpu_has_bf16_matrix_units()})")
+              f"{torch.get_num_threads()} threads, torch {torch.__version__}, bf16 hardware: {cpu_has_bf16_hardware()})")
         print(f"## speed by size: saekit BatchTopK step, {a.rounds} interleaved rounds of {a.speed_steps} steps")
         speed(SIZES if a.shapes is None else _shapes(a.shapes), a.rounds, a.speed_steps, rule=True)
         return
     shapes = SHAPES if a.shapes is None else _shapes(a.shapes)
     print(f"# python benchmarks/autocast_cpu.py --store {a.store} --eval-store {a.eval_store} --steps {a.steps} "
           f"--seeds {' '.join(map(str, a.seeds))}  ({platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}, AMX bf16: {cpu_has_bf16_matrix_units()})")
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}, bf16 hardware: {cpu_has_bf16_hardware()})")
     print(f"## speed: saekit BatchTopK step, {a.rounds} interleaved rounds of {a.speed_steps} steps")
     speed(shapes, a.rounds, a.speed_steps)
     print(f"## quality: d_sae = {a.expansion}x d_in, k={a.k}, batch {a.batch}, {a.steps} steps per setting, "

@@ -4,7 +4,7 @@ The plain step is the paper's code path written out: dense encode, flat top-k ov
 [B, d_sae] code, dense decode, autograd through all of it, AuxK with a second dense decode. Prints
 tokens/s for each, the ratio saekit/plain per architecture, peak memory, and the loss of both after
 the same steps on the same data. Both run in fp32 (like for like); where saekit's default precision is bf16
-autocast (TrainConfig.autocast=None on a CPU with AMX or a CUDA GPU) one more row times BatchTopK at that default. Every method runs once per round, the rounds interleaved (--rounds, 3 by
+autocast (TrainConfig.autocast=None on a CPU with AVX-512 BF16 or a CUDA GPU) one more row times BatchTopK at that default. Every method runs once per round, the rounds interleaved (--rounds, 3 by
 default): the figures are medians over rounds, each ratio taken within its round, with the range.
 
     python benchmarks/train_step.py            # CPU shape d=576, d_sae=4608, B=1024

@@ -85,7 +85,7 @@ def _add_training_args(p, archs, ks, l1, tokens, checkpoint_every) -> None:
     p.add_argument("--device", default=TrainConfig.device, help="cpu, cuda, ... (None: cuda where available)")
     p.add_argument("--precision", default="auto", choices=list(PRECISIONS),
                    help="matrix products in training: 'bf16' autocast, 'fp32', or 'auto' (bf16 where the device "
-                        "multiplies bf16 in hardware: a CUDA GPU; a CPU with AMX for an SAE whose batch x d_in x "
+                        "multiplies bf16 in hardware: a CUDA GPU; a CPU with AVX-512 BF16 for an SAE whose batch x d_in x "
                         "d_sae is at least 2^25)")
     p.add_argument("--step-graphs", default=TrainConfig.step_graphs, choices=GRAPH_MODES,
                    help="'cuda': record each SAE's step once as CUDA graphs and replay it (one GPU)")

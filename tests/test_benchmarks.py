@@ -221,7 +221,7 @@ def test_autocast_cpu_benchmark_times_and_evaluates_both_precisions(store):
 
 def test_autocast_cpu_benchmark_checks_the_size_rule_without_a_store():
     """--sizes: the speed part over sizes, with the default's choice at each (the size rule it is the evidence for)."""
-    from saekit.train.config import autocast_default, cpu_has_bf16_matrix_units
+    from saekit.train.config import autocast_default, cpu_has_bf16_hardware
 
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "autocast_cpu.py"), "--sizes",
                         "--shapes", "16,64,256,4;64,512,1024,8", "--rounds", "2", "--speed-steps", "1"],
@@ -230,9 +230,9 @@ def test_autocast_cpu_benchmark_checks_the_size_rule_without_a_store():
     rows = [line.split() for line in r.stdout.splitlines() if line.split()[:2] in (["16", "64"], ["64", "512"])]
     assert len(rows) == 2 and all(float(row[4]) > 0 and float(row[5]) > 0 and row[10] in ("yes", "no", "even")
                                   for row in rows)
-    assert [row[9] for row in rows] == ["fp32", "bf16"]  # the rule (with AMX): 256 x 16 x 64 below, 1,024 x 64 x 512 at
-    amx = cpu_has_bf16_matrix_units()
-    assert autocast_default("cpu", (1024, 64, 512)) is amx and autocast_default("cpu", (256, 16, 64)) is False
+    assert [row[9] for row in rows] == ["fp32", "bf16"]  # the size rule: 256 x 16 x 64 below, 1,024 x 64 x 512 at
+    hw = cpu_has_bf16_hardware()
+    assert autocast_default("cpu", (1024, 64, 512)) is hw and autocast_default("cpu", (256, 16, 64)) is False
     assert "rule: bf16 at >= 32M rows x d x d_sae" in r.stdout
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "autocast_cpu.py")], capture_output=True, text=True)
     assert r.returncode == 2 and "--store and --eval-store are needed" in r.stderr

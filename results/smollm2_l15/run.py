@@ -83,7 +83,7 @@ def main(argv=None):
             continue
         cfgs, seed = stage_configs(stage, store.d_model, **meta)
         t0 = time.perf_counter()
-        # fp32, as every committed stage was trained (before bf16 became the default on CPUs with AMX): a resumed or
+        # fp32, as every committed stage was trained (before bf16 became the CPU default): a resumed or
         # added stage trains as the others did
         df = sweep(store, cfgs, TrainConfig(total_tokens=TOKENS, batch_size=BATCH, seed=seed, warmup_steps=50,
                                             checkpoint_every=100, autocast=False), out / stage, eval_data=held,

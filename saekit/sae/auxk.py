@@ -49,7 +49,7 @@ class DeadLatents:
         (aux_capacity), or under bf16 autocast on the CPU a size on aux_bucket's grid. There oneDNN keeps a compiled
         kernel (~0.7 MB) per bf16 product shape, up to 1,024 of them, and exact shapes follow the dead count from step
         to step (an epoch over a 512 MiB store grew the process by 1.2 GB so; tests/test_scale.py); on the grid a run
-        meets a few dozen shapes, and AuxK's products run in bf16: ~4x faster than fp32 on this AMX CPU at
+        meets a few dozen shapes, and AuxK's products run in bf16: ~4x faster than fp32 on an AMX CPU at
         [1,024 x 576] x [576 x 230] (0.2 vs 0.9 ms)."""
         return self.aux_capacity is not None or (self.W_dec.device.type == "cpu" and torch.is_autocast_enabled("cpu"))
 

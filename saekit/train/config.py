@@ -73,15 +73,17 @@ class TrainConfig:
         return float(self.lr) if self.lr is not None else default_lr(d_sae)
 
 
-def cpu_has_bf16_matrix_units() -> bool:
-    """Whether this CPU multiplies bf16 matrices in hardware (Intel AMX tiles with AVX-512 BF16, as torch's own
-    CPU checks report): there bf16 autocast speeds a large enough CPU training step up (1.06x at the toy size to
-    1.29x at the benchmark shape; benchmarks/autocast_cpu.py); elsewhere bf16 products are emulated and slower."""
+def cpu_has_bf16_hardware() -> bool:
+    """Whether this CPU multiplies bf16 in hardware: AVX-512 BF16 dot products (Intel since Cooper Lake, with AMX
+    tiles since Sapphire Rapids; AMD since Zen 4), as torch's own CPU check reports. There bf16 autocast speeds a
+    large enough CPU training step up (benchmarks/autocast_cpu.py: 1.06x at the toy size to 1.30x at the benchmark
+    shape on an Intel Xeon with AMX, 1.18x to 1.43x on an AMD EPYC without). Elsewhere bf16 products have no
+    hardware support, and autocast stays off (not measured on such a CPU)."""
     import torch
 
-    checks = [getattr(torch.cpu, n, None) for n in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
     try:
-        return all(c is not None and bool(c()) for c in checks)
+        return check is not None and bool(check())
     except RuntimeError:
         return False
 
@@ -89,29 +91,31 @@ def cpu_has_bf16_matrix_units() -> bool:
 PRECISIONS = {"auto": None, "fp32": False, "bf16": True}  # the CLI's --precision: its TrainConfig.autocast
 
 
-# Where bf16 autocast pays on a CPU with AMX (benchmarks/autocast_cpu.py --sizes, benchmarks/results/autocast_cpu.txt):
-# its casts cost a fixed time per product, its bf16 products save in proportion to batch x d_in x d_sae. Below 2^25
-# the bf16 step was slower or even at every size measured (0.78x at d=16, d_sae=128, 64 rows; 0.89-0.99x from 1M to
-# 16M); from 2^25 up it was even or faster, 1.00-1.30x (the teaching toy 1.06x, d_sae 4,608 at 1,024 rows 1.30x).
+# Where bf16 autocast pays on a CPU with bf16 hardware (benchmarks/autocast_cpu.py --sizes, results/autocast_cpu.txt):
+# its casts cost a fixed time per product, its bf16 products save in proportion to batch x d_in x d_sae. On an Intel
+# Xeon with AMX, below 2^25 the bf16 step was slower or even at every size measured (0.78x at d=16, d_sae=128, 64
+# rows; 0.89-0.99x from 1M to 16M), from 2^25 up even or faster, 1.00-1.30x (the teaching toy 1.06x, d_sae 4,608 at
+# 1,024 rows 1.30x). On an AMD EPYC (AVX-512 BF16, no AMX) the same split held within 5%: below it at best
+# 1.03x, from it up at worst 0.95x, and 1.43x at d_sae 4,608 at 1,024 rows.
 CPU_BF16_MIN_WORK = 2 ** 25  # batch x d_in x d_sae
 
 
 def bf16_pays_on_cpu(batch: int, d_in: int, d_sae: int) -> bool:
-    """Whether a step of this shape is large enough for bf16 autocast to pay on a CPU with AMX (CPU_BF16_MIN_WORK)."""
+    """Whether a step of this shape is large enough for bf16 autocast to pay on a CPU (CPU_BF16_MIN_WORK)."""
     return batch * d_in * d_sae >= CPU_BF16_MIN_WORK
 
 
 def autocast_default(device, shape: tuple[int, int, int]) -> bool:
     """TrainConfig.autocast=None on this device, for a step of `shape` (batch, d_in, d_sae): bf16 autocast where
-    bf16 matrix products run in hardware, on a CUDA GPU with bf16, and on a CPU with AMX where the step is large
-    enough for it to pay (bf16_pays_on_cpu; there it was measured 1.00-1.30x faster a step, with no held-out NMSE
-    difference distinguishable from zero over 3 seeds); fp32 elsewhere."""
+    bf16 matrix products run in hardware, on a CUDA GPU with bf16, and on a CPU with AVX-512 BF16 where the step is
+    large enough for it to pay (bf16_pays_on_cpu; cpu_has_bf16_hardware gives the speed-ups measured, with no
+    held-out NMSE difference distinguishable from zero over 3 seeds); fp32 elsewhere."""
     import torch
 
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and cpu_has_bf16_matrix_units() and bf16_pays_on_cpu(*shape)
+    return device.type == "cpu" and cpu_has_bf16_hardware() and bf16_pays_on_cpu(*shape)
 
 
 LR_BASE = 8e-4  # default_lr at 2^14 latents: 4x sparsify's 2e-4, measured best of a sweep (benchmarks/lr_default.py)
