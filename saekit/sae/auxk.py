@@ -147,7 +147,7 @@ class DeadColumns(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, W_enc_t, b_enc, W_dec, slots, index, vals, x_hat, dec_index=None):
-        ctx.indexes = (index, dec_index or index)  # the encoder's; the decoder's where it decodes by its own
+        ctx.indexes = (index, index if dec_index is None else dec_index)  # the encoder's; the decode's
         ctx.save_for_backward(slots)
         return W_enc_t[slots], b_enc[slots], W_dec[slots]
 

@@ -6,6 +6,7 @@ class attributes below)."""
 from __future__ import annotations
 
 from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save as safetensors_bytes
