@@ -4,8 +4,10 @@ The plain step is the paper's code path written out: dense encode, flat top-k ov
 [B, d_sae] code, dense decode, autograd through all of it, AuxK with a second dense decode. Prints
 tokens/s for each, the ratio saekit/plain per architecture, peak memory, and the loss of both after
 the same steps on the same data. Both run in fp32 (like for like); where saekit's default precision is bf16
-autocast (TrainConfig.autocast=None on a CPU with AVX-512 BF16 or a CUDA GPU) one more row times BatchTopK at that default. Every method runs once per round, the rounds interleaved (--rounds, 3 by
-default): the figures are medians over rounds, each ratio taken within its round, with the range.
+autocast (TrainConfig.autocast=None on a CPU with AVX-512 BF16 or a CUDA GPU) one more row times BatchTopK at that
+default. Matryoshka's row pays for its prefixes' losses too (every group's decode and MSE), which the plain step has
+not. Every method runs once per round, the rounds interleaved (--rounds, 3 by default): the figures are medians over
+rounds, each ratio taken within its round, with the range.
 
     python benchmarks/train_step.py            # CPU shape d=576, d_sae=4608, B=1024
     python benchmarks/train_step.py --gpu      # reference shape d=768, d_sae=24576, B=4096 on CUDA
@@ -100,7 +102,7 @@ def main():
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every method (medians reported)")
-    ap.add_argument("--archs", nargs="+", default=["batchtopk", "topk", "jumprelu", "relu"])
+    ap.add_argument("--archs", nargs="+", default=["batchtopk", "topk", "jumprelu", "relu", "matryoshka"])
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     ap.add_argument("--store", default=None, help="also train from this activation store (Trainer.fit), with and "
                                                   "without read-ahead, and report the data-loading share")

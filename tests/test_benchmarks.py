@@ -19,7 +19,7 @@ def test_train_step_benchmark_runs_and_matches_the_plain_step(tmp_path, store):
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
     assert "ratio" in r.stdout and set(res) >= {"plain_batchtopk", "saekit_batchtopk", "saekit_topk",
-                                                 "saekit_jumprelu", "saekit_relu"}
+                                                 "saekit_jumprelu", "saekit_relu", "saekit_matryoshka"}
     # same initial weights, same batches: the fast sparse step and the plain dense step agree
     assert abs(res["plain_batchtopk"]["loss"] - res["saekit_batchtopk"]["loss"]) < 1e-4
     assert all(v["tokens_per_s"] > 0 for k, v in res.items() if isinstance(v, dict) and "tokens_per_s" in v)
