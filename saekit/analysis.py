@@ -9,6 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .activations import ActivationStore, forward_hooks
+from .checks import hook_on_model, hook_on_store, require_finite
 from .metrics.downstream import patched_logits
 from .models import resolve_hook, underlying
 from .features import FeatureIndex, build_feature_index  # noqa: F401  (re-exported)
@@ -61,6 +62,7 @@ def text_activations(model, text: str, hook: str) -> tuple[torch.Tensor, list[st
     """(activations [T, d], token strings, kept mask) of a text with BOS in front (BOS not kept)."""
     ids = text_ids(model, text)
     acts = encode_ids(model, ids, hook).cpu()
+    require_finite(acts, what=f"the model's activations at {hook} on the text")
     tokens = [model.tokenizer.decode([i]) for i in ids.tolist()]
     kept = np.ones(len(tokens), dtype=bool)
     kept[0] = False
@@ -68,10 +70,11 @@ def text_activations(model, text: str, hook: str) -> tuple[torch.Tensor, list[st
 
 
 def latent_counts(sae: SAE, model, text: str, hook: str | None = None, mode: str | None = None,
-                  top: int = 5) -> pd.DataFrame:
+                  top: int = 5, allow_mismatch: bool = False) -> pd.DataFrame:
     """Per-token latent counts over a text: position, token, count, kept (BOS is not), top_latents
-    [(latent, activation), ...]. BatchTopK uses its threshold (so each token's count is its own)."""
-    acts, tokens, kept = text_activations(model, text, hook or sae.cfg.hook_name)
+    [(latent, activation), ...]. BatchTopK uses its threshold (so each token's count is its own). The model and
+    hook must be the SAE's (saekit.checks) unless allow_mismatch."""
+    acts, tokens, kept = text_activations(model, text, hook_on_model(sae, model, hook, allow_mismatch))
     with torch.no_grad():
         z = sae.encode(acts.to(sae.W_enc.device), mode=mode)
     df = count_table(z, tokens, kept, top=top)
@@ -79,12 +82,12 @@ def latent_counts(sae: SAE, model, text: str, hook: str | None = None, mode: str
     return df
 
 
-def group_counts(sae: SAE, model, text: str, hook: str | None = None) -> pd.DataFrame:
+def group_counts(sae: SAE, model, text: str, hook: str | None = None, allow_mismatch: bool = False) -> pd.DataFrame:
     """Matryoshka: each token's active latents split by nested group (which level they come from).
     Columns: position, token, kept, count, and one column per group ("g1 (0-287)", ...)."""
     if not sae.has_prefixes:
         raise ValueError(f"group_counts needs a Matryoshka SAE (this one is {sae.cfg.arch})")
-    acts, tokens, kept = text_activations(model, text, hook or sae.cfg.hook_name)
+    acts, tokens, kept = text_activations(model, text, hook_on_model(sae, model, hook, allow_mismatch))
     with torch.no_grad():
         z = sae.encode(acts.to(sae.W_enc.device)).cpu() * torch.from_numpy(kept)[:, None]
     rows, cols = z.nonzero(as_tuple=True)
@@ -101,14 +104,16 @@ def group_counts(sae: SAE, model, text: str, hook: str | None = None) -> pd.Data
 
 @torch.no_grad()
 def token_properties(sae: SAE, model, store: ActivationStore, n_tokens: int = 4096, mode: str | None = None,
-                     seq_batch: int = 8) -> pd.DataFrame:
+                     seq_batch: int = 8, hook: str | None = None, allow_mismatch: bool = False) -> pd.DataFrame:
     """Per token of the store's first sequences: latent count and the properties it may follow:
     position in sequence, corpus frequency of the token, the model's loss on it, the SAE's
-    reconstruction error (per-token NMSE) and the activation norm."""
+    reconstruction error (per-token NMSE) and the activation norm. Store and model must be the SAE's."""
+    hook = hook_on_store(sae, store, hook, allow_mismatch)
+    hook_on_model(sae, model, hook, allow_mismatch)
     pos = store.positions()
     n = min(n_tokens, len(pos))
     pos = pos[:n]
-    x = store.rows(0, n).float()
+    x = torch.cat(list(store.head_batches(n, n, hook)))
     xs = x.to(sae.W_enc.device)
     z, x_hat = sae(xs, mode=mode)
     counts = (z != 0).sum(-1).cpu().numpy()
@@ -226,17 +231,18 @@ def search_promoted(promoted: np.ndarray, tokenizer, query: str, n: int = 20) ->
 
 
 @torch.no_grad()
-def latent_on_text(sae: SAE, model, text: str, latent: int, hook: str | None = None) -> pd.DataFrame:
+def latent_on_text(sae: SAE, model, text: str, latent: int, hook: str | None = None,
+                   allow_mismatch: bool = False) -> pd.DataFrame:
     """One latent's activation on every token of a typed text (the SAE's inference code; BOS is 0): position,
     token, activation. For testing a hypothesis about what the latent reads."""
-    acts, tokens, kept = text_activations(model, text, hook or sae.cfg.hook_name)
+    acts, tokens, kept = text_activations(model, text, hook_on_model(sae, model, hook, allow_mismatch))
     z = sae.encode(acts.to(sae.W_enc.device))[:, latent].cpu() * torch.from_numpy(kept)
     return pd.DataFrame({"position": range(len(tokens)), "token": tokens, "activation": z.numpy()})
 
 
 @torch.no_grad()
 def causal_effect(sae: SAE, model, text: str, latent: int, steer: float | None = None, hook: str | None = None,
-                  top: int = 10) -> dict:
+                  top: int = 10, allow_mismatch: bool = False) -> dict:
     """Edit one latent on a typed text and see what the model predicts next, the clean run beside it.
 
     steer=None ablates the latent (its code set to 0 on every token); a number adds that much to its code on every
@@ -244,10 +250,11 @@ def causal_effect(sae: SAE, model, text: str, latent: int, steer: float | None =
     SAE's own error stays in and only the latent's contribution changes. Returns the next-token distribution after
     the text, clean and edited ("top": the `top` tokens whose probability moved most, with both probabilities),
     KL(clean || edited) there and averaged over the text's positions, and how strongly the latent fired."""
-    hook = hook or sae.cfg.hook_name
+    hook = hook_on_model(sae, model, hook, allow_mismatch)
     hp = resolve_hook(model, hook)
     ids = text_ids(model, text)
     acts = encode_ids(model, ids, hook).to(sae.W_enc.device)
+    require_finite(acts, what=f"the model's activations at {hook} on the text")
     xs, ctx = sae.normalize_input(acts)
     z = sae.activate(sae.pre_acts(xs))
     z_edit = z.clone()

@@ -14,10 +14,6 @@ import torch
 from .sae import SAE, SAEConfigError, load_sae
 
 
-def _store_batches(store, n: int, batch_size: int, hook: str | None):
-    return (store.rows(s, min(s + batch_size, n), hook).float() for s in range(0, n, batch_size))
-
-
 @torch.no_grad()
 def threshold_for_l0(sae: SAE, batches, target_l0: float, n_tokens: int) -> float:
     """The theta at which a BatchTopK SAE's threshold mode gives exactly `target_l0` latents per token on average
@@ -45,11 +41,13 @@ def threshold_for_l0(sae: SAE, batches, target_l0: float, n_tokens: int) -> floa
 
 @torch.no_grad()
 def calibrate(sae: SAE, store, target_l0: float | None = None, n_tokens: int | None = None,
-              batch_size: int = 4096) -> dict:
+              batch_size: int = 4096, hook: str | None = None, allow_mismatch: bool = False) -> dict:
     """Set sae's theta so that its threshold-mode L0 on the first n_tokens rows of `store` (all by
     default) is target_l0 (default: the SAE's k). Returns a record of the calibration, also kept in
-    sae.theta_info (and so in cfg.json when the SAE is saved)."""
+    sae.theta_info (and so in cfg.json when the SAE is saved). The store must hold the SAE's hook of the SAE's
+    model (saekit.checks) unless allow_mismatch."""
     from .activations import open_store
+    from .checks import hook_on_store
     from .metrics import per_token_l0
 
     if not sae.has_theta:
@@ -59,19 +57,22 @@ def calibrate(sae: SAE, store, target_l0: float | None = None, n_tokens: int | N
     target = float(target_l0 if target_l0 is not None else sae.cfg.k)
     if not target > 0:
         raise SAEConfigError(f"target L0 must be positive, got {target}")
+    if n_tokens is not None and n_tokens < 1:
+        raise SAEConfigError(f"n_tokens must be at least 1 (got {n_tokens}); None uses the whole store")
     n = len(store) if n_tokens is None else min(int(n_tokens), len(store))
-    hook = sae.cfg.hook_name if sae.cfg.hook_name in store.hooks else None
-    if sae.cfg.d_in != store.d_model:
-        raise SAEConfigError(f"the SAE has d_in={sae.cfg.d_in} but store {store.path} holds d={store.d_model}; "
-                             f"calibrate on a store captured at the SAE's hook")
+    hook = hook_on_store(sae, store, hook, allow_mismatch)
     sae.eval()
-    before = float(per_token_l0(sae, store, n, batch_size=batch_size).mean()) if sae.has_threshold else None
+
+    def l0() -> float:
+        return float(per_token_l0(sae, store, n, batch_size=batch_size, hook=hook, allow_mismatch=True).mean())
+
+    before = l0() if sae.has_threshold else None
     theta_before = float(sae.threshold) if sae.has_threshold else None
-    theta = threshold_for_l0(sae, _store_batches(store, n, batch_size, hook), target, n)
+    theta = threshold_for_l0(sae, store.head_batches(n, batch_size, hook), target, n)
     sae.set_threshold(theta)
-    after = float(per_token_l0(sae, store, n, batch_size=batch_size).mean())
+    after = l0()
     record = {"source": "calibrated", "target_l0": target, "theta": theta, "store": str(store.path),
-              "store_model": store.manifest.get("model"), "store_hook": hook or store.hook,
+              "store_model": store.manifest.get("model"), "store_hook": hook,
               "store_corpus": store.manifest.get("corpus"), "n_tokens": n,
               "l0_before": before, "l0_after": after, "theta_before": theta_before,
               "previous": sae.theta_info}
@@ -80,9 +81,13 @@ def calibrate(sae: SAE, store, target_l0: float | None = None, n_tokens: int | N
 
 
 def calibrate_folder(sae_dir: str | Path, store, target_l0: float | None = None, n_tokens: int | None = None,
-                     batch_size: int = 4096) -> dict:
-    """calibrate() an SAE folder and write the new theta (and its record in cfg.json) back, atomically."""
+                     batch_size: int = 4096, hook: str | None = None, allow_mismatch: bool = False) -> dict:
+    """calibrate() an SAE folder and write the new theta (and its record in cfg.json) back, atomically (the folder
+    is checked writable first)."""
+    from .files import prepare_output
+
     sae = load_sae(sae_dir)
-    record = calibrate(sae, store, target_l0, n_tokens, batch_size)
+    prepare_output(sae_dir, 0, "SAE folder")
+    record = calibrate(sae, store, target_l0, n_tokens, batch_size, hook, allow_mismatch)
     sae.save(sae_dir)
     return record

@@ -30,6 +30,26 @@ def enc_init_norm_arg(v: str) -> float | str:
     return norm
 
 
+def _number(kind, least: float, strict: bool, what: str):
+    """An argparse type: a number of `kind` at least (strict: above) `least`, with a message naming the rule."""
+    def parse(v: str):
+        try:
+            x = kind(v)
+        except ValueError:
+            x = None
+        if x is None or not (x > least if strict else x >= least) or x != x:
+            raise argparse.ArgumentTypeError(f"must be {what} (got {v!r})")
+        return x
+
+    parse.__name__ = what  # argparse names the type in its messages
+    return parse
+
+
+positive_int = _number(int, 1, False, "a whole number of at least 1")
+count_int = _number(int, 0, False, "a whole number of 0 or more")
+positive_float = _number(float, 0, True, "a number above 0")
+
+
 # -- the parser ------------------------------------------------------------------------------------------------
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -49,9 +69,9 @@ def _add_corpus_args(p: argparse.ArgumentParser) -> None:
                                                   "or a hub data set")
     p.add_argument("--split", default=default_of(packed_corpus, "split"), help="split of the corpus (bundled: train, test or all)")
     p.add_argument("--text-field", default=default_of(packed_corpus, "text_field"), help="column holding the text")
-    p.add_argument("--seq-len", type=int, default=default_of(packed_corpus, "seq_len"),
+    p.add_argument("--seq-len", type=positive_int, default=default_of(packed_corpus, "seq_len"),
                    help="tokens per packed sequence, BOS included")
-    p.add_argument("--sample-seed", type=int, default=default_of(packed_corpus, "seed"),
+    p.add_argument("--sample-seed", type=count_int, default=default_of(packed_corpus, "seed"),
                    help="seed of the random document order (documents are drawn from across the whole split)")
     p.add_argument("--no-shuffle", action="store_true",
                    help="pack documents in corpus order instead (the first N tokens of the split)")
@@ -66,22 +86,22 @@ def _add_training_args(p, archs, ks, l1, tokens, checkpoint_every) -> None:
     p.add_argument("--store", required=True, help="activation store folder, or a .npy/.safetensors [N, d] file")
     p.add_argument("--hook", default=None, help="hook point to train on (None: the store's first)")
     p.add_argument("--arch", nargs="+", default=archs, choices=list(ARCHITECTURES), help="architectures, each trained at every level")
-    p.add_argument("--k", nargs="+", type=int, default=ks, help="levels of k (JumpReLU: its target L0)")
-    p.add_argument("--l1-coeff", nargs="+", type=float, default=l1, help="levels of ReLU-L1's penalty")
-    p.add_argument("--expansion", type=int, default=8, help="latents per input dimension (d_sae = expansion * d_in)")
+    p.add_argument("--k", nargs="+", type=positive_int, default=ks, help="levels of k (JumpReLU: its target L0)")
+    p.add_argument("--l1-coeff", nargs="+", type=positive_float, default=l1, help="levels of ReLU-L1's penalty")
+    p.add_argument("--expansion", type=positive_int, default=8, help="latents per input dimension (d_sae = expansion * d_in)")
     p.add_argument("--normalize", default=SAEConfig.normalize, choices=NORMALIZATIONS,
                    help="input normalisation: per token (the paper's), one dataset-wide scale, or none")
     p.add_argument("--enc-init-norm", default=SAEConfig.enc_init_norm, type=enc_init_norm_arg,
                    help="starting norm of each encoder column: 'paper' (sqrt(2 d_in / d_sae), as the BatchTopK "
                         "paper's code draws it) or a number (1: the decoder transposed)")
-    p.add_argument("--tokens", type=int, default=tokens, help="training tokens (epochs over the store if larger)")
-    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size,
+    p.add_argument("--tokens", type=positive_int, default=tokens, help="training tokens (epochs over the store if larger)")
+    p.add_argument("--batch-size", type=positive_int, default=TrainConfig.batch_size,
                    help="tokens per step (the global batch under torchrun)")
-    p.add_argument("--lr", type=float, default=TrainConfig.lr,
+    p.add_argument("--lr", type=positive_float, default=TrainConfig.lr,
                    help=f"learning rate (None: {LR_BASE:g} / sqrt(d_sae / 2^14), larger for small dictionaries)")
-    p.add_argument("--warmup-steps", type=int, default=TrainConfig.warmup_steps, help="linear warm-up steps")
-    p.add_argument("--seed", type=int, default=TrainConfig.seed, help="seed of the initialisation and the batch order")
-    p.add_argument("--checkpoint-every", type=int, default=checkpoint_every, help="steps between checkpoints (0: at the end)")
+    p.add_argument("--warmup-steps", type=count_int, default=TrainConfig.warmup_steps, help="linear warm-up steps")
+    p.add_argument("--seed", type=count_int, default=TrainConfig.seed, help="seed of the initialisation and the batch order")
+    p.add_argument("--checkpoint-every", type=count_int, default=checkpoint_every, help="steps between checkpoints (0: at the end)")
     p.add_argument("--device", default=TrainConfig.device, help="cpu, cuda, ... (None: cuda where available)")
     p.add_argument("--precision", default="auto", choices=list(PRECISIONS),
                    help="matrix products in training: 'bf16' autocast, 'fp32', or 'auto' (bf16 where the device "
@@ -92,8 +112,14 @@ def _add_training_args(p, archs, ks, l1, tokens, checkpoint_every) -> None:
     p.add_argument("--out", required=True, help="output folder (one subfolder per SAE; checkpoints to resume from)")
 
 
+def _add_mismatch_arg(p) -> None:
+    p.add_argument("--allow-mismatch", action="store_true",
+                   help="use an SAE on activations of another hook or model on purpose (checked and refused "
+                        "otherwise); the hook read must still be in the store")
+
+
 def _add_eval_args(p, evaluate) -> None:
-    p.add_argument("--ce-tokens", type=int, default=default_of(evaluate, "ce_tokens"),
+    p.add_argument("--ce-tokens", type=positive_int, default=default_of(evaluate, "ce_tokens"),
                    help="scored positions for the CE metrics, from sequences drawn across the whole store")
     p.add_argument("--model", default=None, help="model for the CE metrics (None: the store's model)")
     p.add_argument("--no-ce", action="store_true", help="skip the downstream metrics (no model needed)")
@@ -104,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .calibrate import calibrate
     from .demo import DemoConfig
     from .metrics import RECON_STATS, CE_STATS, evaluate
+    from .train import TrainConfig
 
     p = argparse.ArgumentParser(prog="saekit", description=__doc__.split("\n")[0], formatter_class=_Formatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -111,19 +138,19 @@ def build_parser() -> argparse.ArgumentParser:
     c = _sub(sub, "capture", "capture activations into a resumable store", cmd_capture)
     c.add_argument("--model", default=None, help="hub id or local folder (None: the embedded SmolLM2-135M-Instruct)")
     c.add_argument("--hook", action="append", required=True, help="e.g. resid_post.15 (repeat for several)")
-    c.add_argument("--tokens", type=int, default=200_000, help="tokens to capture")
+    c.add_argument("--tokens", type=positive_int, default=200_000, help="tokens to capture")
     c.add_argument("--out", required=True, help="store folder (a killed capture resumes there)")
-    c.add_argument("--batch-size", type=int, default=default_of(capture, "batch_size"), help="sequences per forward pass")
+    c.add_argument("--batch-size", type=positive_int, default=default_of(capture, "batch_size"), help="sequences per forward pass")
     c.add_argument("--dtype", default=default_of(capture, "dtype"), choices=list(DTYPES), help="stored dtype")
     c.add_argument("--keep-bos", action="store_true", help="keep BOS positions (dropped by default)")
     c.add_argument("--overwrite", action="store_true", help="replace a finished store at --out")
-    c.add_argument("--shard-tokens", type=int, default=default_of(capture, "shard_tokens"), help="tokens per shard "
+    c.add_argument("--shard-tokens", type=positive_int, default=default_of(capture, "shard_tokens"), help="tokens per shard "
                    "(the unit of resuming and of the work dealt to torchrun's ranks)")
     c.add_argument("--device", default=None, help="cpu, cuda, ... (None: cuda where available)")
     _add_corpus_args(c)
 
     t = _sub(sub, "train", "train SAE(s) on a store (or .npy/.safetensors), one read per batch", cmd_train)
-    _add_training_args(t, ["batchtopk"], [32], [5.0], 1_000_000, 0)
+    _add_training_args(t, ["batchtopk"], [32], [5.0], 1_000_000, TrainConfig.checkpoint_every)
     t.add_argument("--no-resume", action="store_true", help="start afresh even if --out holds checkpoints")
     t.add_argument("--distributed", action="store_true",
                    help="train with torch.distributed DDP (launch with torchrun --nproc_per_node N -m saekit train ...; "
@@ -135,21 +162,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--hook", default=None, help="hook point (None: the SAE's)")
     e.add_argument("--mode", default=None, choices=["threshold", "batch"],
                    help="BatchTopK's code: threshold (theta; None means this) or batch (top B*k of each batch)")
-    e.add_argument("--tokens", type=int, default=default_of(evaluate, "n_tokens"),
+    e.add_argument("--tokens", type=positive_int, default=default_of(evaluate, "n_tokens"),
                    help="activations for reconstruction/sparsity")
     _add_eval_args(e, evaluate)
     e.add_argument("--device", default=None, help="cpu, cuda, ... (None: cuda where available)")
     e.add_argument("--json", action="store_true", help="print the whole result as JSON")
+    _add_mismatch_arg(e)
     e.add_argument("--out", default=None, help="also write the result (with per-sequence sums) to this JSON file")
 
     cal = _sub(sub, "calibrate", "set a BatchTopK SAE's theta so threshold-mode L0 on a store equals a target",
                cmd_calibrate)
     cal.add_argument("sae_dir", help="BatchTopK or Matryoshka SAE folder (theta is written back into it)")
     cal.add_argument("--store", required=True, help="store to calibrate on (use one that is not your evaluation store)")
-    cal.add_argument("--target-l0", type=float, default=default_of(calibrate, "target_l0"),
+    cal.add_argument("--target-l0", type=positive_float, default=default_of(calibrate, "target_l0"),
                      help="mean latents per token (None: the SAE's k)")
-    cal.add_argument("--tokens", type=int, default=default_of(calibrate, "n_tokens"), help="rows of the store to use "
-                                                                                          "(None: all)")
+    cal.add_argument("--tokens", type=positive_int, default=default_of(calibrate, "n_tokens"),
+                     help="rows of the store to use (None: all)")
+    cal.add_argument("--hook", default=None, help="hook point to read (None: the SAE's)")
+    _add_mismatch_arg(cal)
 
     cmp_ = _sub(sub, "compare", "paired difference of two evaluations (saekit eval --out) with 95%% intervals",
                 cmd_compare)
@@ -162,9 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     w = _sub(sub, "sweep", "train several architectures/sparsities on one stream, evaluate each, one table", cmd_sweep)
     _add_training_args(w, ["batchtopk", "topk", "jumprelu"], [16, 32, 64], [1.0, 3.0, 10.0], 2_000_000, 200)
     w.add_argument("--eval-store", default=None, help="held-out store (None: --store)")
-    w.add_argument("--eval-tokens", type=int, default=default_of(evaluate, "n_tokens"),
+    w.add_argument("--eval-tokens", type=positive_int, default=default_of(evaluate, "n_tokens"),
                    help="activations for each SAE's reconstruction/sparsity")
     _add_eval_args(w, evaluate)
+    _add_mismatch_arg(w)
 
     sr = _sub(sub, "sweep-report", "tables and figures of one or several (e.g. one per seed) sweeps", cmd_sweep_report)
     sr.add_argument("sweep_dirs", nargs="+", help="sweep output folders (saekit sweep --out)")
@@ -173,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = _sub(sub, "report", "write RUN_DIR/report.html (self-contained figures of a demo run)", cmd_report)
     r.add_argument("run_dir", help="a demo's output folder")
-    r.add_argument("--latents", type=int, nargs="+", default=None,
+    r.add_argument("--latents", type=count_int, nargs="+", default=None,
                    help="latents to give a feature dashboard (None: six, from dense to rare)")
 
     from .activations import export_store
@@ -181,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("store", help="store folder (saekit store or SAELens cache)")
     x.add_argument("out", help="new folder to write")
     x.add_argument("--format", default=default_of(export_store, "format"), choices=["saelens"], help="format to write")
-    x.add_argument("--context-size", type=int, default=None, help="tokens per SAELens row (None: the store's "
+    x.add_argument("--context-size", type=positive_int, default=None, help="tokens per SAELens row (None: the store's "
                    "positions per sequence)")
     x.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
@@ -198,26 +229,35 @@ def build_parser() -> argparse.ArgumentParser:
              "lr": "learning rate (None: TrainConfig's rule for the dictionary size)",
              "ce_tokens": "scored positions for the CE metrics", "device": "cpu, cuda, ... (None: cuda where available)"}
     for f in dataclasses.fields(DemoConfig):
-        kind = {"int": int, "float | None": float}.get(str(f.type))
+        kind = {"int": count_int if f.name == "calib_tokens" else positive_int,
+                "float | None": positive_float}.get(str(f.type))
         d.add_argument(f"--{f.name.replace('_', '-')}", default=f.default, help=helps[f.name],
                        **({"type": kind} if kind else {}))
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; a problem with its input or output is a one-line message and exit code 2, never a
+    traceback (argparse gives its own errors the same code)."""
     args = build_parser().parse_args(argv)
     from .activations import StoreError
+    from .checks import DataMismatchError, NonFiniteError
     from .data import CorpusError
+    from .files import OutputError, os_error_message
+    from .locks import LockError
     from .models import HookPointError, ModelLoadError
     from .sae import SAEConfigError
     from .train import TrainingError
 
     try:
         return args.fn(args)
-    except (StoreError, CorpusError, HookPointError, ModelLoadError, SAEConfigError, TrainingError,
-            FileExistsError) as e:
-        print(f"saekit {args.cmd}: error: {e}", file=sys.stderr)
-        return 2
+    except (StoreError, CorpusError, HookPointError, ModelLoadError, SAEConfigError, TrainingError, OutputError,
+            LockError, DataMismatchError, NonFiniteError, FileExistsError) as e:
+        message = str(e)
+    except OSError as e:  # disk full, no permission, a file gone: what and where, not a traceback
+        message = os_error_message(e)
+    print(f"saekit {args.cmd}: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

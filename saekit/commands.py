@@ -2,6 +2,7 @@
 Each is a thin call into the library; errors are raised as the library's own and reported by cli.main."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -18,19 +19,28 @@ def print_table(df, columns) -> None:
 def cmd_capture(a) -> int:
     from . import distributed
     from .activations import capture
-    from .data import packed_corpus
+    from .data import load_corpus, packed_corpus
+    from .files import prepare_output
+    from .locks import writer_lock
     from .models import load_model
 
     if distributed.launched_by_torchrun():  # each rank captures its own shards into the same store
         a.device = distributed.init_from_env(a.device, timeout_s=7 * 24 * 3600)
-    model = load_model(a.model, device=a.device)
-    packed = packed_corpus(model.tokenizer, a.corpus, split=a.split, seq_len=a.seq_len, max_tokens=a.tokens,
-                           text_field=a.text_field, drop_bos=not a.keep_bos, shuffle=not a.no_shuffle,
-                           seed=a.sample_seed)
     rank0 = distributed.rank() == 0
     try:
-        store = capture(model, packed, a.hook, a.out, n_tokens=a.tokens, batch_size=a.batch_size, dtype=a.dtype,
-                        shard_tokens=a.shard_tokens, overwrite=a.overwrite, progress=rank0)
+        with contextlib.ExitStack() as held:
+            def claim() -> None:  # before the model loads: a second writer or a bad folder is told at once
+                prepare_output(a.out, 0, "store folder")
+                held.enter_context(writer_lock(a.out, "capture"))
+
+            distributed.on_rank0(claim)
+            load_corpus(a.corpus, split=a.split, text_field=a.text_field)  # a bad corpus or split, told at once
+            model = load_model(a.model, device=a.device)
+            packed = packed_corpus(model.tokenizer, a.corpus, split=a.split, seq_len=a.seq_len, max_tokens=a.tokens,
+                                   text_field=a.text_field, drop_bos=not a.keep_bos, shuffle=not a.no_shuffle,
+                                   seed=a.sample_seed)
+            store = capture(model, packed, a.hook, a.out, n_tokens=a.tokens, batch_size=a.batch_size,
+                            dtype=a.dtype, shard_tokens=a.shard_tokens, overwrite=a.overwrite, progress=rank0)
     finally:
         distributed.shutdown()
     if rank0:
@@ -115,14 +125,20 @@ def _model_for(a, store):
 
 def cmd_eval(a) -> int:
     from .activations import open_store
-    from .files import atomic_write_json
+    from .checks import hook_on_store
+    from .files import OutputError, atomic_write_json, prepare_output
     from .metrics import describe, evaluate
     from .sae import load_sae
 
     sae = load_sae(a.sae_dir)
     store = open_store(a.store)  # opened once: the model's name and the data come from it
+    hook_on_store(sae, store, a.hook, a.allow_mismatch)  # before the model loads
+    if a.out:
+        prepare_output(Path(a.out).parent, 0, "folder of --out")
+        if Path(a.out).is_dir():
+            raise OutputError(f"--out {a.out} is a folder; give a file name for the evaluation's JSON")
     m = evaluate(sae, _model_for(a, store), store, n_tokens=a.tokens, ce_tokens=a.ce_tokens, mode=a.mode, hook=a.hook,
-                 progress=not a.json)
+                 progress=not a.json, allow_mismatch=a.allow_mismatch)
     m = {**m, "sae_dir": str(a.sae_dir), "store": str(a.store)}
     if a.out:
         atomic_write_json(Path(a.out), m)
@@ -133,7 +149,8 @@ def cmd_eval(a) -> int:
 def cmd_calibrate(a) -> int:
     from .calibrate import calibrate_folder
 
-    r = calibrate_folder(a.sae_dir, a.store, target_l0=a.target_l0, n_tokens=a.tokens)
+    r = calibrate_folder(a.sae_dir, a.store, target_l0=a.target_l0, n_tokens=a.tokens, hook=a.hook,
+                         allow_mismatch=a.allow_mismatch)
     before = f"{r['l0_before']:.2f}" if r["l0_before"] is not None else "n/a"
     theta_before = f"{r['theta_before']:.5f}" if r["theta_before"] is not None else "none"
     print(f"{a.sae_dir}: theta {theta_before} -> {r['theta']:.5f}; threshold-mode L0 on {r['n_tokens']:,} tokens of "
@@ -163,8 +180,8 @@ def cmd_sweep(a) -> int:
     cfgs, tc = _sae_cfgs(a, src), _train_cfg(a)
     _print_lrs(cfgs, tc)
     held = open_store(a.eval_store or a.store)
-    df = sweep(src, cfgs, tc, a.out, eval_data=held, model=_model_for(a, held),
-               eval_tokens=a.eval_tokens, ce_tokens=a.ce_tokens, hook=cfgs[0].hook_name)
+    df = sweep(src, cfgs, tc, a.out, eval_data=held, model=_model_for(a, held), eval_tokens=a.eval_tokens,
+               ce_tokens=a.ce_tokens, hook=cfgs[0].hook_name, allow_mismatch=a.allow_mismatch)
     print_table(df, ["name", "l0", "nmse", "fvu", "ce_recovered", "kl", "dead_fraction"])
     print(f"-> {a.out}/sweep.csv, sweep.parquet")
     return 0

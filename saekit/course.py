@@ -71,15 +71,10 @@ def load_choice(spec: str | Path | None) -> SAE | None:
 
 
 def model_name_for(sae: SAE) -> str | None:
-    """The model an SAE was trained on, as a transformers id (SAELens names TransformerLens models, e.g.
-    gpt2-small, which transformers calls gpt2)."""
-    name = sae.cfg.model_name
-    try:
-        from transformer_lens.loading_from_pretrained import get_official_model_name
+    """The model an SAE was trained on, as a transformers id (models.transformers_name)."""
+    from .models import transformers_name
 
-        return get_official_model_name(name)
-    except Exception:  # noqa: BLE001 - not a TransformerLens name (or no TransformerLens): use it as it is
-        return name
+    return transformers_name(sae.cfg.model_name)
 
 
 def model_and_hook(chosen: SAE | None, model_name: str | None, hook: str) -> tuple[str | None, str]:

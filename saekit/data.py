@@ -7,6 +7,7 @@ rather than its first documents.
 """
 from __future__ import annotations
 
+import codecs
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,32 +39,29 @@ def load_corpus(name: str | None = None, split: str = "train", text_field: str =
 
     name: None/"bundled" for the bundled corpus, a local .txt/.jsonl/.json/.parquet/.csv file or folder,
     or a hub data-set id (streamed). For the bundled corpus, split is "train", "test" (every 20th
-    document, held out) or "all".
+    document, held out) or "all"; a local corpus's splits are described at `local_split`.
     """
+    return corpus_split(name, split, text_field, streaming)[0]
+
+
+def corpus_split(name: str | None = None, split: str = "train", text_field: str = "text",
+                 streaming: bool | None = None) -> tuple:
+    """load_corpus, and the rule that drew its split (for a store's manifest): (Dataset, rule)."""
     import datasets
 
     datasets.disable_progress_bars()
     if name is None or name == BUNDLED:
         ds = datasets.load_dataset("json", data_files=str(bundled_corpus_path()), split="train")
+        rule = {"method": f"every {HELD_OUT_EVERY}th document is test"}
         if split == "all":
-            return ds
+            return ds, rule
         if split not in ("train", "test"):
             raise CorpusError(f"the bundled corpus has splits 'train', 'test' and 'all', not '{split}'")
         held = split == "test"
-        return ds.filter(lambda _, i: (i % HELD_OUT_EVERY == 0) == held, with_indices=True)
+        return ds.filter(lambda _, i: (i % HELD_OUT_EVERY == 0) == held, with_indices=True), rule
     path = Path(name).expanduser()
     if path.exists():
-        files = sorted(p for p in path.rglob("*") if p.suffix in _LOCAL_BUILDERS) if path.is_dir() else [path]
-        if not files:
-            raise CorpusError(f"no .txt/.jsonl/.json/.parquet/.csv files under {path}")
-        suffixes = {f.suffix for f in files}
-        builder = _LOCAL_BUILDERS.get(files[0].suffix)
-        if builder is None or len({_LOCAL_BUILDERS[s] for s in suffixes}) != 1:
-            raise CorpusError(f"{path}: use one of {', '.join(_LOCAL_BUILDERS)} (one kind per folder)")
-        kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
-        ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **kwargs)
-        _check_field(ds, text_field, name)
-        return ds
+        return local_split(path, split, text_field, name)
     try:
         ds = datasets.load_dataset(name, split=split, streaming=True if streaming is None else streaming)
     except Exception as e:  # datasets raises many types for "not reachable" / "no such data set"
@@ -72,7 +70,107 @@ def load_corpus(name: str | None = None, split: str = "train", text_field: str =
             f"({e.__class__.__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}). Use the bundled corpus "
             f"(name=None, --corpus {BUNDLED}) or a local .txt/.jsonl/.parquet file."
         ) from e
-    return ds
+    return ds, {"method": "the data set's own split"}
+
+
+SPLIT_NAMES = {"train": "train", "test": "test", "validation": "validation", "valid": "validation", "dev": "validation"}
+LOCAL_TEST_FRACTION = 0.1  # a local corpus without splits of its own: this share of its documents is "test"
+LOCAL_SPLIT_SEED = 0  # fixed, so that every capture of one corpus draws the same train/test line
+
+
+def local_split(path: Path, split: str, text_field: str = "text", name: str | None = None) -> tuple:
+    """One split of a local corpus (a file or a folder of files of one kind), never the whole of it by mistake.
+
+    The files define the splits where they can: a `split` column, or files (or folders) named train / test /
+    validation (valid, dev). Otherwise saekit splits the documents itself, seeded and fixed: a random
+    LOCAL_TEST_FRACTION of them is "test", the rest "train" (recorded as `split_rule` in the data set's info and so
+    in a store's manifest). "all" is every document. A split that does not exist is a CorpusError naming those
+    that do. Returns (Dataset, the rule that made the split)."""
+    import datasets
+
+    files = sorted(p for p in path.rglob("*") if p.suffix in _LOCAL_BUILDERS) if path.is_dir() else [path]
+    if not files:
+        raise CorpusError(f"no .txt/.jsonl/.json/.parquet/.csv files under {path}")
+    builders = {_LOCAL_BUILDERS.get(f.suffix) for f in files}
+    if None in builders or len(builders) != 1:
+        raise CorpusError(f"{path}: use one of {', '.join(_LOCAL_BUILDERS)} (one kind per folder)")
+    builder = builders.pop()
+    by_name = {f: _split_of(f.relative_to(path) if path.is_dir() else Path(f.name)) for f in files}
+    named = {s for s in by_name.values() if s is not None}
+    if named and None in by_name.values():
+        loose = [str(f) for f, s in by_name.items() if s is None][:3]
+        raise CorpusError(f"{path}: some files are named by split ({', '.join(sorted(named))}) and some are not "
+                          f"({', '.join(loose)}); name every file or folder train/test/validation, or none")
+    if named:
+        if split != "all" and SPLIT_NAMES.get(split, split) not in named:
+            raise CorpusError(f"{path} has no '{split}' split; its files give {', '.join(sorted(named))} (or 'all')")
+        files = [f for f, s in by_name.items() if split == "all" or s == SPLIT_NAMES.get(split, split)]
+        rule = {"method": "files named by split", "n_files": len(files)}
+    ds = _read_local(builder, files, name or str(path))
+    _check_field(ds, text_field, name or str(path))
+    if not named and "split" in ds.column_names:
+        values = sorted({str(v) for v in ds["split"]})
+        if split != "all" and split not in values:
+            raise CorpusError(f"{path} has no '{split}' split; its `split` column holds {', '.join(values)} (or 'all')")
+        if split != "all":
+            ds = ds.filter(lambda row: str(row["split"]) == split)
+        rule = {"method": "split column"}
+    elif not named:
+        if split not in ("train", "test", "all"):
+            raise CorpusError(f"{path} has no splits of its own, so saekit splits its documents into 'train' and "
+                              f"'test' (or 'all'), not '{split}'")
+        n_test = round(len(ds) * LOCAL_TEST_FRACTION) if len(ds) > 1 else 0
+        test = np.zeros(len(ds), dtype=bool)
+        test[np.random.default_rng(LOCAL_SPLIT_SEED).permutation(len(ds))[:n_test]] = True
+        if split != "all":
+            ds = ds.select(np.flatnonzero(test == (split == "test")))
+        rule = {"method": "seeded document split", "seed": LOCAL_SPLIT_SEED, "test_fraction": LOCAL_TEST_FRACTION,
+                "n_documents": int(test.size), "n_test": int(n_test)}
+    if len(ds) == 0:
+        raise CorpusError(f"split '{split}' of {path} holds no documents; use a larger corpus or --split all")
+    return ds, rule
+
+
+def _split_of(relative: Path) -> str | None:
+    """The split a local file belongs to by its name or a folder's (train.jsonl, test/part1.txt), if any."""
+    for part in relative.parts:
+        stem = part.split(".")[0].lower()
+        for word, split in SPLIT_NAMES.items():
+            if stem == word or stem.startswith(f"{word}-") or stem.startswith(f"{word}_"):
+                return split
+    return None
+
+
+def _read_local(builder: str, files: list[Path], name: str):
+    """The local files as one `datasets` Dataset; a file that is not UTF-8 text or that its format cannot parse
+    is a CorpusError naming it."""
+    import datasets
+
+    for f in files:
+        if builder != "parquet":
+            _check_utf8(f)
+    kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
+    try:
+        return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **kwargs)
+    except Exception as e:  # datasets wraps parse errors in its own types
+        raise CorpusError(f"could not read corpus {name} as {builder} ({e.__class__.__name__}: "
+                          f"{str(e).splitlines()[0][:200] if str(e) else ''}); check the file's format") from e
+
+
+def _check_utf8(path: Path, chunk: int = 1 << 20) -> None:
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as fh:
+        while True:
+            block = fh.read(chunk)
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as e:
+                raise CorpusError(f"corpus file {path} is not UTF-8 text (byte {offset + e.start} cannot be decoded); "
+                                  f"convert it, e.g. iconv -f latin1 -t utf-8") from None
+            if not block:
+                return
+            offset += len(block)
 
 
 def _check_field(ds, text_field: str, name: str) -> None:
@@ -116,6 +214,11 @@ def sample_documents(ds, text_field: str = "text", shuffle: bool = True, seed: i
     return iter_documents(shuffled, text_field), {"method": "shuffle buffer", "seed": seed, "buffer_size": buffer_size}
 
 
+def tokens_sha256(tokens: np.ndarray) -> str:
+    """The identity of packed token ids (a store's manifest and every shard's completion record carry it)."""
+    return hashlib.sha256(np.ascontiguousarray(tokens).tobytes()).hexdigest()
+
+
 @dataclass
 class PackedTokens:
     """Fixed-length token sequences and where each token came from.
@@ -143,7 +246,7 @@ class PackedTokens:
         return int(self.keep.sum())
 
     def sha256(self) -> str:
-        return hashlib.sha256(np.ascontiguousarray(self.tokens).tobytes()).hexdigest()
+        return tokens_sha256(self.tokens)
 
     def head(self, n_sequences: int) -> "PackedTokens":
         return self.sequences(0, n_sequences)
@@ -244,8 +347,9 @@ def packed_corpus(tokenizer, name: str | None = None, split: str = "train", seq_
     shuffle (default): documents in a seeded random order (see sample_documents), so a small
     `max_tokens` is a sample of the whole split; shuffle=False packs them in corpus order.
     """
-    ds = load_corpus(name, split=split, text_field=text_field)
+    ds, rule = corpus_split(name, split=split, text_field=text_field)
     docs, sampling = sample_documents(ds, text_field, shuffle=shuffle, seed=seed)
     packed = pack(docs, tokenizer, seq_len=seq_len, max_tokens=max_tokens, drop_bos=drop_bos)
-    packed.meta.update({"corpus": name or BUNDLED, "split": split, "text_field": text_field, "sampling": sampling})
+    packed.meta.update({"corpus": name or BUNDLED, "split": split, "split_rule": rule, "text_field": text_field,
+                        "sampling": sampling})
     return packed

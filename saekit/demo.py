@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from .activations import capture_splits
 from .calibrate import calibrate
-from .files import atomic_write_json
+from .files import atomic_write_json, prepare_output
 from .metrics import describe, evaluate, per_token_l0
 from .models import default_device, load_model
 from .report import build_report
@@ -37,7 +36,7 @@ class DemoConfig:
 def run_demo(c: DemoConfig) -> dict:
     """Capture, train BatchTopK and TopK on one stream, calibrate the BatchTopK's theta on unseen training text,
     evaluate it on held-out text, write metrics.json and report.html. Returns the metrics.json dict."""
-    out = Path(c.out)
+    out = prepare_output(c.out, 0, "demo output folder")  # before the work: a folder, writable
     t0 = time.perf_counter()
     print("[1/6] loading the embedded model (first run builds a cache, ~30 s)")
     model = load_model(device=c.device)

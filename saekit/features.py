@@ -139,12 +139,17 @@ class FeatureIndex:
 
 @torch.no_grad()
 def build_feature_index(sae: SAE, store: ActivationStore, n_tokens: int = 20_000, batch_size: int = 2048,
-                        mode: str | None = None, tokenizer=None, progress: bool = True) -> FeatureIndex:
-    """Encode the store's first n_tokens once (with a progress bar) and group activations by latent."""
+                        mode: str | None = None, tokenizer=None, progress: bool = True, hook: str | None = None,
+                        allow_mismatch: bool = False) -> FeatureIndex:
+    """Encode the store's first n_tokens once (with a progress bar) and group activations by latent. The store
+    must hold the SAE's hook of the SAE's model (saekit.checks) unless allow_mismatch."""
+    from .checks import hook_on_store
+
     n = min(n_tokens, len(store))
+    batches = store.head_batches(n, batch_size, hook_on_store(sae, store, hook, allow_mismatch))
     rows, cols, vals = [], [], []
-    for s in tqdm(range(0, n, batch_size), desc="feature index", disable=not progress):
-        z = sae.encode(store.rows(s, min(s + batch_size, n)).float().to(sae.W_enc.device), mode=mode).cpu()
+    for s, x in zip(tqdm(range(0, n, batch_size), desc="feature index", disable=not progress), batches):
+        z = sae.encode(x.to(sae.W_enc.device), mode=mode).cpu()
         r, c = z.nonzero(as_tuple=True)
         rows.append((r + s).numpy())
         cols.append(c.numpy())

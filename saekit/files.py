@@ -1,8 +1,13 @@
-"""Atomic writes: every file saekit writes appears whole or not at all (a killed job never leaves half a file)."""
+"""Atomic writes (every file saekit writes appears whole or not at all), output folders checked before the work,
+and OS errors as messages."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import resource
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -23,9 +28,21 @@ def atomic_write_bytes(path: Path, write) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        cause = e.errno or _short_write_cause(tmp)  # numpy reports a short write without its cause
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(cause, os.strerror(cause), str(path)) from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _short_write_cause(tmp: str) -> int:
+    """Why a write stopped short: the size this process may write (ulimit -f) reached, else a full disk."""
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if soft != resource.RLIM_INFINITY and os.path.getsize(tmp) >= soft - (1 << 16):
+        return errno.EFBIG
+    return errno.ENOSPC
 
 
 def atomic_save_npy(path: Path, array: np.ndarray) -> None:
@@ -39,3 +56,58 @@ def atomic_write_json(path: Path, obj) -> None:
 def atomic_write_csv(path: Path, frame) -> None:
     """A pandas DataFrame as CSV (no index)."""
     atomic_write_bytes(path, lambda fh: fh.write(frame.to_csv(index=False).encode()))
+
+
+class OutputError(RuntimeError):
+    """An output folder that cannot take what a command will write (not a folder, not writable, too little space)."""
+
+
+MB = 1_000_000
+
+
+def prepare_output(folder: str | Path, need_bytes: int = 0, what: str = "output folder") -> Path:
+    """Create `folder` and check, before any work, that it is a folder, that files can be written in it and that it
+    has about `need_bytes` free; an OutputError that names the problem and the fix otherwise."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"the {what} {folder} is a file, not a folder; choose a folder path")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".saekit-write-test.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputError(f"cannot write in the {what} {folder} ({e.strerror or e}); choose a writable folder") from e
+    free = shutil.disk_usage(folder).free
+    if need_bytes > free:
+        raise OutputError(no_space_message(folder, need_bytes, free))
+    return folder
+
+
+def no_space_message(where: str | Path, need_bytes: int | None, free: int | None = None) -> str:
+    """'no space left on WHERE: about N MB needed, M MB free' (either figure left out where unknown)."""
+    if free is None:
+        with contextlib.suppress(OSError):
+            free = shutil.disk_usage(_existing_parent(Path(where))).free
+    parts = ([f"about {max(1, round(need_bytes / MB)):,} MB needed"] if need_bytes else []) + \
+            ([f"{free // MB:,} MB free"] if free is not None else [])
+    return f"no space left on {where}" + (f": {', '.join(parts)}" if parts else "") + \
+        "; free some space or choose a folder on another disk"
+
+
+def _existing_parent(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def os_error_message(e: OSError) -> str:
+    """An OSError as one line that names the file and the fix (disk full, no permission, missing file, ...)."""
+    where = e.filename or "the output"
+    if e.errno == errno.ENOSPC:
+        return no_space_message(where, None)
+    if e.errno == errno.EFBIG:
+        return f"the file {where} grew past the size this process may write (ulimit -f); raise the limit"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write {where} ({e.strerror}); choose a writable folder"
+    return f"{e.strerror or e.__class__.__name__}: {where}" + (f" ({e})" if not e.strerror else "")

@@ -98,6 +98,33 @@ def model_name(model) -> str:
     return str(getattr(underlying(model).config, "_name_or_path", "") or "unknown")
 
 
+_TL_HOOK = re.compile(r"blocks\.(\d+)\.hook_(resid_pre|resid_post|mlp_out|attn_out)")
+_SK_HOOK = re.compile(r"(resid_pre|resid_post|mlp_out|attn_out)\.(\d+)")
+
+
+def saelens_hook_name(hook: str) -> str:
+    """saekit's `resid_post.15` as TransformerLens/SAELens names it (`blocks.15.hook_resid_post`); others as is."""
+    m = _SK_HOOK.fullmatch(hook)
+    return f"blocks.{m.group(2)}.hook_{m.group(1)}" if m else hook
+
+
+def saekit_hook_name(column: str) -> str:
+    """The inverse of saelens_hook_name."""
+    m = _TL_HOOK.fullmatch(column)
+    return f"{m.group(2)}.{m.group(1)}" if m else column
+
+
+def transformers_name(name: str | None) -> str | None:
+    """A model name as a transformers id: SAELens names TransformerLens models (gpt2-small), which transformers
+    calls gpt2; other names come back as they are."""
+    try:
+        from transformer_lens.loading_from_pretrained import get_official_model_name
+
+        return get_official_model_name(name)
+    except Exception:  # noqa: BLE001 - not a TransformerLens name (or no TransformerLens): use it as it is
+        return name
+
+
 def valid_hooks(model) -> list[str]:
     n = n_layers(model)
     return [f"{k}.{i}" for k in HOOK_KINDS for i in range(n)]

@@ -16,7 +16,8 @@ import pandas as pd
 
 from . import analysis, viz
 from .activations import ActivationStore, open_store
-from .files import atomic_write_bytes
+from .checks import hook_on_store
+from .files import atomic_write_bytes, prepare_output
 from .metrics import reconstruction_metrics
 from .sae import load_sae
 
@@ -70,6 +71,7 @@ def build_report(run_dir: str | Path, model=None, n_tokens: int = 8192, n_featur
 
     run = Path(run_dir)
     dirs = _sae_dirs(run)
+    prepare_output(run, 0, "run folder")  # report.html is written there at the end
     saes = {name: load_sae(d) for name, d in dirs.items()}
     store = open_store(run / "store_test") if (run / "store_test").exists() else open_store(run / "store_train")
     first = next(iter(saes.values()))
@@ -80,7 +82,8 @@ def build_report(run_dir: str | Path, model=None, n_tokens: int = 8192, n_featur
     rows = []
     per_token = {}
     for name, sae in saes.items():
-        m = reconstruction_metrics(sae, store.batches(4096, shuffle=False), mode=None)
+        batches = store.head_batches(len(store), 4096, hook_on_store(sae, store))
+        m = reconstruction_metrics(sae, batches, mode=None)
         per_token[_label(sae, name)] = m["_per_token_l0"].numpy()
         rows.append(f"<tr><td>{html.escape(_label(sae, name))}</td><td>{sae.cfg.d_sae}</td><td>{m['l0']:.1f}</td>"
                     f"<td>{m['nmse']:.4f}</td><td>{m['fvu']:.4f}</td><td>{m['dead_fraction']:.3f}</td></tr>")

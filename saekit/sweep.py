@@ -9,6 +9,8 @@ from typing import Sequence
 
 import pandas as pd
 
+from .activations import ActivationStore
+from .checks import hook_on_store
 from .files import atomic_write_bytes, atomic_write_csv, atomic_write_json
 from .metrics import CE_TOKENS, evaluate_many
 from .sae import SAEConfig, architecture
@@ -35,12 +37,16 @@ def sweep_configs(d_in: int, archs: Sequence[str] = ("batchtopk", "topk", "jumpr
 
 def sweep(train_data, cfgs: Sequence[SAEConfig], train_cfg: TrainConfig, out: str | Path, eval_data=None,
           model=None, eval_tokens: int = 20_000, ce_tokens: int = CE_TOKENS, hook: str | None = None,
-          progress: bool = True, reuse: bool = True) -> pd.DataFrame:
+          progress: bool = True, reuse: bool = True, allow_mismatch: bool = False) -> pd.DataFrame:
     """Train every config on one stream (each batch read once), evaluate each on `eval_data` (a store or
     packed tokens; the downstream CE needs `model`), and save out/sweep.csv, out/sweep.parquet and one
     eval JSON per SAE. Resumes from out/checkpoints like train(); with reuse, a finished sweep of the same
-    SAEs and token budget in `out` is loaded instead of recomputed."""
+    SAEs and token budget in `out` is loaded instead of recomputed. A held-out store is checked against the SAEs'
+    hook and model before any training (saekit.checks; allow_mismatch for a deliberate cross-use)."""
     out = Path(out)
+    if isinstance(eval_data, ActivationStore):
+        for c in cfgs:
+            hook_on_store(c, eval_data, hook, allow_mismatch)
     if reuse and (out / "sweep.csv").exists():
         done = load_sweep(out)
         budget = train_cfg.total_steps * train_cfg.batch_size
@@ -50,7 +56,8 @@ def sweep(train_data, cfgs: Sequence[SAEConfig], train_cfg: TrainConfig, out: st
     res = train(as_source(train_data, hook), list(cfgs), train_cfg, out=out, hook=hook)
     train_seconds = time.perf_counter() - t0
     evals = evaluate_many(res.saes, model, eval_data if eval_data is not None else train_data, n_tokens=eval_tokens,
-                          ce_tokens=ce_tokens, hook=hook, progress=progress, error_splice=False)
+                          ce_tokens=ce_tokens, hook=hook, progress=progress, error_splice=False,
+                          allow_mismatch=allow_mismatch)
     rows = []
     for name, sae, m in zip(res.names, res.saes, evals):
         atomic_write_json(out / name / "eval.json", m)

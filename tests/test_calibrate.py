@@ -6,6 +6,7 @@ import torch
 
 from conftest import HOOK
 from saekit.calibrate import calibrate, calibrate_folder
+from saekit.checks import DataMismatchError
 from saekit.metrics import per_token_l0
 from saekit.sae import SAEConfig, SAEConfigError, load_sae, make_sae
 from saekit.train import TrainConfig, train
@@ -68,8 +69,8 @@ def test_calibration_refuses_what_it_cannot_do(trained, store):
     sae = load_sae(trained / "batchtopk_k8_1152")
     with pytest.raises(SAEConfigError, match="cannot be reached"):
         calibrate(sae, store, target_l0=2000)
-    with pytest.raises(SAEConfigError, match="d_in"):
-        calibrate(make_sae(arch="batchtopk", d_in=64, d_sae=128, k=4), store)
+    with pytest.raises(DataMismatchError, match="d_in=64"):
+        calibrate(make_sae(arch="batchtopk", d_in=64, d_sae=128, k=4, hook_name=HOOK), store)
 
 
 def test_eval_reports_batch_and_threshold_mode_l0(trained, store):

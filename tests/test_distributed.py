@@ -75,13 +75,20 @@ def test_torchrun_cli_trains_checkpoints_once_and_resumes(store, tmp_path):
     name = cfg["names"][0]
     assert (out / name / "cfg.json").exists() and not list(out.glob("**/.tmp_*"))
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000004", "step_00000008"]
-    torchrun(*args, "--tokens", str(128 * 12))  # resume: 4 more steps on top of the 8
+    trained = load_file(str(out / name / "sae_weights.safetensors"))
+    log = (out / name / "train_log.csv").read_text()
+    shutil.rmtree(out / "checkpoints" / "step_00000008")  # as if killed after step 4's checkpoint
+    (out / name / "sae_weights.safetensors").unlink()
+    torchrun(*args, "--tokens", str(128 * 8))  # resumes at step 4: 4 more steps to the same weights
     cfg = json.loads((out / "train_config.json").read_text())
-    assert cfg["steps"] == 12 and cfg["tokens"] == 128 * 12
-    import pandas as pd
-
-    log = pd.read_csv(out / name / "train_log.csv")
-    assert log["step"].tolist() == [8, 10, 12]  # the first run's log (its last step) kept on resume
+    assert cfg["steps"] == 8 and cfg["tokens"] == 128 * 8
+    again = load_file(str(out / name / "sae_weights.safetensors"))
+    for k in trained:
+        torch.testing.assert_close(again[k], trained[k], rtol=1e-5, atol=1e-6)
+    assert (out / name / "train_log.csv").read_text() == log
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                        *args, "--tokens", str(128 * 12)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode != 0 and "--tokens: 1024 then, 1536 now" in r.stderr  # another budget is another run
 
 
 CAPTURE = ["-m", "saekit", "capture", "--hook", "resid_post.2", "--hook", "mlp_out.1", "--tokens", "1500",

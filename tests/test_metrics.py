@@ -158,7 +158,7 @@ def test_batchtopk_evaluation_does_not_depend_on_batch_size(store):
     from saekit.sae import SAEConfig
     from saekit.train import TrainConfig, train
 
-    res = train(store, SAEConfig(arch="batchtopk", d_in=576, d_sae=1152, k=8), TrainConfig(
+    res = train(store, SAEConfig(arch="batchtopk", d_in=576, d_sae=1152, k=8, hook_name=store.hook), TrainConfig(
         total_tokens=4000, batch_size=256, warmup_steps=2, progress=False))
     sae = res.saes[0]
     x = store.load()[:1024]

@@ -262,6 +262,9 @@ def test_saelens_loads_a_calibrated_folder_and_gives_saekits_code(tmp_path):
         def rows(self, s, e, hook=None):
             return self.x[s:e]
 
+        def head_batches(self, n, batch_size, hook=None):
+            return (self.x[s:min(s + batch_size, n)] for s in range(0, n, batch_size))
+
     rec = calibrate_folder(tmp_path / "sae", Store(_inputs(seed=2, n=500)), target_l0=3)
     assert rec["l0_after"] == pytest.approx(3, rel=0.01) and rec["theta"] != pytest.approx(0.3)
     cal = load_sae(tmp_path / "sae")

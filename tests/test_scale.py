@@ -10,6 +10,8 @@ import textwrap
 
 import numpy as np
 
+from saekit.data import tokens_sha256
+
 D, ROWS, SHARD = 128, 2_097_152, 262_144  # 512 MiB of float16 activations in 8 shards
 
 
@@ -25,12 +27,13 @@ def _write_store(path, rows=ROWS):
         np.save(path / "shards" / f"{i:05d}.pos.npy", np.stack([seq, np.arange(SHARD) % 128], 1).astype(np.int32))
         shards.append({"index": i, "seq_start": i * SHARD // 128, "seq_end": (i + 1) * SHARD // 128, "n_rows": SHARD})
     n_seq = rows // 128
-    np.save(path / "tokens.npy", np.zeros((n_seq, 129), np.int32))
+    tokens = np.zeros((n_seq, 129), np.int32)
+    np.save(path / "tokens.npy", tokens)
     np.save(path / "doc_ids.npy", np.zeros((n_seq, 129), np.int32))
     (path / "manifest.json").write_text(json.dumps({
         "format": "saekit-activations", "format_version": 1, "model": "synthetic", "hooks": ["resid_post.0"],
         "d_model": D, "dtype": "float16", "seq_len": 129, "n_sequences": n_seq, "shards": shards, "n_rows": rows,
-        "complete": True}))
+        "tokens_sha256": tokens_sha256(tokens), "complete": True}))
 
 
 WORKER = textwrap.dedent("""

@@ -2,6 +2,7 @@
 for any number of hook points, stopped after the last; shards of whole sequences written atomically."""
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import warnings
@@ -14,8 +15,9 @@ from tqdm.auto import tqdm
 
 from .. import __version__, distributed
 from ..data import PackedTokens, packed_corpus
-from ..files import atomic_save_npy, atomic_write_json
-from ..models import HookPoint, envoy, first_tensor, model_name, resolve_hook, underlying
+from ..files import atomic_save_npy, atomic_write_json, prepare_output
+from ..locks import writer_lock
+from ..models import HookPoint, d_model, envoy, first_tensor, model_name, resolve_hook, underlying
 from .store import DTYPES, FORMAT, ActivationStore, StoreError, hook_file, read_manifest
 
 
@@ -43,6 +45,12 @@ def forward_hooks(model, input_ids: torch.Tensor, hooks: Sequence[HookPoint], at
             saved[i] = first_tensor(value).save()
         tracer.stop()
     return [first_tensor(s) for s in saved]
+
+
+def store_bytes(packed: PackedTokens, n_hooks: int, dtype: str, width: int) -> int:
+    """About how many bytes a capture of `packed` writes: activations, positions, tokens and document ids."""
+    item = torch.tensor([], dtype=DTYPES[dtype]).element_size()
+    return packed.n_kept * (n_hooks * width * item + 8) + packed.tokens.size * 8
 
 
 def _plan_shards(n_seq: int, shard_sequences: int) -> list[tuple[int, int]]:
@@ -82,14 +90,27 @@ def capture(model, packed: PackedTokens, hooks: str | Sequence[str], out: str | 
         "model": model_name(model), "hooks": hooks, "d_model": None, "dtype": dtype,
         "seq_len": seq_len, "n_sequences": packed.n_sequences, "drop_bos": bool(packed.meta.get("drop_bos", True)),
         "bos_token_id": packed.bos_token_id, "pad_token_id": packed.pad_token_id,
-        "corpus": {**{k: v for k, v in packed.meta.items() if k in ("corpus", "split", "text_field", "n_documents", "sampling", "part")},
+        "corpus": {**{k: v for k, v in packed.meta.items() if k in ("corpus", "split", "split_rule", "text_field", "n_documents", "sampling", "part")},
                    **(corpus_info or {})},
         "tokens_sha256": packed.sha256(), "shard_sequences": max(1, shard_tokens // seq_len),
         "shards": [], "n_rows": 0, "complete": False,
     }
-    manifest = distributed.on_rank0(lambda: _open_or_start(out, manifest, packed, overwrite))
-    if manifest.get("complete"):
-        return ActivationStore(out)
+    need = store_bytes(packed, len(points), dtype, d_model(model))
+    with contextlib.ExitStack() as held:
+        def start() -> dict:  # rank 0 holds the store's writer lock for the whole job; a second writer is refused
+            prepare_output(out, 0, "store folder")
+            held.enter_context(writer_lock(out, "capture"))
+            return _open_or_start(out, manifest, packed, overwrite, need)
+
+        manifest = distributed.on_rank0(start)
+        if not manifest.get("complete"):
+            _capture_shards(model, packed, hooks, points, out, manifest, batch_size, dtype, progress)
+    return ActivationStore(out)
+
+
+def _capture_shards(model, packed: PackedTokens, hooks: list[str], points: list[HookPoint], out: Path,
+                    manifest: dict, batch_size: int, dtype: str, progress: bool) -> None:
+    """This rank's share of the shards still to do, each written whole, then (rank 0) the manifest folded."""
     plan = _plan_shards(packed.n_sequences, manifest["shard_sequences"])  # a resumed store keeps its shard layout
     done = {s["index"] for s in manifest["shards"]}
     rank, world = distributed.rank(), distributed.world_size()
@@ -124,7 +145,7 @@ def capture(model, packed: PackedTokens, hooks: str | Sequence[str], out: str | 
             atomic_save_npy(out / "shards" / f"{index:05d}.pos.npy", pos)
             atomic_write_json(out / "shards" / f"{index:05d}.done.json",  # written last: the shard is whole
                               {"index": index, "seq_start": s, "seq_end": e, "n_rows": int(pos.shape[0]),
-                               "d_model": int(parts[0][0].shape[-1])})
+                               "d_model": int(parts[0][0].shape[-1]), "tokens_sha256": manifest["tokens_sha256"]})
             if rank == 0:
                 manifest = _fold_done(out, manifest, len(plan))
                 bar.set_postfix(shards=f"{len(manifest['shards'])}/{len(plan)}")
@@ -132,11 +153,11 @@ def capture(model, packed: PackedTokens, hooks: str | Sequence[str], out: str | 
         bar.close()
     distributed.barrier()  # every rank's shards are written
     distributed.on_rank0(lambda: _fold_done(out, manifest, len(plan)))
-    return ActivationStore(out)
 
 
-def _open_or_start(out: Path, manifest: dict, packed: PackedTokens, overwrite: bool) -> dict:
-    """Rank 0: check a store already at `out` is this capture and fold in its finished shards, or start one."""
+def _open_or_start(out: Path, manifest: dict, packed: PackedTokens, overwrite: bool, need_bytes: int) -> dict:
+    """Rank 0: check a store already at `out` is this capture and fold in its finished shards, or start one (after
+    checking the folder takes the store's size)."""
     mpath = out / "manifest.json"
     if mpath.exists() and not overwrite:
         old = read_manifest(out)
@@ -154,7 +175,7 @@ def _open_or_start(out: Path, manifest: dict, packed: PackedTokens, overwrite: b
     if overwrite and out.exists():
         for p in list(out.glob("shards/*.npy")) + list(out.glob("shards/*.done.json")) + [mpath]:
             p.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_output(out, need_bytes, "store folder")
     atomic_save_npy(out / "tokens.npy", packed.tokens)
     atomic_save_npy(out / "doc_ids.npy", packed.doc_ids)
     atomic_write_json(mpath, manifest)
@@ -168,9 +189,11 @@ def _fold_done(out: Path, manifest: dict, n_plan: int) -> dict:
     for rec_path in sorted(out.glob("shards/*.done.json")):
         rec = json.loads(rec_path.read_text())
         i = rec["index"]
+        if rec.get("tokens_sha256") != manifest["tokens_sha256"]:  # another capture's shard: captured again
+            continue
         files = [out / "shards" / f"{i:05d}.{hook_file(h)}.npy" for h in manifest["hooks"] + ["pos"]]
         if i not in listed and all(f.exists() for f in files):
-            shards.append({k: rec[k] for k in ("index", "seq_start", "seq_end", "n_rows")})
+            shards.append({k: rec[k] for k in ("index", "seq_start", "seq_end", "n_rows", "tokens_sha256")})
             manifest["d_model"] = rec["d_model"]
     shards.sort(key=lambda x: x["index"])
     manifest = {**manifest, "shards": shards, "n_rows": sum(x["n_rows"] for x in shards),

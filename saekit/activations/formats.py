@@ -19,9 +19,9 @@ position) and the text for the CE metrics and feature contexts.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -29,7 +29,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..files import atomic_save_npy, atomic_write_json
+from ..files import atomic_save_npy, atomic_write_json, prepare_output
+from ..locks import writer_lock
+from ..models import saekit_hook_name, saelens_hook_name  # noqa: F401  (re-exported)
 from .store import FORMAT, ActivationStore, StoreError
 
 SAELENS_FORMAT = "saelens-cache"
@@ -40,21 +42,7 @@ FORMATS = {
 }
 _SIDE_MANIFEST = "saekit_manifest.json"
 _SIDE_POSITIONS = "saekit_positions.npy"
-_TL_HOOK = re.compile(r"blocks\.(\d+)\.hook_(resid_pre|resid_post|mlp_out|attn_out)")
-_SK_HOOK = re.compile(r"(resid_pre|resid_post|mlp_out|attn_out)\.(\d+)")
 _ARRAY_DTYPES = {"float16": np.float16, "float32": np.float32}
-
-
-def saelens_hook_name(hook: str) -> str:
-    """saekit's `resid_post.15` as TransformerLens/SAELens names it (`blocks.15.hook_resid_post`); others as is."""
-    m = _SK_HOOK.fullmatch(hook)
-    return f"blocks.{m.group(2)}.hook_{m.group(1)}" if m else hook
-
-
-def saekit_hook_name(column: str) -> str:
-    """The inverse of saelens_hook_name."""
-    m = _TL_HOOK.fullmatch(column)
-    return f"{m.group(2)}.{m.group(1)}" if m else column
 
 
 def store_format(path: str | Path) -> str:
@@ -216,13 +204,24 @@ def export_store(store: ActivationStore | str | Path, out: str | Path, format: s
     """Write `store` as a SAELens activation cache at `out` (atomically: a killed export leaves no `out`).
 
     context_size: stored tokens per SAELens row (None: the store's kept positions per full sequence).
-    Returns `out`."""
-    import datasets
-
+    Returns `out`. The export holds OUT's writer lock (saekit.locks) from start to end."""
     if format != "saelens":
         raise StoreError(f"unknown export format '{format}'; the one there is: saelens")
     store = open_store(store) if isinstance(store, (str, Path)) else store
     out = Path(out)
+    prepare_output(out.parent, 0, "folder of the export")
+    # OUT is replaced whole at the end, so its writer lock lives beside it; a folder already there (a store being
+    # captured, say) is locked as well
+    with writer_lock(out, "export-store", beside=True), contextlib.ExitStack() as held:
+        if out.is_dir():
+            held.enter_context(writer_lock(out, "export-store"))
+        return _export_saelens(store, out, context_size, overwrite, progress)
+
+
+def _export_saelens(store: ActivationStore, out: Path, context_size: int | None, overwrite: bool,
+                    progress: bool) -> Path:
+    import datasets
+
     if out.exists() and not overwrite:
         raise StoreError(f"{out} exists; choose another folder or pass --overwrite")
     m = store.manifest
@@ -242,6 +241,8 @@ def export_store(store: ActivationStore | str | Path, out: str | Path, format: s
                                      for c in columns},
                                   "token_ids": datasets.Sequence(datasets.Value("int32"), length=context_size)})
     toks = np.asarray(store.tokens)
+    prepare_output(out.parent, 2 * n_ctx * context_size * (store.d_model * np_dtype().itemsize * len(columns) + 4),
+                   "folder of the export")  # the pieces and their concatenation
     rows_per_piece = max(1, (64 << 20) // (context_size * store.d_model * np_dtype().itemsize * len(columns)))
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -20,6 +20,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ..checks import require_finite
+from ..data import tokens_sha256
+
 FORMAT = "saekit-activations"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
@@ -33,16 +36,32 @@ def hook_file(hook: str) -> str:
     return hook.replace("/", "_")
 
 
+MANIFEST_KEYS = {"format": str, "model": str, "hooks": list, "dtype": str, "seq_len": int, "n_sequences": int,
+                 "shards": list, "n_rows": int, "tokens_sha256": str}  # what reading a store relies on
+SHARD_KEYS = ("index", "seq_start", "seq_end", "n_rows")
+
+
 def read_manifest(path: Path) -> dict:
+    """A store's manifest, checked to be one before anything is read by it (a corrupt file is refused whole)."""
     mpath = Path(path) / "manifest.json"
     if not mpath.exists():
         raise StoreError(f"{path} is not an activation store: no manifest.json there (make one with `saekit capture`)")
     try:
         m = json.loads(mpath.read_text())
-    except json.JSONDecodeError as e:
-        raise StoreError(f"{mpath} is corrupt ({e}); re-run the capture into a new folder") from e
+    except (ValueError, OSError) as e:  # not JSON, not UTF-8, unreadable
+        raise StoreError(f"{mpath} is corrupt ({e.__class__.__name__}: {e}); re-run the capture into a new "
+                         f"folder") from e
+    if not isinstance(m, dict):
+        raise StoreError(f"{mpath} is corrupt: it holds a JSON {type(m).__name__}, not an object; re-run the capture "
+                         f"into a new folder")
     if m.get("format") != FORMAT:
         raise StoreError(f"{mpath} is not a saekit activation manifest (format={m.get('format')!r})")
+    wrong = [k for k, t in MANIFEST_KEYS.items() if not isinstance(m.get(k), t)]
+    wrong += [f"shards[{i}]" for i, sh in enumerate(m.get("shards") or [])
+              if not isinstance(sh, dict) or not all(isinstance(sh.get(k), int) for k in SHARD_KEYS)]
+    if wrong:
+        raise StoreError(f"{mpath} is corrupt: missing or malformed {', '.join(wrong)}; re-run the capture into a "
+                         f"new folder")
     return m
 
 
@@ -91,8 +110,12 @@ class ActivationStore:
 
     def _validate(self) -> None:
         want_np = np.dtype(_NP_DTYPES[self.dtype])
+        self._validate_tokens()
         total = 0
         for sh in self.shards:
+            if sh.get("tokens_sha256", self.manifest["tokens_sha256"]) != self.manifest["tokens_sha256"]:
+                raise StoreError(f"store {self.path}: shard {sh['index']} was captured from other tokens than the "
+                                 f"manifest's (two captures mixed in one folder); capture again into a new folder")
             pos = self._open(sh, "pos")
             if pos.shape != (sh["n_rows"], 2):
                 raise StoreError(f"store {self.path}: shard {sh['index']} positions have shape {pos.shape}, "
@@ -107,9 +130,32 @@ class ActivationStore:
             total += sh["n_rows"]
         if total != self.manifest["n_rows"]:
             raise StoreError(f"store {self.path}: shards hold {total} rows, manifest says {self.manifest['n_rows']}")
+
+    def _validate_tokens(self) -> None:
+        """tokens.npy and doc_ids.npy readable, [n_sequences, seq_len], and the tokens the manifest names."""
+        want = (self.manifest["n_sequences"], self.manifest["seq_len"])
         for name in ("tokens.npy", "doc_ids.npy"):
-            if not (self.path / name).exists():
-                raise StoreError(f"store {self.path}: {name} is missing")
+            f = self.path / name
+            if not f.exists():
+                raise StoreError(f"store {self.path}: {name} is missing; capture again into a new folder")
+            try:
+                arr = np.load(f, mmap_mode="r")
+            except (ValueError, OSError) as e:
+                raise StoreError(f"store {self.path}: {name} is truncated or corrupt ({e}); capture again into a "
+                                 f"new folder") from e
+            if arr.shape != want or arr.dtype.kind not in "iu":
+                raise StoreError(f"store {self.path}: {name} holds {arr.dtype} {arr.shape}, the manifest says "
+                                 f"integers of shape {want}; capture again into a new folder")
+            if name == "tokens.npy" and tokens_sha256(arr) != self.manifest["tokens_sha256"]:
+                raise StoreError(f"store {self.path}: tokens.npy is not the one the manifest was written for (two "
+                                 f"captures mixed in one folder, or the file was replaced); capture again into a "
+                                 f"new folder")
+
+    def locate(self, row: int) -> tuple[int, int]:
+        """(shard index, row within that shard) of store row `row`."""
+        starts = np.cumsum([0] + [sh["n_rows"] for sh in self.shards])
+        i = int(np.searchsorted(starts, row, side="right") - 1)
+        return int(self.shards[i]["index"]), int(row - starts[i])
 
     # -- access ------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -173,6 +219,14 @@ class ActivationStore:
         out = [self._to_torch(self._open(self.shards[i], hook)[rows[shard_of == i] - starts[i]])
                for i in np.unique(shard_of)]
         return torch.cat(out) if out else torch.empty(0, self.d_model, dtype=DTYPES[self.dtype])
+
+    def head_batches(self, n: int, batch_size: int, hook: str | None = None) -> Iterator[torch.Tensor]:
+        """The first n rows in store order as float32 batches, each checked finite (a NaN/inf row is an error
+        naming its shard and row)."""
+        for s in range(0, n, batch_size):
+            x = self.rows(s, min(s + batch_size, n), hook).float()
+            require_finite(x, self, s)
+            yield x
 
     def load(self, hook: str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The whole store for one hook in memory [n_rows, d_model] (the in-memory mode for small runs)."""

@@ -17,7 +17,7 @@ SCHEMA = "saekit.eval/2"
 
 def evaluate(sae: SAE, model=None, data=None, n_tokens: int = 20_000, ce_tokens: int = CE_TOKENS,
              mode: str | None = None, batch_size: int = 4096, seq_batch: int = 8, hook: str | None = None,
-             progress: bool = False, seed: int = 0) -> dict:
+             progress: bool = False, seed: int = 0, allow_mismatch: bool = False) -> dict:
     """All metrics of one SAE, in a stable JSON-able dict (schema "saekit.eval/2", see README).
 
     data: an ActivationStore (or its folder) or PackedTokens. Reconstruction and sparsity use up to
@@ -26,27 +26,32 @@ def evaluate(sae: SAE, model=None, data=None, n_tokens: int = 20_000, ce_tokens:
     recovered and KL carry 95% bootstrap intervals over sequences ("intervals"); "per_sequence" keeps
     the sums behind them so paired_difference() can compare two SAEs. BatchTopK uses threshold mode
     unless mode="batch"; its batch-mode L0 and the ratio of the two are reported too.
+    The data and the model must be the SAE's (hook, model, width; saekit.checks) unless allow_mismatch.
     """
-    return evaluate_many([sae], model, data, n_tokens, ce_tokens, mode, batch_size, seq_batch, hook, progress, seed)[0]
+    return evaluate_many([sae], model, data, n_tokens, ce_tokens, mode, batch_size, seq_batch, hook, progress, seed,
+                         allow_mismatch=allow_mismatch)[0]
 
 
 def evaluate_many(saes: Sequence[SAE], model=None, data=None, n_tokens: int = 20_000, ce_tokens: int = CE_TOKENS,
                   mode: str | None = None, batch_size: int = 4096, seq_batch: int = 8, hook: str | None = None,
-                  progress: bool = False, seed: int = 0, error_splice: bool = True) -> list[dict]:
+                  progress: bool = False, seed: int = 0, error_splice: bool = True,
+                  allow_mismatch: bool = False) -> list[dict]:
     """evaluate() for several SAEs at one hook on the same sequences: the clean, zero- and mean-ablated
     forwards are made once for all of them (ce_metrics_many), so their results pair up exactly.
     error_splice=False skips the `x_hat + error` check (one forward per SAE)."""
     from pathlib import Path
 
     from ..activations import ActivationStore, forward_hooks, open_store
+    from ..checks import hook_on_model, hook_on_store, one_hook, require_finite
     from ..data import PackedTokens
     from ..models import resolve_hook, underlying
 
-    hook = hook or saes[0].cfg.hook_name
     if isinstance(data, (str, Path)):
         data = open_store(data)
-    if isinstance(data, ActivationStore):
-        h = hook if hook in data.hooks else None  # the SAE's hook where the store has it
+    if n_tokens < 1:
+        raise ValueError(f"n_tokens must be at least 1 (got {n_tokens})")
+    if isinstance(data, ActivationStore):  # every SAE on the same hook of the store, each checked against it
+        hook = one_hook({hook_on_store(sae, data, hook, allow_mismatch) for sae in saes})
         tokens, pos, keep = data.tokens, data.positions(), data.keep_mask()
         chosen = sample_sequences(keep, n_tokens, seed)
         rows = np.flatnonzero(np.isin(pos[:, 0], chosen))[:n_tokens]
@@ -54,10 +59,13 @@ def evaluate_many(saes: Sequence[SAE], model=None, data=None, n_tokens: int = 20
         def make_batches():
             for s in range(0, rows.size, batch_size):
                 r = rows[s:s + batch_size]
-                yield data.take(r, h), torch.from_numpy(pos[r, 0].astype(np.int64))
+                x = data.take(r, hook)
+                require_finite(x, data, r)
+                yield x, torch.from_numpy(pos[r, 0].astype(np.int64))
     elif isinstance(data, PackedTokens):
         if model is None:
             raise ValueError("evaluating on a corpus needs the model to compute activations")
+        hook = one_hook({hook_on_model(sae, model, hook, allow_mismatch) for sae in saes})
         hp = resolve_hook(model, hook)
         device = next(underlying(model).parameters()).device
         tokens, keep = data.tokens, data.keep
@@ -68,6 +76,7 @@ def evaluate_many(saes: Sequence[SAE], model=None, data=None, n_tokens: int = 20
                 idx = chosen[b:b + seq_batch]
                 v = forward_hooks(model, torch.from_numpy(tokens[idx].astype(np.int64)).to(device), [hp])[0]
                 kb = torch.from_numpy(keep[idx])
+                require_finite(v[kb.to(v.device)], what=f"the model's activations at {hook}")
                 seq = torch.from_numpy(idx.astype(np.int64))[:, None].expand(kb.shape)[kb]
                 yield v[kb.to(v.device)], seq
     else:
@@ -75,7 +84,8 @@ def evaluate_many(saes: Sequence[SAE], model=None, data=None, n_tokens: int = 20
     # Matryoshka: every nested prefix is evaluated as an SAE of its own; the CE baselines are shared by all
     subs = [s.prefixes() if s.has_prefixes else [] for s in saes]
     ce_all = None
-    if model is not None:
+    if model is not None:  # the CE metrics splice each SAE into this model at `hook`
+        hook = one_hook({hook_on_model(sae, model, hook, allow_mismatch) for sae in saes})
         ce_seq = sample_sequences(keep, ce_tokens, seed, targets=True)
         flat = [x for sae, sb in zip(saes, subs) for x in (sae, *sb)]
         flags = [f for sb in subs for f in (error_splice, *([False] * len(sb)))]

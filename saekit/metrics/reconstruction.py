@@ -106,11 +106,13 @@ class _Accumulator:
 
 @torch.no_grad()
 def per_token_l0(sae: SAE, store, n_tokens: int | None = None, mode: str | None = None,
-                 batch_size: int = 4096) -> np.ndarray:
-    """Active-latent count of each of a store's first n_tokens (inference mode unless `mode`)."""
+                 batch_size: int = 4096, hook: str | None = None, allow_mismatch: bool = False) -> np.ndarray:
+    """Active-latent count of each of a store's first n_tokens (inference mode unless `mode`), at the SAE's hook
+    (saekit.checks)."""
+    from ..checks import hook_on_store
+
     n = len(store) if n_tokens is None else min(n_tokens, len(store))
-    hook = sae.cfg.hook_name if sae.cfg.hook_name in store.hooks else None
-    batches = (store.rows(s, min(s + batch_size, n), hook).float() for s in range(0, n, batch_size))
+    batches = store.head_batches(n, batch_size, hook_on_store(sae, store, hook, allow_mismatch))
     return reconstruction_metrics(sae, batches, mode=mode)["_per_token_l0"].numpy()
 
 

@@ -84,6 +84,17 @@ class SAEConfig:
             raise SAEConfigError(f"enc_init_norm must be a positive number or 'paper' (got {self.enc_init_norm!r})")
         if not isinstance(self.aux_every, int) or self.aux_every < 1:
             raise SAEConfigError(f"aux_every must be a whole number >= 1 (got {self.aux_every!r}); 1 runs AuxK every step")
+        rules = {"k_aux": (self.k_aux >= 1, "at least 1"), "aux_alpha": (self.aux_alpha >= 0, "0 or more"),
+                 "dead_tokens": (self.dead_tokens >= 1, "at least 1"),
+                 "threshold_beta": (0 <= self.threshold_beta < 1, "in [0, 1)"),
+                 "l1_coeff": (self.l1_coeff >= 0, "0 or more"), "l0_coeff": (self.l0_coeff >= 0, "0 or more"),
+                 "target_l0": (self.target_l0 is None or self.target_l0 > 0, "positive, or None"),
+                 "jumprelu_bandwidth": (self.jumprelu_bandwidth > 0, "positive"),
+                 "jumprelu_init_threshold": (self.jumprelu_init_threshold > 0, "positive"),
+                 "threshold_lr_scale": (self.threshold_lr_scale > 0, "positive")}
+        bad = [f"{k}={getattr(self, k)!r} (must be {rule})" for k, (ok, rule) in rules.items() if not ok]
+        if bad:
+            raise SAEConfigError(f"invalid SAE settings: {'; '.join(bad)}")
         if cls.has_k and not 0 < self.k < self.d_sae:
             raise SAEConfigError(f"k must satisfy 0 < k < d_sae (got k={self.k}, d_sae={self.d_sae}); "
                                  f"use a larger dictionary (expansion) or a smaller k")

@@ -29,25 +29,38 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
                              f"(saekit/SAELens) or {formats.SPARSIFY_WEIGHTS} (sparsify)")
     try:
         raw = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise SAEConfigError(f"{cfg_path} is corrupt ({e})") from e
+    except (ValueError, OSError) as e:  # not JSON, not UTF-8, unreadable
+        raise SAEConfigError(f"{cfg_path} is corrupt ({e.__class__.__name__}: {e}); restore it or save the SAE "
+                             f"again") from e
+    if not isinstance(raw, dict):
+        raise SAEConfigError(f"{cfg_path} is corrupt: it holds a JSON {type(raw).__name__}, not an object; restore "
+                             f"it or save the SAE again")
     try:
         state = load_file(str(w_path))
     except Exception as e:
         raise SAEConfigError(f"{w_path} is corrupt or truncated ({e.__class__.__name__}: {e})") from e
     state = {k: v.float() for k, v in state.items()}
-    if sparsify:
-        cfg, state = formats.from_sparsify(raw, state, w_path)
-    elif raw.get("saekit"):
-        cfg = formats.saekit_config(raw)
-    else:
-        cfg, state = formats.from_saelens(raw, state, cfg_path)
+    try:
+        if sparsify:
+            cfg, state = formats.from_sparsify(raw, state, w_path)
+        elif raw.get("saekit"):
+            cfg = formats.saekit_config(raw)
+        else:
+            cfg, state = formats.from_saelens(raw, state, cfg_path)
+    except SAEConfigError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # a field missing or of the wrong kind
+        raise SAEConfigError(f"{cfg_path} is malformed ({e.__class__.__name__}: {e}); restore it or save the SAE "
+                             f"again") from e
     for key in ("W_enc", "W_dec", "b_enc", "b_dec"):
         if key not in state:
             raise SAEConfigError(f"{w_path} has no '{key}' tensor (has {sorted(state)}); not an SAE weights file")
-    d_in, d_sae = state["W_enc"].shape
-    if (cfg.d_in, cfg.d_sae) != (d_in, d_sae):
-        raise SAEConfigError(f"{folder}: cfg says d_in={cfg.d_in}, d_sae={cfg.d_sae} but W_enc is {tuple(state['W_enc'].shape)}")
+    shapes = {"W_enc": (cfg.d_in, cfg.d_sae), "W_dec": (cfg.d_sae, cfg.d_in), "b_enc": (cfg.d_sae,),
+              "b_dec": (cfg.d_in,)}
+    wrong = [f"{k} is {tuple(state[k].shape)}, not {want}" for k, want in shapes.items() if tuple(state[k].shape) != want]
+    if wrong:
+        raise SAEConfigError(f"{w_path} does not fit {cfg_path} (d_in={cfg.d_in}, d_sae={cfg.d_sae}): "
+                             f"{'; '.join(wrong)}; the weights and the config come from different SAEs")
     sae = make_sae(cfg)
     with torch.no_grad():
         sae.set_weights(state)

@@ -1,13 +1,18 @@
 """Training checkpoints: every SAE's weights and optimiser state, the RNG and the run's progress, published
-atomically (a whole folder renamed into place) and without pickle (safetensors + JSON)."""
+atomically (a whole folder renamed into place) and without pickle (safetensors + JSON); the run folder checked
+and locked before the work, and a checkpoint resumed only by the run that made it."""
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from ..files import prepare_output
+from ..locks import writer_lock
 
 
 def _optim_to_tensors(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> dict[str, torch.Tensor]:
@@ -81,3 +86,61 @@ def restore(path: Path, saes, opts, device: torch.device) -> None:
     torch.set_rng_state(rng["torch_cpu"])
     if "torch_cuda" in rng and device.type == "cuda":
         torch.cuda.set_rng_state(rng["torch_cuda"], device)
+
+
+# -- the run folder: claimed before the work, resumed only by the run that started it ----------------------------
+
+def output_bytes(cfgs, keep: int) -> int:
+    """About the most a run's folder holds at once: per SAE its weights with Adam's two moments in `keep`
+    checkpoints and one being written, and the final weights."""
+    params = sum(2 * c.d_in * c.d_sae + c.d_sae + c.d_in for c in cfgs)
+    return 4 * params * (3 * (keep + 1) + 1)
+
+
+def claim_output(held: contextlib.ExitStack, out: Path, cfgs, keep: int) -> None:
+    """Check the run folder `out` (a folder, writable, with room for output_bytes) and hold its writer lock until
+    `held` closes: a second training into it is refused."""
+    prepare_output(out, output_bytes(cfgs, keep), "training output folder")
+    held.enter_context(writer_lock(out, "train"))
+
+
+RESUME_KEYS = {"data": "the training data", "seed": "--seed", "total_tokens": "--tokens",
+               "batch_size": "--batch-size", "sae_cfgs": "the SAE settings"}
+
+
+def run_identity(source, train_cfg, cfgs) -> dict:
+    """What a checkpoint may only be resumed with: the data's identity, the seed, the token budget, the batch size
+    and the SAE configs."""
+    return {"data": source.identity(), "seed": train_cfg.seed, "total_tokens": train_cfg.total_tokens,
+            "batch_size": train_cfg.batch_size, "sae_cfgs": [c.to_dict() for c in cfgs]}
+
+
+def check_resume(path: Path, saved: dict, now: dict) -> None:
+    """TrainingError naming every difference between the run a checkpoint was made in and this one (a checkpoint
+    older than these records has only its SAE configs checked)."""
+    diff = list(_differences(saved, now))
+    if diff:
+        from .config import TrainingError
+
+        raise TrainingError(f"checkpoint {path} was made by another run ({'; '.join(diff)}). Resume with the same "
+                            f"data and settings, or train into a new --out folder (--no-resume starts afresh)")
+
+
+def _differences(saved: dict, now: dict):
+    for key, name in RESUME_KEYS.items():
+        same = (lambda a, b: a.get("sha256") == b.get("sha256")) if key == "data" else (lambda a, b: a == b)
+        if key not in saved or same(saved[key], now[key]):  # data: the same values wherever they now lie
+            continue
+        if key == "sae_cfgs" and len(saved[key]) == len(now[key]):
+            for i, (a, b) in enumerate(zip(saved[key], now[key])):
+                yield from (f"SAE {i}'s {f}: {a.get(f)} then, {b.get(f)} now"
+                            for f in sorted(set(a) | set(b)) if a.get(f) != b.get(f))
+        elif key == "data":
+            yield f"{name}: {_data(saved[key])} then, {_data(now[key])} now"
+        else:
+            yield f"{name}: {len(saved[key]) if key == 'sae_cfgs' else saved[key]} then, " \
+                  f"{len(now[key]) if key == 'sae_cfgs' else now[key]} now"
+
+
+def _data(identity: dict) -> str:
+    return f"{identity.get('kind')} {identity.get('where', '')} ({str(identity.get('sha256'))[:12]})"

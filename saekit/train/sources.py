@@ -2,6 +2,8 @@
 ahead of it in a background thread."""
 from __future__ import annotations
 
+import hashlib
+import json
 import queue
 import threading
 import time
@@ -32,6 +34,13 @@ class TensorSource:
     def __len__(self) -> int:
         return int(self.x.shape[0])
 
+    def identity(self) -> dict:
+        """What the data is (checkpoints.run_identity): its shape and a hash of its values."""
+        values = self.x.detach().cpu().contiguous()
+        raw = values.view(torch.uint8)
+        return {"kind": "tensor", "where": f"{list(values.shape)} {values.dtype}",
+                "sha256": hashlib.sha256(raw.numpy().tobytes()).hexdigest()}
+
     def batches(self, batch_size: int, seed: int = 0, epochs: int = 1, skip_batches: int = 0, rank: int = 0,
                 world_size: int = 1, **_) -> Iterator:
         """Shuffled batches; with world_size > 1, rank r gets part r of each global batch of
@@ -58,6 +67,12 @@ class StoreSource:
 
     def __len__(self) -> int:
         return len(self.store)
+
+    def identity(self) -> dict:
+        """What the data is (checkpoints.run_identity): the store's manifest and the hook read."""
+        manifest = json.dumps(self.store.manifest, sort_keys=True).encode()
+        return {"kind": "store", "where": f"{self.store.path} at {self.hook}",
+                "sha256": hashlib.sha256(manifest + self.hook.encode()).hexdigest()}
 
     def batches(self, batch_size: int, seed: int = 0, epochs: int = 1, skip_batches: int = 0,
                 buffer_rows: int = 131_072, rank: int = 0, world_size: int = 1, **_) -> Iterator:

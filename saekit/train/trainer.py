@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import distributed as D
-from ..files import atomic_write_csv, atomic_write_json
+from ..files import atomic_write_csv, atomic_write_json, os_error_message
 from ..metrics.reconstruction import nmse_tensor
 from ..models import default_device
 from ..sae import SAEConfig, make_sae
@@ -79,6 +79,7 @@ class Trainer:
         self.step = 0
         self.tokens = 0
         self.initialised = False
+        self.run: dict = {}  # what its checkpoints may be resumed with (checkpoints.run_identity), set by fit
 
     # -- initialisation from data -------------------------------------------------------------
     @torch.no_grad()
@@ -111,7 +112,7 @@ class Trainer:
         """Write a checkpoint atomically (rank 0 only under torch.distributed)."""
         if self.rank != 0:
             return None
-        progress = {"step": self.step, "tokens": self.tokens, "train_cfg": self.tc.to_dict(),
+        progress = {"step": self.step, "tokens": self.tokens, "train_cfg": self.tc.to_dict(), "run": self.run,
                     "sae_cfgs": [c.to_dict() for c in self.cfgs], "names": self.names, "logs": self.logs,
                     "hints": [{k: _number(getattr(s, k)) for k in HINTS if hasattr(s, k)} for s in self.saes]}
         return checkpoints.write(self.out / "checkpoints", self.step, self.saes, self.opts, self.device, progress,
@@ -123,9 +124,7 @@ class Trainer:
     def load_checkpoint(self, path: Path) -> None:
         progress = checkpoints.progress(path)
         saved_cfgs = [SAEConfig.from_dict(c).to_dict() for c in progress["sae_cfgs"]]
-        if saved_cfgs != [c.to_dict() for c in self.cfgs]:
-            raise TrainingError(f"checkpoint {path} was made for different SAE configurations; use a new output "
-                                f"folder or the same settings to resume")
+        checkpoints.check_resume(path, {**progress.get("run", {}), "sae_cfgs": saved_cfgs}, self.run)
         checkpoints.restore(path, self.saes, self.opts, self.device)
         self.step, self.tokens = int(progress["step"]), int(progress["tokens"])
         self.logs = progress["logs"]
@@ -252,11 +251,18 @@ class Trainer:
     # -- the loop -----------------------------------------------------------------------------
     def fit(self, data, hook: str | None = None, resume: bool = True,
             callback: Callable[["Trainer", list[dict]], None] | None = None, stop_after: int | None = None) -> TrainResult:
-        """Train on `data` for total_tokens. resume=True continues from the latest checkpoint in `out`.
+        """Train on `data` for total_tokens. resume=True continues from the latest checkpoint in `out`, if that
+        checkpoint was made by this run (checkpoints.check_resume). `out` is checked and locked first.
 
         callback(trainer, stats) runs after every step (live plots); stop_after stops early (tests).
         """
         source = as_source(data, hook)
+        with contextlib.ExitStack() as held:
+            if self.out is not None:
+                D.on_rank0(lambda: checkpoints.claim_output(held, self.out, self.cfgs, self.tc.keep_checkpoints))
+            return self._fit(source, resume, callback, stop_after)
+
+    def _fit(self, source, resume: bool, callback, stop_after: int | None) -> TrainResult:
         for c in self.cfgs:
             if c.d_in != source.d_model:
                 raise TrainingError(f"SAE {c.name} has d_in={c.d_in} but the activations have d={source.d_model}; "
@@ -267,6 +273,7 @@ class Trainer:
             raise TrainingError(f"the activations hold {n} rows, fewer than one batch of {tc.batch_size}; "
                                 f"capture more tokens or lower batch_size")
         D.barrier()  # (distributed) every rank sees the same checkpoints
+        self.run = checkpoints.run_identity(source, tc, self.cfgs)
         ckpt = self.latest_checkpoint() if resume else None
         if ckpt is not None:
             self.load_checkpoint(ckpt)
@@ -330,7 +337,11 @@ class Trainer:
         if self.out is not None:
             if self.step >= tc.total_steps or tc.checkpoint_every:
                 self.save_checkpoint()
-            self.write_outputs()
+            try:
+                self.write_outputs()
+            except OSError as e:  # the checkpoint above holds the work: a re-run writes the outputs from it
+                raise TrainingError(f"{os_error_message(e)}. The trained SAEs are kept in {self.latest_checkpoint()}: "
+                                    f"run the same command again to write them") from e
             D.barrier()
         return TrainResult(self.saes, self.log_frames(), self.out, self.step, self.tokens,
                            time.perf_counter() - t0, self.names, data_wait_s=loader.wait_s if loader else 0.0)
@@ -379,5 +390,8 @@ def train(data, cfgs: SAEConfig | Sequence[SAEConfig], train_cfg: TrainConfig | 
           out: str | Path | None = None, hook: str | None = None, resume: bool = True, **kwargs) -> TrainResult:
     """Train SAE(s) on activations (store, folder, tensor, .npy or .safetensors). See Trainer.fit."""
     cfgs = [cfgs] if isinstance(cfgs, SAEConfig) else list(cfgs)
-    trainer = Trainer(cfgs, train_cfg or TrainConfig(), out)
-    return trainer.fit(data, hook=hook, resume=resume, **kwargs)
+    tc = train_cfg or TrainConfig()
+    with contextlib.ExitStack() as held:
+        if out is not None:  # before the SAEs take memory: a run whose outputs cannot be written never starts
+            D.on_rank0(lambda: checkpoints.claim_output(held, Path(out), cfgs, tc.keep_checkpoints))
+        return Trainer(cfgs, tc, out).fit(data, hook=hook, resume=resume, **kwargs)
