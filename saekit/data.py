@@ -83,11 +83,9 @@ def local_split(path: Path, split: str, text_field: str = "text", name: str | No
 
     The files define the splits where they can: a `split` column, or files (or folders) named train / test /
     validation (valid, dev). Otherwise saekit splits the documents itself, seeded and fixed: a random
-    LOCAL_TEST_FRACTION of them is "test", the rest "train" (recorded as `split_rule` in the data set's info and so
-    in a store's manifest). "all" is every document. A split that does not exist is a CorpusError naming those
-    that do. Returns (Dataset, the rule that made the split)."""
-    import datasets
-
+    LOCAL_TEST_FRACTION of them is "test", the rest "train". "all" is every document. A split that does not exist
+    is a CorpusError naming those that do. Returns (Dataset, the rule that made the split: a store's manifest
+    records it as corpus.split_rule)."""
     files = sorted(p for p in path.rglob("*") if p.suffix in _LOCAL_BUILDERS) if path.is_dir() else [path]
     if not files:
         raise CorpusError(f"no .txt/.jsonl/.json/.parquet/.csv files under {path}")

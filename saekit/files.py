@@ -58,6 +58,18 @@ def atomic_write_csv(path: Path, frame) -> None:
     atomic_write_bytes(path, lambda fh: fh.write(frame.to_csv(index=False).encode()))
 
 
+def read_json_object(path: Path, error: type[Exception], fix: str) -> dict:
+    """A JSON file that must hold an object (a manifest, a cfg.json): random bytes, invalid JSON or another JSON
+    value raise `error` naming the file, what is wrong and `fix`."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (ValueError, OSError) as e:  # not JSON, not UTF-8, unreadable
+        raise error(f"{path} is corrupt ({e.__class__.__name__}: {e}); {fix}") from e
+    if not isinstance(value, dict):
+        raise error(f"{path} is corrupt: it holds a JSON {type(value).__name__}, not an object; {fix}")
+    return value
+
+
 class OutputError(RuntimeError):
     """An output folder that cannot take what a command will write (not a folder, not writable, too little space)."""
 

@@ -3,7 +3,6 @@ another capture never folded in, SAE and data checked against each other, settin
 resumed only by the run that made it."""
 import json
 
-import numpy as np
 import pytest
 import torch
 

@@ -10,7 +10,6 @@ shard with no token lost or duplicated.
 """
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import torch
 
 from ..checks import require_finite
 from ..data import tokens_sha256
+from ..files import read_json_object
 
 FORMAT = "saekit-activations"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -46,14 +46,7 @@ def read_manifest(path: Path) -> dict:
     mpath = Path(path) / "manifest.json"
     if not mpath.exists():
         raise StoreError(f"{path} is not an activation store: no manifest.json there (make one with `saekit capture`)")
-    try:
-        m = json.loads(mpath.read_text())
-    except (ValueError, OSError) as e:  # not JSON, not UTF-8, unreadable
-        raise StoreError(f"{mpath} is corrupt ({e.__class__.__name__}: {e}); re-run the capture into a new "
-                         f"folder") from e
-    if not isinstance(m, dict):
-        raise StoreError(f"{mpath} is corrupt: it holds a JSON {type(m).__name__}, not an object; re-run the capture "
-                         f"into a new folder")
+    m = read_json_object(mpath, StoreError, "re-run the capture into a new folder")
     if m.get("format") != FORMAT:
         raise StoreError(f"{mpath} is not a saekit activation manifest (format={m.get('format')!r})")
     wrong = [k for k, t in MANIFEST_KEYS.items() if not isinstance(m.get(k), t)]

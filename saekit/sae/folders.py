@@ -2,14 +2,13 @@
 `SAE.save` writes SAELens's layout and `save_sparsify` sparsify's."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from ..files import atomic_write_bytes, atomic_write_json
+from ..files import atomic_write_bytes, atomic_write_json, read_json_object
 
 from . import formats
 from .architectures import make_sae
@@ -27,14 +26,7 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
     if not cfg_path.exists() or not w_path.exists():
         raise SAEConfigError(f"{folder} is not an SAE folder: it needs {formats.CFG_FILE} and {formats.WEIGHTS_FILE} "
                              f"(saekit/SAELens) or {formats.SPARSIFY_WEIGHTS} (sparsify)")
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except (ValueError, OSError) as e:  # not JSON, not UTF-8, unreadable
-        raise SAEConfigError(f"{cfg_path} is corrupt ({e.__class__.__name__}: {e}); restore it or save the SAE "
-                             f"again") from e
-    if not isinstance(raw, dict):
-        raise SAEConfigError(f"{cfg_path} is corrupt: it holds a JSON {type(raw).__name__}, not an object; restore "
-                             f"it or save the SAE again")
+    raw = read_json_object(cfg_path, SAEConfigError, "restore it or save the SAE again")
     try:
         state = load_file(str(w_path))
     except Exception as e:
