@@ -194,7 +194,7 @@ def aux_scattered(self, xc, idx, fold=None):
 
 
 def aux_fp32_exact(self, xc, idx, fold=None):
-    """AuxK in fp32 on the CPU, over exactly the dead latents (the code before session 15's grid of sizes)."""
+    """AuxK in fp32 on the CPU, over exactly the dead latents (the code before commit a894695's grid of sizes)."""
     if xc.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
         with torch.autocast("cpu", enabled=False):
             return AUX(self, xc, idx, fold)

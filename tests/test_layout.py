@@ -206,3 +206,19 @@ def test_importing_the_sae_package_stays_light():
     assert "saekit.sae.architectures" in loaded
     heavy = {m for m in loaded if m.split(".")[1:2] in (["train"], ["activations"], ["interop"], ["metrics"], ["models"], ["cli"])}
     assert not heavy, heavy
+
+
+def test_the_project_speaks_of_itself_only():
+    """No project file speaks of the working periods it was developed in; a date or a commit says when instead (the
+    bundled corpus is the one text where the word is its authors')."""
+    import re
+
+    root = PKG.parent
+    word = re.compile(r"\b" + "sess" + r"ions?\b", re.IGNORECASE)  # spelled apart: this file is checked too
+    places = [root / "README.md", root / "DESIGN.md", root / "Makefile", root / "pyproject.toml"]
+    for folder in ("saekit", "tests", "docs", "benchmarks", "results", "notebooks"):
+        places += [p for p in (root / folder).rglob("*") if p.suffix in (".py", ".md", ".txt", ".ipynb", ".json")]
+    found = [f"{p.relative_to(root)}:{i}" for p in places if p.exists()
+             for i, line in enumerate(p.read_text(errors="replace").splitlines(), 1)
+             if word.search(line) and 'scope="session"' not in line]
+    assert not found, f"lines that name a working period instead of a date or commit: {found[:10]}"

@@ -12,7 +12,7 @@ the paper's encoder start). Stages:
                  thresholds starting at 0.001, no target
   report         the tables and figures into results/smollm2_l15 (saekit sweep-report)
 A finished stage's table, each SAE's eval.json (with the per-sequence sums behind its intervals) and cfg.json are
-kept under results/smollm2_l15/stages/STAGE (committed; the weights stay in --out), so a later session skips the
+kept under results/smollm2_l15/stages/STAGE (committed; the weights stay in --out), so a later run skips the
 stages already done and the report combines them.
 Each SAE is evaluated on the held-out split: NMSE (and the paper's normalised MSE), L0, CE recovered and KL on
 16,384 positions, each with a 95% bootstrap interval over sequences.
