@@ -1,5 +1,7 @@
 """saekit: train, evaluate and explore BatchTopK sparse autoencoders on language-model activations."""
-__version__ = "0.1.0"
+from .version import saekit_version
+
+__version__ = saekit_version()
 
 
 def __getattr__(name):  # saekit.load(...) without importing torch for `saekit --help`

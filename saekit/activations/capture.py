@@ -13,11 +13,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .. import __version__, distributed
+from .. import distributed
 from ..data import PackedTokens, packed_corpus
 from ..files import atomic_save_npy, atomic_write_json, prepare_output
 from ..locks import writer_lock
 from ..models import HookPoint, d_model, envoy, first_tensor, model_name, resolve_hook, underlying
+from ..version import saekit_version
 from .store import DTYPES, FORMAT, ActivationStore, StoreError, hook_file, read_manifest
 
 
@@ -86,7 +87,7 @@ def capture(model, packed: PackedTokens, hooks: str | Sequence[str], out: str | 
         packed = packed.head(n_seq)
     seq_len = packed.seq_len
     manifest = {
-        "format": FORMAT, "format_version": 1, "saekit_version": __version__,
+        "format": FORMAT, "format_version": 1, "saekit_version": saekit_version(),
         "model": model_name(model), "hooks": hooks, "d_model": None, "dtype": dtype,
         "seq_len": seq_len, "n_sequences": packed.n_sequences, "drop_bos": bool(packed.meta.get("drop_bos", True)),
         "bos_token_id": packed.bos_token_id, "pad_token_id": packed.pad_token_id,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
+from ..version import saekit_version
 from .config import ARCHITECTURES, SAEConfig, SAEConfigError, architecture
 
 CFG_FILE = "cfg.json"
@@ -48,7 +48,7 @@ def to_saelens(cfg: SAEConfig, weights: dict[str, torch.Tensor], input_scale: fl
                      "dataset_path": cfg.dataset, "prepend_bos": True, "model_class_name": "saekit",
                      "training_architecture": cls.saelens_training_name,
                      "training_architecture_details": {"k": cfg.k} | ({"matryoshka_widths": widths} if widths else {})},
-        "saekit": {**cfg.to_dict(), "version": __version__,
+        "saekit": {**cfg.to_dict(), "version": saekit_version(),
                    "input_scale_folded": input_scale if cfg.normalize == "dataset" else None, "theta": theta_info},
     }
     if cls.saelens_name == "topk":
