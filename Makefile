@@ -3,6 +3,8 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.saekit-installed
+# JupyterLab's settings for this environment: no news pop-up, no update check (a closed network has neither)
+LAB_SETTINGS := $(VENV)/share/jupyter/lab/settings/overrides.json
 
 .PHONY: demo test lab install clean browser
 
@@ -14,7 +16,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m ipykernel install --sys-prefix --name saekit --display-name "saekit" >/dev/null
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) $(LAB_SETTINGS)
+
+$(LAB_SETTINGS): etc/jupyterlab-overrides.json $(STAMP)
+	mkdir -p $(dir $@)
+	cp $< $@
 
 demo: $(STAMP)  ## capture, train a BatchTopK SAE, evaluate, write runs/demo
 	$(BIN)/saekit demo --out runs/demo
@@ -23,10 +29,10 @@ demo: $(STAMP)  ## capture, train a BatchTopK SAE, evaluate, write runs/demo
 browser:
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || echo "chromium is missing and cannot be installed without root: the browser tests will fail"
 
-test: $(STAMP) browser  ## the whole test suite
+test: $(STAMP) $(LAB_SETTINGS) browser  ## the whole test suite
 	$(BIN)/python -m pytest -q tests
 
-lab: $(STAMP)  ## JupyterLab on the notebooks with the saekit kernel
+lab: $(STAMP) $(LAB_SETTINGS)  ## JupyterLab on the notebooks with the saekit kernel
 	$(BIN)/jupyter lab notebooks
 
 clean:

@@ -272,6 +272,27 @@ def test_training_monitor_plots_against_tokens_with_the_target_marked():
     assert [sh.y0 for sh in mon.figure.layout.shapes] == [4]  # a dashed line at k in the L0 panel
 
 
+def test_a_reused_run_shows_its_saved_curves_in_the_monitor(tmp_path):
+    from saekit.sae import SAEConfig
+    from saekit.train import TrainConfig, train
+    from saekit.widgets import TrainingMonitor
+
+    x = torch.randn(2048, 16)
+    cfg = SAEConfig(arch="batchtopk", d_in=16, d_sae=64, k=4, normalize="none")
+    tc = TrainConfig(total_tokens=2048, batch_size=256, warmup_steps=1, progress=False, log_every=2)
+    live = TrainingMonitor(every=2)
+    first = train(x, cfg, tc, out=tmp_path, callback=live)
+    live.show_result(first)  # it ran live: nothing is added
+    again = TrainingMonitor(every=2)
+    result = train(x, cfg, tc, out=tmp_path, callback=again)  # already trained: no step runs
+    assert not again.figure.data
+    again.show_result(result)
+    assert len(again.figure.data) == len(live.figure.data) == 4
+    assert [t.xaxis for t in again.figure.data] == ["x", "x2", "x3", "x4"]  # each curve in its own panel
+    assert list(again.figure.data[2].y) == list(result.logs[0]["l0"])
+    assert [sh.y0 for sh in again.figure.layout.shapes] == [4]
+
+
 def test_latent_on_typed_text_and_its_causal_effect(model):
     """A hypothesis test and a causal check on typed text, with an SAE whose latent j reads relu(x_j)."""
     sae = split_sae()

@@ -67,3 +67,23 @@ class TrainingMonitor:
                     tr = self.figure.data[i * len(self.PANELS) + p]
                     tr.x = tuple(tr.x) + (s["tokens"],)
                     tr.y = tuple(tr.y) + (s[key],)
+
+    def show_result(self, result) -> None:
+        """After train(): where no step ran live (the run was already trained and was reused), draw its saved
+        training log, so the monitor shows the curves either way."""
+        if self.figure.data:
+            return
+        names = self.names or result.names
+        saved = viz.training_curves_figure(dict(zip(names, result.logs)),
+                                           {n: s.l0_target for n, s in zip(names, result.saes)})
+        with self.figure.batch_update():
+            self.figure.add_traces(list(saved.data), rows=[1] * len(saved.data),
+                                   cols=[_panel(saved, t) for t in saved.data])
+            for shape in saved.layout.shapes:
+                self.figure.add_shape(shape)
+
+
+def _panel(fig, trace) -> int:
+    """The subplot column (1-based) a trace of a one-row make_subplots figure sits in."""
+    axis = trace.xaxis or "x"
+    return int(axis[1:] or 1)
