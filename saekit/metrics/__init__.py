@@ -1,6 +1,6 @@
 """Reconstruction, sparsity and downstream metrics, defined once and used everywhere, with 95% bootstrap intervals.
 
-Definitions (README, "Metrics"): NMSE = sum ||x - x_hat||^2 / sum ||x||^2; FVU = sum ||x - x_hat||^2 /
+Definitions (docs/numbers.md): NMSE = sum ||x - x_hat||^2 / sum ||x||^2; FVU = sum ||x - x_hat||^2 /
 sum ||x - mean x||^2; mse_normalized = mean squared error per element in the SAE's normalised input
 space (what the BatchTopK paper's code logs as its l2 loss); L0 = active latents per token; CE recovered
 = (CE_ablated - CE_sae) / (CE_ablated - CE_clean); KL(clean || spliced) per next-token prediction.

@@ -18,7 +18,7 @@ SCHEMA = "saekit.eval/2"
 def evaluate(sae: SAE, model=None, data=None, n_tokens: int = 20_000, ce_tokens: int = CE_TOKENS,
              mode: str | None = None, batch_size: int = 4096, seq_batch: int = 8, hook: str | None = None,
              progress: bool = False, seed: int = 0, allow_mismatch: bool = False) -> dict:
-    """All metrics of one SAE, in a stable JSON-able dict (schema "saekit.eval/2", see README).
+    """All metrics of one SAE, in a stable JSON-able dict (schema "saekit.eval/2", docs/numbers.md).
 
     data: an ActivationStore (or its folder) or PackedTokens. Reconstruction and sparsity use up to
     n_tokens activations, the downstream CE metrics (needs `model`) ce_tokens scored positions; both
