@@ -90,10 +90,15 @@ def prepare_output(folder: str | Path, need_bytes: int = 0, what: str = "output 
         os.unlink(probe)
     except OSError as e:
         raise OutputError(f"cannot write in the {what} {folder} ({e.strerror or e}); choose a writable folder") from e
+    require_space(folder, need_bytes)
+    return folder
+
+
+def require_space(folder: str | Path, need_bytes: int) -> None:
+    """An OutputError naming both figures where the existing `folder`'s disk has less than `need_bytes` free."""
     free = shutil.disk_usage(folder).free
     if need_bytes > free:
         raise OutputError(no_space_message(folder, need_bytes, free))
-    return folder
 
 
 def no_space_message(where: str | Path, need_bytes: int | None, free: int | None = None) -> str:

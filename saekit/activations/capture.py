@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from ..data import PackedTokens, packed_corpus
-from ..files import atomic_save_npy, atomic_write_json, prepare_output
+from ..files import atomic_save_npy, atomic_write_json, prepare_output, require_space
 from ..locks import writer_lock
 from ..models import HookPoint, d_model, envoy, first_tensor, model_name, resolve_hook, underlying
 from ..version import saekit_version
@@ -50,8 +50,7 @@ def forward_hooks(model, input_ids: torch.Tensor, hooks: Sequence[HookPoint], at
 
 def store_bytes(packed: PackedTokens, n_hooks: int, dtype: str, width: int) -> int:
     """About how many bytes a capture of `packed` writes: activations, positions, tokens and document ids."""
-    item = torch.tensor([], dtype=DTYPES[dtype]).element_size()
-    return packed.n_kept * (n_hooks * width * item + 8) + packed.tokens.size * 8
+    return packed.n_kept * (n_hooks * width * DTYPES[dtype].itemsize + 8) + packed.tokens.size * 8
 
 
 def _plan_shards(n_seq: int, shard_sequences: int) -> list[tuple[int, int]]:
@@ -176,7 +175,7 @@ def _open_or_start(out: Path, manifest: dict, packed: PackedTokens, overwrite: b
     if overwrite and out.exists():
         for p in list(out.glob("shards/*.npy")) + list(out.glob("shards/*.done.json")) + [mpath]:
             p.unlink(missing_ok=True)
-    prepare_output(out, need_bytes, "store folder")
+    require_space(out, need_bytes)  # the folder itself was checked before the lock was taken
     atomic_save_npy(out / "tokens.npy", packed.tokens)
     atomic_save_npy(out / "doc_ids.npy", packed.doc_ids)
     atomic_write_json(mpath, manifest)

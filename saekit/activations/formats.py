@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..files import atomic_save_npy, atomic_write_json, prepare_output
+from ..files import atomic_save_npy, atomic_write_json, prepare_output, require_space
 from ..locks import writer_lock
 from ..models import saekit_hook_name, saelens_hook_name  # noqa: F401  (re-exported)
 from .store import FORMAT, ActivationStore, StoreError
@@ -241,8 +241,8 @@ def _export_saelens(store: ActivationStore, out: Path, context_size: int | None,
                                      for c in columns},
                                   "token_ids": datasets.Sequence(datasets.Value("int32"), length=context_size)})
     toks = np.asarray(store.tokens)
-    prepare_output(out.parent, 2 * n_ctx * context_size * (store.d_model * np_dtype().itemsize * len(columns) + 4),
-                   "folder of the export")  # the pieces and their concatenation
+    require_space(out.parent, 2 * n_ctx * context_size * (store.d_model * np_dtype().itemsize * len(columns) + 4))
+    # (twice the cache: its pieces and their concatenation)
     rows_per_piece = max(1, (64 << 20) // (context_size * store.d_model * np_dtype().itemsize * len(columns)))
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -144,9 +144,13 @@ class ActivationStore:
                                  f"captures mixed in one folder, or the file was replaced); capture again into a "
                                  f"new folder")
 
+    def _row_starts(self) -> np.ndarray:
+        """The store row each shard starts at, and the total last: [n_shards + 1]."""
+        return np.cumsum([0] + [sh["n_rows"] for sh in self.shards])
+
     def locate(self, row: int) -> tuple[int, int]:
         """(shard index, row within that shard) of store row `row`."""
-        starts = np.cumsum([0] + [sh["n_rows"] for sh in self.shards])
+        starts = self._row_starts()
         i = int(np.searchsorted(starts, row, side="right") - 1)
         return int(self.shards[i]["index"]), int(row - starts[i])
 
@@ -207,7 +211,7 @@ class ActivationStore:
         """Rows at the given increasing store-order indices, as stored dtype."""
         hook = self.hook_name(hook)
         rows = np.asarray(rows, dtype=np.int64)
-        starts = np.cumsum([0] + [sh["n_rows"] for sh in self.shards])
+        starts = self._row_starts()
         shard_of = np.searchsorted(starts, rows, side="right") - 1
         out = [self._to_torch(self._open(self.shards[i], hook)[rows[shard_of == i] - starts[i]])
                for i in np.unique(shard_of)]

@@ -76,9 +76,10 @@ def evaluate_many(saes: Sequence[SAE], model=None, data=None, n_tokens: int = 20
                 idx = chosen[b:b + seq_batch]
                 v = forward_hooks(model, torch.from_numpy(tokens[idx].astype(np.int64)).to(device), [hp])[0]
                 kb = torch.from_numpy(keep[idx])
-                require_finite(v[kb.to(v.device)], what=f"the model's activations at {hook}")
+                kept = v[kb.to(v.device)]
+                require_finite(kept, what=f"the model's activations at {hook}")
                 seq = torch.from_numpy(idx.astype(np.int64))[:, None].expand(kb.shape)[kb]
-                yield v[kb.to(v.device)], seq
+                yield kept, seq
     else:
         raise ValueError(f"evaluate() takes an ActivationStore, its folder or PackedTokens, not {type(data).__name__}")
     # Matryoshka: every nested prefix is evaluated as an SAE of its own; the CE baselines are shared by all

@@ -128,18 +128,20 @@ def check_resume(path: Path, saved: dict, now: dict) -> None:
 
 def _differences(saved: dict, now: dict):
     for key, name in RESUME_KEYS.items():
-        same = (lambda a, b: a.get("sha256") == b.get("sha256")) if key == "data" else (lambda a, b: a == b)
-        if key not in saved or same(saved[key], now[key]):  # data: the same values wherever they now lie
+        if key not in saved:
             continue
-        if key == "sae_cfgs" and len(saved[key]) == len(now[key]):
-            for i, (a, b) in enumerate(zip(saved[key], now[key])):
+        then, new = saved[key], now[key]
+        if key == "data":  # the same values wherever they now lie
+            if then.get("sha256") != new.get("sha256"):
+                yield f"{name}: {_data(then)} then, {_data(new)} now"
+        elif key == "sae_cfgs" and len(then) != len(new):
+            yield f"{name}: {len(then)} SAEs then, {len(new)} now"
+        elif key == "sae_cfgs":
+            for i, (a, b) in enumerate(zip(then, new)):
                 yield from (f"SAE {i}'s {f}: {a.get(f)} then, {b.get(f)} now"
                             for f in sorted(set(a) | set(b)) if a.get(f) != b.get(f))
-        elif key == "data":
-            yield f"{name}: {_data(saved[key])} then, {_data(now[key])} now"
-        else:
-            yield f"{name}: {len(saved[key]) if key == 'sae_cfgs' else saved[key]} then, " \
-                  f"{len(now[key]) if key == 'sae_cfgs' else now[key]} now"
+        elif then != new:
+            yield f"{name}: {then} then, {new} now"
 
 
 def _data(identity: dict) -> str:

@@ -10,13 +10,6 @@ class TrainingError(RuntimeError):
     """Training stopped: non-finite values, or inputs that do not fit the SAEs."""
 
 
-VALID = {"total_tokens": "at least 1", "batch_size": "at least 1", "lr": "positive, or None for the default",
-         "warmup_steps": "0 or more", "decay_frac": "between 0 and 1", "grad_clip": "positive",
-         "init_tokens": "at least 1", "checkpoint_every": "0 (only at the end) or more",
-         "keep_checkpoints": "at least 1", "log_every": "at least 1", "calibrate_batches": "0 or more",
-         "buffer_rows": "at least 1"}  # what TrainConfig accepts
-
-
 @dataclass
 class TrainConfig:
     """How to train (shared by every SAE trained on the stream)."""
@@ -52,13 +45,19 @@ class TrainConfig:
     wandb_project: str | None = None  # logs to wandb only if installed and this is set
 
     def __post_init__(self):
-        rules = {"total_tokens": self.total_tokens >= 1, "batch_size": self.batch_size >= 1,
-                 "lr": self.lr is None or self.lr > 0, "warmup_steps": self.warmup_steps >= 0,
-                 "decay_frac": 0 <= self.decay_frac <= 1, "grad_clip": self.grad_clip > 0,
-                 "init_tokens": self.init_tokens >= 1, "checkpoint_every": self.checkpoint_every >= 0,
-                 "keep_checkpoints": self.keep_checkpoints >= 1, "log_every": self.log_every >= 1,
-                 "calibrate_batches": self.calibrate_batches >= 0, "buffer_rows": self.buffer_rows >= 1}
-        bad = [f"{k}={getattr(self, k)!r} ({VALID[k]})" for k, ok in rules.items() if not ok]
+        rules = {"total_tokens": (self.total_tokens >= 1, "at least 1"),
+                 "batch_size": (self.batch_size >= 1, "at least 1"),
+                 "lr": (self.lr is None or self.lr > 0, "positive, or None for the default"),
+                 "warmup_steps": (self.warmup_steps >= 0, "0 or more"),
+                 "decay_frac": (0 <= self.decay_frac <= 1, "between 0 and 1"),
+                 "grad_clip": (self.grad_clip > 0, "positive"),
+                 "init_tokens": (self.init_tokens >= 1, "at least 1"),
+                 "checkpoint_every": (self.checkpoint_every >= 0, "0 (only at the end) or more"),
+                 "keep_checkpoints": (self.keep_checkpoints >= 1, "at least 1"),
+                 "log_every": (self.log_every >= 1, "at least 1"),
+                 "calibrate_batches": (self.calibrate_batches >= 0, "0 or more"),
+                 "buffer_rows": (self.buffer_rows >= 1, "at least 1")}
+        bad = [f"{k}={getattr(self, k)!r} (must be {rule})" for k, (ok, rule) in rules.items() if not ok]
         if bad:
             raise TrainingError(f"invalid training settings: {'; '.join(bad)}")
 
