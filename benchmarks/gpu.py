@@ -10,10 +10,8 @@ gpu-DATE.md, prints the table last, and exits non-zero if any check failed.
    saekit fp32 / tf32 / bf16 autocast, each also with its step recorded as CUDA graphs (step_graphs="cuda", checked
    against the eager step in 1.), JumpReLU fp32 (target L0 = k) with and without graphs, and torch.compile of the
    plain step; median of interleaved repetitions.
-3. the sparse products of the fast path (benchmarks/sparse_kernels.py) at the paper's size: saekit's embedding_bag
-   against cuSPARSE (CSR SpMM, SDDMM), a bf16 embedding_bag and dense bf16 products, each checked against saekit's.
-4. the peers (benchmarks/peers.py --gpu): tokens/s and held-out NMSE of saekit, SAELens, sparsify, plain.
-5. capture tokens/s of the embedded model on the GPU (benchmarks/capture.py's measure).
+3. the peers (benchmarks/peers.py --gpu): tokens/s and held-out NMSE of saekit, SAELens, sparsify, plain.
+4. capture tokens/s of the embedded model on the GPU (benchmarks/capture.py's measure).
 
     python -m benchmarks.gpu [--out benchmarks/results] [--dry]
 
@@ -39,7 +37,6 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import peers  # noqa: E402
-import sparse_kernels  # noqa: E402
 from train_step import PlainBatchTopK, plain_step  # noqa: E402
 
 from saekit import distributed as D  # noqa: E402
@@ -359,19 +356,7 @@ def capture_run(run: Run, dev: torch.device, dry: bool):
     run.row("capture", "embedded model, resid_post.15", f"{tps:,.0f} tok/s", f"{tps / full:.2f}x the tokens/s of a full forward")
 
 
-def kernels_run(run: Run, dev: torch.device, dry: bool):
-    """benchmarks/sparse_kernels.py: each sparse product of the fast path, saekit's embedding_bag against cuSPARSE
-    (CSR SpMM, SDDMM), a bf16 embedding_bag and dense bf16 products, at the paper's size."""
-    shape = dict(DRY if dry else PAPER)
-    got = sparse_kernels.measure(dev, shape["d"], shape["f"], shape["B"], shape["k"], rounds=2 if dry else 5,
-                                 number=1 if dry else 10)
-    run.data["sparse_kernels"] = {"shape": shape, "rows": got}
-    for r in got:
-        run.check("kernels", f"{r['product']}: {r['method']}", r["rel_error"] < 2e-2,
-                  f"{r['ms']:.3f} ms  {r['x']:.2f}x", f"x = saekit's ms / this; relative error {r['rel_error']:.1e}")
-
-
-SECTIONS = {"correctness": correctness, "train step": train_step, "kernels": kernels_run, "peers": peer_run,
+SECTIONS = {"correctness": correctness, "train step": train_step, "peers": peer_run,
             "capture": capture_run}
 
 

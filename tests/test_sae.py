@@ -202,8 +202,7 @@ def test_the_topk_familys_fast_path_selects_positive_entries_without_relu(arch, 
 
 
 def _read_back_counter():
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from benchmarks.step_variants import DispatchReadBacks
+    from readbacks import DispatchReadBacks
 
     return DispatchReadBacks()
 
