@@ -40,7 +40,7 @@ import peers  # noqa: E402
 from train_step import PlainBatchTopK, plain_step  # noqa: E402
 
 from saekit import distributed as D  # noqa: E402
-from saekit.sae import ARCHS, SAEConfig, make_sae  # noqa: E402
+from saekit.sae import ARCHS, SAEConfig, Step, make_sae  # noqa: E402
 
 PAPER = dict(d=768, f=24_576, B=4096, k=32)
 DRY = dict(d=32, f=256, B=256, k=8)
@@ -81,7 +81,7 @@ def _rel(a, b) -> float:
 
 
 def correctness(run: Run, dev: torch.device, dry: bool):
-    import saekit.sae.base as base
+    import saekit.sae.fast.paths as base
 
     d, f, B = (16, 64, 64) if dry else (128, 2048, 1024)
     # the sparse path whatever the size and density, so that every architecture's kernels are checked
@@ -128,16 +128,16 @@ def sync_free_vs_exact(run: Run, dev: torch.device, d: int, f: int, B: int):
     the same start on the same batches, 8 steps (BatchTopK with dead latents, AuxK from the read-back count); every
     selection after the first step flagged exact, or redone. In fp32: bf16 pre-activations tie at the cut, and two
     correct selections may keep different tied entries."""
-    from saekit.sae.architectures import BatchTopKSAE
-    from saekit.sae.base import SAE
+    import saekit.sae.fast.paths as paths
+    import saekit.sae.fast.select as select
 
     xs = [torch.randn(B, d, device=dev) * torch.rand(B, 1, device=dev) * 4 for _ in range(8)]
-    for arch, owner, method in (("batchtopk", BatchTopKSAE, "train_select"), ("jumprelu", SAE, "train_entries"),
-                                ("relu", SAE, "train_entries")):
-        flags, original = [], owner.__dict__[method]
+    for arch, owner, method in (("batchtopk", select, "batch_top"), ("jumprelu", paths, "entries"),
+                                ("relu", paths, "entries")):
+        flags, original = [], getattr(owner, method)
 
-        def spy(self, *args, original=original):
-            got = original(self, *args)
+        def spy(*args, original=original):
+            got = original(*args)
             if got.exact is not None:  # made without read-backs (the exact paths' have no flag)
                 flags.append(bool(got.exact))
             return got
@@ -161,8 +161,8 @@ def _trained(arch: str, xs, d: int, f: int, B: int, dev: torch.device, sync_free
 
     torch.manual_seed(0)
     tr = Trainer([SAEConfig(arch=arch, d_in=d, d_sae=f, k=8, target_l0=8, dead_tokens=2 * B)],
-                 TrainConfig(total_tokens=10**9, batch_size=B, progress=False, device=str(dev), **train_fields))
-    tr.saes[0].sync_free = sync_free
+                 TrainConfig(total_tokens=10**9, batch_size=B, progress=False, device=str(dev), sync_free=sync_free,
+                             **train_fields))
     tr.initialise(torch.cat(xs[:2]))
     for x in xs:
         tr.train_step(x)
@@ -219,7 +219,7 @@ def ddp(run: Run, dev: torch.device, d: int, f: int, B: int):
             opts = [torch.optim.Adam(s.parameters(), lr=1e-3) for s in (plain, wrapped)]
             for _ in range(3):
                 x = torch.randn(B, d, device=dev)
-                for loss_of, opt in ((lambda x: plain.training_loss(x).loss, opts[0]), (lambda x: module(x).loss, opts[1])):
+                for loss_of, opt in ((lambda x: plain.training_loss(x).loss, opts[0]), (lambda x: module(x, Step(distributed=True)).loss, opts[1])):
                     opt.zero_grad()
                     loss_of(x).backward()
                     opt.step()
@@ -227,7 +227,6 @@ def ddp(run: Run, dev: torch.device, d: int, f: int, B: int):
             run.check("correctness", f"DDP ({backend}, 1 rank) vs no DDP, 3 steps", worst < 1e-5, f"weights {worst:.1e}")
         finally:
             dist.destroy_process_group()
-            wrapped.distributed = False
 
 
 def sync_sites(caught) -> list[str]:
@@ -264,8 +263,8 @@ def train_step(run: Run, dev: torch.device, dry: bool):
         torch.manual_seed(0)  # JumpReLU: its target L0 is k, its thresholds start where the batch has that L0
         tr = Trainer([SAEConfig(arch=arch, d_in=d, d_sae=f, k=k, target_l0=k, dead_tokens=5 * B)],
                      TrainConfig(total_tokens=10**9, batch_size=B, lr=3e-4, warmup_steps=0, progress=False,
-                                 device=str(dev), autocast=amp, b_dec_init="zeros", step_graphs=graphs))
-        tr.saes[0].sync_free = sync_free  # None: the default (without read-backs on a GPU)
+                                 device=str(dev), autocast=amp, b_dec_init="zeros", step_graphs=graphs,
+                                 sync_free=sync_free))  # None: the default (without read-backs on a GPU)
         if arch == "jumprelu":
             tr.initialise(x[0])
         return lambda i: tr.train_step(x[i % 4])

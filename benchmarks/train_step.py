@@ -23,6 +23,8 @@ import time
 import numpy as np
 import torch
 
+import saekit.sae
+import saekit.train
 from saekit.metrics.intervals import resample_weights
 from saekit.sae import SAEConfig
 from saekit.train import TrainConfig, Trainer
@@ -110,6 +112,9 @@ def main():
     ap.add_argument("--no-toy", action="store_true", help="skip the teaching notebook's toy shape")
     ap.add_argument("--store-steps", type=int, default=200,
                     help="training steps from the store (enough to pass the shuffle buffer's first fill)")
+    ap.add_argument("--against", metavar="COMMIT", default=None,
+                    help="instead: this code's step against the step of saekit at COMMIT (a git revision), "
+                         "interleaved, per architecture at saekit's default precision, with the ratio's interval")
     a = ap.parse_args()
     device = torch.device("cuda" if a.gpu else "cpu")
     d = a.d or (768 if a.gpu else 576)
@@ -121,6 +126,12 @@ def main():
     dead_tokens = 5 * B
     print(f"device {device} ({torch.cuda.get_device_name() if a.gpu else platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads), d={d}, d_sae={f}, batch={B}, k={a.k}, steps={steps}")
+    if a.against:
+        results = run_against(a.against, data, f, a.archs, a.k, a.rounds, device)
+        if a.json:
+            with open(a.json, "w") as fh:
+                json.dump(results, fh, indent=2)
+        return
 
     def make_trainer(arch, autocast=False):
         cfg = SAEConfig(arch=arch, d_in=d, d_sae=f, k=a.k, target_l0=a.k, dead_tokens=dead_tokens)
@@ -198,6 +209,77 @@ def main():
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(results, fh, indent=2)
+
+
+def saekit_at(commit: str):
+    """saekit as it was at `commit`, imported beside this one as the package `saekit_at_<commit>` (saekit imports
+    itself only relatively, so a renamed copy is a separate package)."""
+    import importlib
+    import subprocess
+    import sys
+    import tarfile
+    import tempfile
+    from io import BytesIO
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sha = subprocess.run(["git", "rev-parse", "--short", commit], cwd=root, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    name = f"saekit_at_{sha}"
+    where = Path(tempfile.mkdtemp(prefix="saekit-at-"))
+    tar = subprocess.run(["git", "archive", sha, "saekit"], cwd=root, capture_output=True, check=True).stdout
+    tarfile.open(fileobj=BytesIO(tar)).extractall(where)
+    (where / "saekit").rename(where / name)
+    sys.path.insert(0, str(where))
+    return sha, importlib.import_module(f"{name}.sae"), importlib.import_module(f"{name}.train")
+
+
+def run_against(commit: str, data: torch.Tensor, f: int, archs, k: int, rounds: int, device) -> dict:
+    """Each architecture's training step, this code against saekit at `commit`: the same config, start and batches,
+    saekit's default precision, the two interleaved round by round (alternating which goes first; half the rounds
+    with each trainer made first). The ratio
+    old ms / new ms (> 1: this code is faster) with a 95% bootstrap interval over rounds, each round's pair kept."""
+    sha, old_sae, old_train = saekit_at(commit)
+    B, d = data.shape[1], data.shape[2]
+    results = {"against": sha, "rounds": rounds}
+
+    def trainer(sae_mod, train_mod, arch):
+        torch.manual_seed(0)
+        cfg = sae_mod.SAEConfig(arch=arch, d_in=d, d_sae=f, k=k, target_l0=k, dead_tokens=5 * B)
+        tr = train_mod.Trainer([cfg], train_mod.TrainConfig(total_tokens=10**9, batch_size=B, lr=3e-4,
+                                                            warmup_steps=0, progress=False, device=str(device)))
+        tr.initialise(data[0])
+        for i in range(2):
+            tr.train_step(data[i])
+        return tr
+
+    steps = data.shape[0] - 3
+    makers = {"old": (old_sae, old_train), "new": (saekit.sae, saekit.train)}
+    for arch in archs:
+        times = {"old": [], "new": []}
+        # which trainer is made first shifts its speed by a few percent (memory placement): half the rounds each way
+        for first in ("old", "new"):
+            order = (first, "new" if first == "old" else "old")
+            pair = {name: trainer(*makers[name], arch) for name in order}
+            for r in range((rounds + 1) // 2 if first == "old" else rounds // 2):
+                for name in (order if r % 2 == 0 else order[::-1]):
+                    sync(device)
+                    t = time.perf_counter()
+                    for i in range(steps):
+                        pair[name].train_step(data[2 + i])
+                    sync(device)
+                    times[name].append((time.perf_counter() - t) / steps)
+            del pair
+        w = resample_weights(rounds, seed=1)
+        ci = np.quantile((w @ np.array(times["old"])) / (w @ np.array(times["new"])), [0.025, 0.975])
+        ratio = sum(times["old"]) / sum(times["new"])
+        per_round = [o / n for o, n in zip(times["old"], times["new"])]
+        print(f"{arch:<12} old {np.median(times['old']) * 1e3:7.2f} ms  new {np.median(times['new']) * 1e3:7.2f} ms"
+              f"  old/new {ratio:.3f} [95% {ci[0]:.3f}, {ci[1]:.3f}] (rounds {min(per_round):.3f}-{max(per_round):.3f})")
+        results[arch] = dict(old_ms=times["old"], new_ms=times["new"], ratio=ratio, interval=[float(ci[0]), float(ci[1])])
+    print(f"old = saekit at commit {sha}, new = this code; {rounds} interleaved rounds of {steps} steps, "
+          f"each round's two timings paired; > 1: this code's step is faster")
+    return results
 
 
 def run_toy(device, d=48, f=192, B=4096, k=5, steps=4, rounds=5, label="toy size"):

@@ -1,7 +1,7 @@
 """Set a BatchTopK SAE's inference threshold theta so that threshold mode gives a chosen mean L0.
 
 Training estimates theta twice (a running mean during training, then a re-estimate with the final
-weights); both depend on the training data. `calibrate` fixes theta on a store you choose, exactly:
+weights; saekit.sae.theta); both depend on the training data. `calibrate` fixes theta on a store you choose, exactly:
 threshold-mode L0 on that store equals the target (k by default), and cfg.json records which data
 theta came from. SAELens reads the calibrated folder as a JumpReLU with theta as every threshold.
 """
@@ -12,31 +12,20 @@ from pathlib import Path
 import torch
 
 from .sae import SAE, SAEConfigError, load_sae
+from .sae import theta as T
 
 
 @torch.no_grad()
 def threshold_for_l0(sae: SAE, batches, target_l0: float, n_tokens: int) -> float:
-    """The theta at which a BatchTopK SAE's threshold mode gives exactly `target_l0` latents per token on average
-    over `batches` (input space [B, d_in], n_tokens rows in all): halfway between the (n*target)-th and the next
-    largest activation. Exact, holding at most n*target + 1 values."""
-    count = int(round(n_tokens * target_l0))
-    pool = None
-    n = 0
-    for x in batches:
-        xs, _ = sae.normalize_input(sae._check_input(x.to(sae.W_enc.device)))
-        a = sae.pre_acts(xs).flatten()
-        n += xs.shape[0]
-        a = a[a > (pool.min() if pool is not None and pool.numel() > count else 0)]
-        pool = a if pool is None else torch.cat([pool, a])
-        if pool.numel() > count + 1:
-            pool = pool.topk(count + 1, sorted=False).values
+    """The θ at which a BatchTopK SAE's threshold mode gives exactly `target_l0` latents per token on average over
+    `batches` (input space [B, d_in], n_tokens rows in all): saekit.sae.theta.estimate, pooled."""
+    theta, n = T.estimate(sae, batches, target_l0, n_tokens)
     if n != n_tokens:
         raise SAEConfigError(f"the batches held {n} tokens, not the {n_tokens} announced")
-    if pool is None or pool.numel() <= count:
-        raise SAEConfigError(f"only {0 if pool is None else pool.numel()} positive activations on {n} tokens: "
-                             f"a mean L0 of {target_l0} cannot be reached; choose a smaller target")
-    top = pool.topk(count + 1).values
-    return float((top[count - 1] + top[count]) / 2) if count else float(top[0])
+    if theta is None:
+        raise SAEConfigError(f"fewer than {int(round(n * target_l0))} positive activations on {n} tokens: a mean L0 "
+                             f"of {target_l0} cannot be reached; choose a smaller target")
+    return theta
 
 
 @torch.no_grad()

@@ -141,7 +141,7 @@ def broadcast_module(module: torch.nn.Module) -> None:
 def global_batch_topk(a: torch.Tensor, k: int, hint: float, topk) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """BatchTopK's training selection over the global batch: (flat indices, values, cut) of this rank's entries
     among the world*B*k largest pre-activations of all ranks (positive ones), where `topk(a, n, hint)` is the
-    exact local top-n (saekit.sae.kernels.batch_topk). The cut is the global n-th largest value, as one
+    exact local top-n (saekit.sae.fast.batch_topk). The cut is the global n-th largest value, as one
     process on the concatenated batch would see it (None when nothing positive is kept anywhere)."""
     B = a.shape[0]
     n_global = B * world_size() * k
@@ -191,14 +191,12 @@ def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
 
 
 def wrap_ddp(saes, fast: bool, device: torch.device) -> list:
-    """Each SAE's training loss as a DistributedDataParallel module (gradients all-reduced over the ranks); marks
-    the SAEs distributed so that batch-coupled terms (BatchTopK's selection, JumpReLU's L0 target) use the
+    """Each SAE's training loss as a DistributedDataParallel module (gradients all-reduced over the ranks). The
+    trainer's Step(distributed=True) makes batch-coupled terms (BatchTopK's selection, JumpReLU's L0 target) use the
     global batch."""
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
-    for sae in saes:
-        sae.distributed = True
     # buffers (dead-latent counters, theta) are each rank's own: never broadcast on forward (the keyword's name
     # changed in torch 2.12; a GPU machine may carry an older torch than the pinned one)
     params = inspect.signature(DistributedDataParallel.__init__).parameters
@@ -214,5 +212,5 @@ class LossModule(torch.nn.Module):
         self.sae = sae
         self.fast = fast
 
-    def forward(self, x):
-        return self.sae.training_loss(x, fast=self.fast)
+    def forward(self, x, step):
+        return self.sae.training_loss(x, step, fast=self.fast)

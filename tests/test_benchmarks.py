@@ -87,10 +87,10 @@ def test_gpu_script_names_where_each_host_sync_was_called():
 
     msg = "called a synchronizing CUDA operation (Triggered internally at CUDAFunctions.cpp:1)"
     caught = [warnings.WarningMessage(msg, UserWarning, "/x/saekit/train/trainer.py", 183),
-              warnings.WarningMessage(msg, UserWarning, "/x/saekit/sae/kernels.py", 62),
+              warnings.WarningMessage(msg, UserWarning, "/x/saekit/sae/fast/select.py", 62),
               warnings.WarningMessage(msg, UserWarning, "/x/site-packages/torch/nn/utils/clip_grad.py", 40),
               warnings.WarningMessage("an unrelated warning", UserWarning, "/x/saekit/sae/base.py", 1)]
-    assert gpu.sync_sites(caught) == ["train/trainer.py:183", "sae/kernels.py:62",
+    assert gpu.sync_sites(caught) == ["train/trainer.py:183", "sae/fast/select.py:62",
                                       "clip_grad.py:40 (called a synchronizing CUDA operation (T)"]
 
 

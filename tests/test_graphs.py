@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import saekit.sae.base as base
-from saekit.sae import SAEConfig
+import saekit.sae.fast.paths as paths
+from saekit.sae import SAE, SAEConfig, Step
+from saekit.sae.fast import auxk, slots
 from saekit.toy import make_toy
 from saekit.train import TrainConfig, Trainer, TrainingError, train
 from saekit.train import graphs
@@ -23,19 +24,19 @@ def toy_x():
 
 @pytest.fixture
 def sparse_everywhere(monkeypatch):
-    monkeypatch.setattr(base, "SPARSE_MIN_LATENTS", 0)  # the sparse path at toy size
-    monkeypatch.setattr(base, "SPARSE_MAX_DENSITY", 1.0)
+    monkeypatch.setattr(paths, "SPARSE_MIN_LATENTS", 0)  # the sparse path at toy size
+    monkeypatch.setattr(paths, "SPARSE_MAX_DENSITY", 1.0)
 
 
 def _run(cfg, toy_x, mode, steps=14, spoil_at=None, **tc):
     torch.manual_seed(0)
+    # the eager run's selection without read-backs too (sync_free): the same selections
     tr = Trainer([cfg], TrainConfig(total_tokens=10**6, batch_size=128, warmup_steps=4, progress=False, log_every=1,
-                                    step_graphs=mode, **tc))
-    tr.saes[0].sync_free = True  # the eager run's selection without read-backs too: the same selections
+                                    step_graphs=mode, sync_free=True, **tc))
     tr.initialise(toy_x[:512])
     for i in range(steps):
         if i == spoil_at:  # a hint so high that the selection cannot be proven exact: the step is redone
-            tr.saes[0].previous_cut *= 100
+            tr.hints[0]["previous_cut"] *= 100
         tr.train_step(toy_x[i * 128:(i + 1) * 128])
     return tr
 
@@ -46,18 +47,18 @@ def test_recordable_step_trains_to_the_eager_trainers_weights(arch, toy_x, spars
     and for BatchTopK one step whose hint is spoilt and which is redone: the weights, theta, counters and log of
     the recordable phases equal the eager trainer's (AuxK's padded slots change a matmul's summation order, so
     to float32 rounding)."""
-    slots = []
-    aux_dead = base.SAE._aux_dead
-    monkeypatch.setattr(base.SAE, "_aux_dead", lambda self: slots.append(self.aux_capacity) or aux_dead(self))
+    room = []
+    dead_latents = auxk.dead_latents
+    monkeypatch.setattr(auxk, "dead_latents", lambda sae, step, pad: room.append(step.aux_slots) or dead_latents(sae, step, pad))
     cfg = SAEConfig(arch=arch, d_in=16, d_sae=64, k=3, target_l0=3, l1_coeff=1.0, dead_tokens=256,
                     group_sizes=[16, 16, 32] if arch == "matryoshka" else None)
     spoil = 8 if arch == "batchtopk" else None
     eager = _run(cfg, toy_x, "off", spoil_at=spoil)
-    slots.clear()
+    room.clear()
     rec = _run(cfg, toy_x, "eager", spoil_at=spoil)
     assert isinstance(rec.graphed[0], graphs.GraphedStep) and eager.graphed[0] is None
     if eager.saes[0].uses_auxk:
-        assert graphs.MIN_AUX_SLOTS > 64 and 64 in slots  # the padded slots ran (capped at d_sae)
+        assert 64 in room  # the padded slots ran
     for k, v in eager.saes[0].state_dict().items():
         torch.testing.assert_close(rec.saes[0].state_dict()[k], v, msg=k)
     log_e, log_r = eager.log_frames()[0], rec.log_frames()[0]
@@ -65,9 +66,8 @@ def test_recordable_step_trains_to_the_eager_trainers_weights(arch, toy_x, spars
         assert (log_e["aux"] > 0).any() and (log_e["dead_frac"] > 0).any()
     assert list(log_r.columns) == list(log_e.columns)
     pd.testing.assert_frame_equal(log_r, log_e, check_exact=False, rtol=1e-5)
-    assert rec.saes[0].redo_exact is False
     if arch == "batchtopk":  # the hint lives on the device, the theta update too
-        assert rec.saes[0].previous_cut is rec.graphed[0].hint and float(rec.saes[0].threshold) > 0
+        assert rec.hints[0]["previous_cut"] is rec.graphed[0].hint and float(rec.saes[0].threshold) > 0
 
 
 @pytest.mark.parametrize("arch", ["batchtopk", "topk", "matryoshka"])
@@ -75,17 +75,17 @@ def test_a_dense_step_with_auxk_in_padded_slots_trains_to_the_eager_trainers_wei
     """A step too dense for the sparse path runs phase A unrecorded on the reference path, with AuxK's dead latents
     in padded slots (-1 after the dead ones): the padding marks no latent (it once read as the last latent, which
     then counted as dead many times over)."""
-    monkeypatch.setattr(base, "SPARSE_MIN_LATENTS", 0)  # recordable in principle, but every step too dense for it
-    monkeypatch.setattr(base, "SPARSE_MAX_DENSITY", 0.01)
-    paths = []
-    ref = base.SAE.reference_loss
-    monkeypatch.setattr(base.SAE, "reference_loss", lambda self, x: paths.append(self.aux_capacity) or ref(self, x))
+    monkeypatch.setattr(paths, "SPARSE_MIN_LATENTS", 0)  # recordable in principle, but every step too dense for it
+    monkeypatch.setattr(paths, "SPARSE_MAX_DENSITY", 0.01)
+    seen = []
+    ref = SAE.reference_loss
+    monkeypatch.setattr(SAE, "reference_loss", lambda self, x, step=Step(): seen.append(step.aux_slots) or ref(self, x, step))
     cfg = SAEConfig(arch=arch, d_in=16, d_sae=64, k=3, dead_tokens=256,
                     group_sizes=[16, 16, 32] if arch == "matryoshka" else None)
     eager = _run(cfg, toy_x, "off")
-    paths.clear()
+    seen.clear()
     rec = _run(cfg, toy_x, "eager")
-    assert isinstance(rec.graphed[0], graphs.GraphedStep) and 64 in paths  # dense steps with AuxK's padded slots
+    assert isinstance(rec.graphed[0], graphs.GraphedStep) and 64 in seen  # dense steps with AuxK's padded slots
     assert (eager.log_frames()[0]["aux"] > 0).any()
     for k, v in eager.saes[0].state_dict().items():
         torch.testing.assert_close(rec.saes[0].state_dict()[k], v, msg=k)
@@ -139,7 +139,7 @@ def test_every_step_dispatches_the_same_operators_and_none_waits(arch, toy_x, sp
                                     step_graphs="eager"))
     tr.initialise(toy_x[:512])
     tr.train_step(toy_x[:128])  # BatchTopK's first step is eager: it makes the first hint
-    step = tr.graphed[0] or graphs.start(tr.saes[0], tr.opts[0], 128, 128, tr.tc, False, 1)
+    step = tr.graphed[0] or graphs.start(tr.saes[0], tr.opts[0], 128, 128, tr.tc, False, 1, tr.hints[0], None)
     tr.graphed[0] = step
     sae = tr.saes[0]
     grads = [p.grad for p in sae.parameters()]
@@ -160,7 +160,7 @@ def test_every_step_dispatches_the_same_operators_and_none_waits(arch, toy_x, sp
         assert not waits, f"phase {key} waits for the device: {waits}"
     assert all(p.grad is g for p, g in zip(sae.parameters(), grads))
     if sae.has_theta:
-        assert sae.previous_cut is step.hint
+        assert tr.hints[0]["previous_cut"] is step.hint
 
 
 def test_step_graphs_refuses_what_it_cannot_record(toy_x, sparse_everywhere, monkeypatch):
@@ -182,7 +182,7 @@ def test_step_graphs_refuses_what_it_cannot_record(toy_x, sparse_everywhere, mon
     said = warned(cfgs[1:2])
     assert len(said) == 1 and "the reference path (fast=False) reads values back" in said[0]
     tc.fast = True
-    monkeypatch.setattr(base, "SPARSE_MIN_LATENTS", 512)  # d_sae 64: the dense path, which reads back
+    monkeypatch.setattr(paths, "SPARSE_MIN_LATENTS", 512)  # d_sae 64: the dense path, which reads back
     said = warned(cfgs)
     assert len(said) == 3 and all("at d_sae 64 the step takes the dense reference path" in m for m in said)
     with pytest.raises(TrainingError, match="step_graphs='off'"):
@@ -192,13 +192,15 @@ def test_step_graphs_refuses_what_it_cannot_record(toy_x, sparse_everywhere, mon
         train(toy_x, [cfgs[2]], TrainConfig(total_tokens=128 * 3, batch_size=128, progress=False, step_graphs="on"))
 
 
-def test_aux_slots_are_powers_of_two_that_hold_the_dead_latents():
-    assert graphs.aux_slots(0, 4096) == 0
-    assert graphs.aux_slots(1, 4096) == graphs.MIN_AUX_SLOTS
-    for n in (1, 255, 256, 257, 1000, 4095):
-        s = graphs.aux_slots(n, 4096)
-        assert n <= s <= 4096 and (s & (s - 1) == 0 or s == 4096) and (s == graphs.MIN_AUX_SLOTS or s < 2 * n)
-    assert graphs.aux_slots(3000, 3072) == 3072  # capped at d_sae
+def test_one_slot_rule_sizes_every_fixed_shape():
+    """fast.slots, for AuxK's dead latents and (through entry_slots) a code's entries: room for n, on a grid of
+    8 to 16 sizes an octave (multiples of the unit), so a count that drifts keeps its shape and a run meets a few
+    dozen shapes; capped; 0 for none."""
+    assert slots(0, 64, 4096) == 0
+    got = [slots(n, 64, 10**6) for n in range(1, 20000)]
+    assert all(n <= s < n + max(64, n / 8) and s % 64 == 0 for n, s in zip(range(1, 20000), got))
+    assert len(set(got)) < 90 and slots(3000, 64, 3072) == 3072 and slots(5000, 1024, 4608) == 4608
+    assert slots(1, 1024, 10**6) == 1024 and slots(1025, 1024, 10**6) == 2048
 
 
 def test_a_recorded_step_that_meets_nan_stops_with_the_weights_of_its_start(toy_x, sparse_everywhere):

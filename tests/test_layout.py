@@ -126,7 +126,7 @@ class _HalfReLU(SAE):
     """A test architecture: ReLU with every pre-activation below 0.5 dropped. Only this class, nothing else."""
     arch, label, color = "halfrelu_test", "HalfReLU (test)", "#000000"
 
-    def select(self, a, mode=None):
+    def select(self, a, mode=None, step=None):  # step: the training step's settings (saekit.sae.Step)
         rows, cols = (a > 0.5).nonzero(as_tuple=True)
         return Selection(rows, cols)
 

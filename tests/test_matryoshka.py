@@ -77,7 +77,7 @@ def test_fast_and_dense_losses_agree(monkeypatch):
     once: one embedding_bag gives every prefix's reconstruction and the whole one."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    import saekit.sae.base as base
+    import saekit.sae.fast.paths as paths
 
     class Bags(TorchDispatchMode):
         n = 0
@@ -86,7 +86,7 @@ def test_fast_and_dense_losses_agree(monkeypatch):
             Bags.n += "embedding_bag" in func.__name__
             return func(*args, **(kwargs or {}))
 
-    monkeypatch.setattr(base, "SPARSE_MIN_LATENTS", 0)
+    monkeypatch.setattr(paths, "SPARSE_MIN_LATENTS", 0)
     torch.manual_seed(0)
     sae = make_sae(SAEConfig(arch="matryoshka", group_sizes=[8, 8, 16, 32], **COMMON))
     x = torch.randn(128, 32)

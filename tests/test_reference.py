@@ -18,10 +18,10 @@ STEP_TOLERANCE = dict(atol=2e-5, rtol=1e-4)  # 20 steps of fp32 Adam, fused (sae
 @pytest.fixture
 def sparse_everywhere(monkeypatch):
     """The sparse path at this small size too (saekit picks the dense one below SPARSE_MIN_LATENTS)."""
-    import saekit.sae.base as base
+    import saekit.sae.fast.paths as paths
 
-    monkeypatch.setattr(base, "SPARSE_MIN_LATENTS", 0)
-    monkeypatch.setattr(base, "SPARSE_MAX_DENSITY", 1.0)
+    monkeypatch.setattr(paths, "SPARSE_MIN_LATENTS", 0)
+    monkeypatch.setattr(paths, "SPARSE_MAX_DENSITY", 1.0)
 
 
 def _cfg(arch: str, normalize: str = "token") -> SAEConfig:

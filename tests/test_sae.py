@@ -1,5 +1,6 @@
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 
 from saekit.metrics import reconstruction_metrics
 from saekit.sae import (ARCHS, BatchTopKSAE, SAEConfig, SAEConfigError, SparseCode, load_sae, make_sae,
-                        sparse_decode)
+                        Step, TrainOutput, sparse_decode)
 from saekit.toy import feature_recovery, make_toy
 from saekit.train import TrainConfig, train
 
@@ -79,10 +80,10 @@ def test_threshold_mode_needs_a_trained_threshold():
 @pytest.fixture
 def sparse_everywhere(monkeypatch):
     """The sparse path at these small test sizes too (saekit picks the dense one below SPARSE_MIN_LATENTS)."""
-    import saekit.sae.base as base
+    import saekit.sae.fast.paths as paths
 
-    monkeypatch.setattr(base, "SPARSE_MIN_LATENTS", 0)
-    monkeypatch.setattr(base, "SPARSE_MAX_DENSITY", 1.0)
+    monkeypatch.setattr(paths, "SPARSE_MIN_LATENTS", 0)
+    monkeypatch.setattr(paths, "SPARSE_MAX_DENSITY", 1.0)
 
 
 @pytest.mark.parametrize("n_dead", [10, 40])  # AuxK with every dead latent (<= k_aux) and with its top k_aux
@@ -107,11 +108,11 @@ def test_fast_sparse_path_matches_dense_gradients(arch, n_dead, sparse_everywher
 @pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
 def test_auxk_gradients_fold_into_the_sparse_paths_without_a_full_size_zero_tensor(arch, sparse_everywhere, monkeypatch):
     """The fast path's AuxK hands its dead columns' gradients to the sparse encoder's and decoder's backward
-    (auxk.DeadColumns), so no [d_sae, d_in] gradient is zero-filled for it and none is added to another; the
+    (fast.autograd.DeadColumns), so no [d_sae, d_in] gradient is zero-filled for it and none is added to another; the
     gradients equal those of the plain indexing it replaces (autograd's scatter of the dead rows)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from saekit.sae.auxk import DeadLatents
+    from saekit.sae.fast import auxk
 
     class FullSizeZeros(TorchDispatchMode):
         n = 0
@@ -126,8 +127,8 @@ def test_auxk_gradients_fold_into_the_sparse_paths_without_a_full_size_zero_tens
     grads = {}
     for folded in (True, False):
         if not folded:  # the dead rows by plain indexing, their gradients scattered by autograd
-            plain = DeadLatents.aux_reconstruction
-            monkeypatch.setattr(DeadLatents, "aux_reconstruction", lambda self, xc, idx, fold=None: plain(self, xc, idx))
+            plain = auxk.aux_reconstruction
+            monkeypatch.setattr(auxk, "aux_reconstruction", lambda sae, xc, idx, pad, fold=None: plain(sae, xc, idx, pad))
         torch.manual_seed(1)
         sae = make_sae(SAEConfig(arch=arch, d_in=24, d_sae=96, k=4, k_aux=16, dead_tokens=10))
         sae.tokens_since_fired[:40] = 100
@@ -143,14 +144,14 @@ def test_auxk_gradients_fold_into_the_sparse_paths_without_a_full_size_zero_tens
 
 
 def test_auxk_under_cpu_autocast_pads_its_dead_latents_to_a_grid_and_keeps_the_loss(sparse_everywhere):
-    """Under bf16 autocast on the CPU the fast path's AuxK pads the dead latents to aux_bucket's grid (a few
+    """Under bf16 autocast on the CPU the fast path's AuxK pads the dead latents to the slots' grid (a few
     product shapes a run, each a compiled oneDNN kernel) and runs its products in bf16: the padded slots add
     nothing, so loss and gradients match the reference path's (also bf16 there) to bf16 rounding."""
-    from saekit.sae.auxk import aux_bucket
+    from saekit.sae.fast import auxk, slots
 
-    sizes = [aux_bucket(n, 10**6) for n in range(1, 5000)]
+    sizes = [slots(n, 64, 10**6) for n in range(1, 5000)]
     assert all(0 <= s - n < max(64, n / 8) for n, s in zip(range(1, 5000), sizes))  # <= 12.5% more above 512
-    assert len(set(sizes)) < 60 and aux_bucket(5000, 4608) == 4608
+    assert len(set(sizes)) < 60 and slots(5000, 64, 4608) == 4608 and slots(0, 64, 4608) == 0
     torch.manual_seed(2)
     cfg = SAEConfig(arch="batchtopk", d_in=24, d_sae=96, k=4, k_aux=16, dead_tokens=10, normalize="none")
     ref, fast = make_sae(cfg), make_sae(cfg)
@@ -159,7 +160,7 @@ def test_auxk_under_cpu_autocast_pads_its_dead_latents_to_a_grid_and_keeps_the_l
         s.tokens_since_fired[:37] = 100  # 37 dead latents -> 64 slots, 27 of them padding
     x = torch.randn(48, 24)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        idx = fast._aux_dead()
+        idx = auxk.dead_latents(fast, Step(), auxk.padded(fast, Step()))
         assert idx.numel() == 64 and (idx < 0).sum() == 27 and sorted(idx[idx >= 0].tolist()) == list(range(37))
         o1, o2 = ref.training_loss(x, fast=False), fast.training_loss(x)
     assert (o1.path, o2.path) == ("reference", "sparse") and float(o2.terms["aux"]) > 0
@@ -183,15 +184,13 @@ def test_the_topk_familys_fast_path_selects_positive_entries_without_relu(arch, 
     with torch.no_grad():
         ref.b_enc.fill_(-2.5)  # most pre-activations negative
     fast.load_state_dict(ref.state_dict())
-    fast.sync_free = sync_free
-    if sync_free and ref.has_theta:
-        fast.previous_cut = 0.05  # a hint: the selection without read-backs
+    hint = 0.05 if sync_free and ref.has_theta else None  # a hint: the selection without read-backs
+    step = Step(sync_free=sync_free, cut_hint=hint)
     x = torch.randn(40, 24)
     assert int((ref.pre_acts(x) > 0).sum(1).lt(8).sum()) > 5  # rows with fewer than k positive pre-activations
-    o1, o2 = ref.training_loss(x, fast=False), fast.training_loss(x)
+    o1, o2 = ref.training_loss(x, fast=False), fast.training_loss(x, step)
     if o2.exact is not None and not bool(o2.exact):  # the trainer would redo it exactly
-        fast.redo_exact = True
-        o2 = fast.training_loss(x)
+        o2 = fast.training_loss(x, replace(step, exact=True))
     assert (o1.path, o2.path) == ("reference", "sparse")
     assert torch.equal(o1.l0, o2.l0) and torch.equal(o1.fired, o2.fired)
     torch.testing.assert_close(o2.loss, o1.loss)
@@ -208,16 +207,15 @@ def _read_back_counter():
 
 
 def _exact_and_sync_free(arch: str, n_dead: int, seed: int):
-    """Two equal SAEs with n_dead dead latents, the second selecting without read-backs (its dead count known)."""
+    """Two equal SAEs with n_dead dead latents, and the step that has the second select without read-backs (its
+    dead count known)."""
     torch.manual_seed(seed)
     cfg = SAEConfig(arch=arch, d_in=24, d_sae=96, k=4, k_aux=16, dead_tokens=10, normalize="none")
     exact, free = make_sae(cfg), make_sae(cfg)
     free.load_state_dict(exact.state_dict())
     for s in (exact, free):
         s.tokens_since_fired[:n_dead] = 100
-    free.set_dead_counters(free.tokens_since_fired.clone(), n_dead)
-    free.sync_free = True
-    return exact, free, torch.randn(48, 24)
+    return exact, free, torch.randn(48, 24), Step(sync_free=True, n_dead=n_dead)
 
 
 def _same_step(exact, free, o1, o2) -> None:
@@ -235,59 +233,58 @@ def test_sync_free_batchtopk_loss_equals_the_exact_one_without_a_read_back(n_dea
     """BatchTopK's selection without read-backs (hint: 0.9x the previous step's cut; the dead latents' number known
     from the step before) gives the exact path's loss, code and every gradient, flagged exact, and reads nothing
     back; a hint above this batch's cut leaves too few candidates and is flagged."""
-    exact, free, x = _exact_and_sync_free("batchtopk", n_dead, seed=3)
+    exact, free, x, step = _exact_and_sync_free("batchtopk", n_dead, seed=3)
     o1 = exact.training_loss(x)
     assert o1.exact is None and o1.path == "sparse"  # no previous cut: the exact selection
-    free.previous_cut = float(o1.cut) * 1.05  # the previous batch's cut, a little above this one's
+    step = replace(step, cut_hint=float(o1.cut) * 1.05)  # the previous batch's cut, a little above this one's
     with _read_back_counter() as seen:
-        o2 = free.training_loss(x)
+        o2 = free.training_loss(x, step)
     assert seen.found == [] and bool(o2.exact) and o2.path == "sparse" and torch.equal(o1.cut, o2.cut)
     assert (float(o1.terms["aux"]) > 0) == (n_dead > 0)
     _same_step(exact, free, o1, o2)
-    free.previous_cut = float(o1.cut) * 2  # far above this batch's cut: fewer than B*k candidates
-    assert not bool(free.training_loss(x).exact)
-    free.redo_exact = True  # as the Trainer redoes such a step: exact again
-    assert free.training_loss(x).exact is None
+    step = replace(step, cut_hint=float(o1.cut) * 2)  # far above this batch's cut: fewer than B*k candidates
+    assert not bool(free.training_loss(x, step).exact)
+    assert free.training_loss(x, replace(step, exact=True)).exact is None  # as the Trainer redoes such a step
 
 
 @pytest.mark.parametrize("arch", ["jumprelu", "relu"])
 def test_sync_free_thresholded_codes_equal_the_exact_ones_without_a_read_back(arch, sparse_everywhere):
     """JumpReLU and ReLU-L1 find their entries without a read-back, into slots sized by the previous step's density
-    (train_entries): the exact path's loss, code statistics and every gradient, bit for bit, flagged exact, and
-    nothing read back; too few slots are flagged, and with redo_exact set the entries are found exactly."""
-    exact, free, x = _exact_and_sync_free(arch, 0, seed=5)
+    (fast.entries): the exact path's loss, code statistics and every gradient, bit for bit, flagged exact, and
+    nothing read back; too few slots are flagged, and with Step(exact=True) the entries are found exactly."""
+    exact, free, x, step = _exact_and_sync_free(arch, 0, seed=5)
     o1 = exact.training_loss(x)
     assert o1.exact is None and o1.count is None and o1.path == "sparse" and o1.density > 0
-    free.previous_density = o1.density  # as after_step leaves it
+    step = replace(step, density_hint=o1.density)  # as the trainer remembers it
     with _read_back_counter() as seen:
-        o2 = free.training_loss(x)
+        o2 = free.training_loss(x, step)
     n = round(o1.density * x.shape[0] * 96)
     assert seen.found == [] and bool(o2.exact) and o2.path == "sparse" and int(o2.count) == n > 1024
     _same_step(exact, free, o1, o2)
-    free.previous_density = 0.0  # the fewest slots (1,024): fewer than the entries
-    assert not bool(free.training_loss(x).exact)
-    free.redo_exact = True  # as the Trainer redoes such a step: exact again
-    assert free.training_loss(x).exact is None
+    step = replace(step, density_hint=0.0)  # the fewest slots (1,024): fewer than the entries
+    assert not bool(free.training_loss(x, step).exact)
+    assert free.training_loss(x, replace(step, exact=True)).exact is None  # as the Trainer redoes such a step
 
 
 def test_sync_free_topk_selection_equals_the_exact_one_or_says_so(sparse_everywhere):
     """TopK without read-backs keeps all k of every row (the exact selection drops the non-positive ones, a mask the
     host waits for): the same loss and gradients, flagged exact, while every kept value is positive; not otherwise."""
-    exact, free, x = _exact_and_sync_free("topk", 10, seed=4)
+    exact, free, x, step = _exact_and_sync_free("topk", 10, seed=4)
     o1 = exact.training_loss(x)
     with _read_back_counter() as seen:
-        o2 = free.training_loss(x)
+        o2 = free.training_loss(x, step)
     assert seen.found == [] and bool(o2.exact) and o1.exact is None and o2.path == "sparse"
     _same_step(exact, free, o1, o2)
     with torch.no_grad():
         free.b_enc.fill_(-1.0)  # no positive pre-activation on a zero input: the 4 kept of each row are not positive
-    assert not bool(free.training_loss(x[:8] * 0).exact)
+    assert not bool(free.training_loss(x[:8] * 0, step).exact)
 
 
 def test_rectangle_window_is_the_band_around_theta():
     """JumpReLU's window |a - theta| < bandwidth / 2 per latent, as two compares against its bounds (the reference
     and the fast path share it), equals the band computed in float64 wherever an entry is not on its edge."""
-    from saekit.sae.kernels import entries_above, rectangle
+    from saekit.sae.architectures.jumprelu import rectangle
+    from saekit.sae.fast.select import entries_above
 
     torch.manual_seed(5)
     a, theta, bw = torch.rand(64, 40) * 3, torch.rand(40) + 1, 0.3
@@ -307,8 +304,8 @@ def test_rectangle_window_is_the_band_around_theta():
 def test_entries_found_without_a_read_back_equal_the_exact_ones_or_say_so():
     """entries_above with a capacity: fixed shapes, the entries first (row-major, as the exact ones), then padding
     that repeats the last entry of the matrix and is marked invalid; exact when they all fit, and the count tells
-    the next step how many slots to make (entry_slots: a power of two at or above 1.25x, at least 1,024)."""
-    from saekit.sae.kernels import entries_above, entry_slots
+    the next step how many slots to make (entry_slots: 1.25x rounded up on the slots' grid, at least 1,024)."""
+    from saekit.sae.fast.select import entries_above, entry_slots
 
     torch.manual_seed(3)
     a = torch.randn(50, 80)
@@ -323,11 +320,11 @@ def test_entries_found_without_a_read_back_equal_the_exact_ones_or_say_so():
         assert bool((e.rows[1:] >= e.rows[:-1]).all())  # row-major, padding included
     short = entries_above(a, 1.0, n - 1)
     assert not bool(short.exact) and int(short.count) == n and bool(short.valid.all())
-    assert entry_slots(0.0, 64, 64) == 1024 and entry_slots(0.5, 64, 64) == 3072 and entry_slots(0.9, 64, 64) == 4096
+    assert entry_slots(0.0, 4096) == 1024 and entry_slots(0.5, 4096) == 3072 and entry_slots(0.9, 4096) == 4096
     n = 0.002 * 4096 * 24576  # 201,327 entries at the paper's size
-    slots = entry_slots(0.002, 4096, 24576)
+    slots = entry_slots(0.002, 4096 * 24576)
     assert slots % 1024 == 0 and 1.25 * n <= slots <= 1.25 * n * 1.125 + 1024
-    assert entry_slots(0.002 * 1.01, 4096, 24576) == slots  # a count that drifts keeps its slots
+    assert entry_slots(0.002 * 1.01, 4096 * 24576) == slots  # a count that drifts keeps its slots
 
 
 def _same_loss_and_gradients(cfg, x, setup):
@@ -379,7 +376,7 @@ def test_relu_fast_path_matches_reference_loss_and_every_gradient(sparse_everywh
 def test_the_path_is_chosen_by_size_and_density():
     """Where the sparse kernels do not pay (a small dictionary, or a dense code such as a fresh ReLU SAE's) the fast
     path hands over to the reference path, so the choice never costs more than the dense step."""
-    from saekit.sae.base import SPARSE_MAX_DENSITY, SPARSE_MIN_LATENTS
+    from saekit.sae.fast.paths import SPARSE_MAX_DENSITY, SPARSE_MIN_LATENTS
 
     x = torch.randn(32, 24)
     big = SPARSE_MIN_LATENTS * 2
@@ -595,7 +592,7 @@ def test_candidate_batch_topk_is_exact():
 def test_static_batch_topk_is_exact_or_says_so():
     """batch_topk_static: fixed shapes, no read-back; exact (the same entries and values as a full top-k) whenever
     between n and `capacity` entries pass the hint, and flagged otherwise (too few, or too many to hold)."""
-    from saekit.sae.kernels import batch_topk_static
+    from saekit.sae.fast.select import batch_topk_static
 
     torch.manual_seed(0)
     a = torch.relu(torch.randn(64, 300))
@@ -620,24 +617,27 @@ def test_static_batch_topk_is_exact_or_says_so():
 
 
 def test_dead_latents_whose_number_is_known_are_found_without_a_read_back():
-    """_aux_dead takes the number of dead latents set_dead_counters was given (the trainer's one read-back of the
-    step before): no read-back of its own; counters changed since (by hand, a load) are read back again."""
+    """The fast path's AuxK takes the number of dead latents the step says (the trainer's one read-back of the step
+    before): no read-back of its own; where the step does not know it, it is read back."""
+    from saekit.sae.fast import auxk
+
     sae = make_sae(arch="batchtopk", d_in=8, d_sae=64, k=2, dead_tokens=10)
     fired = torch.zeros(64, dtype=torch.bool)
     fired[::3] = True
     since, n_dead = sae.next_dead_counters(fired, 20)
     assert int(n_dead) == 64 - 22 and int(sae.tokens_since_fired.sum()) == 0  # the counters are left alone
-    sae.set_dead_counters(since, int(n_dead))
+    sae.tokens_since_fired.copy_(since)
+    step = Step(n_dead=int(n_dead))
     with _read_back_counter() as seen:
-        dead = sae._aux_dead()
+        dead = auxk.dead_latents(sae, step, pad=False)
     assert seen.found == [] and torch.equal(dead, (~fired).nonzero().squeeze(1))
-    sae.tokens_since_fired[:6] = 0  # changed by hand: the number known is stale
+    sae.tokens_since_fired[:6] = 0  # changed by hand, and the step does not know the number
     with _read_back_counter() as seen:
-        dead = sae._aux_dead()
+        dead = auxk.dead_latents(sae, Step(), pad=False)
     assert len(seen.found) == 1 and "nonzero" in seen.found[0]
     assert torch.equal(dead, sae.dead_mask().nonzero().squeeze(1)) and dead.numel() == 64 - 22 - 4
-    sae.set_dead_counters(torch.zeros(64, dtype=torch.long), 0)
-    assert sae._aux_dead() is None
+    assert auxk.dead_latents(sae, Step(n_dead=0), pad=False) is None
+    assert auxk.dead_latents(sae, Step(aux=False), pad=False) is None
 
 
 @pytest.mark.parametrize("bad", ["large", "-1", "0"])
@@ -654,9 +654,9 @@ def test_bad_encoder_start_flag_is_refused_by_the_cli(bad, capsys):
 def test_sparse_encode_gradients_equal_the_dense_products(input_grad, centred):
     """SparseEncode's gradients of W_enc, b_enc and b_dec (b_dec's as -W_enc times the column sums of the values'
     gradient) and, when the input asks for one, of the input, against autograd through the dense encode; also
-    given x - b_dec made by the caller (differentiable to b_dec, as SAE.centred_pre_acts makes it): no gradient
+    given x - b_dec made by the caller (differentiable to b_dec, as fast.paths.centred_pre_acts makes it): no gradient
     goes through it, so b_dec's is counted once."""
-    from saekit.sae.kernels import CodeIndex, sparse_encode
+    from saekit.sae.fast.autograd import CodeIndex, sparse_encode
 
     torch.manual_seed(0)
     B, d, f = 9, 6, 30
@@ -684,7 +684,7 @@ def test_sparse_encode_gradients_equal_the_dense_products(input_grad, centred):
 def test_code_index_counts_each_rows_entries(rows_sorted):
     """CodeIndex's row bounds: the offsets embedding_bag reads and, from the same search, each row's number of
     entries (a sparse path's l0 per token), rows without entries included; the shared aranges are arange's."""
-    from saekit.sae.kernels import CodeIndex, arange
+    from saekit.sae.fast.index import CodeIndex, arange
 
     torch.manual_seed(0)
     rows = torch.tensor([0, 0, 2, 2, 2, 5, 6, 6])
@@ -714,10 +714,9 @@ def test_the_fast_path_centres_its_input_once(sparse_everywhere):
     torch.manual_seed(0)
     sae = make_sae(SAEConfig(arch="batchtopk", d_in=16, d_sae=64, k=3, dead_tokens=1))
     sae.tokens_since_fired[:40] = 10  # dead: AuxK runs
-    sae.previous_cut = 0.1
     x = torch.randn(64, 16)
     with Subs():
-        out = sae.training_loss(x)
+        out = sae.training_loss(x, Step(cut_hint=0.1))
         out.loss.backward()
     assert out.path == "sparse" and float(out.terms["aux"]) > 0 and Subs.n == 1
     assert sae.b_dec.grad is not None and bool(sae.b_dec.grad.abs().sum() > 0)
@@ -726,7 +725,7 @@ def test_the_fast_path_centres_its_input_once(sparse_everywhere):
 def test_sparse_kernels_under_bf16_autocast_give_fp32_gradients():
     """Under autocast the encoder's values come from bf16 products; the sparse kernels' gradients still come back in
     the parameters' fp32, within bf16 rounding of the gradients of the same code in fp32."""
-    from saekit.sae.kernels import CodeIndex, sparse_encode
+    from saekit.sae.fast.autograd import CodeIndex, sparse_encode
 
     torch.manual_seed(0)
     B, d, f = 16, 32, 96
@@ -767,32 +766,36 @@ def test_theta_is_the_mean_of_the_first_cuts_then_a_moving_average():
     moving average with weight 1 - threshold_beta on each new cut (one update per training step, on the device)."""
     import numpy as np
 
+    from saekit.sae.theta import running_update
+
     sae = make_sae(arch="batchtopk", d_in=8, d_sae=32, k=2, threshold_beta=0.9)
     cuts = np.random.default_rng(0).uniform(0.5, 2.0, 25)
     expect = []
     for n, c in enumerate(cuts, 1):
-        sae.update_theta(torch.tensor(c, dtype=torch.float32))
+        running_update(sae.threshold, sae.threshold_updates, torch.tensor(c, dtype=torch.float32), 0.9)
         w = max(0.1, 1 / n)
         expect.append(c if n == 1 else expect[-1] + w * (c - expect[-1]))
         assert abs(float(sae.threshold) - expect[-1]) < 1e-5 * expect[-1]
         assert int(sae.threshold_updates) == n
     assert abs(expect[9] - cuts[:10].mean()) < 1e-9  # the first 10 (= 1 / (1 - 0.9)): their mean
     assert sae.threshold.dtype == torch.float32
-    sae.update_theta(torch.tensor(3.0, dtype=torch.bfloat16))  # a cut from a bf16 selection (autocast)
+    # a cut from a bf16 selection (autocast), as after_step gives it
+    sae.after_step(TrainOutput(*[None] * 6, cut=torch.tensor(3.0, dtype=torch.bfloat16)))
     assert sae.threshold.dtype == torch.float32 and float(sae.threshold) > expect[-1]
 
 
-def test_theta_from_the_cuts_value_on_the_host_follows_the_device_update():
-    """On the CPU the trainer gives update_theta the cut's value (read back with its flags) and theta is updated in
-    host arithmetic: the same running mean, then EMA, as the device's four kernels, to float32 rounding, and the
-    same count of updates."""
-    import numpy as np
+def test_theta_estimates_are_the_batch_cut_averaged_or_pooled():
+    """saekit.sae.theta.estimate: per batch, the smallest of the top B*k pre-activations, averaged over batches;
+    pooled over n tokens, a value that gives exactly that mean L0 in threshold mode."""
+    from saekit.sae.theta import batch_cut, estimate
 
-    device, host = (make_sae(arch="batchtopk", d_in=8, d_sae=32, k=2, threshold_beta=0.9) for _ in range(2))
-    for n, c in enumerate(np.random.default_rng(1).uniform(0.5, 2.0, 40), 1):
-        cut = torch.tensor(c, dtype=torch.float32)
-        device.update_theta(cut)
-        host.update_theta(cut, float(cut))
-        torch.testing.assert_close(host.threshold, device.threshold, rtol=2e-7, atol=0)
-        assert int(host.threshold_updates) == int(device.threshold_updates) == n
-    assert host.threshold.dtype == torch.float32
+    torch.manual_seed(0)
+    sae = make_sae(arch="batchtopk", d_in=8, d_sae=32, k=3)
+    xs = [torch.randn(20, 8) for _ in range(4)]
+    cuts = [sae.pre_acts(sae.prepare(x)).detach().flatten().topk(60).values.min() for x in xs]
+    mean, n = estimate(sae, xs, 3)
+    assert n == 4 and abs(mean - float(torch.stack(cuts).mean())) < 1e-6
+    assert torch.equal(batch_cut(sae.pre_acts(sae.prepare(xs[0])), 3), cuts[0])
+    pooled, n = estimate(sae, xs, 3, n_tokens=80)
+    a = torch.cat([sae.pre_acts(sae.prepare(x)) for x in xs])
+    assert n == 80 and int((a > pooled).sum()) == 240

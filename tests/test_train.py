@@ -346,19 +346,18 @@ def test_step_statistics_are_the_steps_own_figures(toy_x):
 
 
 def _steps(cfg, x, sync_free, batch, steps, spoil_at=None, spoil=None):
-    """A Trainer's first `steps` steps on x, selecting without read-backs where sync_free; spoil(sae) before step
-    spoil_at."""
+    """A Trainer's first `steps` steps on x, selecting without read-backs where sync_free; spoil(trainer) before
+    step spoil_at."""
     from saekit.train import Trainer
 
     torch.manual_seed(0)
     # fp32: under bf16 pre-activations tie at the cut, and the two selections may keep different tied entries
     tr = Trainer([cfg], TrainConfig(total_tokens=10**6, batch_size=batch, warmup_steps=0, progress=False, log_every=1,
-                                    autocast=False))
-    tr.saes[0].sync_free = sync_free
+                                    autocast=False, sync_free=sync_free))
     tr.initialise(x[:4 * batch])
     for i in range(steps):
         if i == spoil_at:
-            spoil(tr.saes[0])
+            spoil(tr)
         tr.train_step(x[i * batch:(i + 1) * batch])
     return tr
 
@@ -367,11 +366,11 @@ def test_sync_free_training_equals_exact_training_and_redoes_a_step_it_cannot_pr
     """A BatchTopK run whose selections are made without read-backs (sync_free, the default on an accelerator)
     ends with exactly the weights, theta, counters and log of a run with exact selections. A step whose
     candidates could not hold the top B*k (here: its hint spoilt) is flagged and redone exactly by the trainer."""
-    import saekit.sae.architectures as A
-    import saekit.sae.base as base
+    import saekit.sae.fast.paths as paths
+    import saekit.sae.fast.select as A
 
-    monkeypatch.setattr(base, "SPARSE_MIN_LATENTS", 0)  # the sparse path at toy size
-    monkeypatch.setattr(base, "SPARSE_MAX_DENSITY", 1.0)
+    monkeypatch.setattr(paths, "SPARSE_MIN_LATENTS", 0)  # the sparse path at toy size
+    monkeypatch.setattr(paths, "SPARSE_MAX_DENSITY", 1.0)
     flags = []
 
     def spy(*args):
@@ -383,8 +382,8 @@ def test_sync_free_training_equals_exact_training_and_redoes_a_step_it_cannot_pr
     monkeypatch.setattr(A, "batch_topk_static", spy)
     cfg = SAEConfig(arch="batchtopk", d_in=16, d_sae=64, k=3, dead_tokens=256)
 
-    def spoil(sae):
-        sae.previous_cut *= 100
+    def spoil(tr):
+        tr.hints[0]["previous_cut"] *= 100
 
     def run(sync_free, spoil_at=None):
         return _steps(cfg, toy_x, sync_free, batch=128, steps=12, spoil_at=spoil_at, spoil=spoil)
@@ -393,7 +392,6 @@ def test_sync_free_training_equals_exact_training_and_redoes_a_step_it_cannot_pr
     assert flags == []
     free = run(True, spoil_at=6)
     assert len(flags) == 11 and flags[5] is False and flags.count(False) == 1  # steps 1-11; step 0 has no cut
-    assert free.saes[0].redo_exact is False
     for k, v in exact.saes[0].state_dict().items():
         assert torch.equal(v, free.saes[0].state_dict()[k]), k
     log_exact, log_free = exact.log_frames()[0], free.log_frames()[0]
@@ -406,9 +404,8 @@ def test_sync_free_training_equals_exact_training_and_redoes_a_step_it_cannot_pr
 
 @pytest.mark.parametrize("arch", ["batchtopk", "topk", "jumprelu"])
 def test_the_cpus_read_per_value_and_theta_on_the_host_train_as_the_gpus_way(arch, toy_x):
-    """On the CPU (sync_free unset) the trainer reads its check back one value at a time and BatchTopK's theta is
-    updated on the host; set (False), the CPU steps as a GPU does (one stacked read-back, theta on the device). The
-    two runs end with the same weights, counters and log, theta to float32 rounding."""
+    """On the CPU (sync_free unset) the trainer reads its check back one value at a time; set (False), the CPU
+    steps as a GPU does (one stacked read-back). The two runs end with the same weights, counters, theta and log."""
     cfg = SAEConfig(arch=arch, d_in=16, d_sae=64, k=3, target_l0=3, dead_tokens=256)
     cpu, gpu_way = _steps(cfg, toy_x, None, batch=128, steps=12), _steps(cfg, toy_x, False, batch=128, steps=12)
     for k, v in gpu_way.saes[0].state_dict().items():
@@ -479,18 +476,17 @@ def test_sync_free_thresholded_training_equals_exact_training(arch, toy_x, monke
     """JumpReLU and ReLU-L1 runs whose entries are found without read-backs (slots from the previous step's density,
     read back with the trainer's flags) end with the weights and log of exact runs; a step whose slots were too few
     (here: the density hint spoilt) is flagged and redone exactly."""
-    import saekit.sae.base as base
+    import saekit.sae.fast.paths as paths
 
-    monkeypatch.setattr(base, "SPARSE_MIN_LATENTS", 0)  # the sparse path at toy size
-    monkeypatch.setattr(base, "SPARSE_MAX_DENSITY", 1.0)
+    monkeypatch.setattr(paths, "SPARSE_MIN_LATENTS", 0)  # the sparse path at toy size
+    monkeypatch.setattr(paths, "SPARSE_MAX_DENSITY", 1.0)
     cfg = SAEConfig(arch=arch, d_in=16, d_sae=64, target_l0=3, l1_coeff=1.0)
     found = []
-    train_entries = base.SAE.train_entries
-    monkeypatch.setattr(base.SAE, "train_entries",
-                        lambda self, a, bound: found.append(e := train_entries(self, a, bound)) or e)
+    entries = paths.entries
+    monkeypatch.setattr(paths, "entries", lambda a, bound, step: found.append(e := entries(a, bound, step)) or e)
 
-    def spoil(sae):
-        sae.previous_density = 0.0  # 1,024 slots: too few
+    def spoil(tr):
+        tr.hints[0]["previous_density"] = 0.0  # 1,024 slots: too few
 
     def run(sync_free, spoil_at=None):
         return _steps(cfg, toy_x, sync_free, batch=512, steps=10, spoil_at=spoil_at, spoil=spoil)
@@ -512,19 +508,23 @@ def test_jumprelu_chooses_its_path_from_the_previous_steps_density_and_resumes_w
     """JumpReLU's fast path estimates the code's density from the previous step's sparse path (no probe encode of
     128 rows, no read-back) once it has one; checkpoints keep that density (and BatchTopK's previous cut), so a
     resumed run chooses its steps' paths as the uninterrupted run does, and ends with its weights."""
-    import saekit.sae.base as base
+    import saekit.sae.fast.paths as paths
 
-    monkeypatch.setattr(base, "SPARSE_MIN_LATENTS", 0)  # the sparse path at toy size
-    monkeypatch.setattr(base, "SPARSE_MAX_DENSITY", 1.0)
+    monkeypatch.setattr(paths, "SPARSE_MIN_LATENTS", 0)  # the sparse path at toy size
+    monkeypatch.setattr(paths, "SPARSE_MAX_DENSITY", 1.0)
+    from saekit.sae import SAE
+    from saekit.train import checkpoints
+
     probes = []
-    pre_acts = base.SAE.pre_acts
-    monkeypatch.setattr(base.SAE, "pre_acts", lambda self, x, *xc: probes.append(x.shape[0]) or pre_acts(self, x, *xc))
+    pre_acts = SAE.pre_acts
+    monkeypatch.setattr(SAE, "pre_acts", lambda self, x, *xc: probes.append(x.shape[0]) or pre_acts(self, x, *xc))
     cfgs = [SAEConfig(arch="jumprelu", d_in=16, d_sae=64, target_l0=3),
             SAEConfig(arch="batchtopk", d_in=16, d_sae=64, k=3)]
     tc = TrainConfig(total_tokens=256 * 8, batch_size=256, warmup_steps=1, progress=False, checkpoint_every=4)
     whole = train(toy_x, cfgs, tc, out=tmp_path / "a")
     assert probes.count(128) == 1  # step 0's probe only: the later steps know the previous step's density
-    assert whole.saes[0].previous_density > 0 and whole.saes[1].previous_cut > 0
+    hints = checkpoints.progress(checkpoints.latest(tmp_path / "a" / "checkpoints"))["hints"]
+    assert hints[0]["previous_density"] > 0 and hints[1]["previous_cut"] > 0
 
     def crash(trainer, stats):
         if trainer.step == 6:
@@ -541,19 +541,19 @@ def test_jumprelu_chooses_its_path_from_the_previous_steps_density_and_resumes_w
 
 
 def test_a_selection_that_stays_inexact_when_redone_is_an_error(toy_x, monkeypatch):
-    """The trainer redoes a step whose selection was not exact once; a train_select that ignores redo_exact would
+    """The trainer redoes a step whose selection was not exact once; a select that ignores Step(exact=True) would
     leave an inexact step in training, so it stops with an error that names the SAE and the rule."""
-    import saekit.sae.base as base
-    from saekit.sae.kernels import Selection
+    import saekit.sae.fast.paths as paths
+    from saekit.sae import Selection, Step
     from saekit.train import Trainer
 
-    monkeypatch.setattr(base, "SPARSE_MIN_LATENTS", 0)
-    monkeypatch.setattr(base, "SPARSE_MAX_DENSITY", 1.0)
+    monkeypatch.setattr(paths, "SPARSE_MIN_LATENTS", 0)
+    monkeypatch.setattr(paths, "SPARSE_MAX_DENSITY", 1.0)
     tr = Trainer([SAEConfig(arch="topk", d_in=16, d_sae=64, k=3)],
                  TrainConfig(total_tokens=10**6, batch_size=128, progress=False))
     tr.initialise(toy_x[:512])
     sae = tr.saes[0]
-    sae.train_select = lambda a: Selection(*sae.select(a, "train")[:2], None, torch.tensor(False))  # never exact
+    real = sae.select
+    sae.select = lambda a, mode=None, step=Step(): Selection(*real(a, mode, step)[:2], None, torch.tensor(False))
     with pytest.raises(TrainingError, match="not exact even when redone"):
         tr.train_step(toy_x[:128])
-    assert sae.redo_exact is False

@@ -247,8 +247,7 @@ class ActivationStore:
         chunks = [_Chunk(i, s, min(s + chunk_rows, sh["n_rows"]))
                   for i, sh in enumerate(self.shards) for s in range(0, sh["n_rows"], chunk_rows)]
         per_buffer = max(1, buffer_rows // chunk_rows)
-        # one buffer for the whole run, refilled in place: a fresh one per fill cost its page faults every time
-        # (the second fill of a run measured ~365 ms against ~50 ms once the memory was in place)
+        # one buffer for the whole run, refilled in place: a fresh one per fill costs its page faults every time
         room = min(per_buffer * chunk_rows, len(self)) + batch_size
         out = self._take_buffer(room)
         try:
@@ -273,8 +272,8 @@ class ActivationStore:
 
     def _take_buffer(self, room: int) -> tuple[np.ndarray, np.ndarray]:
         """A buffer of at least `room` rows (activations and positions): the one the previous pass left, its pages
-        already in place (a fresh 151 MB buffer spent ~350 ms in page faults on its first fill on the 2-core
-        machine, a refill ~40 ms), else a new one. Taken, not shared: two passes at once each have their own."""
+        already in place (a fresh buffer's first fill is mostly page faults), else a new one. Taken, not shared: two
+        passes at once each have their own."""
         spare, self._spare = self._spare, None
         if spare is not None and spare[0].shape[0] >= room:
             return spare

@@ -1,6 +1,6 @@
 """What defines an SAE: `SAEConfig`, and the registry of architectures by name.
 
-An architecture is one class (see `architectures.py`) registered under its name with `@register`; the
+An architecture is one class (see `architectures/`) registered under its name with `@register`; the
 config looks its architecture up here to validate itself, so this module depends on no SAE class.
 """
 from __future__ import annotations

@@ -28,7 +28,10 @@ class TrainConfig:
     # bf16 autocast of the matrix products; None: on where the device multiplies bf16 in hardware and (on a CPU) the
     # SAE's step is large enough for it to pay (autocast_default), off elsewhere; False: fp32 throughout
     autocast: bool | None = None
-    fast: bool = True  # sparse encoder/decoder path for the TopK family
+    fast: bool = True  # the sparse training path (saekit.sae.fast) where an architecture has one and it pays
+    # select without reading back from the device, redoing the rare step that could not be proved exact;
+    # None: on an accelerator only, where each read-back stalls the host (on the CPU it costs nothing)
+    sync_free: bool | None = None
     calibrate_batches: int = 20  # BatchTopK: re-estimate theta with the final weights over this many batches
     checkpoint_every: int = 500  # steps (0: only at the end); a failure late in a run loses at most this many
     keep_checkpoints: int = 2
@@ -93,9 +96,8 @@ class TrainConfig:
 def cpu_has_bf16_hardware() -> bool:
     """Whether this CPU multiplies bf16 in hardware: AVX-512 BF16 dot products (Intel since Cooper Lake, with AMX
     tiles since Sapphire Rapids; AMD since Zen 4), as torch's own CPU check reports. There bf16 autocast speeds a
-    large enough CPU training step up (benchmarks/autocast_cpu.py: 1.06x at the toy size to 1.30x at the benchmark
-    shape on an Intel Xeon with AMX, 1.18x to 1.43x on an AMD EPYC without). Elsewhere bf16 products have no
-    hardware support, and autocast stays off (not measured on such a CPU)."""
+    large enough CPU training step up (benchmarks/results/autocast_cpu.txt). Elsewhere bf16 products have no
+    hardware support, and autocast stays off."""
     import torch
 
     check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
@@ -108,12 +110,8 @@ def cpu_has_bf16_hardware() -> bool:
 PRECISIONS = {"auto": None, "fp32": False, "bf16": True}  # the CLI's --precision: its TrainConfig.autocast
 
 
-# Where bf16 autocast pays on a CPU with bf16 hardware (benchmarks/autocast_cpu.py --sizes, results/autocast_cpu.txt):
-# its casts cost a fixed time per product, its bf16 products save in proportion to batch x d_in x d_sae. On an Intel
-# Xeon with AMX, below 2^25 the bf16 step was slower or even at every size measured (0.78x at d=16, d_sae=128, 64
-# rows; 0.89-0.99x from 1M to 16M), from 2^25 up even or faster, 1.00-1.30x (the teaching toy 1.06x, d_sae 4,608 at
-# 1,024 rows 1.30x). On an AMD EPYC (AVX-512 BF16, no AMX) the same split held within 5%: below it at best
-# 1.03x, from it up at worst 0.95x, and 1.43x at d_sae 4,608 at 1,024 rows.
+# bf16 autocast's casts cost a fixed time per product and its products save in proportion to the work: from this
+# much work up it paid on both CPUs measured (benchmarks/results/autocast_cpu.txt)
 CPU_BF16_MIN_WORK = 2 ** 25  # batch x d_in x d_sae
 
 
@@ -125,8 +123,8 @@ def bf16_pays_on_cpu(batch: int, d_in: int, d_sae: int) -> bool:
 def autocast_default(device, shape: tuple[int, int, int]) -> bool:
     """TrainConfig.autocast=None on this device, for a step of `shape` (batch, d_in, d_sae): bf16 autocast where
     bf16 matrix products run in hardware, on a CUDA GPU with bf16, and on a CPU with AVX-512 BF16 where the step is
-    large enough for it to pay (bf16_pays_on_cpu; cpu_has_bf16_hardware gives the speed-ups measured, with no
-    held-out NMSE difference distinguishable from zero over 3 seeds); fp32 elsewhere."""
+    large enough for it to pay (bf16_pays_on_cpu; the held-out NMSE is the same within its interval:
+    benchmarks/results/autocast_cpu.txt); fp32 elsewhere."""
     import torch
 
     device = torch.device(device)
@@ -135,7 +133,7 @@ def autocast_default(device, shape: tuple[int, int, int]) -> bool:
     return device.type == "cpu" and cpu_has_bf16_hardware() and bf16_pays_on_cpu(*shape)
 
 
-LR_BASE = 8e-4  # default_lr at 2^14 latents: 4x sparsify's 2e-4, measured best of a sweep (benchmarks/lr_default.py)
+LR_BASE = 8e-4  # default_lr at 2^14 latents: 4x sparsify's 2e-4, the best of a sweep (results/lr_default_cpu.txt)
 
 
 def default_lr(d_sae: int) -> float:

@@ -1,23 +1,22 @@
 """The training step recorded once and replayed: CUDA graphs for every architecture's training step on one GPU
 (`TrainConfig.step_graphs`).
 
-Why: on a GPU the sparse step is bound by the host. At d_sae 6,144 the GPU was busy 1.9 ms of a 5.1 ms step and
-the host launched 154 kernels (benchmarks/results/profile_step_cuda.txt). A CUDA graph launches a recorded step's
-kernels with one call. A step can be recorded when:
-- its shapes are fixed and nothing is read back: the selection without read-backs (kernels.batch_topk_static,
-  row_topk(static=True), JumpReLU's and ReLU's entries in slots, SAE.train_entries), Matryoshka's group decodes
-  from one decode, and AuxK's dead latents in a fixed number of slots (`aux_capacity`);
+Why: on a GPU the sparse step is bound by the host, which launches over a hundred kernels a step
+(benchmarks/results/profile_step_cuda.txt). A CUDA graph launches a recorded step's kernels with one call. A step can be recorded when:
+- its shapes are fixed and nothing is read back: the selections without read-backs (saekit.sae.fast.select),
+  Matryoshka's group decodes from one decode, and AuxK's dead latents in a fixed number of slots
+  (`Step.aux_slots`);
 - every value that changes from step to step lives in a device tensor, not in a Python number: the learning rate,
   and the selection's hint (the previous step's cut).
 
 The step is two phases with the trainer's one read-back between them:
 - A: the loss, its gradients, the next dead-latent counters and the step's figures (`report`). One graph per
-  number of AuxK slots (a power of two, so a run records a handful) and per `SAE.step_shape` (a thresholded code's
-  entry slots, a multiple of 1,024 that follows its density). A step whose shape cannot be recorded (the dense
+  number of AuxK slots and per `sparse.step_shape` (a thresholded code's entry slots), both sized by
+  `sparse.slots`' coarse grid, so a run records a few dozen at most. A step whose shape cannot be recorded (the dense
   path, no hint yet) runs phase A unrecorded.
 - The read-back of the report says whether the loss is finite, whether the selection was exact, the dead count
-  (the next step's AuxK slots) and a thresholded code's count of entries (its next slots). A step whose selection was not exact runs A again, not recorded, with
-  redo_exact set; its results land in the same buffers.
+  (the next step's AuxK slots) and a thresholded code's count of entries (its next slots). A step whose
+  selection was not exact runs A again, not recorded, with Step(exact=True); its results land in the same buffers.
 - B: the decoder constraint, clipping, Adam (capturable, its rate a tensor), the decoder's norm, the counters,
   theta and the next hint.
 
@@ -27,6 +26,7 @@ operators with the same arguments (what a recording freezes).
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections import Counter
 from typing import Callable
@@ -34,23 +34,17 @@ from typing import Callable
 import torch
 
 from ..metrics.reconstruction import nmse_tensor
-from ..sae import SAE
+from ..sae import SAE, Step
+from ..sae import fast as sparse
+from ..sae import theta as T
+from ..sae.fast.auxk import AUX_UNIT
 from .config import TrainingError
 from .optim import clip_in_step, stack_scalars
 
 MODES = ("off", "cuda", "eager")
 REPORT = ("finite", "exact", "n_dead", "count", "loss", "mse", "sparsity", "aux", "nmse", "l0")  # phase A's figures
-TERMS = ("mse", "sparsity", "aux")  # the loss terms a recordable SAE reports (SAE._finish)
-MIN_AUX_SLOTS = 256  # the fewest AuxK slots a phase A is recorded with (a power of two)
+TERMS = ("mse", "sparsity", "aux")  # the loss terms a recordable SAE reports (SAE.train_output)
 WARMUP = 2  # runs of a phase before it is recorded: CUDA's lazy set-up (cuBLAS workspaces, ...) must happen first
-
-
-def aux_slots(n_dead: int, d_sae: int) -> int:
-    """AuxK slots for n_dead dead latents: 0 for none, else the power of two at or above n_dead (at least
-    MIN_AUX_SLOTS), at most d_sae. One recorded phase A serves every dead count up to its slots."""
-    if n_dead <= 0:
-        return 0
-    return min(d_sae, max(MIN_AUX_SLOTS, 1 << (int(n_dead) - 1).bit_length()))
 
 
 def why_not(sae: SAE, batch: int, fast: bool, world: int) -> str | None:
@@ -61,7 +55,7 @@ def why_not(sae: SAE, batch: int, fast: bool, world: int) -> str | None:
         return "the reference path (fast=False) reads values back from the device"
     if world > 1:
         return "under torch.distributed the selection agrees its cut between ranks on the host"
-    if not sae.sparse_pays(0, batch):  # too few latents for the sparse path, however sparse the code
+    if not sparse.sparse_pays(sae, 0, batch):  # too few latents for the sparse path, however sparse the code
         return f"at d_sae {sae.cfg.d_sae} the step takes the dense reference path, which reads values back"
     return None
 
@@ -69,24 +63,25 @@ def why_not(sae: SAE, batch: int, fast: bool, world: int) -> str | None:
 class GraphedStep:
     """One SAE's training step as two phases recorded as CUDA graphs (mode "cuda") or run as they are ("eager").
     Made by the Trainer once the SAE has its hints (BatchTopK's previous cut); from then on it owns the SAE's
-    gradients (kept, zeroed in place), its optimiser's rates (tensors) and the hint (a tensor)."""
+    gradients (kept, zeroed in place), its optimiser's rates (tensors) and the cut hint (a tensor in `hints`, the
+    trainer's dict for this SAE)."""
 
     def __init__(self, sae: SAE, opt: torch.optim.Optimizer, n_tokens: int, grad_clip: float, autocast: bool,
-                 mode: str, n_dead: int):
+                 mode: str, n_dead: int, hints: dict):
         if mode not in ("cuda", "eager"):
             raise ValueError(f"GraphedStep mode {mode!r}: use 'cuda' or 'eager'")
         dev = sae.W_dec.device
         self.sae, self.opt, self.n_tokens, self.grad_clip, self.autocast = sae, opt, n_tokens, grad_clip, autocast
         self.capture = mode == "cuda"
         self.n_dead = int(n_dead)
-        sae.sync_free = True  # the selection without read-backs, on every device
+        self.hints = hints
         self.report = torch.zeros(len(REPORT), dtype=torch.float64, device=dev)
         self.since = sae.tokens_since_fired.clone()  # the counters after phase A's step
         self.cut = torch.zeros((), device=dev)  # phase A's cut, float32 as theta
         self.hint = None
         if sae.has_theta:  # the next selection's hint, updated on the device by phase B
-            self.hint = torch.full((), float(sae.previous_cut), device=dev)
-            sae.previous_cut = self.hint
+            self.hint = torch.full((), float(hints["previous_cut"]), device=dev)
+            hints["previous_cut"] = self.hint
         for p in sae.parameters():  # gradients in fixed memory, zeroed in place by phase A
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -103,37 +98,35 @@ class GraphedStep:
         self.side = torch.cuda.Stream(device=dev) if self.capture else None  # the warm-up runs' stream
 
     # -- one step -------------------------------------------------------------------------------
-    def step(self, x: torch.Tensor) -> tuple[bool, dict]:
-        """One optimiser step on batch x. Returns (whether the loss was finite, the step's figures). Where it was not
-        finite, phase B has not run: the weights are the step's starting ones."""
+    def step(self, x: torch.Tensor, aux: bool) -> tuple[bool, dict]:
+        """One optimiser step on batch x (aux: AuxK is due). Returns (whether the loss was finite, the step's
+        figures). Where it was not finite, phase B has not run: the weights are the step's starting ones."""
         sae = self.sae
         if self.x is None or self.x.shape != x.shape or self.x.dtype != x.dtype:
             self.x, self.graphs, self.runs = torch.empty_like(x), {}, Counter()  # a new shape: record anew
         self.x.copy_(x)
-        due = sae.aux_wanted()
-        slots = aux_slots(self.n_dead, sae.cfg.d_sae) if due else 0
-        shape = sae.step_shape(x.shape[0])
+        due = sae.aux_wanted(Step(aux=aux))
+        room = sparse.slots(self.n_dead, AUX_UNIT, sae.cfg.d_sae) if due else 0
+        step = Step(aux=due, cut_hint=self.hint, density_hint=self.hints["previous_density"], sync_free=True,
+                    n_dead=self.n_dead, aux_slots=room)
+        shape = sparse.step_shape(sae, x.shape[0], step)
         if shape is None:  # this step cannot be recorded (the dense path, no hint yet): phase A as it is
-            self._phase_a(slots, recordable=False)
+            self._phase_a(step, recordable=False)
         else:
-            self._run(("A", slots, *shape), lambda: self._phase_a(slots))
+            self._run(("A", room, *shape), lambda: self._phase_a(step))
         finite, exact, n_dead, count, *figures = self.report.tolist()  # the step's one read-back
-        if not exact:
-            sae.redo_exact = True  # not recorded: the exact selection reads back
-            try:
-                self._phase_a(slots, recordable=False)
-            finally:
-                sae.redo_exact = False
+        if not exact:  # not recorded: the exact selection reads back
+            self._phase_a(dataclasses.replace(step, exact=True), recordable=False)
             finite, exact, n_dead, count, *figures = self.report.tolist()
             if not exact:
                 raise TrainingError(f"SAE {sae.cfg.name}'s training selection was not exact even when redone with "
-                                    f"redo_exact set; its train_select must select exactly then")
+                                    f"Step(exact=True); its select must select exactly then")
         if not finite:
             return False, {}
         self._run(("B",), self._phase_b)
         self.n_dead = int(n_dead)
-        if sae.thresholded:  # the next step's entry slots (as after_step sets them from the trainer's read-back)
-            sae.entries_seen(count, x.shape[0])
+        if sae.fast_path in sparse.paths.THRESHOLDED:  # the next step's entry slots
+            self.hints["previous_density"] = count / (x.shape[0] * sae.cfg.d_sae)
         values = dict(zip(REPORT[4:], figures))
         values["dead_frac"] = n_dead / sae.cfg.d_sae
         values["theta"] = sae.threshold.clone() if sae.has_theta else float("nan")
@@ -166,18 +159,14 @@ class GraphedStep:
         graph.replay()
 
     # -- the two phases -------------------------------------------------------------------------
-    def _phase_a(self, slots: int, recordable: bool = True) -> None:
+    def _phase_a(self, step: Step, recordable: bool = True) -> None:
         """Loss and gradients of the batch in self.x, the next counters in self.since, the cut in self.cut, and
         REPORT's figures in self.report. recordable: the step's shape said it takes the sparse path."""
         sae = self.sae
-        sae.aux_capacity = slots
-        try:
-            self.opt.zero_grad(set_to_none=False)  # in place: the gradients stay where phase B reads them
-            with torch.autocast(self.x.device.type, dtype=torch.bfloat16, enabled=self.autocast, cache_enabled=False):
-                out = sae.fast_loss(self.x)
-            out.loss.backward()
-        finally:
-            sae.aux_capacity = None
+        self.opt.zero_grad(set_to_none=False)  # in place: the gradients stay where phase B reads them
+        with torch.autocast(self.x.device.type, dtype=torch.bfloat16, enabled=self.autocast, cache_enabled=False):
+            out = sparse.loss(sae, self.x, step)
+        out.loss.backward()
         if (recordable and out.path != "sparse") or set(out.terms) != set(TERMS):
             raise TrainingError(f"SAE {sae.cfg.name}'s step is not the recordable sparse step (path {out.path}, "
                                 f"terms {sorted(out.terms)}); train with step_graphs='off'")
@@ -206,11 +195,12 @@ class GraphedStep:
         sae.normalize_decoder()
         sae.tokens_since_fired.copy_(self.since)
         if self.hint is not None:
-            sae.update_theta(self.cut)
+            T.running_update(sae.threshold, sae.threshold_updates, self.cut, sae.cfg.threshold_beta)
             self.hint.copy_(self.cut)
 
 
-def start(sae: SAE, opt, n_tokens: int, batch: int, tc, autocast: bool, world: int) -> GraphedStep | None:
+def start(sae: SAE, opt, n_tokens: int, batch: int, tc, autocast: bool, world: int, hints: dict,
+          n_dead: int | None) -> GraphedStep | None:
     """A GraphedStep for this SAE where tc.step_graphs asks for one and the SAE is ready (BatchTopK: once it has a
     previous cut); None where it is off, or not yet. An SAE that cannot be recorded is warned about once and left
     on the eager step."""
@@ -226,9 +216,8 @@ def start(sae: SAE, opt, n_tokens: int, batch: int, tc, autocast: bool, world: i
         sae._graphs_refused = True
         warnings.warn(f"SAE {sae.cfg.name} trains without step_graphs: {reason}", stacklevel=3)
         return None
-    if sae.has_theta and sae.previous_cut is None:
+    if sae.has_theta and hints["previous_cut"] is None:
         return None  # its first step selects exactly and gives the first hint
-    n_dead = sae.known_dead_count()
     if n_dead is None:
         n_dead = int(sae.dead_mask().sum())
-    return GraphedStep(sae, opt, n_tokens, tc.grad_clip, autocast, tc.step_graphs, n_dead)
+    return GraphedStep(sae, opt, n_tokens, tc.grad_clip, autocast, tc.step_graphs, n_dead, hints)

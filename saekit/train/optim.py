@@ -1,7 +1,5 @@
 """The training step's small helpers, written lean: at small sizes a step is a few hundred small kernels, and
-torch's versions spend more time in Python than in them (torch.nn.utils.clip_grad_norm_ took 53 us at d=16,
-d_sae=128 on 2 CPU cores where the same kernels called directly took 29 us, each of 7 interleaved runs 1.7-2.2x);
-and at large sizes the step is passes over [d_sae, d_in] tensors, so clipping is folded into the optimiser's step
+torch's versions spend more time in Python than in them (docs/speed.md); and at large sizes the step is passes over [d_sae, d_in] tensors, so clipping is folded into the optimiser's step
 (`clip_in_step`). Also the one read-back's stack of numbers."""
 from __future__ import annotations
 
@@ -26,7 +24,7 @@ def clip_in_step(opt: torch.optim.Optimizer, params: Iterable[torch.Tensor], max
 
 
 def drop_grads(params: Iterable[torch.Tensor]) -> None:
-    """optimizer.zero_grad(set_to_none=True) for these parameters, without its profiler scope (~30 us a step)."""
+    """optimizer.zero_grad(set_to_none=True) for these parameters, without its profiler scope."""
     for p in params:
         p.grad = None
 

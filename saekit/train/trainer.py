@@ -7,6 +7,7 @@ the same weights as an uninterrupted run (on CPU), a pandas log per SAE.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import math
 import time
@@ -21,27 +22,15 @@ from .. import distributed as D
 from ..files import atomic_write_csv, atomic_write_json, os_error_message
 from ..metrics.reconstruction import nmse_tensor
 from ..models import default_device
-from ..sae import SAEConfig, make_sae
-from . import checkpoints, graphs, optim
+from ..sae import SAEConfig, Step, make_sae
+from . import checkpoints, graphs, init, optim
 from .config import TrainConfig, TrainingError, lr_factor
 from .results import StepStats, TrainResult
 from .sources import Prefetcher, TimedBatches, as_source
 
 
-# what an SAE learns between steps about the next one (the choice of path, a selection's hint): checkpoints keep
-HINTS = ("previous_density", "previous_cut")  # them, so that a resumed run takes an uninterrupted run's paths
-
-
-def geometric_median(x: torch.Tensor, iters: int = 50, eps: float = 1e-6) -> torch.Tensor:
-    """Weiszfeld's algorithm: the point minimising the sum of distances to the rows of x."""
-    y = x.mean(0)
-    for _ in range(iters):
-        w = 1.0 / (x - y).norm(dim=-1).clamp_min(eps)
-        y_new = (w[:, None] * x).sum(0) / w.sum()
-        if (y_new - y).norm() < eps * max(1.0, float(y.norm())):
-            return y_new
-        y = y_new
-    return y
+# what a step tells the next one (its share of active entries, its cut): checkpoints keep them, so that a
+HINTS = ("previous_density", "previous_cut")  # resumed run takes an uninterrupted run's paths
 
 
 class Trainer:
@@ -75,6 +64,8 @@ class Trainer:
                                     f"{self.world} ranks; use a multiple of {self.world}")
             self.ddp = D.wrap_ddp(self.saes, train_cfg.fast, self.device)
         self.logs: list[list[dict]] = [[] for _ in self.saes]
+        self.hints: list[dict] = [dict.fromkeys(HINTS) for _ in self.saes]  # each SAE's, for its next Step
+        self.n_dead: list[int | None] = [None] * len(self.saes)  # dead latents after the last step, where counted
         self.graphed: list[graphs.GraphedStep | None] = [None] * len(self.saes)  # step_graphs (see there)
         self.step = 0
         self.tokens = 0
@@ -82,19 +73,12 @@ class Trainer:
         self.run: dict = {}  # what its checkpoints may be resumed with (checkpoints.run_identity), set by fit
 
     # -- initialisation from data -------------------------------------------------------------
-    @torch.no_grad()
     def initialise(self, sample: torch.Tensor) -> None:
+        """Each SAE's start from a sample of the data (saekit.train.init); rank 0's for every rank."""
         sample = sample.to(self.device).float()
         for sae in self.saes:
-            if sae.cfg.normalize == "dataset":
-                sae.input_scale.fill_(math.sqrt(sae.cfg.d_in / sample.pow(2).sum(-1).mean().clamp_min(1e-12).item()))
-            xs, _ = sae.normalize_input(sample)
-            if self.tc.b_dec_init == "geometric_median":
-                sae.b_dec.data = geometric_median(xs)
-            elif self.tc.b_dec_init == "mean":
-                sae.b_dec.data = xs.mean(0)
-            sae.init_from_data(xs)
-            if self.world > 1:  # every rank drew its own sample: rank 0's initialisation for all
+            init.from_sample(sae, sample, self.tc.b_dec_init)
+            if self.world > 1:  # every rank drew its own sample
                 D.broadcast_module(sae)
         self.initialised = True
 
@@ -114,7 +98,7 @@ class Trainer:
             return None
         progress = {"step": self.step, "tokens": self.tokens, "train_cfg": self.tc.to_dict(), "run": self.run,
                     "sae_cfgs": [c.to_dict() for c in self.cfgs], "names": self.names, "logs": self.logs,
-                    "hints": [{k: _number(getattr(s, k)) for k in HINTS if hasattr(s, k)} for s in self.saes]}
+                    "hints": [{k: _number(v) for k, v in h.items()} for h in self.hints]}
         return checkpoints.write(self.out / "checkpoints", self.step, self.saes, self.opts, self.device, progress,
                                  keep=self.tc.keep_checkpoints)
 
@@ -128,9 +112,9 @@ class Trainer:
         checkpoints.restore(path, self.saes, self.opts, self.device)
         self.step, self.tokens = int(progress["step"]), int(progress["tokens"])
         self.logs = progress["logs"]
-        for sae, hints in zip(self.saes, progress.get("hints") or [{}] * len(self.saes)):
-            for k, v in hints.items():  # so that a resumed run chooses its steps' paths as an uninterrupted one
-                setattr(sae, k, v)
+        for mine, saved in zip(self.hints, progress.get("hints") or [{}] * len(self.saes)):
+            mine.update({k: v for k, v in saved.items() if k in HINTS})  # paths chosen as by an uninterrupted run
+        self.n_dead = [None] * len(self.saes)
         self.initialised = True
 
     # -- one step -----------------------------------------------------------------------------
@@ -147,61 +131,71 @@ class Trainer:
                 else:
                     g["lr"] = self.lrs[i] * factor * g["lr_scale"]
             due = self.step % max(1, sae.cfg.aux_every) == 0  # from the step count, so a resumed run agrees
-            if sae.aux_due != due:  # (a module's attribute set costs ~2 us: only on a change)
-                sae.aux_due = due
             if self.graphed[i] is None:
-                self.graphed[i] = graphs.start(sae, opt, n_tokens, x.shape[0], tc, self.autocasts[i], self.world)
+                self.graphed[i] = graphs.start(sae, opt, n_tokens, x.shape[0], tc, self.autocasts[i], self.world,
+                                               self.hints[i], self.n_dead[i])
             if self.graphed[i] is not None:  # the step recorded once and replayed (graphs.GraphedStep)
-                finite, values = self.graphed[i].step(x)
+                finite, values = self.graphed[i].step(x, due)
                 if not finite:
                     self._not_finite(i, x)
                 stats.append((values, self.lrs[i] * factor))
                 continue
-            out, since, n_dead = self._forward_backward(i, x, n_tokens)
+            step = Step(aux=due, cut_hint=self.hints[i]["previous_cut"], density_hint=self.hints[i]["previous_density"],
+                        sync_free=tc.sync_free, n_dead=self.n_dead[i], distributed=self.world > 1)
+            out, since, n_dead = self._forward_backward(i, x, n_tokens, step)
             sae.remove_parallel_grad()
             if tc.grad_clip:  # by the step itself (fused Adam's grad_scale), not by scaling the gradients first
                 optim.clip_in_step(opt, self.params[i], tc.grad_clip)
             opt.step()
             sae.normalize_decoder()
-            sae.set_dead_counters(since, n_dead)
+            sae.tokens_since_fired.copy_(since)
+            self.n_dead[i] = n_dead
+            self._remember(i, out)
             extra = sae.after_step(out)
             stats.append((self._values(out, extra, n_dead / sae.cfg.d_sae), self.lrs[i] * factor))
         self.step += 1
         self.tokens += n_tokens
         return self._log(stats)
 
-    def _forward_backward(self, i: int, x: torch.Tensor, n_tokens: int):
+    def _forward_backward(self, i: int, x: torch.Tensor, n_tokens: int, step: Step):
         """SAE i's loss and gradients on x, checked with the step's one read-back (after backward, before any weight
         changes): the loss is finite, a selection made without read-backs was exact (else the step is redone with
-        redo_exact set, see kernels.batch_topk_static), the dead latents' number after this step (the next AuxK's)
-        and the hints for the next step (the cut, out.cut_value; the entries found without a read-back,
-        out.count_value). Returns (out, the new dead-latent counters, that number)."""
+        Step(exact=True)), the dead latents' number after this step, and the next step's hints. Returns (out, the
+        new dead-latent counters, that number)."""
         sae = self.saes[i]
-        try:
-            for _ in range(2):
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocasts[i]):
-                    out = self.ddp[i](x) if self.ddp else sae.training_loss(x, fast=self.tc.fast)
-                optim.drop_grads(self.params[i])
-                out.loss.backward()
-                fired = D.all_reduce_fired(out.fired) if self.world > 1 else out.fired  # the global batch's
-                since, n_dead = sae.next_dead_counters(fired, n_tokens)
-                hints = [v for v in (out.cut, out.count) if v is not None]  # the next step's (after_step)
-                finite, exact, n_dead, *got = _read_back(out.loss, out.exact, n_dead, hints, sae.reads_back_freely)
-                if exact:
-                    got = iter(got)
-                    out = out._replace(cut_value=next(got) if out.cut is not None else None,
-                                       count_value=next(got) if out.count is not None else None)
-                    break
-                sae.redo_exact = True  # the selection was not exact: once more, exactly
-            else:
-                raise TrainingError(f"SAE {self.names[i]}'s training selection was not exact even when redone with "
-                                    f"redo_exact set; its train_select must select exactly then")
-        finally:
-            if sae.redo_exact:
-                sae.redo_exact = False
+        each = self.device.type == "cpu" and self.tc.sync_free is None  # a read-back costs nothing there
+        for redo in (False, True):
+            if redo:  # the selection without read-backs was not exact: once more, exactly
+                step = dataclasses.replace(step, exact=True)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocasts[i]):
+                out = self.ddp[i](x, step) if self.ddp else sae.training_loss(x, step, fast=self.tc.fast)
+            optim.drop_grads(self.params[i])
+            out.loss.backward()
+            fired = D.all_reduce_fired(out.fired) if self.world > 1 else out.fired  # the global batch's
+            since, n_dead = sae.next_dead_counters(fired, n_tokens)
+            hints = [v for v in (out.cut, out.count) if v is not None]
+            finite, exact, n_dead, *got = _read_back(out.loss, out.exact, n_dead, hints, each)
+            if exact:
+                break
+        else:
+            raise TrainingError(f"SAE {self.names[i]}'s training selection was not exact even when redone with "
+                                f"Step(exact=True); its select must select exactly then")
+        got = iter(got)
+        out = out._replace(cut_value=next(got) if out.cut is not None else None,
+                           count_value=next(got) if out.count is not None else None)
         if not finite:
             self._not_finite(i, x)
         return out, since, int(n_dead)
+
+    def _remember(self, i: int, out) -> None:
+        """What this step tells SAE i's next one: its cut (the selection's hint), its share of active entries."""
+        hints = self.hints[i]
+        if out.cut_value is not None:
+            hints["previous_cut"] = out.cut_value
+        if out.count_value is not None:
+            hints["previous_density"] = out.count_value / (out.x.shape[0] * self.saes[i].cfg.d_sae)
+        else:
+            hints["previous_density"] = out.density
 
     def _not_finite(self, i: int, x: torch.Tensor):
         if not bool(torch.isfinite(x).all()):  # NaN in x makes every loss NaN: which of the two it was
@@ -358,7 +352,7 @@ class Trainer:
                 break
         for sae in self.saes:
             if sae.has_theta:
-                sae.calibrate_threshold(batches)  # under torch.distributed: the mean of the ranks' estimates
+                sae.calibrate_threshold(batches, over_ranks=self.world > 1)
 
     def _maybe_wandb(self):
         if not self.tc.wandb_project:
@@ -373,8 +367,7 @@ class Trainer:
 
 def _read_back(loss: torch.Tensor, exact: torch.Tensor | None, n_dead: torch.Tensor, hints: list, each: bool) -> list:
     """[loss is finite, the selection was exact, n_dead, *hints] as numbers: one transfer (optim.stack_scalars: one
-    operator; the loss itself is read and checked on the host), or with `each` (SAE.reads_back_freely) one .item()
-    each: 0.8 us on the CPU, where a stack of per-value conversions took 21 us (7 interleaved runs)."""
+    operator), or with `each` (on the CPU, where a read-back costs nothing) one .item() each, which is cheaper there."""
     if each:
         return [math.isfinite(loss.item()), exact is None or bool(exact), int(n_dead), *(float(v) for v in hints)]
     got = optim.stack_scalars([loss, n_dead, *hints, *([] if exact is None else [exact])]).tolist()
