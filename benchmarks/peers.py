@@ -1,17 +1,20 @@
-"""saekit against its peers, in one process on the same activations: SAELens's BatchTopK training SAE,
-sparsify's TopK SparseCoder (its BatchTopK counterpart is per-token TopK), the plain dense BatchTopK step
-(benchmarks/train_step.py) and saekit's fast BatchTopK step.
+"""saekit against its peers, in one process on the same activations: SAELens's BatchTopK training
+SAE, sparsify's TopK SparseCoder (its BatchTopK counterpart is per-token TopK), the plain dense
+BatchTopK step (benchmarks/train_step.py) and saekit's fast BatchTopK step.
 
-Every method sees the same batches in the same order (same d_sae, k, batch size and token budget), with
-Adam at the same learning rate and no schedule; otherwise each keeps its own trainer's defaults
-(initialisation, AuxK, decoder handling). Inputs are layer-normalised once (centred, unit std per token)
-so that no method's own input scaling is measured. Afterwards every model is converted to a saekit SAE
-through saekit's interop loaders and evaluated by saekit's metrics on held-out activations: NMSE and mean
-L0 (BatchTopK models in threshold mode, each threshold computed the same way from its final weights).
+Every method sees the same batches in the same order (same d_sae, k, batch size and token budget),
+with Adam at the same learning rate and no schedule; otherwise each keeps its own trainer's defaults
+(initialisation, AuxK, decoder handling). Inputs are layer-normalised once (centred, unit std per
+token) so that no method's own input scaling is measured. Afterwards every model is converted to a
+saekit SAE through saekit's interop loaders and evaluated by saekit's metrics on held-out
+activations: NMSE and mean L0 (BatchTopK models in threshold mode, each threshold computed the same
+way from its final weights).
 
     python benchmarks/peers.py --store runs/smollm2_l15/store_train --hook resid_post.15   # CPU
-    python benchmarks/peers.py --gpu                                                       # GPU-sized random shape
+    # GPU-sized random shape
+    python benchmarks/peers.py --gpu
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +41,8 @@ from saekit.train import TrainConfig, Trainer  # noqa: E402
 
 
 class PeakMemory:
-    """Peak memory while a method runs: CUDA allocator peak, or on CPU the process RSS sampled every 2 ms
-    (minus the RSS at the start, so each method's own growth)."""
+    """Peak memory while a method runs: CUDA allocator peak, or on CPU the process RSS sampled every
+    2 ms (minus the RSS at the start, so each method's own growth)."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -82,15 +85,37 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-# -- the four methods: each returns (init -> state, step(state, x), to_saekit(state)) ----------------
+# -- the four methods: each returns (init -> state, step(state, x), to_saekit(state)) --------------
 
-def saekit_method(d, f, k, lr, device, n_steps, B, enc_init_norm="paper", aux_alpha=1 / 32, step_graphs="off"):
+
+def saekit_method(
+    d, f, k, lr, device, n_steps, B, enc_init_norm="paper", aux_alpha=1 / 32, step_graphs="off"
+):
     def init(first):
-        cfg = SAEConfig(arch="batchtopk", d_in=d, d_sae=f, k=k, normalize="none", dead_tokens=5 * B,
-                        enc_init_norm=enc_init_norm, aux_alpha=aux_alpha)
-        tr = Trainer([cfg], TrainConfig(total_tokens=n_steps * B, batch_size=B, lr=lr, warmup_steps=0, decay_frac=0,
-                                        progress=False, device=str(device), log_every=10**9,
-                                        step_graphs=step_graphs))
+        cfg = SAEConfig(
+            arch="batchtopk",
+            d_in=d,
+            d_sae=f,
+            k=k,
+            normalize="none",
+            dead_tokens=5 * B,
+            enc_init_norm=enc_init_norm,
+            aux_alpha=aux_alpha,
+        )
+        tr = Trainer(
+            [cfg],
+            TrainConfig(
+                total_tokens=n_steps * B,
+                batch_size=B,
+                lr=lr,
+                warmup_steps=0,
+                decay_frac=0,
+                progress=False,
+                device=str(device),
+                log_every=10**9,
+                step_graphs=step_graphs,
+            ),
+        )
         tr.initialise(first)
         return tr
 
@@ -105,7 +130,9 @@ def plain_method(d, f, k, lr, device, n_steps, B):
 
     def to_saekit(state):
         m = state[0]
-        sae = BatchTopKSAE(SAEConfig(arch="batchtopk", d_in=d, d_sae=f, k=k, normalize="none")).to(device)
+        sae = BatchTopKSAE(SAEConfig(arch="batchtopk", d_in=d, d_sae=f, k=k, normalize="none")).to(
+            device
+        )
         with torch.no_grad():
             for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
                 getattr(sae, name).copy_(getattr(m, name))
@@ -121,7 +148,9 @@ def saelens_method(d, f, k, lr, device, n_steps, B):
 
     def init(first):
         torch.manual_seed(0)
-        sae = TrainingSAE.from_dict(BatchTopKTrainingSAEConfig(d_in=d, d_sae=f, k=k, device=str(device)).to_dict())
+        sae = TrainingSAE.from_dict(
+            BatchTopKTrainingSAEConfig(d_in=d, d_sae=f, k=k, device=str(device)).to_dict()
+        )
         sae.to(device)
         opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999))
         return {"sae": sae, "opt": opt, "since": torch.zeros(f, device=device), "step": 0}
@@ -129,9 +158,15 @@ def saelens_method(d, f, k, lr, device, n_steps, B):
     def step(s, x):  # sae_lens.training.sae_trainer.SAETrainer._train_step, without its logging
         sae = s["sae"]
         sae.train()
-        out = sae.training_forward_pass(TrainStepInput(
-            sae_in=x, coefficients={}, dead_neuron_mask=s["since"] > 1000, n_training_steps=s["step"],
-            is_logging_step=False))
+        out = sae.training_forward_pass(
+            TrainStepInput(
+                sae_in=x,
+                coefficients={},
+                dead_neuron_mask=s["since"] > 1000,
+                n_training_steps=s["step"],
+                is_logging_step=False,
+            )
+        )
         with torch.no_grad():
             s["since"] += 1
             s["since"][out.feature_acts.bool().any(0)] = 0
@@ -150,10 +185,12 @@ def sparsify_method(d, f, k, lr, device, n_steps, B):
     def init(first):
         torch.manual_seed(0)
         coder = SparseCoder(d, SparseCoderConfig(num_latents=f, k=k), device=device)
-        coder.b_dec.data = first.mean(0).to(coder.dtype)  # sparsify's Trainer does this on its first step
+        # sparsify's Trainer does this on its first step
+        coder.b_dec.data = first.mean(0).to(coder.dtype)
         return coder, torch.optim.Adam(coder.parameters(), lr=lr)
 
-    def step(s, x):  # sparsify.trainer.Trainer.fit's step for one SAE, loss_fn="fvu", auxk_alpha=0 (defaults)
+    # sparsify.trainer.Trainer.fit's step for one SAE, loss_fn="fvu", auxk_alpha=0 (defaults)
+    def step(s, x):
         coder, opt = s
         coder.set_decoder_norm_to_unit_norm()
         out = coder(x)
@@ -166,23 +203,35 @@ def sparsify_method(d, f, k, lr, device, n_steps, B):
 
 
 def cpu_peak_mb(method: str, argv) -> float:
-    """On CPU a process keeps freed memory for reuse, so methods run one after another in one process
-    would hide each other's peaks: measure each in a fresh process of this script."""
+    """On CPU a process keeps freed memory for reuse, so methods run one after another in one
+    process would hide each other's peaks: measure each in a fresh process of this script."""
     import subprocess
 
     args = list(sys.argv[1:] if argv is None else argv)
     if "--json" in args:
         i = args.index("--json")
-        del args[i:i + 2]
-    r = subprocess.run([sys.executable, __file__, *args, "--memory-of", method], capture_output=True, text=True)
+        del args[i : i + 2]
+    r = subprocess.run(
+        [sys.executable, __file__, *args, "--memory-of", method], capture_output=True, text=True
+    )
     if r.returncode != 0:
         raise RuntimeError(f"memory run of {method} failed: {r.stderr[-1000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])["peak_mb"]
 
 
-METHODS = {"plain": plain_method, "saekit": saekit_method, "saelens": saelens_method, "sparsify": sparsify_method}
-LABELS = {"plain": "plain dense BatchTopK", "saekit": "saekit BatchTopK (fast)",
-          "saelens": "SAELens BatchTopK", "sparsify": "sparsify TopK", "saekit_graphs": "saekit, step_graphs"}
+METHODS = {
+    "plain": plain_method,
+    "saekit": saekit_method,
+    "saelens": saelens_method,
+    "sparsify": sparsify_method,
+}
+LABELS = {
+    "plain": "plain dense BatchTopK",
+    "saekit": "saekit BatchTopK (fast)",
+    "saelens": "SAELens BatchTopK",
+    "sparsify": "sparsify TopK",
+    "saekit_graphs": "saekit, step_graphs",
+}
 
 
 def load_data(a, device):
@@ -197,7 +246,8 @@ def load_data(a, device):
         x = torch.randn(n, a.d, generator=g) * torch.rand(n, 1, generator=g) * 4
         src = f"random N(0,1)*U(0,4) rows, {n:,}"
     x = x.float()
-    x = (x - x.mean(-1, keepdim=True)) / (x.std(-1, keepdim=True) + 1e-5)  # layer-normalised once, for all
+    # layer-normalised once, for all
+    x = (x - x.mean(-1, keepdim=True)) / (x.std(-1, keepdim=True) + 1e-5)
     g = torch.Generator().manual_seed(1)
     x = x[torch.randperm(len(x), generator=g)]
     n_eval = min(a.eval_tokens, len(x) // 5)
@@ -216,22 +266,50 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--eval-tokens", type=int, default=16_384)
-    ap.add_argument("--enc-init-norm", default="paper", type=enc_init_norm_arg,
-                    help="saekit's starting encoder norm (SAEConfig.enc_init_norm; default 'paper')")
-    ap.add_argument("--aux-alpha", type=float, default=1 / 32,
-                    help="saekit's AuxK weight (default the paper's 1/32; 0: off, as sparsify's trainer by default)")
+    ap.add_argument(
+        "--enc-init-norm",
+        default="paper",
+        type=enc_init_norm_arg,
+        help="saekit's starting encoder norm (SAEConfig.enc_init_norm; default 'paper')",
+    )
+    ap.add_argument(
+        "--aux-alpha",
+        type=float,
+        default=1 / 32,
+        help="saekit's AuxK weight (default the paper's 1/32; 0: off, as sparsify's trainer by "
+        "default)",
+    )
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    ap.add_argument("--step-graphs", default="off", choices=["off", "cuda", "eager"],
-                    help="also run saekit with TrainConfig.step_graphs set to this (method saekit_graphs)")
+    ap.add_argument(
+        "--step-graphs",
+        default="off",
+        choices=["off", "cuda", "eager"],
+        help="also run saekit with TrainConfig.step_graphs set to this (method saekit_graphs)",
+    )
     ap.add_argument("--json", default=None)
-    ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds of every method (median reported)")
-    ap.add_argument("--no-memory", action="store_true", help="skip the CPU peak-memory runs (one process per method)")
-    ap.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)  # child: one method's CPU peak memory
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="interleaved rounds of every method (median reported)",
+    )
+    ap.add_argument(
+        "--no-memory",
+        action="store_true",
+        help="skip the CPU peak-memory runs (one process per method)",
+    )
+    # child: one method's CPU peak memory
+    ap.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     device = torch.device("cuda" if a.gpu else "cpu")
-    methods = {**METHODS, "saekit": functools.partial(saekit_method, enc_init_norm=a.enc_init_norm,
-                                                      aux_alpha=a.aux_alpha)}
-    if a.step_graphs != "off":  # the step recorded once and replayed (saekit.train.graphs), beside the eager one
+    methods = {
+        **METHODS,
+        "saekit": functools.partial(
+            saekit_method, enc_init_norm=a.enc_init_norm, aux_alpha=a.aux_alpha
+        ),
+    }
+    # the step recorded once and replayed (saekit.train.graphs), beside the eager one
+    if a.step_graphs != "off":
         methods["saekit_graphs"] = functools.partial(methods["saekit"], step_graphs=a.step_graphs)
         a.methods = [*a.methods, "saekit_graphs"]
     a.d = a.d or (768 if a.gpu else 576)
@@ -243,15 +321,19 @@ def main(argv=None):
     B, n_steps = a.batch, a.steps
     if n_steps < 3:
         raise SystemExit("--steps must be at least 3 (two warm-up steps are not timed)")
-    batches = [train_x[(i * B) % (len(train_x) - B + 1):][:B].to(device) for i in range(n_steps)]
+    batches = [train_x[(i * B) % (len(train_x) - B + 1) :][:B].to(device) for i in range(n_steps)]
     epochs = n_steps * B / len(train_x)
     name = torch.cuda.get_device_name() if a.gpu else (platform.processor() or platform.machine())
     bf16 = TrainConfig(batch_size=B).uses_autocast(device, SAEConfig(d_in=d, d_sae=f))
-    print(f"device {device} ({name}, {torch.get_num_threads()} threads); {src}; d={d}, d_sae={f}, k={a.k}, "
-          f"batch={B}, steps={n_steps} ({n_steps * B:,} tokens, {epochs:.2f} epochs), lr={a.lr}, "
-          f"held-out {len(eval_x):,} tokens; saekit enc_init_norm={a.enc_init_norm}, aux_alpha={a.aux_alpha:g}, "
-          f"precision {'bf16 autocast' if bf16 else 'fp32'} (its default at this size here; the "
-          f"peers run theirs)")
+    print(
+        f"device {device} ({name}, {torch.get_num_threads()} threads); {src}; d={d}, d_sae={f}, "
+        f"k={a.k}, "
+        f"batch={B}, steps={n_steps} ({n_steps * B:,} tokens, {epochs:.2f} epochs), lr={a.lr}, "
+        f"held-out {len(eval_x):,} tokens; saekit enc_init_norm={a.enc_init_norm}, "
+        f"aux_alpha={a.aux_alpha:g}, "
+        f"precision {'bf16 autocast' if bf16 else 'fp32'} (its default at this size here; the "
+        f"peers run theirs)"
+    )
     if a.memory_of:  # a fresh process runs only this method: its RSS growth is its own
         w_init, w_step, _ = methods[a.memory_of](d, 4 * a.k, a.k, a.lr, device, n_steps, 64)
         w_state = w_init(batches[0][:64])  # load the method's code paths at a tiny size first
@@ -261,16 +343,23 @@ def main(argv=None):
         init, step, _ = methods[a.memory_of](d, f, a.k, a.lr, device, n_steps, B)
         with PeakMemory(device) as mem:
             state = init(batches[0])
-            for x in batches[:min(n_steps, 6)]:
+            for x in batches[: min(n_steps, 6)]:
                 step(state, x)
         print(json.dumps({"peak_mb": mem.mb}))
         return None
-    results = {"device": str(device), "device_name": name, "data": src,
-               "shape": dict(d=d, d_sae=f, k=a.k, batch=B), "steps": n_steps, "saekit_enc_init_norm": a.enc_init_norm,
-               "saekit_aux_alpha": a.aux_alpha}
+    results = {
+        "device": str(device),
+        "device_name": name,
+        "data": src,
+        "shape": dict(d=d, d_sae=f, k=a.k, batch=B),
+        "steps": n_steps,
+        "saekit_enc_init_norm": a.enc_init_norm,
+        "saekit_aux_alpha": a.aux_alpha,
+    }
     reps = {m: [] for m in a.methods}
-    for rep in range(a.repeats):  # interleaved: every method once per round, the order rotated each round
-        order = a.methods[rep % len(a.methods):] + a.methods[:rep % len(a.methods)]
+    # interleaved: every method once per round, the order rotated each round
+    for rep in range(a.repeats):
+        order = a.methods[rep % len(a.methods) :] + a.methods[: rep % len(a.methods)]
         for m in order:
             init, step, to_saekit = methods[m](d, f, a.k, a.lr, device, n_steps, B)
             with PeakMemory(device) as mem:
@@ -287,33 +376,60 @@ def main(argv=None):
             if rep:
                 continue
             sae = to_saekit(state).to(device).eval()
-            if isinstance(sae, BatchTopKSAE):  # one rule for every BatchTopK model: theta from its final weights
+            # one rule for every BatchTopK model: theta from its final weights
+            if isinstance(sae, BatchTopKSAE):
                 sae.calibrate_threshold(batches[-20:])
             ev = reconstruction_metrics(sae, eval_x.split(4096), device=device)
-            peak = mem.mb if device.type == "cuda" else (float("nan") if a.no_memory else cpu_peak_mb(m, argv))
+            peak = (
+                mem.mb
+                if device.type == "cuda"
+                else (float("nan") if a.no_memory else cpu_peak_mb(m, argv))
+            )
             results[m] = dict(nmse=ev["nmse"], l0=ev["l0"], peak_mb=peak)
             if m.startswith("saekit"):
                 results[m]["dead_fraction_at_end"] = float(state.saes[0].dead_mask().float().mean())
     for m in a.methods:
         results[m].update(tokens_per_s=statistics.median(reps[m]), tokens_per_s_runs=reps[m])
     base = results.get("saekit")
-    print(f"{'method':<26}{'tokens/s':>12}{'range':>20}{'saekit/this':>13}{'NMSE':>9}{'L0':>8}{'peak MB':>10}")
+    print(
+        f"{'method':<26}{'tokens/s':>12}{'range':>20}{'saekit/this':>13}"
+        f"{'NMSE':>9}{'L0':>8}{'peak MB':>10}"
+    )
     for m in a.methods:
         r = results[m]
-        # the ratio of each round's saekit run to this method's run in the same round; median and range
+        # the ratio of each round's saekit run to this method's run in the same round; median and
+        # range
         per_round = [sa / o for sa, o in zip(reps["saekit"], reps[m])] if base else [float("nan")]
-        r["saekit_speedup"], r["saekit_speedup_range"] = statistics.median(per_round), [min(per_round), max(per_round)]
+        r["saekit_speedup"], r["saekit_speedup_range"] = (
+            statistics.median(per_round),
+            [min(per_round), max(per_round)],
+        )
         rng = f"{min(reps[m]):,.0f}-{max(reps[m]):,.0f}"
-        print(f"{LABELS[m]:<26}{r['tokens_per_s']:>12,.0f}{rng:>20}{r['saekit_speedup']:>12.2f}x{r['nmse']:>9.4f}"
-              f"{r['l0']:>8.1f}{r['peak_mb']:>10,.0f}")
-    ranges = ", ".join(f"{LABELS[m]} {results[m]['saekit_speedup_range'][0]:.2f}-{results[m]['saekit_speedup_range'][1]:.2f}"
-                       for m in a.methods if m != "saekit")
-    print(f"tokens/s: median over {a.repeats} interleaved rounds (range: slowest-fastest round). saekit/this = median "
-          f"over rounds of saekit's tokens/s / this method's in the same round (> 1: saekit is faster; range "
-          f"{ranges}). "
-          f"NMSE and L0 on held-out tokens by saekit's metrics after the same batches (first round). peak MB: "
-          "growth over the run " + ("(CUDA allocator peak)." if a.gpu else "(RSS of a fresh process running 6 steps "
-                                                                          "of only this method, sampled every 2 ms)."))
+        print(
+            f"{LABELS[m]:<26}{r['tokens_per_s']:>12,.0f}{rng:>20}{r['saekit_speedup']:>12.2f}x{r['nmse']:>9.4f}"
+            f"{r['l0']:>8.1f}{r['peak_mb']:>10,.0f}"
+        )
+    ranges = ", ".join(
+        f"{LABELS[m]} "
+        f"{results[m]['saekit_speedup_range'][0]:.2f}-{results[m]['saekit_speedup_range'][1]:.2f}"
+        for m in a.methods
+        if m != "saekit"
+    )
+    print(
+        f"tokens/s: median over {a.repeats} interleaved rounds (range: slowest-fastest round). "
+        "saekit/this = median "
+        "over rounds of saekit's tokens/s / this method's in the same round (> 1: saekit is "
+        "faster; range "
+        f"{ranges}). "
+        "NMSE and L0 on held-out tokens by saekit's metrics after the same batches (first "
+        "round). peak MB: "
+        "growth over the run "
+        + (
+            "(CUDA allocator peak)."
+            if a.gpu
+            else "(RSS of a fresh process running 6 steps of only this method, sampled every 2 ms)."
+        )
+    )
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2))
     return results

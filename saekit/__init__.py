@@ -1,4 +1,6 @@
-"""saekit: train, evaluate and explore BatchTopK sparse autoencoders on language-model activations."""
+"""saekit: train, evaluate and explore BatchTopK sparse autoencoders on language-model
+activations."""
+
 from .version import saekit_version
 
 __version__ = saekit_version()

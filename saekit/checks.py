@@ -1,10 +1,12 @@
 """An SAE and the data it is put on, checked against each other, and activations checked finite.
 
-Every command and API that puts an SAE on a store or a model (eval, calibrate, report, sweep, analysis, the widgets
-and the course) asks here which hook to read. The answer is the SAE's own hook, or the one asked for, and it must be
-in the data: there is never a fallback to another hook. A store or model other than the SAE's is an error naming
-both sides, unless the caller asks for that cross-use on purpose (`allow_mismatch=True`, `--allow-mismatch`).
+Every command and API that puts an SAE on a store or a model (eval, calibrate, report, sweep,
+analysis, the widgets and the course) asks here which hook to read. The answer is the SAE's own
+hook, or the one asked for, and it must be in the data: there is never a fallback to another hook. A
+store or model other than the SAE's is an error naming both sides, unless the caller asks for that
+cross-use on purpose (`allow_mismatch=True`, `--allow-mismatch`).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -29,7 +31,8 @@ def _hook(name: str | None) -> str | None:
 
 
 def _model(name: str | None) -> str:
-    """A model name as compared: its last path part, lower case; the embedded model by any of its names."""
+    """A model name as compared: its last path part, lower case; the embedded model by any of its
+    names."""
     from .models import EMBEDDED_ALIASES, EMBEDDED_MODEL
 
     name = (name or "").strip().lower()
@@ -39,8 +42,8 @@ def _model(name: str | None) -> str:
 
 
 def same_model(a: str | None, b: str | None) -> bool:
-    """Whether two model names name one model (unknown names match anything). SAELens names TransformerLens
-    models (gpt2-small); their transformers ids (gpt2) are tried too."""
+    """Whether two model names name one model (unknown names match anything). SAELens names
+    TransformerLens models (gpt2-small); their transformers ids (gpt2) are tried too."""
     if not a or not b or a == "unknown" or b == "unknown" or _model(a) == _model(b):
         return True
     from .models import transformers_name
@@ -49,66 +52,90 @@ def same_model(a: str | None, b: str | None) -> bool:
 
 
 def hook_on_store(sae, store, hook: str | None = None, allow_mismatch: bool = False) -> str:
-    """The hook of `store` that `sae` (an SAE or its SAEConfig) reads: `hook` if given, else the SAE's own (or the
-    store's only one where the SAE does not say). It must be in the store, the SAE's width must fit, and unless
-    allow_mismatch the hook and the store's model must be the SAE's."""
+    """The hook of `store` that `sae` (an SAE or its SAEConfig) reads: `hook` if given, else the
+    SAE's own (or the store's only one where the SAE does not say). It must be in the store, the
+    SAE's width must fit, and unless allow_mismatch the hook and the store's model must be the
+    SAE's."""
     cfg = getattr(sae, "cfg", sae)
     sae_hook = _hook(cfg.hook_name)
     wanted = _hook(hook) or sae_hook
     where = f"store {store.path}"
     if wanted is None:
         if len(store.hooks) != 1:
-            raise DataMismatchError(f"the SAE does not record its hook and {where} holds {store.hooks}; "
-                                    f"name the one to read with hook= (--hook)")
+            raise DataMismatchError(
+                f"the SAE does not record its hook and {where} holds {store.hooks}; "
+                f"name the one to read with hook= (--hook)"
+            )
         wanted = store.hooks[0]
     if wanted not in store.hooks:
         asked = "the hook asked for" if hook else "the SAE's hook"
-        raise DataMismatchError(f"{where} has no activations at {asked} '{wanted}' (it holds {store.hooks}); "
-                                f"capture that hook, or choose a store that has it")
+        raise DataMismatchError(
+            f"{where} has no activations at {asked} '{wanted}' (it holds {store.hooks}); "
+            f"capture that hook, or choose a store that has it"
+        )
     if not allow_mismatch:
         if sae_hook is not None and wanted != sae_hook:
-            raise DataMismatchError(f"the SAE was trained at '{sae_hook}' but the hook asked for is '{wanted}'; "
-                                    f"{CROSS_USE}")
+            raise DataMismatchError(
+                f"the SAE was trained at '{sae_hook}' but the hook asked for is '{wanted}'; "
+                f"{CROSS_USE}"
+            )
         store_model = store.manifest.get("model")
         if not same_model(cfg.model_name, store_model):
-            raise DataMismatchError(f"the SAE was trained on model '{cfg.model_name}' but {where} holds activations "
-                                    f"of '{store_model}'; use a store of that model, or {CROSS_USE}")
+            raise DataMismatchError(
+                f"the SAE was trained on model '{cfg.model_name}' but {where} holds activations "
+                f"of '{store_model}'; use a store of that model, or {CROSS_USE}"
+            )
     if cfg.d_in != store.d_model:
-        raise DataMismatchError(f"the SAE reads d_in={cfg.d_in} but {where} holds d={store.d_model} at '{wanted}'; "
-                                f"use a store captured where the SAE was trained")
+        raise DataMismatchError(
+            f"the SAE reads d_in={cfg.d_in} but {where} holds d={store.d_model} at '{wanted}'; "
+            f"use a store captured where the SAE was trained"
+        )
     return wanted
 
 
 def hook_on_model(sae, model, hook: str | None = None, allow_mismatch: bool = False) -> str:
-    """The hook of `model` that `sae` reads (as hook_on_store, for activations the model computes)."""
+    """The hook of `model` that `sae` reads (as hook_on_store, for activations the model
+    computes)."""
     from .models import model_name, resolve_hook
 
     sae_hook = _hook(sae.cfg.hook_name)
     wanted = _hook(hook) or sae_hook
     if wanted is None:
-        raise DataMismatchError("the SAE does not record its hook; name the one to read with hook= (--hook)")
+        raise DataMismatchError(
+            "the SAE does not record its hook; name the one to read with hook= (--hook)"
+        )
     resolve_hook(model, wanted)  # an unknown hook point is a HookPointError naming the valid ones
     if not allow_mismatch:
         if sae_hook is not None and wanted != sae_hook:
-            raise DataMismatchError(f"the SAE was trained at '{sae_hook}' but the hook asked for is '{wanted}'; "
-                                    f"{CROSS_USE}")
+            raise DataMismatchError(
+                f"the SAE was trained at '{sae_hook}' but the hook asked for is '{wanted}'; "
+                f"{CROSS_USE}"
+            )
         if not same_model(sae.cfg.model_name, model_name(model)):
-            raise DataMismatchError(f"the SAE was trained on model '{sae.cfg.model_name}' but the model given is "
-                                    f"'{model_name(model)}'; load that model, or {CROSS_USE}")
+            raise DataMismatchError(
+                f"the SAE was trained on model '{sae.cfg.model_name}' but the model given is "
+                f"'{model_name(model)}'; load that model, or {CROSS_USE}"
+            )
     return wanted
 
 
 def one_hook(hooks: set[str]) -> str:
-    """The one hook several SAEs read together (evaluate_many), or an error naming the different ones."""
+    """The one hook several SAEs read together (evaluate_many), or an error naming the different
+    ones."""
     if len(hooks) != 1:
-        raise DataMismatchError(f"these SAEs read different hooks ({', '.join(sorted(hooks))}); evaluate them "
-                                f"one hook at a time")
+        raise DataMismatchError(
+            f"these SAEs read different hooks ({', '.join(sorted(hooks))}); evaluate them "
+            f"one hook at a time"
+        )
     return next(iter(hooks))
 
 
-def require_finite(x: torch.Tensor, store=None, rows: np.ndarray | int | None = None, what: str = "") -> None:
-    """Raise NonFiniteError if `x` [B, d] has a NaN or inf, naming the first bad row: its shard and row in `store`
-    when the store-order indices of x's rows are given (an array, or the first row of a contiguous run)."""
+def require_finite(
+    x: torch.Tensor, store=None, rows: np.ndarray | int | None = None, what: str = ""
+) -> None:
+    """Raise NonFiniteError if `x` [B, d] has a NaN or inf, naming the first bad row: its shard and
+    row in `store` when the store-order indices of x's rows are given (an array, or the first row
+    of a contiguous run)."""
     bad = ~torch.isfinite(x)
     if not bool(bad.any()):
         return
@@ -121,4 +148,3 @@ def require_finite(x: torch.Tensor, store=None, rows: np.ndarray | int | None = 
     else:
         place, fix = f"row {i} of {what or 'the activations'}", "check the model and the input"
     raise NonFiniteError(f"NaN/inf activations at {place}; {fix}")
-

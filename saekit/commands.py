@@ -1,5 +1,7 @@
-"""What each `saekit` subcommand does, given its parsed arguments (saekit/cli.py builds the parser and calls these).
-Each is a thin call into the library; errors are raised as the library's own and reported by cli.main."""
+"""What each `saekit` subcommand does, given its parsed arguments (saekit/cli.py builds the parser
+and calls these). Each is a thin call into the library; errors are raised as the library's own
+and reported by cli.main."""
+
 from __future__ import annotations
 
 import contextlib
@@ -29,18 +31,38 @@ def cmd_capture(a) -> int:
     rank0 = distributed.rank() == 0
     try:
         with contextlib.ExitStack() as held:
-            def claim() -> None:  # before the model loads: a second writer or a bad folder is told at once
+            # before the model loads: a second writer or a bad folder is told at once
+            def claim() -> None:
                 prepare_output(a.out, 0, "store folder")
                 held.enter_context(writer_lock(a.out, "capture"))
 
             distributed.on_rank0(claim)
-            load_corpus(a.corpus, split=a.split, text_field=a.text_field)  # a bad corpus or split, told at once
+            # a bad corpus or split, told at once
+            load_corpus(a.corpus, split=a.split, text_field=a.text_field)
             model = load_model(a.model, device=a.device)
-            packed = packed_corpus(model.tokenizer, a.corpus, split=a.split, seq_len=a.seq_len, max_tokens=a.tokens,
-                                   text_field=a.text_field, drop_bos=not a.keep_bos, shuffle=not a.no_shuffle,
-                                   seed=a.sample_seed)
-            store = capture(model, packed, a.hook, a.out, n_tokens=a.tokens, batch_size=a.batch_size,
-                            dtype=a.dtype, shard_tokens=a.shard_tokens, overwrite=a.overwrite, progress=rank0)
+            packed = packed_corpus(
+                model.tokenizer,
+                a.corpus,
+                split=a.split,
+                seq_len=a.seq_len,
+                max_tokens=a.tokens,
+                text_field=a.text_field,
+                drop_bos=not a.keep_bos,
+                shuffle=not a.no_shuffle,
+                seed=a.sample_seed,
+            )
+            store = capture(
+                model,
+                packed,
+                a.hook,
+                a.out,
+                n_tokens=a.tokens,
+                batch_size=a.batch_size,
+                dtype=a.dtype,
+                shard_tokens=a.shard_tokens,
+                overwrite=a.overwrite,
+                progress=rank0,
+            )
     finally:
         distributed.shutdown()
     if rank0:
@@ -51,30 +73,54 @@ def cmd_capture(a) -> int:
 def cmd_export_store(a) -> int:
     from .activations import export_store
 
-    out = export_store(a.store, a.out, format=a.format, context_size=a.context_size, overwrite=a.overwrite)
+    out = export_store(
+        a.store, a.out, format=a.format, context_size=a.context_size, overwrite=a.overwrite
+    )
     print(f"wrote {out}")
     return 0
 
 
 def _sae_cfgs(a, src):
-    """SAE configs for `train`/`sweep`: every --arch at every level (--k, or --l1-coeff for ReLU-L1), with the
-    store's provenance (model, hook, context size, corpus) when the data is a store."""
+    """SAE configs for `train`/`sweep`: every --arch at every level (--k, or --l1-coeff for
+    ReLU-L1), with the store's provenance (model, hook, context size, corpus) when the data is a
+    store."""
     from .sweep import sweep_configs
 
     man = src.store.manifest if hasattr(src, "store") else {}
-    meta = {"model_name": man.get("model"), "hook_name": a.hook or (man.get("hooks") or [None])[0],
-            "context_size": man.get("seq_len"), "dataset": (man.get("corpus") or {}).get("corpus")}
-    return sweep_configs(src.d_model, a.arch, a.k, a.expansion, a.l1_coeff, normalize=a.normalize,
-                         dead_tokens=5 * a.batch_size, enc_init_norm=a.enc_init_norm, **meta)
+    meta = {
+        "model_name": man.get("model"),
+        "hook_name": a.hook or (man.get("hooks") or [None])[0],
+        "context_size": man.get("seq_len"),
+        "dataset": (man.get("corpus") or {}).get("corpus"),
+    }
+    return sweep_configs(
+        src.d_model,
+        a.arch,
+        a.k,
+        a.expansion,
+        a.l1_coeff,
+        normalize=a.normalize,
+        dead_tokens=5 * a.batch_size,
+        enc_init_norm=a.enc_init_norm,
+        **meta,
+    )
 
 
 def _train_cfg(a):
     from .train import TrainConfig
     from .train.config import PRECISIONS
 
-    return TrainConfig(total_tokens=a.tokens, batch_size=a.batch_size, lr=a.lr, seed=a.seed, device=a.device,
-                       checkpoint_every=a.checkpoint_every, warmup_steps=a.warmup_steps,
-                       step_graphs=a.step_graphs, autocast=PRECISIONS[a.precision])
+    return TrainConfig(
+        total_tokens=a.tokens,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        seed=a.seed,
+        device=a.device,
+        checkpoint_every=a.checkpoint_every,
+        warmup_steps=a.warmup_steps,
+        step_graphs=a.step_graphs,
+        autocast=PRECISIONS[a.precision],
+    )
 
 
 def _print_lrs(cfgs, tc) -> None:
@@ -82,13 +128,23 @@ def _print_lrs(cfgs, tc) -> None:
     from .models import default_device
 
     for c in cfgs:
-        print(f"learning rate of {c.name}: {tc.lr_for(c.d_sae):.2e}"
-              + (" (--lr)" if tc.lr is not None else f" (default for {c.d_sae:,} latents)"))
+        print(
+            f"learning rate of {c.name}: {tc.lr_for(c.d_sae):.2e}"
+            + (" (--lr)" if tc.lr is not None else f" (default for {c.d_sae:,} latents)")
+        )
     device = tc.device or default_device()
-    auto = " (--precision auto: bf16 where the device and the SAE's size make it pay)" if tc.autocast is None else ""
-    uses = {c.name: tc.uses_autocast(device, c, tc.batch_size // world_size()) for c in cfgs}  # a rank's batch
+    auto = (
+        " (--precision auto: bf16 where the device and the SAE's size make it pay)"
+        if tc.autocast is None
+        else ""
+    )
+    # a rank's batch
+    uses = {c.name: tc.uses_autocast(device, c, tc.batch_size // world_size()) for c in cfgs}
     if len(set(uses.values())) == 1:
-        print(f"precision: {'bf16 autocast' if next(iter(uses.values())) else 'fp32'} on {device}{auto}")
+        print(
+            f"precision: {'bf16 autocast' if next(iter(uses.values())) else 'fp32'} on "
+            f"{device}{auto}"
+        )
     else:
         for name, bf16 in uses.items():
             print(f"precision of {name}: {'bf16 autocast' if bf16 else 'fp32'} on {device}{auto}")
@@ -99,7 +155,8 @@ def cmd_train(a) -> int:
     from .train import as_source, train
 
     if a.distributed or distributed.launched_by_torchrun():
-        distributed.init_from_env(a.device)  # DDP over torchrun's ranks; --batch-size is the global batch
+        # DDP over torchrun's ranks; --batch-size is the global batch
+        distributed.init_from_env(a.device)
     rank = distributed.rank()
     src = as_source(a.store, a.hook)
     cfgs, tc = _sae_cfgs(a, src), _train_cfg(a)
@@ -115,7 +172,8 @@ def cmd_train(a) -> int:
 
 
 def _model_for(a, store):
-    """The model for downstream metrics: --model, else the one the (opened) store was captured from."""
+    """The model for downstream metrics: --model, else the one the (opened) store was captured
+    from."""
     if a.no_ce:
         return None
     from .models import load_model
@@ -136,9 +194,20 @@ def cmd_eval(a) -> int:
     if a.out:
         prepare_output(Path(a.out).parent, 0, "folder of --out")
         if Path(a.out).is_dir():
-            raise OutputError(f"--out {a.out} is a folder; give a file name for the evaluation's JSON")
-    m = evaluate(sae, _model_for(a, store), store, n_tokens=a.tokens, ce_tokens=a.ce_tokens, mode=a.mode, hook=a.hook,
-                 progress=not a.json, allow_mismatch=a.allow_mismatch)
+            raise OutputError(
+                f"--out {a.out} is a folder; give a file name for the evaluation's JSON"
+            )
+    m = evaluate(
+        sae,
+        _model_for(a, store),
+        store,
+        n_tokens=a.tokens,
+        ce_tokens=a.ce_tokens,
+        mode=a.mode,
+        hook=a.hook,
+        progress=not a.json,
+        allow_mismatch=a.allow_mismatch,
+    )
     m = {**m, "sae_dir": str(a.sae_dir), "store": str(a.store)}
     if a.out:
         atomic_write_json(Path(a.out), m)
@@ -149,13 +218,23 @@ def cmd_eval(a) -> int:
 def cmd_calibrate(a) -> int:
     from .calibrate import calibrate_folder
 
-    r = calibrate_folder(a.sae_dir, a.store, target_l0=a.target_l0, n_tokens=a.tokens, hook=a.hook,
-                         allow_mismatch=a.allow_mismatch)
+    r = calibrate_folder(
+        a.sae_dir,
+        a.store,
+        target_l0=a.target_l0,
+        n_tokens=a.tokens,
+        hook=a.hook,
+        allow_mismatch=a.allow_mismatch,
+    )
     before = f"{r['l0_before']:.2f}" if r["l0_before"] is not None else "n/a"
     theta_before = f"{r['theta_before']:.5f}" if r["theta_before"] is not None else "none"
-    print(f"{a.sae_dir}: theta {theta_before} -> {r['theta']:.5f}; threshold-mode L0 on {r['n_tokens']:,} tokens of "
-          f"{r['store']}: {before} -> {r['l0_after']:.2f} (target {r['target_l0']:g}); written to cfg.json and "
-          f"sae_weights.safetensors")
+    print(
+        f"{a.sae_dir}: theta {theta_before} -> {r['theta']:.5f}; threshold-mode L0 on "
+        f"{r['n_tokens']:,} tokens of "
+        f"{r['store']}: {before} -> {r['l0_after']:.2f} (target {r['target_l0']:g}); written to "
+        "cfg.json and "
+        f"sae_weights.safetensors"
+    )
     return 0
 
 
@@ -180,8 +259,18 @@ def cmd_sweep(a) -> int:
     cfgs, tc = _sae_cfgs(a, src), _train_cfg(a)
     _print_lrs(cfgs, tc)
     held = open_store(a.eval_store or a.store)
-    df = sweep(src, cfgs, tc, a.out, eval_data=held, model=_model_for(a, held), eval_tokens=a.eval_tokens,
-               ce_tokens=a.ce_tokens, hook=cfgs[0].hook_name, allow_mismatch=a.allow_mismatch)
+    df = sweep(
+        src,
+        cfgs,
+        tc,
+        a.out,
+        eval_data=held,
+        model=_model_for(a, held),
+        eval_tokens=a.eval_tokens,
+        ce_tokens=a.ce_tokens,
+        hook=cfgs[0].hook_name,
+        allow_mismatch=a.allow_mismatch,
+    )
     print_table(df, ["name", "l0", "nmse", "fvu", "ce_recovered", "kl", "dead_fraction"])
     print(f"-> {a.out}/sweep.csv, sweep.parquet")
     return 0
@@ -209,8 +298,10 @@ def cmd_notebooks(a) -> int:
     from .notebooks import copy_notebooks
 
     paths = copy_notebooks(a.dir, overwrite=a.overwrite)
-    print(f"{len(paths)} notebooks in {a.dir}: {', '.join(p.name for p in paths)}\n"
-          f"open them with: jupyter lab {a.dir}")
+    print(
+        f"{len(paths)} notebooks in {a.dir}: {', '.join(p.name for p in paths)}\n"
+        f"open them with: jupyter lab {a.dir}"
+    )
     return 0
 
 
@@ -219,5 +310,3 @@ def cmd_demo(a) -> int:
 
     run_demo(DemoConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(DemoConfig)}))
     return 0
-
-

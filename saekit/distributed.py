@@ -1,27 +1,32 @@
 """Training one SAE on several processes with torch.distributed (DDP).
 
 Launch with `torchrun --nproc_per_node N -m saekit train ...` (or `saekit train --distributed` under
-torchrun). Each rank reads its own part of the activation store and holds a replica of every SAE; DDP
-all-reduces the gradients. Selection that couples the tokens of a batch is made over the *global* batch:
+torchrun). Each rank reads its own part of the activation store and holds a replica of every SAE;
+DDP all-reduces the gradients. Selection that couples the tokens of a batch is made over the
+*global* batch:
 
 - BatchTopK keeps the world*B*k largest pre-activations of all ranks together. Each rank sends its
-  2*B*k+1 largest values (one all_gather); the cut is the (world*B*k)-th largest of the union, and it is
-  exact when every rank's first unsent value lies below it (checked from the same gather). Otherwise the
-  ranks gather their full top world*B*k (a second all_gather). Either way a rank keeps its entries at or
-  above the cut: the same code as one process on the concatenated batch. Values equal to the cut on several
-  ranks (frequent under bf16) are taken in rank order until world*B*k are kept (one all_gather of two counts).
+  2*B*k+1 largest values (one all_gather); the cut is the (world*B*k)-th largest of the union, and
+  it is exact when every rank's first unsent value lies below it (checked from the same gather).
+  Otherwise the ranks gather their full top world*B*k (a second all_gather). Either way a rank keeps
+  its entries at or above the cut: the same code as one process on the concatenated batch. Values
+  equal to the cut on several ranks (frequent under bf16) are taken in rank order until world*B*k
+  are kept (one all_gather of two counts).
 - dead-latent counters see the global batch (fired latents all-reduced with MAX).
-- JumpReLU's target-L0 penalty is a function of the global batch's L0; BatchTopK's final theta is the mean of
-  the ranks' estimates.
+- JumpReLU's target-L0 penalty is a function of the global batch's L0; BatchTopK's final theta is
+  the mean of the ranks' estimates.
 
-Capture under torchrun (`torchrun --nproc_per_node N -m saekit capture ...`) needs only `on_rank0` (rank 0 opens
-or starts the store and deals out the shards) and barriers; see saekit.activations.capture.
+Capture under torchrun (`torchrun --nproc_per_node N -m saekit capture ...`) needs only `on_rank0`
+(rank 0 opens or starts the store and deals out the shards) and barriers; see
+saekit.activations.capture.
 
 Everything that talks to other ranks is in this module; the SAEs, the trainer and capture call it.
 
-So a distributed step gives the weights of one process stepping on the concatenated batch (tested with
-the gloo backend on CPU). Checkpoints and outputs are written once, by rank 0; every rank resumes from them.
+So a distributed step gives the weights of one process stepping on the concatenated batch (tested
+with the gloo backend on CPU). Checkpoints and outputs are written once, by rank 0; every rank
+resumes from them.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -50,11 +55,15 @@ def launched_by_torchrun() -> bool:
 
 
 def init_from_env(device: str | None = None, timeout_s: float | None = None) -> torch.device:
-    """Join the process group torchrun describes (env://): NCCL with one GPU per rank, else gloo on CPU.
-    timeout_s: how long a collective waits for the slowest rank (None: torch's default, 30 minutes for gloo)."""
+    """Join the process group torchrun describes (env://): NCCL with one GPU per rank, else gloo on
+    CPU.
+    timeout_s: how long a collective waits for the slowest rank (None: torch's default, 30
+    minutes for gloo)."""
     if not launched_by_torchrun():
-        raise RuntimeError("distributed training needs torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR); "
-                           "launch with: torchrun --nproc_per_node N -m saekit train ...")
+        raise RuntimeError(
+            "distributed training needs torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR); "
+            "launch with: torchrun --nproc_per_node N -m saekit train ..."
+        )
     local = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
     if use_cuda:
@@ -66,10 +75,11 @@ def init_from_env(device: str | None = None, timeout_s: float | None = None) -> 
 
 
 def shutdown() -> None:
-    """Leave the process group once every rank has got here: a rank that tore its gloo connections down while
-    another was still writing its results aborted now and then at exit ("terminate called without an active
-    exception", seen in a fresh-clone CI run of the 2-process tests). Not while an error propagates (callers call this
-    in `finally`): the other ranks may be inside another collective, and torchrun stops them when this one exits."""
+    """Leave the process group once every rank has got here: a rank that tore its gloo connections
+    down while another was still writing its results aborted now and then at exit ("terminate called
+    without an active exception", seen in a fresh-clone CI run of the 2-process tests). Not while an
+    error propagates (callers call this in `finally`): the other ranks may be inside another
+    collective, and torchrun stops them when this one exits."""
     if dist.is_available() and dist.is_initialized():
         if dist.get_world_size() > 1 and sys.exc_info()[0] is None:
             dist.barrier()
@@ -102,7 +112,7 @@ def _gather_padded(vals: torch.Tensor, m: int) -> torch.Tensor:
     """[world, m] of every rank's m largest values (descending), padded with -inf."""
     top = vals.topk(min(m, vals.numel())).values if vals.numel() else vals
     buf = torch.full((m,), float("-inf"), dtype=torch.float32, device=vals.device)
-    buf[:top.numel()] = top.float()
+    buf[: top.numel()] = top.float()
     out = [torch.empty_like(buf) for _ in range(dist.get_world_size())]
     dist.all_gather(out, buf)
     return torch.stack(out)
@@ -111,9 +121,9 @@ def _gather_padded(vals: torch.Tensor, m: int) -> torch.Tensor:
 def global_batch_cut(local_top: torch.Tensor, n_global: int, share: int) -> tuple[float, bool]:
     """The n_global-th largest value over every rank's `local_top` (each rank's largest candidates).
 
-    Round one gathers `share`+1 values per rank; the cut from the first `share` of each is exact when
-    every rank's (share+1)-th value is below it. Returns (cut, exact); when not exact, call again with
-    share = n_global on the full local top-n_global.
+    Round one gathers `share`+1 values per rank; the cut from the first `share` of each is exact
+    when every rank's (share+1)-th value is below it. Returns (cut, exact); when not exact, call
+    again with share = n_global on the full local top-n_global.
     """
     g = _gather_padded(local_top, share + 1)
     union = g[:, :share].reshape(-1)
@@ -138,17 +148,21 @@ def broadcast_module(module: torch.nn.Module) -> None:
         dist.broadcast(t.data, src=0)
 
 
-def global_batch_topk(a: torch.Tensor, k: int, hint: float, topk) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """BatchTopK's training selection over the global batch: (flat indices, values, cut) of this rank's entries
-    among the world*B*k largest pre-activations of all ranks (positive ones), where `topk(a, n, hint)` is the
-    exact local top-n (saekit.sae.fast.batch_topk). The cut is the global n-th largest value, as one
-    process on the concatenated batch would see it (None when nothing positive is kept anywhere)."""
+def global_batch_topk(
+    a: torch.Tensor, k: int, hint: float, topk
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """BatchTopK's training selection over the global batch: (flat indices, values, cut) of this
+    rank's entries among the world*B*k largest pre-activations of all ranks (positive ones), where
+    `topk(a, n, hint)` is the exact local top-n (saekit.sae.fast.batch_topk). The cut is the global
+    n-th largest value, as one process on the concatenated batch would see it (None when nothing
+    positive is kept anywhere)."""
     B = a.shape[0]
     n_global = B * world_size() * k
     share = min(2 * B * k, a.numel())
     vals, flat = topk(a, min(share + 1, a.numel()), hint)
     cut, exact = global_batch_cut(vals, n_global, share)
-    if not exact:  # a rank holds more of the global top than its round-one share: gather its full top
+    # a rank holds more of the global top than its round-one share: gather its full top
+    if not exact:
         full = min(n_global, a.numel())
         vals, flat = topk(a, full, hint)
         cut, _ = global_batch_cut(vals, n_global, full)
@@ -163,18 +177,22 @@ def global_batch_topk(a: torch.Tensor, k: int, hint: float, topk) -> tuple[torch
     return flat, vals, (m if torch.isfinite(m) else None)
 
 
-def _ties_in_rank_order(vals: torch.Tensor, keep: torch.Tensor, cut: float, n_global: int) -> torch.Tensor:
-    """`keep` (entries at or above the cut) trimmed so that all ranks together keep exactly n_global: values equal
-    to the cut on several ranks (bf16 pre-activations tie often: up to 2 extra of 256 a step in the tests) are
-    taken in rank order, and on a rank in the order of `vals`, until n_global are kept. One all_gather of two
-    counts."""
+def _ties_in_rank_order(
+    vals: torch.Tensor, keep: torch.Tensor, cut: float, n_global: int
+) -> torch.Tensor:
+    """`keep` (entries at or above the cut) trimmed so that all ranks together keep exactly
+    n_global: values equal to the cut on several ranks (bf16 pre-activations tie often: up to 2
+    extra of 256 a step in the tests) are taken in rank order, and on a rank in the order of `vals`,
+    until n_global are kept. One all_gather of two counts."""
     tie = keep & (vals == cut)
     counts = torch.stack([(keep & ~tie).sum(), tie.sum()]).to(torch.int64)
     every = [torch.empty_like(counts) for _ in range(world_size())]
     dist.all_gather(every, counts)
     c = torch.stack(every).tolist()
     me = rank()
-    take = max(0, min(c[me][1], n_global - sum(above for above, _ in c) - sum(t for _, t in c[:me])))
+    take = max(
+        0, min(c[me][1], n_global - sum(above for above, _ in c) - sum(t for _, t in c[:me]))
+    )
     if take < c[me][1]:
         keep = keep.clone()
         keep[tie.nonzero().squeeze(1)[take:]] = False
@@ -191,16 +209,21 @@ def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
 
 
 def wrap_ddp(saes, fast: bool, device: torch.device) -> list:
-    """Each SAE's training loss as a DistributedDataParallel module (gradients all-reduced over the ranks). The
-    trainer's Step(distributed=True) makes batch-coupled terms (BatchTopK's selection, JumpReLU's L0 target) use the
-    global batch."""
+    """Each SAE's training loss as a DistributedDataParallel module (gradients all-reduced over the
+    ranks). The trainer's Step(distributed=True) makes batch-coupled terms (BatchTopK's selection,
+    JumpReLU's L0 target) use the global batch."""
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
-    # buffers (dead-latent counters, theta) are each rank's own: never broadcast on forward (the keyword's name
-    # changed in torch 2.12; a GPU machine may carry an older torch than the pinned one)
+    # buffers (dead-latent counters, theta) are each rank's own: never broadcast on forward (the
+    # keyword's name changed in torch 2.12; a GPU machine may carry an older torch than the pinned
+    # one)
     params = inspect.signature(DistributedDataParallel.__init__).parameters
-    no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+    no_sync = (
+        {"forward_sync_buffers": False}
+        if "forward_sync_buffers" in params
+        else {"broadcast_buffers": False}
+    )
     return [DistributedDataParallel(LossModule(s, fast), device_ids=ids, **no_sync) for s in saes]
 
 

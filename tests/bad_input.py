@@ -1,5 +1,6 @@
-"""What the bad-input suite shares: the CLI run as a subprocess, the refusal it must give, and snapshots that show
-nothing already written changed."""
+"""What the bad-input suite shares: the CLI run as a subprocess, the refusal it must give, and
+snapshots that show nothing already written changed."""
+
 import hashlib
 import os
 import shutil
@@ -8,20 +9,34 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1",
-       "PYTHONPATH": str(ROOT)}
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TQDM_DISABLE": "1",
+    "PYTHONPATH": str(ROOT),
+}
 
 
 def cli(*args, timeout: int = 600, **kwargs) -> subprocess.CompletedProcess:
     """`saekit ARGS` in a fresh process."""
-    return subprocess.run([sys.executable, "-m", "saekit", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=ENV, cwd=ROOT, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "saekit", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=ENV,
+        cwd=ROOT,
+        **kwargs,
+    )
 
 
 def refused(r: subprocess.CompletedProcess, *words: str) -> str:
-    """Assert the command was refused as the CLI promises (exit code 2, one message, no traceback) with a message
-    naming every one of `words`; returns the message."""
-    assert r.returncode == 2, f"exit code {r.returncode}\nstdout: {r.stdout[-2000:]}\nstderr: {r.stderr[-4000:]}"
+    """Assert the command was refused as the CLI promises (exit code 2, one message, no traceback)
+    with a message naming every one of `words`; returns the message."""
+    assert r.returncode == 2, (
+        f"exit code {r.returncode}\nstdout: {r.stdout[-2000:]}\nstderr: {r.stderr[-4000:]}"
+    )
     assert "Traceback" not in r.stderr, r.stderr
     message = r.stderr.strip().splitlines()[-1]
     assert "error:" in message, r.stderr
@@ -46,12 +61,21 @@ def copy(src: Path, dst: Path) -> Path:
 
 
 def holding_lock(folder: Path, beside: bool = False) -> subprocess.Popen:
-    """Another process that holds `folder`'s writer lock until its stdin closes (returned once it holds it)."""
-    code = ("import sys; from saekit.locks import writer_lock\n"
-            f"with writer_lock(sys.argv[1], 'capture', beside={beside}):\n"
-            "    print('held', flush=True); sys.stdin.read()")
-    p = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         text=True, env=ENV, cwd=ROOT)
+    """Another process that holds `folder`'s writer lock until its stdin closes (returned once it
+    holds it)."""
+    code = (
+        "import sys; from saekit.locks import writer_lock\n"
+        f"with writer_lock(sys.argv[1], 'capture', beside={beside}):\n"
+        "    print('held', flush=True); sys.stdin.read()"
+    )
+    p = subprocess.Popen(
+        [sys.executable, "-c", code, str(folder)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=ENV,
+        cwd=ROOT,
+    )
     assert p.stdout.readline().strip() == "held"
     return p
 

@@ -1,16 +1,23 @@
 """Shared fixtures: the embedded model (loaded once), small packed corpora and a small store."""
+
 import os
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
+# tests in subfolders (tests/sae/, ...) import the shared helpers here (conftest, readbacks,
+# bad_input)
+sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here or in CI: make that explicit and fast
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 warnings.filterwarnings("ignore", message=".*non-writable.*")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-HOOK = "resid_post.6"  # an early layer keeps captures fast; the stop-after-layer path is what is tested
+# an early layer keeps captures fast; the stop-after-layer path is what is tested
+HOOK = "resid_post.6"
 
 
 @pytest.fixture(scope="session")
@@ -37,12 +44,22 @@ def store(model, packed, tmp_path_factory):
     from saekit.activations import capture
 
     out = tmp_path_factory.mktemp("store")
-    return capture(model, packed, [HOOK, "mlp_out.3"], out, n_tokens=2000, batch_size=8, dtype="float32",
-                   shard_tokens=640, progress=False)
+    return capture(
+        model,
+        packed,
+        [HOOK, "mlp_out.3"],
+        out,
+        n_tokens=2000,
+        batch_size=8,
+        dtype="float32",
+        shard_tokens=640,
+        progress=False,
+    )
 
 
 def split_sae(arch="relu", d=576, threshold=None, k=None):
-    """Latent j < d reads +x_j, latent d + j reads -x_j: with threshold t a token's count is #{j: |x_j| > t}."""
+    """Latent j < d reads +x_j, latent d + j reads -x_j: with threshold t a token's count is #{j:
+    |x_j| > t}."""
     kw = dict(k=k) if k else {}
     from saekit.sae import make_sae
 

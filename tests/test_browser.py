@@ -1,9 +1,11 @@
-"""Notebooks 04 and 05 in a real browser: JupyterLab on 127.0.0.1, Debian's chromium driven by Playwright (the
-system browser, no download), Run All, then check what a user would see: plotly figures and ipywidgets
-rendered, no widget error text or traceback, and widgets driven by the browser change what is shown (04: a
-typed θ changes the heat-map, a clicked token lists its latents; 05: typed text is shaded, a clicked neighbour
-opens). 04 runs first and trains the course SAE into the shared run folder; 05 reuses it. Screenshots go to
+"""Notebooks 04 and 05 in a real browser: JupyterLab on 127.0.0.1, Debian's chromium driven by
+Playwright (the system browser, no download), Run All, then check what a user would see: plotly
+figures and ipywidgets rendered, no widget error text or traceback, and widgets driven by the
+browser change what is shown (04: a typed θ changes the heat-map, a clicked token lists its latents;
+05: typed text is shaded, a clicked neighbour opens). 04 runs first and trains the course SAE into
+    the shared run folder; 05 reuses it. Screenshots go to
 test-output/."""
+
 from __future__ import annotations
 
 import json
@@ -23,9 +25,22 @@ from playwright.sync_api import expect, sync_playwright
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ("04_adaptive_allocation.ipynb", "05_feature_explorer.ipynb")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run"]
-BAD_TEXT = ("Error displaying widget", "Error rendering", "Traceback (most recent call last)", "model not found")
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+BAD_TEXT = (
+    "Error displaying widget",
+    "Error rendering",
+    "Traceback (most recent call last)",
+    "model not found",
+)
 
 
 def _free_port() -> int:
@@ -51,20 +66,39 @@ def lab(tmp_path_factory):
     port = _free_port()
     log = open(root / "jupyter.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "jupyter", "lab", "--allow-root", "--no-browser", "--ip", "127.0.0.1",
-         f"--port={port}", "--IdentityProvider.token=", "--ServerApp.password=", f"--ServerApp.root_dir={root}",
-         "--LabApp.news_url=None", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
-        cwd=root, stdout=log, stderr=subprocess.STDOUT, env=env)
+        [
+            sys.executable,
+            "-m",
+            "jupyter",
+            "lab",
+            "--allow-root",
+            "--no-browser",
+            "--ip",
+            "127.0.0.1",
+            f"--port={port}",
+            "--IdentityProvider.token=",
+            "--ServerApp.password=",
+            f"--ServerApp.root_dir={root}",
+            "--LabApp.news_url=None",
+            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+        ],
+        cwd=root,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while True:
         try:
             urllib.request.urlopen(f"{url}/api/status", timeout=2)
             break
-        except OSError:
+        except OSError as err:
             if proc.poll() is not None or time.time() > deadline:
                 proc.kill()
-                raise RuntimeError(f"JupyterLab did not start: {(root / 'jupyter.log').read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"JupyterLab did not start: {(root / 'jupyter.log').read_text()[-3000:]}"
+                ) from err
             time.sleep(0.5)
     yield url, root
     proc.terminate()
@@ -81,16 +115,19 @@ def _output_text(page) -> str:
 
 IDLE = ".jp-Notebook-ExecutionIndicator[data-status='idle']"
 # a code cell's prompt reads "[*]:" once queued or running and "[n]:" once run; "[ ]:" before
-STARTED_JS = ("() => [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')]"
-              ".some(e => /\\[(\\*|\\d+)\\]/.test(e.textContent))")
+STARTED_JS = (
+    "() => [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')]"
+    ".some(e => /\\[(\\*|\\d+)\\]/.test(e.textContent))"
+)
 
 
 def _run_all(page, attempts: int = 6) -> None:
-    """Run > Run All Cells until the first cell is queued. JupyterLab shows the notebook idle before its
-    kernel is attached, and a Run All issued in that window runs nothing (seen once in CI: every prompt
-    stayed "[ ]"); nothing ran, so asking again is safe. A dialog JupyterLab raised meanwhile (its kernel
-    picker) is answered with its default button; one raised just after that check covers the menu (a click
-    waited out its 120 s on a loaded machine), so each click has a short timeout and the round starts again."""
+    """Run > Run All Cells until the first cell is queued. JupyterLab shows the notebook idle before
+    its kernel is attached, and a Run All issued in that window runs nothing (seen once in CI: every
+    prompt stayed "[ ]"); nothing ran, so asking again is safe. A dialog JupyterLab raised meanwhile
+    (its kernel picker) is answered with its default button; one raised just after that check covers
+    the menu (a click waited out its 120 s on a loaded machine), so each click has a short
+    timeout and the round starts again."""
     for _ in range(attempts):
         dialog = page.locator(".jp-Dialog .jp-mod-accept")
         if dialog.count():
@@ -102,18 +139,23 @@ def _run_all(page, attempts: int = 6) -> None:
             return
         except PlaywrightTimeout:
             page.keyboard.press("Escape")
-    raise AssertionError(f"Run All Cells started no cell in {attempts} tries: the kernel never attached")
+    raise AssertionError(
+        f"Run All Cells started no cell in {attempts} tries: the kernel never attached"
+    )
 
 
-PROMPTS_JS = "() => [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')].map(e => e.textContent.trim())"
-# Run All of either notebook here shows a change (a prompt or an output) at least every 8 s; 180 s with none
-# is a lost run
+PROMPTS_JS = (
+    "() => [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')].map(e => "
+    "e.textContent.trim())"
+)
+# Run All of either notebook here shows a change (a prompt or an output) at least every 8 s; 180 s
+# with none is a lost run
 STALL_S = 180
 
 
 def _kernel_states(url: str) -> list[str]:
-    """What the Jupyter server says its kernels are doing ("idle", "busy", "starting", "dead"), for a failure's
-    message only: after a restart it says "idle" while a cell runs."""
+    """What the Jupyter server says its kernels are doing ("idle", "busy", "starting", "dead"), for
+    a failure's message only: after a restart it says "idle" while a cell runs."""
     try:
         with urllib.request.urlopen(f"{url}/api/kernels", timeout=5) as r:
             return [k.get("execution_state", "?") for k in json.load(r)]
@@ -125,30 +167,35 @@ def _diagnosis(page, lab) -> str:
     url, root = lab
     log = (root / "jupyter.log").read_text(errors="replace")
     shutil.copy(root / "jupyter.log", OUT_DIR / "jupyter.log")
-    return (f"prompts {page.evaluate(PROMPTS_JS)}; kernels {_kernel_states(url)}; "
-            f"outputs {_output_text(page)[-3:]}; jupyter.log ends:\n{log[-3000:]}")
+    return (
+        f"prompts {page.evaluate(PROMPTS_JS)}; kernels {_kernel_states(url)}; "
+        f"outputs {_output_text(page)[-3:]}; jupyter.log ends:\n{log[-3000:]}"
+    )
 
 
 def _reload_restart_and_run_all(page, url: str, name: str) -> None:
-    """Open the notebook afresh (a new connection to its kernel), Kernel > Restart Kernel and Run All Cells,
-    and confirm."""
+    """Open the notebook afresh (a new connection to its kernel), Kernel > Restart Kernel and Run
+    All Cells, and confirm."""
     page.goto(f"{url}/lab/tree/{name}?reset")
     try:
         page.wait_for_selector(IDLE, timeout=60_000)
     except PlaywrightTimeout:
         pass  # a wedged kernel may never show idle: the restart is what should mend it
     page.locator(".lm-MenuBar-itemLabel", has_text="Kernel").first.click(timeout=15_000)
-    page.locator(".lm-Menu-itemLabel", has_text="Restart Kernel and Run All Cells").first.click(timeout=15_000)
+    page.locator(".lm-Menu-itemLabel", has_text="Restart Kernel and Run All Cells").first.click(
+        timeout=15_000
+    )
     page.locator(".jp-Dialog .jp-mod-accept").first.click(timeout=30_000)
     page.wait_for_function(STARTED_JS, timeout=60_000)
 
 
 def _open_and_run(page, lab, name: str, shot: str) -> None:
-    """Open a notebook, Run All, and wait for its last cell's "ok" (a traceback or widget error fails at once).
-    Two ways a Run All was seen to get lost, each once in CI, are retried, since nothing had run: every prompt
-    stays "[ ]" with the kernel idle (Run All again), or the page shows no change at all for 20 minutes (no
-    output ever came): after STALL_S of no change, open the notebook afresh and restart its kernel, twice at
-    most. A failure says what the prompts, the server's kernels and its log showed."""
+    """Open a notebook, Run All, and wait for its last cell's "ok" (a traceback or widget error
+    fails at once). Two ways a Run All was seen to get lost, each once in CI, are retried, since
+    nothing had run: every prompt stays "[ ]" with the kernel idle (Run All again), or the page
+    shows no change at all for 20 minutes (no output ever came): after STALL_S of no change, open
+    the notebook afresh and restart its kernel, twice at most. A failure says what the prompts,
+    the server's kernels and its log showed."""
     url = lab[0]
     page.goto(f"{url}/lab/tree/{name}?reset")  # ?reset: a fresh workspace with this notebook alone
     page.wait_for_selector(IDLE)
@@ -157,13 +204,18 @@ def _open_and_run(page, lab, name: str, shot: str) -> None:
     last = page.locator(".jp-CodeCell").last
     shown, changed, restarts = None, time.time(), 0
     while True:
-        if any(t.strip().endswith("ok") for t in last.locator(".jp-OutputArea-output").all_inner_texts()):
+        if any(
+            t.strip().endswith("ok")
+            for t in last.locator(".jp-OutputArea-output").all_inner_texts()
+        ):
             break
         bad = [t for t in _output_text(page) if any(b in t for b in BAD_TEXT)]
         if bad or time.time() > deadline:
             page.screenshot(path=str(OUT_DIR / f"{shot}_failed.png"))
         assert not bad, f"{name}: an output shows an error:\n{bad[0][-3000:]}"
-        assert time.time() < deadline, f"{name}: Run All did not finish in time; {_diagnosis(page, lab)}"
+        assert time.time() < deadline, (
+            f"{name}: Run All did not finish in time; {_diagnosis(page, lab)}"
+        )
         page.wait_for_timeout(2000)
         if not page.evaluate(STARTED_JS) and page.locator(IDLE).count():
             _run_all(page)  # nothing queued, nothing run, kernel idle
@@ -172,7 +224,10 @@ def _open_and_run(page, lab, name: str, shot: str) -> None:
             shown, changed = now, time.time()
         elif time.time() - changed > STALL_S:
             page.screenshot(path=str(OUT_DIR / f"{shot}_stalled{restarts}.png"))
-            assert restarts < 2, f"{name}: no change in {STALL_S} s after {restarts} restarts; {_diagnosis(page, lab)}"
+            assert restarts < 2, (
+                f"{name}: no change in {STALL_S} s after {restarts} restarts; "
+                f"{_diagnosis(page, lab)}"
+            )
             print(f"{name}: no change in {STALL_S} s, restarting: {_diagnosis(page, lab)}")
             _reload_restart_and_run_all(page, url, name)
             last = page.locator(".jp-CodeCell").last
@@ -193,7 +248,9 @@ OUT_DIR = ROOT / "test-output"
 
 @pytest.fixture(scope="module")
 def browser_page(lab):
-    assert Path(CHROMIUM).exists(), "chromium is missing: `make test` installs it (apt-get install chromium)"
+    assert Path(CHROMIUM).exists(), (
+        "chromium is missing: `make test` installs it (apt-get install chromium)"
+    )
     OUT_DIR.mkdir(exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
@@ -223,18 +280,25 @@ def test_notebook_04_runs_and_renders_in_jupyterlab(browser_page):
     page.keyboard.press("Control+A")
     page.keyboard.type(f"{old / 3:.3f}")
     page.keyboard.press("Enter")
-    page.wait_for_function("([el, before]) => JSON.stringify(el.data[0].z) !== before",
-                           arg=[figure.element_handle(), z_before], timeout=60_000)
-    # the summary is set after the figure, in a later widget message: wait for it too (a CI run read it
-    # in between and saw the old text)
+    page.wait_for_function(
+        "([el, before]) => JSON.stringify(el.data[0].z) !== before",
+        arg=[figure.element_handle(), z_before],
+        timeout=60_000,
+    )
+    # the summary is set after the figure, in a later widget message: wait for it too (a CI run read
+    # it in between and saw the old text)
     expect(explorer.locator(".widget-html").first).not_to_have_text(summary_before, timeout=30_000)
     # click a token of the heat-map (second row, fourth cell): its active latents appear as buttons
     box = figure.locator(".nsewdrag").first.bounding_box()
     n_rows = figure.evaluate("el => el.data[0].z.length")
-    page.mouse.click(box["x"] + box["width"] * (3.5 / 16), box["y"] + box["height"] * (1.5 / n_rows))
+    page.mouse.click(
+        box["x"] + box["width"] * (3.5 / 16), box["y"] + box["height"] * (1.5 / n_rows)
+    )
     latent_button = explorer.locator(".widget-button", has_text="%").first
     expect(latent_button).to_be_visible(timeout=60_000)
-    expect(explorer.locator(".widget-html", has_text="(position").first).to_contain_text("(position 19)")
+    expect(explorer.locator(".widget-html", has_text="(position").first).to_contain_text(
+        "(position 19)"
+    )
     explorer.screenshot(path=str(OUT_DIR / "notebook04_explorer.png"))
     page.screenshot(path=str(OUT_DIR / "notebook04.png"))
     _not_blank(OUT_DIR / "notebook04_explorer.png")
@@ -244,16 +308,22 @@ def test_notebook_05_dashboard_responds_in_jupyterlab(browser_page):
     page, lab = browser_page
     _open_and_run(page, lab, NOTEBOOKS[1], "notebook05")
     assert page.locator(".js-plotly-plot").count() >= 4
-    explorer = page.locator(".widget-vbox", has=page.locator("input[placeholder^='type text']")).first
+    explorer = page.locator(
+        ".widget-vbox", has=page.locator("input[placeholder^='type text']")
+    ).first
     explorer.scroll_into_view_if_needed()
     # type a hypothesis: the typed text comes back shaded by the latent's activation
     probe = explorer.locator("input[placeholder^='type text']")
-    shaded = explorer.locator(".widget-html", has=page.locator("span[title]")).filter(has_text="shading relative")
+    shaded = explorer.locator(".widget-html", has=page.locator("span[title]")).filter(
+        has_text="shading relative"
+    )
     before = shaded.first.inner_html() if shaded.count() else ""
     probe.click()
     probe.fill("The king of Egypt went out to war")
     probe.press("Enter")
-    expect(explorer.locator(".widget-html", has_text="shading relative").first).to_contain_text("Egypt", timeout=60_000)
+    expect(explorer.locator(".widget-html", has_text="shading relative").first).to_contain_text(
+        "Egypt", timeout=60_000
+    )
     after = explorer.locator(".widget-html", has_text="shading relative").first.inner_html()
     assert after != before and after.count("<span") >= 6
     # click a neighbour: the dashboard opens that latent

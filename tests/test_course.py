@@ -1,5 +1,7 @@
-"""The notebook course's shared run: the SAE is trained once into the shared folder and reused, an SAE chosen by
-folder is explored at its own model and hook, and a pretrained release offline says what to do instead."""
+"""The notebook course's shared run: the SAE is trained once into the shared folder and reused, an
+SAE chosen by folder is explored at its own model and hook, and a pretrained release offline says
+what to do instead."""
+
 import pytest
 import torch
 
@@ -10,8 +12,11 @@ from saekit.sae.config import SAEConfigError
 
 @pytest.fixture
 def tiny(monkeypatch):
-    monkeypatch.setitem(course.SIZES, "tiny", course.Sizes(train_tokens=1500, held_out_tokens=600, epochs=1, k=8,
-                                                           expansion=1, batch=256))
+    monkeypatch.setitem(
+        course.SIZES,
+        "tiny",
+        course.Sizes(train_tokens=1500, held_out_tokens=600, epochs=1, k=8, expansion=1, batch=256),
+    )
     return "tiny"
 
 
@@ -24,14 +29,17 @@ def test_course_sae_is_trained_once_and_reused(tiny, tmp_path, monkeypatch):
     saved = load_sae(folders[0])
     calls, real = [], course.train
     monkeypatch.setattr(course, "train", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
-    again, _, _, _ = course.course_sae(None, tmp_path, tiny, hook="resid_post.2")  # 04/05 after 02: reused
+    # 04/05 after 02: reused
+    again, _, _, _ = course.course_sae(None, tmp_path, tiny, hook="resid_post.2")
     assert calls == [1]
     for name in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold"):  # the saved SAE, not a new one
         assert torch.equal(getattr(again, name), getattr(saved, name)), name
-    assert sorted(p.name for p in (tmp_path / "train").iterdir() if p.is_dir() and p.name != "checkpoints") == \
-        [folders[0].name]
+    assert sorted(
+        p.name for p in (tmp_path / "train").iterdir() if p.is_dir() and p.name != "checkpoints"
+    ) == [folders[0].name]
 
-    # an SAE chosen by its folder: explored as it is, at its own hook, with stores in a folder of their own
+    # an SAE chosen by its folder: explored as it is, at its own hook, with stores in a folder of
+    # their own
     chosen, _, cstore, _ = course.course_sae(str(folders[0]), tmp_path, tiny, hook="resid_post.15")
     assert chosen.cfg.hook_name == "resid_post.2" and cstore.hook == "resid_post.2"
     assert course.run_dir_for(tmp_path, str(folders[0])) in cstore.path.parents

@@ -15,12 +15,17 @@ def test_bundled_corpus_is_varied_and_split(tokenizer):
 
 
 def test_packing_rows_start_with_bos_and_positions_map_back_to_text(tokenizer):
-    docs = ["Alpha beta gamma delta. " * 7, "The quick brown fox jumps over the lazy dog. " * 5, "Short one."]
+    docs = [
+        "Alpha beta gamma delta. " * 7,
+        "The quick brown fox jumps over the lazy dog. " * 5,
+        "Short one.",
+    ]
     p = pack(docs, tokenizer, seq_len=16)
     assert p.tokens.shape[1] == 16
     assert (p.tokens[:, 0] == tokenizer.bos_token_id).all()
     assert not p.keep[:, 0].any() and not p.keep[p.tokens == tokenizer.bos_token_id].any()
-    # every kept position belongs to a document and the kept tokens of each document re-form its text
+    # every kept position belongs to a document and the kept tokens of each document re-form its
+    # text
     for d, text in enumerate(docs):
         ids = p.tokens[(p.doc_ids == d) & p.keep]
         assert tokenizer.decode(ids.tolist()) == text
@@ -40,7 +45,9 @@ def test_max_tokens_stops_early(tokenizer):
 
 
 def test_local_files_load_the_same_way(tmp_path, tokenizer):
-    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"body": f"Document number {i}."}) for i in range(5)))
+    (tmp_path / "a.jsonl").write_text(
+        "\n".join(json.dumps({"body": f"Document number {i}."}) for i in range(5))
+    )
     ds = load_corpus(str(tmp_path / "a.jsonl"), text_field="body")
     assert list(iter_texts(ds, "body"))[2] == "Document number 2."
     (tmp_path / "b.txt").write_text("First paragraph here.\n\nSecond paragraph there.\n")
@@ -68,11 +75,15 @@ def test_documents_are_drawn_from_across_the_split_with_a_seed(tokenizer):
     shuffled = packed_corpus(tokenizer, seq_len=64, max_tokens=3000)
     ordered = packed_corpus(tokenizer, seq_len=64, max_tokens=3000, shuffle=False)
     docs = lambda p: sorted({int(d) for d in p.doc_ids[p.doc_ids >= 0]})
-    # in corpus order the first documents are one play; a seeded shuffle reaches every part of the split
+    # in corpus order the first documents are one play; a seeded shuffle reaches every part of the
+    # split
     assert max(docs(ordered)) < n_docs // 10
     picked = docs(shuffled)
     assert min(picked) < n_docs // 3 and max(picked) > 2 * n_docs // 3
-    assert len({ds[d]["genre"] for d in picked}) >= 2 and len({ds[d]["genre"] for d in docs(ordered)}) == 1
+    assert (
+        len({ds[d]["genre"] for d in picked}) >= 2
+        and len({ds[d]["genre"] for d in docs(ordered)}) == 1
+    )
     # doc ids point back into the split: each document's kept tokens re-form the start of its text
     d = picked[0]
     ids = shuffled.tokens[(shuffled.doc_ids == d) & shuffled.keep]
@@ -89,8 +100,12 @@ def test_streamed_data_sets_pass_through_a_shuffle_buffer():
 
     from saekit.data import sample_documents
 
-    stream = datasets.Dataset.from_dict({"text": [f"document {i}" for i in range(200)]}).to_iterable_dataset()
+    stream = datasets.Dataset.from_dict(
+        {"text": [f"document {i}" for i in range(200)]}
+    ).to_iterable_dataset()
     docs, how = sample_documents(stream, buffer_size=100, seed=3)
     texts = [t for _, t in docs]
     assert how == {"method": "shuffle buffer", "seed": 3, "buffer_size": 100}
-    assert sorted(texts) == sorted(f"document {i}" for i in range(200)) and texts[:20] != [f"document {i}" for i in range(20)]
+    assert sorted(texts) == sorted(f"document {i}" for i in range(200)) and texts[:20] != [
+        f"document {i}" for i in range(20)
+    ]

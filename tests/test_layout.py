@@ -1,5 +1,6 @@
-"""The house rules: no import circle, small modules, architectures that carry their own facts, a CLI whose
-choices and defaults are the library's."""
+"""The house rules: no import circle, small modules, architectures that carry their own facts, a CLI
+whose choices and defaults are the library's."""
+
 import ast
 import dataclasses
 import sys
@@ -33,7 +34,7 @@ def _imports(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")
-                base = base[:len(base) - node.level + 1]
+                base = base[: len(base) - node.level + 1]
                 mod = ".".join(base + ([node.module] if node.module else []))
             else:
                 mod = node.module or ""
@@ -41,8 +42,12 @@ def _imports(path: Path) -> set[str]:
                 continue
             for a in node.names:  # `from . import x` imports the submodule x
                 sub = f"{mod}.{a.name}"
-                out.add(sub if (PKG.parent / sub.replace(".", "/")).with_suffix(".py").exists()
-                        or (PKG.parent / sub.replace(".", "/") / "__init__.py").exists() else mod)
+                out.add(
+                    sub
+                    if (PKG.parent / sub.replace(".", "/")).with_suffix(".py").exists()
+                    or (PKG.parent / sub.replace(".", "/") / "__init__.py").exists()
+                    else mod
+                )
     return out - {me}
 
 
@@ -52,8 +57,8 @@ def _graph() -> dict[str, set[str]]:
 
 def test_no_import_cycles():
     graph = _graph()
-    # a package's __init__ that imports its submodules runs them (parent -> child): counted, so that a loop through
-    # a package (saekit -> interop -> sae -> sae.formats -> saekit) is seen
+    # a package's __init__ that imports its submodules runs them (parent -> child): counted, so that
+    # a loop through a package (saekit -> interop -> sae -> sae.formats -> saekit) is seen
     edges = {m: {d for d in deps if d in graph} for m, deps in graph.items()}
     # a module importing saekit.x.y also runs saekit.x's __init__: count that edge too
     for m, deps in list(edges.items()):
@@ -70,7 +75,7 @@ def test_no_import_cycles():
         stack.append(m)
         for d in sorted(edges.get(m, ())):
             if state.get(d) == 1:
-                cycles.append(stack[stack.index(d):] + [d])
+                cycles.append(stack[stack.index(d) :] + [d])
             elif d not in state:
                 visit(d)
         stack.pop()
@@ -83,7 +88,8 @@ def test_no_import_cycles():
 
 
 def test_every_saekit_import_resolves():
-    """Imports inside functions too (they run late, so a wrong one fails only when that code runs)."""
+    """Imports inside functions too (they run late, so a wrong one fails only when that code
+    runs)."""
     graph = _graph()
     bad = {m: sorted(d for d in deps if d not in graph) for m, deps in graph.items()}
     bad = {m: d for m, d in bad.items() if d}
@@ -103,8 +109,25 @@ def test_the_cycle_check_finds_a_cycle(tmp_path, monkeypatch):
 
 
 def test_modules_stay_small():
-    big = {str(p.relative_to(PKG)): n for p in PKG.rglob("*.py") if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    big = {
+        str(p.relative_to(PKG)): n
+        for p in PKG.rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > MAX_LINES
+    }
     assert not big, f"modules over {MAX_LINES} lines (split them by concept): {big}"
+
+
+def test_test_files_stay_small_and_mirror_the_package():
+    tests = Path(__file__).parent
+    big = {
+        str(p.relative_to(tests)): n
+        for p in tests.rglob("test_*.py")
+        if (n := len(p.read_text().splitlines())) > MAX_LINES
+    }
+    assert not big, f"test files over {MAX_LINES} lines (split them by what they test): {big}"
+    folders = {p.parent.relative_to(tests) for p in tests.rglob("test_*.py")} - {Path(".")}
+    stray = [str(f) for f in folders if not (PKG / f).is_dir()]
+    assert folders and not stray, f"tests/ folders with no saekit package of that name: {stray}"
 
 
 def test_every_architecture_states_its_facts():
@@ -123,16 +146,20 @@ def test_every_architecture_states_its_facts():
 
 
 class _HalfReLU(SAE):
-    """A test architecture: ReLU with every pre-activation below 0.5 dropped. Only this class, nothing else."""
+    """A test architecture: ReLU with every pre-activation below 0.5 dropped. Only this class,
+    nothing else."""
+
     arch, label, color = "halfrelu_test", "HalfReLU (test)", "#000000"
 
-    def select(self, a, mode=None, step=None):  # step: the training step's settings (saekit.sae.Step)
+    # step: the training step's settings (saekit.sae.Step)
+    def select(self, a, mode=None, step=None):
         rows, cols = (a > 0.5).nonzero(as_tuple=True)
         return Selection(rows, cols)
 
 
 def test_adding_an_architecture_is_one_class(tmp_path):
-    """A class registered in a test trains, evaluates, saves, loads, sweeps and appears in the CLI and plots."""
+    """A class registered in a test trains, evaluates, saves, loads, sweeps and appears in the
+    CLI and plots."""
     from saekit.cli import build_parser
     from saekit.metrics import reconstruction_metrics
     from saekit.sweep import sweep_configs
@@ -144,18 +171,30 @@ def test_adding_an_architecture_is_one_class(tmp_path):
         x = torch.randn(2048, 16)
         cfgs = sweep_configs(16, ["halfrelu_test", "topk"], [4], expansion=4, normalize="none")
         assert [c.arch for c in cfgs] == ["halfrelu_test", "topk"]
-        res = train(x, cfgs, TrainConfig(total_tokens=2048, batch_size=256, warmup_steps=1, progress=False), out=tmp_path)
+        res = train(
+            x,
+            cfgs,
+            TrainConfig(total_tokens=2048, batch_size=256, warmup_steps=1, progress=False),
+            out=tmp_path,
+        )
         assert res.steps == 8 and res.logs[0]["nmse"].iloc[-1] < 1
         back = load_sae(tmp_path / res.names[0])
         assert type(back) is _HalfReLU
         torch.testing.assert_close(back.encode(x[:64]), res.saes[0].encode(x[:64]))
         assert reconstruction_metrics(back, [x[:512]])["l0"] > 0
-        args = build_parser().parse_args(["train", "--store", "s", "--out", "o", "--arch", "halfrelu_test"])
+        args = build_parser().parse_args(
+            ["train", "--store", "s", "--out", "o", "--arch", "halfrelu_test"]
+        )
         assert args.arch == ["halfrelu_test"]
-        assert arch_label("halfrelu_test") == "HalfReLU (test)" and arch_color("halfrelu_test") == "#000000"
+        assert (
+            arch_label("halfrelu_test") == "HalfReLU (test)"
+            and arch_color("halfrelu_test") == "#000000"
+        )
     finally:
         ARCHITECTURES.pop("halfrelu_test")
-    with pytest.raises(SAEConfigError, match="unknown architecture 'halfrelu_test'; choose one of batchtopk"):
+    with pytest.raises(
+        SAEConfigError, match="unknown architecture 'halfrelu_test'; choose one of batchtopk"
+    ):
         SAEConfig(arch="halfrelu_test")
 
 
@@ -186,7 +225,12 @@ def test_cli_defaults_are_the_librarys():
     p = build_parser()
     t = p.parse_args(["train", "--store", "s", "--out", "o"])
     tc = TrainConfig()
-    assert (t.batch_size, t.lr, t.warmup_steps, t.seed) == (tc.batch_size, tc.lr, tc.warmup_steps, tc.seed)
+    assert (t.batch_size, t.lr, t.warmup_steps, t.seed) == (
+        tc.batch_size,
+        tc.lr,
+        tc.warmup_steps,
+        tc.seed,
+    )
     assert (t.normalize, t.enc_init_norm) == (SAEConfig.normalize, SAEConfig.enc_init_norm)
     arch = next(a for n, a in _actions(p) if n == "train arch")
     assert tuple(arch.choices) == ARCHS
@@ -198,27 +242,48 @@ def test_cli_defaults_are_the_librarys():
 
 
 def test_importing_the_sae_package_stays_light():
-    """`import saekit.sae` (to load or use an SAE) pulls in neither training, capture nor the peers' bridges."""
+    """`import saekit.sae` (to load or use an SAE) pulls in neither training, capture nor the
+    peers' bridges."""
     import subprocess
 
-    code = "import sys, saekit.sae; print(' '.join(m for m in sys.modules if m.startswith('saekit')))"
-    loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split())
+    code = (
+        "import sys, saekit.sae; print(' '.join(m for m in sys.modules if m.startswith('saekit')))"
+    )
+    loaded = set(
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout.split()
+    )
     assert "saekit.sae.architectures" in loaded
-    heavy = {m for m in loaded if m.split(".")[1:2] in (["train"], ["activations"], ["interop"], ["metrics"], ["models"], ["cli"])}
+    heavy = {
+        m
+        for m in loaded
+        if m.split(".")[1:2]
+        in (["train"], ["activations"], ["interop"], ["metrics"], ["models"], ["cli"])
+    }
     assert not heavy, heavy
 
 
 def test_the_project_speaks_of_itself_only():
-    """No project file speaks of the working periods it was developed in; a date or a commit says when instead (the
-    bundled corpus is the one text where the word is its authors')."""
+    """No project file speaks of the working periods it was developed in; a date or a commit says
+    when instead (the bundled corpus is the one text where the word is its authors')."""
     import re
 
     root = PKG.parent
-    word = re.compile(r"\b" + "sess" + r"ions?\b", re.IGNORECASE)  # spelled apart: this file is checked too
+    # spelled apart: this file is checked too
+    word = re.compile(r"\b" + "sess" + r"ions?\b", re.IGNORECASE)
     places = [root / "README.md", root / "DESIGN.md", root / "Makefile", root / "pyproject.toml"]
     for folder in ("saekit", "tests", "docs", "benchmarks", "results", "notebooks"):
-        places += [p for p in (root / folder).rglob("*") if p.suffix in (".py", ".md", ".txt", ".ipynb", ".json")]
-    found = [f"{p.relative_to(root)}:{i}" for p in places if p.exists()
-             for i, line in enumerate(p.read_text(errors="replace").splitlines(), 1)
-             if word.search(line) and 'scope="session"' not in line]
+        places += [
+            p
+            for p in (root / folder).rglob("*")
+            if p.suffix in (".py", ".md", ".txt", ".ipynb", ".json")
+        ]
+    found = [
+        f"{p.relative_to(root)}:{i}"
+        for p in places
+        if p.exists()
+        for i, line in enumerate(p.read_text(errors="replace").splitlines(), 1)
+        if word.search(line) and 'scope="session"' not in line
+    ]
     assert not found, f"lines that name a working period instead of a date or commit: {found[:10]}"

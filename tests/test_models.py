@@ -3,8 +3,18 @@ import torch
 import transformers as T
 
 from saekit.activations import forward_hooks
-from saekit.models import (EMBEDDED_MODEL, HookPointError, ModelLoadError, d_model, load_model, model_name,
-                           n_layers, resolve_hook, valid_hooks, wrap_model)
+from saekit.models import (
+    EMBEDDED_MODEL,
+    HookPointError,
+    ModelLoadError,
+    d_model,
+    load_model,
+    model_name,
+    n_layers,
+    resolve_hook,
+    valid_hooks,
+    wrap_model,
+)
 
 
 def test_embedded_model_loads_with_expected_shape(model):
@@ -28,8 +38,15 @@ def test_hook_resolution_names_modules(model):
     assert len(hooks) == 4 * 30 and "resid_post.15" in hooks
 
 
-@pytest.mark.parametrize("bad,needle", [("resid_post.30", "out of range"), ("resid.3", "unknown hook point"),
-                                        ("mlp_out", "unknown hook point"), ("attn_out.-1", "unknown hook point")])
+@pytest.mark.parametrize(
+    "bad,needle",
+    [
+        ("resid_post.30", "out of range"),
+        ("resid.3", "unknown hook point"),
+        ("mlp_out", "unknown hook point"),
+        ("attn_out.-1", "unknown hook point"),
+    ],
+)
 def test_bad_hook_names_list_valid_choices(model, bad, needle):
     with pytest.raises(HookPointError) as e:
         resolve_hook(model, bad)
@@ -47,12 +64,31 @@ def test_hub_model_offline_gives_clear_error(monkeypatch, tmp_path):
 
 TINY = {
     "gpt2": lambda: T.GPT2Config(n_layer=3, n_embd=32, n_head=2, vocab_size=128, n_positions=64),
-    "gpt_neox": lambda: T.GPTNeoXConfig(num_hidden_layers=3, hidden_size=32, num_attention_heads=2,
-                                        intermediate_size=64, vocab_size=128, max_position_embeddings=64),
-    "gemma2": lambda: T.Gemma2Config(num_hidden_layers=3, hidden_size=32, num_attention_heads=2, num_key_value_heads=1,
-                                     head_dim=16, intermediate_size=64, vocab_size=128),
-    "llama": lambda: T.LlamaConfig(num_hidden_layers=3, hidden_size=32, num_attention_heads=2, num_key_value_heads=1,
-                                   intermediate_size=64, vocab_size=128),
+    "gpt_neox": lambda: T.GPTNeoXConfig(
+        num_hidden_layers=3,
+        hidden_size=32,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=128,
+        max_position_embeddings=64,
+    ),
+    "gemma2": lambda: T.Gemma2Config(
+        num_hidden_layers=3,
+        hidden_size=32,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        intermediate_size=64,
+        vocab_size=128,
+    ),
+    "llama": lambda: T.LlamaConfig(
+        num_hidden_layers=3,
+        hidden_size=32,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=64,
+        vocab_size=128,
+    ),
 }
 
 
@@ -70,6 +106,8 @@ def test_hook_points_across_architectures(arch, tokenizer):
         hs = hf(ids, output_hidden_states=True).hidden_states
     assert torch.allclose(pre, hs[1], atol=1e-6)
     assert torch.allclose(post, hs[2], atol=1e-6)
-    assert torch.allclose(pre + attn + mlp, post, atol=1e-5), "resid_post != resid_pre + attn_out + mlp_out"
+    assert torch.allclose(pre + attn + mlp, post, atol=1e-5), (
+        "resid_post != resid_pre + attn_out + mlp_out"
+    )
     with pytest.raises(HookPointError):
         resolve_hook(m, "resid_post.3")

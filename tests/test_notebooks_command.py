@@ -1,4 +1,6 @@
-"""`saekit notebooks DIR` from the checkout: the series copied whole, nothing overwritten without the flag."""
+"""`saekit notebooks DIR` from the checkout: the series copied whole, nothing overwritten without
+the flag."""
+
 from pathlib import Path
 
 import pytest

@@ -1,22 +1,47 @@
-"""Interop with the real peer packages (the `peers` extra): SAELens reads what saekit saves, saekit reads
-what SAELens and sparsify save, and each side gives the other's code and reconstruction."""
+"""Interop with the real peer packages (the `peers` extra): SAELens reads what saekit saves, saekit
+reads what SAELens and sparsify save, and each side gives the other's code and reconstruction."""
+
 import json
 
 import pytest
 import torch
-from sae_lens import (SAE as SLSAE, BatchTopKTrainingSAEConfig, JumpReLUSAEConfig, JumpReLUTrainingSAEConfig,
-                      MatryoshkaBatchTopKTrainingSAEConfig, StandardSAEConfig, TopKSAEConfig, TopKTrainingSAEConfig,
-                      TrainingSAE)
+from sae_lens import (
+    SAE as SLSAE,
+)
+from sae_lens import (
+    BatchTopKTrainingSAEConfig,
+    JumpReLUSAEConfig,
+    JumpReLUTrainingSAEConfig,
+    MatryoshkaBatchTopKTrainingSAEConfig,
+    StandardSAEConfig,
+    TopKSAEConfig,
+    TopKTrainingSAEConfig,
+    TrainingSAE,
+)
 from sparsify import SparseCoder, SparseCoderConfig
 
 import saekit
 from saekit.interop import from_saelens_sae, from_sparsify_coder, to_saelens
-from saekit.sae import (ARCHS, BatchTopKSAE, JumpReLUSAE, MatryoshkaSAE, ReLUSAE, SAEConfigError, TopKSAE,
-                        load_sae, make_sae)
+from saekit.sae import (
+    ARCHS,
+    BatchTopKSAE,
+    JumpReLUSAE,
+    MatryoshkaSAE,
+    ReLUSAE,
+    SAEConfigError,
+    TopKSAE,
+    load_sae,
+    make_sae,
+)
 
 D, F, K = 16, 64, 4
-SAELENS_CLASS = {"batchtopk": "JumpReLUSAE", "matryoshka": "JumpReLUSAE", "jumprelu": "JumpReLUSAE",
-                 "topk": "TopKSAE", "relu": "StandardSAE"}
+SAELENS_CLASS = {
+    "batchtopk": "JumpReLUSAE",
+    "matryoshka": "JumpReLUSAE",
+    "jumprelu": "JumpReLUSAE",
+    "topk": "TopKSAE",
+    "relu": "StandardSAE",
+}
 
 
 def _inputs(seed=1, n=200):
@@ -35,7 +60,8 @@ def _saekit_out(sae, x):
 
 
 def _same_outputs(sae, sl):
-    """saekit's (threshold-mode) code and reconstruction equal SAELens's encode/decode; a real sparse code."""
+    """saekit's (threshold-mode) code and reconstruction equal SAELens's encode/decode; a real
+    sparse code."""
     x = _inputs()
     z, x_hat = _saekit_out(sae, x)
     with torch.no_grad():
@@ -64,13 +90,21 @@ def _randomise(module, seed=0):
             module.W_dec.mul_(torch.rand(F, 1, generator=g) + 0.5)
 
 
-# -- saekit -> SAELens ------------------------------------------------------------------------------
+# -- saekit -> SAELens -----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("normalize", ["none", "token", "dataset"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_saelens_loads_saekit_folders_and_gives_the_same_code(arch, normalize, tmp_path):
     torch.manual_seed(0)
-    sae = make_sae(arch=arch, d_in=D, d_sae=F, k=K, normalize=normalize, target_l0=K if arch == "jumprelu" else None)
+    sae = make_sae(
+        arch=arch,
+        d_in=D,
+        d_sae=F,
+        k=K,
+        normalize=normalize,
+        target_l0=K if arch == "jumprelu" else None,
+    )
     _randomise(sae)
     with torch.no_grad():
         sae.input_scale.fill_(0.37)  # a dataset-wide scale that must be folded into the files
@@ -83,9 +117,16 @@ def test_saelens_loads_saekit_folders_and_gives_the_same_code(arch, normalize, t
     x, _ = _same_outputs(sae, sl)
     z = _saekit_out(sae, x)[0]
     cfg = json.loads((tmp_path / "cfg.json").read_text())
-    assert cfg["metadata"]["training_architecture"] == {"batchtopk": "batchtopk", "matryoshka": "matryoshka_batchtopk",
-                                                         "topk": "topk", "jumprelu": "jumprelu",
-                                                         "relu": "standard"}[arch]
+    assert (
+        cfg["metadata"]["training_architecture"]
+        == {
+            "batchtopk": "batchtopk",
+            "matryoshka": "matryoshka_batchtopk",
+            "topk": "topk",
+            "jumprelu": "jumprelu",
+            "relu": "standard",
+        }[arch]
+    )
     if arch == "matryoshka":
         assert cfg["metadata"]["training_architecture_details"]["matryoshka_widths"][-1] == F
     # the live-object helper goes through the same files
@@ -93,7 +134,7 @@ def test_saelens_loads_saekit_folders_and_gives_the_same_code(arch, normalize, t
         _close(to_saelens(sae).encode(x), z)
 
 
-# -- SAELens -> saekit -------------------------------------------------------------------------------
+# -- SAELens -> saekit -----------------------------------------------------------------------------
 
 INFERENCE = {
     "standard": (StandardSAEConfig, {}, ReLUSAE),
@@ -108,8 +149,11 @@ INFERENCE = {
 @pytest.mark.parametrize("kind", list(INFERENCE))
 def test_saekit_loads_saelens_inference_saes(kind, norm, apply_b_dec, tmp_path):
     cls, extra, ours = INFERENCE[kind]
-    sl = SLSAE.from_dict(cls(d_in=D, d_sae=F, normalize_activations=norm, apply_b_dec_to_input=apply_b_dec,
-                             **extra).to_dict())
+    sl = SLSAE.from_dict(
+        cls(
+            d_in=D, d_sae=F, normalize_activations=norm, apply_b_dec_to_input=apply_b_dec, **extra
+        ).to_dict()
+    )
     _randomise(sl)
     sl.save_model(str(tmp_path))
     sae = load_sae(tmp_path)
@@ -119,8 +163,11 @@ def test_saekit_loads_saelens_inference_saes(kind, norm, apply_b_dec, tmp_path):
 
 TRAINING = {
     "batchtopk": (BatchTopKTrainingSAEConfig, {"k": K}, BatchTopKSAE),
-    "matryoshka_batchtopk": (MatryoshkaBatchTopKTrainingSAEConfig, {"k": K, "matryoshka_widths": [8, 24, F]},
-                             MatryoshkaSAE),
+    "matryoshka_batchtopk": (
+        MatryoshkaBatchTopKTrainingSAEConfig,
+        {"k": K, "matryoshka_widths": [8, 24, F]},
+        MatryoshkaSAE,
+    ),
     "topk": (TopKTrainingSAEConfig, {"k": K}, TopKSAE),
     "jumprelu": (JumpReLUTrainingSAEConfig, {}, JumpReLUSAE),
 }
@@ -131,7 +178,9 @@ TRAINING = {
 def test_saekit_loads_saelens_training_saes(kind, layout, tmp_path):
     """SAELens training SAEs, saved by SAELens both ways (save_inference_model / save_model)."""
     cls, extra, ours = TRAINING[kind]
-    tr = TrainingSAE.from_dict(cls(d_in=D, d_sae=F, normalize_activations="layer_norm", **extra).to_dict())
+    tr = TrainingSAE.from_dict(
+        cls(d_in=D, d_sae=F, normalize_activations="layer_norm", **extra).to_dict()
+    )
     _randomise(tr)
     if hasattr(tr, "topk_threshold"):
         tr.topk_threshold.fill_(0.25)
@@ -154,7 +203,11 @@ def test_saekit_loads_saelens_training_saes(kind, layout, tmp_path):
 
 
 def test_saelens_errors_name_the_unsupported_setting(tmp_path):
-    sl = SLSAE.from_dict(StandardSAEConfig(d_in=D, d_sae=F, normalize_activations="expected_average_only_in").to_dict())
+    sl = SLSAE.from_dict(
+        StandardSAEConfig(
+            d_in=D, d_sae=F, normalize_activations="expected_average_only_in"
+        ).to_dict()
+    )
     sl.save_model(str(tmp_path))
     with pytest.raises(SAEConfigError, match="normalize_activations='expected_average_only_in'"):
         load_sae(tmp_path)
@@ -165,7 +218,8 @@ def test_saelens_errors_name_the_unsupported_setting(tmp_path):
         load_sae(tmp_path)
 
 
-# -- sparsify -> saekit ------------------------------------------------------------------------------
+# -- sparsify -> saekit ----------------------------------------------------------------------------
+
 
 def test_saekit_loads_sparsify_checkpoints_as_topk(tmp_path):
     torch.manual_seed(0)
@@ -188,7 +242,8 @@ def test_saekit_loads_sparsify_checkpoints_as_topk(tmp_path):
 
 @pytest.mark.parametrize("normalize", ["none", "dataset"])
 def test_sparsify_loads_saekit_topk_saes(tmp_path, normalize):
-    """saekit -> sparsify: the files save_sparsify writes load in sparsify with the same code and reconstruction."""
+    """saekit -> sparsify: the files save_sparsify writes load in sparsify with the same code and
+    reconstruction."""
     from saekit.interop import to_sparsify_coder
     from saekit.sae import save_sparsify
 
@@ -196,7 +251,8 @@ def test_sparsify_loads_saekit_topk_saes(tmp_path, normalize):
     sae = make_sae(arch="topk", d_in=D, d_sae=F, k=K, normalize=normalize)
     _randomise(sae)
     with torch.no_grad():
-        sae.input_scale.fill_(0.37)  # folded into the weights for normalize="dataset", unused otherwise
+        # folded into the weights for normalize="dataset", unused otherwise
+        sae.input_scale.fill_(0.37)
     save_sparsify(sae, tmp_path)
     coder = SparseCoder.load_from_disk(tmp_path)
     x = _inputs()
@@ -220,13 +276,16 @@ def test_sparsify_export_refuses_what_sparsify_cannot_express(tmp_path):
 
 
 def test_sparsify_transcoders_get_a_clear_error(tmp_path):
-    coder = SparseCoder(D, SparseCoderConfig(num_latents=F, k=K, skip_connection=True), device="cpu")
+    coder = SparseCoder(
+        D, SparseCoderConfig(num_latents=F, k=K, skip_connection=True), device="cpu"
+    )
     coder.save_to_disk(tmp_path)
     with pytest.raises(SAEConfigError, match="skip connection"):
         load_sae(tmp_path)
 
 
-# -- pretrained releases ---------------------------------------------------------------------------------
+# -- pretrained releases ---------------------------------------------------------------------------
+
 
 def test_load_pretrained_offline_says_the_hub_is_unreachable():
     # conftest sets HF_HUB_OFFLINE=1: no hub here or in CI
@@ -263,11 +322,13 @@ def test_saelens_loads_a_calibrated_folder_and_gives_saekits_code(tmp_path):
             return self.x[s:e]
 
         def head_batches(self, n, batch_size, hook=None):
-            return (self.x[s:min(s + batch_size, n)] for s in range(0, n, batch_size))
+            return (self.x[s : min(s + batch_size, n)] for s in range(0, n, batch_size))
 
     rec = calibrate_folder(tmp_path / "sae", Store(_inputs(seed=2, n=500)), target_l0=3)
     assert rec["l0_after"] == pytest.approx(3, rel=0.01) and rec["theta"] != pytest.approx(0.3)
     cal = load_sae(tmp_path / "sae")
     assert cal.theta_info["source"] == "calibrated" and cal.theta_info["target_l0"] == 3
-    assert json.loads((tmp_path / "sae" / "cfg.json").read_text())["saekit"]["theta"]["store"] == str(tmp_path / "store")
+    assert json.loads((tmp_path / "sae" / "cfg.json").read_text())["saekit"]["theta"][
+        "store"
+    ] == str(tmp_path / "store")
     _same_outputs(cal, SLSAE.load_from_disk(str(tmp_path / "sae")))

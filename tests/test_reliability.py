@@ -1,15 +1,22 @@
-"""The reliability promises through the library: honest splits of local corpora, one writer per folder, shards of
-another capture never folded in, SAE and data checked against each other, settings validated, and a checkpoint
-resumed only by the run that made it."""
+"""The reliability promises through the library: honest splits of local corpora, one writer per
+folder, shards of another capture never folded in, SAE and data checked against each other, settings
+validated, and a checkpoint resumed only by the run that made it."""
+
 import json
 
 import pytest
 import torch
-
 from conftest import HOOK
+
 from saekit.activations import ActivationStore, StoreError, capture
-from saekit.checks import DataMismatchError, NonFiniteError, hook_on_model, hook_on_store, require_finite
-from saekit.data import CorpusError, LOCAL_TEST_FRACTION, load_corpus, packed_corpus
+from saekit.checks import (
+    DataMismatchError,
+    NonFiniteError,
+    hook_on_model,
+    hook_on_store,
+    require_finite,
+)
+from saekit.data import LOCAL_TEST_FRACTION, CorpusError, load_corpus, packed_corpus
 from saekit.locks import LockError, writer_lock
 from saekit.sae import SAEConfig, make_sae
 from saekit.train import TrainConfig, TrainingError, train
@@ -45,7 +52,9 @@ def test_files_or_a_column_define_the_splits_where_they_can(tmp_path):
     folder = tmp_path / "corpus"
     folder.mkdir()
     for split, n in (("train", 8), ("test", 3)):
-        (folder / f"{split}.jsonl").write_text("".join(json.dumps({"text": f"{split} {i}"}) + "\n" for i in range(n)))
+        (folder / f"{split}.jsonl").write_text(
+            "".join(json.dumps({"text": f"{split} {i}"}) + "\n" for i in range(n))
+        )
     assert _texts(load_corpus(str(folder), split="test")) == {f"test {i}" for i in range(3)}
     assert len(load_corpus(str(folder), split="all")) == 11
     with pytest.raises(CorpusError, match="no 'validation' split.*test, train"):
@@ -54,8 +63,12 @@ def test_files_or_a_column_define_the_splits_where_they_can(tmp_path):
     with pytest.raises(CorpusError, match="some files are named by split"):
         load_corpus(str(folder), split="train")
     col = tmp_path / "col.jsonl"
-    col.write_text("".join(json.dumps({"text": f"t{i}", "split": "train" if i % 3 else "test"}) + "\n"
-                           for i in range(12)))
+    col.write_text(
+        "".join(
+            json.dumps({"text": f"t{i}", "split": "train" if i % 3 else "test"}) + "\n"
+            for i in range(12)
+        )
+    )
     assert _texts(load_corpus(str(col), split="test")) == {"t0", "t3", "t6", "t9"}
     with pytest.raises(CorpusError, match="`split` column holds test, train"):
         load_corpus(str(col), split="dev")
@@ -84,31 +97,46 @@ def test_a_lock_held_elsewhere_is_named(tmp_path):
 
 def test_a_completion_record_of_other_tokens_is_not_folded(model, packed, tmp_path):
     out = tmp_path / "store"
-    store = capture(model, packed.head(8), HOOK, out, batch_size=8, shard_tokens=128, progress=False)
+    store = capture(
+        model, packed.head(8), HOOK, out, batch_size=8, shard_tokens=128, progress=False
+    )
     n = len(store.shards)
     manifest = json.loads((out / "manifest.json").read_text())
     last = manifest["shards"][-1]["index"]
     record = json.loads((out / "shards" / f"{last:05d}.done.json").read_text())
-    (out / "shards" / f"{last:05d}.done.json").write_text(json.dumps({**record, "tokens_sha256": "f" * 64}))
+    (out / "shards" / f"{last:05d}.done.json").write_text(
+        json.dumps({**record, "tokens_sha256": "f" * 64})
+    )
     manifest.update(shards=manifest["shards"][:-1], complete=False)
     (out / "manifest.json").write_text(json.dumps(manifest))
     from saekit.activations.capture import _fold_done
 
     folded = _fold_done(out, manifest, n)
     assert len(folded["shards"]) == n - 1 and not folded["complete"]
-    again = capture(model, packed.head(8), HOOK, out, batch_size=8, shard_tokens=128, progress=False)
-    assert again.manifest["complete"] and len(again.shards) == n  # the foreign shard was captured again
+    again = capture(
+        model, packed.head(8), HOOK, out, batch_size=8, shard_tokens=128, progress=False
+    )
+    # the foreign shard was captured again
+    assert again.manifest["complete"] and len(again.shards) == n
 
 
 def test_the_sae_and_its_data_are_checked_against_each_other(store, model):
-    sae = make_sae(arch="batchtopk", d_in=576, d_sae=1152, k=8, hook_name=HOOK, model_name=store.manifest["model"])
+    sae = make_sae(
+        arch="batchtopk",
+        d_in=576,
+        d_sae=1152,
+        k=8,
+        hook_name=HOOK,
+        model_name=store.manifest["model"],
+    )
     assert hook_on_store(sae, store) == HOOK
     assert hook_on_model(sae, model) == HOOK
     with pytest.raises(DataMismatchError, match=f"trained at '{HOOK}'.*'mlp_out.3'"):
         hook_on_store(sae, store, "mlp_out.3")
     assert hook_on_store(sae, store, "mlp_out.3", allow_mismatch=True) == "mlp_out.3"
     with pytest.raises(DataMismatchError, match="no activations at the hook asked for 'mlp_out.4'"):
-        hook_on_store(sae, store, "mlp_out.4", allow_mismatch=True)  # never a fallback, even on purpose
+        # never a fallback, even on purpose
+        hook_on_store(sae, store, "mlp_out.4", allow_mismatch=True)
     other = make_sae(arch="batchtopk", d_in=576, d_sae=1152, k=8, hook_name=HOOK, model_name="gpt2")
     with pytest.raises(DataMismatchError, match="model 'gpt2'"):
         hook_on_store(other, store)
@@ -134,8 +162,18 @@ def test_non_finite_rows_are_named_by_shard_and_row(store):
         require_finite(x, what="the text")
 
 
-@pytest.mark.parametrize("field, value", [("batch_size", 0), ("total_tokens", -5), ("lr", -1.0), ("lr", 0.0),
-                                          ("checkpoint_every", -1), ("decay_frac", 1.5), ("keep_checkpoints", 0)])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("batch_size", 0),
+        ("total_tokens", -5),
+        ("lr", -1.0),
+        ("lr", 0.0),
+        ("checkpoint_every", -1),
+        ("decay_frac", 1.5),
+        ("keep_checkpoints", 0),
+    ],
+)
 def test_training_settings_are_validated(field, value):
     with pytest.raises(TrainingError, match=f"{field}={value!r}"):
         TrainConfig(**{field: value})
@@ -151,8 +189,11 @@ def test_resume_names_every_difference(tmp_path):
     with pytest.raises(TrainingError, match=r"the training data: tensor \[1024, 16\]"):
         train(x + 1, cfg, TrainConfig(**tc), out=tmp_path)
     with pytest.raises(TrainingError, match="SAE 0's k: 4 then, 5 now"):
-        train(x, SAEConfig(arch="batchtopk", d_in=16, d_sae=64, k=5), TrainConfig(**tc), out=tmp_path)
-    res = train(x, cfg, TrainConfig(**tc), out=tmp_path)  # the same run resumes (here: it had finished)
+        train(
+            x, SAEConfig(arch="batchtopk", d_in=16, d_sae=64, k=5), TrainConfig(**tc), out=tmp_path
+        )
+    # the same run resumes (here: it had finished)
+    res = train(x, cfg, TrainConfig(**tc), out=tmp_path)
     assert res.steps == 4
 
 
@@ -165,8 +206,17 @@ def test_a_store_without_the_sae_hook_and_several_hooks_needs_one_named(store):
         ActivationStore(store.path, "nonexistent")
 
 
-@pytest.mark.parametrize("field, value", [("k_aux", 0), ("dead_tokens", 0), ("threshold_beta", 1.0),
-                                          ("l1_coeff", -1.0), ("target_l0", 0.0), ("jumprelu_bandwidth", 0.0)])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("k_aux", 0),
+        ("dead_tokens", 0),
+        ("threshold_beta", 1.0),
+        ("l1_coeff", -1.0),
+        ("target_l0", 0.0),
+        ("jumprelu_bandwidth", 0.0),
+    ],
+)
 def test_sae_settings_are_validated(field, value):
     from saekit.sae import SAEConfigError
 

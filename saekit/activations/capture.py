@@ -1,13 +1,15 @@
-"""Capture activations with nnsight into a resumable store (see store.py for the layout): one forward per batch
-for any number of hook points, stopped after the last; shards of whole sequences written atomically."""
+"""Capture activations with nnsight into a resumable store (see store.py for the layout): one
+forward per batch for any number of hook points, stopped after the last; shards of whole
+sequences written atomically."""
+
 from __future__ import annotations
 
 import contextlib
 import json
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -26,14 +28,19 @@ def _check_finite(acts: torch.Tensor, hook: str, seq_start: int) -> None:
     if not torch.isfinite(acts).all():
         bad = (~torch.isfinite(acts)).any(-1).nonzero()[0].tolist()
         raise StoreError(
-            f"NaN/inf activations at hook {hook}, sequence {seq_start + bad[0]}, position {bad[1]}: the model "
-            f"overflowed (try dtype=float32 for the model) or the input is corrupt; nothing was written for this shard"
+            f"NaN/inf activations at hook {hook}, sequence {seq_start + bad[0]}, position "
+            f"{bad[1]}: the model "
+            "overflowed (try dtype=float32 for the model) or the input is corrupt; nothing was "
+            "written for this shard"
         )
 
 
 @torch.no_grad()
-def forward_hooks(model, input_ids: torch.Tensor, hooks: Sequence[HookPoint], attention_mask=None) -> list[torch.Tensor]:
-    """One nnsight trace that reads every hook and stops after the last one. Returns [B, T, d] each."""
+def forward_hooks(
+    model, input_ids: torch.Tensor, hooks: Sequence[HookPoint], attention_mask=None
+) -> list[torch.Tensor]:
+    """One nnsight trace that reads every hook and stops after the last one. Returns [B, T, d]
+    each."""
     order = sorted(range(len(hooks)), key=lambda i: hooks[i].order)
     inputs = {"input_ids": input_ids}
     if attention_mask is not None:
@@ -49,7 +56,8 @@ def forward_hooks(model, input_ids: torch.Tensor, hooks: Sequence[HookPoint], at
 
 
 def store_bytes(packed: PackedTokens, n_hooks: int, dtype: str, width: int) -> int:
-    """About how many bytes a capture of `packed` writes: activations, positions, tokens and document ids."""
+    """About how many bytes a capture of `packed` writes: activations, positions, tokens and
+    document ids."""
     return packed.n_kept * (n_hooks * width * DTYPES[dtype].itemsize + 8) + packed.tokens.size * 8
 
 
@@ -57,18 +65,29 @@ def _plan_shards(n_seq: int, shard_sequences: int) -> list[tuple[int, int]]:
     return [(s, min(s + shard_sequences, n_seq)) for s in range(0, n_seq, shard_sequences)]
 
 
-def capture(model, packed: PackedTokens, hooks: str | Sequence[str], out: str | Path, n_tokens: int | None = None,
-            batch_size: int = 16, dtype: str = "float16", shard_tokens: int = 32_768, overwrite: bool = False,
-            progress: bool = True, corpus_info: dict | None = None) -> "ActivationStore":
+def capture(
+    model,
+    packed: PackedTokens,
+    hooks: str | Sequence[str],
+    out: str | Path,
+    n_tokens: int | None = None,
+    batch_size: int = 16,
+    dtype: str = "float16",
+    shard_tokens: int = 32_768,
+    overwrite: bool = False,
+    progress: bool = True,
+    corpus_info: dict | None = None,
+) -> ActivationStore:
     """Run the model over `packed` sequences and store the activations at `hooks` under `out`.
 
     n_tokens: stop after at least this many kept positions (None: the whole packed corpus).
     A store already at `out` from the same model, hooks, dtype and tokens is resumed.
-    Under torchrun (torch.distributed initialised) every rank calls this with the same arguments: rank 0 opens or
-    starts the store, the shards still to do are dealt out round-robin (shard i of the to-do list to rank
-    i % world), each rank writes only its own shard files and a completion record per shard, and rank 0 folds
-    the records into the manifest, finishing it once every rank is done. A killed capture resumes with any
-    number of ranks: the to-do list is whatever shard has no completion record.
+    Under torchrun (torch.distributed initialised) every rank calls this with the same arguments:
+    rank 0 opens or starts the store, the shards still to do are dealt out round-robin (shard i of
+    the to-do list to rank i % world), each rank writes only its own shard files and a completion
+    record per shard, and rank 0 folds the records into the manifest, finishing it once every rank
+    is done. A killed capture resumes with any number of ranks: the to-do list is whatever shard has
+    no completion record.
     """
     if dtype not in DTYPES:
         raise StoreError(f"unknown store dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
@@ -82,43 +101,93 @@ def capture(model, packed: PackedTokens, hooks: str | Sequence[str], out: str | 
             raise StoreError(f"n_tokens must be positive, got {n_tokens}")
         n_seq = packed.sequences_for(n_tokens)
         if packed.n_kept < n_tokens and distributed.rank() == 0:
-            warnings.warn(f"the corpus holds only {packed.n_kept:,} tokens (asked for {n_tokens:,}); capturing all of them")
+            warnings.warn(
+                f"the corpus holds only {packed.n_kept:,} tokens (asked for {n_tokens:,}); "
+                "capturing all of them",
+                stacklevel=2,
+            )
         packed = packed.head(n_seq)
     seq_len = packed.seq_len
     manifest = {
-        "format": FORMAT, "format_version": 1, "saekit_version": saekit_version(),
-        "model": model_name(model), "hooks": hooks, "d_model": None, "dtype": dtype,
-        "seq_len": seq_len, "n_sequences": packed.n_sequences, "drop_bos": bool(packed.meta.get("drop_bos", True)),
-        "bos_token_id": packed.bos_token_id, "pad_token_id": packed.pad_token_id,
-        "corpus": {**{k: v for k, v in packed.meta.items() if k in ("corpus", "split", "split_rule", "text_field", "n_documents", "sampling", "part")},
-                   **(corpus_info or {})},
-        "tokens_sha256": packed.sha256(), "shard_sequences": max(1, shard_tokens // seq_len),
-        "shards": [], "n_rows": 0, "complete": False,
+        "format": FORMAT,
+        "format_version": 1,
+        "saekit_version": saekit_version(),
+        "model": model_name(model),
+        "hooks": hooks,
+        "d_model": None,
+        "dtype": dtype,
+        "seq_len": seq_len,
+        "n_sequences": packed.n_sequences,
+        "drop_bos": bool(packed.meta.get("drop_bos", True)),
+        "bos_token_id": packed.bos_token_id,
+        "pad_token_id": packed.pad_token_id,
+        "corpus": {
+            **{
+                k: v
+                for k, v in packed.meta.items()
+                if k
+                in (
+                    "corpus",
+                    "split",
+                    "split_rule",
+                    "text_field",
+                    "n_documents",
+                    "sampling",
+                    "part",
+                )
+            },
+            **(corpus_info or {}),
+        },
+        "tokens_sha256": packed.sha256(),
+        "shard_sequences": max(1, shard_tokens // seq_len),
+        "shards": [],
+        "n_rows": 0,
+        "complete": False,
     }
     need = store_bytes(packed, len(points), dtype, d_model(model))
     with contextlib.ExitStack() as held:
-        def start() -> dict:  # rank 0 holds the store's writer lock for the whole job; a second writer is refused
+        # rank 0 holds the store's writer lock for the whole job; a second writer is refused
+        def start() -> dict:
             prepare_output(out, 0, "store folder")
             held.enter_context(writer_lock(out, "capture"))
             return _open_or_start(out, manifest, packed, overwrite, need)
 
         manifest = distributed.on_rank0(start)
         if not manifest.get("complete"):
-            _capture_shards(model, packed, hooks, points, out, manifest, batch_size, dtype, progress)
+            _capture_shards(
+                model, packed, hooks, points, out, manifest, batch_size, dtype, progress
+            )
     return ActivationStore(out)
 
 
-def _capture_shards(model, packed: PackedTokens, hooks: list[str], points: list[HookPoint], out: Path,
-                    manifest: dict, batch_size: int, dtype: str, progress: bool) -> None:
-    """This rank's share of the shards still to do, each written whole, then (rank 0) the manifest folded."""
-    plan = _plan_shards(packed.n_sequences, manifest["shard_sequences"])  # a resumed store keeps its shard layout
+def _capture_shards(
+    model,
+    packed: PackedTokens,
+    hooks: list[str],
+    points: list[HookPoint],
+    out: Path,
+    manifest: dict,
+    batch_size: int,
+    dtype: str,
+    progress: bool,
+) -> None:
+    """This rank's share of the shards still to do, each written whole, then (rank 0) the
+    manifest folded."""
+    # a resumed store keeps its shard layout
+    plan = _plan_shards(packed.n_sequences, manifest["shard_sequences"])
     done = {s["index"] for s in manifest["shards"]}
     rank, world = distributed.rank(), distributed.world_size()
     todo = [(i, s, e) for i, (s, e) in enumerate(plan) if i not in done][rank::world]
     device = next(underlying(model).parameters()).device
     total = sum(int(packed.keep[s:e].sum()) for _, s, e in todo)
     who = f" (rank {rank} of {world})" if world > 1 else ""
-    bar = tqdm(total=total, unit="tok", desc=f"capture {','.join(hooks)}{who}", disable=not progress, smoothing=0.1)
+    bar = tqdm(
+        total=total,
+        unit="tok",
+        desc=f"capture {','.join(hooks)}{who}",
+        disable=not progress,
+        smoothing=0.1,
+    )
     store_dtype = DTYPES[dtype]
     try:
         for index, s, e in todo:
@@ -128,7 +197,8 @@ def _capture_shards(model, packed: PackedTokens, hooks: list[str], points: list[
                 be = min(b + batch_size, e)
                 ids = torch.from_numpy(packed.tokens[b:be].astype(np.int64)).to(device)
                 keep = torch.from_numpy(packed.keep[b:be])
-                # padding only fills a row's tail, so causal attention keeps it out of every kept position
+                # padding only fills a row's tail, so causal attention keeps it out of every kept
+                # position
                 acts = forward_hooks(model, ids, points)
                 for j, a in enumerate(acts):
                     a = a.detach().to("cpu")
@@ -143,9 +213,18 @@ def _capture_shards(model, packed: PackedTokens, hooks: list[str], points: list[
                 arr = arr.view(torch.uint16) if dtype == "bfloat16" else arr
                 atomic_save_npy(out / "shards" / f"{index:05d}.{hook_file(h)}.npy", arr.numpy())
             atomic_save_npy(out / "shards" / f"{index:05d}.pos.npy", pos)
-            atomic_write_json(out / "shards" / f"{index:05d}.done.json",  # written last: the shard is whole
-                              {"index": index, "seq_start": s, "seq_end": e, "n_rows": int(pos.shape[0]),
-                               "d_model": int(parts[0][0].shape[-1]), "tokens_sha256": manifest["tokens_sha256"]})
+            # written last: the shard is whole
+            atomic_write_json(
+                out / "shards" / f"{index:05d}.done.json",
+                {
+                    "index": index,
+                    "seq_start": s,
+                    "seq_end": e,
+                    "n_rows": int(pos.shape[0]),
+                    "d_model": int(parts[0][0].shape[-1]),
+                    "tokens_sha256": manifest["tokens_sha256"],
+                },
+            )
             if rank == 0:
                 manifest = _fold_done(out, manifest, len(plan))
                 bar.set_postfix(shards=f"{len(manifest['shards'])}/{len(plan)}")
@@ -155,23 +234,30 @@ def _capture_shards(model, packed: PackedTokens, hooks: list[str], points: list[
     distributed.on_rank0(lambda: _fold_done(out, manifest, len(plan)))
 
 
-def _open_or_start(out: Path, manifest: dict, packed: PackedTokens, overwrite: bool, need_bytes: int) -> dict:
-    """Rank 0: check a store already at `out` is this capture and fold in its finished shards, or start one (after
-    checking the folder takes the store's size)."""
+def _open_or_start(
+    out: Path, manifest: dict, packed: PackedTokens, overwrite: bool, need_bytes: int
+) -> dict:
+    """Rank 0: check a store already at `out` is this capture and fold in its finished shards, or
+    start one (after checking the folder takes the store's size)."""
     mpath = out / "manifest.json"
     if mpath.exists() and not overwrite:
         old = read_manifest(out)
-        keys = ("model", "hooks", "dtype", "seq_len", "tokens_sha256")  # what was captured, not how it was split
+        # what was captured, not how it was split
+        keys = ("model", "hooks", "dtype", "seq_len", "tokens_sha256")
         diff = [k for k in keys if old.get(k) != manifest[k]]
         if diff:
             raise StoreError(
-                f"{out} already holds a different capture (differs in: {', '.join(diff)}). Choose another output "
+                f"{out} already holds a different capture (differs in: {', '.join(diff)}). Choose "
+                "another output "
                 f"folder, or pass overwrite=True (--overwrite) to replace it."
             )
         for stale in out.glob("shards/.*.tmp"):  # a write a kill cut short
             stale.unlink(missing_ok=True)
-        return old if old.get("complete") else \
-            _fold_done(out, old, len(_plan_shards(old["n_sequences"], old["shard_sequences"])))
+        return (
+            old
+            if old.get("complete")
+            else _fold_done(out, old, len(_plan_shards(old["n_sequences"], old["shard_sequences"])))
+        )
     if overwrite and out.exists():
         for p in list(out.glob("shards/*.npy")) + list(out.glob("shards/*.done.json")) + [mpath]:
             p.unlink(missing_ok=True)
@@ -183,53 +269,113 @@ def _open_or_start(out: Path, manifest: dict, packed: PackedTokens, overwrite: b
 
 
 def _fold_done(out: Path, manifest: dict, n_plan: int) -> dict:
-    """Rank 0: the manifest with every shard that has a completion record (and all its files), written atomically."""
+    """Rank 0: the manifest with every shard that has a completion record (and all its files),
+    written atomically."""
     listed = {s["index"] for s in manifest["shards"]}
     shards = list(manifest["shards"])
     for rec_path in sorted(out.glob("shards/*.done.json")):
         rec = json.loads(rec_path.read_text())
         i = rec["index"]
-        if rec.get("tokens_sha256") != manifest["tokens_sha256"]:  # another capture's shard: captured again
+        # another capture's shard: captured again
+        if rec.get("tokens_sha256") != manifest["tokens_sha256"]:
             continue
-        files = [out / "shards" / f"{i:05d}.{hook_file(h)}.npy" for h in manifest["hooks"] + ["pos"]]
+        files = [
+            out / "shards" / f"{i:05d}.{hook_file(h)}.npy" for h in manifest["hooks"] + ["pos"]
+        ]
         if i not in listed and all(f.exists() for f in files):
-            shards.append({k: rec[k] for k in ("index", "seq_start", "seq_end", "n_rows", "tokens_sha256")})
+            shards.append(
+                {k: rec[k] for k in ("index", "seq_start", "seq_end", "n_rows", "tokens_sha256")}
+            )
             manifest["d_model"] = rec["d_model"]
     shards.sort(key=lambda x: x["index"])
-    manifest = {**manifest, "shards": shards, "n_rows": sum(x["n_rows"] for x in shards),
-                "complete": len(shards) == n_plan}
+    manifest = {
+        **manifest,
+        "shards": shards,
+        "n_rows": sum(x["n_rows"] for x in shards),
+        "complete": len(shards) == n_plan,
+    }
     atomic_write_json(out / "manifest.json", manifest)
     return manifest
 
 
-def capture_splits(model, hook: str, out: str | Path, train_tokens: int, test_tokens: int, seq_len: int = 128,
-                   batch_size: int = 16, corpus: str | None = None, progress: bool = True, seed: int = 0,
-                   calib_tokens: int = 0):
-    """Capture the bundled (or named) corpus's train and test splits at `hook` into out/store_train and
-    out/store_test, each a sample of documents from across its split (seeded random order); finished
-    stores are reused and interrupted ones resumed. Returns (train, test).
+def capture_splits(
+    model,
+    hook: str,
+    out: str | Path,
+    train_tokens: int,
+    test_tokens: int,
+    seq_len: int = 128,
+    batch_size: int = 16,
+    corpus: str | None = None,
+    progress: bool = True,
+    seed: int = 0,
+    calib_tokens: int = 0,
+):
+    """Capture the bundled (or named) corpus's train and test splits at `hook` into out/store_train
+    and out/store_test, each a sample of documents from across its split (seeded random order);
+    finished stores are reused and interrupted ones resumed. Returns (train, test).
 
-    calib_tokens > 0 also captures out/store_calib from the train split's documents that come next in the
-    same random order, i.e. text the SAE is not trained on (the store to calibrate theta on), and returns
-    (train, test, calib)."""
+    calib_tokens > 0 also captures out/store_calib from the train split's documents that come next
+    in the same random order, i.e. text the SAE is not trained on (the store to calibrate theta on),
+    and returns (train, test, calib)."""
     out = Path(out)
-    train_packed = packed_corpus(model.tokenizer, corpus, split="train", seq_len=seq_len,
-                                 max_tokens=train_tokens + calib_tokens + (seq_len if calib_tokens else 0), seed=seed)
+    train_packed = packed_corpus(
+        model.tokenizer,
+        corpus,
+        split="train",
+        seq_len=seq_len,
+        max_tokens=train_tokens + calib_tokens + (seq_len if calib_tokens else 0),
+        seed=seed,
+    )
     n_train = train_packed.sequences_for(train_tokens)
-    parts = [("train", train_packed.head(n_train), train_tokens),
-             ("test", packed_corpus(model.tokenizer, corpus, split="test", seq_len=seq_len, max_tokens=test_tokens,
-                                    seed=seed), test_tokens)]
+    parts = [
+        ("train", train_packed.head(n_train), train_tokens),
+        (
+            "test",
+            packed_corpus(
+                model.tokenizer,
+                corpus,
+                split="test",
+                seq_len=seq_len,
+                max_tokens=test_tokens,
+                seed=seed,
+            ),
+            test_tokens,
+        ),
+    ]
     if calib_tokens:
-        parts.append(("calib", train_packed.sequences(n_train, train_packed.n_sequences), calib_tokens))
-    return tuple(capture(model, packed, hook, out / f"store_{name}", n_tokens=n, batch_size=batch_size,
-                         progress=progress) for name, packed, n in parts)
+        parts.append(
+            ("calib", train_packed.sequences(n_train, train_packed.n_sequences), calib_tokens)
+        )
+    return tuple(
+        capture(
+            model,
+            packed,
+            hook,
+            out / f"store_{name}",
+            n_tokens=n,
+            batch_size=batch_size,
+            progress=progress,
+        )
+        for name, packed, n in parts
+    )
 
 
-def capture_throughput(model, packed: PackedTokens, hook: str, batch_size: int = 16, n_batches_: int = 4,
-                       stop: bool = True) -> float:
-    """Tokens/s of the capture forward (stop=True) or of a full forward (stop=False); for benchmarks."""
+def capture_throughput(
+    model,
+    packed: PackedTokens,
+    hook: str,
+    batch_size: int = 16,
+    n_batches_: int = 4,
+    stop: bool = True,
+) -> float:
+    """Tokens/s of the capture forward (stop=True) or of a full forward (stop=False); for
+    benchmarks."""
     point = resolve_hook(model, hook)
-    ids = torch.from_numpy(packed.tokens[:batch_size].astype(np.int64)).to(next(underlying(model).parameters()).device)
+    ids = torch.from_numpy(packed.tokens[:batch_size].astype(np.int64)).to(
+        next(underlying(model).parameters()).device
+    )
+
     def run():
         if stop:
             forward_hooks(model, ids, [point])

@@ -1,44 +1,40 @@
-"""Activation stores in the ecosystem's formats: open any store folder by what its files say, read a SAELens
-activation cache as a store, and export a saekit store as one.
+"""Activation stores in the ecosystem's formats: open any store folder by what its files say, read a
+SAELens activation cache as a store, and export a saekit store as one.
 
 A SAELens activation cache is the `datasets` folder that SAELens's `CacheActivationsRunner` writes
 (`dataset_info.json`, `state.json`, `data-*.arrow`): one row per context, an `Array2D` column
-[context_size, d_in] per hook (named the TransformerLens way, `blocks.15.hook_resid_post`) and an optional
-`token_ids` column [context_size]. Reading it: the arrow files are memory-mapped and each record batch is one
-shard, so batches come from the same bounded shuffle buffer as a saekit store. Hook columns are offered under
-saekit's names (`resid_post.15`) as well as their own. BOS positions are dropped as saekit drops them: when every
-context starts with the same token (SAELens's prepend_bos), that token is the BOS and its positions hold no
-training row.
+[context_size, d_in] per hook (named the TransformerLens way, `blocks.15.hook_resid_post`) and an
+optional `token_ids` column [context_size]. Reading it: the arrow files are memory-mapped and each
+record batch is one shard, so batches come from the same bounded shuffle buffer as a saekit store.
+Hook columns are offered under saekit's names (`resid_post.15`) as well as their own. BOS positions
+are dropped as saekit drops them: when every context starts with the same token (SAELens's
+prepend_bos), that token is the BOS and its positions hold no training row.
 
-Exporting: saekit stores hold no BOS or padding rows, so the export packs the stored rows, in (sequence,
-position) order, into SAELens rows of `context_size` consecutive stored tokens (default: the store's positions
-per sequence, seq_len - 1 when BOS was dropped); the tail that does not fill a row is left out and reported.
-The export also carries saekit's side files (`saekit_manifest.json`, `saekit_positions.npy`, `tokens.npy`,
-`doc_ids.npy`), which SAELens ignores and saekit reads back, so a round trip keeps every row's (sequence,
-position) and the text for the CE metrics and feature contexts.
+Exporting: saekit stores hold no BOS or padding rows, so the export packs the stored rows, in
+(sequence, position) order, into SAELens rows of `context_size` consecutive stored tokens (default:
+the store's positions per sequence, seq_len - 1 when BOS was dropped); the tail that does not fill a
+row is left out and reported. The export also carries saekit's side files (`saekit_manifest.json`,
+`saekit_positions.npy`, `tokens.npy`, `doc_ids.npy`), which SAELens ignores and saekit reads back,
+so a round trip keeps every row's (sequence, position) and the text for the CE metrics and feature
+contexts.
 """
+
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
-import torch
-from tqdm.auto import tqdm
 
-from ..files import atomic_save_npy, atomic_write_json, prepare_output, require_space
-from ..locks import writer_lock
 from ..models import saekit_hook_name, saelens_hook_name  # noqa: F401  (re-exported)
 from .store import FORMAT, ActivationStore, StoreError
 
 SAELENS_FORMAT = "saelens-cache"
 FORMATS = {
     FORMAT: "a saekit store (manifest.json, written by `saekit capture`)",
-    SAELENS_FORMAT: "a SAELens activation cache (a `datasets` folder with dataset_info.json and state.json, written "
-                    "by SAELens's CacheActivationsRunner or `saekit export-store --format saelens`)",
+    SAELENS_FORMAT: "a SAELens activation cache (a `datasets` folder with dataset_info.json and "
+    "state.json, written "
+    "by SAELens's CacheActivationsRunner or `saekit export-store --format saelens`)",
 }
 _SIDE_MANIFEST = "saekit_manifest.json"
 _SIDE_POSITIONS = "saekit_positions.npy"
@@ -46,16 +42,26 @@ _ARRAY_DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
 def store_format(path: str | Path) -> str:
-    """Which format the folder holds, from its own files; a clear error naming the formats otherwise."""
+    """Which format the folder holds, from its own files; a clear error naming the formats
+    otherwise."""
     path = Path(path)
     if (path / "manifest.json").exists():
         return FORMAT
     if (path / "dataset_info.json").exists() and (path / "state.json").exists():
         return SAELENS_FORMAT
-    what = "does not exist" if not path.exists() else "is not a folder" if not path.is_dir() else \
-        f"holds neither format's files (it has: {', '.join(sorted(p.name for p in path.iterdir())[:8]) or 'nothing'})"
-    raise StoreError(f"{path} {what}. An activation store is one of: " + "; ".join(FORMATS.values()) +
-                     ". Make one with `saekit capture`.")
+    what = (
+        "does not exist"
+        if not path.exists()
+        else "is not a folder"
+        if not path.is_dir()
+        else "holds neither format's files (it has: "
+        f"{', '.join(sorted(p.name for p in path.iterdir())[:8]) or 'nothing'})"
+    )
+    raise StoreError(
+        f"{path} {what}. An activation store is one of: "
+        + "; ".join(FORMATS.values())
+        + ". Make one with `saekit capture`."
+    )
 
 
 def open_store(path: str | Path, hook: str | None = None) -> ActivationStore:
@@ -75,7 +81,8 @@ class _KeptRows:
 
 
 class SAELensCache(ActivationStore):
-    """A SAELens activation cache read as an ActivationStore (same batches, rows, positions, tokens)."""
+    """A SAELens activation cache read as an ActivationStore (same batches, rows, positions,
+    tokens)."""
 
     def __init__(self, path: str | Path, hook: str | None = None):
         import datasets
@@ -84,23 +91,39 @@ class SAELensCache(ActivationStore):
         try:
             self.dataset = datasets.load_from_disk(str(self.path))
         except Exception as e:  # datasets raises several types for a damaged folder
-            raise StoreError(f"{self.path} looks like a SAELens activation cache but `datasets` cannot open it ({e}); "
-                             f"re-create it (SAELens's CacheActivationsRunner or `saekit export-store`)") from e
+            raise StoreError(
+                f"{self.path} looks like a SAELens activation cache but `datasets` cannot open it "
+                f"({e}); "
+                f"re-create it (SAELens's CacheActivationsRunner or `saekit export-store`)"
+            ) from e
         if isinstance(self.dataset, datasets.DatasetDict):
-            raise StoreError(f"{self.path} holds a DatasetDict ({list(self.dataset)}); point --store at one split's folder")
+            raise StoreError(
+                f"{self.path} holds a DatasetDict ({list(self.dataset)}); point --store at one "
+                "split's folder"
+            )
         feats = self.dataset.features
-        self.columns = {saekit_hook_name(c): c for c, f in feats.items() if isinstance(f, datasets.Array2D)}
+        self.columns = {
+            saekit_hook_name(c): c for c, f in feats.items() if isinstance(f, datasets.Array2D)
+        }
         if not self.columns:
-            raise StoreError(f"{self.path}: no Array2D activation column (columns: {list(feats)}); a SAELens cache has "
-                             f"one per hook, e.g. 'blocks.0.hook_resid_post'")
+            raise StoreError(
+                f"{self.path}: no Array2D activation column (columns: {list(feats)}); a SAELens "
+                "cache has "
+                f"one per hook, e.g. 'blocks.0.hook_resid_post'"
+            )
         shapes = {feats[c].shape for c in self.columns.values()}
         dtypes = {feats[c].dtype for c in self.columns.values()}
         if len(shapes) != 1 or len(dtypes) != 1:
-            raise StoreError(f"{self.path}: hook columns differ in shape {shapes} or dtype {dtypes}")
-        (self.context_size, d), = shapes
-        dtype, = dtypes
+            raise StoreError(
+                f"{self.path}: hook columns differ in shape {shapes} or dtype {dtypes}"
+            )
+        ((self.context_size, d),) = shapes
+        (dtype,) = dtypes
         if dtype not in _ARRAY_DTYPES:
-            raise StoreError(f"{self.path}: activations stored as {dtype}; saekit reads float16 or float32 caches")
+            raise StoreError(
+                f"{self.path}: activations stored as {dtype}; saekit reads float16 or float32 "
+                "caches"
+            )
         self.hooks = list(self.columns)
         self.hook = self.hook_name(hook or self.hooks[0])
         self.dtype, self.d_model = dtype, int(d)
@@ -112,11 +135,14 @@ class SAELensCache(ActivationStore):
         self._maps = {}
 
     def hook_name(self, hook: str | None) -> str:
-        """The hook to read (None: the cache's), by saekit's or the column's own (TransformerLens) name."""
+        """The hook to read (None: the cache's), by saekit's or the column's own
+        (TransformerLens) name."""
         key = saekit_hook_name(hook or self.hook)
         if key not in self.columns:
-            raise StoreError(f"hook '{hook}' is not in SAELens cache {self.path}; it holds "
-                             f"{[f'{k} ({c})' if k != c else k for k, c in self.columns.items()]}")
+            raise StoreError(
+                f"hook '{hook}' is not in SAELens cache {self.path}; it holds "
+                f"{[f'{k} ({c})' if k != c else k for k, c in self.columns.items()]}"
+            )
         return key
 
     def _read_token_ids(self) -> np.ndarray | None:
@@ -126,28 +152,37 @@ class SAELensCache(ActivationStore):
         return col.flatten().to_numpy().reshape(-1, self.context_size).astype(np.int32)
 
     def _plan_shards(self) -> None:
-        """One shard per arrow record batch; the kept flat indices and (sequence, position) of each."""
+        """One shard per arrow record batch; the kept flat indices and (sequence, position) of
+        each."""
         n_seq = len(self.dataset)
         if self.side is not None:
             pos = np.load(self.path / _SIDE_POSITIONS, mmap_mode="r")
             if pos.shape != (n_seq * self.context_size, 2):
-                raise StoreError(f"{self.path}: {_SIDE_POSITIONS} has shape {pos.shape}, the cache holds "
-                                 f"{n_seq} x {self.context_size} rows; re-export the store")
+                raise StoreError(
+                    f"{self.path}: {_SIDE_POSITIONS} has shape {pos.shape}, the cache holds "
+                    f"{n_seq} x {self.context_size} rows; re-export the store"
+                )
             keep = np.ones((n_seq, self.context_size), dtype=bool)
             self.bos_token_id = self.side.get("bos_token_id")
         else:
             toks = self._token_ids
             first = None if toks is None or n_seq < 2 else np.unique(toks[:, 0])
             self.bos_token_id = int(first[0]) if first is not None and len(first) == 1 else None
-            keep = np.ones((n_seq, self.context_size), dtype=bool) if self.bos_token_id is None else toks != self.bos_token_id
+            keep = (
+                np.ones((n_seq, self.context_size), dtype=bool)
+                if self.bos_token_id is None
+                else toks != self.bos_token_id
+            )
             seq, p = np.nonzero(keep)
             pos = np.stack([seq, p], 1).astype(np.int32)
         chunks = self.dataset.data.table.column(self.columns[self.hook]).chunks
         self.shards, self._keep_flat, self._pos, start = [], [], pos, 0
         for i, ch in enumerate(chunks):
             n = len(ch)
-            kflat = np.flatnonzero(keep[start:start + n].ravel())
-            self.shards.append({"index": i, "seq_start": start, "seq_end": start + n, "n_rows": int(len(kflat))})
+            kflat = np.flatnonzero(keep[start : start + n].ravel())
+            self.shards.append(
+                {"index": i, "seq_start": start, "seq_end": start + n, "n_rows": int(len(kflat))}
+            )
             self._keep_flat.append(None if len(kflat) == n * self.context_size else kflat)
             start += n
 
@@ -156,14 +191,26 @@ class SAELensCache(ActivationStore):
         rcfg = json.loads(runner.read_text()) if runner.exists() else {}
         base = dict(self.side or {})
         n_rows = sum(s["n_rows"] for s in self.shards)
-        return {**base, "format": SAELENS_FORMAT, "hooks": self.hooks, "d_model": self.d_model, "dtype": self.dtype,
-                "model": base.get("model") or rcfg.get("model_name"),
-                "seq_len": base.get("seq_len", self.context_size),
-                "n_sequences": base.get("n_sequences", len(self.dataset)),
-                "drop_bos": base.get("drop_bos", self.bos_token_id is not None),
-                "bos_token_id": self.bos_token_id, "pad_token_id": base.get("pad_token_id"),
-                "corpus": base.get("corpus", {"corpus": rcfg.get("dataset_path"), "source": str(self.path)}),
-                "context_size": self.context_size, "shards": self.shards, "n_rows": n_rows, "complete": True}
+        return {
+            **base,
+            "format": SAELENS_FORMAT,
+            "hooks": self.hooks,
+            "d_model": self.d_model,
+            "dtype": self.dtype,
+            "model": base.get("model") or rcfg.get("model_name"),
+            "seq_len": base.get("seq_len", self.context_size),
+            "n_sequences": base.get("n_sequences", len(self.dataset)),
+            "drop_bos": base.get("drop_bos", self.bos_token_id is not None),
+            "bos_token_id": self.bos_token_id,
+            "pad_token_id": base.get("pad_token_id"),
+            "corpus": base.get(
+                "corpus", {"corpus": rcfg.get("dataset_path"), "source": str(self.path)}
+            ),
+            "context_size": self.context_size,
+            "shards": self.shards,
+            "n_rows": n_rows,
+            "complete": True,
+        }
 
     def _open(self, shard: dict, what: str):
         key = (shard["index"], what)
@@ -171,10 +218,15 @@ class SAELensCache(ActivationStore):
             i = shard["index"]
             if what == "pos":
                 before = sum(s["n_rows"] for s in self.shards[:i])
-                self._maps[key] = np.asarray(self._pos[before:before + shard["n_rows"]])
+                self._maps[key] = np.asarray(self._pos[before : before + shard["n_rows"]])
             else:
                 ch = self.dataset.data.table.column(self.columns[what]).chunks[i]
-                flat = ch.storage.flatten().flatten().to_numpy(zero_copy_only=True).reshape(-1, self.d_model)
+                flat = (
+                    ch.storage.flatten()
+                    .flatten()
+                    .to_numpy(zero_copy_only=True)
+                    .reshape(-1, self.d_model)
+                )
                 kflat = self._keep_flat[i]
                 self._maps[key] = flat if kflat is None else _KeptRows(flat, kflat)
         return self._maps[key]
@@ -187,8 +239,12 @@ class SAELensCache(ActivationStore):
         if self.side is not None:
             return np.load(self.path / "tokens.npy", mmap_mode="r")
         if self._token_ids is None:
-            raise StoreError(f"SAELens cache {self.path} has no token_ids column, so there is no text for CE metrics or "
-                             f"feature contexts (pass --no-ce); cache with a SAELens version that stores token_ids")
+            raise StoreError(
+                f"SAELens cache {self.path} has no token_ids column, so there is no text for CE "
+                "metrics or "
+                "feature contexts (pass --no-ce); cache with a SAELens version that stores "
+                "token_ids"
+            )
         return self._token_ids
 
     @property
@@ -199,92 +255,17 @@ class SAELensCache(ActivationStore):
         return np.where(keep, np.arange(keep.shape[0])[:, None], -1).astype(np.int32)
 
 
-def export_store(store: ActivationStore | str | Path, out: str | Path, format: str = "saelens",
-                 context_size: int | None = None, overwrite: bool = False, progress: bool = True) -> Path:
-    """Write `store` as a SAELens activation cache at `out` (atomically: a killed export leaves no `out`).
-
-    context_size: stored tokens per SAELens row (None: the store's kept positions per full sequence).
-    Returns `out`. The export holds OUT's writer lock (saekit.locks) from start to end."""
-    if format != "saelens":
-        raise StoreError(f"unknown export format '{format}'; the one there is: saelens")
-    store = open_store(store) if isinstance(store, (str, Path)) else store
-    out = Path(out)
-    prepare_output(out.parent, 0, "folder of the export")
-    # OUT is replaced whole at the end, so its writer lock lives beside it; a folder already there (a store being
-    # captured, say) is locked as well
-    with writer_lock(out, "export-store", beside=True), contextlib.ExitStack() as held:
-        if out.is_dir():
-            held.enter_context(writer_lock(out, "export-store"))
-        return _export_saelens(store, out, context_size, overwrite, progress)
-
-
-def _export_saelens(store: ActivationStore, out: Path, context_size: int | None, overwrite: bool,
-                    progress: bool) -> Path:
-    import datasets
-
-    if out.exists() and not overwrite:
-        raise StoreError(f"{out} exists; choose another folder or pass --overwrite")
-    m = store.manifest
-    if context_size is None:
-        context_size = int(m.get("context_size") or m["seq_len"] - (1 if m.get("drop_bos", True) else 0))
-    n_ctx = len(store) // context_size
-    if n_ctx == 0:
-        raise StoreError(f"store {store.path} holds {len(store)} rows, fewer than one context of {context_size}")
-    pos = store.positions()
-    key = pos[:, 0].astype(np.int64) * (int(pos[:, 1].max()) + 1) + pos[:, 1]
-    if np.any(np.diff(key) <= 0):
-        raise StoreError(f"store {store.path} is not in (sequence, position) order; it cannot be exported as contexts")
-    dtype = "float16" if store.dtype == "float16" else "float32"
-    np_dtype = _ARRAY_DTYPES[dtype]
-    columns = {saelens_hook_name(h): h for h in store.hooks}
-    features = datasets.Features({**{c: datasets.Array2D(shape=(context_size, store.d_model), dtype=dtype)
-                                     for c in columns},
-                                  "token_ids": datasets.Sequence(datasets.Value("int32"), length=context_size)})
-    toks = np.asarray(store.tokens)
-    require_space(out.parent, 2 * n_ctx * context_size * (store.d_model * np_dtype().itemsize * len(columns) + 4))
-    # (twice the cache: its pieces and their concatenation)
-    rows_per_piece = max(1, (64 << 20) // (context_size * store.d_model * np_dtype().itemsize * len(columns)))
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    pieces = []
-    with _quiet_datasets():
-        for i, s in enumerate(tqdm(range(0, n_ctx, rows_per_piece), desc="export saelens", unit="piece",
-                                   disable=not progress)):
-            e = min(s + rows_per_piece, n_ctx)
-            r0, r1 = s * context_size, e * context_size
-            # float16 is written as it is stored; bfloat16 (numpy has none) and float32 go out as float32
-            piece = {c: store.rows(r0, r1, h).to(torch.float16 if dtype == "float16" else torch.float32).numpy()
-                     .reshape(e - s, context_size, -1) for c, h in columns.items()}
-            piece["token_ids"] = toks[pos[r0:r1, 0], pos[r0:r1, 1]].reshape(e - s, context_size).astype(np.int32)
-            d = datasets.Dataset.from_dict(piece, features=features)
-            d.save_to_disk(str(tmp / "pieces" / f"{i:05d}"))
-            pieces.append(tmp / "pieces" / f"{i:05d}")
-        whole = datasets.concatenate_datasets([datasets.load_from_disk(str(p)) for p in pieces])
-        whole.save_to_disk(str(tmp / "cache"))
-    final = tmp / "cache"
-    atomic_save_npy(final / _SIDE_POSITIONS, pos[:n_ctx * context_size].astype(np.int32))
-    atomic_save_npy(final / "tokens.npy", toks)
-    atomic_save_npy(final / "doc_ids.npy", np.asarray(store.doc_ids))
-    keep = ("model", "seq_len", "n_sequences", "drop_bos", "bos_token_id", "pad_token_id", "corpus", "tokens_sha256")
-    atomic_write_json(final / _SIDE_MANIFEST, {**{k: m.get(k) for k in keep}, "exported_from": str(store.path),
-                                               "saekit_hooks": columns, "context_size": context_size,
-                                               "rows_left_out": len(store) - n_ctx * context_size})
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(final, out)
-    shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
 class _quiet_datasets:
     """Silence datasets' own progress bars while we show ours."""
 
     def __enter__(self):
         import datasets
+
         self.was = datasets.utils.logging.is_progress_bar_enabled()
         datasets.utils.logging.disable_progress_bar()
 
     def __exit__(self, *exc):
         import datasets
+
         if self.was:
             datasets.utils.logging.enable_progress_bar()

@@ -1,8 +1,10 @@
-"""Downstream metrics: the SAE spliced into the model at its hook (nnsight patching): next-token CE with the
-clean activations, with the SAE's reconstruction, zero- and mean-ablated, and KL(clean || spliced)."""
+"""Downstream metrics: the SAE spliced into the model at its hook (nnsight patching): next-token CE
+with the clean activations, with the SAE's reconstruction, zero- and mean-ablated, and KL(clean
+|| spliced)."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -10,11 +12,13 @@ import torch
 from ..sae import SAE
 from .intervals import CE_STATS, STATISTICS, bootstrap_intervals, resample_weights
 
-CE_TOKENS = 16_384  # default scored positions for the CE metrics (intervals narrow enough to compare SAEs)
+# default scored positions for the CE metrics (intervals narrow enough to compare SAEs)
+CE_TOKENS = 16_384
 
 
 def patched_logits(model, ids: torch.Tensor, hook, fn=None) -> torch.Tensor:
-    """Logits [b, T, vocab] of a forward where the hook's value v is replaced by fn(v) (None: clean)."""
+    """Logits [b, T, vocab] of a forward where the hook's value v is replaced by fn(v) (None:
+    clean)."""
     from ..models import envoy
 
     with torch.no_grad():
@@ -35,32 +39,64 @@ def patched_logits(model, ids: torch.Tensor, hook, fn=None) -> torch.Tensor:
 
 def _token_ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy at every position but the last: [b, T-1]."""
-    return torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none"
+    )
 
 
 @torch.no_grad()
-def ce_metrics(sae: SAE, model, tokens, keep, hook: str | None = None, mode: str | None = None,
-               seq_batch: int = 8, mean_activation: torch.Tensor | None = None, progress: bool = False) -> dict:
+def ce_metrics(
+    sae: SAE,
+    model,
+    tokens,
+    keep,
+    hook: str | None = None,
+    mode: str | None = None,
+    seq_batch: int = 8,
+    mean_activation: torch.Tensor | None = None,
+    progress: bool = False,
+) -> dict:
     """CE loss clean / with the SAE spliced in / zero- and mean-ablated, CE recovered, KL.
 
     tokens [n_seq, T] ids, keep [n_seq, T] bool: positions the SAE replaces (BOS and padding stay
     clean) and whose next-token predictions count. Also the `x_hat + error` splice (== clean).
     Point values and 95% bootstrap intervals over sequences ("intervals").
     """
-    return ce_metrics_many([sae], model, tokens, keep, hook=hook, mode=mode, seq_batch=seq_batch,
-                           mean_activation=mean_activation, progress=progress)[0]
+    return ce_metrics_many(
+        [sae],
+        model,
+        tokens,
+        keep,
+        hook=hook,
+        mode=mode,
+        seq_batch=seq_batch,
+        mean_activation=mean_activation,
+        progress=progress,
+    )[0]
 
 
 @torch.no_grad()
-def ce_metrics_many(saes: Sequence[SAE], model, tokens, keep, hook: str | None = None, mode: str | None = None,
-                    seq_batch: int = 8, mean_activation: torch.Tensor | None = None, progress: bool = False,
-                    error_splice: bool | Sequence[bool] = True, seq_index: Sequence[int] | None = None) -> list[dict]:
-    """ce_metrics for several SAEs at one hook: the clean, zero- and mean-ablated forwards (and the mean
-    activation) are computed once and shared; each SAE adds its own spliced forward (and the
-    `x_hat + error` check where error_splice, one flag or one per SAE, says so). Every result carries
-    95% bootstrap intervals over sequences and its per-sequence sums ("_per_sequence"); seq_index names
-    the sequences (default 0..n-1) so two evaluations can be paired."""
-    splice_err = [error_splice] * len(saes) if isinstance(error_splice, bool) else list(error_splice)
+def ce_metrics_many(
+    saes: Sequence[SAE],
+    model,
+    tokens,
+    keep,
+    hook: str | None = None,
+    mode: str | None = None,
+    seq_batch: int = 8,
+    mean_activation: torch.Tensor | None = None,
+    progress: bool = False,
+    error_splice: bool | Sequence[bool] = True,
+    seq_index: Sequence[int] | None = None,
+) -> list[dict]:
+    """ce_metrics for several SAEs at one hook: the clean, zero- and mean-ablated forwards (and the
+    mean activation) are computed once and shared; each SAE adds its own spliced forward (and the
+    `x_hat + error` check where error_splice, one flag or one per SAE, says so). Every result
+    carries 95% bootstrap intervals over sequences and its per-sequence sums ("_per_sequence");
+    seq_index names the sequences (default 0..n-1) so two evaluations can be paired."""
+    splice_err = (
+        [error_splice] * len(saes) if isinstance(error_splice, bool) else list(error_splice)
+    )
     from tqdm.auto import tqdm
 
     from ..models import resolve_hook, underlying
@@ -79,6 +115,7 @@ def ce_metrics_many(saes: Sequence[SAE], model, tokens, keep, hook: str | None =
             new = torch.zeros_like(v)
             new[kb] = recon_fn(v[kb].to(dev).float()).to(v.dtype).to(v.device)
             return torch.where(kb[..., None], new, v)
+
         return fn
 
     if mean_activation is None:  # dataset mean of the hook over these positions (for mean ablation)
@@ -86,15 +123,18 @@ def ce_metrics_many(saes: Sequence[SAE], model, tokens, keep, hook: str | None =
 
         total, count = None, 0
         for b in range(0, tokens.shape[0], seq_batch):
-            v = forward_hooks(model, tokens[b:b + seq_batch].to(device), [hp])[0]
-            kb = keep[b:b + seq_batch].to(v.device)
+            v = forward_hooks(model, tokens[b : b + seq_batch].to(device), [hp])[0]
+            kb = keep[b : b + seq_batch].to(v.device)
             s = v[kb].double().sum(0)
             total = s if total is None else total + s
             count += int(kb.sum())
         mean_activation = (total / max(count, 1)).float()
     n_seq = tokens.shape[0]
     shared = {k: np.zeros(n_seq) for k in ("clean", "zero", "mean", "n")}  # per-sequence sums
-    own = [{k: np.zeros(n_seq) for k in ("sae", "sae_plus_error", "kl_sae", "kl_sae_plus_error")} for _ in saes]
+    own = [
+        {k: np.zeros(n_seq) for k in ("sae", "sae_plus_error", "kl_sae", "kl_sae_plus_error")}
+        for _ in saes
+    ]
     bar = tqdm(range(0, n_seq, seq_batch), desc="CE", disable=not progress)
 
     def per_row(v: torch.Tensor, target: torch.Tensor) -> np.ndarray:
@@ -102,22 +142,28 @@ def ce_metrics_many(saes: Sequence[SAE], model, tokens, keep, hook: str | None =
 
     try:
         for b in bar:
-            ids = tokens[b:b + seq_batch].to(device)
-            keep_b = keep[b:b + seq_batch]
+            ids = tokens[b : b + seq_batch].to(device)
+            keep_b = keep[b : b + seq_batch]
             rows = slice(b, b + ids.shape[0])
             target = keep_b[:, 1:].to(device)
             clean = patched_logits(model, ids, hp)
             logp_clean = clean.log_softmax(-1)
             shared["clean"][rows] += per_row(_token_ce(clean, ids), target)
             shared["n"][rows] += target.sum(1).cpu().numpy()
-            for name, fn in (("zero", lambda x: torch.zeros_like(x)),
-                             ("mean", lambda x: mean_activation.to(x.device).expand_as(x))):
-                shared[name][rows] += per_row(_token_ce(patched_logits(model, ids, hp, splice(fn, device)), ids), target)
+            for name, fn in (
+                ("zero", lambda x: torch.zeros_like(x)),
+                ("mean", lambda x: mean_activation.to(x.device).expand_as(x)),
+            ):
+                shared[name][rows] += per_row(
+                    _token_ce(patched_logits(model, ids, hp, splice(fn, device)), ids), target
+                )
             for sae, sums, with_err in zip(saes, own, splice_err):
                 dev = next(sae.parameters()).device
                 runs = {"sae": lambda x, sae=sae: sae(x, mode=mode).x_hat}
                 if with_err:
-                    runs["sae_plus_error"] = lambda x, sae=sae: (lambda x_hat: x_hat + (x - x_hat))(sae(x, mode=mode).x_hat)
+                    runs["sae_plus_error"] = lambda x, sae=sae: (lambda x_hat: x_hat + (x - x_hat))(
+                        sae(x, mode=mode).x_hat
+                    )
                 for name, fn in runs.items():
                     logits = patched_logits(model, ids, hp, splice(fn, dev))
                     sums[name][rows] += per_row(_token_ce(logits, ids), target)
@@ -134,27 +180,44 @@ def ce_metrics_many(saes: Sequence[SAE], model, tokens, keep, hook: str | None =
     weights = resample_weights(int(used.sum())) if used.sum() >= 2 else None
     results = []
     for sums, with_err in zip(own, splice_err):
-        per_seq = {"seq": seq_ids[used].tolist(), **{k: shared[k][used].tolist() for k in ("clean", "zero", "mean", "n")},
-                   "sae": sums["sae"][used].tolist(), "kl": sums["kl_sae"][used].tolist()}
+        per_seq = {
+            "seq": seq_ids[used].tolist(),
+            **{k: shared[k][used].tolist() for k in ("clean", "zero", "mean", "n")},
+            "sae": sums["sae"][used].tolist(),
+            "kl": sums["kl_sae"][used].tolist(),
+        }
         tot = {k: float(np.sum(v)) for k, v in per_seq.items() if k != "seq"}
         ce = {k: tot[k] / n for k in ("clean", "zero", "mean", "sae")}
         with np.errstate(divide="ignore", invalid="ignore"):
             point = {name: float(STATISTICS[name](tot)) for name in CE_STATS}
-        results.append({
-            "n_tokens": n, "n_sequences": int(used.sum()), "ce_clean": ce["clean"], "ce_sae": ce["sae"],
-            "ce_zero_ablation": ce["zero"], "ce_mean_ablation": ce["mean"], **point,
-            "ce_sae_plus_error": float(sums["sae_plus_error"].sum()) / n if with_err else None,
-            "kl_sae_plus_error": float(sums["kl_sae_plus_error"].sum()) / n if with_err else None,
-            "intervals": bootstrap_intervals(per_seq, CE_STATS, weights=weights) if weights is not None else None,
-            "_per_sequence": per_seq,
-        })
+        results.append(
+            {
+                "n_tokens": n,
+                "n_sequences": int(used.sum()),
+                "ce_clean": ce["clean"],
+                "ce_sae": ce["sae"],
+                "ce_zero_ablation": ce["zero"],
+                "ce_mean_ablation": ce["mean"],
+                **point,
+                "ce_sae_plus_error": float(sums["sae_plus_error"].sum()) / n if with_err else None,
+                "kl_sae_plus_error": float(sums["kl_sae_plus_error"].sum()) / n
+                if with_err
+                else None,
+                "intervals": bootstrap_intervals(per_seq, CE_STATS, weights=weights)
+                if weights is not None
+                else None,
+                "_per_sequence": per_seq,
+            }
+        )
     return results
 
 
-def sample_sequences(keep: np.ndarray, n_positions: int, seed: int = 0, targets: bool = False) -> np.ndarray:
+def sample_sequences(
+    keep: np.ndarray, n_positions: int, seed: int = 0, targets: bool = False
+) -> np.ndarray:
     """Sorted indices of sequences drawn in a seeded random order until they hold n_positions kept
-    positions (targets=True: kept next-token targets, i.e. positions 1..T-1), so a subset samples every
-    part of the data rather than its first sequences. All sequences when they hold fewer."""
+    positions (targets=True: kept next-token targets, i.e. positions 1..T-1), so a subset samples
+    every part of the data rather than its first sequences. All sequences when they hold fewer."""
     keep = np.asarray(keep, dtype=bool)
     counts = (keep[:, 1:] if targets else keep).sum(1)
     order = np.random.default_rng(seed).permutation(keep.shape[0])

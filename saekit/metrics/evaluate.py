@@ -1,8 +1,9 @@
-"""evaluate(): every metric of one or several SAEs in one JSON-able dict (schema "saekit.eval/2"), and
-describe(), the one printout of it."""
+"""evaluate(): every metric of one or several SAEs in one JSON-able dict (schema "saekit.eval/2"),
+and describe(), the one printout of it."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -15,30 +16,65 @@ from .reconstruction import l0_histogram, reconstruction_metrics_many
 SCHEMA = "saekit.eval/2"
 
 
-def evaluate(sae: SAE, model=None, data=None, n_tokens: int = 20_000, ce_tokens: int = CE_TOKENS,
-             mode: str | None = None, batch_size: int = 4096, seq_batch: int = 8, hook: str | None = None,
-             progress: bool = False, seed: int = 0, allow_mismatch: bool = False) -> dict:
+def evaluate(
+    sae: SAE,
+    model=None,
+    data=None,
+    n_tokens: int = 20_000,
+    ce_tokens: int = CE_TOKENS,
+    mode: str | None = None,
+    batch_size: int = 4096,
+    seq_batch: int = 8,
+    hook: str | None = None,
+    progress: bool = False,
+    seed: int = 0,
+    allow_mismatch: bool = False,
+) -> dict:
     """All metrics of one SAE, in a stable JSON-able dict (schema "saekit.eval/2", docs/numbers.md).
 
     data: an ActivationStore (or its folder) or PackedTokens. Reconstruction and sparsity use up to
     n_tokens activations, the downstream CE metrics (needs `model`) ce_tokens scored positions; both
     from sequences drawn at random (seeded) from the whole data, not its first ones. NMSE, L0, CE
-    recovered and KL carry 95% bootstrap intervals over sequences ("intervals"); "per_sequence" keeps
-    the sums behind them so paired_difference() can compare two SAEs. BatchTopK uses threshold mode
-    unless mode="batch"; its batch-mode L0 and the ratio of the two are reported too.
-    The data and the model must be the SAE's (hook, model, width; saekit.checks) unless allow_mismatch.
+    recovered and KL carry 95% bootstrap intervals over sequences ("intervals"); "per_sequence"
+    keeps the sums behind them so paired_difference() can compare two SAEs. BatchTopK uses threshold
+    mode unless mode="batch"; its batch-mode L0 and the ratio of the two are reported too.
+    The data and the model must be the SAE's (hook, model, width; saekit.checks) unless
+    allow_mismatch.
     """
-    return evaluate_many([sae], model, data, n_tokens, ce_tokens, mode, batch_size, seq_batch, hook, progress, seed,
-                         allow_mismatch=allow_mismatch)[0]
+    return evaluate_many(
+        [sae],
+        model,
+        data,
+        n_tokens,
+        ce_tokens,
+        mode,
+        batch_size,
+        seq_batch,
+        hook,
+        progress,
+        seed,
+        allow_mismatch=allow_mismatch,
+    )[0]
 
 
-def evaluate_many(saes: Sequence[SAE], model=None, data=None, n_tokens: int = 20_000, ce_tokens: int = CE_TOKENS,
-                  mode: str | None = None, batch_size: int = 4096, seq_batch: int = 8, hook: str | None = None,
-                  progress: bool = False, seed: int = 0, error_splice: bool = True,
-                  allow_mismatch: bool = False) -> list[dict]:
-    """evaluate() for several SAEs at one hook on the same sequences: the clean, zero- and mean-ablated
-    forwards are made once for all of them (ce_metrics_many), so their results pair up exactly.
-    error_splice=False skips the `x_hat + error` check (one forward per SAE)."""
+def evaluate_many(
+    saes: Sequence[SAE],
+    model=None,
+    data=None,
+    n_tokens: int = 20_000,
+    ce_tokens: int = CE_TOKENS,
+    mode: str | None = None,
+    batch_size: int = 4096,
+    seq_batch: int = 8,
+    hook: str | None = None,
+    progress: bool = False,
+    seed: int = 0,
+    error_splice: bool = True,
+    allow_mismatch: bool = False,
+) -> list[dict]:
+    """evaluate() for several SAEs at one hook on the same sequences: the clean, zero- and
+    mean-ablated forwards are made once for all of them (ce_metrics_many), so their results pair up
+    exactly. error_splice=False skips the `x_hat + error` check (one forward per SAE)."""
     from pathlib import Path
 
     from ..activations import ActivationStore, forward_hooks, open_store
@@ -50,7 +86,8 @@ def evaluate_many(saes: Sequence[SAE], model=None, data=None, n_tokens: int = 20
         data = open_store(data)
     if n_tokens < 1:
         raise ValueError(f"n_tokens must be at least 1 (got {n_tokens})")
-    if isinstance(data, ActivationStore):  # every SAE on the same hook of the store, each checked against it
+    # every SAE on the same hook of the store, each checked against it
+    if isinstance(data, ActivationStore):
         hook = one_hook({hook_on_store(sae, data, hook, allow_mismatch) for sae in saes})
         tokens, pos, keep = data.tokens, data.positions(), data.keep_mask()
         chosen = sample_sequences(keep, n_tokens, seed)
@@ -58,7 +95,7 @@ def evaluate_many(saes: Sequence[SAE], model=None, data=None, n_tokens: int = 20
 
         def make_batches():
             for s in range(0, rows.size, batch_size):
-                r = rows[s:s + batch_size]
+                r = rows[s : s + batch_size]
                 x = data.take(r, hook)
                 require_finite(x, data, r)
                 yield x, torch.from_numpy(pos[r, 0].astype(np.int64))
@@ -73,16 +110,22 @@ def evaluate_many(saes: Sequence[SAE], model=None, data=None, n_tokens: int = 20
 
         def make_batches():
             for b in range(0, chosen.size, seq_batch):
-                idx = chosen[b:b + seq_batch]
-                v = forward_hooks(model, torch.from_numpy(tokens[idx].astype(np.int64)).to(device), [hp])[0]
+                idx = chosen[b : b + seq_batch]
+                v = forward_hooks(
+                    model, torch.from_numpy(tokens[idx].astype(np.int64)).to(device), [hp]
+                )[0]
                 kb = torch.from_numpy(keep[idx])
                 kept = v[kb.to(v.device)]
                 require_finite(kept, what=f"the model's activations at {hook}")
                 seq = torch.from_numpy(idx.astype(np.int64))[:, None].expand(kb.shape)[kb]
                 yield kept, seq
     else:
-        raise ValueError(f"evaluate() takes an ActivationStore, its folder or PackedTokens, not {type(data).__name__}")
-    # Matryoshka: every nested prefix is evaluated as an SAE of its own; the CE baselines are shared by all
+        raise ValueError(
+            "evaluate() takes an ActivationStore, its folder or PackedTokens, not "
+            f"{type(data).__name__}"
+        )
+    # Matryoshka: every nested prefix is evaluated as an SAE of its own; the CE baselines are shared
+    # by all
     subs = [s.prefixes() if s.has_prefixes else [] for s in saes]
     ce_all = None
     if model is not None:  # the CE metrics splice each SAE into this model at `hook`
@@ -90,40 +133,75 @@ def evaluate_many(saes: Sequence[SAE], model=None, data=None, n_tokens: int = 20
         ce_seq = sample_sequences(keep, ce_tokens, seed, targets=True)
         flat = [x for sae, sb in zip(saes, subs) for x in (sae, *sb)]
         flags = [f for sb in subs for f in (error_splice, *([False] * len(sb)))]
-        ce_all = iter(ce_metrics_many(flat, model, tokens[ce_seq], keep[ce_seq], hook=hook, mode=mode,
-                                      seq_batch=seq_batch, progress=progress, error_splice=flags, seq_index=ce_seq))
+        ce_all = iter(
+            ce_metrics_many(
+                flat,
+                model,
+                tokens[ce_seq],
+                keep[ce_seq],
+                hook=hook,
+                mode=mode,
+                seq_batch=seq_batch,
+                progress=progress,
+                error_splice=flags,
+                seq_index=ce_seq,
+            )
+        )
     results = []
     for sae, sb in zip(saes, subs):
         downstream = next(ce_all) if ce_all is not None else None
         sub_ce = [next(ce_all) for _ in sb] if ce_all is not None else [{} for _ in sb]
-        results.append(_one_evaluation(sae, sb, downstream, sub_ce, make_batches, mode, hook, len(chosen)))
+        results.append(
+            _one_evaluation(sae, sb, downstream, sub_ce, make_batches, mode, hook, len(chosen))
+        )
     return results
 
 
 def _one_evaluation(sae, subs, downstream, sub_ce, make_batches, mode, hook, n_sequences) -> dict:
     """evaluate()'s dict for one SAE, given its (and its prefixes') CE results."""
-    # one pass over the data for the SAE, its batch-mode code (theta's SAEs) and its prefixes (Matryoshka)
+    # one pass over the data for the SAE, its batch-mode code (theta's SAEs) and its prefixes
+    # (Matryoshka)
     batch_mode = sae.has_theta and mode in (None, "threshold")
     runs = [(sae, mode)] + [(sae, "batch")] * batch_mode + [(sub, mode) for sub in subs]
     rec, *others = reconstruction_metrics_many(runs, make_batches())
     c = sae.cfg
-    sparsity = {"l0": rec["l0"], "l0_std": rec["l0_std"], "l0_quantiles": rec["l0_quantiles"],
-                "l0_histogram": l0_histogram(rec["_per_token_l0"]), "dead_fraction": rec["dead_fraction"],
-                "dense_fraction": rec["dense_fraction"]}
+    sparsity = {
+        "l0": rec["l0"],
+        "l0_std": rec["l0_std"],
+        "l0_quantiles": rec["l0_quantiles"],
+        "l0_histogram": l0_histogram(rec["_per_token_l0"]),
+        "dead_fraction": rec["dead_fraction"],
+        "dense_fraction": rec["dense_fraction"],
+    }
     if sae.has_theta and mode in (None, "threshold"):
         # the batch-coupled training-time code next to the threshold that replaces it
         batch_l0 = others.pop(0)["l0"]
-        sparsity.update({"l0_batch_mode": batch_l0, "l0_threshold_mode": rec["l0"],
-                         "l0_threshold_over_batch": rec["l0"] / batch_l0 if batch_l0 else float("nan")})
+        sparsity.update(
+            {
+                "l0_batch_mode": batch_l0,
+                "l0_threshold_mode": rec["l0"],
+                "l0_threshold_over_batch": rec["l0"] / batch_l0 if batch_l0 else float("nan"),
+            }
+        )
     prefixes = None
     if subs:
         prefixes = []
         for g, (sub, d) in enumerate(zip(subs, sub_ce), start=1):
             r = others[g - 1]
-            prefixes.append({"groups": g, "width": sub.cfg.d_sae,
-                             **{k: r[k] for k in ("nmse", "mse_normalized", "fvu", "explained_variance", "cosine")},
-                             "l0": r["l0"], "ce_recovered": d.get("ce_recovered"), "kl": d.get("kl"),
-                             "intervals": {**r.get("intervals", {}), **(d.get("intervals") or {})}})
+            prefixes.append(
+                {
+                    "groups": g,
+                    "width": sub.cfg.d_sae,
+                    **{
+                        k: r[k]
+                        for k in ("nmse", "mse_normalized", "fvu", "explained_variance", "cosine")
+                    },
+                    "l0": r["l0"],
+                    "ce_recovered": d.get("ce_recovered"),
+                    "kl": d.get("kl"),
+                    "intervals": {**r.get("intervals", {}), **(d.get("intervals") or {})},
+                }
+            )
     downstream = dict(downstream) if downstream is not None else None
     per_sequence = {"recon": rec.get("_per_sequence")}
     if downstream is not None:
@@ -131,21 +209,33 @@ def _one_evaluation(sae, subs, downstream, sub_ce, make_batches, mode, hook, n_s
     intervals = {**rec.get("intervals", {}), **((downstream or {}).get("intervals") or {})}
     out = {
         "schema": SCHEMA,
-        "sae": {"architecture": c.arch, "d_in": c.d_in, "d_sae": c.d_sae,
-                "k": sae.sparsity_settings(c).get("k"), "target_l0": c.target_l0,
-                "l1_coeff": sae.sparsity_settings(c).get("l1_coeff"),
-                "hook_name": hook, "model_name": c.model_name,
-                "theta": float(sae.threshold) if sae.has_theta else None,
-                "theta_info": sae.theta_info},
+        "sae": {
+            "architecture": c.arch,
+            "d_in": c.d_in,
+            "d_sae": c.d_sae,
+            "k": sae.sparsity_settings(c).get("k"),
+            "target_l0": c.target_l0,
+            "l1_coeff": sae.sparsity_settings(c).get("l1_coeff"),
+            "hook_name": hook,
+            "model_name": c.model_name,
+            "theta": float(sae.threshold) if sae.has_theta else None,
+            "theta_info": sae.theta_info,
+        },
         "mode": mode or sae.modes[0],
         "n_tokens": rec["n_tokens"],
         "n_sequences": n_sequences,
-        "reconstruction": {k: rec[k] for k in ("nmse", "mse_normalized", "fvu", "explained_variance", "cosine")},
+        "reconstruction": {
+            k: rec[k] for k in ("nmse", "mse_normalized", "fvu", "explained_variance", "cosine")
+        },
         "sparsity": sparsity,
         "downstream": downstream,
         "intervals": intervals,
-        "interval_method": {"level": LEVEL, "method": "percentile bootstrap over sequences", "n_boot": N_BOOT,
-                            "seed": 0},
+        "interval_method": {
+            "level": LEVEL,
+            "method": "percentile bootstrap over sequences",
+            "n_boot": N_BOOT,
+            "seed": 0,
+        },
         "per_sequence": per_sequence,
     }
     if prefixes is not None:
@@ -156,28 +246,45 @@ def _one_evaluation(sae, subs, downstream, sub_ce, make_batches, mode, hook, n_s
 
 def describe(m: dict) -> str:
     """evaluate()'s result as a few readable lines, each figure with its 95% interval."""
+
     def f(name, value, digits=4, iv=m.get("intervals") or {}):
         lo_hi = iv.get(name)
-        return f"{value:.{digits}f}" + (f" [{lo_hi[0]:.{digits}f}, {lo_hi[1]:.{digits}f}]" if lo_hi else "")
+        return f"{value:.{digits}f}" + (
+            f" [{lo_hi[0]:.{digits}f}, {lo_hi[1]:.{digits}f}]" if lo_hi else ""
+        )
 
     r, sp, d = m["reconstruction"], m["sparsity"], m["downstream"]
     s = m["sae"]
-    lines = [f"{s['architecture']} SAE, {s['d_sae']:,} latents, {m['mode']} mode, on {m['n_tokens']:,} tokens "
-             f"({m.get('n_sequences', '?')} sequences); 95% bootstrap intervals over sequences in brackets",
-             f"  NMSE {f('nmse', r['nmse'])}  (paper's logged MSE, normalised space: "
-             f"{f('mse_normalized', r['mse_normalized'])})  FVU {r['fvu']:.4f}  cosine {r['cosine']:.4f}",
-             f"  L0 {f('l0', sp['l0'], 2)} (std {sp['l0_std']:.1f})  dead {sp['dead_fraction']:.3f}  "
-             f"dense {sp['dense_fraction']:.3f}"]
+    lines = [
+        f"{s['architecture']} SAE, {s['d_sae']:,} latents, {m['mode']} mode, on {m['n_tokens']:,} "
+        "tokens "
+        f"({m.get('n_sequences', '?')} sequences); 95% bootstrap intervals over sequences in "
+        "brackets",
+        f"  NMSE {f('nmse', r['nmse'])}  (paper's logged MSE, normalised space: "
+        f"{f('mse_normalized', r['mse_normalized'])})  FVU {r['fvu']:.4f}  cosine "
+        f"{r['cosine']:.4f}",
+        f"  L0 {f('l0', sp['l0'], 2)} (std {sp['l0_std']:.1f})  dead {sp['dead_fraction']:.3f}  "
+        f"dense {sp['dense_fraction']:.3f}",
+    ]
     if "l0_batch_mode" in sp:
         target = s.get("k")
-        lines.append(f"  L0 threshold mode {sp['l0_threshold_mode']:.2f} / batch mode {sp['l0_batch_mode']:.2f} = "
-                     f"{sp['l0_threshold_over_batch']:.3f} (k = {target}; theta = {s['theta']:.4f}, "
-                     f"{(s.get('theta_info') or {}).get('source', 'training')})")
+        lines.append(
+            f"  L0 threshold mode {sp['l0_threshold_mode']:.2f} / batch mode "
+            f"{sp['l0_batch_mode']:.2f} = "
+            f"{sp['l0_threshold_over_batch']:.3f} (k = {target}; theta = {s['theta']:.4f}, "
+            f"{(s.get('theta_info') or {}).get('source', 'training')})"
+        )
     if d:
-        lines.append(f"  CE clean {d['ce_clean']:.4f}  with SAE {d['ce_sae']:.4f}  zero-ablated {d['ce_zero_ablation']:.4f}"
-                     f"  mean-ablated {d['ce_mean_ablation']:.4f}  (nats/token)")
+        lines.append(
+            f"  CE clean {d['ce_clean']:.4f}  with SAE {d['ce_sae']:.4f}  zero-ablated "
+            f"{d['ce_zero_ablation']:.4f}"
+            f"  mean-ablated {d['ce_mean_ablation']:.4f}  (nats/token)"
+        )
         civ = d.get("intervals") or {}
-        lines.append(f"  CE recovered {f('ce_recovered', d['ce_recovered'], iv=civ)} (vs mean ablation "
-                     f"{f('ce_recovered_mean', d['ce_recovered_mean'], iv=civ)})  KL {f('kl', d['kl'], iv=civ)}  on "
-                     f"{d['n_tokens']:,} positions in {d.get('n_sequences', '?')} sequences")
+        lines.append(
+            f"  CE recovered {f('ce_recovered', d['ce_recovered'], iv=civ)} (vs mean ablation "
+            f"{f('ce_recovered_mean', d['ce_recovered_mean'], iv=civ)})  KL "
+            f"{f('kl', d['kl'], iv=civ)}  on "
+            f"{d['n_tokens']:,} positions in {d.get('n_sequences', '?')} sequences"
+        )
     return "\n".join(lines)

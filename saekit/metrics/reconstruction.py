@@ -1,8 +1,9 @@
-"""Reconstruction and sparsity of an SAE on activations: NMSE, FVU, cosine, the paper's normalised MSE, L0 and
-its distribution, dead and dense latents, accumulated per sequence for the intervals."""
+"""Reconstruction and sparsity of an SAE on activations: NMSE, FVU, cosine, the paper's normalised
+MSE, L0 and its distribution, dead and dense latents, accumulated per sequence for the intervals."""
+
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -15,9 +16,12 @@ QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 
 
 def nmse_tensor(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-    """sum ||x - x_hat||^2 / sum ||x||^2 as a 0-dim tensor on x's device (the one definition: STATISTICS["nmse"] of
-    the two sums); the trainer reads it back only when a step's statistics are asked for."""
-    return STATISTICS["nmse"]({"err": (x - x_hat).pow(2).sum(), "norm": x.pow(2).sum().clamp_min(1e-30)})
+    """sum ||x - x_hat||^2 / sum ||x||^2 as a 0-dim tensor on x's device (the one definition:
+    STATISTICS["nmse"] of the two sums); the trainer reads it back only when a step's statistics
+    are asked for."""
+    return STATISTICS["nmse"](
+        {"err": (x - x_hat).pow(2).sum(), "norm": x.pow(2).sum().clamp_min(1e-30)}
+    )
 
 
 def nmse(x: torch.Tensor, x_hat: torch.Tensor) -> float:
@@ -44,10 +48,22 @@ class _Accumulator:
         self.sum_x2 = 0.0
         self.n = 0
         self.fires = torch.zeros(d_sae, dtype=torch.long)
-        self.rows: dict[str, list[torch.Tensor]] = {"err": [], "norm": [], "err_normalized": [], "l0": [], "seq": []}
+        self.rows: dict[str, list[torch.Tensor]] = {
+            "err": [],
+            "norm": [],
+            "err_normalized": [],
+            "l0": [],
+            "seq": [],
+        }
 
-    def add(self, x: torch.Tensor, x_hat: torch.Tensor, z: torch.Tensor, err_normalized: torch.Tensor,
-            seq: torch.Tensor | None = None) -> None:
+    def add(
+        self,
+        x: torch.Tensor,
+        x_hat: torch.Tensor,
+        z: torch.Tensor,
+        err_normalized: torch.Tensor,
+        seq: torch.Tensor | None = None,
+    ) -> None:
         x, x_hat = x.double(), x_hat.double()
         self.rows["err"].append((x - x_hat).pow(2).sum(-1).cpu())
         self.rows["norm"].append(x.pow(2).sum(-1).cpu())
@@ -71,7 +87,9 @@ class _Accumulator:
         ids, inv = np.unique(seq, return_inverse=True)
         out = {"seq": ids.tolist()}
         for k in ("err", "norm", "err_normalized", "l0"):
-            out[k] = np.bincount(inv, weights=torch.cat(self.rows[k]).double().numpy(), minlength=ids.size).tolist()
+            out[k] = np.bincount(
+                inv, weights=torch.cat(self.rows[k]).double().numpy(), minlength=ids.size
+            ).tolist()
         out["n"] = np.bincount(inv, minlength=ids.size).astype(float).tolist()
         return out
 
@@ -105,10 +123,17 @@ class _Accumulator:
 
 
 @torch.no_grad()
-def per_token_l0(sae: SAE, store, n_tokens: int | None = None, mode: str | None = None,
-                 batch_size: int = 4096, hook: str | None = None, allow_mismatch: bool = False) -> np.ndarray:
-    """Active-latent count of each of a store's first n_tokens (inference mode unless `mode`), at the SAE's hook
-    (saekit.checks)."""
+def per_token_l0(
+    sae: SAE,
+    store,
+    n_tokens: int | None = None,
+    mode: str | None = None,
+    batch_size: int = 4096,
+    hook: str | None = None,
+    allow_mismatch: bool = False,
+) -> np.ndarray:
+    """Active-latent count of each of a store's first n_tokens (inference mode unless `mode`), at
+    the SAE's hook (saekit.checks)."""
     from ..checks import hook_on_store
 
     n = len(store) if n_tokens is None else min(n_tokens, len(store))
@@ -117,23 +142,29 @@ def per_token_l0(sae: SAE, store, n_tokens: int | None = None, mode: str | None 
 
 
 @torch.no_grad()
-def reconstruction_metrics(sae: SAE, batches: Iterable, mode: str | None = None,
-                           device: str | torch.device | None = None) -> dict:
-    """NMSE, FVU, cosine, mse_normalized, L0 (mean, std, quantiles), dead and dense fractions over batches.
+def reconstruction_metrics(
+    sae: SAE, batches: Iterable, mode: str | None = None, device: str | torch.device | None = None
+) -> dict:
+    """NMSE, FVU, cosine, mse_normalized, L0 (mean, std, quantiles), dead and dense fractions over
+    batches.
 
     batches: tensors x [B, d], or (x, seq) pairs with the sequence id of every row, which adds
-    95% bootstrap intervals over sequences ("intervals") and the per-sequence sums ("_per_sequence").
-    BatchTopK uses threshold mode unless mode="batch", so results do not depend on batch size.
-    Keys starting with "_" hold tensors: per-token L0 and per-latent firing density.
+    95% bootstrap intervals over sequences ("intervals") and the per-sequence sums
+    ("_per_sequence"). BatchTopK uses threshold mode unless mode="batch", so results do not depend
+    on batch size. Keys starting with "_" hold tensors: per-token L0 and per-latent firing density.
     """
     return reconstruction_metrics_many([(sae, mode)], batches, device)[0]
 
 
 @torch.no_grad()
-def reconstruction_metrics_many(runs: Sequence[tuple[SAE, str | None]], batches: Iterable,
-                                device: str | torch.device | None = None) -> list[dict]:
-    """reconstruction_metrics of several (SAE, mode) pairs over one pass of the batches: each batch is read (or
-    computed by the model) once for all of them, e.g. an SAE in threshold and in batch mode and its prefixes."""
+def reconstruction_metrics_many(
+    runs: Sequence[tuple[SAE, str | None]],
+    batches: Iterable,
+    device: str | torch.device | None = None,
+) -> list[dict]:
+    """reconstruction_metrics of several (SAE, mode) pairs over one pass of the batches: each batch
+    is read (or computed by the model) once for all of them, e.g. an SAE in threshold and in
+    batch mode and its prefixes."""
     device = device or next(runs[0][0].parameters()).device
     saes = list(dict.fromkeys(sae for sae, _ in runs))  # each SAE once, in order
     was_training = [sae.training for sae in saes]

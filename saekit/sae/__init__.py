@@ -1,21 +1,38 @@
 """Sparse autoencoders: one base, five architectures, and their files.
 
-    reference.py      the algorithms in plain PyTorch, to read first (tests hold the rest to it)
-    config.py         SAEConfig, the registry of architectures by name
-    step.py           Step: what the trainer tells a training loss about one step
-    outputs.py        Selection, ForwardOutput, TrainOutput
-    scaling.py        input scaling: per token, dataset-wide or none (mixed into SAE)
-    auxk.py           dead latents and AuxK (mixed into SAE)
-    base.py           SAE: encoder/decoder, the reference training loss, saving
-    theta.py          BatchTopK's inference threshold θ, estimated in one place
-    architectures/    BatchTopK, TopK, JumpReLU, ReLU-L1, Matryoshka BatchTopK, one file each; make_sae
-    fast/             the speed layer: the sparse training paths and what they are made of
-    formats.py        SAELens and sparsify files as plain dicts and tensors, both ways
-    folders.py        load_sae (saekit, SAELens or sparsify folders), save_sparsify
+reference.py      the algorithms in plain PyTorch, to read first (tests hold the rest to it)
+config.py         SAEConfig, the registry of architectures by name
+step.py           Step: what the trainer tells a training loss about one step
+outputs.py        Selection, ForwardOutput, TrainOutput
+scaling.py        input scaling: per token, dataset-wide or none (mixed into SAE)
+auxk.py           dead latents and AuxK (mixed into SAE)
+base.py           SAE: encoder/decoder, the reference training loss, saving
+theta.py          BatchTopK's inference threshold θ, estimated in one place
+architectures/    BatchTopK, TopK, JumpReLU, ReLU-L1, Matryoshka BatchTopK, one file each; make_sae
+fast/             the speed layer: the sparse training paths and what they are made of
+formats.py        SAELens and sparsify files as plain dicts and tensors, both ways
+folders.py        load_sae (saekit, SAELens or sparsify folders), save_sparsify
 """
-from .architectures import ARCHS, BatchTopKSAE, JumpReLUSAE, MatryoshkaSAE, ReLUSAE, TopKSAE, make_sae
+
+from .architectures import (
+    ARCHS,
+    BatchTopKSAE,
+    JumpReLUSAE,
+    MatryoshkaSAE,
+    ReLUSAE,
+    TopKSAE,
+    make_sae,
+)
 from .base import SAE
-from .config import ARCHITECTURES, NORMALIZATIONS, SAEConfig, SAEConfigError, architecture, register, resolve_group_sizes
+from .config import (
+    ARCHITECTURES,
+    NORMALIZATIONS,
+    SAEConfig,
+    SAEConfigError,
+    architecture,
+    register,
+    resolve_group_sizes,
+)
 from .fast import SparseCode, batch_topk
 from .fast.autograd import sparse_decode
 from .folders import load_sae, save_sparsify
@@ -23,7 +40,32 @@ from .formats import CFG_FILE, SPARSIFY_WEIGHTS, WEIGHTS_FILE
 from .outputs import ForwardOutput, Selection, TrainOutput
 from .step import Step
 
-__all__ = ["ARCHS", "ARCHITECTURES", "NORMALIZATIONS", "CFG_FILE", "WEIGHTS_FILE", "SPARSIFY_WEIGHTS", "SAE",
-           "SAEConfig", "SAEConfigError", "BatchTopKSAE", "TopKSAE", "JumpReLUSAE", "ReLUSAE", "MatryoshkaSAE",
-           "ForwardOutput", "TrainOutput", "Selection", "SparseCode", "Step", "architecture", "register", "make_sae",
-           "load_sae", "save_sparsify", "resolve_group_sizes", "batch_topk", "sparse_decode"]
+__all__ = [
+    "ARCHS",
+    "ARCHITECTURES",
+    "NORMALIZATIONS",
+    "CFG_FILE",
+    "WEIGHTS_FILE",
+    "SPARSIFY_WEIGHTS",
+    "SAE",
+    "SAEConfig",
+    "SAEConfigError",
+    "BatchTopKSAE",
+    "TopKSAE",
+    "JumpReLUSAE",
+    "ReLUSAE",
+    "MatryoshkaSAE",
+    "ForwardOutput",
+    "TrainOutput",
+    "Selection",
+    "SparseCode",
+    "Step",
+    "architecture",
+    "register",
+    "make_sae",
+    "load_sae",
+    "save_sparsify",
+    "resolve_group_sizes",
+    "batch_topk",
+    "sparse_decode",
+]

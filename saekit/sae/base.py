@@ -1,8 +1,10 @@
-"""The base every SAE shares: encoder `a = relu((x - b_dec) W_enc + b_enc)`, decoder `x_hat = z W_dec + b_dec`,
-input normalisation, the training loss (the dense reference path here; the sparse path in saekit.sae.fast), dead
-latents and AuxK, the unit-norm decoder, and writing the SAE's folder. What differs between architectures
-(saekit/sae/architectures/) is `select` (which pre-activations survive), the sparsity term, and the facts each
-class states about itself (the class attributes below)."""
+"""The base every SAE shares: encoder `a = relu((x - b_dec) W_enc + b_enc)`, decoder `x_hat = z
+W_dec + b_dec`, input normalisation, the training loss (the dense reference path here; the sparse
+path in saekit.sae.fast), dead latents and AuxK, the unit-norm decoder, and writing the SAE's
+folder. What differs between architectures (saekit/sae/architectures/) is `select` (which
+pre-activations survive), the sparsity term, and the facts each class states about itself (the
+class attributes below)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,10 +24,11 @@ from .step import PLAIN, Step
 
 
 class SAE(InputScaling, DeadLatents, torch.nn.Module):
-    """Shared base. An architecture subclasses it, sets its facts, defines `select` (and where it has one,
-    `sparsity_loss`), and registers itself with `config.register`."""
+    """Shared base. An architecture subclasses it, sets its facts, defines `select` (and where it
+    has one, `sparsity_loss`), and registers itself with `config.register`."""
 
-    # -- facts every architecture states (read by the trainer, metrics, sweeps, plots, files and CLI) --------
+    # -- facts every architecture states (read by the trainer, metrics, sweeps, plots, files and
+    # CLI) ---
     arch = "base"  # the name in configs, files and the CLI
     label = "SAE"  # for people: tables and legends
     color = "#7f7f7f"  # its colour in every figure
@@ -36,10 +39,12 @@ class SAE(InputScaling, DeadLatents, torch.nn.Module):
     has_theta = False  # one global inference threshold theta, fitted from data (BatchTopK family)
     has_prefixes = False  # nested prefixes that are SAEs themselves (Matryoshka)
     uses_auxk = False  # AuxK on dead latents
-    fast_path: str | None = None  # its sparse training path in saekit.sae.fast.paths (None: the reference path)
+    # its sparse training path in saekit.sae.fast.paths (None: the reference path)
+    fast_path: str | None = None
     graph_safe = False  # its sparse step can be recorded as CUDA graphs (saekit.train.graphs)
     sweep_knob = "k"  # which list of levels a sweep gives it: "k" (k or target L0) or "l1_coeff"
-    modes: tuple[str, ...] = ("default",)  # codes `encode(x, mode)` can give; the first is the inference code
+    # codes `encode(x, mode)` can give; the first is the inference code
+    modes: tuple[str, ...] = ("default",)
 
     @classmethod
     def check_config(cls, cfg: SAEConfig) -> None:
@@ -47,18 +52,21 @@ class SAE(InputScaling, DeadLatents, torch.nn.Module):
 
     @classmethod
     def sparsity_settings(cls, cfg: SAEConfig) -> dict:
-        """The config fields that fix this SAE's sparsity (k; JumpReLU's target_l0 or l0_coeff; l1_coeff)."""
+        """The config fields that fix this SAE's sparsity (k; JumpReLU's target_l0 or l0_coeff;
+        l1_coeff)."""
         return {"k": cfg.k}
 
     @classmethod
     def sparsity_label(cls, cfg: SAEConfig) -> str:
-        """The sparsity settings as they appear in the SAE's name: k32, l032 (target L0), l0c2, l1c5."""
+        """The sparsity settings as they appear in the SAE's name: k32, l032 (target L0), l0c2,
+        l1c5."""
         short = {"k": "k", "target_l0": "l0", "l0_coeff": "l0c", "l1_coeff": "l1c"}
         return "".join(f"{short[k]}{v:g}" for k, v in cls.sparsity_settings(cfg).items())
 
     @classmethod
     def sweep_setting(cls, level: float) -> dict:
-        """The config fields that put this architecture at sparsity `level` of a sweep (k, target L0, ...)."""
+        """The config fields that put this architecture at sparsity `level` of a sweep (k, target
+        L0, ...)."""
         return {"k": int(level)}
 
     @property
@@ -74,16 +82,18 @@ class SAE(InputScaling, DeadLatents, torch.nn.Module):
         torch.nn.init.kaiming_uniform_(W_dec)
         W_dec /= W_dec.norm(dim=-1, keepdim=True)
         self.W_dec = torch.nn.Parameter(W_dec)  # [d_sae, d_in], unit-norm rows
-        # the encoder is stored as W_enc_t [d_sae, d_in] and read as W_enc = W_enc_t.t(): the sparse backward makes
-        # its gradient in this layout, and fused Adam walks a contiguous parameter
+        # the encoder is stored as W_enc_t [d_sae, d_in] and read as W_enc = W_enc_t.t(): the sparse
+        # backward makes its gradient in this layout, and fused Adam walks a contiguous parameter
         self.W_enc_t = torch.nn.Parameter(W_dec * cfg.encoder_start_norm)
         self.b_enc = torch.nn.Parameter(torch.zeros(f))
         self.b_dec = torch.nn.Parameter(torch.zeros(d))
-        self.register_buffer("input_scale", torch.ones(()))  # dataset-wide scale (normalize="dataset")
+        # dataset-wide scale (normalize="dataset")
+        self.register_buffer("input_scale", torch.ones(()))
         self.register_buffer("tokens_since_fired", torch.zeros(f, dtype=torch.long))
         self.register_state_dict_post_hook(self._state_dict_out)
         self.register_load_state_dict_pre_hook(self._state_dict_in)
-        # where the inference threshold came from (training's estimates or a calibration); saved in cfg.json
+        # where the inference threshold came from (training's estimates or a calibration); saved in
+        # cfg.json
         self.theta_info: dict | None = None
 
     @property
@@ -93,7 +103,8 @@ class SAE(InputScaling, DeadLatents, torch.nn.Module):
 
     @staticmethod
     def _state_dict_out(module, state_dict, prefix, local_metadata) -> None:
-        """state_dict() names the encoder W_enc [d_in, d_sae], as the files and every earlier checkpoint do."""
+        """state_dict() names the encoder W_enc [d_in, d_sae], as the files and every earlier
+        checkpoint do."""
         state_dict[prefix + "W_enc"] = state_dict.pop(prefix + "W_enc_t").t()
 
     @staticmethod
@@ -109,14 +120,18 @@ class SAE(InputScaling, DeadLatents, torch.nn.Module):
             getattr(self, key).data = weights[key].clone().to(self.W_dec)
 
     # -- the shared encoder/decoder -----------------------------------------------------------
-    def pre_acts(self, x: torch.Tensor, xc: torch.Tensor | None = None, relu: bool = True) -> torch.Tensor:
-        """relu((x - b_dec) W_enc + b_enc) for x already normalised [batch, d_sae]; xc: x - b_dec, if known."""
+    def pre_acts(
+        self, x: torch.Tensor, xc: torch.Tensor | None = None, relu: bool = True
+    ) -> torch.Tensor:
+        """relu((x - b_dec) W_enc + b_enc) for x already normalised [batch, d_sae]; xc: x -
+        b_dec, if known."""
         # the bias inside the product and relu in place: no [batch, d_sae] copies
         a = torch.addmm(self.b_enc, x - self.b_dec if xc is None else xc, self.W_enc)
         return a.relu_() if relu else a
 
     def select(self, a: torch.Tensor, mode: str | None = None, step: Step = PLAIN) -> Selection:
-        """The active entries of pre-activations a [batch, d_sae] in code `mode` ("train" in training)."""
+        """The active entries of pre-activations a [batch, d_sae] in code `mode` ("train" in
+        training)."""
         raise NotImplementedError
 
     def activate(self, a: torch.Tensor, mode: str | None = None) -> torch.Tensor:
@@ -138,9 +153,12 @@ class SAE(InputScaling, DeadLatents, torch.nn.Module):
         return self.activate(self.pre_acts(self.prepare(x)), mode)
 
     def decode(self, z: torch.Tensor, ctx=None) -> torch.Tensor:
-        """Reconstruction in input space. Pass the context from normalize_input for normalize='token'."""
+        """Reconstruction in input space. Pass the context from normalize_input for
+        normalize='token'."""
         if self.cfg.normalize == "token" and ctx is None:
-            raise SAEConfigError("decode() of a normalize='token' SAE needs the per-token context; use forward()")
+            raise SAEConfigError(
+                "decode() of a normalize='token' SAE needs the per-token context; use forward()"
+            )
         return self.denormalize(z @ self.W_dec + self.b_dec, ctx)
 
     def forward(self, x: torch.Tensor, mode: str | None = None) -> ForwardOutput:
@@ -150,60 +168,103 @@ class SAE(InputScaling, DeadLatents, torch.nn.Module):
 
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.cfg.d_in:
-            raise SAEConfigError(f"input has last dimension {x.shape[-1]} but this SAE has d_in={self.cfg.d_in}; "
-                                 f"train or load an SAE for this hook point's width")
+            raise SAEConfigError(
+                f"input has last dimension {x.shape[-1]} but this SAE has d_in={self.cfg.d_in}; "
+                f"train or load an SAE for this hook point's width"
+            )
         if not x.is_floating_point():
-            raise SAEConfigError(f"input dtype {x.dtype} is not floating point; pass activations as float tensors")
+            raise SAEConfigError(
+                f"input dtype {x.dtype} is not floating point; pass activations as float tensors"
+            )
         return x.to(self.W_dec.dtype)  # (W_enc is a view made on each access)
 
     # -- training ------------------------------------------------------------------------------
     def training_loss(self, x: torch.Tensor, step: Step = PLAIN, fast: bool = True) -> TrainOutput:
-        """The loss on a batch of inputs (input space): by the sparse path (saekit.sae.fast) where the architecture
-        has one and fast=True, else by `reference_loss`. Both give the same loss and gradients."""
+        """The loss on a batch of inputs (input space): by the sparse path (saekit.sae.fast) where
+        the architecture has one and fast=True, else by `reference_loss`. Both give the same loss
+        and gradients."""
         if fast and self.fast_path is not None:
             return sparse_loss(self, x, step)
         return self.reference_loss(x, step)
 
     def reference_loss(self, x: torch.Tensor, step: Step = PLAIN) -> TrainOutput:
-        """The loss with dense matrices throughout: encode, select, decode, the sparsity term, AuxK."""
+        """The loss with dense matrices throughout: encode, select, decode, the sparsity term,
+        AuxK."""
         xs = self.prepare(x)
         dead = self.aux_dead_mask(step)
         a = self.pre_acts(xs)
         z, cut = self.train_code(a, step)
         x_hat = z @ self.W_dec + self.b_dec
         aux = None
-        if dead is not None:  # AuxK: each row's k_aux largest dead pre-activations reconstruct the residual
+        # AuxK: each row's k_aux largest dead pre-activations reconstruct the residual
+        if dead is not None:
             aux = F.mse_loss(self.aux_code(a, *dead) @ self.W_dec, (xs - x_hat).detach())
         active = z != 0
-        return self.train_output(xs, x_hat, mse=self.recon_loss(xs, x_hat, z), sparsity=self.sparsity_loss(a, z, step),
-                                 aux=aux, fired=active.any(0), l0=active.sum(-1), cut=cut)
+        return self.train_output(
+            xs,
+            x_hat,
+            mse=self.recon_loss(xs, x_hat, z),
+            sparsity=self.sparsity_loss(a, z, step),
+            aux=aux,
+            fired=active.any(0),
+            l0=active.sum(-1),
+            cut=cut,
+        )
 
-    def train_output(self, xs, x_hat, *, mse, fired, l0, sparsity=None, aux=None, cut=None, path="reference",
-                     exact=None, n_active=None) -> TrainOutput:
-        """A path's loss terms as a TrainOutput. sparsity None: no such term; n_active: the entries a sparse path
-        processed (a number, or a device tensor where it was found without a read-back)."""
+    def train_output(
+        self,
+        xs,
+        x_hat,
+        *,
+        mse,
+        fired,
+        l0,
+        sparsity=None,
+        aux=None,
+        cut=None,
+        path="reference",
+        exact=None,
+        n_active=None,
+    ) -> TrainOutput:
+        """A path's loss terms as a TrainOutput. sparsity None: no such term; n_active: the entries
+        a sparse path processed (a number, or a device tensor where it was found without a
+        read-back)."""
         loss = mse if sparsity is None else mse + sparsity
         if aux is not None:  # AuxK runs on one step in aux_every: weighted to match
             loss = torch.add(loss, aux, alpha=self.cfg.aux_alpha * self.cfg.aux_every)
         zero = None if sparsity is not None and aux is not None else xs.new_zeros(())
-        terms = {"mse": mse.detach(), "sparsity": zero if sparsity is None else sparsity.detach(),
-                 "aux": zero if aux is None else aux.detach()}
+        terms = {
+            "mse": mse.detach(),
+            "sparsity": zero if sparsity is None else sparsity.detach(),
+            "aux": zero if aux is None else aux.detach(),
+        }
         count = n_active if isinstance(n_active, torch.Tensor) else None
-        density = None if n_active is None or count is not None else n_active / (xs.shape[0] * self.cfg.d_sae)
-        return TrainOutput(loss, terms, x_hat, xs, fired, l0, cut, path, exact, density=density, count=count)
+        density = (
+            None
+            if n_active is None or count is not None
+            else n_active / (xs.shape[0] * self.cfg.d_sae)
+        )
+        return TrainOutput(
+            loss, terms, x_hat, xs, fired, l0, cut, path, exact, density=density, count=count
+        )
 
-    def train_code(self, a: torch.Tensor, step: Step = PLAIN) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The reference path's differentiable code from pre-activations, and the selection's cut."""
+    def train_code(
+        self, a: torch.Tensor, step: Step = PLAIN
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The reference path's differentiable code from pre-activations, and the selection's
+        cut."""
         sel = self.select(a, "train", step)
         return self._masked(a, sel), sel.cut
 
-    def sparsity_loss(self, a: torch.Tensor, z: torch.Tensor, step: Step = PLAIN) -> torch.Tensor | None:
+    def sparsity_loss(
+        self, a: torch.Tensor, z: torch.Tensor, step: Step = PLAIN
+    ) -> torch.Tensor | None:
         """The sparsity term from pre-activations a and code z; None: none (the TopK family)."""
         return None
 
     def recon_loss(self, xs: torch.Tensor, x_hat: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """The reconstruction term: the mean squared error per element (z: the code, for architectures whose term
-        looks inside it)."""
+        """The reconstruction term: the mean squared error per element (z: the code, for
+        architectures whose term looks inside it)."""
         return F.mse_loss(x_hat, xs)
 
     # -- around the optimiser step ------------------------------------------------------------
@@ -217,7 +278,8 @@ class SAE(InputScaling, DeadLatents, torch.nn.Module):
 
     @torch.no_grad()
     def after_step(self, out: TrainOutput) -> dict:
-        """Architecture-specific updates after an optimiser step (BatchTopK's θ), and figures to log."""
+        """Architecture-specific updates after an optimiser step (BatchTopK's θ), and figures to
+        log."""
         return {}
 
     @torch.no_grad()
@@ -226,17 +288,22 @@ class SAE(InputScaling, DeadLatents, torch.nn.Module):
         if self.W_dec.grad is None:
             return
         W, g = self.W_dec.data, self.W_dec.grad
-        coef = torch.linalg.vecdot(g, W) / torch.linalg.vector_norm(W, dim=-1).square().clamp_min(1e-24)
+        coef = torch.linalg.vecdot(g, W) / torch.linalg.vector_norm(W, dim=-1).square().clamp_min(
+            1e-24
+        )
         g.addcmul_(W, coef[:, None], value=-1)  # in place: no [d_sae, d_in] temporaries
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
-        self.W_dec.data.div_(torch.linalg.vector_norm(self.W_dec.data, dim=-1, keepdim=True).clamp_min(1e-12))
+        self.W_dec.data.div_(
+            torch.linalg.vector_norm(self.W_dec.data, dim=-1, keepdim=True).clamp_min(1e-12)
+        )
 
     # -- files --------------------------------------------------------------------------------
     @property
     def l0_target(self) -> float | None:
-        """The L0 this SAE aims at: JumpReLU's target, else k where the architecture has one (None: neither)."""
+        """The L0 this SAE aims at: JumpReLU's target, else k where the architecture has one
+        (None: neither)."""
         return self.cfg.target_l0 or (self.cfg.k if self.has_k else None)
 
     def inference_threshold(self) -> torch.Tensor | None:
@@ -260,8 +327,12 @@ class SAE(InputScaling, DeadLatents, torch.nn.Module):
         """Write cfg.json + sae_weights.safetensors (SAELens's inference layout), atomically."""
         folder = Path(folder)
         scale = float(self.input_scale) if self.cfg.normalize == "dataset" else None
-        cfg, state = formats.to_saelens(self.cfg, self.weights(), input_scale=scale, theta_info=self.theta_info)
-        atomic_write_bytes(folder / formats.WEIGHTS_FILE,
-                           lambda fh: fh.write(safetensors_bytes(state, metadata={"format": "pt"})))
+        cfg, state = formats.to_saelens(
+            self.cfg, self.weights(), input_scale=scale, theta_info=self.theta_info
+        )
+        atomic_write_bytes(
+            folder / formats.WEIGHTS_FILE,
+            lambda fh: fh.write(safetensors_bytes(state, metadata={"format": "pt"})),
+        )
         atomic_write_json(folder / formats.CFG_FILE, cfg)
         return folder

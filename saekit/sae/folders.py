@@ -1,5 +1,6 @@
-"""SAE folders on disk: `load_sae` reads saekit's own, SAELens's (inference or training layout) and sparsify's;
-`SAE.save` writes SAELens's layout and `save_sparsify` sparsify's."""
+"""SAE folders on disk: `load_sae` reads saekit's own, SAELens's (inference or training layout) and
+sparsify's; `SAE.save` writes SAELens's layout and `save_sparsify` sparsify's."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,7 +10,6 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from ..files import atomic_write_bytes, atomic_write_json, read_json_object
-
 from . import formats
 from .architectures import make_sae
 from .base import SAE
@@ -17,20 +17,27 @@ from .config import SAEConfigError
 
 
 def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
-    """Load an SAE folder: saekit's or SAELens's (`cfg.json` + `sae_weights.safetensors`, inference or
-    training layout) or sparsify's (`cfg.json` + `sae.safetensors`)."""
+    """Load an SAE folder: saekit's or SAELens's (`cfg.json` + `sae_weights.safetensors`, inference
+    or training layout) or sparsify's (`cfg.json` + `sae.safetensors`)."""
     folder = Path(folder)
     cfg_path = folder / formats.CFG_FILE
-    sparsify = (folder / formats.SPARSIFY_WEIGHTS).exists() and not (folder / formats.WEIGHTS_FILE).exists()
+    sparsify = (folder / formats.SPARSIFY_WEIGHTS).exists() and not (
+        folder / formats.WEIGHTS_FILE
+    ).exists()
     w_path = folder / (formats.SPARSIFY_WEIGHTS if sparsify else formats.WEIGHTS_FILE)
     if not cfg_path.exists() or not w_path.exists():
-        raise SAEConfigError(f"{folder} is not an SAE folder: it needs {formats.CFG_FILE} and {formats.WEIGHTS_FILE} "
-                             f"(saekit/SAELens) or {formats.SPARSIFY_WEIGHTS} (sparsify)")
+        raise SAEConfigError(
+            f"{folder} is not an SAE folder: it needs {formats.CFG_FILE} and "
+            f"{formats.WEIGHTS_FILE} "
+            f"(saekit/SAELens) or {formats.SPARSIFY_WEIGHTS} (sparsify)"
+        )
     raw = read_json_object(cfg_path, SAEConfigError, "restore it or save the SAE again")
     try:
         state = load_file(str(w_path))
     except Exception as e:
-        raise SAEConfigError(f"{w_path} is corrupt or truncated ({e.__class__.__name__}: {e})") from e
+        raise SAEConfigError(
+            f"{w_path} is corrupt or truncated ({e.__class__.__name__}: {e})"
+        ) from e
     state = {k: v.float() for k, v in state.items()}
     try:
         if sparsify:
@@ -41,18 +48,33 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
             cfg, state = formats.from_saelens(raw, state, cfg_path)
     except SAEConfigError:
         raise
-    except (KeyError, TypeError, ValueError, AttributeError) as e:  # a field missing or of the wrong kind
-        raise SAEConfigError(f"{cfg_path} is malformed ({e.__class__.__name__}: {e}); restore it or save the SAE "
-                             f"again") from e
+    # a field missing or of the wrong kind
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise SAEConfigError(
+            f"{cfg_path} is malformed ({e.__class__.__name__}: {e}); restore it or save the SAE "
+            f"again"
+        ) from e
     for key in ("W_enc", "W_dec", "b_enc", "b_dec"):
         if key not in state:
-            raise SAEConfigError(f"{w_path} has no '{key}' tensor (has {sorted(state)}); not an SAE weights file")
-    shapes = {"W_enc": (cfg.d_in, cfg.d_sae), "W_dec": (cfg.d_sae, cfg.d_in), "b_enc": (cfg.d_sae,),
-              "b_dec": (cfg.d_in,)}
-    wrong = [f"{k} is {tuple(state[k].shape)}, not {want}" for k, want in shapes.items() if tuple(state[k].shape) != want]
+            raise SAEConfigError(
+                f"{w_path} has no '{key}' tensor (has {sorted(state)}); not an SAE weights file"
+            )
+    shapes = {
+        "W_enc": (cfg.d_in, cfg.d_sae),
+        "W_dec": (cfg.d_sae, cfg.d_in),
+        "b_enc": (cfg.d_sae,),
+        "b_dec": (cfg.d_in,),
+    }
+    wrong = [
+        f"{k} is {tuple(state[k].shape)}, not {want}"
+        for k, want in shapes.items()
+        if tuple(state[k].shape) != want
+    ]
     if wrong:
-        raise SAEConfigError(f"{w_path} does not fit {cfg_path} (d_in={cfg.d_in}, d_sae={cfg.d_sae}): "
-                             f"{'; '.join(wrong)}; the weights and the config come from different SAEs")
+        raise SAEConfigError(
+            f"{w_path} does not fit {cfg_path} (d_in={cfg.d_in}, d_sae={cfg.d_sae}): "
+            f"{'; '.join(wrong)}; the weights and the config come from different SAEs"
+        )
     sae = make_sae(cfg)
     with torch.no_grad():
         sae.set_weights(state)
@@ -60,17 +82,22 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
             sae.theta_info = raw["saekit"].get("theta")
         if sae.inference_threshold() is not None:
             if state.get("threshold") is None:
-                raise SAEConfigError(f"{w_path}: a {sae.label} SAE needs a 'threshold' tensor for inference")
+                raise SAEConfigError(
+                    f"{w_path}: a {sae.label} SAE needs a 'threshold' tensor for inference"
+                )
             sae.load_threshold(state["threshold"])
     return sae.to(device).eval()
 
 
 def save_sparsify(sae: SAE, folder: str | Path) -> Path:
-    """Write a TopK SAE as a sparsify checkpoint (cfg.json + sae.safetensors) that sparsify loads."""
+    """Write a TopK SAE as a sparsify checkpoint (cfg.json + sae.safetensors) that sparsify
+    loads."""
     scale = float(sae.input_scale) if sae.cfg.normalize == "dataset" else None
     raw, state = formats.to_sparsify(sae.cfg, sae.weights(), input_scale=scale)
     folder = Path(folder)
-    atomic_write_bytes(folder / formats.SPARSIFY_WEIGHTS,
-                       lambda fh: fh.write(safetensors_bytes(state, metadata={"format": "pt"})))
+    atomic_write_bytes(
+        folder / formats.SPARSIFY_WEIGHTS,
+        lambda fh: fh.write(safetensors_bytes(state, metadata={"format": "pt"})),
+    )
     atomic_write_json(folder / formats.CFG_FILE, raw)
     return folder

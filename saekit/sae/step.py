@@ -1,5 +1,6 @@
-"""What the trainer tells an SAE's training loss about one step (`Step`): settings passed as an argument, so
-that nothing outside an SAE sets attributes on it."""
+"""What the trainer tells an SAE's training loss about one step (`Step`): settings passed as an
+argument, so that nothing outside an SAE sets attributes on it."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,15 +10,22 @@ import torch
 
 @dataclass(frozen=True)
 class Step:
-    """One training step's settings. `Step()` is a plain step: AuxK on, everything selected exactly."""
+    """One training step's settings. `Step()` is a plain step: AuxK on, everything selected
+    exactly."""
 
     aux: bool = True  # AuxK runs this step (the trainer keeps it to cfg.aux_every)
-    cut_hint: float | torch.Tensor | None = None  # the previous step's cut: where the batch top-k looks first
-    density_hint: float | None = None  # the previous step's share of active entries: the path and entry slots
-    sync_free: bool | None = False  # select without reading back from the device; None: off the CPU only
-    exact: bool = False  # select exactly: a redo of a step whose selection without read-backs was not exact
-    n_dead: int | None = None  # dead latents the trainer counted after the last step (None: count them)
-    aux_slots: int | None = None  # a recorded step's fixed number of AuxK slots (saekit.train.graphs)
+    # the previous step's cut: where the batch top-k looks first
+    cut_hint: float | torch.Tensor | None = None
+    # the previous step's share of active entries: the path and entry slots
+    density_hint: float | None = None
+    # select without reading back from the device; None: off the CPU only
+    sync_free: bool | None = False
+    # select exactly: a redo of a step whose selection without read-backs was not exact
+    exact: bool = False
+    # dead latents the trainer counted after the last step (None: count them)
+    n_dead: int | None = None
+    # a recorded step's fixed number of AuxK slots (saekit.train.graphs)
+    aux_slots: int | None = None
     distributed: bool = False  # under torch.distributed: batch-coupled terms use the global batch
 
     def without_read_backs(self, device: torch.device) -> bool:

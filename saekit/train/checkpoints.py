@@ -1,6 +1,8 @@
-"""Training checkpoints: every SAE's weights and optimiser state, the RNG and the run's progress, published
-atomically (a whole folder renamed into place) and without pickle (safetensors + JSON); the run folder checked
-and locked before the work, and a checkpoint resumed only by the run that made it."""
+"""Training checkpoints: every SAE's weights and optimiser state, the RNG and the run's progress,
+published atomically (a whole folder renamed into place) and without pickle (safetensors + JSON);
+the run folder checked and locked before the work, and a checkpoint resumed only by the run that
+made it."""
+
 from __future__ import annotations
 
 import contextlib
@@ -15,20 +17,27 @@ from ..files import prepare_output
 from ..locks import writer_lock
 
 
-def _optim_to_tensors(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+def _optim_to_tensors(
+    opt: torch.optim.Optimizer, params: list[torch.nn.Parameter]
+) -> dict[str, torch.Tensor]:
     out = {}
     for i, p in enumerate(params):
         st = opt.state.get(p, {})
         for k, v in st.items():
-            out[f"{i}.{k}"] = v.detach().cpu().contiguous().clone() if torch.is_tensor(v) else torch.tensor(v)
+            out[f"{i}.{k}"] = (
+                v.detach().cpu().contiguous().clone() if torch.is_tensor(v) else torch.tensor(v)
+            )
     return out
 
 
-def _optim_from_tensors(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], t: dict) -> None:
+def _optim_from_tensors(
+    opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], t: dict
+) -> None:
     for i, p in enumerate(params):
-        # moments take the parameter's memory layout (fused Adam walks param, grad and moments as flat memory);
-        # checkpoints of saekit <= 0.1 kept the encoder as [d_in, d_sae]: its moments come back transposed
-        def moment(v):
+        # moments take the parameter's memory layout (fused Adam walks param, grad and moments as
+        # flat memory); checkpoints of saekit <= 0.1 kept the encoder as [d_in, d_sae]: its moments
+        # come back transposed
+        def moment(v, p=p):
             if v.shape != p.shape and v.ndim == 2 and v.shape == p.shape[::-1]:
                 v = v.t()
             return torch.empty_like(p).copy_(v) if v.shape == p.shape else v.to(p.device)
@@ -41,24 +50,32 @@ def _optim_from_tensors(opt: torch.optim.Optimizer, params: list[torch.nn.Parame
 
 
 def latest(root: Path) -> Path | None:
-    """The newest complete checkpoint under root (a half-written one is a hidden .tmp folder, never picked)."""
+    """The newest complete checkpoint under root (a half-written one is a hidden .tmp folder,
+    never picked)."""
     if not root.exists():
         return None
     good = [p for p in sorted(root.glob("step_*")) if (p / "state.json").exists()]
     return good[-1] if good else None
 
 
-def write(root: Path, step: int, saes, opts, device: torch.device, progress: dict, keep: int = 2) -> Path:
-    """Write root/step_NNNNNNNN (weights, optimiser state, RNG, `progress` as state.json) atomically; keep the
-    newest `keep` checkpoints."""
+def write(
+    root: Path, step: int, saes, opts, device: torch.device, progress: dict, keep: int = 2
+) -> Path:
+    """Write root/step_NNNNNNNN (weights, optimiser state, RNG, `progress` as state.json)
+    atomically; keep the newest `keep` checkpoints."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp_step_{step:08d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     for i, (sae, opt) in enumerate(zip(saes, opts)):
-        save_file({k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}, str(tmp / f"sae_{i}.safetensors"))
-        save_file(_optim_to_tensors(opt, list(sae.parameters())), str(tmp / f"optim_{i}.safetensors"))
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()},
+            str(tmp / f"sae_{i}.safetensors"),
+        )
+        save_file(
+            _optim_to_tensors(opt, list(sae.parameters())), str(tmp / f"optim_{i}.safetensors")
+        )
     rng = {"torch_cpu": torch.get_rng_state()}
     if device.type == "cuda":
         rng["torch_cuda"] = torch.cuda.get_rng_state(device)
@@ -80,50 +97,67 @@ def progress(path: Path) -> dict:
 def restore(path: Path, saes, opts, device: torch.device) -> None:
     """Load every SAE's weights and optimiser state and the RNG from a checkpoint."""
     for i, (sae, opt) in enumerate(zip(saes, opts)):
-        sae.load_state_dict({k: v.to(device) for k, v in load_file(str(path / f"sae_{i}.safetensors")).items()})
-        _optim_from_tensors(opt, list(sae.parameters()), load_file(str(path / f"optim_{i}.safetensors")))
+        sae.load_state_dict(
+            {k: v.to(device) for k, v in load_file(str(path / f"sae_{i}.safetensors")).items()}
+        )
+        _optim_from_tensors(
+            opt, list(sae.parameters()), load_file(str(path / f"optim_{i}.safetensors"))
+        )
     rng = load_file(str(path / "rng.safetensors"))
     torch.set_rng_state(rng["torch_cpu"])
     if "torch_cuda" in rng and device.type == "cuda":
         torch.cuda.set_rng_state(rng["torch_cuda"], device)
 
 
-# -- the run folder: claimed before the work, resumed only by the run that started it ----------------------------
+# -- the run folder: claimed before the work, resumed only by the run that started it --------------
+
 
 def output_bytes(cfgs, keep: int) -> int:
-    """About the most a run's folder holds at once: per SAE its weights with Adam's two moments in `keep`
-    checkpoints and one being written, and the final weights."""
+    """About the most a run's folder holds at once: per SAE its weights with Adam's two moments in
+    `keep` checkpoints and one being written, and the final weights."""
     params = sum(2 * c.d_in * c.d_sae + c.d_sae + c.d_in for c in cfgs)
     return 4 * params * (3 * (keep + 1) + 1)
 
 
 def claim_output(held: contextlib.ExitStack, out: Path, cfgs, keep: int) -> None:
-    """Check the run folder `out` (a folder, writable, with room for output_bytes) and hold its writer lock until
-    `held` closes: a second training into it is refused."""
+    """Check the run folder `out` (a folder, writable, with room for output_bytes) and hold its
+    writer lock until `held` closes: a second training into it is refused."""
     prepare_output(out, output_bytes(cfgs, keep), "training output folder")
     held.enter_context(writer_lock(out, "train"))
 
 
-RESUME_KEYS = {"data": "the training data", "seed": "--seed", "total_tokens": "--tokens",
-               "batch_size": "--batch-size", "sae_cfgs": "the SAE settings"}
+RESUME_KEYS = {
+    "data": "the training data",
+    "seed": "--seed",
+    "total_tokens": "--tokens",
+    "batch_size": "--batch-size",
+    "sae_cfgs": "the SAE settings",
+}
 
 
 def run_identity(source, train_cfg, cfgs) -> dict:
-    """What a checkpoint may only be resumed with: the data's identity, the seed, the token budget, the batch size
-    and the SAE configs."""
-    return {"data": source.identity(), "seed": train_cfg.seed, "total_tokens": train_cfg.total_tokens,
-            "batch_size": train_cfg.batch_size, "sae_cfgs": [c.to_dict() for c in cfgs]}
+    """What a checkpoint may only be resumed with: the data's identity, the seed, the token budget,
+    the batch size and the SAE configs."""
+    return {
+        "data": source.identity(),
+        "seed": train_cfg.seed,
+        "total_tokens": train_cfg.total_tokens,
+        "batch_size": train_cfg.batch_size,
+        "sae_cfgs": [c.to_dict() for c in cfgs],
+    }
 
 
 def check_resume(path: Path, saved: dict, now: dict) -> None:
-    """TrainingError naming every difference between the run a checkpoint was made in and this one (a checkpoint
-    older than these records has only its SAE configs checked)."""
+    """TrainingError naming every difference between the run a checkpoint was made in and this one
+    (a checkpoint older than these records has only its SAE configs checked)."""
     diff = list(_differences(saved, now))
     if diff:
         from .config import TrainingError
 
-        raise TrainingError(f"checkpoint {path} was made by another run ({'; '.join(diff)}). Resume with the same "
-                            f"data and settings, or train into a new --out folder (--no-resume starts afresh)")
+        raise TrainingError(
+            f"checkpoint {path} was made by another run ({'; '.join(diff)}). Resume with the same "
+            f"data and settings, or train into a new --out folder (--no-resume starts afresh)"
+        )
 
 
 def _differences(saved: dict, now: dict):
@@ -138,11 +172,16 @@ def _differences(saved: dict, now: dict):
             yield f"{name}: {len(then)} SAEs then, {len(new)} now"
         elif key == "sae_cfgs":
             for i, (a, b) in enumerate(zip(then, new)):
-                yield from (f"SAE {i}'s {f}: {a.get(f)} then, {b.get(f)} now"
-                            for f in sorted(set(a) | set(b)) if a.get(f) != b.get(f))
+                yield from (
+                    f"SAE {i}'s {f}: {a.get(f)} then, {b.get(f)} now"
+                    for f in sorted(set(a) | set(b))
+                    if a.get(f) != b.get(f)
+                )
         elif then != new:
             yield f"{name}: {then} then, {new} now"
 
 
 def _data(identity: dict) -> str:
-    return f"{identity.get('kind')} {identity.get('where', '')} ({str(identity.get('sha256'))[:12]})"
+    return (
+        f"{identity.get('kind')} {identity.get('where', '')} ({str(identity.get('sha256'))[:12]})"
+    )

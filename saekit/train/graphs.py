@@ -1,35 +1,38 @@
-"""The training step recorded once and replayed: CUDA graphs for every architecture's training step on one GPU
-(`TrainConfig.step_graphs`).
+"""The training step recorded once and replayed: CUDA graphs for every architecture's training step
+on one GPU (`TrainConfig.step_graphs`).
 
 Why: on a GPU the sparse step is bound by the host, which launches over a hundred kernels a step
-(benchmarks/results/profile_step_cuda.txt). A CUDA graph launches a recorded step's kernels with one call. A step can be recorded when:
-- its shapes are fixed and nothing is read back: the selections without read-backs (saekit.sae.fast.select),
-  Matryoshka's group decodes from one decode, and AuxK's dead latents in a fixed number of slots
-  (`Step.aux_slots`);
-- every value that changes from step to step lives in a device tensor, not in a Python number: the learning rate,
-  and the selection's hint (the previous step's cut).
+(benchmarks/results/profile_step_cuda.txt). A CUDA graph launches a recorded step's kernels with one
+call. A step can be recorded when:
+- its shapes are fixed and nothing is read back: the selections without read-backs
+  (saekit.sae.fast.select), Matryoshka's group decodes from one decode, and AuxK's dead latents in a
+  fixed number of slots (`Step.aux_slots`);
+- every value that changes from step to step lives in a device tensor, not in a Python number: the
+  learning rate, and the selection's hint (the previous step's cut).
 
 The step is two phases with the trainer's one read-back between them:
-- A: the loss, its gradients, the next dead-latent counters and the step's figures (`report`). One graph per
-  number of AuxK slots and per `sparse.step_shape` (a thresholded code's entry slots), both sized by
-  `sparse.slots`' coarse grid, so a run records a few dozen at most. A step whose shape cannot be recorded (the dense
-  path, no hint yet) runs phase A unrecorded.
-- The read-back of the report says whether the loss is finite, whether the selection was exact, the dead count
-  (the next step's AuxK slots) and a thresholded code's count of entries (its next slots). A step whose
-  selection was not exact runs A again, not recorded, with Step(exact=True); its results land in the same buffers.
-- B: the decoder constraint, clipping, Adam (capturable, its rate a tensor), the decoder's norm, the counters,
-  theta and the next hint.
+- A: the loss, its gradients, the next dead-latent counters and the step's figures (`report`). One
+  graph per number of AuxK slots and per `sparse.step_shape` (a thresholded code's entry slots),
+  both sized by `sparse.slots`' coarse grid, so a run records a few dozen at most. A step whose
+  shape cannot be recorded (the dense path, no hint yet) runs phase A unrecorded.
+- The read-back of the report says whether the loss is finite, whether the selection was exact, the
+  dead count (the next step's AuxK slots) and a thresholded code's count of entries (its next
+  slots). A step whose selection was not exact runs A again, not recorded, with Step(exact=True);
+  its results land in the same buffers.
+- B: the decoder constraint, clipping, Adam (capturable, its rate a tensor), the decoder's norm, the
+  counters, theta and the next hint.
 
-Mode "cuda" records CUDA graphs. Mode "eager" runs the same phases without recording, on any device: on the CPU
-the test suite checks that they train to the eager trainer's weights, and that two steps dispatch the same
-operators with the same arguments (what a recording freezes).
+Mode "cuda" records CUDA graphs. Mode "eager" runs the same phases without recording, on any device:
+on the CPU the test suite checks that they train to the eager trainer's weights, and that two steps
+dispatch the same operators with the same arguments (what a recording freezes).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import warnings
 from collections import Counter
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -42,9 +45,12 @@ from .config import TrainingError
 from .optim import clip_in_step, stack_scalars
 
 MODES = ("off", "cuda", "eager")
-REPORT = ("finite", "exact", "n_dead", "count", "loss", "mse", "sparsity", "aux", "nmse", "l0")  # phase A's figures
+# phase A's figures
+REPORT = ("finite", "exact", "n_dead", "count", "loss", "mse", "sparsity", "aux", "nmse", "l0")
 TERMS = ("mse", "sparsity", "aux")  # the loss terms a recordable SAE reports (SAE.train_output)
-WARMUP = 2  # runs of a phase before it is recorded: CUDA's lazy set-up (cuBLAS workspaces, ...) must happen first
+# runs of a phase before it is recorded: CUDA's lazy set-up (cuBLAS workspaces, ...) must happen
+# first
+WARMUP = 2
 
 
 def why_not(sae: SAE, batch: int, fast: bool, world: int) -> str | None:
@@ -55,23 +61,42 @@ def why_not(sae: SAE, batch: int, fast: bool, world: int) -> str | None:
         return "the reference path (fast=False) reads values back from the device"
     if world > 1:
         return "under torch.distributed the selection agrees its cut between ranks on the host"
-    if not sparse.sparse_pays(sae, 0, batch):  # too few latents for the sparse path, however sparse the code
-        return f"at d_sae {sae.cfg.d_sae} the step takes the dense reference path, which reads values back"
+    # too few latents for the sparse path, however sparse the code
+    if not sparse.sparse_pays(sae, 0, batch):
+        return (
+            f"at d_sae {sae.cfg.d_sae} the step takes the dense reference path, which reads "
+            "values back"
+        )
     return None
 
 
 class GraphedStep:
-    """One SAE's training step as two phases recorded as CUDA graphs (mode "cuda") or run as they are ("eager").
-    Made by the Trainer once the SAE has its hints (BatchTopK's previous cut); from then on it owns the SAE's
-    gradients (kept, zeroed in place), its optimiser's rates (tensors) and the cut hint (a tensor in `hints`, the
-    trainer's dict for this SAE)."""
+    """One SAE's training step as two phases recorded as CUDA graphs (mode "cuda") or run as they
+    are ("eager"). Made by the Trainer once the SAE has its hints (BatchTopK's previous cut); from
+    then on it owns the SAE's gradients (kept, zeroed in place), its optimiser's rates (tensors) and
+    the cut hint (a tensor in `hints`, the trainer's dict for this SAE)."""
 
-    def __init__(self, sae: SAE, opt: torch.optim.Optimizer, n_tokens: int, grad_clip: float, autocast: bool,
-                 mode: str, n_dead: int, hints: dict):
+    def __init__(
+        self,
+        sae: SAE,
+        opt: torch.optim.Optimizer,
+        n_tokens: int,
+        grad_clip: float,
+        autocast: bool,
+        mode: str,
+        n_dead: int,
+        hints: dict,
+    ):
         if mode not in ("cuda", "eager"):
             raise ValueError(f"GraphedStep mode {mode!r}: use 'cuda' or 'eager'")
         dev = sae.W_dec.device
-        self.sae, self.opt, self.n_tokens, self.grad_clip, self.autocast = sae, opt, n_tokens, grad_clip, autocast
+        self.sae, self.opt, self.n_tokens, self.grad_clip, self.autocast = (
+            sae,
+            opt,
+            n_tokens,
+            grad_clip,
+            autocast,
+        )
         self.capture = mode == "cuda"
         self.n_dead = int(n_dead)
         self.hints = hints
@@ -85,8 +110,9 @@ class GraphedStep:
         for p in sae.parameters():  # gradients in fixed memory, zeroed in place by phase A
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        # the rate as a tensor the trainer fills each step: float32 on CUDA (fused Adam reads it there as float),
-        # float64 on the CPU (read as a double there: the same updates as a rate given as a number)
+        # the rate as a tensor the trainer fills each step: float32 on CUDA (fused Adam reads it
+        # there as float), float64 on the CPU (read as a double there: the same updates as a rate
+        # given as a number)
         lr_dtype = torch.float32 if dev.type == "cuda" else torch.float64
         for g in opt.param_groups:
             g["lr"] = torch.tensor(float(g["lr"]), dtype=lr_dtype, device=dev)
@@ -94,23 +120,34 @@ class GraphedStep:
         self.x: torch.Tensor | None = None  # the static input batch
         self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self.runs: Counter = Counter()  # unrecorded runs of each phase key
-        self.pool = torch.cuda.graph_pool_handle() if self.capture else None  # one memory pool for every graph
-        self.side = torch.cuda.Stream(device=dev) if self.capture else None  # the warm-up runs' stream
+        # one memory pool for every graph
+        self.pool = torch.cuda.graph_pool_handle() if self.capture else None
+        # the warm-up runs' stream
+        self.side = torch.cuda.Stream(device=dev) if self.capture else None
 
     # -- one step -------------------------------------------------------------------------------
     def step(self, x: torch.Tensor, aux: bool) -> tuple[bool, dict]:
-        """One optimiser step on batch x (aux: AuxK is due). Returns (whether the loss was finite, the step's
-        figures). Where it was not finite, phase B has not run: the weights are the step's starting ones."""
+        """One optimiser step on batch x (aux: AuxK is due). Returns (whether the loss was finite,
+        the step's figures). Where it was not finite, phase B has not run: the weights are the
+        step's starting ones."""
         sae = self.sae
         if self.x is None or self.x.shape != x.shape or self.x.dtype != x.dtype:
-            self.x, self.graphs, self.runs = torch.empty_like(x), {}, Counter()  # a new shape: record anew
+            # a new shape: record anew
+            self.x, self.graphs, self.runs = torch.empty_like(x), {}, Counter()
         self.x.copy_(x)
         due = sae.aux_wanted(Step(aux=aux))
         room = sparse.slots(self.n_dead, AUX_UNIT, sae.cfg.d_sae) if due else 0
-        step = Step(aux=due, cut_hint=self.hint, density_hint=self.hints["previous_density"], sync_free=True,
-                    n_dead=self.n_dead, aux_slots=room)
+        step = Step(
+            aux=due,
+            cut_hint=self.hint,
+            density_hint=self.hints["previous_density"],
+            sync_free=True,
+            n_dead=self.n_dead,
+            aux_slots=room,
+        )
         shape = sparse.step_shape(sae, x.shape[0], step)
-        if shape is None:  # this step cannot be recorded (the dense path, no hint yet): phase A as it is
+        # this step cannot be recorded (the dense path, no hint yet): phase A as it is
+        if shape is None:
             self._phase_a(step, recordable=False)
         else:
             self._run(("A", room, *shape), lambda: self._phase_a(step))
@@ -119,8 +156,10 @@ class GraphedStep:
             self._phase_a(dataclasses.replace(step, exact=True), recordable=False)
             finite, exact, n_dead, count, *figures = self.report.tolist()
             if not exact:
-                raise TrainingError(f"SAE {sae.cfg.name}'s training selection was not exact even when redone with "
-                                    f"Step(exact=True); its select must select exactly then")
+                raise TrainingError(
+                    f"SAE {sae.cfg.name}'s training selection was not exact even when redone with "
+                    f"Step(exact=True); its select must select exactly then"
+                )
         if not finite:
             return False, {}
         self._run(("B",), self._phase_b)
@@ -133,8 +172,8 @@ class GraphedStep:
         return True, values
 
     def _run(self, key: tuple, phase: Callable[[], None]) -> None:
-        """Run a phase: as it is in mode "eager"; else its first WARMUP runs on a side stream, then recorded once
-        and replayed from then on."""
+        """Run a phase: as it is in mode "eager"; else its first WARMUP runs on a side stream, then
+        recorded once and replayed from then on."""
         if not self.capture:
             phase()
             return
@@ -149,39 +188,61 @@ class GraphedStep:
                 return
             graph = torch.cuda.CUDAGraph()
             try:
-                # thread_local: the Prefetcher's thread keeps copying batches to the GPU while a phase is recorded
+                # thread_local: the Prefetcher's thread keeps copying batches to the GPU while a
+                # phase is recorded
                 with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                     phase()
             except Exception as err:
-                raise TrainingError(f"recording SAE {self.sae.cfg.name}'s step phase {key} as a CUDA graph failed "
-                                    f"({type(err).__name__}: {err}); train with step_graphs='off'") from err
+                raise TrainingError(
+                    f"recording SAE {self.sae.cfg.name}'s step phase {key} as a CUDA graph failed "
+                    f"({type(err).__name__}: {err}); train with step_graphs='off'"
+                ) from err
             self.graphs[key] = graph
         graph.replay()
 
     # -- the two phases -------------------------------------------------------------------------
     def _phase_a(self, step: Step, recordable: bool = True) -> None:
-        """Loss and gradients of the batch in self.x, the next counters in self.since, the cut in self.cut, and
-        REPORT's figures in self.report. recordable: the step's shape said it takes the sparse path."""
+        """Loss and gradients of the batch in self.x, the next counters in self.since, the cut in
+        self.cut, and REPORT's figures in self.report. recordable: the step's shape said it takes
+        the sparse path."""
         sae = self.sae
-        self.opt.zero_grad(set_to_none=False)  # in place: the gradients stay where phase B reads them
-        with torch.autocast(self.x.device.type, dtype=torch.bfloat16, enabled=self.autocast, cache_enabled=False):
+        # in place: the gradients stay where phase B reads them
+        self.opt.zero_grad(set_to_none=False)
+        with torch.autocast(
+            self.x.device.type, dtype=torch.bfloat16, enabled=self.autocast, cache_enabled=False
+        ):
             out = sparse.loss(sae, self.x, step)
         out.loss.backward()
         if (recordable and out.path != "sparse") or set(out.terms) != set(TERMS):
-            raise TrainingError(f"SAE {sae.cfg.name}'s step is not the recordable sparse step (path {out.path}, "
-                                f"terms {sorted(out.terms)}); train with step_graphs='off'")
+            raise TrainingError(
+                f"SAE {sae.cfg.name}'s step is not the recordable sparse step (path {out.path}, "
+                f"terms {sorted(out.terms)}); train with step_graphs='off'"
+            )
         since, n_dead = sae.next_dead_counters(out.fired, self.n_tokens)
         self.since.copy_(since)
         if out.cut is not None:
             self.cut.copy_(out.cut)
         loss = out.loss.detach()
-        exact = out.exact if out.exact is not None else torch.ones((), dtype=torch.bool, device=loss.device)
-        count = out.count  # the entries found without a read-back; else known to the host (not in a recording)
+        exact = (
+            out.exact
+            if out.exact is not None
+            else torch.ones((), dtype=torch.bool, device=loss.device)
+        )
+        # the entries found without a read-back; else known to the host (not in a recording)
+        count = out.count
         if count is None:
             known = 0.0 if out.density is None else out.density * out.x.shape[0] * sae.cfg.d_sae
             count = torch.full((), known, device=loss.device)
-        figures = [torch.isfinite(loss), exact, n_dead, count, loss, *(out.terms[t] for t in TERMS),
-                   nmse_tensor(out.x.detach().float(), out.x_hat.detach().float()), out.l0.float().mean()]
+        figures = [
+            torch.isfinite(loss),
+            exact,
+            n_dead,
+            count,
+            loss,
+            *(out.terms[t] for t in TERMS),
+            nmse_tensor(out.x.detach().float(), out.x_hat.detach().float()),
+            out.l0.float().mean(),
+        ]
         stack_scalars(figures, out=self.report)
 
     @torch.no_grad()
@@ -199,18 +260,31 @@ class GraphedStep:
             self.hint.copy_(self.cut)
 
 
-def start(sae: SAE, opt, n_tokens: int, batch: int, tc, autocast: bool, world: int, hints: dict,
-          n_dead: int | None) -> GraphedStep | None:
-    """A GraphedStep for this SAE where tc.step_graphs asks for one and the SAE is ready (BatchTopK: once it has a
-    previous cut); None where it is off, or not yet. An SAE that cannot be recorded is warned about once and left
-    on the eager step."""
+def start(
+    sae: SAE,
+    opt,
+    n_tokens: int,
+    batch: int,
+    tc,
+    autocast: bool,
+    world: int,
+    hints: dict,
+    n_dead: int | None,
+) -> GraphedStep | None:
+    """A GraphedStep for this SAE where tc.step_graphs asks for one and the SAE is ready (BatchTopK:
+    once it has a previous cut); None where it is off, or not yet. An SAE that cannot be recorded is
+    warned about once and left on the eager step."""
     if tc.step_graphs == "off" or getattr(sae, "_graphs_refused", False):
         return None
     if tc.step_graphs not in MODES:
-        raise TrainingError(f"unknown step_graphs {tc.step_graphs!r}; use one of {', '.join(MODES)}")
+        raise TrainingError(
+            f"unknown step_graphs {tc.step_graphs!r}; use one of {', '.join(MODES)}"
+        )
     if tc.step_graphs == "cuda" and sae.W_dec.device.type != "cuda":
-        raise TrainingError(f"step_graphs='cuda' records CUDA graphs, but the SAE is on {sae.W_dec.device}; use "
-                            f"step_graphs='off' there (or 'eager' to run the recordable phases unrecorded)")
+        raise TrainingError(
+            f"step_graphs='cuda' records CUDA graphs, but the SAE is on {sae.W_dec.device}; use "
+            f"step_graphs='off' there (or 'eager' to run the recordable phases unrecorded)"
+        )
     reason = why_not(sae, batch, tc.fast, world)
     if reason is not None:
         sae._graphs_refused = True

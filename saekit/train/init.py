@@ -1,5 +1,7 @@
-"""An SAE's start from a sample of the data: the dataset-wide input scale, b_dec at the sample's geometric median
-(or mean), and the architecture's own start (JumpReLU's thresholds at the target L0)."""
+"""An SAE's start from a sample of the data: the dataset-wide input scale, b_dec at the sample's
+geometric median (or mean), and the architecture's own start (JumpReLU's thresholds at the target
+L0)."""
+
 from __future__ import annotations
 
 import math
@@ -23,7 +25,9 @@ def geometric_median(x: torch.Tensor, iters: int = 50, eps: float = 1e-6) -> tor
 def from_sample(sae, sample: torch.Tensor, b_dec_init: str) -> None:
     """Initialise `sae` from a sample of inputs [n, d_in] on its device."""
     if sae.cfg.normalize == "dataset":
-        sae.input_scale.fill_(math.sqrt(sae.cfg.d_in / sample.pow(2).sum(-1).mean().clamp_min(1e-12).item()))
+        sae.input_scale.fill_(
+            math.sqrt(sae.cfg.d_in / sample.pow(2).sum(-1).mean().clamp_min(1e-12).item())
+        )
     xs, _ = sae.normalize_input(sample)
     if b_dec_init == "geometric_median":
         sae.b_dec.data = geometric_median(xs)

@@ -1,5 +1,6 @@
-"""Where training batches come from: an activation store, an in-memory tensor or a file, read in the loop or
-ahead of it in a background thread."""
+"""Where training batches come from: an activation store, an in-memory tensor or a file, read in the
+loop or ahead of it in a background thread."""
+
 from __future__ import annotations
 
 import hashlib
@@ -7,8 +8,8 @@ import json
 import queue
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -19,11 +20,14 @@ from .config import TrainingError
 
 
 class TensorSource:
-    """An in-memory [N, d] tensor served as shuffled batches (the same interface as ActivationStore)."""
+    """An in-memory [N, d] tensor served as shuffled batches (the same interface as
+    ActivationStore)."""
 
     def __init__(self, x: torch.Tensor):
         if x.ndim != 2:
-            raise TrainingError(f"activations must be a 2-D [N, d] tensor, got shape {tuple(x.shape)}")
+            raise TrainingError(
+                f"activations must be a 2-D [N, d] tensor, got shape {tuple(x.shape)}"
+            )
         if not x.is_floating_point():
             raise TrainingError(f"activations must be floating point, got {x.dtype}")
         if x.shape[0] == 0:
@@ -38,11 +42,22 @@ class TensorSource:
         """What the data is (checkpoints.run_identity): its shape and a hash of its values."""
         values = self.x.detach().cpu().contiguous()
         raw = values.view(torch.uint8)
-        return {"kind": "tensor", "where": f"{list(values.shape)} {values.dtype}",
-                "sha256": hashlib.sha256(raw.numpy().tobytes()).hexdigest()}
+        return {
+            "kind": "tensor",
+            "where": f"{list(values.shape)} {values.dtype}",
+            "sha256": hashlib.sha256(raw.numpy().tobytes()).hexdigest(),
+        }
 
-    def batches(self, batch_size: int, seed: int = 0, epochs: int = 1, skip_batches: int = 0, rank: int = 0,
-                world_size: int = 1, **_) -> Iterator:
+    def batches(
+        self,
+        batch_size: int,
+        seed: int = 0,
+        epochs: int = 1,
+        skip_batches: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        **_,
+    ) -> Iterator:
         """Shuffled batches; with world_size > 1, rank r gets part r of each global batch of
         batch_size * world_size rows (so the ranks together see what one process would)."""
         n = len(self)
@@ -53,7 +68,7 @@ class TensorSource:
             perm = torch.randperm(n, generator=g)
             for i in range(0, n - glob + 1, glob):
                 if done >= skip_batches:
-                    yield self.x[perm[i + rank * batch_size:i + (rank + 1) * batch_size]].float()
+                    yield self.x[perm[i + rank * batch_size : i + (rank + 1) * batch_size]].float()
                 done += 1
 
 
@@ -71,14 +86,34 @@ class StoreSource:
     def identity(self) -> dict:
         """What the data is (checkpoints.run_identity): the store's manifest and the hook read."""
         manifest = json.dumps(self.store.manifest, sort_keys=True).encode()
-        return {"kind": "store", "where": f"{self.store.path} at {self.hook}",
-                "sha256": hashlib.sha256(manifest + self.hook.encode()).hexdigest()}
+        return {
+            "kind": "store",
+            "where": f"{self.store.path} at {self.hook}",
+            "sha256": hashlib.sha256(manifest + self.hook.encode()).hexdigest(),
+        }
 
-    def batches(self, batch_size: int, seed: int = 0, epochs: int = 1, skip_batches: int = 0,
-                buffer_rows: int = 131_072, rank: int = 0, world_size: int = 1, **_) -> Iterator:
+    def batches(
+        self,
+        batch_size: int,
+        seed: int = 0,
+        epochs: int = 1,
+        skip_batches: int = 0,
+        buffer_rows: int = 131_072,
+        rank: int = 0,
+        world_size: int = 1,
+        **_,
+    ) -> Iterator:
         """Shuffled batches; with world_size > 1 each rank reads its own chunks of the store."""
-        it = self.store.batches(batch_size, hook=self.hook, seed=seed, epochs=epochs, drop_last=True,
-                                buffer_rows=buffer_rows, rank=rank, world_size=world_size)
+        it = self.store.batches(
+            batch_size,
+            hook=self.hook,
+            seed=seed,
+            epochs=epochs,
+            drop_last=True,
+            buffer_rows=buffer_rows,
+            rank=rank,
+            world_size=world_size,
+        )
         for i, x in enumerate(it):
             if i >= skip_batches:
                 yield x
@@ -98,7 +133,10 @@ def as_source(data, hook: str | None = None):
     if path.is_dir():
         return StoreSource(open_store(path, hook), hook)
     if not path.exists():
-        raise TrainingError(f"no activations at {path}: give an activation store folder, a .npy or .safetensors file")
+        raise TrainingError(
+            f"no activations at {path}: give an activation store folder, a .npy or .safetensors "
+            "file"
+        )
     if path.suffix == ".npy":
         try:
             arr = np.load(path, mmap_mode="r")
@@ -111,9 +149,14 @@ def as_source(data, hook: str | None = None):
         except Exception as e:
             raise TrainingError(f"{path} is not a readable .safetensors file ({e})") from e
         if len(tensors) != 1 and "activations" not in tensors:
-            raise TrainingError(f"{path} holds tensors {sorted(tensors)}; name the one to use 'activations'")
+            raise TrainingError(
+                f"{path} holds tensors {sorted(tensors)}; name the one to use 'activations'"
+            )
         return TensorSource(tensors.get("activations", next(iter(tensors.values()))))
-    raise TrainingError(f"{path}: unsupported activation file type '{path.suffix}' (use a store folder, .npy or .safetensors)")
+    raise TrainingError(
+        f"{path}: unsupported activation file type '{path.suffix}' (use a store folder, .npy or "
+        ".safetensors)"
+    )
 
 
 class TimedBatches:
@@ -139,9 +182,10 @@ class TimedBatches:
 
 
 class Prefetcher:
-    """Batches read ahead in a background thread (store reads, dtype conversion and shuffling overlap the
-    training step); on CUDA they are pinned and copied without blocking. `wait_s` is the time the training
-    loop spent waiting for data: the data-loading share of the run is wait_s / run time."""
+    """Batches read ahead in a background thread (store reads, dtype conversion and shuffling
+    overlap the training step); on CUDA they are pinned and copied without blocking. `wait_s` is the
+    time the training loop spent waiting for data: the data-loading share of the run is wait_s /
+    run time."""
 
     _END = object()
 

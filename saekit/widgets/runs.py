@@ -1,4 +1,6 @@
-"""Training runs: the frontier of a sweep (FrontierExplorer) and live training curves (TrainingMonitor)."""
+"""Training runs: the frontier of a sweep (FrontierExplorer) and live training curves
+(TrainingMonitor)."""
+
 from __future__ import annotations
 
 import ipywidgets as W
@@ -9,7 +11,8 @@ from .base import Responsive
 
 
 class FrontierExplorer(Responsive):
-    """Interactive frontier from a sweep DataFrame; click (or select) a run to see its per-token L0."""
+    """Interactive frontier from a sweep DataFrame; click (or select) a run to see its per-token
+    L0."""
 
     def __init__(self, df, per_token_l0: dict | None = None):
         self.df = df.reset_index(drop=True)
@@ -28,10 +31,15 @@ class FrontierExplorer(Responsive):
 
     def select(self, name: str) -> None:
         row = self.df[self.df["name"] == name].iloc[0]
-        self.selected.value = (f"<b>{name}</b>: L0 {row['l0']:.1f}, NMSE {row['nmse']:.4f}"
-                               + (f", CE recovered {row['ce_recovered']:.4f}" if "ce_recovered" in row and row["ce_recovered"] == row["ce_recovered"] else ""))
+        self.selected.value = f"<b>{name}</b>: L0 {row['l0']:.1f}, NMSE {row['nmse']:.4f}" + (
+            f", CE recovered {row['ce_recovered']:.4f}"
+            if "ce_recovered" in row and row["ce_recovered"] == row["ce_recovered"]
+            else ""
+        )
         if name in self.per_token_l0:
-            f = viz.l0_distribution_figure({name: self.per_token_l0[name]}, title=f"Per-token L0 of {name}")
+            f = viz.l0_distribution_figure(
+                {name: self.per_token_l0[name]}, title=f"Per-token L0 of {name}"
+            )
             with self.detail.batch_update():
                 self.detail.data = []
                 self.detail.add_traces(f.data)
@@ -55,12 +63,23 @@ class TrainingMonitor:
         names = self.names or trainer.names
         if not self.figure.data:
             for i, name in enumerate(names):
-                for p, key in enumerate(self.PANELS, start=1):
-                    self.figure.add_scatter(x=[], y=[], mode="lines", name=name, legendgroup=name,
-                                            showlegend=(p == 1), line=dict(color=trainer.saes[i].color), row=1, col=p)
+                for p, _ in enumerate(self.PANELS, start=1):
+                    self.figure.add_scatter(
+                        x=[],
+                        y=[],
+                        mode="lines",
+                        name=name,
+                        legendgroup=name,
+                        showlegend=(p == 1),
+                        line=dict(color=trainer.saes[i].color),
+                        row=1,
+                        col=p,
+                    )
                 sae = trainer.saes[i]
                 if sae.l0_target:  # the L0 the architecture aims at, for the eye
-                    self.figure.add_hline(y=sae.l0_target, line_dash="dash", line_color=sae.color, row=1, col=3)
+                    self.figure.add_hline(
+                        y=sae.l0_target, line_dash="dash", line_color=sae.color, row=1, col=3
+                    )
         with self.figure.batch_update():
             for i, s in enumerate(stats):
                 for p, key in enumerate(self.PANELS):
@@ -69,16 +88,20 @@ class TrainingMonitor:
                     tr.y = tuple(tr.y) + (s[key],)
 
     def show_result(self, result) -> None:
-        """After train(): where no step ran live (the run was already trained and was reused), draw its saved
-        training log, so the monitor shows the curves either way."""
+        """After train(): where no step ran live (the run was already trained and was reused), draw
+        its saved training log, so the monitor shows the curves either way."""
         if self.figure.data:
             return
         names = self.names or result.names
-        saved = viz.training_curves_figure(dict(zip(names, result.logs)),
-                                           {n: s.l0_target for n, s in zip(names, result.saes)})
+        saved = viz.training_curves_figure(
+            dict(zip(names, result.logs)), {n: s.l0_target for n, s in zip(names, result.saes)}
+        )
         with self.figure.batch_update():
-            self.figure.add_traces(list(saved.data), rows=[1] * len(saved.data),
-                                   cols=[_panel(saved, t) for t in saved.data])
+            self.figure.add_traces(
+                list(saved.data),
+                rows=[1] * len(saved.data),
+                cols=[_panel(saved, t) for t in saved.data],
+            )
             for shape in saved.layout.shapes:
                 self.figure.add_shape(shape)
 

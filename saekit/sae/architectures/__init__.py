@@ -1,19 +1,29 @@
-"""The architectures, one file each. Each is one class that states its facts (name, SAELens names, whether it has
-k or θ, ...), says what it selects and what its sparsity term is, and registers itself by name; adding an
-architecture is one file here plus its tests."""
+"""The architectures, one file each. Each is one class that states its facts (name, SAELens names,
+whether it has k or θ, ...), says what it selects and what its sparsity term is, and registers
+itself by name; adding an architecture is one file here plus its tests."""
+
 from __future__ import annotations
 
 from ..base import SAE
 from ..config import ARCHITECTURES, SAEConfig, architecture
 from .batchtopk import BatchTopKSAE
-from .topk import TopKSAE
 from .jumprelu import JumpReLUSAE
-from .relu import ReLUSAE
 from .matryoshka import MatryoshkaSAE
+from .relu import ReLUSAE
+from .topk import TopKSAE
 
-ARCHS = tuple(ARCHITECTURES)  # in the order registered: BatchTopK, TopK, JumpReLU, ReLU-L1, Matryoshka
+# in the order registered: BatchTopK, TopK, JumpReLU, ReLU-L1, Matryoshka
+ARCHS = tuple(ARCHITECTURES)
 
-__all__ = ["ARCHS", "BatchTopKSAE", "TopKSAE", "JumpReLUSAE", "ReLUSAE", "MatryoshkaSAE", "make_sae"]
+__all__ = [
+    "ARCHS",
+    "BatchTopKSAE",
+    "TopKSAE",
+    "JumpReLUSAE",
+    "ReLUSAE",
+    "MatryoshkaSAE",
+    "make_sae",
+]
 
 
 def make_sae(cfg: SAEConfig | None = None, **kwargs) -> SAE:

@@ -1,6 +1,7 @@
-"""JumpReLU (Rajamanoharan et al. 2024): each latent fires above its own learned threshold θ_i; the L0 penalty and
-the thresholds' gradients come through straight-through pseudo-derivatives (a rectangle kernel of width
-`jumprelu_bandwidth`)."""
+"""JumpReLU (Rajamanoharan et al. 2024): each latent fires above its own learned threshold θ_i; the
+L0 penalty and the thresholds' gradients come through straight-through pseudo-derivatives (a
+rectangle kernel of width `jumprelu_bandwidth`)."""
+
 from __future__ import annotations
 
 import math
@@ -15,7 +16,8 @@ from ..step import PLAIN, Step
 
 
 def rectangle(a: torch.Tensor, theta: torch.Tensor, bandwidth: float) -> torch.Tensor:
-    """The rectangle kernel's window, |a - theta| < bandwidth / 2 (theta per latent, broadcast over rows), as a bool
+    """The rectangle kernel's window, |a - theta| < bandwidth / 2 (theta per latent, broadcast over
+    rows), as a bool
     mask: two compares against the window's bounds, no float temporaries of a's size."""
     half = bandwidth / 2
     return (a > theta - half) & (a < theta + half)
@@ -40,7 +42,8 @@ class JumpReLUFunction(torch.autograd.Function):
 
 
 class StepFunction(torch.autograd.Function):
-    """H(a - theta), with the pseudo-derivative to theta only (the JumpReLU paper's L0 estimator)."""
+    """H(a - theta), with the pseudo-derivative to theta only (the JumpReLU paper's L0
+    estimator)."""
 
     @staticmethod
     def forward(ctx, a, theta, bandwidth):
@@ -58,7 +61,8 @@ class StepFunction(torch.autograd.Function):
 
 @register
 class JumpReLUSAE(SAE):
-    """Per-latent learned threshold (log-parametrised); L0 penalty through a straight-through estimator."""
+    """Per-latent learned threshold (log-parametrised); L0 penalty through a straight-through
+    estimator."""
 
     arch, label, color = "jumprelu", "JumpReLU", "#2ca02c"
     saelens_name = saelens_training_name = "jumprelu"
@@ -71,11 +75,14 @@ class JumpReLUSAE(SAE):
 
     @classmethod
     def sweep_setting(cls, level):
-        return {"target_l0": float(level), "k": int(level)}  # k only names the level in sweep tables
+        # k only names the level in sweep tables
+        return {"target_l0": float(level), "k": int(level)}
 
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)
-        self.log_threshold = torch.nn.Parameter(torch.full((cfg.d_sae,), math.log(cfg.jumprelu_init_threshold)))
+        self.log_threshold = torch.nn.Parameter(
+            torch.full((cfg.d_sae,), math.log(cfg.jumprelu_init_threshold))
+        )
 
     def activate(self, a, mode=None):
         return JumpReLUFunction.apply(a, self.log_threshold.exp(), self.cfg.jumprelu_bandwidth)
@@ -87,18 +94,26 @@ class JumpReLUSAE(SAE):
         return Selection(*(a > self.log_threshold.exp()).nonzero(as_tuple=True))
 
     def sparsity_loss(self, a, z, step: Step = PLAIN):
-        l0 = StepFunction.apply(a, self.log_threshold.exp(), self.cfg.jumprelu_bandwidth).sum(-1).mean()
+        l0 = (
+            StepFunction.apply(a, self.log_threshold.exp(), self.cfg.jumprelu_bandwidth)
+            .sum(-1)
+            .mean()
+        )
         return self.l0_penalty(l0, step)
 
     def l0_penalty(self, l0: torch.Tensor, step: Step = PLAIN) -> torch.Tensor:
-        """The sparsity term for a batch's mean L0 (differentiable through the step's pseudo-derivative)."""
+        """The sparsity term for a batch's mean L0 (differentiable through the step's
+        pseudo-derivative)."""
         c, target = self.cfg.l0_coeff, self.cfg.target_l0
         if not target:
             return c * l0 / self.cfg.d_in
-        if step.distributed:  # the penalty of the global batch's L0 (not the mean of per-rank penalties)
+        # the penalty of the global batch's L0 (not the mean of per-rank penalties)
+        if step.distributed:
             lg = D.mean_over_ranks(l0.detach())
             # value P(L_global); DDP's mean of the ranks' gradients is P'(L_global) * mean dL_rank
-            return c * ((lg / target - 1).pow(2) + 2 * (lg / target - 1) / target * (l0 - l0.detach()))
+            return c * (
+                (lg / target - 1).pow(2) + 2 * (lg / target - 1) / target * (l0 - l0.detach())
+            )
         return c * (l0 / target - 1).pow(2)
 
     def inference_threshold(self):
@@ -110,14 +125,17 @@ class JumpReLUSAE(SAE):
 
     def optim_groups(self) -> list[dict]:
         rest = [p for n, p in self.named_parameters() if n != "log_threshold"]
-        return [{"params": rest, "lr_scale": 1.0},
-                {"params": [self.log_threshold], "lr_scale": self.cfg.threshold_lr_scale}]
+        return [
+            {"params": rest, "lr_scale": 1.0},
+            {"params": [self.log_threshold], "lr_scale": self.cfg.threshold_lr_scale},
+        ]
 
     @torch.no_grad()
     def init_from_data(self, xs: torch.Tensor) -> None:
-        """With a target L0, start every threshold at the sample's global (target_l0 * n)-th largest pre-activation,
-        the value that gives that L0 on it: the log-threshold moves about lr per Adam step, so from a fixed 0.01 a few
-        hundred steps never reach the ~2 (in per-token-normalised units) that an L0 of 16-64 of 4,608 needs."""
+        """With a target L0, start every threshold at the sample's global (target_l0 * n)-th largest
+        pre-activation, the value that gives that L0 on it: the log-threshold moves about lr per
+        Adam step, so from a fixed 0.01 a few hundred steps never reach the ~2 (in
+        per-token-normalised units) that an L0 of 16-64 of 4,608 needs."""
         if not self.cfg.target_l0:
             return
         xs = xs[:4096]

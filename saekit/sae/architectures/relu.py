@@ -1,5 +1,6 @@
-"""ReLU-L1 (the standard SAE of Bricken et al. 2023): every positive pre-activation survives, and an L1 penalty,
-weighted by the decoder rows' norms, makes the code sparse."""
+"""ReLU-L1 (the standard SAE of Bricken et al. 2023): every positive pre-activation survives, and an
+L1 penalty, weighted by the decoder rows' norms, makes the code sparse."""
+
 from __future__ import annotations
 
 from ..base import SAE

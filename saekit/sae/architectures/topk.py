@@ -1,4 +1,5 @@
 """TopK (Gao et al. 2024): the k largest pre-activations of each token survive."""
+
 from __future__ import annotations
 
 from ..base import SAE

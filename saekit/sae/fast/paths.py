@@ -1,6 +1,8 @@
-"""The sparse training paths: each architecture's loss through a dense encode without autograd, then only the
-selected entries differentiated and decoded. The same loss and gradients as `SAE.reference_loss` (up to
-rounding); where the code is too dense or the dictionary too small for that to pay, the reference path itself."""
+"""The sparse training paths: each architecture's loss through a dense encode without autograd, then
+only the selected entries differentiated and decoded. The same loss and gradients as
+`SAE.reference_loss` (up to rounding); where the code is too dense or the dictionary too small
+for that to pay, the reference path itself."""
+
 from __future__ import annotations
 
 import itertools
@@ -15,21 +17,27 @@ from .autograd import ThresholdPseudoGrad, sparse_decode, sparse_encode, sparse_
 from .index import CodeIndex, SparseCode
 from .select import entries, entry_slots
 
-# the sparse path pays from this many latents, up to this share of active entries (benchmarks/results/crossover_cpu.txt)
+# the sparse path pays from this many latents, up to this share of active entries
+# (benchmarks/results/crossover_cpu.txt)
 SPARSE_MIN_LATENTS = 512
 SPARSE_MAX_DENSITY = 0.05
 THRESHOLDED = ("jumprelu", "relu")  # paths whose code is the entries above a threshold
 
 
 def sparse_pays(sae, n_active: int, batch: int) -> bool:
-    """Whether the sparse path beats the dense one for a code of n_active entries in a [batch, d_sae] batch."""
-    return sae.cfg.d_sae >= SPARSE_MIN_LATENTS and n_active <= SPARSE_MAX_DENSITY * batch * sae.cfg.d_sae
+    """Whether the sparse path beats the dense one for a code of n_active entries in a [batch,
+    d_sae] batch."""
+    return (
+        sae.cfg.d_sae >= SPARSE_MIN_LATENTS
+        and n_active <= SPARSE_MAX_DENSITY * batch * sae.cfg.d_sae
+    )
 
 
 @torch.no_grad()
 def probe_pays(sae, xs: torch.Tensor, count_active, step: Step, rows: int = 128) -> bool:
-    """sparse_pays for a code whose density is known only after encoding (JumpReLU, ReLU): from the previous
-    step's density where the step knows it, else from the first `rows` rows' pre-activations."""
+    """sparse_pays for a code whose density is known only after encoding (JumpReLU, ReLU): from the
+    previous step's density where the step knows it, else from the first `rows` rows'
+    pre-activations."""
     if step.density_hint is not None:
         return sparse_pays(sae, int(step.density_hint * xs.shape[0] * sae.cfg.d_sae), xs.shape[0])
     a = sae.pre_acts(xs[:rows])
@@ -37,9 +45,9 @@ def probe_pays(sae, xs: torch.Tensor, count_active, step: Step, rows: int = 128)
 
 
 def centred_pre_acts(sae, xs: torch.Tensor, relu: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """(xs - b_dec, differentiable to b_dec; the pre-activations from it, without autograd): one centring serves
-    the dense encode, the sparse encoder's backward and AuxK. relu=False where the selection keeps only positive
-    entries anyway."""
+    """(xs - b_dec, differentiable to b_dec; the pre-activations from it, without autograd): one
+    centring serves the dense encode, the sparse encoder's backward and AuxK. relu=False where the
+    selection keeps only positive entries anyway."""
     xc = xs - sae.b_dec
     with torch.no_grad():
         return xc, sae.pre_acts(xs, xc, relu)
@@ -51,7 +59,8 @@ def loss(sae, x: torch.Tensor, step: Step) -> TrainOutput:
 
 
 def top_entries_loss(sae, x: torch.Tensor, step: Step) -> TrainOutput:
-    """BatchTopK, TopK and Matryoshka: the selected entries encoded and decoded sparsely, one CodeIndex for both."""
+    """BatchTopK, TopK and Matryoshka: the selected entries encoded and decoded sparsely, one
+    CodeIndex for both."""
     batch = x.shape[0]
     if not sparse_pays(sae, batch * sae.cfg.k, batch):
         return sae.reference_loss(x, step)
@@ -71,17 +80,20 @@ def top_entries_loss(sae, x: torch.Tensor, step: Step) -> TrainOutput:
         mse = F.mse_loss(x_hat, xs)
     aux = None
     if dead is not None:
-        recon = auxk.aux_reconstruction(sae, xc, dead, pad, fold=(index, code.vals, x_hat, dec_index))
+        recon = auxk.aux_reconstruction(
+            sae, xc, dead, pad, fold=(index, code.vals, x_hat, dec_index)
+        )
         aux = F.mse_loss(recon, (xs - x_hat).detach())
     fired, l0 = sparse_stats(sel.rows, sel.cols, batch, sae.cfg.d_sae, index=index)
-    return sae.train_output(xs, x_hat, mse=mse, aux=aux, fired=fired, l0=l0, cut=sel.cut, path="sparse",
-                            exact=sel.exact)
+    return sae.train_output(
+        xs, x_hat, mse=mse, aux=aux, fired=fired, l0=l0, cut=sel.cut, path="sparse", exact=sel.exact
+    )
 
 
 def prefix_decode(sae, code: SparseCode) -> tuple[torch.Tensor, CodeIndex, list[torch.Tensor]]:
-    """Matryoshka: every group's part of the code decoded at once (entries as rows group * batch + row: fixed
-    shapes), and b_dec plus their running sums: (x_hat, the CodeIndex the decode read, every prefix's
-    reconstruction, the last being x_hat)."""
+    """Matryoshka: every group's part of the code decoded at once (entries as rows group * batch +
+    row: fixed shapes), and b_dec plus their running sums: (x_hat, the CodeIndex the decode read,
+    every prefix's reconstruction, the last being x_hat)."""
     widths, batch = sae.widths, code.shape[0]
     group = sum((code.cols >= w).long() for w in widths[:-1])
     index = CodeIndex(group * batch + code.rows, code.cols, len(widths) * batch, sae.cfg.d_sae)
@@ -91,9 +103,10 @@ def prefix_decode(sae, code: SparseCode) -> tuple[torch.Tensor, CodeIndex, list[
 
 
 def jumprelu_loss(sae, x: torch.Tensor, step: Step) -> TrainOutput:
-    """JumpReLU: one scan finds the entries above the window's lower bound, a > θ - bandwidth / 2, which hold the
-    code (a > θ) and the rectangle window (|a - θ| < bandwidth / 2). The code's entries are encoded and decoded
-    sparsely; the thresholds get their pseudo-derivatives from the window's entries (ThresholdPseudoGrad)."""
+    """JumpReLU: one scan finds the entries above the window's lower bound, a > θ - bandwidth / 2,
+    which hold the code (a > θ) and the rectangle window (|a - θ| < bandwidth / 2). The code's
+    entries are encoded and decoded sparsely; the thresholds get their pseudo-derivatives from
+    the window's entries (ThresholdPseudoGrad)."""
     xs = sae.prepare(x)
     bw, batch = sae.cfg.jumprelu_bandwidth, xs.shape[0]
     theta0 = sae.log_threshold.detach().exp()
@@ -110,18 +123,32 @@ def jumprelu_loss(sae, x: torch.Tensor, step: Step) -> TrainOutput:
         return sae.reference_loss(x, step)
     theta = sae.log_threshold.exp()
     index = CodeIndex(e.rows, e.cols, batch, sae.cfg.d_sae, rows_sorted=True)
-    vals = sparse_encode(xs, sae.W_enc, sae.b_enc, sae.b_dec, index, a, xc).vals * on  # the window's: 0
-    zeros = ThresholdPseudoGrad.apply(theta, e.cols, bw, True, window)  # carry dL/dz of the window to θ
+    # the window's: 0
+    vals = sparse_encode(xs, sae.W_enc, sae.b_enc, sae.b_dec, index, a, xc).vals * on
+    # carry dL/dz of the window to θ
+    zeros = ThresholdPseudoGrad.apply(theta, e.cols, bw, True, window)
     code = SparseCode(e.rows, e.cols, vals + zeros.to(vals.dtype), (batch, sae.cfg.d_sae), index)
     x_hat = sparse_decode(code, sae.W_dec) + sae.b_dec
-    l0 = on.sum() / batch + ThresholdPseudoGrad.apply(theta, e.cols, bw, False, window).sum() / batch
+    l0 = (
+        on.sum() / batch + ThresholdPseudoGrad.apply(theta, e.cols, bw, False, window).sum() / batch
+    )
     fired, l0_rows = sparse_stats(e.rows, e.cols, batch, sae.cfg.d_sae, on)
-    return sae.train_output(xs, x_hat, mse=F.mse_loss(x_hat, xs), sparsity=sae.l0_penalty(l0, step), fired=fired,
-                            l0=l0_rows, path="sparse", exact=e.exact, n_active=e.count)
+    return sae.train_output(
+        xs,
+        x_hat,
+        mse=F.mse_loss(x_hat, xs),
+        sparsity=sae.l0_penalty(l0, step),
+        fired=fired,
+        l0=l0_rows,
+        path="sparse",
+        exact=e.exact,
+        n_active=e.count,
+    )
 
 
 def relu_loss(sae, x: torch.Tensor, step: Step) -> TrainOutput:
-    """ReLU-L1: the positive pre-activations encoded and decoded sparsely, the L1 term on those entries alone."""
+    """ReLU-L1: the positive pre-activations encoded and decoded sparsely, the L1 term on those
+    entries alone."""
     xs = sae.prepare(x)
     batch = xs.shape[0]
     if not probe_pays(sae, xs, lambda a: (a > 0).sum(), step):
@@ -138,17 +165,26 @@ def relu_loss(sae, x: torch.Tensor, step: Step) -> TrainOutput:
     x_hat = sparse_decode(code, sae.W_dec) + sae.b_dec
     l1 = (code.vals * sae.W_dec.norm(dim=-1)[e.cols]).sum() / batch
     fired, l0 = sparse_stats(e.rows, e.cols, batch, sae.cfg.d_sae, e.valid)
-    return sae.train_output(xs, x_hat, mse=F.mse_loss(x_hat, xs), sparsity=sae.cfg.l1_coeff * l1 / sae.cfg.d_in,
-                            fired=fired, l0=l0, path="sparse", exact=e.exact, n_active=e.count)
+    return sae.train_output(
+        xs,
+        x_hat,
+        mse=F.mse_loss(x_hat, xs),
+        sparsity=sae.cfg.l1_coeff * l1 / sae.cfg.d_in,
+        fired=fired,
+        l0=l0,
+        path="sparse",
+        exact=e.exact,
+        n_active=e.count,
+    )
 
 
 PATHS = {"top": top_entries_loss, "jumprelu": jumprelu_loss, "relu": relu_loss}
 
 
 def step_shape(sae, batch: int, step: Step) -> tuple | None:
-    """What fixes the shapes of this SAE's next sparse step besides the batch and AuxK's slots (a recorded step is
-    keyed by it): a thresholded code's entry slots. None where the step cannot be recorded: it takes the dense
-    path, or lacks its hint (BatchTopK's first step)."""
+    """What fixes the shapes of this SAE's next sparse step besides the batch and AuxK's slots (a
+    recorded step is keyed by it): a thresholded code's entry slots. None where the step cannot be
+    recorded: it takes the dense path, or lacks its hint (BatchTopK's first step)."""
     if sae.has_theta and step.cut_hint is None:
         return None
     if sae.fast_path not in THRESHOLDED:

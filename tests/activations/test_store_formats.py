@@ -1,6 +1,8 @@
-"""Activation stores in SAELens's format both ways, tested with the real sae-lens package: a cache SAELens's own
-CacheActivationsRunner writes is read as a store (and trained on by `saekit train`), and a saekit store exported
-with `saekit export-store --format saelens` is read and trained on by SAELens's ActivationsStore and SAETrainer."""
+"""Activation stores in SAELens's format both ways, tested with the real sae-lens package: a cache
+SAELens's own CacheActivationsRunner writes is read as a store (and trained on by `saekit train`),
+and a saekit store exported with `saekit export-store --format saelens` is read and trained on by
+SAELens's ActivationsStore and SAETrainer."""
+
 import json
 import shutil
 from unittest import mock
@@ -8,9 +10,16 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-
 from conftest import HOOK
-from saekit.activations import SAELensCache, StoreError, export_store, open_store, saelens_hook_name, store_format
+
+from saekit.activations import (
+    SAELensCache,
+    StoreError,
+    export_store,
+    open_store,
+    saelens_hook_name,
+    store_format,
+)
 from saekit.cli import main
 from saekit.sae import load_sae
 
@@ -19,24 +28,42 @@ D, CTX, BOS = 16, 8, 0
 
 @pytest.fixture(scope="module")
 def saelens_cache(tmp_path_factory):
-    """A cache written by SAELens's CacheActivationsRunner from a tiny TransformerLens model (no hub needed)."""
+    """A cache written by SAELens's CacheActivationsRunner from a tiny TransformerLens model (no
+    hub needed)."""
     import datasets
     import sae_lens.cache_activations_runner as car
     from sae_lens.config import CacheActivationsRunnerConfig
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     torch.manual_seed(0)
-    tl = HookedTransformer(HookedTransformerConfig(n_layers=2, d_model=D, d_head=4, n_ctx=CTX, d_vocab=50, act_fn="relu"))
+    tl = HookedTransformer(
+        HookedTransformerConfig(
+            n_layers=2, d_model=D, d_head=4, n_ctx=CTX, d_vocab=50, act_fn="relu"
+        )
+    )
     toks = torch.randint(1, 50, (48, CTX), generator=torch.Generator().manual_seed(0))
     toks[:, 0] = BOS  # every context starts with the BOS, as SAELens's prepend_bos makes it
     toks[5, 4] = BOS  # and a document separator inside one context
     out = tmp_path_factory.mktemp("saelens") / "cache"
     cfg = CacheActivationsRunnerConfig(
-        dataset_path="unused", model_name="tiny", model_batch_size=4, hook_name="blocks.1.hook_resid_post", d_in=D,
-        training_tokens=48 * CTX, context_size=CTX, new_cached_activations_path=str(out), shuffle=False,
-        device="cpu", prepend_bos=False, streaming=False, buffer_size_gb=0.0001)
+        dataset_path="unused",
+        model_name="tiny",
+        model_batch_size=4,
+        hook_name="blocks.1.hook_resid_post",
+        d_in=D,
+        training_tokens=48 * CTX,
+        context_size=CTX,
+        new_cached_activations_path=str(out),
+        shuffle=False,
+        device="cpu",
+        prepend_bos=False,
+        streaming=False,
+        buffer_size_gb=0.0001,
+    )
     with mock.patch.object(car, "load_model", return_value=tl):
-        car.CacheActivationsRunner(cfg, override_dataset=datasets.Dataset.from_dict({"tokens": toks.tolist()})).run()
+        car.CacheActivationsRunner(
+            cfg, override_dataset=datasets.Dataset.from_dict({"tokens": toks.tolist()})
+        ).run()
     ds = datasets.load_from_disk(str(out)).with_format("numpy")[:]
     return out, ds["blocks.1.hook_resid_post"], ds["token_ids"]
 
@@ -46,7 +73,8 @@ def test_reads_the_cache_saelens_wrote(saelens_cache):
     assert store_format(path) == "saelens-cache"
     st = open_store(path)
     assert isinstance(st, SAELensCache) and st.hooks == ["resid_post.1"] and st.d_model == D
-    keep = token_ids != BOS  # BOS positions (the first of each context and the separator) hold no row
+    # BOS positions (the first of each context and the separator) hold no row
+    keep = token_ids != BOS
     assert st.manifest["bos_token_id"] == BOS and len(st) == int(keep.sum()) < acts.shape[0] * CTX
     np.testing.assert_array_equal(st.load().numpy(), acts[keep])
     pos = st.positions()
@@ -63,14 +91,45 @@ def test_reads_the_cache_saelens_wrote(saelens_cache):
 
 def test_saekit_trains_on_a_saelens_cache_and_asks_for_the_model(saelens_cache, tmp_path, capsys):
     path = saelens_cache[0]
-    rc = main(["train", "--store", str(path), "--arch", "batchtopk", "--k", "4", "--expansion", "2", "--tokens", "1200",
-               "--batch-size", "64", "--warmup-steps", "2", "--out", str(tmp_path / "tr")])
+    rc = main(
+        [
+            "train",
+            "--store",
+            str(path),
+            "--arch",
+            "batchtopk",
+            "--k",
+            "4",
+            "--expansion",
+            "2",
+            "--tokens",
+            "1200",
+            "--batch-size",
+            "64",
+            "--warmup-steps",
+            "2",
+            "--out",
+            str(tmp_path / "tr"),
+        ]
+    )
     assert rc == 0
     sae = load_sae(tmp_path / "tr" / "batchtopk_k4_32")
     assert sae.cfg.d_in == D and sae.cfg.hook_name == "resid_post.1"
     assert main(["eval", str(tmp_path / "tr" / "batchtopk_k4_32"), "--store", str(path)]) == 2
     assert "does not say which model" in capsys.readouterr().err
-    assert main(["eval", str(tmp_path / "tr" / "batchtopk_k4_32"), "--store", str(path), "--no-ce", "--json"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(tmp_path / "tr" / "batchtopk_k4_32"),
+                "--store",
+                str(path),
+                "--no-ce",
+                "--json",
+            ]
+        )
+        == 0
+    )
     m = json.loads(capsys.readouterr().out)
     assert 0 < m["reconstruction"]["nmse"] < 1 and m["n_tokens"] > 300
 
@@ -92,32 +151,92 @@ def test_export_round_trip_and_saelens_trains_from_it(store, model, tmp_path, ca
     np.testing.assert_array_equal(back.positions(), store.positions()[:n])
     np.testing.assert_array_equal(back.tokens, store.tokens)
     assert back.manifest["model"] == store.manifest["model"]
-    assert main(["export-store", str(store.path), str(out)]) == 2  # never overwrites without --overwrite
+    # never overwrites without --overwrite
+    assert main(["export-store", str(store.path), str(out)]) == 2
     assert "exists" in capsys.readouterr().err
 
     # SAELens reads it with its own ActivationsStore: the same rows and tokens, in order
-    sl = ActivationsStore(model=None, dataset=None, streaming=False, hook_name=saelens_hook_name(HOOK),
-                          hook_head_index=None, context_size=ctx, d_in=store.d_model, n_batches_in_buffer=2,
-                          total_training_tokens=n, store_batch_size_prompts=4, train_batch_size_tokens=64,
-                          prepend_bos=False, normalize_activations="none", device=torch.device("cpu"), dtype="float32",
-                          cached_activations_path=str(out))
+    sl = ActivationsStore(
+        model=None,
+        dataset=None,
+        streaming=False,
+        hook_name=saelens_hook_name(HOOK),
+        hook_head_index=None,
+        context_size=ctx,
+        d_in=store.d_model,
+        n_batches_in_buffer=2,
+        total_training_tokens=n,
+        store_batch_size_prompts=4,
+        train_batch_size_tokens=64,
+        prepend_bos=False,
+        normalize_activations="none",
+        device=torch.device("cpu"),
+        dtype="float32",
+        cached_activations_path=str(out),
+    )
     acts, toks = sl.get_raw_llm_batch()
     assert torch.equal(acts.reshape(4 * ctx, -1), store.rows(0, 4 * ctx, HOOK))
-    pos = store.positions()[:4 * ctx]
+    pos = store.positions()[: 4 * ctx]
     np.testing.assert_array_equal(toks.numpy(), store.tokens[pos[:, 0], pos[:, 1]])
     # ... and SAELens's trainer trains from it
-    sae = TrainingSAE.from_dict(BatchTopKTrainingSAEConfig(d_in=store.d_model, d_sae=128, k=8, device="cpu").to_dict())
-    trainer = SAETrainer(SAETrainerConfig(total_training_samples=64 * 6, train_batch_size_samples=64, lr_end=3e-5,
-                                          n_batches_for_norm_estimate=2), sae, sl)
+    sae = TrainingSAE.from_dict(
+        BatchTopKTrainingSAEConfig(d_in=store.d_model, d_sae=128, k=8, device="cpu").to_dict()
+    )
+    trainer = SAETrainer(
+        SAETrainerConfig(
+            total_training_samples=64 * 6,
+            train_batch_size_samples=64,
+            lr_end=3e-5,
+            n_batches_for_norm_estimate=2,
+        ),
+        sae,
+        sl,
+    )
     w0 = sae.W_enc.detach().clone()
     trainer.fit()
     assert trainer.n_training_steps == 6 and not torch.equal(w0, sae.W_enc)
 
-    # mixing formats needs no flag: an SAE trained on the saekit store evaluates on the SAELens cache, CE included
-    assert main(["train", "--store", str(store.path), "--hook", HOOK, "--arch", "topk", "--k", "8", "--expansion", "1",
-                 "--tokens", "1024", "--batch-size", "128", "--out", str(tmp_path / "tr")]) == 0
+    # mixing formats needs no flag: an SAE trained on the saekit store evaluates on the SAELens
+    # cache, CE included
+    assert (
+        main(
+            [
+                "train",
+                "--store",
+                str(store.path),
+                "--hook",
+                HOOK,
+                "--arch",
+                "topk",
+                "--k",
+                "8",
+                "--expansion",
+                "1",
+                "--tokens",
+                "1024",
+                "--batch-size",
+                "128",
+                "--out",
+                str(tmp_path / "tr"),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
-    assert main(["eval", str(tmp_path / "tr" / "topk_k8_576"), "--store", str(out), "--ce-tokens", "60", "--json"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(tmp_path / "tr" / "topk_k8_576"),
+                "--store",
+                str(out),
+                "--ce-tokens",
+                "60",
+                "--json",
+            ]
+        )
+        == 0
+    )
     m = json.loads(capsys.readouterr().out)
     assert m["downstream"]["ce_sae"] > m["downstream"]["ce_clean"] and m["store"] == str(out)
 

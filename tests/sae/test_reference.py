@@ -1,5 +1,7 @@
-"""saekit's SAEs against the plain reference (saekit/sae/reference.py): the same loss and every gradient on the
-fast (sparse) path, and 20 training steps from the same start to the same weights."""
+"""saekit's SAEs against the plain reference (saekit/sae/reference.py): the same loss and every
+gradient on the fast (sparse) path, and 20 training steps from the same start to the same
+weights."""
+
 import math
 
 import pytest
@@ -12,12 +14,14 @@ from saekit.train.trainer import Trainer
 
 ARCHS = ["batchtopk", "topk", "matryoshka", "jumprelu", "relu"]
 D, F_, B = 32, 256, 128
-STEP_TOLERANCE = dict(atol=2e-5, rtol=1e-4)  # 20 steps of fp32 Adam, fused (saekit) against plain (reference)
+# 20 steps of fp32 Adam, fused (saekit) against plain (reference)
+STEP_TOLERANCE = dict(atol=2e-5, rtol=1e-4)
 
 
 @pytest.fixture
 def sparse_everywhere(monkeypatch):
-    """The sparse path at this small size too (saekit picks the dense one below SPARSE_MIN_LATENTS)."""
+    """The sparse path at this small size too (saekit picks the dense one below
+    SPARSE_MIN_LATENTS)."""
     import saekit.sae.fast.paths as paths
 
     monkeypatch.setattr(paths, "SPARSE_MIN_LATENTS", 0)
@@ -25,20 +29,42 @@ def sparse_everywhere(monkeypatch):
 
 
 def _cfg(arch: str, normalize: str = "token") -> SAEConfig:
-    return SAEConfig(arch=arch, d_in=D, d_sae=F_, k=4, k_aux=32, dead_tokens=2 * B, normalize=normalize,
-                     target_l0=4.0 if arch == "jumprelu" else None, l1_coeff=1.0)
+    return SAEConfig(
+        arch=arch,
+        d_in=D,
+        d_sae=F_,
+        k=4,
+        k_aux=32,
+        dead_tokens=2 * B,
+        normalize=normalize,
+        target_l0=4.0 if arch == "jumprelu" else None,
+        l1_coeff=1.0,
+    )
 
 
 def _ref_cfg(sae) -> dict:
     c = sae.cfg
-    return {"arch": c.arch, "k": c.k, "k_aux": c.k_aux, "aux_alpha": c.aux_alpha, "normalize": c.normalize,
-            "l1_coeff": c.l1_coeff, "l0_coeff": c.l0_coeff, "target_l0": c.target_l0, "bandwidth": c.jumprelu_bandwidth,
-            "group_sizes": c.group_sizes, "dead_tokens": c.dead_tokens, "threshold_beta": c.threshold_beta,
-            "grad_clip": 1.0}
+    return {
+        "arch": c.arch,
+        "k": c.k,
+        "k_aux": c.k_aux,
+        "aux_alpha": c.aux_alpha,
+        "normalize": c.normalize,
+        "l1_coeff": c.l1_coeff,
+        "l0_coeff": c.l0_coeff,
+        "target_l0": c.target_l0,
+        "bandwidth": c.jumprelu_bandwidth,
+        "group_sizes": c.group_sizes,
+        "dead_tokens": c.dead_tokens,
+        "threshold_beta": c.threshold_beta,
+        "grad_clip": 1.0,
+    }
 
 
 def _ref_params(sae) -> dict:
-    names = ["W_enc", "b_enc", "W_dec", "b_dec"] + (["log_threshold"] if sae.cfg.arch == "jumprelu" else [])
+    names = ["W_enc", "b_enc", "W_dec", "b_dec"] + (
+        ["log_threshold"] if sae.cfg.arch == "jumprelu" else []
+    )
     return {n: getattr(sae, n).detach().clone().requires_grad_(True) for n in names}
 
 
@@ -52,7 +78,9 @@ def _grads(sae) -> dict:
 
 def _data(n: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 8, generator=g) @ torch.randn(8, D, generator=g) + 0.1 * torch.randn(n, D, generator=g)
+    return torch.randn(n, 8, generator=g) @ torch.randn(8, D, generator=g) + 0.1 * torch.randn(
+        n, D, generator=g
+    )
 
 
 def _start(sae) -> None:
@@ -64,13 +92,16 @@ def _start(sae) -> None:
 
 @pytest.mark.parametrize("normalize", ["token", "none"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_the_fast_path_gives_the_reference_loss_and_every_gradient(arch, normalize, sparse_everywhere):
+def test_the_fast_path_gives_the_reference_loss_and_every_gradient(
+    arch, normalize, sparse_everywhere
+):
     torch.manual_seed(0)
     sae = make_sae(_cfg(arch, normalize))
     _start(sae)
     dead = torch.zeros(F_, dtype=torch.bool)
     dead[:40] = True
-    sae.tokens_since_fired[dead] = 10 * B  # dead latents: AuxK works (for the architectures that use it)
+    # dead latents: AuxK works (for the architectures that use it)
+    sae.tokens_since_fired[dead] = 10 * B
     x = _data(B, 1)
     out = sae.training_loss(x, fast=True)
     assert out.path == "sparse"
@@ -90,15 +121,28 @@ def test_the_fast_path_gives_the_reference_loss_and_every_gradient(arch, normali
 @pytest.mark.parametrize("arch", ARCHS)
 def test_twenty_training_steps_reach_the_reference_weights(arch, sparse_everywhere):
     torch.manual_seed(0)
-    tc = TrainConfig(total_tokens=20 * B, batch_size=B, lr=1e-3, warmup_steps=0, decay_frac=0.0, calibrate_batches=0,
-                     device="cpu", autocast=False, progress=False, checkpoint_every=0, log_every=1)
+    tc = TrainConfig(
+        total_tokens=20 * B,
+        batch_size=B,
+        lr=1e-3,
+        warmup_steps=0,
+        decay_frac=0.0,
+        calibrate_batches=0,
+        device="cpu",
+        autocast=False,
+        progress=False,
+        checkpoint_every=0,
+        log_every=1,
+    )
     trainer = Trainer([_cfg(arch)], tc)
     sae = trainer.saes[0]
     _start(sae)
     params, cfg = _ref_params(sae), _ref_cfg(sae)
     groups = [{"params": [params[n] for n in ("W_enc", "b_enc", "W_dec", "b_dec")], "lr": tc.lr}]
     if arch == "jumprelu":
-        groups.append({"params": [params["log_threshold"]], "lr": tc.lr * sae.cfg.threshold_lr_scale})
+        groups.append(
+            {"params": [params["log_threshold"]], "lr": tc.lr * sae.cfg.threshold_lr_scale}
+        )
     opt = torch.optim.Adam(groups, betas=tc.betas)
     state = {"tokens_since_fired": torch.zeros(F_, dtype=torch.long), "theta": 0.0, "n_theta": 0}
     for step in range(20):
@@ -106,7 +150,9 @@ def test_twenty_training_steps_reach_the_reference_weights(arch, sparse_everywhe
         trainer.train_step(x)
         ref.train_step(params, opt, x, cfg, state)
     for name, p in params.items():
-        torch.testing.assert_close(getattr(sae, name).detach(), p.detach(), **STEP_TOLERANCE, msg=name)
+        torch.testing.assert_close(
+            getattr(sae, name).detach(), p.detach(), **STEP_TOLERANCE, msg=name
+        )
     assert torch.equal(sae.tokens_since_fired, state["tokens_since_fired"])
     if sae.uses_auxk:  # latents died along the way, so AuxK's part was compared too
         assert max(row["aux"] for row in trainer.logs[0]) > 0
@@ -131,6 +177,13 @@ def test_the_reference_stands_alone_and_short():
     from pathlib import Path
 
     source = Path(ref.__file__).read_text()
-    imported = {a.name.split(".")[0] for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Import) for a in n.names}
-    imported |= {n.module.split(".")[0] for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ImportFrom)}
+    imported = {
+        a.name.split(".")[0]
+        for n in ast.walk(ast.parse(source))
+        if isinstance(n, ast.Import)
+        for a in n.names
+    }
+    imported |= {
+        n.module.split(".")[0] for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ImportFrom)
+    }
     assert imported == {"torch"} and len(source.splitlines()) <= 200

@@ -1,0 +1,198 @@
+"""Text tokenised with BOS and packed into fixed-length sequences, each position keeping its
+token and its document."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .corpus import BUNDLED, CorpusError, corpus_split, sample_documents
+
+
+def tokens_sha256(tokens: np.ndarray) -> str:
+    """The identity of packed token ids (a store's manifest and every shard's completion record
+    carry it)."""
+    return hashlib.sha256(np.ascontiguousarray(tokens).tobytes()).hexdigest()
+
+
+@dataclass
+class PackedTokens:
+    """Fixed-length token sequences and where each token came from.
+
+    tokens [n_seq, seq_len] int32 (position 0 is BOS); doc_ids [n_seq, seq_len] int32 (-1 on
+    BOS/padding); keep [n_seq, seq_len] bool: positions whose activations are kept (BOS and padding
+    dropped).
+    """
+
+    tokens: np.ndarray
+    doc_ids: np.ndarray
+    keep: np.ndarray
+    bos_token_id: int
+    pad_token_id: int
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.tokens.shape[1])
+
+    @property
+    def n_sequences(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def n_kept(self) -> int:
+        return int(self.keep.sum())
+
+    def sha256(self) -> str:
+        return tokens_sha256(self.tokens)
+
+    def head(self, n_sequences: int) -> PackedTokens:
+        return self.sequences(0, n_sequences)
+
+    def sequences(self, start: int, end: int) -> PackedTokens:
+        """Sequences [start, end) as packed tokens of their own (meta records which part of the
+        packing)."""
+        meta = (
+            {**self.meta, "part": {"sequences": [int(start), int(min(end, self.n_sequences))]}}
+            if start
+            else dict(self.meta)
+        )
+        return PackedTokens(
+            self.tokens[start:end],
+            self.doc_ids[start:end],
+            self.keep[start:end],
+            self.bos_token_id,
+            self.pad_token_id,
+            meta,
+        )
+
+    def sequences_for(self, n_tokens: int) -> int:
+        """How many leading sequences hold at least n_tokens kept positions (all of them if
+        fewer)."""
+        cum = np.cumsum(self.keep.sum(1))
+        idx = int(np.searchsorted(cum, n_tokens))
+        return min(idx + 1, self.n_sequences)
+
+
+def pack(
+    texts: Iterable[str] | Iterable[tuple[int, str]],
+    tokenizer,
+    seq_len: int = 128,
+    max_tokens: int | None = None,
+    drop_bos: bool = True,
+    batch_docs: int = 64,
+) -> PackedTokens:
+    """Tokenise documents and pack them into rows of `seq_len`: each row starts with BOS and
+    documents are separated by BOS. Stops once `max_tokens` kept positions exist (None: all text).
+    `texts` yields strings (documents numbered in order) or (document index, string) pairs.
+    """
+    if seq_len < 2:
+        raise CorpusError(f"seq_len must be at least 2 (BOS plus one token), got {seq_len}")
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else bos
+    if bos is None:
+        raise CorpusError(
+            "the tokenizer has neither a BOS nor an EOS token to start sequences with"
+        )
+    body = seq_len - 1
+    rows_tok: list[np.ndarray] = []
+    rows_doc: list[np.ndarray] = []
+    rows_len: list[int] = []  # non-padding length of each row
+    stream_tok: list[int] = []
+    stream_doc: list[int] = []
+    kept = 0
+    doc_index = 0
+
+    def flush(final: bool) -> None:
+        nonlocal stream_tok, stream_doc, kept
+        while len(stream_tok) >= body or (final and stream_tok):
+            t, d = stream_tok[:body], stream_doc[:body]
+            stream_tok, stream_doc = stream_tok[body:], stream_doc[body:]
+            n_pad = body - len(t)
+            rows_tok.append(np.array([bos] + t + [pad] * n_pad, dtype=np.int32))
+            rows_doc.append(np.array([-1] + d + [-1] * n_pad, dtype=np.int32))
+            rows_len.append(1 + len(t))
+            kept += sum(1 for x in t if x != bos) if drop_bos else len(t)
+            if max_tokens is not None and kept >= max_tokens:
+                return
+
+    batch: list[str] = []
+    batch_ids: list[int] = []
+
+    def consume(batch: list[str]) -> None:
+        nonlocal doc_index
+        for ids, d in zip(tokenizer(batch, add_special_tokens=False)["input_ids"], batch_ids):
+            if stream_tok or rows_tok:  # separate documents by BOS (a row start already has one)
+                stream_tok.append(bos)
+                stream_doc.append(-1)
+            stream_tok.extend(ids)
+            stream_doc.extend([d] * len(ids))
+            doc_index += 1
+        batch_ids.clear()
+
+    for item in texts:
+        d, text = item if isinstance(item, tuple) else (doc_index + len(batch), item)
+        if not text or not text.strip():
+            continue
+        batch.append(text)
+        batch_ids.append(int(d))
+        if len(batch) >= batch_docs:
+            consume(batch)
+            batch = []
+            flush(final=False)
+            if max_tokens is not None and kept >= max_tokens:
+                break
+    else:
+        if batch:
+            consume(batch)
+        flush(final=True)
+    if not rows_tok or kept == 0:
+        raise CorpusError("the corpus produced no tokens: it is empty or all its texts are blank")
+    tokens = np.stack(rows_tok)
+    doc_ids = np.stack(rows_doc)
+    keep = doc_ids >= 0  # drops every BOS (row starts, document separators) and padding
+    if not drop_bos:
+        keep = np.arange(seq_len)[None, :] < np.array(rows_len)[:, None]
+    return PackedTokens(
+        tokens,
+        doc_ids,
+        keep,
+        int(bos),
+        int(pad),
+        {"seq_len": seq_len, "drop_bos": drop_bos, "n_documents": doc_index},
+    )
+
+
+def packed_corpus(
+    tokenizer,
+    name: str | None = None,
+    split: str = "train",
+    seq_len: int = 128,
+    max_tokens: int | None = None,
+    text_field: str = "text",
+    drop_bos: bool = True,
+    shuffle: bool = True,
+    seed: int = 0,
+) -> PackedTokens:
+    """load_corpus + pack, recording the corpus and how its documents were sampled in the result's
+    meta.
+
+    shuffle (default): documents in a seeded random order (see sample_documents), so a small
+    `max_tokens` is a sample of the whole split; shuffle=False packs them in corpus order.
+    """
+    ds, rule = corpus_split(name, split=split, text_field=text_field)
+    docs, sampling = sample_documents(ds, text_field, shuffle=shuffle, seed=seed)
+    packed = pack(docs, tokenizer, seq_len=seq_len, max_tokens=max_tokens, drop_bos=drop_bos)
+    packed.meta.update(
+        {
+            "corpus": name or BUNDLED,
+            "split": split,
+            "split_rule": rule,
+            "text_field": text_field,
+            "sampling": sampling,
+        }
+    )
+    return packed

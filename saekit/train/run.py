@@ -1,0 +1,310 @@
+"""The run around the training step: checkpoints, the loop over the data with its progress bar, the
+final θ re-estimate and the outputs. `TrainingRun` is mixed into `Trainer`, which holds the step
+itself."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .. import distributed as D
+from ..files import atomic_write_csv, atomic_write_json, os_error_message
+from ..sae import SAEConfig
+from . import checkpoints
+from .config import TrainingError
+from .results import TrainResult
+from .sources import Prefetcher, TimedBatches, as_source
+
+# what a step tells the next one (its share of active entries, its cut): checkpoints keep them, so
+# that a resumed run takes an uninterrupted run's paths
+HINTS = ("previous_density", "previous_cut")
+
+
+class TrainingRun:
+    """Mixed into Trainer: uses its SAEs, optimisers, configs, output folder, hints and
+    train_step."""
+
+    # -- checkpoints (saekit.train.checkpoints) ---------------------------------------------
+    @property
+    def local_batch(self) -> int:
+        """This rank's part of the global batch (batch_size is the global batch)."""
+        return self.tc.batch_size // self.world
+
+    @property
+    def _shard(self) -> dict:
+        return {"rank": self.rank, "world_size": self.world} if self.world > 1 else {}
+
+    def save_checkpoint(self) -> Path | None:
+        """Write a checkpoint atomically (rank 0 only under torch.distributed)."""
+        if self.rank != 0:
+            return None
+        progress = {
+            "step": self.step,
+            "tokens": self.tokens,
+            "train_cfg": self.tc.to_dict(),
+            "run": self.run,
+            "sae_cfgs": [c.to_dict() for c in self.cfgs],
+            "names": self.names,
+            "logs": self.logs,
+            "hints": [{k: _number(v) for k, v in h.items()} for h in self.hints],
+        }
+        return checkpoints.write(
+            self.out / "checkpoints",
+            self.step,
+            self.saes,
+            self.opts,
+            self.device,
+            progress,
+            keep=self.tc.keep_checkpoints,
+        )
+
+    def latest_checkpoint(self) -> Path | None:
+        return checkpoints.latest(self.out / "checkpoints") if self.out is not None else None
+
+    def load_checkpoint(self, path: Path) -> None:
+        progress = checkpoints.progress(path)
+        saved_cfgs = [SAEConfig.from_dict(c).to_dict() for c in progress["sae_cfgs"]]
+        checkpoints.check_resume(
+            path, {**progress.get("run", {}), "sae_cfgs": saved_cfgs}, self.run
+        )
+        checkpoints.restore(path, self.saes, self.opts, self.device)
+        self.step, self.tokens = int(progress["step"]), int(progress["tokens"])
+        self.logs = progress["logs"]
+        for mine, saved in zip(self.hints, progress.get("hints") or [{}] * len(self.saes)):
+            # paths chosen as by an uninterrupted run
+            mine.update({k: v for k, v in saved.items() if k in HINTS})
+        self.n_dead = [None] * len(self.saes)
+        self.initialised = True
+
+    def log_frames(self) -> list[pd.DataFrame]:
+        return [pd.DataFrame(rows) for rows in self.logs]
+
+    def write_outputs(self) -> None:
+        if self.out is None or self.rank != 0:
+            return
+        for name, sae, frame in zip(self.names, self.saes, self.log_frames()):
+            folder = self.out / name
+            sae.save(folder)
+            atomic_write_csv(folder / "train_log.csv", frame)
+        atomic_write_json(
+            self.out / "train_config.json",
+            {
+                "train": self.tc.to_dict(),
+                "names": self.names,
+                "lrs": self.lrs,
+                "autocast": self.autocasts,
+                "saes": [c.to_dict() for c in self.cfgs],
+                "steps": self.step,
+                "tokens": self.tokens,
+            },
+        )
+
+    # -- the loop -----------------------------------------------------------------------------
+    def fit(
+        self,
+        data,
+        hook: str | None = None,
+        resume: bool = True,
+        callback: Callable[[TrainingRun, list[dict]], None] | None = None,
+        stop_after: int | None = None,
+    ) -> TrainResult:
+        """Train on `data` for total_tokens. resume=True continues from the latest checkpoint in
+        `out`, if that checkpoint was made by this run (checkpoints.check_resume). `out` is checked
+        and locked first.
+
+        callback(trainer, stats) runs after every step (live plots); stop_after stops early (tests).
+        """
+        source = as_source(data, hook)
+        with contextlib.ExitStack() as held:
+            if self.out is not None:
+                D.on_rank0(
+                    lambda: checkpoints.claim_output(
+                        held, self.out, self.cfgs, self.tc.keep_checkpoints
+                    )
+                )
+            return self._fit(source, resume, callback, stop_after)
+
+    def _fit(self, source, resume: bool, callback, stop_after: int | None) -> TrainResult:
+        for c in self.cfgs:
+            if c.d_in != source.d_model:
+                raise TrainingError(
+                    f"SAE {c.name} has d_in={c.d_in} but the activations have d={source.d_model}; "
+                    f"set d_in={source.d_model}"
+                )
+        tc = self.tc
+        n = len(source)
+        if n < tc.batch_size:
+            raise TrainingError(
+                f"the activations hold {n} rows, fewer than one batch of {tc.batch_size}; "
+                f"capture more tokens or lower batch_size"
+            )
+        D.barrier()  # (distributed) every rank sees the same checkpoints
+        self.run = checkpoints.run_identity(source, tc, self.cfgs)
+        ckpt = self.latest_checkpoint() if resume else None
+        if ckpt is not None:
+            self.load_checkpoint(ckpt)
+        if not self.initialised:
+            init = []
+            got = 0
+            for x in source.batches(
+                self.local_batch, seed=tc.seed + 7919, buffer_rows=tc.buffer_rows, **self._shard
+            ):
+                init.append(x)
+                got += x.shape[0]
+                if got >= tc.init_tokens:
+                    break
+            sample = torch.cat(init)
+            if not torch.isfinite(sample).all():
+                raise TrainingError(
+                    "NaN/inf in the input activations (seen while initialising); re-capture them"
+                )
+            self.initialise(sample)
+        per_epoch = n // tc.batch_size
+        # ranks of a store read whole chunks, so their shares differ a little: one spare epoch keeps
+        # every rank stepping until total_steps (a rank that ran out would leave the others waiting)
+        epochs = math.ceil(tc.total_steps / per_epoch) + (self.world > 1)
+        t0 = time.perf_counter()
+        loader, stream = None, ()
+        bar = tqdm(
+            total=tc.total_steps,
+            initial=self.step,
+            desc="train",
+            unit="step",
+            disable=not tc.progress or self.rank != 0,
+        )
+        shown = -math.inf
+        run = self._maybe_wandb() if self.rank == 0 else None
+        try:
+            limit = tc.total_steps if stop_after is None else min(tc.total_steps, stop_after)
+            batches = stream = (
+                source.batches(
+                    self.local_batch,
+                    seed=tc.seed,
+                    epochs=epochs,
+                    skip_batches=self.step,
+                    **self._shard,
+                    buffer_rows=tc.buffer_rows,
+                )
+                if self.step < limit
+                else ()
+            )
+            if self.step < limit:
+                # read ahead no further than needed
+                batches = itertools.islice(batches, limit - self.step)
+                ahead = (
+                    tc.prefetch
+                    if tc.prefetch is not None
+                    else (2 if self.device.type == "cuda" else 0)
+                )
+                batches = loader = (
+                    Prefetcher(batches, self.device, ahead) if ahead else TimedBatches(batches)
+                )
+            for x in batches:
+                stats = self.train_step(x.to(self.device, non_blocking=True))
+                if callback is not None:
+                    callback(self, stats)
+                if run is not None:
+                    run.log(
+                        {f"{nm}/{k}": v for nm, s in zip(self.names, stats) for k, v in s.items()},
+                        step=self.step,
+                    )
+                # read the step's figures when shown
+                if not bar.disable and time.monotonic() - shown >= 0.5:
+                    s0, shown = stats[0], time.monotonic()
+                    bar.set_postfix(
+                        loss=f"{s0['loss']:.4g}",
+                        nmse=f"{s0['nmse']:.3f}",
+                        l0=f"{s0['l0']:.1f}",
+                        dead=f"{s0['dead_frac']:.2f}",
+                    )
+                bar.update(1)
+                if (
+                    self.out is not None
+                    and tc.checkpoint_every
+                    and self.step % tc.checkpoint_every == 0
+                ):
+                    self.save_checkpoint()
+                    D.barrier()
+                if self.step >= limit:
+                    break
+        finally:
+            bar.close()
+            if loader is not None:
+                loader.close()
+            # (a read-ahead thread that did not stop still runs it)
+            with contextlib.suppress(ValueError):
+                # now: the store keeps its buffer for calibration
+                getattr(stream, "close", lambda: None)()
+            if run is not None:
+                run.finish()
+        if self.step >= tc.total_steps and tc.calibrate_batches:
+            self.calibrate(source)
+        for sae in self.saes:
+            sae.eval()
+        if self.out is not None:
+            if self.step >= tc.total_steps or tc.checkpoint_every:
+                self.save_checkpoint()
+            try:
+                self.write_outputs()
+            # the checkpoint above holds the work: a re-run writes the outputs from it
+            except OSError as e:
+                raise TrainingError(
+                    f"{os_error_message(e)}. The trained SAEs are kept in "
+                    f"{self.latest_checkpoint()}: "
+                    f"run the same command again to write them"
+                ) from e
+            D.barrier()
+        return TrainResult(
+            self.saes,
+            self.log_frames(),
+            self.out,
+            self.step,
+            self.tokens,
+            time.perf_counter() - t0,
+            self.names,
+            data_wait_s=loader.wait_s if loader else 0.0,
+        )
+
+    def calibrate(self, source) -> None:
+        """Final BatchTopK thresholds from the final weights (same seed: the same batches on
+        resume)."""
+        if not any(s.has_theta for s in self.saes):
+            return
+        batches = []
+        for x in source.batches(
+            self.local_batch,
+            seed=self.tc.seed + 104729,
+            buffer_rows=self.tc.buffer_rows,
+            **self._shard,
+        ):
+            batches.append(x.to(self.device))
+            if len(batches) >= self.tc.calibrate_batches:
+                break
+        for sae in self.saes:
+            if sae.has_theta:
+                sae.calibrate_threshold(batches, over_ranks=self.world > 1)
+
+    def _maybe_wandb(self):
+        if not self.tc.wandb_project:
+            return None
+        try:
+            import wandb
+        except ImportError:
+            return None
+        return wandb.init(
+            project=self.tc.wandb_project,
+            config={"train": self.tc.to_dict(), "saes": [c.to_dict() for c in self.cfgs]},
+        )
+
+
+def _number(v):
+    """A hint as checkpoints keep it: a number (a recorded step holds it as a 0-dim tensor)."""
+    return float(v) if isinstance(v, torch.Tensor) else v
