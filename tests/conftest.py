@@ -74,3 +74,13 @@ def split_sae(arch="relu", d=576, threshold=None, k=None):
             sae.threshold.fill_(threshold)
             sae.threshold_updates.fill_(1)
     return sae.eval()
+
+
+@pytest.fixture
+def sparse_everywhere(monkeypatch):
+    """The sparse path at the tests' small sizes too (saekit picks the dense one below
+    SPARSE_MIN_LATENTS)."""
+    import saekit.sae.fast.paths as paths
+
+    monkeypatch.setattr(paths, "SPARSE_MIN_LATENTS", 0)
+    monkeypatch.setattr(paths, "SPARSE_MAX_DENSITY", 1.0)

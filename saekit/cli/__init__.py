@@ -41,11 +41,11 @@ __all__ = ["build_parser", "main", "enc_init_norm_arg", "default_of"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .activations import DTYPES, capture
-    from .calibrate import calibrate
-    from .demo import DemoConfig
-    from .metrics import CE_STATS, RECON_STATS, evaluate
-    from .train import TrainConfig
+    from ..activations import DTYPES, capture
+    from ..calibrate import calibrate
+    from ..demo import DemoConfig
+    from ..metrics import CE_STATS, RECON_STATS, evaluate
+    from ..train import TrainConfig
 
     p = argparse.ArgumentParser(
         prog="saekit", description=__doc__.split("\n")[0], formatter_class=_Formatter
@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="latents to give a feature dashboard (None: six, from dense to rare)",
     )
 
-    from .activations import export_store
+    from ..activations import export_store
 
     x = _sub(
         sub, "export-store", "write an activation store in another tool's format", cmd_export_store
@@ -297,14 +297,14 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command; a problem with its input or output is a one-line message and exit code 2,
     never a traceback (argparse gives its own errors the same code)."""
     args = build_parser().parse_args(argv)
-    from .activations import StoreError
-    from .checks import DataMismatchError, NonFiniteError
-    from .data import CorpusError
-    from .files import OutputError, os_error_message
-    from .locks import LockError
-    from .models import HookPointError, ModelLoadError
-    from .sae import SAEConfigError
-    from .train import TrainingError
+    from ..activations import StoreError
+    from ..checks import DataMismatchError, NonFiniteError
+    from ..data import CorpusError
+    from ..files import OutputError, os_error_message
+    from ..locks import LockError
+    from ..models import HookPointError, ModelLoadError
+    from ..sae import SAEConfigError
+    from ..train import TrainingError
 
     try:
         return args.fn(args)

@@ -64,7 +64,7 @@ def _sub(sub, name: str, help: str, fn):
 
 
 def _add_corpus_args(p: argparse.ArgumentParser) -> None:
-    from .data import packed_corpus
+    from ..data import packed_corpus
 
     p.add_argument(
         "--corpus",
@@ -101,10 +101,10 @@ def _add_corpus_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_training_args(p, archs, ks, l1, tokens, checkpoint_every) -> None:
-    from .sae import ARCHITECTURES, NORMALIZATIONS, SAEConfig
-    from .train import LR_BASE, TrainConfig
-    from .train.config import PRECISIONS
-    from .train.graphs import MODES as GRAPH_MODES
+    from ..sae import ARCHITECTURES, NORMALIZATIONS, SAEConfig
+    from ..train import LR_BASE, TrainConfig
+    from ..train.config import PRECISIONS
+    from ..train.graphs import MODES as GRAPH_MODES
 
     p.add_argument(
         "--store", required=True, help="activation store folder, or a .npy/.safetensors [N, d] file"

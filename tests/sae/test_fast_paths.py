@@ -10,16 +10,6 @@ from saekit.sae import (
 )
 
 
-@pytest.fixture
-def sparse_everywhere(monkeypatch):
-    """The sparse path at these small test sizes too (saekit picks the dense one below
-    SPARSE_MIN_LATENTS)."""
-    import saekit.sae.fast.paths as paths
-
-    monkeypatch.setattr(paths, "SPARSE_MIN_LATENTS", 0)
-    monkeypatch.setattr(paths, "SPARSE_MAX_DENSITY", 1.0)
-
-
 # AuxK with every dead latent (<= k_aux) and with its top k_aux
 @pytest.mark.parametrize("n_dead", [10, 40])
 # Matryoshka: its decode has its own index

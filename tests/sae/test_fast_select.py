@@ -11,16 +11,6 @@ from saekit.sae import (
 )
 
 
-@pytest.fixture
-def sparse_everywhere(monkeypatch):
-    """The sparse path at these small test sizes too (saekit picks the dense one below
-    SPARSE_MIN_LATENTS)."""
-    import saekit.sae.fast.paths as paths
-
-    monkeypatch.setattr(paths, "SPARSE_MIN_LATENTS", 0)
-    monkeypatch.setattr(paths, "SPARSE_MAX_DENSITY", 1.0)
-
-
 def _read_back_counter():
     from readbacks import DispatchReadBacks
 
