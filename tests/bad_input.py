@@ -2,6 +2,7 @@
 snapshots that show nothing already written changed."""
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -83,3 +84,9 @@ def holding_lock(folder: Path, beside: bool = False) -> subprocess.Popen:
 def release(p: subprocess.Popen) -> None:
     p.stdin.close()
     p.wait(timeout=30)
+
+
+def edit_json(path, change):
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))

@@ -84,3 +84,40 @@ def sparse_everywhere(monkeypatch):
 
     monkeypatch.setattr(paths, "SPARSE_MIN_LATENTS", 0)
     monkeypatch.setattr(paths, "SPARSE_MAX_DENSITY", 1.0)
+
+
+from bad_input import copy  # noqa: E402  (found through the path set above)
+
+
+# the bad-input suites' SAE and copies of it and of the store, which a case may damage
+@pytest.fixture(scope="module")
+def sae_dir(store, tmp_path_factory):
+    """A BatchTopK SAE trained at the shared store's HOOK, recording its model and hook."""
+    from saekit.sae import SAEConfig
+    from saekit.train import TrainConfig, train
+
+    cfg = SAEConfig(
+        arch="batchtopk",
+        d_in=576,
+        d_sae=1152,
+        k=8,
+        hook_name=HOOK,
+        model_name=store.manifest["model"],
+    )
+    res = train(
+        store,
+        cfg,
+        TrainConfig(total_tokens=2048, batch_size=256, warmup_steps=2, progress=False),
+        out=tmp_path_factory.mktemp("bad_sae"),
+    )
+    return res.out / res.names[0]
+
+
+@pytest.fixture
+def my_store(store, tmp_path):
+    return copy(store.path, tmp_path / "store")
+
+
+@pytest.fixture
+def my_sae(sae_dir, tmp_path):
+    return copy(sae_dir, tmp_path / "sae")

@@ -6,47 +6,8 @@ import json
 
 import numpy as np
 import pytest
-from bad_input import cli, copy, holding_lock, refused, release, snapshot
+from bad_input import cli, edit_json, holding_lock, refused, release, snapshot
 from conftest import HOOK
-
-from saekit.sae import SAEConfig
-from saekit.train import TrainConfig, train
-
-
-@pytest.fixture(scope="module")
-def sae_dir(store, tmp_path_factory):
-    """A BatchTopK SAE trained at the shared store's HOOK, recording its model and hook."""
-    cfg = SAEConfig(
-        arch="batchtopk",
-        d_in=576,
-        d_sae=1152,
-        k=8,
-        hook_name=HOOK,
-        model_name=store.manifest["model"],
-    )
-    res = train(
-        store,
-        cfg,
-        TrainConfig(total_tokens=2048, batch_size=256, warmup_steps=2, progress=False),
-        out=tmp_path_factory.mktemp("bad_sae"),
-    )
-    return res.out / res.names[0]
-
-
-@pytest.fixture
-def my_store(store, tmp_path):
-    return copy(store.path, tmp_path / "store")
-
-
-@pytest.fixture
-def my_sae(sae_dir, tmp_path):
-    return copy(sae_dir, tmp_path / "sae")
-
-
-def edit_json(path, change):
-    data = json.loads(path.read_text())
-    change(data)
-    path.write_text(json.dumps(data))
 
 
 def test_a_second_writer_is_refused_and_names_the_first(store, my_store):

@@ -18,16 +18,6 @@ D, F_, B = 32, 256, 128
 STEP_TOLERANCE = dict(atol=2e-5, rtol=1e-4)
 
 
-@pytest.fixture
-def sparse_everywhere(monkeypatch):
-    """The sparse path at this small size too (saekit picks the dense one below
-    SPARSE_MIN_LATENTS)."""
-    import saekit.sae.fast.paths as paths
-
-    monkeypatch.setattr(paths, "SPARSE_MIN_LATENTS", 0)
-    monkeypatch.setattr(paths, "SPARSE_MAX_DENSITY", 1.0)
-
-
 def _cfg(arch: str, normalize: str = "token") -> SAEConfig:
     return SAEConfig(
         arch=arch,

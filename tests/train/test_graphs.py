@@ -22,12 +22,6 @@ def toy_x():
     return make_toy(n_samples=6000, d=16, n_features=48, mean_active=3, seed=1).x
 
 
-@pytest.fixture
-def sparse_everywhere(monkeypatch):
-    monkeypatch.setattr(paths, "SPARSE_MIN_LATENTS", 0)  # the sparse path at toy size
-    monkeypatch.setattr(paths, "SPARSE_MAX_DENSITY", 1.0)
-
-
 def _run(cfg, toy_x, mode, steps=14, spoil_at=None, **tc):
     torch.manual_seed(0)
     # the eager run's selection without read-backs too (sync_free): the same selections
