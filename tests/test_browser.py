@@ -18,7 +18,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+import nbformat
 import pytest
+from notebook_checks import with_checks
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from playwright.sync_api import expect, sync_playwright
 
@@ -52,8 +54,8 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     root = tmp_path_factory.mktemp("lab")
-    for name in NOTEBOOKS:
-        shutil.copy(ROOT / "notebooks" / name, root / name)
+    for name in NOTEBOOKS:  # each with its check as a last cell, which prints "ok"
+        nbformat.write(with_checks(name), root / name)
     # every cell in the DOM (JupyterLab 4 renders only the visible ones by default)
     settings = root / ".settings" / "@jupyterlab" / "notebook-extension"
     settings.mkdir(parents=True)

@@ -272,7 +272,7 @@ def test_the_project_speaks_of_itself_only():
     root = PKG.parent
     # spelled apart: this file is checked too
     word = re.compile(r"\b" + "sess" + r"ions?\b", re.IGNORECASE)
-    places = [root / "README.md", root / "DESIGN.md", root / "Makefile", root / "pyproject.toml"]
+    places = [root / "README.md", root / "Makefile", root / "pyproject.toml"]
     for folder in ("saekit", "tests", "docs", "benchmarks", "results", "notebooks"):
         places += [
             p

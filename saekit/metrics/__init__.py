@@ -11,7 +11,6 @@ prediction. Intervals resample whole sequences (tokens of one sequence are not i
     reconstruction.py  NMSE, FVU, cosine, L0 and its distribution, dead/dense latents
     downstream.py      the SAE spliced into the model: CE (clean, SAE, zero- and mean-ablated), KL
     evaluate.py        evaluate() / evaluate_many(): all of it as one JSON dict; describe() prints
-    it
 """
 
 from .downstream import CE_TOKENS, ce_metrics, ce_metrics_many, sample_sequences

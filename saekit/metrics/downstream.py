@@ -44,6 +44,11 @@ def _token_ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     )
 
 
+def _kl(logp_clean: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(clean || patched) of each next-token prediction but the last: [b, T-1]."""
+    return (logp_clean.exp() * (logp_clean - logits.log_softmax(-1))).sum(-1)[:, :-1]
+
+
 @torch.no_grad()
 def ce_metrics(
     sae: SAE,
@@ -130,7 +135,8 @@ def ce_metrics_many(
             count += int(kb.sum())
         mean_activation = (total / max(count, 1)).float()
     n_seq = tokens.shape[0]
-    shared = {k: np.zeros(n_seq) for k in ("clean", "zero", "mean", "n")}  # per-sequence sums
+    # per-sequence sums
+    shared = {k: np.zeros(n_seq) for k in ("clean", "zero", "mean", "n", "kl_zero")}
     own = [
         {k: np.zeros(n_seq) for k in ("sae", "sae_plus_error", "kl_sae", "kl_sae_plus_error")}
         for _ in saes
@@ -154,9 +160,10 @@ def ce_metrics_many(
                 ("zero", lambda x: torch.zeros_like(x)),
                 ("mean", lambda x: mean_activation.to(x.device).expand_as(x)),
             ):
-                shared[name][rows] += per_row(
-                    _token_ce(patched_logits(model, ids, hp, splice(fn, device)), ids), target
-                )
+                logits = patched_logits(model, ids, hp, splice(fn, device))
+                shared[name][rows] += per_row(_token_ce(logits, ids), target)
+                if name == "zero":
+                    shared["kl_zero"][rows] += per_row(_kl(logp_clean, logits), target)
             for sae, sums, with_err in zip(saes, own, splice_err):
                 dev = next(sae.parameters()).device
                 runs = {"sae": lambda x, sae=sae: sae(x, mode=mode).x_hat}
@@ -167,8 +174,7 @@ def ce_metrics_many(
                 for name, fn in runs.items():
                     logits = patched_logits(model, ids, hp, splice(fn, dev))
                     sums[name][rows] += per_row(_token_ce(logits, ids), target)
-                    kl = (logp_clean.exp() * (logp_clean - logits.log_softmax(-1))).sum(-1)[:, :-1]
-                    sums[f"kl_{name}"][rows] += per_row(kl, target)
+                    sums[f"kl_{name}"][rows] += per_row(_kl(logp_clean, logits), target)
     finally:
         for s, t in zip(saes, was_training):
             s.train(t)
@@ -198,6 +204,7 @@ def ce_metrics_many(
                 "ce_sae": ce["sae"],
                 "ce_zero_ablation": ce["zero"],
                 "ce_mean_ablation": ce["mean"],
+                "kl_zero_ablation": float(shared["kl_zero"].sum()) / n,
                 **point,
                 "ce_sae_plus_error": float(sums["sae_plus_error"].sum()) / n if with_err else None,
                 "kl_sae_plus_error": float(sums["kl_sae_plus_error"].sum()) / n

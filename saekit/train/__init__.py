@@ -5,10 +5,10 @@
     checkpoints.py  atomic, pickle-free checkpoints that resume to the same weights
     init.py         an SAE's start from a sample: input scale, b_dec at the geometric median
     trainer.py      Trainer (several SAEs, one stream) and train()
-    optim.py        the step's clipping (folded into fused Adam), zero-grad and read-back stack,
-    lean graphs.py       the training step recorded once and replayed as CUDA graphs (step_graphs),
-    on saekit.sae.fast results.py      StepStats (one step's figures, read when asked for) and
-    TrainResult
+    run.py          the Trainer's run: the fit loop, checkpoints, θ at the end, outputs
+    optim.py        the step's clipping (folded into fused Adam), zero-grad and read-back stack
+    graphs.py       the training step recorded once and replayed as CUDA graphs (step_graphs)
+    results.py      StepStats (one step's figures, read when asked for) and TrainResult
 
 Distributed training (torchrun) goes through saekit.distributed.
 """

@@ -165,6 +165,7 @@ def test_evaluate_json_schema(model, store):
         "ce_recovered_mean",
         "ce_delta",
         "kl",
+        "kl_zero_ablation",
         "ce_sae_plus_error",
         "kl_sae_plus_error",
         "intervals",
