@@ -294,6 +294,23 @@ def cmd_report(a) -> int:
     return 0
 
 
+def cmd_bench(a) -> int:
+    from .bench import bench, format_table
+
+    table = bench(
+        a.sae_dirs,
+        a.evals,
+        model_name=a.model,
+        out=a.out,
+        corpus=a.corpus,
+        overwrite=a.overwrite,
+        allow_mismatch=a.allow_mismatch,
+    )
+    print(format_table(table))
+    print(f"\n-> {a.out}/ (SAEBench's JSON, one file per evaluation and SAE)")
+    return 0
+
+
 def cmd_notebooks(a) -> int:
     from .notebooks import copy_notebooks
 

@@ -10,7 +10,9 @@ import argparse
 import dataclasses
 import sys
 
+from ..bench.run import EVALS
 from ..commands import (
+    cmd_bench,
     cmd_calibrate,
     cmd_capture,
     cmd_compare,
@@ -33,6 +35,7 @@ from .args import (
     count_int,
     default_of,
     enc_init_norm_arg,
+    eval_list,
     positive_float,
     positive_int,
 )
@@ -239,6 +242,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="latents to give a feature dashboard (None: six, from dense to rare)",
     )
 
+    b = _sub(
+        sub,
+        "bench",
+        "SAEBench's core, absorption and sparse-probing evaluations, offline, in its JSON format",
+        cmd_bench,
+    )
+    b.add_argument("sae_dirs", nargs="+", metavar="SAE_DIR", help="SAE folders (one model)")
+    b.add_argument(
+        "--evals",
+        type=eval_list,
+        default=list(EVALS),
+        help=f"comma-separated, from {','.join(EVALS)}",
+    )
+    b.add_argument(
+        "--model",
+        default=None,
+        help="hub id or local folder (None: the embedded SmolLM2-135M-Instruct)",
+    )
+    b.add_argument("--out", default="runs/bench", help="results folder (OUT/<eval type>/...)")
+    b.add_argument(
+        "--corpus", default=None, help="text for core and sparse probing (None: bundled)"
+    )
+    b.add_argument("--overwrite", action="store_true", help="compute results already written again")
+    _add_mismatch_arg(b)
+
     from ..activations import export_store
 
     x = _sub(
@@ -298,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     never a traceback (argparse gives its own errors the same code)."""
     args = build_parser().parse_args(argv)
     from ..activations import StoreError
+    from ..bench import BenchError
     from ..checks import DataMismatchError, NonFiniteError
     from ..data import CorpusError
     from ..files import OutputError, os_error_message
@@ -309,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except (
+        BenchError,
         StoreError,
         CorpusError,
         HookPointError,

@@ -232,3 +232,14 @@ def _add_eval_args(p, evaluate) -> None:
     p.add_argument(
         "--no-ce", action="store_true", help="skip the downstream metrics (no model needed)"
     )
+
+
+def eval_list(text: str) -> list[str]:
+    """--evals: a comma-separated list of saekit bench's evaluations."""
+    from ..bench.output import BenchError
+    from ..bench.run import parse_evals
+
+    try:
+        return parse_evals(text)
+    except BenchError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
