@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .activations import capture_splits, saekit_hook_name
-from .sae import SAE, SAEConfig
+from .sae import SAE, SAEConfig, architecture
 from .train import TrainConfig, train
 
 
@@ -114,9 +114,35 @@ def topk_companion(
 ) -> SAE:
     """A TopK SAE with the course SAE's size and k, trained on the same store into
     RUN_DIR/train_topk (once)."""
+    return companion(store, hook, run_dir, mode, "topk", k)
+
+
+def companion(
+    store, hook: str, run_dir: str | Path, mode: str = "small", arch: str = "topk", k=None
+) -> SAE:
+    """An SAE of another architecture with the course SAE's size and sparsity (k, or JumpReLU's
+    target L0), trained on the same store into RUN_DIR/train_ARCH (once)."""
     cfg, tc = sae_config(store, hook, mode)
-    cfg = SAEConfig.from_dict({**cfg.to_dict(), "arch": "topk", "k": k or cfg.k})
-    return train(store, cfg, tc, out=Path(run_dir) / "train_topk").saes[0]
+    level = k or cfg.k
+    fields = {**cfg.to_dict(), "arch": arch, **architecture(arch).sweep_setting(level)}
+    return train(store, SAEConfig.from_dict(fields), tc, out=companion_dir(run_dir, arch)).saes[0]
+
+
+def companion_dir(run_dir: str | Path, arch: str) -> Path:
+    """Where companion() trains an architecture's SAE (the course SAE itself: RUN_DIR/train)."""
+    return Path(run_dir) / ("train" if arch == "batchtopk" else f"train_{arch}")
+
+
+def bench_configs(mode: str = "small"):
+    """saekit bench's absorption and sparse-probing settings for the course: fewer words and
+    contexts in the small mode, SAEBench's sizes in the full one."""
+    from .bench import AbsorptionConfig, ProbingConfig
+
+    if sizes(mode) == SIZES["full"]:
+        return AbsorptionConfig(), ProbingConfig()
+    return AbsorptionConfig(max_words=1040, min_words_per_letter=10), ProbingConfig(
+        contexts_per_document=1
+    )
 
 
 def evaluated_row(sae: SAE, model, held, name: str, ce_tokens: int = 1024) -> dict:

@@ -238,9 +238,50 @@ def build_report(
                 viz.frontier_figure(load_sweep(sweeps[0])),
             )
         )
+    if (run / "bench").is_dir():
+        sections += _bench_sections(run / "bench")
     out = run / "report.html"
     page = render(sections, title=f"saekit report: {run.name}")
     atomic_write_bytes(out, lambda fh: fh.write(page.encode()))
+    return out
+
+
+def _bench_sections(folder: Path) -> list:
+    """SAEBench's evaluations (`saekit bench --out RUN_DIR/bench`), when they were run."""
+    from .bench import read_all, summary_table
+    from .bench.summary import formatted
+
+    results = read_all(folder)
+    if not results:
+        return []
+    table = formatted(summary_table(results)).to_html(index=False, border=0)
+    out = [
+        (
+            "SAEBench's evaluations",
+            "From saekit bench (docs/bench.md): absorption with a 95% interval over letters and "
+            "words, sparse probing's top-1 accuracy with one over test documents, CE loss score "
+            "with one over sequences.",
+            table,
+        )
+    ]
+    figures = (
+        (
+            "absorption",
+            "First-letter absorption",
+            "Mean absorption fraction per letter (letters whose probe reached F1 0.6).",
+            viz.absorption_by_letter_figure,
+        ),
+        (
+            "sparse-probing",
+            "Sparse probing",
+            "Test accuracy with the top k latents, beside the model's own top k dimensions.",
+            viz.probing_by_k_figure,
+        ),
+    )
+    for name, head, prose, figure in figures:
+        docs = {sae: d[name] for sae, d in results.items() if name in d}
+        if docs:
+            out.append((head, prose, figure(docs)))
     return out
 
 

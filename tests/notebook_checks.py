@@ -103,6 +103,26 @@ explorer.probe.value = "And the Lord said unto Moses"  # the typed-text probe sh
 assert explorer.probe_out.value.count("<span") >= 5 and explorer.errors == []
 print("ok")
 """,
+    "06_beyond_reconstruction.ipynb": """
+a_rows = {
+    n: {d["first_letter"]: d for d in doc["eval_result_details"]} for n, doc in toy_docs.items()
+}
+assert a_rows["absorbing"]["a"]["mean_absorption_fraction"] > 0.01  # the planted holes are found
+assert a_rows["clean"]["a"]["full_absorption_rate"] == 0
+assert all(a_rows["absorbing"][c] == a_rows["clean"][c] for c in "bcd")
+assert list(table["architecture"]) == ["batchtopk", "topk", "jumprelu", "matryoshka"]
+for column in ("absorption", "sae_top_1"):
+    assert all(lo <= v <= hi for v, (lo, hi) in zip(table[column], table[column + "_ci"]))
+assert set(absorption) == {"batchtopk", "topk", "jumprelu", "matryoshka"}
+assert explorer.letter.options and explorer.letter.value in explorer.letter.options
+explorer.main_buttons.children[0].click()  # a main latent opens in the feature dashboard
+assert features.latent.value == explorer.letter_row()["main_latents"][0]
+explorer.sae_choice.value = "topk"  # another SAE: its own letters, no dashboard to open
+assert all(b.disabled for b in explorer.main_buttons.children)
+assert len(l0["words"]) > 20 and l0["words"]["l0"].gt(0).all()
+assert explorer.errors == [] and features.errors == []
+print("ok")
+""",
 }
 
 

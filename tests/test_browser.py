@@ -25,7 +25,11 @@ from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from playwright.sync_api import expect, sync_playwright
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = ("04_adaptive_allocation.ipynb", "05_feature_explorer.ipynb")
+NOTEBOOKS = (
+    "04_adaptive_allocation.ipynb",
+    "05_feature_explorer.ipynb",
+    "06_beyond_reconstruction.ipynb",
+)
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = [
     "--headless",
@@ -340,3 +344,19 @@ def test_notebook_05_dashboard_responds_in_jupyterlab(browser_page):
     explorer.screenshot(path=str(OUT_DIR / "notebook05_explorer.png"))
     page.screenshot(path=str(OUT_DIR / "notebook05.png"))
     _not_blank(OUT_DIR / "notebook05_explorer.png")
+
+
+def test_notebook_06_absorption_explorer_opens_latents_in_jupyterlab(browser_page):
+    page, lab = browser_page
+    _open_and_run(page, lab, NOTEBOOKS[2], "notebook06")
+    assert page.locator(".js-plotly-plot").count() >= 4  # toy, per letter, probing, L0
+    explorer = page.locator(".widget-vbox", has=page.locator("text=main latents")).first
+    explorer.scroll_into_view_if_needed()
+    main = explorer.locator(".widget-button", has_text="#").first
+    target = main.inner_text().split()[0].lstrip("#")
+    main.click()  # the letter's main latent opens in the feature dashboard below
+    title = page.locator("h3", has_text="Latent").first
+    expect(title).to_contain_text(f"Latent {target}", timeout=60_000)
+    assert not [t for t in _output_text(page) if any(b in t for b in BAD_TEXT)]
+    explorer.screenshot(path=str(OUT_DIR / "notebook06_explorer.png"))
+    _not_blank(OUT_DIR / "notebook06_explorer.png")

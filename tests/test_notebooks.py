@@ -12,11 +12,15 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 # 04 and 05 run top to bottom in JupyterLab in a real browser (tests/test_browser.py: Run All, then
 # their checks print "ok"), so they are not executed a second time here
-BROWSER_RUN = {"04_adaptive_allocation.ipynb", "05_feature_explorer.ipynb"}
+BROWSER_RUN = {
+    "04_adaptive_allocation.ipynb",
+    "05_feature_explorer.ipynb",
+    "06_beyond_reconstruction.ipynb",
+}
 
 
 def test_there_are_notebooks():
-    assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05"]
+    assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05", "06"]
     assert BROWSER_RUN <= {p.name for p in NOTEBOOKS}
     assert set(CHECKS) == {p.name for p in NOTEBOOKS}
 

@@ -15,7 +15,7 @@ def test_notebooks_are_copied_and_never_overwritten_silently(tmp_path, capsys):
     assert notebooks_source().samefile(ROOT / "notebooks")
     assert main(["notebooks", str(tmp_path / "nb")]) == 0
     names = sorted(p.name for p in (tmp_path / "nb").glob("*.ipynb"))
-    assert names == sorted(p.name for p in (ROOT / "notebooks").glob("*.ipynb")) and len(names) == 5
+    assert names == sorted(p.name for p in (ROOT / "notebooks").glob("*.ipynb")) and len(names) == 6
     mine = tmp_path / "nb" / names[0]
     mine.write_text("my edits")
     assert main(["notebooks", str(tmp_path / "nb")]) == 2

@@ -116,3 +116,23 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     # the heatmap's colour scale (YlOrRd) is on the page: plotly drew the figures, not just the text
     reds = ((img[..., 0] > 200) & (img[..., 1] < 150) & (img[..., 2] < 100)).sum()
     assert reds > 500, reds
+
+
+def test_report_adds_saebench_results_when_a_bench_ran(report, model, tmp_path):
+    import html as H
+
+    from saekit.bench import AbsorptionConfig, ProbingConfig, bench
+
+    run = shutil.copytree(report.parent, tmp_path / "run")
+    dirs = sorted(p for p in (run / "train").iterdir() if (p / "cfg.json").exists())
+    small = dict(
+        absorption_config=AbsorptionConfig(max_words=520, min_words_per_letter=5),
+        probing_config=ProbingConfig(context_length=64, contexts_per_document=1),
+    )
+    bench(dirs, ["absorption", "sparse-probing"], out=run / "bench", progress=False, **small)
+    page = build_report(run, model=model, n_tokens=1500, n_features=3, progress=False)
+    html = page.read_text()
+    for heading in ("SAEBench's evaluations", "First-letter absorption", "Sparse probing"):
+        assert f"<h2>{H.escape(heading)}" in html
+    assert html.count('class="plotly-graph-div"') == 4 + 2 * 3 + 2
+    assert "batchtopk_k8_1152" in html and "topk_k8_1152" in html and "</table>" in html

@@ -8,7 +8,8 @@ SAEBench's own output format (the sae-bench 0.6.0 wheel's schemas).
     absorption.py  first-letter feature absorption
     tasks.py       sparse probing's tasks on the bundled corpus, and their cached contexts
     probing.py     sparse probing
-    summary.py     one table over several SAEs, with bootstrap intervals
+    summary.py     one table over several SAEs, with bootstrap intervals; paired differences
+    toy.py         absorption where the truth is known: a hierarchy and two hand-built SAEs
     run.py         bench(): every evaluation for several SAEs on one model (`saekit bench`)
 """
 
@@ -17,9 +18,10 @@ from .core import CoreConfig, core_eval
 from .letters import LetterData, letter_data
 from .output import EVAL_TYPES, BenchError, eval_output, output_path, write_output
 from .probing import ProbingConfig, sparse_probing_eval
-from .run import EVALS, bench, parse_evals
-from .summary import format_table, summary_table
+from .run import EVALS, bench, load_results, parse_evals, read_all
+from .summary import absorbed_l0, format_table, summary_table
 from .tasks import TASKS, ProbingData, probing_data
+from .toy import AbsorptionToy, absorption_toy
 
 __all__ = [
     "EVALS",
@@ -31,15 +33,20 @@ __all__ = [
     "LetterData",
     "ProbingConfig",
     "ProbingData",
+    "AbsorptionToy",
+    "absorbed_l0",
     "absorption_eval",
+    "absorption_toy",
     "bench",
     "core_eval",
     "eval_output",
     "format_table",
     "letter_data",
+    "load_results",
     "output_path",
     "parse_evals",
     "probing_data",
+    "read_all",
     "sparse_probing_eval",
     "summary_table",
     "word_absorption",

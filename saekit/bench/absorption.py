@@ -141,7 +141,8 @@ def absorption_eval(
         test_words = [w for w, t in zip(data.words, data.train) if not t]
         for r in found:
             scored = word_absorption(xs_test[r], z_test[r], probe_D, cos_F, main)
-            words.append({"letter": letter, "word": test_words[r], **scored})
+            l0 = int((z_test[r] != 0).sum())  # latents the word's token takes
+            words.append({"letter": letter, "word": test_words[r], "l0": l0, **scored})
         fractions = [w["absorption_fraction"] for w in words if w["letter"] == letter]
         fulls = sum(w["is_full_absorption"] for w in words if w["letter"] == letter)
         letters.append(

@@ -111,27 +111,27 @@ def _by_document(doc_N: np.ndarray, right_N: np.ndarray) -> dict:
 
 
 def sparse_probing_eval(
-    sae: SAE, data: ProbingData, config: ProbingConfig | None = None, progress: bool = True
+    sae: SAE,
+    data: ProbingData,
+    config: ProbingConfig | None = None,
+    progress: bool = True,
+    tasks: list[Task] | None = None,
 ) -> dict:
     """SAEBench's sparse_probing output for `sae` on probing_data at the SAE's hook: per data set
     (a group of tasks), the mean test accuracy of each probe over its tasks; the per-task figures
-    and per-document counts in eval_result_unstructured."""
+    and per-document counts in eval_result_unstructured. `tasks`: the bundled corpus's tasks of
+    the config's data sets unless given."""
     cfg = config or ProbingConfig()
     sae_x = sae_pooled(sae, data)
-    tasks = [t for t in TASKS if t.dataset in cfg.dataset_names]
+    tasks = tasks or [t for t in TASKS if t.dataset in cfg.dataset_names]
     per_task = {}
     for task in tqdm(tasks, desc="sparse probing: tasks", disable=not progress):
         per_task[task.name] = {"dataset": task.dataset, **_task_accuracies(task, data, sae_x, cfg)}
     details = []
-    for dataset in cfg.dataset_names:
+    for dataset in dict.fromkeys(t.dataset for t in tasks):
         runs = [r["accuracies"] for r in per_task.values() if r["dataset"] == dataset]
-        if runs:
-            details.append(
-                {
-                    "dataset_name": dataset,
-                    **{k: float(np.mean([r[k] for r in runs])) for k in runs[0]},
-                }
-            )
+        means = {k: float(np.mean([r[k] for r in runs])) for k in runs[0]}
+        details.append({"dataset_name": dataset, **means})
     keys = details[0].keys() - {"dataset_name"}
     mean = {k: float(np.mean([d[k] for d in details])) for k in keys}
     metrics = {

@@ -34,6 +34,7 @@ def bench(
     model_name: str | None = None,
     out: str | Path = "runs/bench",
     corpus: str | None = None,
+    cache: str | Path | None = None,
     overwrite: bool = False,
     allow_mismatch: bool = False,
     progress: bool = True,
@@ -43,7 +44,8 @@ def bench(
 ) -> pd.DataFrame:
     """Run `evals` on every SAE folder and write SAEBench's JSON under `out`
     (OUT/<eval_type_id>/<sae folder name>_eval_results.json); the summary table, one row per
-    SAE, with 95% intervals where the evaluation has them."""
+    SAE, with 95% intervals where the evaluation has them. Captured activations are cached in
+    `cache` (default OUT/cache)."""
     from ..checks import hook_on_model
     from ..models import load_model
     from ..sae import load_sae
@@ -52,6 +54,7 @@ def bench(
     for name in evals:
         parse_evals(name)
     out = prepare_output(out, what="bench output folder")
+    cache = Path(cache) if cache is not None else out / "cache"
     saes = {str(d): load_sae(d) for d in sae_dirs}
     names = [sae_name(sae, d) for d, sae in saes.items()]
     if len(set(names)) < len(names):
@@ -69,20 +72,40 @@ def bench(
     if todo.get("core"):
         _run_core(todo["core"], model, out, corpus, core_config, progress)
     if todo.get("absorption"):
-        _run_absorption(todo["absorption"], model, out, absorption_config, progress)
+        _run_absorption(todo["absorption"], model, out, cache, absorption_config, progress)
     if todo.get("sparse-probing"):
-        _run_probing(todo["sparse-probing"], model, out, corpus, probing_config, progress)
+        _run_probing(todo["sparse-probing"], model, out, cache, corpus, probing_config, progress)
     from .summary import summary_table
 
-    return summary_table({sae_name(sae, d): _read(out, evals, d, sae) for d, sae in saes.items()})
+    return summary_table(load_results(out, list(saes), evals))
 
 
 def _done(out: Path, eval: str, folder, sae) -> bool:
     return output_path(out, eval, sae_name(sae, folder)).exists()
 
 
-def _read(out: Path, evals, folder, sae) -> dict:
-    return {e: json.loads(output_path(out, e, sae_name(sae, folder)).read_text()) for e in evals}
+def load_results(out: str | Path, sae_dirs, evals=None) -> dict[str, dict]:
+    """The results bench() wrote: {SAE folder name: {evaluation: SAEBench document}}, for
+    `evals` (None: every evaluation that has a result)."""
+    results = {}
+    for folder in sae_dirs:
+        name = Path(folder).name
+        paths = {e: output_path(out, e, name) for e in (evals or EVALS)}
+        results[name] = {
+            e: json.loads(p.read_text()) for e, p in paths.items() if evals or p.exists()
+        }
+    return results
+
+
+def read_all(out: str | Path) -> dict[str, dict]:
+    """Every result under a bench output folder: {SAE name: {evaluation: document}} (an SAE has
+    the evaluations that were run on it)."""
+    results: dict[str, dict] = {}
+    suffix = "_eval_results.json"
+    for eval, type_id in EVAL_TYPES.items():
+        for path in sorted((Path(out) / type_id).glob(f"*{suffix}")):
+            results.setdefault(path.name[: -len(suffix)], {})[eval] = json.loads(path.read_text())
+    return results
 
 
 def _by_hook(items):
@@ -112,7 +135,7 @@ def _run_core(items, model, out, corpus, config, progress) -> None:
             write_output(out, "core", sae_name(sae, folder), doc)
 
 
-def _run_absorption(items, model, out, config, progress) -> None:
+def _run_absorption(items, model, out, cache, config, progress) -> None:
     from ..models import model_name
     from .absorption import AbsorptionConfig, absorption_eval
     from .letters import letter_data
@@ -121,7 +144,7 @@ def _run_absorption(items, model, out, config, progress) -> None:
     for hook, group in _by_hook(items).items():
         data = letter_data(
             model, hook, max_words=cfg.max_words, min_per_letter=cfg.min_words_per_letter,
-            seed=cfg.random_seed, batch_size=cfg.llm_batch_size, cache=Path(out) / "cache",
+            seed=cfg.random_seed, batch_size=cfg.llm_batch_size, cache=cache,
             progress=progress,
         )  # fmt: skip
         if data.skipped and progress:
@@ -131,14 +154,14 @@ def _run_absorption(items, model, out, config, progress) -> None:
             write_output(out, "absorption", sae_name(sae, folder), doc)
 
 
-def _run_probing(items, model, out, corpus, config, progress) -> None:
+def _run_probing(items, model, out, cache, corpus, config, progress) -> None:
     from ..models import model_name
     from .probing import ProbingConfig, sparse_probing_eval
     from .tasks import probing_data
 
     cfg = config or ProbingConfig(model_name=model_name(model))
     for hook, group in _by_hook(items).items():
-        data = probing_data(model, hook, corpus, cfg, cache=Path(out) / "cache", progress=progress)
+        data = probing_data(model, hook, corpus, cfg, cache=cache, progress=progress)
         for folder, sae in group:
             doc = sparse_probing_eval(sae, data, cfg, progress)
             write_output(out, "sparse-probing", sae_name(sae, folder), doc)

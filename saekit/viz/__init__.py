@@ -6,10 +6,12 @@ runs.py      the frontier, Matryoshka's prefixes, training curves
 tokens.py    per-token latent counts and what they follow
 features.py  one latent: histograms, logit effects, examples and their shading
 toy.py       superposition on toy data
+bench.py     SAEBench results: absorption per letter, probing against k, L0 of absorbed words
 """
 
 from __future__ import annotations
 
+from .bench import absorbed_l0_figure, absorption_by_letter_figure, probing_by_k_figure
 from .features import (
     activation_histogram_figure,
     causal_html,
@@ -38,6 +40,9 @@ from .tokens import (
 from .toy import cosine_histogram_figure, superposition_figure
 
 __all__ = [
+    "absorbed_l0_figure",
+    "absorption_by_letter_figure",
+    "probing_by_k_figure",
     "PROPERTY_LABELS",
     "TRAINING_PANELS",
     "activation_histogram_figure",

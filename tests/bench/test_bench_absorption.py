@@ -7,70 +7,26 @@ import pytest
 import torch
 
 from saekit.bench.absorption import AbsorptionConfig, absorption_eval, word_absorption
-from saekit.bench.letters import LETTERS, LetterData
-from saekit.sae import make_sae
+from saekit.bench.letters import LETTERS
+from saekit.bench.toy import absorption_toy
 
-N_PARENTS, CHILDREN, D = 4, 3, 32
-ABSORBED = N_PARENTS  # the first child of parent 0 absorbs parent 0
-
-
-def _hierarchy(n=6000, seed=0):
-    """Samples with exactly one active parent (the "letter"), which has a child in 30% of them;
-    parent 0's first child is rarer (3%), so that its latent is not needed to find letter 0.
-    Orthonormal feature directions: no two features interfere."""
-    g = torch.Generator().manual_seed(seed)
-    feats = torch.linalg.qr(torch.randn(D, D, generator=g))[0].T[: N_PARENTS * (1 + CHILDREN)]
-    parent = torch.randint(0, N_PARENTS, (n,), generator=g)
-    child = torch.randint(0, CHILDREN, (n,), generator=g)
-    p_child = torch.where((parent == 0) & (child == 0), 0.03 * CHILDREN, 0.3)
-    has_child = torch.rand(n, generator=g) < p_child
-    coeff = 0.5 + torch.rand(n, 2, generator=g)
-    x = coeff[:, :1] * feats[parent]
-    child_feature = N_PARENTS + parent * CHILDREN + child
-    x += (has_child * 0.6 * coeff[:, 1])[:, None] * feats[child_feature]
-    x += 0.01 * torch.randn(n, D, generator=g)
-    child_feature = torch.where(has_child, child_feature, -1)
-    return feats, x, parent.numpy(), child_feature.numpy()
-
-
-def _sae(feats, absorbed: bool):
-    """One ReLU latent per feature, reading and writing its own direction; `absorbed`: the
-    absorbing child's latent also writes its parent's direction, and the parent's latent is shut
-    off whenever that child is present."""
-    enc, dec = feats.clone(), feats.clone()
-    if absorbed:
-        parent, child = feats[0], feats[ABSORBED]
-        enc[0] = parent - 10 * child
-        enc[ABSORBED] = 4 * child  # fires with the child only, and strongly enough to stand in
-        dec[ABSORBED] = (child + parent) / 2**0.5
-    sae = make_sae(arch="relu", d_in=D, d_sae=len(feats), normalize="none", l1_coeff=1e-3)
-    sae.set_weights(
-        {"W_enc": enc.T, "W_dec": dec, "b_enc": torch.zeros(len(feats)), "b_dec": torch.zeros(D)}
-    )
-    return sae.eval()
-
-
-def _letters(x, parent, seed=0):
-    rng = np.random.default_rng(seed)
-    train = rng.random(len(x)) < 0.8
-    words = [f"w{i}" for i in range(len(x))]
-    return LetterData(words=words, letters=parent, train=train, x=x, skipped={})
+N_PARENTS = 4
 
 
 def test_a_hand_built_absorbing_latent_is_found_and_a_clean_sae_scores_zero():
-    feats, x, parent, child = _hierarchy()
-    data = _letters(x, parent)
+    toy = absorption_toy(n_parents=N_PARENTS)
+    data, child, absorbing = toy.data, toy.child, toy.absorbing_latent
     cfg = AbsorptionConfig(min_GT_probe_f1=0.6, k_sparse_probe_num_epochs=30)
     out = {
-        name: absorption_eval(_sae(feats, absorbed=name == "absorbed"), data, cfg, progress=False)
-        for name in ("clean", "absorbed")
+        name: absorption_eval(toy.saes[sae], data, cfg, progress=False)
+        for name, sae in (("clean", "clean"), ("absorbed", "absorbing"))
     }
     letter0 = {n: o["eval_result_unstructured"]["letters"][0] for n, o in out.items()}
     assert all(v["first_letter"] == "a" and v["probe_f1"] > 0.95 for v in letter0.values())
     assert letter0["clean"]["main_latents"] == [0] == letter0["absorbed"]["main_latents"]
 
     test_rows = np.nonzero(~data.train)[0]
-    absorbed_words = {f"w{i}" for i in test_rows if child[i] == ABSORBED}
+    absorbed_words = {f"w{i}" for i in test_rows if child[i] == absorbing}
     assert len(absorbed_words) >= 5
     for name, o in out.items():
         words = [w for w in o["eval_result_unstructured"]["words"] if w["letter"] == "a"]
@@ -79,7 +35,7 @@ def test_a_hand_built_absorbing_latent_is_found_and_a_clean_sae_scores_zero():
         assert len(hit) == len(absorbed_words)  # the probe finds every one of them
         if name == "absorbed":  # fully absorbed, by the child's latent, and nothing else is
             assert all(w["absorption_fraction"] == 1.0 and w["is_full_absorption"] for w in hit)
-            assert all(w["top_latent"] == ABSORBED for w in hit)
+            assert all(w["top_latent"] == absorbing for w in hit)
         else:  # the parent's latent fires on them: at most noise along the probe is unaccounted
             assert not any(w["absorption_fraction"] > 0.1 or w["is_full_absorption"] for w in hit)
         assert not any(w["absorption_fraction"] > 0.1 or w["is_full_absorption"] for w in rest)
