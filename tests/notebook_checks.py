@@ -119,6 +119,8 @@ explorer.main_buttons.children[0].click()  # a main latent opens in the feature 
 assert features.latent.value == explorer.letter_row()["main_latents"][0]
 explorer.sae_choice.value = "topk"  # another SAE: its own letters, no dashboard to open
 assert all(b.disabled for b in explorer.main_buttons.children)
+explorer.sae_choice.value = "batchtopk"  # back, with its dashboard (the browser test clicks it)
+assert not any(b.disabled for b in explorer.main_buttons.children)
 assert len(l0["words"]) > 20 and l0["words"]["l0"].gt(0).all()
 assert explorer.errors == [] and features.errors == []
 print("ok")
