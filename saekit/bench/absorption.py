@@ -126,6 +126,7 @@ def absorption_eval(
     )  # fmt: skip
     W_dec = torch.nn.functional.normalize(sae.W_dec.detach().float().cpu(), dim=-1)
     letters, words = [], []
+    test_words = [w for w, t in zip(data.words, data.train) if not t]
     present = sorted(set(y_test.tolist()))
     for i in tqdm(present, desc="absorption: letters", disable=not progress):
         letter = LETTERS[i]
@@ -138,13 +139,16 @@ def absorption_eval(
         probe_D = torch.nn.functional.normalize(W_probe[i], dim=0)
         cos_F = W_dec @ probe_D
         found = np.nonzero(is_letter & (probe_scores[:, i] > 0))[0]
-        test_words = [w for w, t in zip(data.words, data.train) if not t]
+        scored = []
         for r in found:
-            scored = word_absorption(xs_test[r], z_test[r], probe_D, cos_F, main)
             l0 = int((z_test[r] != 0).sum())  # latents the word's token takes
-            words.append({"letter": letter, "word": test_words[r], "l0": l0, **scored})
-        fractions = [w["absorption_fraction"] for w in words if w["letter"] == letter]
-        fulls = sum(w["is_full_absorption"] for w in words if w["letter"] == letter)
+            scored.append(
+                {"letter": letter, "word": test_words[r], "l0": l0}
+                | word_absorption(xs_test[r], z_test[r], probe_D, cos_F, main)
+            )
+        words += scored
+        fractions = [w["absorption_fraction"] for w in scored]
+        fulls = sum(w["is_full_absorption"] for w in scored)
         letters.append(
             {
                 "first_letter": letter,

@@ -112,8 +112,9 @@ class _Sums:
     def metrics(self) -> dict:
         out = {k: torch.cat(v).mean().item() for k, v in self.per_token.items()}
         b = self.per_batch
-        out["relative_reconstruction_bias"] = torch.cat(b["relative_reconstruction_bias"]).mean()
-        out["relative_reconstruction_bias"] = out["relative_reconstruction_bias"].item()
+        out["relative_reconstruction_bias"] = (
+            torch.cat(b["relative_reconstruction_bias"]).mean().item()
+        )
         # SAEBench 0.6.0's total variance: mean ||x||^2 minus the square of the mean of x^2
         total = torch.stack(b["x_sq"]).mean() - torch.cat(b["x_sq_dim"]).mean() ** 2
         out["explained_variance"] = (1 - torch.stack(b["resid_sq"]).mean() / total).item()

@@ -130,7 +130,8 @@ def letter_data(
     }
     texts = []
     for w, t in zip(words, train):
-        others = [o for o in rng.sample(pools[bool(t)], min(n_examples + 1, len(pools[bool(t)])))]
+        pool = pools[bool(t)]
+        others = rng.sample(pool, min(n_examples + 1, len(pool)))  # one spare: w may be drawn
         texts.append(prompt(w, [o for o in others if o != w][:n_examples]))
     hp = resolve_hook(model, hook)
     device = next(underlying(model).parameters()).device
