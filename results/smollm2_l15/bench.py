@@ -5,9 +5,10 @@ results/smollm2_l15/bench/seedS/ and a re-run skips what is there.
 
     python results/smollm2_l15/bench.py [--seeds 0 1 2] [--out runs/smollm2_l15_bench] [--report]
 
---report writes bench.md: each SAE's figures with 95% intervals, and paired differences BatchTopK
+--report writes bench.md: each SAE's figures with 95% intervals, paired differences BatchTopK
 minus each other architecture at the same k and seed (absorption: letters, then words, resampled
-alike for both SAEs; sparse probing: test documents resampled alike).
+alike for both SAEs; sparse probing: test documents resampled alike), and the same differences
+averaged over the seeds, with letters, words and documents resampled alike in every seed.
 """
 
 from __future__ import annotations
@@ -17,10 +18,14 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
+from scipy.stats import t as t_dist
+
 from saekit.activations import capture_splits
 from saekit.bench import bench
 from saekit.bench.output import output_path
 from saekit.bench.summary import (
+    absorbed_l0,
     absorption_boot,
     absorption_difference,
     interval,
@@ -65,42 +70,130 @@ def load(seed: int, name: str) -> dict | None:
     return docs
 
 
+def scored_items(docs: dict) -> tuple:
+    """What a seed's bootstrap resamples: the letters kept, the words scored, the test documents."""
+    ab, sp = docs["absorption"], docs["sparse-probing"]
+    letters = [d["first_letter"] for d in ab["eval_result_details"]]
+    words = [(w["letter"], w["word"]) for w in ab["eval_result_unstructured"]["words"]]
+    tasks = sp["eval_result_unstructured"]["tasks"].values()
+    documents = sorted({d for t in tasks for d in t["per_document"]["sae_top_1"]["doc"]})
+    return tuple(letters), tuple(words), tuple(documents)
+
+
+def over_seeds(points: list[float]) -> list[float]:
+    """A 95% Student-t interval for the mean of the seeds' differences (n - 1 d.f.)."""
+    if len(points) < 2:
+        return [float("nan")] * 2
+    half = t_dist.ppf(0.975, len(points) - 1) * np.std(points, ddof=1) / np.sqrt(len(points))
+    return [float(np.mean(points) - half), float(np.mean(points) + half)]
+
+
+def pooled_difference(pairs: list[tuple[dict, dict]]) -> tuple:
+    """BatchTopK minus another architecture averaged over seeds ([(batchtopk docs, other docs)]
+    one pair a seed), for absorption and for top-1 probing: (mean, 95% interval over the scored
+    items, 95% interval over the seeds). Every seed scored the same letters, words and documents,
+    so the bootstraps' fixed seed resamples them alike and the draws average."""
+    items = {scored_items(d) for pair in pairs for d in pair}
+    if len(items) != 1:
+        raise ValueError("the seeds scored different letters, words or documents: no pooled draws")
+    ab = [absorption_difference(b["absorption"], o["absorption"])[0] for b, o in pairs]
+    ab_draws = np.mean([absorption_boot(b["absorption"], o["absorption"]) for b, o in pairs], 0)
+    sp = [probing_difference(b["sparse-probing"], o["sparse-probing"])[0] for b, o in pairs]
+    sp_draws = np.mean(
+        [probing_boot(b["sparse-probing"], o["sparse-probing"]) for b, o in pairs], 0
+    )
+    return (
+        (float(np.mean(ab)), interval(ab_draws), over_seeds(ab)),
+        (float(np.mean(sp)), interval(sp_draws), over_seeds(sp)),
+    )
+
+
+def span(ci) -> str:
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
 def fmt(value: float, ci) -> str:
-    return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+    return f"{value:.3f} {span(ci)}"
+
+
+def sae_row(seed: int, k: int, arch: str, docs: dict) -> str:
+    """One SAE's figures: absorption with its interval, full absorption, split latents, the L0 of
+    absorbed words minus the others', top-1 probing accuracy with its interval, top-5."""
+    ab, sp = docs["absorption"], docs["sparse-probing"]
+    m, p = ab["eval_result_metrics"]["mean"], sp["eval_result_metrics"]["sae"]
+    l0 = absorbed_l0(ab)
+    return (
+        f"| {seed} | {k} | {arch} | "
+        f"{fmt(m['mean_absorption_fraction_score'], interval(absorption_boot(ab)))} | "
+        f"{m['mean_full_absorption_score']:.3f} | {m['mean_num_split_features']:.2f} | "
+        f"{fmt(l0['difference'], l0['interval'])} | "
+        f"{fmt(p['sae_top_1_test_accuracy'], interval(probing_boot(sp)))} | "
+        f"{p['sae_top_5_test_accuracy']:.3f} |"
+    )
 
 
 def report() -> None:
     names = {a: {k: f"{a}_{'l0' if a == 'jumprelu' else 'k'}{k}_4608" for k in KS} for a in ARCHS}
+    found = {(s, a, k): load(s, names[a][k]) for s in (0, 1, 2) for a in ARCHS for k in KS}
+    found = {key: docs for key, docs in found.items() if docs is not None}
     lines = ["# Absorption and sparse probing, by architecture", "", __doc__.split("\n\n")[0], ""]
+    if found:
+        llm = next(iter(found.values()))["sparse-probing"]["eval_result_metrics"]["llm"]
+        lines += [
+            "The model's own probes on the same tasks: top-1 "
+            f"{llm['llm_top_1_test_accuracy']:.3f}, top-5 {llm['llm_top_5_test_accuracy']:.3f}, "
+            f"all dimensions {llm['llm_test_accuracy']:.3f}. Absorbed words' L0: the mean L0 of "
+            "the scored words with an absorption fraction above 0 minus that of the others (TopK's "
+            "is 0 by construction: every token takes k latents).",
+            "",
+        ]
     lines += [
-        "| seed | k | architecture | absorption | full absorption | split | SAE top-1 | SAE top-5 |"
+        "| seed | k | architecture | absorption | full absorption | split "
+        "| absorbed words' L0 − others' | SAE top-1 | SAE top-5 |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    lines += ["|---|---|---|---|---|---|---|---|"]
     diffs = ["", "## BatchTopK minus each architecture, paired", ""]
+    diffs += [
+        "Positive absorption: BatchTopK absorbs more. Positive accuracy: BatchTopK probes better.",
+        "",
+    ]
     diffs += ["| seed | k | other | absorption | SAE top-1 accuracy |", "|---|---|---|---|---|"]
     for seed in (0, 1, 2):
         for k in KS:
-            docs = {a: load(seed, names[a][k]) for a in ARCHS}
-            for a, d in docs.items():
-                if d is None:
-                    continue
-                ab, sp = d["absorption"], d["sparse-probing"]
-                m, p = ab["eval_result_metrics"]["mean"], sp["eval_result_metrics"]["sae"]
-                lines.append(
-                    f"| {seed} | {k} | {a} | "
-                    f"{fmt(m['mean_absorption_fraction_score'], interval(absorption_boot(ab)))} | "
-                    f"{m['mean_full_absorption_score']:.3f} | {m['mean_num_split_features']:.2f} | "
-                    f"{fmt(p['sae_top_1_test_accuracy'], interval(probing_boot(sp)))} | "
-                    f"{p['sae_top_5_test_accuracy']:.3f} |"
-                )
-            base = docs["batchtopk"]
+            lines += [
+                sae_row(seed, k, a, found[seed, a, k]) for a in ARCHS if (seed, a, k) in found
+            ]
+            base = found.get((seed, "batchtopk", k))
             for a in ARCHS[1:]:
-                if base is None or docs[a] is None:
+                if base is None or (seed, a, k) not in found:
                     continue
-                da = absorption_difference(base["absorption"], docs[a]["absorption"])
-                dp = probing_difference(base["sparse-probing"], docs[a]["sparse-probing"])
+                other = found[seed, a, k]
+                da = absorption_difference(base["absorption"], other["absorption"])
+                dp = probing_difference(base["sparse-probing"], other["sparse-probing"])
                 diffs.append(f"| {seed} | {k} | {a} | {fmt(*da)} | {fmt(*dp)} |")
-    (HERE / "bench.md").write_text("\n".join(lines + diffs) + "\n")
+    pooled = ["", "## BatchTopK minus each architecture, averaged over the seeds", ""]
+    pooled += [
+        "Two intervals for each mean of the seeds' paired differences. *Items*: each seed's "
+        "paired bootstrap draws averaged draw by draw, with letters, words and documents "
+        "resampled alike in every seed; it counts the sampling of letters, words and documents "
+        "but not the spread between seeds. *Seeds*: a Student-t interval over the seeds' "
+        "differences (2 degrees of freedom with 3 seeds); it counts the spread between seeds.",
+        "",
+    ]
+    pooled += [
+        "| k | other | seeds | absorption | items | seeds | SAE top-1 accuracy | items | seeds |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for k in KS:
+        for a in ARCHS[1:]:
+            seeds = [s for s in (0, 1, 2) if (s, "batchtopk", k) in found and (s, a, k) in found]
+            if seeds:
+                da, dp = pooled_difference(
+                    [(found[s, "batchtopk", k], found[s, a, k]) for s in seeds]
+                )
+                cells = [f"{v:.3f}" if np.isscalar(v) else span(v) for v in (*da, *dp)]
+                pooled.append(f"| {k} | {a} | {len(seeds)} | " + " | ".join(cells) + " |")
+    (HERE / "bench.md").write_text("\n".join(lines + diffs + pooled) + "\n")
     print(f"-> {HERE / 'bench.md'}")
 
 
