@@ -88,24 +88,14 @@ def over_seeds(points: list[float]) -> list[float]:
     return [float(np.mean(points) - half), float(np.mean(points) + half)]
 
 
-def pooled_difference(pairs: list[tuple[dict, dict]]) -> tuple:
-    """BatchTopK minus another architecture averaged over seeds ([(batchtopk docs, other docs)]
-    one pair a seed), for absorption and for top-1 probing: (mean, 95% interval over the scored
-    items, 95% interval over the seeds). Every seed scored the same letters, words and documents,
-    so the bootstraps' fixed seed resamples them alike and the draws average."""
-    items = {scored_items(d) for pair in pairs for d in pair}
-    if len(items) != 1:
-        raise ValueError("the seeds scored different letters, words or documents: no pooled draws")
-    ab = [absorption_difference(b["absorption"], o["absorption"])[0] for b, o in pairs]
-    ab_draws = np.mean([absorption_boot(b["absorption"], o["absorption"]) for b, o in pairs], 0)
-    sp = [probing_difference(b["sparse-probing"], o["sparse-probing"])[0] for b, o in pairs]
-    sp_draws = np.mean(
-        [probing_boot(b["sparse-probing"], o["sparse-probing"]) for b, o in pairs], 0
-    )
-    return (
-        (float(np.mean(ab)), interval(ab_draws), over_seeds(ab)),
-        (float(np.mean(sp)), interval(sp_draws), over_seeds(sp)),
-    )
+def pooled_difference(differences: list[tuple]) -> tuple:
+    """One measure's paired differences, one (point, interval, draws) a seed, averaged over the
+    seeds: (mean, 95% interval over the scored items, 95% interval over the seeds). Every seed
+    scored the same letters, words and documents (`scored_items`), so the bootstraps' fixed seed
+    resampled them alike and the draws average."""
+    points = [d[0] for d in differences]
+    draws = np.mean([d[2] for d in differences], axis=0)
+    return float(np.mean(points)), interval(draws), over_seeds(points)
 
 
 def span(ci) -> str:
@@ -158,6 +148,7 @@ def report() -> None:
         "",
     ]
     diffs += ["| seed | k | other | absorption | SAE top-1 accuracy |", "|---|---|---|---|---|"]
+    paired = {}  # (seed, other, k): BatchTopK minus other, absorption and probing
     for seed in (0, 1, 2):
         for k in KS:
             lines += [
@@ -168,9 +159,12 @@ def report() -> None:
                 if base is None or (seed, a, k) not in found:
                     continue
                 other = found[seed, a, k]
-                da = absorption_difference(base["absorption"], other["absorption"])
-                dp = probing_difference(base["sparse-probing"], other["sparse-probing"])
-                diffs.append(f"| {seed} | {k} | {a} | {fmt(*da)} | {fmt(*dp)} |")
+                paired[seed, a, k] = (
+                    absorption_difference(base["absorption"], other["absorption"]),
+                    probing_difference(base["sparse-probing"], other["sparse-probing"]),
+                )
+                da, dp = paired[seed, a, k]
+                diffs.append(f"| {seed} | {k} | {a} | {fmt(*da[:2])} | {fmt(*dp[:2])} |")
     pooled = ["", "## BatchTopK minus each architecture, averaged over the seeds", ""]
     pooled += [
         "Two intervals for each mean of the seeds' paired differences. *Items*: each seed's "
@@ -186,11 +180,13 @@ def report() -> None:
     ]
     for k in KS:
         for a in ARCHS[1:]:
-            seeds = [s for s in (0, 1, 2) if (s, "batchtopk", k) in found and (s, a, k) in found]
+            seeds = [s for s in (0, 1, 2) if (s, a, k) in paired]
             if seeds:
-                da, dp = pooled_difference(
-                    [(found[s, "batchtopk", k], found[s, a, k]) for s in seeds]
-                )
+                items = {scored_items(found[s, b, k]) for s in seeds for b in ("batchtopk", a)}
+                if len(items) != 1:
+                    raise ValueError("the seeds scored different letters, words or documents")
+                da = pooled_difference([paired[s, a, k][0] for s in seeds])
+                dp = pooled_difference([paired[s, a, k][1] for s in seeds])
                 cells = [f"{v:.3f}" if np.isscalar(v) else span(v) for v in (*da, *dp)]
                 pooled.append(f"| {k} | {a} | {len(seeds)} | " + " | ".join(cells) + " |")
     (HERE / "bench.md").write_text("\n".join(lines + diffs + pooled) + "\n")

@@ -75,23 +75,28 @@ def probing_boot(
     return np.nanmean([np.nanmean(v, axis=0) for v in by_dataset.values()], axis=0)
 
 
-def absorption_difference(doc: dict, other: dict) -> tuple[float, list[float]]:
-    """Mean absorption fraction of `doc` minus `other`'s over the letters both kept, and its
-    paired 95% interval."""
+def absorption_difference(doc: dict, other: dict) -> tuple[float, list[float], np.ndarray]:
+    """Mean absorption fraction of `doc` minus `other`'s over the letters both kept, its paired
+    95% interval, and the bootstrap draws behind it (to average over seeds)."""
     theirs = {d["first_letter"]: d for d in other["eval_result_details"]}
     pairs = [
         d["mean_absorption_fraction"] - theirs[d["first_letter"]]["mean_absorption_fraction"]
         for d in doc["eval_result_details"]
         if d["first_letter"] in theirs
     ]
-    return float(np.mean(pairs)), interval(absorption_boot(doc, other))
+    draws = absorption_boot(doc, other)
+    return float(np.mean(pairs)), interval(draws), draws
 
 
-def probing_difference(doc: dict, other: dict, probe: str = "sae_top_1") -> tuple[float, list]:
-    """A probe's accuracy for `doc` minus `other`'s, and its paired 95% interval."""
+def probing_difference(
+    doc: dict, other: dict, probe: str = "sae_top_1"
+) -> tuple[float, list, np.ndarray]:
+    """A probe's accuracy for `doc` minus `other`'s, its paired 95% interval, and the bootstrap
+    draws behind it (to average over seeds)."""
     key = f"{probe}_test_accuracy"
     point = doc["eval_result_metrics"]["sae"][key] - other["eval_result_metrics"]["sae"][key]
-    return float(point), interval(probing_boot(doc, other, probe))
+    draws = probing_boot(doc, other, probe)
+    return float(point), interval(draws), draws
 
 
 def absorbed_l0(doc: dict, n_boot: int = N_BOOT, seed: int = 0) -> dict:
