@@ -58,8 +58,10 @@ def calibrate(
         )
     store = open_store(store) if isinstance(store, (str, Path)) else store
     target = float(target_l0 if target_l0 is not None else sae.cfg.k)
-    if not target > 0:
-        raise SAEConfigError(f"target L0 must be positive, got {target}")
+    if not 0 < target < sae.cfg.d_sae:  # also refuses NaN and inf
+        raise SAEConfigError(
+            f"target L0 must be above 0 and below the {sae.cfg.d_sae:,} latents, got {target}"
+        )
     if n_tokens is not None and n_tokens < 1:
         raise SAEConfigError(
             f"n_tokens must be at least 1 (got {n_tokens}); None uses the whole store"

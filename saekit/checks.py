@@ -9,10 +9,26 @@ cross-use on purpose (`allow_mismatch=True`, `--allow-mismatch`).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
 CROSS_USE = "pass allow_mismatch=True (--allow-mismatch) to use them together on purpose"
+
+
+def whole_number(value) -> int | None:
+    """`value` as an int where it is a whole number (4608 or 4608.0; never a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        return None
+    return int(value)
+
+
+def is_number(value) -> bool:
+    """A finite int or float (never a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class DataMismatchError(ValueError):

@@ -22,7 +22,7 @@ def cmd_capture(a) -> int:
     from . import distributed
     from .activations import capture
     from .data import load_corpus, packed_corpus
-    from .files import prepare_output
+    from .files import local_path, prepare_output, refuse_overlap
     from .locks import writer_lock
     from .models import load_model
 
@@ -33,12 +33,14 @@ def cmd_capture(a) -> int:
         with contextlib.ExitStack() as held:
             # before the model loads: a second writer or a bad folder is told at once
             def claim() -> None:
+                inputs = {"corpus": local_path(a.corpus), "model": local_path(a.model)}
+                refuse_overlap(a.out, inputs, "store folder")
                 prepare_output(a.out, 0, "store folder")
                 held.enter_context(writer_lock(a.out, "capture"))
 
-            distributed.on_rank0(claim)
-            # a bad corpus or split, told at once
+            # a bad corpus or split, told at once and before the folder is made
             load_corpus(a.corpus, split=a.split, text_field=a.text_field)
+            distributed.on_rank0(claim)
             model = load_model(a.model, device=a.device)
             packed = packed_corpus(
                 model.tokenizer,
@@ -184,7 +186,7 @@ def _model_for(a, store):
 def cmd_eval(a) -> int:
     from .activations import open_store
     from .checks import hook_on_store
-    from .files import OutputError, atomic_write_json, prepare_output
+    from .files import OutputError, atomic_write_json, prepare_output, refuse_overlap
     from .metrics import describe, evaluate
     from .sae import load_sae
 
@@ -192,6 +194,7 @@ def cmd_eval(a) -> int:
     store = open_store(a.store)  # opened once: the model's name and the data come from it
     hook_on_store(sae, store, a.hook, a.allow_mismatch)  # before the model loads
     if a.out:
+        refuse_overlap(a.out, {"SAE folder": a.sae_dir, "store": a.store}, "evaluation file")
         prepare_output(Path(a.out).parent, 0, "folder of --out")
         if Path(a.out).is_dir():
             raise OutputError(
@@ -239,14 +242,12 @@ def cmd_calibrate(a) -> int:
 
 
 def cmd_compare(a) -> int:
-    from .metrics import CE_STATS, RECON_STATS, format_difference, paired_difference
+    from .metrics import compare_lines, read_evaluation
 
-    ea, eb = (json.loads(Path(f).read_text()) for f in (a.eval_a, a.eval_b))
-    na, nb = a.names or (ea["sae"]["architecture"], eb["sae"]["architecture"])
-    for metric in a.metrics or [*RECON_STATS, *CE_STATS]:
-        if metric in CE_STATS and not (ea.get("per_sequence") or {}).get("ce"):
-            continue
-        print(format_difference(paired_difference(ea, eb, metric), na, nb))
+    ea, eb = read_evaluation(a.eval_a), read_evaluation(a.eval_b)
+    names = a.names or (ea["sae"].get("architecture", "A"), eb["sae"].get("architecture", "B"))
+    for line in compare_lines(ea, eb, tuple(names), a.metrics, a.allow_mismatch):
+        print(line)
     return 0
 
 

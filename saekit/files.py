@@ -146,3 +146,40 @@ def os_error_message(e: OSError) -> str:
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"cannot write {where} ({e.strerror}); choose a writable folder"
     return f"{e.strerror or e.__class__.__name__}: {where}" + (f" ({e})" if not e.strerror else "")
+
+
+def _inside(inner: Path, outer: Path) -> bool:
+    return inner == outer or outer in inner.parents
+
+
+def refuse_overlap(out: str | Path, inputs: dict, what: str = "output") -> None:
+    """An OutputError, before anything is written, where the output `out` is one of the `inputs`
+    ({label: path or None}), lies inside one or holds one: writing there could eat what is read."""
+    target = Path(out).expanduser().resolve()
+    for label, path in inputs.items():
+        if path is None:
+            continue
+        source = Path(path).expanduser().resolve()
+        relation = (
+            "is"
+            if target == source
+            else "lies inside"
+            if _inside(target, source)
+            else "holds"
+            if _inside(source, target)
+            else None
+        )
+        if relation:
+            raise OutputError(
+                f"the {what} {out} {relation} the {label} {path}: writing there could destroy "
+                f"what it reads. Choose another {what}, apart from the {label}"
+            )
+
+
+def local_path(name: str | Path | None) -> Path | None:
+    """`name` as a path where it names a local file or folder (a model or corpus may also be a hub
+    id), else None."""
+    if name is None:
+        return None
+    path = Path(name).expanduser()
+    return path if path.exists() else None

@@ -288,6 +288,42 @@ def default_device() -> str:
     return "cpu"
 
 
+class DeviceError(ValueError):
+    """A device name that does not parse, or a device this machine or this torch cannot use."""
+
+
+def available_devices() -> list[str]:
+    """The devices this torch can use here: the CPU, each CUDA GPU, Apple's MPS."""
+    found = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    return found + (["mps"] if mps is not None and mps.is_available() else [])
+
+
+def check_device(name: str | torch.device | None) -> str | None:
+    """`name` if this torch can use that device here (None: the default, chosen later), else a
+    DeviceError naming what is available."""
+    if name is None:
+        return None
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        device = None
+    usable, problem = available_devices(), None
+    if device is None:
+        problem = "is not a device name"
+    elif device.type == "cuda":
+        count = torch.cuda.device_count()
+        ok = count and (device.index is None or device.index < count)
+        problem = None if ok else f"is not here ({count} CUDA GPU(s) visible to this torch)"
+    elif device.type == "mps":
+        problem = None if "mps" in usable else "is not available to this torch"
+    elif device.type != "cpu":
+        problem = "is not a device saekit runs on"
+    if problem:
+        raise DeviceError(f"device {name!r} {problem}; available here: {', '.join(usable)}")
+    return str(name)
+
+
 def load_model(
     name: str | None = None, device: str | None = None, dtype: torch.dtype | None = None
 ):
@@ -306,7 +342,7 @@ def load_model(
     if dtype is not None:
         hf = hf.to(dtype)
     hf.config._name_or_path = canonical
-    return wrap_model(hf.to(device or default_device()), tok)
+    return wrap_model(hf.to(check_device(device) or default_device()), tok)
 
 
 def wrap_model(hf: torch.nn.Module, tokenizer=None):

@@ -21,7 +21,10 @@ def copy_notebooks(dest: str | Path, overwrite: bool = False) -> list[Path]:
     """Copy every notebook of the series into dest (created if needed). A notebook already there is
     kept unless overwrite=True, so nobody's edits are lost; the error names the files and the
     flag."""
+    from .files import refuse_overlap
+
     dest = Path(dest)
+    refuse_overlap(dest, {"notebook series of this install": notebooks_source()}, "folder")
     src = sorted(notebooks_source().glob("*.ipynb"))
     clash = [dest / p.name for p in src if (dest / p.name).exists()]
     if clash and not overwrite:

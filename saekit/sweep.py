@@ -12,7 +12,7 @@ import pandas as pd
 
 from .activations import ActivationStore
 from .checks import hook_on_store
-from .files import atomic_write_bytes, atomic_write_csv, atomic_write_json
+from .files import atomic_write_bytes, atomic_write_csv, atomic_write_json, refuse_overlap
 from .metrics import CE_TOKENS, evaluate_many
 from .sae import SAEConfig, architecture
 from .train import TrainConfig, as_source, train
@@ -95,6 +95,7 @@ def sweep(
     recomputed. A held-out store is checked against the SAEs' hook and model before any training
     (saekit.checks; allow_mismatch for a deliberate cross-use)."""
     out = Path(out)
+    refuse_overlap(out, {"evaluation store": getattr(eval_data, "path", None)}, "sweep folder")
     if isinstance(eval_data, ActivationStore):
         for c in cfgs:
             hook_on_store(c, eval_data, hook, allow_mismatch)

@@ -1,7 +1,9 @@
 """What the bad-input suite shares: the CLI run as a subprocess, the refusal it must give, and
 snapshots that show nothing already written changed."""
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -30,6 +32,20 @@ def cli(*args, timeout: int = 600, **kwargs) -> subprocess.CompletedProcess:
         cwd=ROOT,
         **kwargs,
     )
+
+
+def run(*args) -> subprocess.CompletedProcess:
+    """`saekit ARGS` in this process: what `cli` gives, without a new interpreter's start-up (for
+    cases refused before the work)."""
+    from saekit.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:  # argparse's own refusals
+            code = e.code
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def refused(r: subprocess.CompletedProcess, *words: str) -> str:

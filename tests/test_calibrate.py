@@ -85,7 +85,10 @@ def test_calibration_refuses_what_it_cannot_do(trained, store):
         calibrate(load_sae(trained / "topk_k8_1152"), store)
     sae = load_sae(trained / "batchtopk_k8_1152")
     with pytest.raises(SAEConfigError, match="cannot be reached"):
-        calibrate(sae, store, target_l0=2000)
+        calibrate(sae, store, target_l0=1151)
+    for target in (2000, float("inf"), float("nan"), 0):
+        with pytest.raises(SAEConfigError, match="above 0 and below the 1,152 latents"):
+            calibrate(sae, store, target_l0=target)
     with pytest.raises(DataMismatchError, match="d_in=64"):
         calibrate(make_sae(arch="batchtopk", d_in=64, d_sae=128, k=4, hook_name=HOOK), store)
 

@@ -109,9 +109,9 @@ def test_a_completion_record_of_other_tokens_is_not_folded(model, packed, tmp_pa
     )
     manifest.update(shards=manifest["shards"][:-1], complete=False)
     (out / "manifest.json").write_text(json.dumps(manifest))
-    from saekit.activations.capture import _fold_done
+    from saekit.activations.resume import fold_done
 
-    folded = _fold_done(out, manifest, n)
+    folded = fold_done(out, manifest, n)
     assert len(folded["shards"]) == n - 1 and not folded["complete"]
     again = capture(
         model, packed.head(8), HOOK, out, batch_size=8, shard_tokens=128, progress=False
@@ -222,3 +222,35 @@ def test_sae_settings_are_validated(field, value):
 
     with pytest.raises(SAEConfigError, match=f"{field}={value!r}"):
         SAEConfig(arch="batchtopk", d_in=16, d_sae=64, k=4, **{field: value})
+
+
+def test_evaluations_of_other_tokens_never_pair(store, model, tokenizer):
+    from saekit.metrics import EvaluationError, compare_lines, evaluate, mismatches
+
+    sae = make_sae(arch="topk", d_in=576, d_sae=1152, k=8, hook_name=HOOK).eval()
+    on_store = evaluate(sae, None, store, n_tokens=400)
+    held_out = packed_corpus(tokenizer, split="test", seq_len=64, max_tokens=400)
+    on_text = evaluate(sae, model, held_out, n_tokens=400, ce_tokens=64)
+    assert on_text["data"]["tokens_sha256"] == held_out.sha256()
+    differ = mismatches(on_store, on_text)
+    assert any(d.startswith("data tokens_sha256:") for d in differ), differ
+    assert any(d.startswith("data kind: store in A, tokens in B") for d in differ), differ
+    with pytest.raises(EvaluationError, match="do not pair up"):
+        compare_lines(on_store, on_text, ("a", "b"))
+    assert mismatches(on_store, evaluate(sae, None, store, n_tokens=200)) == []
+
+
+def test_another_tools_cfg_json_needs_a_whole_k(tmp_path):
+    from saekit.sae import SAEConfigError, load_sae
+
+    sae = make_sae(arch="topk", d_in=16, d_sae=32, k=4)
+    sae.save(tmp_path)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    del cfg["saekit"]  # as SAELens writes it
+    cfg["k"] = 4.5
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(SAEConfigError, match=r"cfg.json: field 'k' is 4.5; expected a whole"):
+        load_sae(tmp_path)
+    cfg["k"] = 4.0
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    assert load_sae(tmp_path).cfg.k == 4

@@ -5,7 +5,6 @@ sequences written atomically."""
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 import warnings
 from collections.abc import Sequence
@@ -17,11 +16,12 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from ..data import PackedTokens, packed_corpus
-from ..files import atomic_save_npy, atomic_write_json, prepare_output, require_space
+from ..files import atomic_save_npy, atomic_write_json, prepare_output
 from ..locks import writer_lock
 from ..models import HookPoint, d_model, envoy, first_tensor, model_name, resolve_hook, underlying
 from ..version import saekit_version
-from .store import DTYPES, FORMAT, ActivationStore, StoreError, hook_file, read_manifest
+from .resume import fold_done, open_or_start, plan_shards
+from .store import DTYPES, FORMAT, ActivationStore, StoreError, hook_file
 
 
 def _check_finite(acts: torch.Tensor, hook: str, seq_start: int) -> None:
@@ -59,10 +59,6 @@ def store_bytes(packed: PackedTokens, n_hooks: int, dtype: str, width: int) -> i
     """About how many bytes a capture of `packed` writes: activations, positions, tokens and
     document ids."""
     return packed.n_kept * (n_hooks * width * DTYPES[dtype].itemsize + 8) + packed.tokens.size * 8
-
-
-def _plan_shards(n_seq: int, shard_sequences: int) -> list[tuple[int, int]]:
-    return [(s, min(s + shard_sequences, n_seq)) for s in range(0, n_seq, shard_sequences)]
 
 
 def capture(
@@ -150,7 +146,7 @@ def capture(
         def start() -> dict:
             prepare_output(out, 0, "store folder")
             held.enter_context(writer_lock(out, "capture"))
-            return _open_or_start(out, manifest, packed, overwrite, need)
+            return open_or_start(out, manifest, packed, overwrite, need)
 
         manifest = distributed.on_rank0(start)
         if not manifest.get("complete"):
@@ -174,7 +170,7 @@ def _capture_shards(
     """This rank's share of the shards still to do, each written whole, then (rank 0) the
     manifest folded."""
     # a resumed store keeps its shard layout
-    plan = _plan_shards(packed.n_sequences, manifest["shard_sequences"])
+    plan = plan_shards(packed.n_sequences, manifest["shard_sequences"])
     done = {s["index"] for s in manifest["shards"]}
     rank, world = distributed.rank(), distributed.world_size()
     todo = [(i, s, e) for i, (s, e) in enumerate(plan) if i not in done][rank::world]
@@ -226,76 +222,12 @@ def _capture_shards(
                 },
             )
             if rank == 0:
-                manifest = _fold_done(out, manifest, len(plan))
+                manifest = fold_done(out, manifest, len(plan))
                 bar.set_postfix(shards=f"{len(manifest['shards'])}/{len(plan)}")
     finally:
         bar.close()
     distributed.barrier()  # every rank's shards are written
-    distributed.on_rank0(lambda: _fold_done(out, manifest, len(plan)))
-
-
-def _open_or_start(
-    out: Path, manifest: dict, packed: PackedTokens, overwrite: bool, need_bytes: int
-) -> dict:
-    """Rank 0: check a store already at `out` is this capture and fold in its finished shards, or
-    start one (after checking the folder takes the store's size)."""
-    mpath = out / "manifest.json"
-    if mpath.exists() and not overwrite:
-        old = read_manifest(out)
-        # what was captured, not how it was split
-        keys = ("model", "hooks", "dtype", "seq_len", "tokens_sha256")
-        diff = [k for k in keys if old.get(k) != manifest[k]]
-        if diff:
-            raise StoreError(
-                f"{out} already holds a different capture (differs in: {', '.join(diff)}). Choose "
-                "another output "
-                f"folder, or pass overwrite=True (--overwrite) to replace it."
-            )
-        for stale in out.glob("shards/.*.tmp"):  # a write a kill cut short
-            stale.unlink(missing_ok=True)
-        return (
-            old
-            if old.get("complete")
-            else _fold_done(out, old, len(_plan_shards(old["n_sequences"], old["shard_sequences"])))
-        )
-    if overwrite and out.exists():
-        for p in list(out.glob("shards/*.npy")) + list(out.glob("shards/*.done.json")) + [mpath]:
-            p.unlink(missing_ok=True)
-    require_space(out, need_bytes)  # the folder itself was checked before the lock was taken
-    atomic_save_npy(out / "tokens.npy", packed.tokens)
-    atomic_save_npy(out / "doc_ids.npy", packed.doc_ids)
-    atomic_write_json(mpath, manifest)
-    return manifest
-
-
-def _fold_done(out: Path, manifest: dict, n_plan: int) -> dict:
-    """Rank 0: the manifest with every shard that has a completion record (and all its files),
-    written atomically."""
-    listed = {s["index"] for s in manifest["shards"]}
-    shards = list(manifest["shards"])
-    for rec_path in sorted(out.glob("shards/*.done.json")):
-        rec = json.loads(rec_path.read_text())
-        i = rec["index"]
-        # another capture's shard: captured again
-        if rec.get("tokens_sha256") != manifest["tokens_sha256"]:
-            continue
-        files = [
-            out / "shards" / f"{i:05d}.{hook_file(h)}.npy" for h in manifest["hooks"] + ["pos"]
-        ]
-        if i not in listed and all(f.exists() for f in files):
-            shards.append(
-                {k: rec[k] for k in ("index", "seq_start", "seq_end", "n_rows", "tokens_sha256")}
-            )
-            manifest["d_model"] = rec["d_model"]
-    shards.sort(key=lambda x: x["index"])
-    manifest = {
-        **manifest,
-        "shards": shards,
-        "n_rows": sum(x["n_rows"] for x in shards),
-        "complete": len(shards) == n_plan,
-    }
-    atomic_write_json(out / "manifest.json", manifest)
-    return manifest
+    distributed.on_rank0(lambda: fold_done(out, manifest, len(plan)))
 
 
 def capture_splits(

@@ -11,7 +11,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..files import atomic_save_npy, atomic_write_json, prepare_output, require_space
+from ..files import (
+    atomic_save_npy,
+    atomic_write_json,
+    prepare_output,
+    refuse_overlap,
+    require_space,
+)
 from ..locks import writer_lock
 from ..models import saekit_hook_name, saelens_hook_name  # noqa: F401  (re-exported)
 from .formats import (
@@ -42,6 +48,7 @@ def export_store(
         raise StoreError(f"unknown export format '{format}'; the one there is: saelens")
     store = open_store(store) if isinstance(store, (str, Path)) else store
     out = Path(out)
+    refuse_overlap(out, {"store": store.path}, "export folder")
     prepare_output(out.parent, 0, "folder of the export")
     # OUT is replaced whole at the end, so its writer lock lives beside it; a folder already there
     # (a store being captured, say) is locked as well

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..checks import whole_number
+from ..files import read_json_object
 from ..models import saekit_hook_name, saelens_hook_name  # noqa: F401  (re-exported)
 from .store import FORMAT, ActivationStore, StoreError
 
@@ -128,7 +130,8 @@ class SAELensCache(ActivationStore):
         self.hook = self.hook_name(hook or self.hooks[0])
         self.dtype, self.d_model = dtype, int(d)
         side = self.path / _SIDE_MANIFEST
-        self.side = json.loads(side.read_text()) if side.exists() else None
+        fix = "re-export the store with `saekit export-store`"
+        self.side = read_json_object(side, StoreError, fix) if side.exists() else None
         self._token_ids = self._read_token_ids()
         self._plan_shards()
         self.manifest = self._make_manifest()
@@ -161,6 +164,18 @@ class SAELensCache(ActivationStore):
                 raise StoreError(
                     f"{self.path}: {_SIDE_POSITIONS} has shape {pos.shape}, the cache holds "
                     f"{n_seq} x {self.context_size} rows; re-export the store"
+                )
+            limits = (self.side.get("n_sequences"), self.side.get("seq_len"))
+            if pos.size and (
+                int(pos.min()) < 0
+                or not all(whole_number(n) for n in limits)
+                or int(pos[:, 0].max()) >= limits[0]
+                or int(pos[:, 1].max()) >= limits[1]
+            ):
+                raise StoreError(
+                    f"{self.path}: {_SIDE_POSITIONS} holds positions outside the "
+                    f"{limits[0]} x {limits[1]} token grid of {_SIDE_MANIFEST}, or it lacks "
+                    "that grid; re-export the store"
                 )
             keep = np.ones((n_seq, self.context_size), dtype=bool)
             self.bos_token_id = self.side.get("bos_token_id")

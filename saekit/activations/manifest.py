@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..checks import whole_number
 from ..files import read_json_object
 
 FORMAT = "saekit-activations"
@@ -52,7 +53,7 @@ def read_manifest(path: Path) -> dict:
         raise StoreError(
             f"{mpath} is not a saekit activation manifest (format={m.get('format')!r})"
         )
-    wrong = [k for k, t in MANIFEST_KEYS.items() if not isinstance(m.get(k), t)]
+    wrong = [k for k, t in MANIFEST_KEYS.items() if t is not int and not isinstance(m.get(k), t)]
     wrong += [
         f"shards[{i}]"
         for i, sh in enumerate(m.get("shards") or [])
@@ -61,7 +62,36 @@ def read_manifest(path: Path) -> dict:
     if wrong:
         raise StoreError(
             f"{mpath} is corrupt: missing or malformed {', '.join(wrong)}; re-run the capture "
-            "into a "
-            f"new folder"
+            "into a new folder"
+        )
+    hook_names = lambda v: v and all(isinstance(h, str) and h for h in v)
+    fields = [_field(m, k, "a whole number of 0 or more", _count) for k in _SIZES]
+    fields.append(_field(m, "d_model", "a whole number of at least 1, or null", _width))
+    fields.append(_field(m, "dtype", f"one of {', '.join(DTYPES)}", lambda v: v in DTYPES))
+    fields.append(_field(m, "hooks", "a non-empty list of hook names", hook_names))
+    bad = [f for f in fields if f]
+    if bad:
+        raise StoreError(
+            f"{mpath} is corrupt: {'; '.join(bad)}. Re-run the capture into a new folder"
         )
     return m
+
+
+_SIZES = ("seq_len", "n_sequences", "n_rows")
+
+
+def _count(v) -> bool:
+    return whole_number(v) is not None and v >= 0
+
+
+def _width(v) -> bool:
+    return v is None or (whole_number(v) is not None and v >= 1)
+
+
+def _field(m: dict, key: str, expected: str, ok) -> str | None:
+    """'field KEY is VALUE, expected ...' where m[key] fails `ok`; the whole number is kept."""
+    if ok(m.get(key)):
+        if key in _SIZES or key == "d_model" and m[key] is not None:
+            m[key] = whole_number(m[key])
+        return None
+    return f"field '{key}' is {m.get(key)!r}, expected {expected}"

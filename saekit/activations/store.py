@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..checks import require_finite
-from ..data import tokens_sha256
+from .integrity import check_files
 from .manifest import (  # noqa: F401  (re-exported: the store's names)
     _NP_DTYPES,
     DTYPES,
@@ -91,74 +91,7 @@ class ActivationStore:
         return self._maps[key]
 
     def _validate(self) -> None:
-        want_np = np.dtype(_NP_DTYPES[self.dtype])
-        self._validate_tokens()
-        total = 0
-        for sh in self.shards:
-            if (
-                sh.get("tokens_sha256", self.manifest["tokens_sha256"])
-                != self.manifest["tokens_sha256"]
-            ):
-                raise StoreError(
-                    f"store {self.path}: shard {sh['index']} was captured from other tokens than "
-                    "the "
-                    "manifest's (two captures mixed in one folder); capture again into a new "
-                    "folder"
-                )
-            pos = self._open(sh, "pos")
-            if pos.shape != (sh["n_rows"], 2):
-                raise StoreError(
-                    f"store {self.path}: shard {sh['index']} positions have shape {pos.shape}, "
-                    f"manifest says {sh['n_rows']} rows"
-                )
-            for h in self.hooks:
-                a = self._open(sh, h)
-                if a.shape != (sh["n_rows"], self.d_model) or a.dtype != want_np:
-                    raise StoreError(
-                        f"store {self.path}: shard {sh['index']} of hook {h} has shape {a.shape} "
-                        f"and dtype {a.dtype}; "
-                        f"the manifest says ({sh['n_rows']}, {self.d_model}) {self.dtype}. The "
-                        "store is inconsistent: "
-                        f"capture again into a new folder."
-                    )
-            total += sh["n_rows"]
-        if total != self.manifest["n_rows"]:
-            raise StoreError(
-                f"store {self.path}: shards hold {total} rows, manifest says "
-                f"{self.manifest['n_rows']}"
-            )
-
-    def _validate_tokens(self) -> None:
-        """tokens.npy and doc_ids.npy readable, [n_sequences, seq_len], and the tokens the
-        manifest names."""
-        want = (self.manifest["n_sequences"], self.manifest["seq_len"])
-        for name in ("tokens.npy", "doc_ids.npy"):
-            f = self.path / name
-            if not f.exists():
-                raise StoreError(
-                    f"store {self.path}: {name} is missing; capture again into a new folder"
-                )
-            try:
-                arr = np.load(f, mmap_mode="r")
-            except (ValueError, OSError) as e:
-                raise StoreError(
-                    f"store {self.path}: {name} is truncated or corrupt ({e}); capture again into "
-                    "a "
-                    f"new folder"
-                ) from e
-            if arr.shape != want or arr.dtype.kind not in "iu":
-                raise StoreError(
-                    f"store {self.path}: {name} holds {arr.dtype} {arr.shape}, the manifest says "
-                    f"integers of shape {want}; capture again into a new folder"
-                )
-            if name == "tokens.npy" and tokens_sha256(arr) != self.manifest["tokens_sha256"]:
-                raise StoreError(
-                    f"store {self.path}: tokens.npy is not the one the manifest was written for "
-                    "(two "
-                    "captures mixed in one folder, or the file was replaced); capture again into "
-                    "a "
-                    f"new folder"
-                )
+        check_files(self)
 
     def _row_starts(self) -> np.ndarray:
         """The store row each shard starts at, and the total last: [n_shards + 1]."""

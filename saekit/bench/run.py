@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..files import prepare_output
+from ..files import local_path, prepare_output, refuse_overlap
 from .output import EVAL_TYPES, BenchError, output_path, sae_name, write_output
 
 EVALS = tuple(EVAL_TYPES)
@@ -53,6 +53,9 @@ def bench(
     evals = list(evals)
     for name in evals:
         parse_evals(name)
+    inputs = {f"SAE folder {i + 1}": d for i, d in enumerate(sae_dirs)}
+    inputs.update({"corpus": local_path(corpus), "model": local_path(model_name)})
+    refuse_overlap(out, inputs, "bench output folder")
     out = prepare_output(out, what="bench output folder")
     cache = Path(cache) if cache is not None else out / "cache"
     saes = {str(d): load_sae(d) for d in sae_dirs}

@@ -189,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument(
         "--names", nargs=2, default=None, help="labels of A and B (None: their architectures)"
     )
+    cmp_.add_argument(
+        "--allow-mismatch",
+        action="store_true",
+        help="show evaluations of different data, hooks or modes side by side, unpaired (refused "
+        "otherwise)",
+    )
 
     w = _sub(
         sub,
@@ -323,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; a problem with its input or output is a one-line message and exit code 2,
-    never a traceback (argparse gives its own errors the same code)."""
+    never a traceback (argparse gives its own errors the same code). Ctrl-C ends it with one line
+    saying what was kept, and exit code 130."""
     args = build_parser().parse_args(argv)
     from ..activations import StoreError
     from ..bench import BenchError
@@ -331,13 +338,22 @@ def main(argv: list[str] | None = None) -> int:
     from ..data import CorpusError
     from ..files import OutputError, os_error_message
     from ..locks import LockError
-    from ..models import HookPointError, ModelLoadError
+    from ..metrics import EvaluationError
+    from ..models import DeviceError, HookPointError, ModelLoadError, check_device
     from ..sae import SAEConfigError
     from ..train import TrainingError
 
     try:
+        # a device this machine cannot use is told before anything is made, used or not
+        check_device(getattr(args, "device", None))
         return args.fn(args)
+    except KeyboardInterrupt:
+        from .interrupts import interrupted
+
+        print(f"\nsaekit {args.cmd}: {interrupted(args)}", file=sys.stderr)
+        return 130
     except (
+        DeviceError,
         BenchError,
         StoreError,
         CorpusError,
@@ -349,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         LockError,
         DataMismatchError,
         NonFiniteError,
+        EvaluationError,
         FileExistsError,
     ) as e:
         message = str(e)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import math
 
 
 def default_of(fn, name: str):
@@ -21,7 +22,7 @@ def enc_init_norm_arg(v: str) -> float | str:
         norm = float(v)
     except ValueError:
         norm = 0.0
-    if not norm > 0:
+    if not (math.isfinite(norm) and norm > 0):
         raise argparse.ArgumentTypeError(
             f"enc-init-norm must be 'paper' or a positive number (got {v!r})"
         )
@@ -37,7 +38,7 @@ def _number(kind, least: float, strict: bool, what: str):
             x = kind(v)
         except ValueError:
             x = None
-        if x is None or not (x > least if strict else x >= least) or x != x:
+        if x is None or not math.isfinite(x) or not (x > least if strict else x >= least):
             raise argparse.ArgumentTypeError(f"must be {what} (got {v!r})")
         return x
 
@@ -47,7 +48,7 @@ def _number(kind, least: float, strict: bool, what: str):
 
 positive_int = _number(int, 1, False, "a whole number of at least 1")
 count_int = _number(int, 0, False, "a whole number of 0 or more")
-positive_float = _number(float, 0, True, "a number above 0")
+positive_float = _number(float, 0, True, "a finite number above 0")
 
 
 # -- the parser ------------------------------------------------------------------------------------

@@ -4,6 +4,8 @@ their splits; documents in a seeded random order."""
 from __future__ import annotations
 
 import codecs
+import json
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -140,6 +142,8 @@ def local_split(path: Path, split: str, text_field: str = "text", name: str | No
             f for f, s in by_name.items() if split == "all" or s == SPLIT_NAMES.get(split, split)
         ]
         rule = {"method": "files named by split", "n_files": len(files)}
+    if builder == "json":  # before datasets reads them: a bad record is named by its line
+        nulls = sum(_check_json_records(f, text_field) for f in files)
     ds = _read_local(builder, files, name or str(path))
     _check_field(ds, text_field, name or str(path))
     if not named and "split" in ds.column_names:
@@ -173,6 +177,12 @@ def local_split(path: Path, split: str, text_field: str = "text", name: str | No
     if len(ds) == 0:
         raise CorpusError(
             f"split '{split}' of {path} holds no documents; use a larger corpus or --split all"
+        )
+    if builder == "json" and nulls:
+        rule["null_texts_skipped"] = nulls
+        warnings.warn(
+            f"{nulls:,} record(s) of {path} have a null '{text_field}'; they are skipped",
+            stacklevel=2,
         )
     return ds, rule
 
@@ -227,11 +237,41 @@ def _check_utf8(path: Path, chunk: int = 1 << 20) -> None:
             offset += len(block)
 
 
+def _check_json_records(path: Path, text_field: str) -> int:
+    """Each JSON-lines record's text a string or null: anything else is a CorpusError naming the
+    line. Returns the number of nulls (skipped as documents). A file that is not JSON lines (one
+    JSON array) is left to `datasets`."""
+    nulls = 0
+    with open(path, encoding="utf-8") as fh:
+        for line_no, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                return nulls
+            value = record.get(text_field) if isinstance(record, dict) else None
+            if value is None:
+                nulls += isinstance(record, dict) and text_field in record
+            elif not isinstance(value, str):
+                raise CorpusError(
+                    f"corpus file {path}, line {line_no}: '{text_field}' is {value!r} (a JSON "
+                    f"{type(value).__name__}), expected a string; fix or remove that record"
+                )
+    return nulls
+
+
 def _check_field(ds, text_field: str, name: str) -> None:
     cols = getattr(ds, "column_names", None)
     if cols is not None and text_field not in cols:
         raise CorpusError(
             f"corpus '{name}' has no '{text_field}' column (columns: {cols}); pass text_field="
+        )
+    kind = getattr(getattr(ds, "features", {}).get(text_field), "dtype", "string")
+    if kind not in ("string", "large_string", "null"):
+        raise CorpusError(
+            f"corpus '{name}': column '{text_field}' holds {kind} values, expected strings; "
+            "give a column of text (text_field=, --text-field)"
         )
 
 

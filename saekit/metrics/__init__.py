@@ -11,8 +11,10 @@ prediction. Intervals resample whole sequences (tokens of one sequence are not i
     reconstruction.py  NMSE, FVU, cosine, L0 and its distribution, dead/dense latents
     downstream.py      the SAE spliced into the model: CE (clean, SAE, zero- and mean-ablated), KL
     evaluate.py        evaluate() / evaluate_many(): all of it as one JSON dict; describe() prints
+    compare.py         two saved evaluations: paired only where made on the same data and hook
 """
 
+from .compare import EvaluationError, compare_lines, mismatches, read_evaluation
 from .downstream import CE_TOKENS, ce_metrics, ce_metrics_many, sample_sequences
 from .evaluate import SCHEMA, describe, evaluate, evaluate_many
 from .intervals import (
@@ -40,6 +42,10 @@ from .reconstruction import (
 )
 
 __all__ = [
+    "EvaluationError",
+    "compare_lines",
+    "mismatches",
+    "read_evaluation",
     "CE_TOKENS",
     "ce_metrics",
     "ce_metrics_many",

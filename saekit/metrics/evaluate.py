@@ -147,14 +147,39 @@ def evaluate_many(
                 seq_index=ce_seq,
             )
         )
+    identity = data_identity(data)
     results = []
     for sae, sb in zip(saes, subs):
         downstream = next(ce_all) if ce_all is not None else None
         sub_ce = [next(ce_all) for _ in sb] if ce_all is not None else [{} for _ in sb]
-        results.append(
-            _one_evaluation(sae, sb, downstream, sub_ce, make_batches, mode, hook, len(chosen))
-        )
+        one = _one_evaluation(sae, sb, downstream, sub_ce, make_batches, mode, hook, len(chosen))
+        results.append({**one, "data": identity})
     return results
+
+
+def data_identity(data) -> dict:
+    """What an evaluation was made on, whatever path it lies at: the hash of its token ids (which
+    its sequence numbers index), and for a store its model, rows and dtype. `saekit compare` pairs
+    sequences only between evaluations of one identity."""
+    from ..activations import ActivationStore, StoreError
+    from ..data import tokens_sha256
+
+    if not isinstance(data, ActivationStore):  # packed tokens: the model reads them live
+        return {"kind": "tokens", "tokens_sha256": tokens_sha256(data.tokens)}
+    m = data.manifest
+    sha = m.get("tokens_sha256")
+    if sha is None:
+        try:
+            sha = tokens_sha256(data.tokens)
+        except StoreError:  # a SAELens cache without token ids
+            sha = None
+    return {
+        "kind": "store",
+        "tokens_sha256": sha,
+        "model": m.get("model"),
+        "n_rows": len(data),
+        "dtype": data.dtype,
+    }
 
 
 def _one_evaluation(sae, subs, downstream, sub_ce, make_batches, mode, hook, n_sequences) -> dict:

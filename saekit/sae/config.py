@@ -10,6 +10,8 @@ import dataclasses
 import itertools
 from dataclasses import dataclass
 
+from ..checks import is_number, whole_number
+
 NORMALIZATIONS = ("none", "token", "dataset")
 # name -> SAE class, in registration order (the order tables and plots use)
 ARCHITECTURES: dict[str, type] = {}
@@ -17,6 +19,19 @@ ARCHITECTURES: dict[str, type] = {}
 
 class SAEConfigError(ValueError):
     """An SAE configuration or file that cannot be used."""
+
+
+# what each annotation of SAEConfig asks for, in words for messages
+KIND_WORDS = {
+    "str": "a string",
+    "int": "a whole number",
+    "float": "a finite number",
+    "float | str": "a positive number or 'paper'",
+    "float | None": "a finite number or null",
+    "int | None": "a whole number or null",
+    "str | None": "a string or null",
+    "list | None": "a list or null",
+}
 
 
 def register(cls: type) -> type:
@@ -85,7 +100,27 @@ class SAEConfig:
     def __post_init__(self):
         self.validate()
 
+    def _check_kinds(self) -> None:
+        """Each field of the kind its annotation names (a whole-number float such as 4608.0 is
+        taken as the integer), before any rule reads it."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            kinds = str(f.type).replace(" ", "").split("|")
+            if value is None and "None" in kinds:
+                continue
+            if "int" in kinds and (whole := whole_number(value)) is not None:
+                setattr(self, f.name, whole)
+            elif "float" in kinds and is_number(value):
+                pass
+            elif not {"str", "list"} & set(kinds) or not isinstance(
+                value, str if "str" in kinds else list
+            ):
+                raise SAEConfigError(
+                    f"setting '{f.name}' is {value!r}; expected {KIND_WORDS[str(f.type)]}"
+                )
+
     def validate(self) -> None:
+        self._check_kinds()
         cls = architecture(self.arch)
         if self.normalize not in NORMALIZATIONS:
             raise SAEConfigError(

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
+from ..checks import is_number, whole_number
 from ..files import atomic_write_bytes, atomic_write_json, read_json_object
 from . import formats
 from .architectures import make_sae
@@ -38,16 +39,20 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
         raise SAEConfigError(
             f"{w_path} is corrupt or truncated ({e.__class__.__name__}: {e})"
         ) from e
+    check_tensors(state, w_path)
     state = {k: v.float() for k, v in state.items()}
     try:
         if sparsify:
             cfg, state = formats.from_sparsify(raw, state, w_path)
         elif raw.get("saekit"):
             cfg = formats.saekit_config(raw)
+            check_theta_record(raw["saekit"].get("theta"), f"{cfg_path}: saekit.theta")
         else:
             cfg, state = formats.from_saelens(raw, state, cfg_path)
-    except SAEConfigError:
-        raise
+    except SAEConfigError as e:
+        if str(e).startswith(str(folder)):
+            raise
+        raise SAEConfigError(f"{cfg_path}: {e}") from None
     # a field missing or of the wrong kind
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise SAEConfigError(
@@ -87,6 +92,65 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
                 )
             sae.load_threshold(state["threshold"])
     return sae.to(device).eval()
+
+
+def check_tensors(state: dict[str, torch.Tensor], where: Path) -> None:
+    """Weights as an SAE needs them: floating point (an int8 file cast to float would be nonsense)
+    and finite, each fault named with its tensor."""
+    for name, t in state.items():
+        if not t.is_floating_point():
+            raise SAEConfigError(
+                f"{where}: tensor '{name}' is {str(t.dtype).removeprefix('torch.')}; SAE weights "
+                "must be floating point (float32, float16 or bfloat16). Save the SAE again"
+            )
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise SAEConfigError(
+                f"{where}: tensor '{name}' holds {bad:,} NaN or infinite value(s); the SAE "
+                "diverged or the file is damaged. Retrain it or restore the file"
+            )
+
+
+# fields of a theta record (cfg.json's saekit.theta) and what each must be
+_THETA_NUMBERS = (
+    "theta",
+    "running_estimate",
+    "final_estimate",
+    "target_l0",
+    "l0_before",
+    "l0_after",
+    "theta_before",
+)
+_THETA_COUNTS = ("final_estimate_batches", "n_tokens")
+THETA_SOURCES = ("training", "calibrated")
+
+
+def check_theta_record(record, where: str) -> None:
+    """A theta record as training and calibrate write it: null, or an object whose source is known
+    and whose figures are numbers (its `previous` record likewise)."""
+    if record is None:
+        return
+    if not isinstance(record, dict):
+        raise SAEConfigError(
+            f"{where} is {record!r}; expected an object (the record of where theta came from) or "
+            "null. Calibrate the SAE again or set it to null"
+        )
+    wrong = []
+    if record.get("source") not in THETA_SOURCES:
+        wrong.append(f"source is {record.get('source')!r}, expected one of {THETA_SOURCES}")
+    for key in _THETA_NUMBERS + _THETA_COUNTS:
+        v = record.get(key)
+        ok = v is None or (
+            whole_number(v) is not None and v >= 0 if key in _THETA_COUNTS else is_number(v)
+        )
+        if not ok:
+            what = "a whole number of 0 or more" if key in _THETA_COUNTS else "a finite number"
+            wrong.append(f"{key} is {v!r}, expected {what} or null")
+    if wrong:
+        raise SAEConfigError(
+            f"{where}: {'; '.join(wrong)}. Calibrate the SAE again or set the record to null"
+        )
+    check_theta_record(record.get("previous"), f"{where}.previous")
 
 
 def save_sparsify(sae: SAE, folder: str | Path) -> Path:

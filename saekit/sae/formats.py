@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ..checks import whole_number
 from ..version import saekit_version
 from .config import ARCHITECTURES, SAEConfig, SAEConfigError, architecture
 
@@ -157,7 +158,7 @@ def from_saelens(raw: dict, state: dict, where: Path) -> tuple[SAEConfig, dict]:
         # SAELens: pre = x W_enc + b_enc; ours: pre = (x - b_dec) W_enc + b_enc'
         state["b_enc"] = state["b_enc"] + state["b_dec"] @ state["W_enc"]
     d_in, d_sae = (int(n) for n in state["W_enc"].shape)
-    k = raw.get("k", details.get("k", 32))
+    k = _whole_field(raw.get("k", details.get("k", 32)), "k", where)
     widths = raw.get("matryoshka_widths") or details.get("matryoshka_widths")
     thr = state.get("threshold")
     ours = known[arch]
@@ -176,7 +177,7 @@ def from_saelens(raw: dict, state: dict, where: Path) -> tuple[SAEConfig, dict]:
         arch=ours,
         d_in=d_in,
         d_sae=d_sae,
-        k=max(1, min(int(round(float(k))), d_sae - 1)),
+        k=max(1, min(k, d_sae - 1)),
         normalize="token" if norm == "layer_norm" else "none",
         group_sizes=_groups_from_widths(widths, d_sae) if prefixes and widths else None,
         hook_name=meta.get("hook_name") or raw.get("hook_name"),
@@ -185,6 +186,14 @@ def from_saelens(raw: dict, state: dict, where: Path) -> tuple[SAEConfig, dict]:
         dataset=meta.get("dataset_path"),
     )
     return cfg, state
+
+
+def _whole_field(value, name: str, where: Path) -> int:
+    """A whole-number field of another tool's cfg.json, or an error naming it."""
+    whole = whole_number(value)
+    if whole is None:
+        raise SAEConfigError(f"{where}: field '{name}' is {value!r}; expected a whole number")
+    return whole
 
 
 # -- sparsify --------------------------------------------------------------------------------------
@@ -219,7 +228,8 @@ def from_sparsify(raw: dict, state: dict, where: Path) -> tuple[SAEConfig, dict]
         "W_dec": state["W_dec"],
         "b_dec": state["b_dec"],
     }
-    cfg = SAEConfig(arch="topk", d_in=d_in, d_sae=d_sae, k=int(raw.get("k", 32)), normalize="none")
+    k = _whole_field(raw.get("k", 32), "k", where)
+    cfg = SAEConfig(arch="topk", d_in=d_in, d_sae=d_sae, k=k, normalize="none")
     return cfg, new
 
 

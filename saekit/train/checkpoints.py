@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..files import prepare_output
+from ..files import prepare_output, refuse_overlap
 from ..locks import writer_lock
 
 
@@ -119,31 +119,63 @@ def output_bytes(cfgs, keep: int) -> int:
     return 4 * params * (3 * (keep + 1) + 1)
 
 
-def claim_output(held: contextlib.ExitStack, out: Path, cfgs, keep: int) -> None:
-    """Check the run folder `out` (a folder, writable, with room for output_bytes) and hold its
-    writer lock until `held` closes: a second training into it is refused."""
+def claim_output(held: contextlib.ExitStack, out: Path, cfgs, keep: int, data=None) -> None:
+    """Check the run folder `out` (apart from the training `data`'s path; a folder, writable, with
+    room for output_bytes) and hold its writer lock until `held` closes: a second training into it
+    is refused."""
+    refuse_overlap(out, {"training data": data}, "training output folder")
     prepare_output(out, output_bytes(cfgs, keep), "training output folder")
     held.enter_context(writer_lock(out, "train"))
 
 
+# what a resumed run must share with the run that wrote the checkpoint: everything that changes
+# the trajectory's arithmetic (docs/reliability.md); the name each difference is reported under
 RESUME_KEYS = {
     "data": "the training data",
     "seed": "--seed",
     "total_tokens": "--tokens",
     "batch_size": "--batch-size",
-    "sae_cfgs": "the SAE settings",
+    "lrs": "--lr (each SAE's learning rate)",
+    "warmup_steps": "--warmup-steps",
+    "decay_frac": "decay_frac (the learning rate's decay)",
+    "betas": "betas (Adam's)",
+    "grad_clip": "grad_clip",
+    "b_dec_init": "b_dec_init",
+    "init_tokens": "init_tokens",
+    "buffer_rows": "buffer_rows (the shuffle buffer, which orders the batches)",
+    "calibrate_batches": "calibrate_batches (theta's final estimate)",
+    "autocast": "--precision (each SAE's; pass the one the run started with)",
+    "sae_cfgs": "the SAE settings (AuxK's among them)",
 }
+# what may change between the segments of one run: how the same arithmetic is computed, or
+# nothing about it; each segment's values are recorded in train_config.json
+SEGMENT_KEYS = ("device", "fast", "sync_free", "step_graphs", "prefetch", "checkpoint_every")
 
 
-def run_identity(source, train_cfg, cfgs) -> dict:
-    """What a checkpoint may only be resumed with: the data's identity, the seed, the token budget,
-    the batch size and the SAE configs."""
+def run_identity(source, train_cfg, cfgs, lrs, autocasts) -> dict:
+    """What a checkpoint may only be resumed with (RESUME_KEYS): the data's identity, the
+    schedule, the precision and the SAE configs."""
+    tc = train_cfg.to_dict()
     return {
         "data": source.identity(),
-        "seed": train_cfg.seed,
-        "total_tokens": train_cfg.total_tokens,
-        "batch_size": train_cfg.batch_size,
+        **{k: tc[k] for k in RESUME_KEYS if k in tc},
+        "lrs": [float(lr) for lr in lrs],
+        "autocast": ["bf16" if a else "fp32" for a in autocasts],
         "sae_cfgs": [c.to_dict() for c in cfgs],
+    }
+
+
+def segment(train_cfg, device, step: int) -> dict:
+    """One stretch of a run, from `step`: the settings in SEGMENT_KEYS it was computed with."""
+    import datetime
+
+    tc = train_cfg.to_dict()
+    return {
+        "from_step": step,
+        "to_step": step,
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **{k: tc[k] for k in SEGMENT_KEYS if k != "device"},
+        "device": str(device),
     }
 
 

@@ -62,10 +62,10 @@ class TrainConfig:
         rules = {
             "total_tokens": (self.total_tokens >= 1, "at least 1"),
             "batch_size": (self.batch_size >= 1, "at least 1"),
-            "lr": (self.lr is None or self.lr > 0, "positive, or None for the default"),
+            "lr": (self.lr is None or 0 < self.lr < math.inf, "positive, or None for the default"),
             "warmup_steps": (self.warmup_steps >= 0, "0 or more"),
             "decay_frac": (0 <= self.decay_frac <= 1, "between 0 and 1"),
-            "grad_clip": (self.grad_clip > 0, "positive"),
+            "grad_clip": (0 < self.grad_clip < math.inf, "positive"),
             "init_tokens": (self.init_tokens >= 1, "at least 1"),
             "checkpoint_every": (self.checkpoint_every >= 0, "0 (only at the end) or more"),
             "keep_checkpoints": (self.keep_checkpoints >= 1, "at least 1"),

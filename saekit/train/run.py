@@ -21,7 +21,7 @@ from ..sae import SAEConfig
 from . import checkpoints
 from .config import TrainingError
 from .results import TrainResult
-from .sources import Prefetcher, TimedBatches, as_source
+from .sources import Prefetcher, TimedBatches, as_source, origin_of
 
 # what a step tells the next one (its share of active entries, its cut): checkpoints keep them, so
 # that a resumed run takes an uninterrupted run's paths
@@ -55,6 +55,7 @@ class TrainingRun:
             "names": self.names,
             "logs": self.logs,
             "hints": [{k: _number(v) for k, v in h.items()} for h in self.hints],
+            "segments": self._segments_now(),
         }
         return checkpoints.write(
             self.out / "checkpoints",
@@ -65,6 +66,12 @@ class TrainingRun:
             progress,
             keep=self.tc.keep_checkpoints,
         )
+
+    def _segments_now(self) -> list[dict]:
+        """The run's segments, the current one ending at this step."""
+        if self.segments:
+            self.segments[-1]["to_step"] = self.step
+        return self.segments
 
     def latest_checkpoint(self) -> Path | None:
         return checkpoints.latest(self.out / "checkpoints") if self.out is not None else None
@@ -78,6 +85,7 @@ class TrainingRun:
         checkpoints.restore(path, self.saes, self.opts, self.device)
         self.step, self.tokens = int(progress["step"]), int(progress["tokens"])
         self.logs = progress["logs"]
+        self.segments = list(progress.get("segments") or [])
         for mine, saved in zip(self.hints, progress.get("hints") or [{}] * len(self.saes)):
             # paths chosen as by an uninterrupted run
             mine.update({k: v for k, v in saved.items() if k in HINTS})
@@ -104,6 +112,7 @@ class TrainingRun:
                 "saes": [c.to_dict() for c in self.cfgs],
                 "steps": self.step,
                 "tokens": self.tokens,
+                "segments": self._segments_now(),
             },
         )
 
@@ -127,7 +136,7 @@ class TrainingRun:
             if self.out is not None:
                 D.on_rank0(
                     lambda: checkpoints.claim_output(
-                        held, self.out, self.cfgs, self.tc.keep_checkpoints
+                        held, self.out, self.cfgs, self.tc.keep_checkpoints, origin_of(source)
                     )
                 )
             return self._fit(source, resume, callback, stop_after)
@@ -147,10 +156,12 @@ class TrainingRun:
                 f"capture more tokens or lower batch_size"
             )
         D.barrier()  # (distributed) every rank sees the same checkpoints
-        self.run = checkpoints.run_identity(source, tc, self.cfgs)
+        self.run = checkpoints.run_identity(source, tc, self.cfgs, self.lrs, self.autocasts)
         ckpt = self.latest_checkpoint() if resume else None
         if ckpt is not None:
             self.load_checkpoint(ckpt)
+        if self.step < tc.total_steps or not self.segments:  # a finished run reopened adds none
+            self.segments.append(checkpoints.segment(tc, self.device, self.step))
         if not self.initialised:
             init = []
             got = 0

@@ -23,7 +23,7 @@ class TensorSource:
     """An in-memory [N, d] tensor served as shuffled batches (the same interface as
     ActivationStore)."""
 
-    def __init__(self, x: torch.Tensor):
+    def __init__(self, x: torch.Tensor, origin: Path | None = None):
         if x.ndim != 2:
             raise TrainingError(
                 f"activations must be a 2-D [N, d] tensor, got shape {tuple(x.shape)}"
@@ -34,6 +34,7 @@ class TensorSource:
             raise TrainingError("the activation tensor is empty")
         self.x = x
         self.d_model = int(x.shape[1])
+        self.origin = origin  # the file it was read from, which no output may overwrite
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -79,6 +80,7 @@ class StoreSource:
         self.store = store
         self.hook = hook or store.hook
         self.d_model = store.d_model
+        self.origin = store.path
 
     def __len__(self) -> int:
         return len(self.store)
@@ -119,6 +121,14 @@ class StoreSource:
                 yield x
 
 
+def origin_of(data) -> Path | None:
+    """Where training data lies on disk (a store folder, an activation file), read from what `train`
+    is given before it is opened; None for data in memory."""
+    if isinstance(data, (str, Path)):
+        return Path(data)
+    return getattr(data, "origin", getattr(data, "path", None))
+
+
 def as_source(data, hook: str | None = None):
     """Accept an ActivationStore or its folder, a [N, d] tensor, a .npy or .safetensors file."""
     if isinstance(data, (TensorSource, StoreSource)):
@@ -142,7 +152,7 @@ def as_source(data, hook: str | None = None):
             arr = np.load(path, mmap_mode="r")
         except (ValueError, OSError) as e:
             raise TrainingError(f"{path} is not a readable .npy file ({e})") from e
-        return TensorSource(torch.from_numpy(np.array(arr, dtype=np.float32)))
+        return TensorSource(torch.from_numpy(np.array(arr, dtype=np.float32)), path)
     if path.suffix == ".safetensors":
         try:
             tensors = load_file(str(path))
@@ -152,7 +162,7 @@ def as_source(data, hook: str | None = None):
             raise TrainingError(
                 f"{path} holds tensors {sorted(tensors)}; name the one to use 'activations'"
             )
-        return TensorSource(tensors.get("activations", next(iter(tensors.values()))))
+        return TensorSource(tensors.get("activations", next(iter(tensors.values()))), path)
     raise TrainingError(
         f"{path}: unsupported activation file type '{path.suffix}' (use a store folder, .npy or "
         ".safetensors)"

@@ -17,12 +17,13 @@ import torch
 
 from .. import distributed as D
 from ..metrics.reconstruction import nmse_tensor
-from ..models import default_device
+from ..models import check_device, default_device
 from ..sae import SAEConfig, Step, make_sae
 from . import checkpoints, graphs, init, optim
 from .config import TrainConfig, TrainingError, lr_factor
 from .results import StepStats, TrainResult
 from .run import HINTS, TrainingRun
+from .sources import origin_of
 
 
 class Trainer(TrainingRun):
@@ -36,7 +37,7 @@ class Trainer(TrainingRun):
         self.cfgs = list(cfgs)
         self.tc = train_cfg
         self.out = Path(out) if out is not None else None
-        self.device = torch.device(train_cfg.device or default_device())
+        self.device = torch.device(check_device(train_cfg.device) or default_device())
         if D.world_size() > 1 and self.device.type == "cuda" and self.device.index is None:
             # torchrun: this rank's GPU
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -80,6 +81,8 @@ class Trainer(TrainingRun):
         self.initialised = False
         # what its checkpoints may be resumed with (checkpoints.run_identity), set by fit
         self.run: dict = {}
+        # the stretches the run was computed in, one per start or resume (checkpoints.segment)
+        self.segments: list[dict] = []
 
     # -- initialisation from data -------------------------------------------------------------
     def initialise(self, sample: torch.Tensor) -> None:
@@ -294,5 +297,8 @@ def train(
     with contextlib.ExitStack() as held:
         # before the SAEs take memory: a run whose outputs cannot be written never starts
         if out is not None:
-            D.on_rank0(lambda: checkpoints.claim_output(held, Path(out), cfgs, tc.keep_checkpoints))
+            claim = lambda: checkpoints.claim_output(
+                held, Path(out), cfgs, tc.keep_checkpoints, origin_of(data)
+            )
+            D.on_rank0(claim)
         return Trainer(cfgs, tc, out).fit(data, hook=hook, resume=resume, **kwargs)

@@ -138,6 +138,14 @@ def test_evaluate_json_schema(model, store):
         "intervals",
         "interval_method",
         "per_sequence",
+        "data",
+    }
+    assert m["data"] == {
+        "kind": "store",
+        "tokens_sha256": store.manifest["tokens_sha256"],
+        "model": store.manifest["model"],
+        "n_rows": len(store),
+        "dtype": "float32",
     }
     assert set(m["reconstruction"]) == {
         "nmse",

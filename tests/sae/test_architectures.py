@@ -56,7 +56,7 @@ def test_paper_start_norm_is_what_the_papers_init_gives():
 
 @pytest.mark.parametrize("bad", [0, -1.0, "large", None, True])
 def test_bad_encoder_start_norm_is_refused(bad):
-    with pytest.raises(SAEConfigError, match="enc_init_norm must be a positive number"):
+    with pytest.raises(SAEConfigError, match=r"enc_init_norm.*a positive number or 'paper'"):
         SAEConfig(enc_init_norm=bad)
     assert SAEConfig().enc_init_norm == "paper"  # the default is the paper's start
 
