@@ -62,10 +62,9 @@ def main():
     layer = resolve_hook(model, a.hook).layer
     L = n_layers(model)
     print(
-        f"{model.config._name_or_path if hasattr(model, 'config') else 'model'}: {L} layers, hook "
-        f"{a.hook}, "
-        f"batch {a.batch_size} x {a.seq_len} tokens, {torch.get_num_threads()} threads, device "
-        f"{next(hf.parameters()).device}"
+        f"{model.config._name_or_path if hasattr(model, 'config') else 'model'}: {L} "
+        f"layers, hook {a.hook}, batch {a.batch_size} x {a.seq_len} tokens, "
+        f"{torch.get_num_threads()} threads, device {next(hf.parameters()).device}"
     )
     ids = torch.from_numpy(packed.tokens[: a.batch_size].astype("int64")).to(
         next(hf.parameters()).device
@@ -77,8 +76,8 @@ def main():
     full = capture_throughput(
         model, packed, a.hook, batch_size=a.batch_size, n_batches_=a.batches, stop=False
     )
-    # expected ratio from FLOPs per token: blocks run (layer+1 of L) vs all blocks + the unembedding
-    # matmul
+    # expected ratio from FLOPs per token: blocks run (layer+1 of L) vs all blocks +
+    # the unembedding matmul
     block = sum(p.numel() for p in hf.model.layers[0].parameters())
     unembed = hf.lm_head.weight.numel()
     expected = (L * block + unembed) / ((layer + 1) * block)
@@ -90,19 +89,18 @@ def main():
         )
         e2e = len(st) / (time.perf_counter() - t)
     print(
-        f"baseline: plain transformers forward stopped by a hook after layer {layer}: {base:,.0f} "
-        "tokens/s"
+        "baseline: plain transformers forward stopped by a hook "
+        f"after layer {layer}: {base:,.0f} tokens/s"
     )
     print(
-        f"nnsight trace stopped after layer {layer}: {stop:10,.0f} tokens/s = {stop / base:.2f}x "
-        "baseline"
+        f"nnsight trace stopped after layer {layer}: "
+        f"{stop:10,.0f} tokens/s = {stop / base:.2f}x baseline"
     )
     print(f"full forward (no trace):     {full:10,.0f} tokens/s")
     print(f"early-stop speed-up: {stop / full:.2f}x (expected from FLOPs: {expected:.2f}x)")
     print(
-        f"capture() end to end:        {e2e:10,.0f} kept tokens/s (BOS dropped, fp16 shards "
-        "written) "
-        f"= {e2e / base:.2f}x baseline"
+        f"capture() end to end:        {e2e:10,.0f} kept tokens/s (BOS "
+        f"dropped, fp16 shards written) = {e2e / base:.2f}x baseline"
     )
     print(f"goal >= 1,000 tokens/s on the 2-core CPU: {'met' if e2e >= 1000 else 'NOT met'}")
 

@@ -89,8 +89,8 @@ def correctness(run: Run, dev: torch.device, dry: bool):
     import saekit.sae.fast.paths as base
 
     d, f, B = (16, 64, 64) if dry else (128, 2048, 1024)
-    # the sparse path whatever the size and density, so that every architecture's kernels are
-    # checked
+    # the sparse path whatever the size and density, so that every architecture's
+    # kernels are checked
     saved, (base.SPARSE_MIN_LATENTS, base.SPARSE_MAX_DENSITY) = (
         (base.SPARSE_MIN_LATENTS, base.SPARSE_MAX_DENSITY),
         (0, 1.0),
@@ -356,8 +356,7 @@ def train_step(run: Run, dev: torch.device, dry: bool):
         "plain fp32": (plain_runner, (), False),
         "saekit fp32": (saekit_runner, (False,), False),
         "saekit bf16 autocast": (saekit_runner, (True,), False),
-        # the step recorded once and replayed (saekit.train.graphs); --dry: its phases
-        # unrecorded
+        # the step recorded once and replayed (saekit.train.graphs); --dry: its phases unrecorded
         "saekit fp32, step_graphs": (saekit_runner, (False, None, graphs_mode), False),
         "saekit JumpReLU fp32": (saekit_runner, (False, None, "off", "jumprelu"), False),
         "saekit JumpReLU fp32, step_graphs": (
@@ -517,8 +516,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if not a.dry and not torch.cuda.is_available():
         print(
-            "no CUDA device here: run on a machine with a GPU, or pass --dry to check the script "
-            "on the CPU"
+            "no CUDA device here: run on a machine with a GPU, or "
+            "pass --dry to check the script on the CPU"
         )
         return 2
     dev = torch.device("cpu" if a.dry else "cuda")
@@ -533,8 +532,8 @@ def main(argv=None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     table = [
-        f"# saekit on {name} ({stamp}, torch {torch.__version__}, {time.perf_counter() - t0:.0f} "
-        "s)",
+        f"# saekit on {name} ({stamp}, torch "
+        f"{torch.__version__}, {time.perf_counter() - t0:.0f} s)",
         "",
         "| section | what | value | note |",
         "|---|---|---|---|",

@@ -276,8 +276,8 @@ def main(argv=None):
         "--aux-alpha",
         type=float,
         default=1 / 32,
-        help="saekit's AuxK weight (default the paper's 1/32; 0: off, as sparsify's trainer by "
-        "default)",
+        help="saekit's AuxK weight (default the paper's 1/32; 0: "
+        "off, as sparsify's trainer by default)",
     )
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument(
@@ -326,13 +326,12 @@ def main(argv=None):
     name = torch.cuda.get_device_name() if a.gpu else (platform.processor() or platform.machine())
     bf16 = TrainConfig(batch_size=B).uses_autocast(device, SAEConfig(d_in=d, d_sae=f))
     print(
-        f"device {device} ({name}, {torch.get_num_threads()} threads); {src}; d={d}, d_sae={f}, "
-        f"k={a.k}, "
-        f"batch={B}, steps={n_steps} ({n_steps * B:,} tokens, {epochs:.2f} epochs), lr={a.lr}, "
-        f"held-out {len(eval_x):,} tokens; saekit enc_init_norm={a.enc_init_norm}, "
-        f"aux_alpha={a.aux_alpha:g}, "
-        f"precision {'bf16 autocast' if bf16 else 'fp32'} (its default at this size here; the "
-        f"peers run theirs)"
+        f"device {device} ({name}, {torch.get_num_threads()} threads); {src}; d={d}, "
+        f"d_sae={f}, k={a.k}, batch={B}, steps={n_steps} ({n_steps * B:,} tokens, {epochs:.2f} "
+        f"epochs), lr={a.lr}, held-out {len(eval_x):,} tokens; saekit "
+        f"enc_init_norm={a.enc_init_norm}, aux_alpha={a.aux_alpha:g}, precision "
+        f"{'bf16 autocast' if bf16 else 'fp32'} "
+        "(its default at this size here; the peers run theirs)"
     )
     if a.memory_of:  # a fresh process runs only this method: its RSS growth is its own
         w_init, w_step, _ = methods[a.memory_of](d, 4 * a.k, a.k, a.lr, device, n_steps, 64)
@@ -397,8 +396,8 @@ def main(argv=None):
     )
     for m in a.methods:
         r = results[m]
-        # the ratio of each round's saekit run to this method's run in the same round; median and
-        # range
+        # the ratio of each round's saekit run to this method's run in the same
+        # round; median and range
         per_round = [sa / o for sa, o in zip(reps["saekit"], reps[m])] if base else [float("nan")]
         r["saekit_speedup"], r["saekit_speedup_range"] = (
             statistics.median(per_round),
@@ -409,21 +408,13 @@ def main(argv=None):
             f"{LABELS[m]:<26}{r['tokens_per_s']:>12,.0f}{rng:>20}{r['saekit_speedup']:>12.2f}x{r['nmse']:>9.4f}"
             f"{r['l0']:>8.1f}{r['peak_mb']:>10,.0f}"
         )
-    ranges = ", ".join(
-        f"{LABELS[m]} "
-        f"{results[m]['saekit_speedup_range'][0]:.2f}-{results[m]['saekit_speedup_range'][1]:.2f}"
-        for m in a.methods
-        if m != "saekit"
-    )
+    spans = {m: results[m]["saekit_speedup_range"] for m in a.methods if m != "saekit"}
+    ranges = ", ".join(f"{LABELS[m]} {lo:.2f}-{hi:.2f}" for m, (lo, hi) in spans.items())
     print(
         f"tokens/s: median over {a.repeats} interleaved rounds (range: slowest-fastest round). "
-        "saekit/this = median "
-        "over rounds of saekit's tokens/s / this method's in the same round (> 1: saekit is "
-        "faster; range "
-        f"{ranges}). "
-        "NMSE and L0 on held-out tokens by saekit's metrics after the same batches (first "
-        "round). peak MB: "
-        "growth over the run "
+        "saekit/this = median over rounds of saekit's tokens/s / this method's in the same "
+        f"round (> 1: saekit is faster; range {ranges}). NMSE and L0 on held-out tokens by "
+        "saekit's metrics after the same batches (first round). peak MB: growth over the run "
         + (
             "(CUDA allocator peak)."
             if a.gpu

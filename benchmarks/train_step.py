@@ -269,8 +269,8 @@ def main():
     )
     if not a.gpu and not a.no_toy:
         results["toy"] = run_toy(device)
-        # the smallest step: ~1 ms, where a step's fixed costs (theta, dead latents, the checks)
-        # weigh most
+        # the smallest step: ~1 ms, where a step's fixed costs (theta, dead latents,
+        # the checks) weigh most
         results["tiny"] = run_toy(
             device, d=16, f=128, B=64, k=4, steps=100, rounds=15, label="tiny size"
         )
@@ -380,8 +380,7 @@ def run_against(
         )
     print(
         f"old = saekit at commit {sha}, new = this code; {rounds} interleaved rounds of {steps} "
-        "steps, "
-        f"each round's two timings paired; > 1: this code's step is faster"
+        "steps, each round's two timings paired; > 1: this code's step is faster"
     )
     return results
 
@@ -425,8 +424,8 @@ def run_toy(device, d=48, f=192, B=4096, k=5, steps=4, rounds=5, label="toy size
     precision = "bf16 autocast" if tr.autocasts[0] else "fp32"
     ms = {n: statistics.median(v) * 1e3 for n, v in times.items()}
     per_round = [p / q for p, q in zip(times["plain"], times["saekit"])]  # each round's ratio
-    # 95% interval of the ratio of total times: a bootstrap over the rounds, each round's two times
-    # kept paired
+    # 95% interval of the ratio of total times: a bootstrap over the rounds, each round's
+    # two times kept paired
     w = resample_weights(rounds, seed=1)
     ci = np.quantile(
         (w @ np.array(times["plain"])) / (w @ np.array(times["saekit"])), [0.025, 0.975]

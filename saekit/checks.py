@@ -92,8 +92,8 @@ def hook_on_store(sae, store, hook: str | None = None, allow_mismatch: bool = Fa
     if not allow_mismatch:
         if sae_hook is not None and wanted != sae_hook:
             raise DataMismatchError(
-                f"the SAE was trained at '{sae_hook}' but the hook asked for is '{wanted}'; "
-                f"{CROSS_USE}"
+                f"the SAE was trained at '{sae_hook}' but the hook "
+                f"asked for is '{wanted}'; {CROSS_USE}"
             )
         store_model = store.manifest.get("model")
         if not same_model(cfg.model_name, store_model):
@@ -124,8 +124,8 @@ def hook_on_model(sae, model, hook: str | None = None, allow_mismatch: bool = Fa
     if not allow_mismatch:
         if sae_hook is not None and wanted != sae_hook:
             raise DataMismatchError(
-                f"the SAE was trained at '{sae_hook}' but the hook asked for is '{wanted}'; "
-                f"{CROSS_USE}"
+                f"the SAE was trained at '{sae_hook}' but the hook "
+                f"asked for is '{wanted}'; {CROSS_USE}"
             )
         if not same_model(sae.cfg.model_name, model_name(model)):
             raise DataMismatchError(

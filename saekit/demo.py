@@ -94,10 +94,8 @@ def run_demo(c: DemoConfig) -> dict:
     l0_trained = float(per_token_l0(sae, held, c.eval_tokens).mean())
     print(
         f"[4/6] theta from training {theta_trained:.4f}: held-out threshold-mode L0 "
-        f"{l0_trained:.2f} (k = {c.k}); "
-        f"calibrating theta on {len(calib_store):,} tokens of training-split documents the SAE "
-        "never saw "
-        f"(not the held-out ones)"
+        f"{l0_trained:.2f} (k = {c.k}); calibrating theta on {len(calib_store):,} tokens of "
+        "training-split documents the SAE never saw (not the held-out ones)"
     )
     cal = calibrate(sae, calib_store)
     sae.save(sae_dir)

@@ -216,8 +216,8 @@ def wrap_ddp(saes, fast: bool, device: torch.device) -> list:
 
     ids = [device.index] if device.type == "cuda" else None
     # buffers (dead-latent counters, theta) are each rank's own: never broadcast on forward (the
-    # keyword's name changed in torch 2.12; a GPU machine may carry an older torch than the pinned
-    # one)
+    # keyword's name changed in torch 2.12; a GPU machine may carry an older torch
+    # than the pinned one)
     params = inspect.signature(DistributedDataParallel.__init__).parameters
     no_sync = (
         {"forward_sync_buffers": False}

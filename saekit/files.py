@@ -140,8 +140,8 @@ def os_error_message(e: OSError) -> str:
         return no_space_message(where, None)
     if e.errno == errno.EFBIG:
         return (
-            f"the file {where} grew past the size this process may write (ulimit -f); raise the "
-            "limit"
+            f"the file {where} grew past the size this process "
+            "may write (ulimit -f); raise the limit"
         )
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"cannot write {where} ({e.strerror}); choose a writable folder"

@@ -64,8 +64,7 @@ def writer_lock(folder: str | Path, job: str, beside: bool = False):
         os.close(fd)
         raise LockError(
             f"{Path(folder)} is being written by {holder(path)}; two writers would mix their "
-            "files. "
-            f"Wait for that job to end (or stop it), or write to another folder."
+            "files. Wait for that job to end (or stop it), or write to another folder."
         ) from None
     try:
         record = {

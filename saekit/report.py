@@ -54,11 +54,9 @@ def _dashboard(index, sae, model, lat: int) -> list:
     top = float(vals.max()) if len(vals) else None
     groups = viz.quantile_groups_html(index.quantile_groups(lat), top)
     head = (
-        f"<h3 id='latent-{lat}'>Latent {lat} &mdash; fires on {index.density[lat]:.2%} of tokens, "
-        "max activation "
-        f"{top or 0:.3f}</h3><p>nearest by decoder cosine: {neigh or 'none'}<br>fires together "
-        "with: "
-        f"{fire or 'none'}</p><h4>Top activations</h4>"
+        f"<h3 id='latent-{lat}'>Latent {lat} &mdash; fires on {index.density[lat]:.2%} of "
+        f"tokens, max activation {top or 0:.3f}</h3><p>nearest by decoder cosine: "
+        f"{neigh or 'none'}<br>fires together with: {fire or 'none'}</p><h4>Top activations</h4>"
         + viz.examples_html(index.top_examples(lat, 12))
         + "<h4>Across its range (quantile groups)</h4>"
         + groups
@@ -131,24 +129,19 @@ def build_report(
         ci = lambda k: f" [{iv[k][0]:.4f}, {iv[k][1]:.4f}]" if iv.get(k) else ""
         table += (
             f"<p>Downstream ({html.escape(str(metrics['sae']['architecture']))}, "
-            f"{d['n_tokens']:,} positions in "
-            f"{d.get('n_sequences', '?')} held-out sequences): CE clean {d['ce_clean']:.3f}, with "
-            "the SAE "
-            f"spliced in {d['ce_sae']:.3f}, zero-ablated {d['ce_zero_ablation']:.3f} (nats per "
-            "token): "
+            f"{d['n_tokens']:,} positions in {d.get('n_sequences', '?')} held-out "
+            f"sequences): CE clean {d['ce_clean']:.3f}, with the SAE spliced in "
+            f"{d['ce_sae']:.3f}, zero-ablated {d['ce_zero_ablation']:.3f} (nats per token): "
             f"<b>CE recovered {d['ce_recovered']:.4f}{ci('ce_recovered')}</b>, KL "
-            f"{d['kl']:.4f}{ci('kl')} "
-            f"(95% bootstrap intervals over sequences).</p>"
+            f"{d['kl']:.4f}{ci('kl')} (95% bootstrap intervals over sequences).</p>"
         )
         sp = metrics.get("sparsity") or {}
         if "l0_batch_mode" in sp:
             theta_source = (metrics["sae"].get("theta_info") or {}).get("source", "training")
             table += (
                 f"<p>BatchTopK's L0 on held-out text: {sp['l0_threshold_mode']:.2f} in threshold "
-                "mode (theta "
-                f"{metrics['sae'].get('theta', float('nan')):.4f}, "
-                f"{html.escape(str(theta_source))}"
-                f"), {sp['l0_batch_mode']:.2f} in batch mode.</p>"
+                f"mode (theta {metrics['sae'].get('theta', float('nan')):.4f}, "
+                f"{html.escape(str(theta_source))}), {sp['l0_batch_mode']:.2f} in batch mode.</p>"
             )
     sections.append(
         (
@@ -174,9 +167,9 @@ def build_report(
     sections.append(
         (
             "Adaptive allocation: latents per token",
-            "Each token shaded by its number of active latents (hover for its strongest latents). "
-            "TopK gives every token the same k; BatchTopK (threshold mode) gives each token what "
-            "it needs.",
+            "Each token shaded by its number of active latents (hover for its "
+            "strongest latents). TopK gives every token the same k; BatchTopK "
+            "(threshold mode) gives each token what it needs.",
             viz.token_counts_figure(tables),
         )
     )
@@ -218,12 +211,10 @@ def build_report(
         (
             f"Feature dashboards ({_label(bt, bt_name)})",
             "For each latent: its top contexts with every token shaded by its activation (hover "
-            "for the "
-            "value), examples from each quarter of its range with their share of its firings, its "
-            "neighbours "
-            "by decoder cosine and by firing together, its activation histogram, and its logit "
-            "effects "
-            "(through the final norm's gain and the unembedding).",
+            "for the value), examples from each quarter of its range with their share of its "
+            "firings, its neighbours by decoder cosine and by firing together, its activation "
+            "histogram, and its logit effects (through the final norm's gain and the "
+            "unembedding).",
             feats,
         )
     )

@@ -54,8 +54,8 @@ def make_toy(
     else:
         raise ValueError(f"unknown counts '{counts}'; use 'poisson' or 'heavy'")
     n_act = n_act.clamp(1, n_features)
-    # choose n_act[i] distinct features per sample, weighted by frequency: Gumbel top-k with a
-    # per-row k
+    # choose n_act[i] distinct features per sample, weighted by frequency: Gumbel
+    # top-k with a per-row k
     logw = -freq_decay * torch.log(torch.arange(1, n_features + 1, dtype=torch.float32))
     gumbel = -torch.log(
         -torch.log(torch.rand(n_samples, n_features, generator=g).clamp(1e-12, 1 - 1e-7))

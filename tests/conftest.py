@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-# tests in subfolders (tests/sae/, ...) import the shared helpers here (conftest, readbacks,
-# bad_input)
+# tests in subfolders (tests/sae/, ...) import the shared helpers here (conftest,
+# readbacks, bad_input)
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here or in CI: make that explicit and fast
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -57,8 +57,8 @@ def main(out, steps=6, B=64):
     distributed.init_from_env("cpu")
     r, w = distributed.rank(), distributed.world_size()
     result = {}
-    # "batchtopk_bf16": BatchTopK under bf16 autocast, whose pre-activations tie at the cut across
-    # ranks
+    # "batchtopk_bf16": BatchTopK under bf16 autocast, whose pre-activations tie at
+    # the cut across ranks
     for arch in [*ARCHS, "batchtopk_bf16"]:
         x = global_batches(steps, B, 16)
         tr = setup(arch.removesuffix("_bf16"), w, steps, B, autocast=arch.endswith("_bf16"))

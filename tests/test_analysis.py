@@ -246,8 +246,8 @@ def test_ablating_a_silent_latent_changes_nothing_and_steering_a_token_direction
     assert (analysis.latent_on_text(sae, model, TEXT, silent)["activation"] == 0).all()
     off = analysis.causal_effect(sae, model, TEXT, silent)
     assert off["fired_on"] == 0 and off["kl_next"] < 1e-9 and off["kl_mean"] < 1e-9
-    # a latent that writes " Paris" into the last layer's output (resid_post.29 feeds the final
-    # norm)
+    # a latent that writes " Paris" into the last layer's output (resid_post.29
+    # feeds the final norm)
     last = split_sae()
     last.cfg.hook_name = "resid_post.29"
     target = model.tokenizer.encode(" Paris", add_special_tokens=False)[0]

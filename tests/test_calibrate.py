@@ -44,8 +44,8 @@ def test_calibration_hits_the_target_l0_on_its_store(trained, store, target):
     l0 = per_token_l0(sae, store).mean()
     assert l0 == pytest.approx(target, rel=0.01) and rec["l0_after"] == pytest.approx(l0)
     assert rec["n_tokens"] == len(store) and rec["previous"]["source"] == "training"
-    # theta sits between the kept and the first dropped activation: a hair lower keeps more, higher
-    # keeps fewer
+    # theta sits between the kept and the first dropped activation: a hair lower keeps
+    # more, higher keeps fewer
     with torch.no_grad():
         sae.threshold.mul_(1.02)
     assert per_token_l0(sae, store).mean() < l0

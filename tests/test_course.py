@@ -38,8 +38,8 @@ def test_course_sae_is_trained_once_and_reused(tiny, tmp_path, monkeypatch):
         p.name for p in (tmp_path / "train").iterdir() if p.is_dir() and p.name != "checkpoints"
     ) == [folders[0].name]
 
-    # an SAE chosen by its folder: explored as it is, at its own hook, with stores in a folder of
-    # their own
+    # an SAE chosen by its folder: explored as it is, at its own hook, with stores in a
+    # folder of their own
     chosen, _, cstore, _ = course.course_sae(str(folders[0]), tmp_path, tiny, hook="resid_post.15")
     assert chosen.cfg.hook_name == "resid_post.2" and cstore.hook == "resid_post.2"
     assert course.run_dir_for(tmp_path, str(folders[0])) in cstore.path.parents

@@ -24,8 +24,8 @@ def test_packing_rows_start_with_bos_and_positions_map_back_to_text(tokenizer):
     assert p.tokens.shape[1] == 16
     assert (p.tokens[:, 0] == tokenizer.bos_token_id).all()
     assert not p.keep[:, 0].any() and not p.keep[p.tokens == tokenizer.bos_token_id].any()
-    # every kept position belongs to a document and the kept tokens of each document re-form its
-    # text
+    # every kept position belongs to a document and the kept tokens of each
+    # document re-form its text
     for d, text in enumerate(docs):
         ids = p.tokens[(p.doc_ids == d) & p.keep]
         assert tokenizer.decode(ids.tolist()) == text
@@ -75,8 +75,8 @@ def test_documents_are_drawn_from_across_the_split_with_a_seed(tokenizer):
     shuffled = packed_corpus(tokenizer, seq_len=64, max_tokens=3000)
     ordered = packed_corpus(tokenizer, seq_len=64, max_tokens=3000, shuffle=False)
     docs = lambda p: sorted({int(d) for d in p.doc_ids[p.doc_ids >= 0]})
-    # in corpus order the first documents are one play; a seeded shuffle reaches every part of the
-    # split
+    # in corpus order the first documents are one play; a seeded shuffle reaches
+    # every part of the split
     assert max(docs(ordered)) < n_docs // 10
     picked = docs(shuffled)
     assert min(picked) < n_docs // 3 and max(picked) > 2 * n_docs // 3

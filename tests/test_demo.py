@@ -39,8 +39,8 @@ def test_demo_end_to_end(tmp_path):
     assert "CE recovered" in r.stdout and "report.html" in r.stdout and "300 positions" in r.stdout
     m = json.loads((out / "metrics.json").read_text())
     assert m["schema"] == "saekit.eval/2" and m["sae"]["architecture"] == "batchtopk"
-    # both L0s (batch mode is k by construction), theta before and after calibration, the CE sample,
-    # intervals
+    # both L0s (batch mode is k by construction), theta before and after calibration, the
+    # CE sample, intervals
     assert (
         m["l0_batch_mode"] == 8.0
         and m["sparsity"]["l0_batch_mode"] == 8.0

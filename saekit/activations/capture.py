@@ -193,8 +193,8 @@ def _capture_shards(
                 be = min(b + batch_size, e)
                 ids = torch.from_numpy(packed.tokens[b:be].astype(np.int64)).to(device)
                 keep = torch.from_numpy(packed.keep[b:be])
-                # padding only fills a row's tail, so causal attention keeps it out of every kept
-                # position
+                # padding only fills a row's tail, so causal attention keeps it out of
+                # every kept position
                 acts = forward_hooks(model, ids, points)
                 for j, a in enumerate(acts):
                     a = a.detach().to("cpu")

@@ -79,8 +79,8 @@ def _export_saelens(
     key = pos[:, 0].astype(np.int64) * (int(pos[:, 1].max()) + 1) + pos[:, 1]
     if np.any(np.diff(key) <= 0):
         raise StoreError(
-            f"store {store.path} is not in (sequence, position) order; it cannot be exported as "
-            "contexts"
+            f"store {store.path} is not in (sequence, position) "
+            "order; it cannot be exported as contexts"
         )
     dtype = "float16" if store.dtype == "float16" else "float32"
     np_dtype = _ARRAY_DTYPES[dtype]
@@ -117,8 +117,8 @@ def _export_saelens(
         ):
             e = min(s + rows_per_piece, n_ctx)
             r0, r1 = s * context_size, e * context_size
-            # float16 is written as it is stored; bfloat16 (numpy has none) and float32 go out as
-            # float32
+            # float16 is written as it is stored; bfloat16 (numpy has none) and
+            # float32 go out as float32
             piece = {
                 c: store.rows(r0, r1, h)
                 .to(torch.float16 if dtype == "float16" else torch.float32)

@@ -94,9 +94,9 @@ class SAELensCache(ActivationStore):
             self.dataset = datasets.load_from_disk(str(self.path))
         except Exception as e:  # datasets raises several types for a damaged folder
             raise StoreError(
-                f"{self.path} looks like a SAELens activation cache but `datasets` cannot open it "
-                f"({e}); "
-                f"re-create it (SAELens's CacheActivationsRunner or `saekit export-store`)"
+                f"{self.path} looks like a SAELens activation cache but "
+                f"`datasets` cannot open it ({e}); re-create it (SAELens's "
+                "CacheActivationsRunner or `saekit export-store`)"
             ) from e
         if isinstance(self.dataset, datasets.DatasetDict):
             raise StoreError(
@@ -109,9 +109,8 @@ class SAELensCache(ActivationStore):
         }
         if not self.columns:
             raise StoreError(
-                f"{self.path}: no Array2D activation column (columns: {list(feats)}); a SAELens "
-                "cache has "
-                f"one per hook, e.g. 'blocks.0.hook_resid_post'"
+                f"{self.path}: no Array2D activation column (columns: {list(feats)}); a "
+                "SAELens cache has one per hook, e.g. 'blocks.0.hook_resid_post'"
             )
         shapes = {feats[c].shape for c in self.columns.values()}
         dtypes = {feats[c].dtype for c in self.columns.values()}
@@ -123,8 +122,8 @@ class SAELensCache(ActivationStore):
         (dtype,) = dtypes
         if dtype not in _ARRAY_DTYPES:
             raise StoreError(
-                f"{self.path}: activations stored as {dtype}; saekit reads float16 or float32 "
-                "caches"
+                f"{self.path}: activations stored as {dtype}; "
+                "saekit reads float16 or float32 caches"
             )
         self.hooks = list(self.columns)
         self.hook = self.hook_name(hook or self.hooks[0])
@@ -255,10 +254,9 @@ class SAELensCache(ActivationStore):
             return np.load(self.path / "tokens.npy", mmap_mode="r")
         if self._token_ids is None:
             raise StoreError(
-                f"SAELens cache {self.path} has no token_ids column, so there is no text for CE "
-                "metrics or "
-                "feature contexts (pass --no-ce); cache with a SAELens version that stores "
-                "token_ids"
+                f"SAELens cache {self.path} has no token_ids column, so there is no "
+                "text for CE metrics or feature contexts (pass --no-ce); cache "
+                "with a SAELens version that stores token_ids"
             )
         return self._token_ids
 

@@ -23,9 +23,8 @@ def check_files(store) -> None:
         ):
             raise StoreError(
                 f"store {store.path}: shard {sh['index']} was captured from other tokens than "
-                "the "
-                "manifest's (two captures mixed in one folder); capture again into a new "
-                "folder"
+                "the manifest's (two captures mixed in one folder); "
+                "capture again into a new folder"
             )
         pos = store._open(sh, "pos")
         if pos.shape != (sh["n_rows"], 2) or pos.dtype.kind not in "iu":
@@ -86,9 +85,8 @@ def _check_tokens(store) -> None:
             arr = np.load(f, mmap_mode="r")
         except (ValueError, OSError) as e:
             raise StoreError(
-                f"store {store.path}: {name} is truncated or corrupt ({e}); capture again into "
-                "a "
-                f"new folder"
+                f"store {store.path}: {name} is truncated or corrupt "
+                f"({e}); capture again into a new folder"
             ) from e
         if arr.shape != want or arr.dtype.kind not in "iu":
             raise StoreError(
@@ -103,9 +101,7 @@ def _check_tokens(store) -> None:
             )
         if name == "tokens.npy" and tokens_sha256(arr) != store.manifest["tokens_sha256"]:
             raise StoreError(
-                f"store {store.path}: tokens.npy is not the one the manifest was written for "
-                "(two "
-                "captures mixed in one folder, or the file was replaced); capture again into "
-                "a "
-                f"new folder"
+                f"store {store.path}: tokens.npy is not the one the manifest was "
+                "written for (two captures mixed in one folder, or the file was "
+                "replaced); capture again into a new folder"
             )

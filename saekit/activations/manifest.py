@@ -45,8 +45,8 @@ def read_manifest(path: Path) -> dict:
     mpath = Path(path) / "manifest.json"
     if not mpath.exists():
         raise StoreError(
-            f"{path} is not an activation store: no manifest.json there (make one with `saekit "
-            "capture`)"
+            f"{path} is not an activation store: no manifest.json "
+            "there (make one with `saekit capture`)"
         )
     m = read_json_object(mpath, StoreError, "re-run the capture into a new folder")
     if m.get("format") != FORMAT:

@@ -63,9 +63,8 @@ class ActivationStore:
             )
         if not self.manifest.get("complete"):
             warnings.warn(
-                f"store {self.path} is incomplete ({len(self.shards)} shards); reading what is "
-                "there. "
-                f"Re-run the same capture to finish it.",
+                f"store {self.path} is incomplete ({len(self.shards)} shards); reading "
+                "what is there. Re-run the same capture to finish it.",
                 stacklevel=2,
             )
         self._maps: dict[tuple[int, str], np.ndarray] = {}
@@ -127,8 +126,8 @@ class ActivationStore:
         """The model these activations came from, or a clear error where the store does not say."""
         if not self.manifest.get("model"):
             raise StoreError(
-                f"store {self.path} does not say which model it came from; pass --model (or "
-                "--no-ce)"
+                f"store {self.path} does not say which model it "
+                "came from; pass --model (or --no-ce)"
             )
         return self.manifest["model"]
 

@@ -101,9 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--distributed",
         action="store_true",
-        help="train with torch.distributed DDP (launch with torchrun --nproc_per_node N -m saekit "
-        "train ...; "
-        "implied under torchrun); --batch-size is the global batch",
+        help="train with torch.distributed DDP (launch with torchrun --nproc_per_node N -m "
+        "saekit train ...; implied under torchrun); --batch-size is the global batch",
     )
 
     e = _sub(
@@ -123,8 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--mode",
         default=None,
         choices=["threshold", "batch"],
-        help="BatchTopK's code: threshold (theta; None means this) or batch (top B*k of each "
-        "batch)",
+        help="BatchTopK's code: threshold (theta; None means "
+        "this) or batch (top B*k of each batch)",
     )
     e.add_argument(
         "--tokens",
@@ -192,8 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument(
         "--allow-mismatch",
         action="store_true",
-        help="show evaluations of different data, hooks or modes side by side, unpaired (refused "
-        "otherwise)",
+        help="show evaluations of different data, hooks or modes "
+        "side by side, unpaired (refused otherwise)",
     )
 
     w = _sub(

@@ -145,8 +145,7 @@ def _add_training_args(p, archs, ks, l1, tokens, checkpoint_every) -> None:
         default=SAEConfig.enc_init_norm,
         type=enc_init_norm_arg,
         help="starting norm of each encoder column: 'paper' (sqrt(2 d_in / d_sae), as the "
-        "BatchTopK "
-        "paper's code draws it) or a number (1: the decoder transposed)",
+        "BatchTopK paper's code draws it) or a number (1: the decoder transposed)",
     )
     p.add_argument(
         "--tokens",
@@ -192,11 +191,9 @@ def _add_training_args(p, archs, ks, l1, tokens, checkpoint_every) -> None:
         "--precision",
         default="auto",
         choices=list(PRECISIONS),
-        help="matrix products in training: 'bf16' autocast, 'fp32', or 'auto' (bf16 where the "
-        "device "
-        "multiplies bf16 in hardware: a CUDA GPU; a CPU with AVX-512 BF16 for an SAE whose batch "
-        "x d_in x "
-        "d_sae is at least 2^25)",
+        help="matrix products in training: 'bf16' autocast, 'fp32', or 'auto' (bf16 where "
+        "the device multiplies bf16 in hardware: a CUDA GPU; a CPU with AVX-512 BF16 "
+        "for an SAE whose batch x d_in x d_sae is at least 2^25)",
     )
     p.add_argument(
         "--step-graphs",

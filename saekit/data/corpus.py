@@ -135,8 +135,8 @@ def local_split(path: Path, split: str, text_field: str = "text", name: str | No
     if named:
         if split != "all" and SPLIT_NAMES.get(split, split) not in named:
             raise CorpusError(
-                f"{path} has no '{split}' split; its files give {', '.join(sorted(named))} (or "
-                "'all')"
+                f"{path} has no '{split}' split; its files give "
+                f"{', '.join(sorted(named))} (or 'all')"
             )
         files = [
             f for f, s in by_name.items() if split == "all" or s == SPLIT_NAMES.get(split, split)
@@ -150,8 +150,8 @@ def local_split(path: Path, split: str, text_field: str = "text", name: str | No
         values = sorted({str(v) for v in ds["split"]})
         if split != "all" and split not in values:
             raise CorpusError(
-                f"{path} has no '{split}' split; its `split` column holds {', '.join(values)} (or "
-                "'all')"
+                f"{path} has no '{split}' split; its `split` column "
+                f"holds {', '.join(values)} (or 'all')"
             )
         if split != "all":
             ds = ds.filter(lambda row: str(row["split"]) == split)
@@ -228,9 +228,8 @@ def _check_utf8(path: Path, chunk: int = 1 << 20) -> None:
                 decoder.decode(block, final=not block)
             except UnicodeDecodeError as e:
                 raise CorpusError(
-                    f"corpus file {path} is not UTF-8 text (byte {offset + e.start} cannot be "
-                    "decoded); "
-                    f"convert it, e.g. iconv -f latin1 -t utf-8"
+                    f"corpus file {path} is not UTF-8 text (byte {offset + e.start} cannot "
+                    "be decoded); convert it, e.g. iconv -f latin1 -t utf-8"
                 ) from None
             if not block:
                 return

@@ -124,8 +124,8 @@ def evaluate_many(
             "evaluate() takes an ActivationStore, its folder or PackedTokens, not "
             f"{type(data).__name__}"
         )
-    # Matryoshka: every nested prefix is evaluated as an SAE of its own; the CE baselines are shared
-    # by all
+    # Matryoshka: every nested prefix is evaluated as an SAE of its own; the CE
+    # baselines are shared by all
     subs = [s.prefixes() if s.has_prefixes else [] for s in saes]
     ce_all = None
     if model is not None:  # the CE metrics splice each SAE into this model at `hook`
@@ -184,8 +184,8 @@ def data_identity(data) -> dict:
 
 def _one_evaluation(sae, subs, downstream, sub_ce, make_batches, mode, hook, n_sequences) -> dict:
     """evaluate()'s dict for one SAE, given its (and its prefixes') CE results."""
-    # one pass over the data for the SAE, its batch-mode code (theta's SAEs) and its prefixes
-    # (Matryoshka)
+    # one pass over the data for the SAE, its batch-mode code (theta's SAEs) and its
+    # prefixes (Matryoshka)
     batch_mode = sae.has_theta and mode in (None, "threshold")
     runs = [(sae, mode)] + [(sae, "batch")] * batch_mode + [(sub, mode) for sub in subs]
     rec, *others = reconstruction_metrics_many(runs, make_batches())
@@ -281,10 +281,9 @@ def describe(m: dict) -> str:
     r, sp, d = m["reconstruction"], m["sparsity"], m["downstream"]
     s = m["sae"]
     lines = [
-        f"{s['architecture']} SAE, {s['d_sae']:,} latents, {m['mode']} mode, on {m['n_tokens']:,} "
-        "tokens "
-        f"({m.get('n_sequences', '?')} sequences); 95% bootstrap intervals over sequences in "
-        "brackets",
+        f"{s['architecture']} SAE, {s['d_sae']:,} latents, {m['mode']} mode, on "
+        f"{m['n_tokens']:,} tokens ({m.get('n_sequences', '?')} sequences); 95% "
+        "bootstrap intervals over sequences in brackets",
         f"  NMSE {f('nmse', r['nmse'])}  (paper's logged MSE, normalised space: "
         f"{f('mse_normalized', r['mse_normalized'])})  FVU {r['fvu']:.4f}  cosine "
         f"{r['cosine']:.4f}",

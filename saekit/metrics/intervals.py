@@ -69,8 +69,8 @@ def paired_difference(a: dict, b: dict, metric: str, n_boot: int = N_BOOT, seed:
     pa, pb = (m.get("per_sequence", {}).get(part) for m in (a, b))
     if not pa or not pb:
         raise ValueError(
-            f"both evaluations need per-sequence {part} sums (evaluate() with sequences; for CE a "
-            "model)"
+            f"both evaluations need per-sequence {part} sums "
+            "(evaluate() with sequences; for CE a model)"
         )
     common = np.intersect1d(pa["seq"], pb["seq"])
     if common.size < 2:

@@ -27,8 +27,7 @@ class SAE(InputScaling, DeadLatents, torch.nn.Module):
     """Shared base. An architecture subclasses it, sets its facts, defines `select` (and where it
     has one, `sparsity_loss`), and registers itself with `config.register`."""
 
-    # -- facts every architecture states (read by the trainer, metrics, sweeps, plots, files and
-    # CLI) ---
+    # -- facts every architecture states (the trainer, metrics, sweeps, plots, files, CLI read them)
     arch = "base"  # the name in configs, files and the CLI
     label = "SAE"  # for people: tables and legends
     color = "#7f7f7f"  # its colour in every figure
@@ -92,8 +91,8 @@ class SAE(InputScaling, DeadLatents, torch.nn.Module):
         self.register_buffer("tokens_since_fired", torch.zeros(f, dtype=torch.long))
         self.register_state_dict_post_hook(self._state_dict_out)
         self.register_load_state_dict_pre_hook(self._state_dict_in)
-        # where the inference threshold came from (training's estimates or a calibration); saved in
-        # cfg.json
+        # where the inference threshold came from (training's estimates or a
+        # calibration); saved in cfg.json
         self.theta_info: dict | None = None
 
     @property

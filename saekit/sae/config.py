@@ -140,8 +140,8 @@ class SAEConfig:
             )
         if not isinstance(self.aux_every, int) or self.aux_every < 1:
             raise SAEConfigError(
-                f"aux_every must be a whole number >= 1 (got {self.aux_every!r}); 1 runs AuxK "
-                "every step"
+                "aux_every must be a whole number >= 1 (got "
+                f"{self.aux_every!r}); 1 runs AuxK every step"
             )
         rules = {
             "k_aux": (self.k_aux >= 1, "at least 1"),

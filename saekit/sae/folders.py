@@ -56,8 +56,8 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
     # a field missing or of the wrong kind
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise SAEConfigError(
-            f"{cfg_path} is malformed ({e.__class__.__name__}: {e}); restore it or save the SAE "
-            f"again"
+            f"{cfg_path} is malformed ({e.__class__.__name__}: "
+            f"{e}); restore it or save the SAE again"
         ) from e
     for key in ("W_enc", "W_dec", "b_enc", "b_dec"):
         if key not in state:

@@ -243,8 +243,7 @@ def to_sparsify(
     if not cls.per_token_k:
         raise SAEConfigError(
             f"sparsify's sparse coders take exactly k latents per token; a {cls.label} SAE does "
-            "not "
-            f"(its code would change). Export a TopK SAE, or use the SAELens format"
+            "not (its code would change). Export a TopK SAE, or use the SAELens format"
         )
     if cfg.normalize == "token":
         raise SAEConfigError(

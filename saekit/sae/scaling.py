@@ -15,8 +15,8 @@ class InputScaling:
         if self.cfg.normalize == "token":
             mu = x.mean(-1, keepdim=True)
             xc = x - mu
-            # the unbiased std (what x.std gives, more slowly) as the centred values' norm / sqrt(d
-            # - 1)
+            # the unbiased std (what x.std gives, more slowly) as the centred
+            # values' norm / sqrt(d - 1)
             std = torch.linalg.vector_norm(xc, dim=-1, keepdim=True).mul_(
                 max(x.shape[-1] - 1, 1) ** -0.5
             )

@@ -33,10 +33,9 @@ class TrainConfig:
     autocast: bool | None = None
     # the sparse training path (saekit.sae.fast) where an architecture has one and it pays
     fast: bool = True
-    # select without reading back from the device, redoing the rare step that could not be proved
-    # exact;
-    # None: on an accelerator only, where each read-back stalls the host (on the CPU it costs
-    # nothing)
+    # select without reading back from the device, redoing the rare step that could not be
+    # proved exact; None: on an accelerator only, where each read-back stalls the host (on the
+    # CPU it costs nothing)
     sync_free: bool | None = None
     # BatchTopK: re-estimate theta with the final weights over this many batches
     calibrate_batches: int = 20

@@ -41,6 +41,7 @@ from ..sae import SAE, Step
 from ..sae import fast as sparse
 from ..sae import theta as T
 from ..sae.fast.auxk import AUX_UNIT
+from ..sae.fast.hints import Hints
 from .config import TrainingError
 from .optim import clip_in_step, stack_scalars
 
@@ -48,8 +49,8 @@ MODES = ("off", "cuda", "eager")
 # phase A's figures
 REPORT = ("finite", "exact", "n_dead", "count", "loss", "mse", "sparsity", "aux", "nmse", "l0")
 TERMS = ("mse", "sparsity", "aux")  # the loss terms a recordable SAE reports (SAE.train_output)
-# runs of a phase before it is recorded: CUDA's lazy set-up (cuBLAS workspaces, ...) must happen
-# first
+# runs of a phase before it is recorded: CUDA's lazy set-up (cuBLAS workspaces,
+# ...) must happen first
 WARMUP = 2
 
 
@@ -64,8 +65,8 @@ def why_not(sae: SAE, batch: int, fast: bool, world: int) -> str | None:
     # too few latents for the sparse path, however sparse the code
     if not sparse.sparse_pays(sae, 0, batch):
         return (
-            f"at d_sae {sae.cfg.d_sae} the step takes the dense reference path, which reads "
-            "values back"
+            f"at d_sae {sae.cfg.d_sae} the step takes the dense "
+            "reference path, which reads values back"
         )
     return None
 
@@ -74,7 +75,7 @@ class GraphedStep:
     """One SAE's training step as two phases recorded as CUDA graphs (mode "cuda") or run as they
     are ("eager"). Made by the Trainer once the SAE has its hints (BatchTopK's previous cut); from
     then on it owns the SAE's gradients (kept, zeroed in place), its optimiser's rates (tensors) and
-    the cut hint (a tensor in `hints`, the trainer's dict for this SAE)."""
+    the cut hint (a tensor in `hints`, the trainer's Hints for this SAE)."""
 
     def __init__(
         self,
@@ -85,7 +86,7 @@ class GraphedStep:
         autocast: bool,
         mode: str,
         n_dead: int,
-        hints: dict,
+        hints: Hints,
     ):
         if mode not in ("cuda", "eager"):
             raise ValueError(f"GraphedStep mode {mode!r}: use 'cuda' or 'eager'")
@@ -105,8 +106,8 @@ class GraphedStep:
         self.cut = torch.zeros((), device=dev)  # phase A's cut, float32 as theta
         self.hint = None
         if sae.has_theta:  # the next selection's hint, updated on the device by phase B
-            self.hint = torch.full((), float(hints["previous_cut"]), device=dev)
-            hints["previous_cut"] = self.hint
+            self.hint = torch.full((), float(hints.previous_cut), device=dev)
+            hints.previous_cut = self.hint
         for p in sae.parameters():  # gradients in fixed memory, zeroed in place by phase A
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -140,7 +141,7 @@ class GraphedStep:
         step = Step(
             aux=due,
             cut_hint=self.hint,
-            density_hint=self.hints["previous_density"],
+            density_hint=self.hints.previous_density,
             sync_free=True,
             n_dead=self.n_dead,
             aux_slots=room,
@@ -165,7 +166,7 @@ class GraphedStep:
         self._run(("B",), self._phase_b)
         self.n_dead = int(n_dead)
         if sae.fast_path in sparse.paths.THRESHOLDED:  # the next step's entry slots
-            self.hints["previous_density"] = count / (x.shape[0] * sae.cfg.d_sae)
+            self.hints.previous_density = count / (x.shape[0] * sae.cfg.d_sae)
         values = dict(zip(REPORT[4:], figures))
         values["dead_frac"] = n_dead / sae.cfg.d_sae
         values["theta"] = sae.threshold.clone() if sae.has_theta else float("nan")
@@ -260,38 +261,54 @@ class GraphedStep:
             self.hint.copy_(self.cut)
 
 
-def start(
-    sae: SAE,
-    opt,
-    n_tokens: int,
-    batch: int,
-    tc,
-    autocast: bool,
-    world: int,
-    hints: dict,
-    n_dead: int | None,
-) -> GraphedStep | None:
-    """A GraphedStep for this SAE where tc.step_graphs asks for one and the SAE is ready (BatchTopK:
-    once it has a previous cut); None where it is off, or not yet. An SAE that cannot be recorded is
-    warned about once and left on the eager step."""
-    if tc.step_graphs == "off" or getattr(sae, "_graphs_refused", False):
-        return None
-    if tc.step_graphs not in MODES:
-        raise TrainingError(
-            f"unknown step_graphs {tc.step_graphs!r}; use one of {', '.join(MODES)}"
+class StepGraphs:
+    """The trainer's recorder: each SAE's GraphedStep once the SAE is ready, and the SAEs that
+    cannot be recorded, warned about once and left on the eager step."""
+
+    def __init__(self, tc, n_saes: int):
+        if tc.step_graphs not in MODES:
+            raise TrainingError(
+                f"unknown step_graphs {tc.step_graphs!r}; use one of {', '.join(MODES)}"
+            )
+        self.tc = tc
+        self.steps: list[GraphedStep | None] = [None] * n_saes
+        self.refused: set[int] = set()
+
+    def __getitem__(self, i: int) -> GraphedStep | None:
+        return self.steps[i]
+
+    def ready(
+        self,
+        i: int,
+        sae: SAE,
+        opt,
+        n_tokens: int,
+        batch: int,
+        autocast: bool,
+        world: int,
+        hints: Hints,
+        n_dead: int | None,
+    ) -> GraphedStep | None:
+        """SAE i's GraphedStep where step_graphs asks for one and the SAE is ready (BatchTopK:
+        once it has a previous cut); None where it is off, refused, or not yet."""
+        tc = self.tc
+        if self.steps[i] is not None or tc.step_graphs == "off" or i in self.refused:
+            return self.steps[i]
+        if tc.step_graphs == "cuda" and sae.W_dec.device.type != "cuda":
+            raise TrainingError(
+                f"step_graphs='cuda' records CUDA graphs, but the SAE is on {sae.W_dec.device}; "
+                "use step_graphs='off' there (or 'eager' to run the recordable phases unrecorded)"
+            )
+        reason = why_not(sae, batch, tc.fast, world)
+        if reason is not None:
+            self.refused.add(i)
+            warnings.warn(f"SAE {sae.cfg.name} trains without step_graphs: {reason}", stacklevel=3)
+            return None
+        if sae.has_theta and hints.previous_cut is None:
+            return None  # its first step selects exactly and gives the first hint
+        if n_dead is None:
+            n_dead = int(sae.dead_mask().sum())
+        self.steps[i] = GraphedStep(
+            sae, opt, n_tokens, tc.grad_clip, autocast, tc.step_graphs, n_dead, hints
         )
-    if tc.step_graphs == "cuda" and sae.W_dec.device.type != "cuda":
-        raise TrainingError(
-            f"step_graphs='cuda' records CUDA graphs, but the SAE is on {sae.W_dec.device}; use "
-            f"step_graphs='off' there (or 'eager' to run the recordable phases unrecorded)"
-        )
-    reason = why_not(sae, batch, tc.fast, world)
-    if reason is not None:
-        sae._graphs_refused = True
-        warnings.warn(f"SAE {sae.cfg.name} trains without step_graphs: {reason}", stacklevel=3)
-        return None
-    if sae.has_theta and hints["previous_cut"] is None:
-        return None  # its first step selects exactly and gives the first hint
-    if n_dead is None:
-        n_dead = int(sae.dead_mask().sum())
-    return GraphedStep(sae, opt, n_tokens, tc.grad_clip, autocast, tc.step_graphs, n_dead, hints)
+        return self.steps[i]

@@ -18,14 +18,11 @@ from tqdm.auto import tqdm
 from .. import distributed as D
 from ..files import atomic_write_csv, atomic_write_json, os_error_message
 from ..sae import SAEConfig
+from ..sae.fast.hints import Hints
 from . import checkpoints
 from .config import TrainingError
 from .results import TrainResult
 from .sources import Prefetcher, TimedBatches, as_source, origin_of
-
-# what a step tells the next one (its share of active entries, its cut): checkpoints keep them, so
-# that a resumed run takes an uninterrupted run's paths
-HINTS = ("previous_density", "previous_cut")
 
 
 class TrainingRun:
@@ -54,7 +51,7 @@ class TrainingRun:
             "sae_cfgs": [c.to_dict() for c in self.cfgs],
             "names": self.names,
             "logs": self.logs,
-            "hints": [{k: _number(v) for k, v in h.items()} for h in self.hints],
+            "hints": [h.as_record() for h in self.hints],
             "segments": self._segments_now(),
         }
         return checkpoints.write(
@@ -86,9 +83,9 @@ class TrainingRun:
         self.step, self.tokens = int(progress["step"]), int(progress["tokens"])
         self.logs = progress["logs"]
         self.segments = list(progress.get("segments") or [])
-        for mine, saved in zip(self.hints, progress.get("hints") or [{}] * len(self.saes)):
-            # paths chosen as by an uninterrupted run
-            mine.update({k: v for k, v in saved.items() if k in HINTS})
+        saved = progress.get("hints") or [None] * len(self.saes)
+        # paths chosen as by an uninterrupted run
+        self.hints = [Hints.from_record(h) for h in saved]
         self.n_dead = [None] * len(self.saes)
         self.initialised = True
 
@@ -314,8 +311,3 @@ class TrainingRun:
             project=self.tc.wandb_project,
             config={"train": self.tc.to_dict(), "saes": [c.to_dict() for c in self.cfgs]},
         )
-
-
-def _number(v):
-    """A hint as checkpoints keep it: a number (a recorded step holds it as a 0-dim tensor)."""
-    return float(v) if isinstance(v, torch.Tensor) else v

@@ -144,8 +144,8 @@ def as_source(data, hook: str | None = None):
         return StoreSource(open_store(path, hook), hook)
     if not path.exists():
         raise TrainingError(
-            f"no activations at {path}: give an activation store folder, a .npy or .safetensors "
-            "file"
+            f"no activations at {path}: give an activation store "
+            "folder, a .npy or .safetensors file"
         )
     if path.suffix == ".npy":
         try:

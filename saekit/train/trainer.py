@@ -19,10 +19,11 @@ from .. import distributed as D
 from ..metrics.reconstruction import nmse_tensor
 from ..models import check_device, default_device
 from ..sae import SAEConfig, Step, make_sae
+from ..sae.fast.hints import Hints
 from . import checkpoints, graphs, init, optim
 from .config import TrainConfig, TrainingError, lr_factor
 from .results import StepStats, TrainResult
-from .run import HINTS, TrainingRun
+from .run import TrainingRun
 from .sources import origin_of
 
 
@@ -53,8 +54,8 @@ class Trainer(TrainingRun):
         ]
         # what each one steps
         self.params = [[p for g in o.param_groups for p in g["params"]] for o in self.opts]
-        # torch.distributed: one replica per rank, DDP all-reduces gradients, BatchTopK selects
-        # globally
+        # torch.distributed: one replica per rank, DDP all-reduces gradients,
+        # BatchTopK selects globally
         self.rank, self.world = D.rank(), D.world_size()
         # bf16 autocast per SAE: on a CPU it pays only for a large enough step
         # (config.autocast_default)
@@ -71,11 +72,11 @@ class Trainer(TrainingRun):
             self.ddp = D.wrap_ddp(self.saes, train_cfg.fast, self.device)
         self.logs: list[list[dict]] = [[] for _ in self.saes]
         # each SAE's, for its next Step
-        self.hints: list[dict] = [dict.fromkeys(HINTS) for _ in self.saes]
+        self.hints: list[Hints] = [Hints() for _ in self.saes]
         # dead latents after the last step, where counted
         self.n_dead: list[int | None] = [None] * len(self.saes)
         # step_graphs (see there)
-        self.graphed: list[graphs.GraphedStep | None] = [None] * len(self.saes)
+        self.graphed = graphs.StepGraphs(train_cfg, len(self.saes))
         self.step = 0
         self.tokens = 0
         self.initialised = False
@@ -112,29 +113,28 @@ class Trainer(TrainingRun):
                     g["lr"] = self.lrs[i] * factor * g["lr_scale"]
             # from the step count, so a resumed run agrees
             due = self.step % max(1, sae.cfg.aux_every) == 0
-            if self.graphed[i] is None:
-                self.graphed[i] = graphs.start(
-                    sae,
-                    opt,
-                    n_tokens,
-                    x.shape[0],
-                    tc,
-                    self.autocasts[i],
-                    self.world,
-                    self.hints[i],
-                    self.n_dead[i],
-                )
+            recorded = self.graphed.ready(
+                i,
+                sae,
+                opt,
+                n_tokens,
+                x.shape[0],
+                self.autocasts[i],
+                self.world,
+                self.hints[i],
+                self.n_dead[i],
+            )
             # the step recorded once and replayed (graphs.GraphedStep)
-            if self.graphed[i] is not None:
-                finite, values = self.graphed[i].step(x, due)
+            if recorded is not None:
+                finite, values = recorded.step(x, due)
                 if not finite:
                     self._not_finite(i, x)
                 stats.append((values, self.lrs[i] * factor))
                 continue
             step = Step(
                 aux=due,
-                cut_hint=self.hints[i]["previous_cut"],
-                density_hint=self.hints[i]["previous_density"],
+                cut_hint=self.hints[i].previous_cut,
+                density_hint=self.hints[i].previous_density,
                 sync_free=tc.sync_free,
                 n_dead=self.n_dead[i],
                 distributed=self.world > 1,
@@ -201,11 +201,11 @@ class Trainer(TrainingRun):
         active entries."""
         hints = self.hints[i]
         if out.cut_value is not None:
-            hints["previous_cut"] = out.cut_value
+            hints.previous_cut = out.cut_value
         if out.count_value is not None:
-            hints["previous_density"] = out.count_value / (out.x.shape[0] * self.saes[i].cfg.d_sae)
+            hints.previous_density = out.count_value / (out.x.shape[0] * self.saes[i].cfg.d_sae)
         else:
-            hints["previous_density"] = out.density
+            hints.previous_density = out.density
 
     def _not_finite(self, i: int, x: torch.Tensor):
         # NaN in x makes every loss NaN: which of the two it was

@@ -40,9 +40,8 @@ def density_histogram_figure(density: np.ndarray, latent: int | None = None) -> 
             annotation_text=f"latent {latent}",
         )
     fig.update_layout(
-        title=f"Firing density of all {len(density):,} latents ({int((density == 0).sum()):,} "
-        "dead, "
-        f"not shown)",
+        title=f"Firing density of all {len(density):,} latents "
+        f"({int((density == 0).sum()):,} dead, not shown)",
         xaxis_title="log10 fraction of tokens a latent fires on",
         yaxis_title="latents",
         template="plotly_white",
@@ -142,8 +141,9 @@ def quantile_groups_html(groups: list[dict], max_activation: float | None = None
     of the latent's firings, then its examples shaded on one scale (the latent's top activation,
     where given)."""
     return "".join(
-        f"<h5>activation {g['range'][0]:.3f}–{g['range'][1]:.3f} &middot; {g['share']:.0%} of its "
-        f"firings</h5>" + examples_html(g["examples"], max_activation)
+        f"<h5>activation {g['range'][0]:.3f}–{g['range'][1]:.3f} "
+        f"&middot; {g['share']:.0%} of its firings</h5>"
+        + examples_html(g["examples"], max_activation)
         for g in groups
     )
 
@@ -159,8 +159,7 @@ def token_shading_html(tokens, values, max_value: float | None = None) -> str:
         s = _html.escape(t).replace("\n", "⏎")
         parts.append(
             f'<span title="{float(v):.3f}" style="background: '
-            f'rgba(214,39,40,{min(1.0, max(0.0, float(v) / top)):.2f})">'
-            f"{s}</span>"
+            f'rgba(214,39,40,{min(1.0, max(0.0, float(v) / top)):.2f})">{s}</span>'
         )
     return f'<div style="font-family: monospace; white-space: pre-wrap">{"".join(parts)}</div>'
 
@@ -177,13 +176,11 @@ def causal_html(effect: dict) -> str:
     )
     fmt = lambda top: ", ".join(f"{_html.escape(t)!s} ({p:.3f})" for t, p in top)  # noqa: E731
     return (
-        f"<b>{effect['edit']}</b> latent {effect['latent']} (it fired on {effect['fired_on']} "
-        "tokens, max "
-        f"{effect['max_activation']:.3f}): KL(clean ‖ edited) of the next token "
-        f"{effect['kl_next']:.4f} nats, "
-        f"{effect['kl_mean']:.4f} nats averaged over the text<br>clean next tokens: "
-        f"{fmt(effect['clean_top'])}"
-        f"<br>edited next tokens: {fmt(effect['edited_top'])}<table><tr><th>token</th><th>p "
-        "clean</th>"
-        f"<th>p edited</th><th>change</th></tr>{rows}</table>"
+        f"<b>{effect['edit']}</b> latent {effect['latent']} (it fired on "
+        f"{effect['fired_on']} tokens, max {effect['max_activation']:.3f}): KL(clean ‖ "
+        f"edited) of the next token {effect['kl_next']:.4f} nats, {effect['kl_mean']:.4f} "
+        "nats averaged over the text<br>clean next tokens: "
+        f"{fmt(effect['clean_top'])}<br>edited next tokens: "
+        f"{fmt(effect['edited_top'])}<table><tr><th>token</th><th>p clean</th><th>p "
+        f"edited</th><th>change</th></tr>{rows}</table>"
     )

@@ -121,8 +121,8 @@ class AllocationExplorer(Responsive):
             self.threshold.max = max(1.0, 4 * theta)
             self.threshold.value = theta
             self.threshold.description = f"θ (trained {theta:.3f})"
-        # one colour scale per SAE, fixed while its slider moves: counts above it show as the
-        # darkest colour
+        # one colour scale per SAE, fixed while its slider moves: counts above it show
+        # as the darkest colour
         self.zmax = 3 * sae.cfg.k if sae.has_k else None
 
     def _on_preset(self, change) -> None:

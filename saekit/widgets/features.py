@@ -189,10 +189,9 @@ class FeatureExplorer(Responsive):
             g = int(self.sae.group_of(torch.tensor([lat]))[0])
             group = f" &middot; nested group <b>{g + 1}</b> of {len(self.sae.cfg.group_sizes)}"
         self.info.value = (
-            f"<h3>Latent {lat}{group}</h3>fires on <b>{dens:.3%}</b> of {self.index.n_tokens:,} "
-            "tokens; "
-            f"max activation {vals.max() if len(vals) else 0:.3f}<br>nearest by decoder cosine: "
-            f"{neigh}"
+            f"<h3>Latent {lat}{group}</h3>fires on <b>{dens:.3%}</b> of "
+            f"{self.index.n_tokens:,} tokens; max activation "
+            f"{vals.max() if len(vals) else 0:.3f}<br>nearest by decoder cosine: {neigh}"
         )
         top_value = vals.max() if len(vals) else None
         groups = viz.quantile_groups_html(

@@ -233,8 +233,7 @@ def test_capture_splits_adds_a_calibration_store_of_unseen_training_documents(mo
         seq_len=32,
         batch_size=8,
         progress=False,
-        # documents are ~700 tokens: the calibration part spans
-        # several
+        # documents are ~700 tokens: the calibration part spans several
         calib_tokens=1500,
     )
     assert len(train) >= 600 and len(test) >= 300 and len(calib) >= 1500

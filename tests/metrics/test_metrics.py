@@ -22,8 +22,8 @@ from saekit.sae import make_sae
 def test_metric_values_on_hand_computed_examples():
     x = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0]])
     x_hat = torch.tensor([[1.0, 1.0], [0.0, 2.0], [2.0, 0.0]])
-    # errors: 1 + 0 + 1 = 2; ||x||^2 = 1 + 4 + 9 = 14; mean (4/3, 2/3): sum ||x - mean||^2 = 42/9 +
-    # 24/9 = 22/3
+    # errors: 1 + 0 + 1 = 2; ||x||^2 = 1 + 4 + 9 = 14; mean (4/3, 2/3): sum ||x - mean||^2
+    # = 42/9 + 24/9 = 22/3
     assert nmse(x, x_hat) == pytest.approx(2 / 14)
     assert fvu(x, x_hat) == pytest.approx(2 / (22 / 3))
     assert cosine(x, x_hat) == pytest.approx((1 / math.sqrt(2) + 1 + 1) / 3)
@@ -237,8 +237,8 @@ def test_perfect_sae_interval_is_exactly_one_and_intervals_narrow_with_more_toke
     many = ce_metrics_many([rough], model, tokens, keep, hook=HOOK)[0]
     width = lambda m: m["intervals"]["ce_recovered"][1] - m["intervals"]["ce_recovered"][0]
     assert many["n_sequences"] > 4 * few["n_sequences"] and 0 < width(many) < width(few)
-    # a paired difference of an SAE with itself is exactly zero; against the perfect SAE it excludes
-    # zero
+    # a paired difference of an SAE with itself is exactly zero; against the perfect
+    # SAE it excludes zero
     as_eval = lambda m: {"per_sequence": {"ce": m["_per_sequence"]}}
     same = paired_difference(as_eval(few), as_eval(few), "ce_recovered")
     assert same["difference"] == 0 and same["interval"] == [0.0, 0.0] and not same["excludes_zero"]

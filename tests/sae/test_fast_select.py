@@ -189,8 +189,8 @@ def test_candidate_batch_topk_is_exact():
     a = torch.relu(torch.randn(64, 300))
     n = 64 * 5
     ref_vals, ref_idx = a.reshape(-1).topk(n)
-    # 2.5 and 50 leave fewer than n candidates: full top-k fallback; a tensor hint stays on the
-    # device
+    # 2.5 and 50 leave fewer than n candidates: full top-k fallback; a tensor hint
+    # stays on the device
     for hint in (
         0.0,
         0.5,

@@ -37,8 +37,8 @@ def test_each_prefix_reconstructs_and_error_falls_as_it_grows(trained):
     nmse = [reconstruction_metrics(mat.prefix(g), [x])["nmse"] for g in range(1, 5)]
     assert all(a > b for a, b in zip(nmse, nmse[1:])), nmse
     assert nmse[-1] == pytest.approx(reconstruction_metrics(mat, [x])["nmse"], rel=1e-6)
-    # the nested loss is what makes a small prefix useful: a plain BatchTopK's first 8 latents are
-    # not
+    # the nested loss is what makes a small prefix useful: a plain BatchTopK's
+    # first 8 latents are not
     plain = reconstruction_metrics(bt.first_latents(8), [x])["nmse"]
     assert nmse[0] < 0.5 * plain, (nmse[0], plain)
     # and the first group holds the parents (the frequent, general features)

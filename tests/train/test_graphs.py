@@ -42,7 +42,7 @@ def _run(cfg, toy_x, mode, steps=14, spoil_at=None, **tc):
     for i in range(steps):
         # a hint so high that the selection cannot be proven exact: the step is redone
         if i == spoil_at:
-            tr.hints[0]["previous_cut"] *= 100
+            tr.hints[0].previous_cut *= 100
         tr.train_step(toy_x[i * 128 : (i + 1) * 128])
     return tr
 
@@ -87,9 +87,7 @@ def test_recordable_step_trains_to_the_eager_trainers_weights(
     assert list(log_r.columns) == list(log_e.columns)
     pd.testing.assert_frame_equal(log_r, log_e, check_exact=False, rtol=1e-5)
     if arch == "batchtopk":  # the hint lives on the device, the theta update too
-        assert (
-            rec.hints[0]["previous_cut"] is rec.graphed[0].hint and float(rec.saes[0].threshold) > 0
-        )
+        assert rec.hints[0].previous_cut is rec.graphed[0].hint and float(rec.saes[0].threshold) > 0
 
 
 @pytest.mark.parametrize("arch", ["batchtopk", "topk", "matryoshka"])
@@ -200,10 +198,7 @@ def test_every_step_dispatches_the_same_operators_and_none_waits(
     )
     tr.initialise(toy_x[:512])
     tr.train_step(toy_x[:128])  # BatchTopK's first step is eager: it makes the first hint
-    step = tr.graphed[0] or graphs.start(
-        tr.saes[0], tr.opts[0], 128, 128, tr.tc, False, 1, tr.hints[0], None
-    )
-    tr.graphed[0] = step
+    step = tr.graphed.ready(0, tr.saes[0], tr.opts[0], 128, 128, False, 1, tr.hints[0], None)
     sae = tr.saes[0]
     grads = [p.grad for p in sae.parameters()]
     lrs = []
@@ -234,7 +229,7 @@ def test_every_step_dispatches_the_same_operators_and_none_waits(
         assert not waits, f"phase {key} waits for the device: {waits}"
     assert all(p.grad is g for p, g in zip(sae.parameters(), grads))
     if sae.has_theta:
-        assert tr.hints[0]["previous_cut"] is step.hint
+        assert tr.hints[0].previous_cut is step.hint
 
 
 def test_step_graphs_refuses_what_it_cannot_record(toy_x, sparse_everywhere, monkeypatch):

@@ -20,8 +20,8 @@ def _steps(cfg, x, sync_free, batch, steps, spoil_at=None, spoil=None):
     from saekit.train import Trainer
 
     torch.manual_seed(0)
-    # fp32: under bf16 pre-activations tie at the cut, and the two selections may keep different
-    # tied entries
+    # fp32: under bf16 pre-activations tie at the cut, and the two selections may keep
+    # different tied entries
     tr = Trainer(
         [cfg],
         TrainConfig(
@@ -66,7 +66,7 @@ def test_sync_free_training_equals_exact_training_and_redoes_a_step_it_cannot_pr
     cfg = SAEConfig(arch="batchtopk", d_in=16, d_sae=64, k=3, dead_tokens=256)
 
     def spoil(tr):
-        tr.hints[0]["previous_cut"] *= 100
+        tr.hints[0].previous_cut *= 100
 
     def run(sync_free, spoil_at=None):
         return _steps(cfg, toy_x, sync_free, batch=128, steps=12, spoil_at=spoil_at, spoil=spoil)
@@ -190,7 +190,7 @@ def test_sync_free_thresholded_training_equals_exact_training(arch, toy_x, monke
     )
 
     def spoil(tr):
-        tr.hints[0]["previous_density"] = 0.0  # 1,024 slots: too few
+        tr.hints[0].previous_density = 0.0  # 1,024 slots: too few
 
     def run(sync_free, spoil_at=None):
         return _steps(cfg, toy_x, sync_free, batch=512, steps=10, spoil_at=spoil_at, spoil=spoil)

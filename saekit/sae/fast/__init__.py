@@ -2,12 +2,11 @@
 it computes.
 
     index.py     CodeIndex and SparseCode: a sparse code's entries grouped by row and by latent
-    autograd.py  the sparse encoder's and decoder's autograd, JumpReLU's threshold pseudo-gradients
-    on entries,
-                 AuxK's dead columns folded into them
-    select.py    the batch top-k looked for above a hint, each row's top-k and the entries above a
-    bound, each
-                 also without read-backs in fixed shapes sized by one rule (`slots`)
+    autograd.py  the sparse encoder's and decoder's autograd, JumpReLU's threshold
+                 pseudo-gradients on entries, AuxK's dead columns folded into them
+    select.py    the batch top-k looked for above a hint, each row's top-k and the entries
+                 above a bound, each also without read-backs in fixed shapes sized by one
+                 rule (`slots`)
     auxk.py      AuxK over the dead latents' columns only
     paths.py     each architecture's sparse training loss (`loss`), and when the sparse path pays
 

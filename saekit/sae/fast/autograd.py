@@ -122,8 +122,8 @@ def sparse_stats(
         return fired, torch.zeros(batch, dtype=torch.long, device=rows.device).index_add_(
             0, rows, on
         )
-    # index_fill_, not fired[cols] = True: on a GPU the assignment copies its True from the host and
-    # waits
+    # index_fill_, not fired[cols] = True: on a GPU the assignment copies its True
+    # from the host and waits
     fired = torch.zeros(d_sae, dtype=torch.bool, device=rows.device).index_fill_(0, cols, True)
     if index is not None:
         return fired, index.row_counts()

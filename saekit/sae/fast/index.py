@@ -54,8 +54,8 @@ class CodeIndex:
         self.perm = None if rows_sorted else stable_argsort(rows, n_rows)
         self.rows = rows if rows_sorted else rows[self.perm]
         self.cols = cols if rows_sorted else cols[self.perm]
-        # each row's first entry and, one past the last row, the count: the row offsets (a view) and
-        # l0 per row
+        # each row's first entry and, one past the last row, the count: the row offsets (a
+        # view) and l0 per row
         self.row_bounds = torch.searchsorted(self.rows, arange(n_rows + 1, rows.device))
         self.row_offsets = self.row_bounds[:-1]
         self._by_col = None

@@ -110,12 +110,12 @@ def batch_topk_static(
     entries pass 0.9x the previous cut in a real run: benchmarks/results/selection_hint_cpu.txt."""
     if capacity < n:
         raise ValueError(
-            f"batch_topk_static needs room for the {n} entries it selects; capacity {capacity} < "
-            f"{n}"
+            f"batch_topk_static needs room for the {n} entries "
+            f"it selects; capacity {capacity} < {n}"
         )
     flat = a.reshape(-1)
-    # one slot more than the capacity tells whether more than `capacity` passed, without counting
-    # the whole mask
+    # one slot more than the capacity tells whether more than `capacity` passed, without
+    # counting the whole mask
     idx = torch.nonzero_static(flat > hint, size=capacity + 1, fill_value=-1).squeeze(1)
     real = idx >= 0
     count = real.sum()
