@@ -1,4 +1,4 @@
-"""What each `saekit` subcommand does, given its parsed arguments (saekit/cli.py builds the parser
+"""What each `saekit` subcommand does, given its parsed arguments (saekit/cli/ builds the parser
 and calls these). Each is a thin call into the library; errors are raised as the library's own
 and reported by cli.main."""
 

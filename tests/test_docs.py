@@ -2,6 +2,7 @@
 no docstring the API reference cannot read), and holds the pages it promises: the design note, the
 API from the docstrings and every notebook rendered without being run."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -61,3 +62,78 @@ def test_the_site_builds_strictly_with_every_page(tmp_path):
     assert "superposition" in rendered and "Traceback" not in rendered
     design = (site / "design" / "index.html").read_text()
     assert "fast" in design and "reference" in design
+
+
+def _figures():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import figures
+    finally:
+        sys.path.pop(0)
+    return figures
+
+
+def test_every_page_shows_the_figures_the_results_files_hold(tmp_path):
+    figures = _figures()
+    for page in figures.PAGES:
+        text = (ROOT / page).read_text()
+        assert figures.START in text, f"{page} has no figures block"
+        fix = "run python benchmarks/figures.py --write"
+        assert text == figures.with_table(text, page), f"{page}'s figures are stale: {fix}"
+    # a figure changed in its results file shows in the table
+    demo = (figures.RESULTS / "demo_cpu.txt").read_text()
+    (tmp_path / "demo_cpu.txt").write_text(demo.replace("CE recovered 0.", "CE recovered 0.1", 1))
+    figures.RESULTS, real = tmp_path, figures.RESULTS
+    try:
+        for name in ("train_step_cpu.txt", "peers_cpu.txt", "capture_cpu.txt"):
+            (tmp_path / name).write_text((real / name).read_text())
+        for gpu in real.glob("gpu-*.md"):
+            (tmp_path / gpu.name).write_text(gpu.read_text())
+        assert "CE recovered 0.1" in figures.table()
+    finally:
+        figures.RESULTS = real
+
+
+# what a path named in prose must look like to be checked: a top-level folder, then a file with an
+# extension or a folder ending in "/"
+_TOP = ("saekit", "tests", "benchmarks", "docs", "notebooks", "results", "data", "etc", ".ci")
+_EXTENSIONS = "py|md|txt|json|ipynb|csv|sh|yml|toml|html|parquet"
+# not after ":" either: `git show COMMIT:path` names a file of that commit
+_FOLDERS = "|".join(re.escape(t) for t in _TOP)
+_PATH = re.compile(rf"(?<![\w/.:-])((?:{_FOLDERS})/[\w./-]*(?:\.(?:{_EXTENSIONS})\b|/))")
+_PLACEHOLDER = re.compile(r"[A-Z]{3,}")  # benchmarks/results/gpu-DATE.json stands for many files
+# records of what was: each names the scripts and files of its day
+_HISTORY = {"benchmarks/results/HISTORY.md"}
+# the wheel's own layout (pyproject.toml maps files into it), not the repository's
+_IN_WHEEL = "saekit/_data/"
+
+
+def named_paths(text: str) -> set[str]:
+    return {m.group(1) for m in _PATH.finditer(text) if not _PLACEHOLDER.search(m.group(1))}
+
+
+def test_every_repository_path_named_in_code_and_docs_exists():
+    sources = [
+        ROOT / "README.md",
+        *(ROOT / "docs").rglob("*.md"),
+        *(ROOT / "results").rglob("*.md"),
+    ]
+    for d in ("saekit", "tests", "benchmarks", "notebooks"):
+        sources += [p for p in (ROOT / d).rglob("*") if p.suffix in (".py", ".md", ".ipynb", ".sh")]
+    missing = [
+        f"{src.relative_to(ROOT)}: {path}"
+        for src in sources
+        if src.relative_to(ROOT).as_posix() not in _HISTORY and src != Path(__file__)
+        for path in sorted(named_paths(src.read_text()))
+        if not path.startswith(_IN_WHEEL) and not (ROOT / path).exists()
+    ]
+    assert not missing, "paths named but not in the repository:\n" + "\n".join(missing)
+
+
+def test_the_path_check_sees_a_moved_file():
+    found = named_paths(
+        "see tests/test_reference.py and saekit/sae/ (not saekit.sae, benchmarks/gpu-DATE.md "
+        "or 1623ebf:benchmarks/crossover.py)"
+    )
+    assert found == {"tests/test_reference.py", "saekit/sae/"}
+    assert not (ROOT / "tests/test_reference.py").exists()

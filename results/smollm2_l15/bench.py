@@ -1,7 +1,7 @@
 """Absorption and sparse probing for the comparison's SAEs: BatchTopK, TopK, JumpReLU (target L0)
 and Matryoshka BatchTopK at k = 16/32/64, over seeds 0, 1 and 2. Resumable: SAEs train (or resume)
 into --out with run.py's settings, one stream per seed; each SAE's SAEBench JSON lands in
-results/smollm2_l15/bench/seedS/ and a re-run skips what is there.
+results/smollm2_l15/bench/seed0/ (seed1/, seed2/) and a re-run skips what is there.
 
     python results/smollm2_l15/bench.py [--seeds 0 1 2] [--out runs/smollm2_l15_bench] [--report]
 

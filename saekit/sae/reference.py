@@ -2,8 +2,8 @@
 
 Everything saekit trains, in plain PyTorch and dense matrices, top to bottom, as a teacher would
 write it on a board. saekit's own SAE classes compute the same losses and gradients faster (sparse
-products, fewer passes) and are tested against these functions (tests/test_reference.py). Shapes: B
-tokens, D = d_in, F = d_sae. Nothing here imports the rest of saekit.
+products, fewer passes) and are tested against these functions (tests/sae/test_reference.py).
+Shapes: B tokens, D = d_in, F = d_sae. Nothing here imports the rest of saekit.
 """
 
 import torch

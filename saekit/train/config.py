@@ -153,7 +153,8 @@ def autocast_default(device, shape: tuple[int, int, int]) -> bool:
     return device.type == "cpu" and cpu_has_bf16_hardware() and bf16_pays_on_cpu(*shape)
 
 
-# default_lr at 2^14 latents: 4x sparsify's 2e-4, the best of a sweep (results/lr_default_cpu.txt)
+# default_lr at 2^14 latents: 4x sparsify's 2e-4, the best of a sweep
+# (benchmarks/results/lr_default_cpu.txt)
 LR_BASE = 8e-4
 
 

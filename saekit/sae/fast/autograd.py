@@ -1,7 +1,7 @@
 """The sparse path's autograd: the selected entries of a dense encode differentiated alone
 (`SparseEncode`), a sparse decode (`SparseDecode`), JumpReLU's threshold pseudo-gradients on entries
 (`ThresholdPseudoGrad`), and AuxK's dead columns whose gradients fold into the sparse ones
-(`DeadColumns`). Each equals the dense path's gradients in math; tests/test_reference.py checks
+(`DeadColumns`). Each equals the dense path's gradients in math; tests/sae/test_reference.py checks
 them against saekit.sae.reference."""
 
 from __future__ import annotations
