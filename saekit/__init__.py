@@ -1,7 +1,7 @@
 """saekit: train, evaluate and explore BatchTopK sparse autoencoders on language-model
 activations."""
 
-from .version import saekit_version
+from .plumbing.version import saekit_version
 
 __version__ = saekit_version()
 

@@ -10,10 +10,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .activations import ActivationStore, forward_hooks
-from .checks import hook_on_model, hook_on_store, require_finite
 from .features import FeatureIndex, build_feature_index  # noqa: F401  (re-exported)
 from .metrics.downstream import patched_logits
 from .models import resolve_hook, underlying
+from .plumbing.checks import hook_on_model, hook_on_store, require_finite
 from .sae import SAE
 
 
@@ -98,7 +98,7 @@ def latent_counts(
 ) -> pd.DataFrame:
     """Per-token latent counts over a text: position, token, count, kept (BOS is not), top_latents
     [(latent, activation), ...]. BatchTopK uses its threshold (so each token's count is its own).
-    The model and hook must be the SAE's (saekit.checks) unless allow_mismatch."""
+    The model and hook must be the SAE's (saekit.plumbing.checks) unless allow_mismatch."""
     acts, tokens, kept = text_activations(
         model, text, hook_on_model(sae, model, hook, allow_mismatch)
     )

@@ -46,10 +46,10 @@ def calibrate(
     """Set sae's theta so that its threshold-mode L0 on the first n_tokens rows of `store` (all by
     default) is target_l0 (default: the SAE's k). Returns a record of the calibration, also kept in
     sae.theta_info (and so in cfg.json when the SAE is saved). The store must hold the SAE's hook of
-    the SAE's model (saekit.checks) unless allow_mismatch."""
+    the SAE's model (saekit.plumbing.checks) unless allow_mismatch."""
     from .activations import open_store
-    from .checks import hook_on_store
     from .metrics import per_token_l0
+    from .plumbing.checks import hook_on_store
 
     if not sae.has_theta:
         raise SAEConfigError(
@@ -111,7 +111,7 @@ def calibrate_folder(
 ) -> dict:
     """calibrate() an SAE folder and write the new theta (and its record in cfg.json) back,
     atomically (the folder is checked writable first)."""
-    from .files import prepare_output
+    from .plumbing.files import prepare_output
 
     sae = load_sae(sae_dir)
     prepare_output(sae_dir, 0, "SAE folder")

@@ -210,8 +210,9 @@ def build_feature_index(
     allow_mismatch: bool = False,
 ) -> FeatureIndex:
     """Encode the store's first n_tokens once (with a progress bar) and group activations by latent.
-    The store must hold the SAE's hook of the SAE's model (saekit.checks) unless allow_mismatch."""
-    from .checks import hook_on_store
+    The store must hold the SAE's hook of the SAE's model (saekit.plumbing.checks) unless
+    allow_mismatch."""
+    from .plumbing.checks import hook_on_store
 
     n = min(n_tokens, len(store))
     batches = store.head_batches(n, batch_size, hook_on_store(sae, store, hook, allow_mismatch))

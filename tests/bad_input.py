@@ -81,7 +81,7 @@ def holding_lock(folder: Path, beside: bool = False) -> subprocess.Popen:
     """Another process that holds `folder`'s writer lock until its stdin closes (returned once it
     holds it)."""
     code = (
-        "import sys; from saekit.locks import writer_lock\n"
+        "import sys; from saekit.plumbing.locks import writer_lock\n"
         f"with writer_lock(sys.argv[1], 'capture', beside={beside}):\n"
         "    print('held', flush=True); sys.stdin.read()"
     )

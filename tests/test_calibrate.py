@@ -7,8 +7,8 @@ import torch
 from conftest import HOOK
 
 from saekit.calibrate import calibrate, calibrate_folder
-from saekit.checks import DataMismatchError
 from saekit.metrics import per_token_l0
+from saekit.plumbing.checks import DataMismatchError
 from saekit.sae import SAEConfig, SAEConfigError, load_sae, make_sae
 from saekit.train import TrainConfig, train
 

@@ -3,6 +3,7 @@ whose choices and defaults are the library's."""
 
 import ast
 import dataclasses
+import importlib
 import sys
 from pathlib import Path
 
@@ -117,6 +118,45 @@ def test_modules_stay_small():
     assert not big, f"modules over {MAX_LINES} lines (split them by concept): {big}"
 
 
+# the package root: the library's public entry points; the rest lives in a package per concept
+ROOT_MODULES = {
+    "__init__",
+    "__main__",
+    "analysis",
+    "calibrate",
+    "distributed",
+    "features",
+    "interop",
+    "models",
+    "toy",
+}
+# tests of the whole project stay at the root of tests/; the rest mirror the package
+WHOLE_PROJECT_TESTS = {
+    "test_benchmarks",
+    "test_browser",
+    "test_demo",
+    "test_docs",
+    "test_layout",
+    "test_notebooks",
+    "test_readme",
+    "test_style",
+    "test_wheel",
+}
+
+
+def test_the_package_root_holds_the_public_entry_points():
+    assert {p.stem for p in PKG.glob("*.py")} == ROOT_MODULES
+    for name in ("saekit.sae", "saekit.train", "saekit.analysis", "saekit.models"):
+        assert importlib.import_module(name).__name__ == name  # imports users write keep working
+    from saekit.activations import ActivationStore, capture, open_store  # noqa: F401
+
+
+def test_tests_at_the_root_are_the_whole_projects_or_a_root_modules():
+    here = {p.stem for p in Path(__file__).parent.glob("test_*.py")}
+    stray = here - WHOLE_PROJECT_TESTS - {f"test_{m}" for m in ROOT_MODULES}
+    assert not stray, f"move these into the tests/ folder of the package they test: {stray}"
+
+
 def test_test_files_stay_small_and_mirror_the_package():
     tests = Path(__file__).parent
     big = {
@@ -162,7 +202,7 @@ def test_adding_an_architecture_is_one_class(tmp_path):
     CLI and plots."""
     from saekit.cli import build_parser
     from saekit.metrics import reconstruction_metrics
-    from saekit.sweep import sweep_configs
+    from saekit.runs.sweep import sweep_configs
     from saekit.train import TrainConfig, train
     from saekit.viz import arch_color, arch_label
 
@@ -217,8 +257,8 @@ def test_every_cli_flag_has_help_and_shows_its_default():
 
 def test_cli_defaults_are_the_librarys():
     from saekit.cli import build_parser
-    from saekit.demo import DemoConfig
     from saekit.metrics import evaluate
+    from saekit.runs.demo import DemoConfig
     from saekit.sae import ARCHS
     from saekit.train import TrainConfig
 

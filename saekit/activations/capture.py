@@ -16,10 +16,10 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from ..data import PackedTokens, packed_corpus
-from ..files import atomic_save_npy, atomic_write_json, prepare_output
-from ..locks import writer_lock
 from ..models import HookPoint, d_model, envoy, first_tensor, model_name, resolve_hook, underlying
-from ..version import saekit_version
+from ..plumbing.files import atomic_save_npy, atomic_write_json, prepare_output
+from ..plumbing.locks import writer_lock
+from ..plumbing.version import saekit_version
 from .resume import fold_done, open_or_start, plan_shards
 from .store import DTYPES, FORMAT, ActivationStore, StoreError, hook_file
 

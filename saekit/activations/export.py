@@ -11,15 +11,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..files import (
+from ..models import saekit_hook_name, saelens_hook_name  # noqa: F401  (re-exported)
+from ..plumbing.files import (
     atomic_save_npy,
     atomic_write_json,
     prepare_output,
     refuse_overlap,
     require_space,
 )
-from ..locks import writer_lock
-from ..models import saekit_hook_name, saelens_hook_name  # noqa: F401  (re-exported)
+from ..plumbing.locks import writer_lock
 from .formats import (
     _ARRAY_DTYPES,
     _SIDE_MANIFEST,
@@ -42,8 +42,8 @@ def export_store(
     `out`).
 
     context_size: stored tokens per SAELens row (None: the store's kept positions per full
-    sequence). Returns `out`. The export holds OUT's writer lock (saekit.locks) from start to
-    end."""
+    sequence). Returns `out`. The export holds OUT's writer lock (saekit.plumbing.locks) from
+    start to end."""
     if format != "saelens":
         raise StoreError(f"unknown export format '{format}'; the one there is: saelens")
     store = open_store(store) if isinstance(store, (str, Path)) else store

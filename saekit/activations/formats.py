@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checks import whole_number
-from ..files import read_json_object
 from ..models import saekit_hook_name, saelens_hook_name  # noqa: F401  (re-exported)
+from ..plumbing.checks import whole_number
+from ..plumbing.files import read_json_object
 from .store import FORMAT, ActivationStore, StoreError
 
 SAELENS_FORMAT = "saelens-cache"

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checks import whole_number
-from ..files import read_json_object
+from ..plumbing.checks import whole_number
+from ..plumbing.files import read_json_object
 
 FORMAT = "saekit-activations"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

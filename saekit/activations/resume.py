@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..checks import whole_number
 from ..data import PackedTokens
-from ..files import atomic_save_npy, atomic_write_json, require_space
+from ..plumbing.checks import whole_number
+from ..plumbing.files import atomic_save_npy, atomic_write_json, require_space
 from .manifest import StoreError, hook_file, read_manifest
 
 

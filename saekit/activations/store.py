@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checks import require_finite
+from ..plumbing.checks import require_finite
 from .integrity import check_files
 from .manifest import (  # noqa: F401  (re-exported: the store's names)
     _NP_DTYPES,

@@ -124,7 +124,7 @@ class _Sums:
 def _activations(model, tokens, keep, hp, batch: int, progress: bool, desc: str):
     """(x [n, d] at the kept positions, the sequence of each row) for batches of sequences."""
     from ..activations import forward_hooks
-    from ..checks import require_finite
+    from ..plumbing.checks import require_finite
 
     for b in tqdm(range(0, tokens.shape[0], batch), desc=desc, disable=not progress):
         ids = torch.from_numpy(np.asarray(tokens[b : b + batch], dtype=np.int64))

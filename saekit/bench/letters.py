@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..files import atomic_save_npy, atomic_write_json
+from ..plumbing.files import atomic_save_npy, atomic_write_json
 from .output import BenchError
 
 LETTERS = string.ascii_lowercase

@@ -7,7 +7,7 @@ import time
 import uuid
 from pathlib import Path
 
-from ..files import atomic_write_json, prepare_output
+from ..plumbing.files import atomic_write_json, prepare_output
 from ..sae import SAE
 from ..sae.formats import to_saelens
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..files import local_path, prepare_output, refuse_overlap
+from ..plumbing.files import local_path, prepare_output, refuse_overlap
 from .output import EVAL_TYPES, BenchError, output_path, sae_name, write_output
 
 EVALS = tuple(EVAL_TYPES)
@@ -46,8 +46,8 @@ def bench(
     (OUT/<eval_type_id>/<sae folder name>_eval_results.json); the summary table, one row per
     SAE, with 95% intervals where the evaluation has them. Captured activations are cached in
     `cache` (default OUT/cache)."""
-    from ..checks import hook_on_model
     from ..models import load_model
+    from ..plumbing.checks import hook_on_model
     from ..sae import load_sae
 
     evals = list(evals)

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..files import atomic_save_npy, atomic_write_json
+from ..plumbing.files import atomic_save_npy, atomic_write_json
 from .output import BenchError
 
 LABELS = ("author", "genre", "title")

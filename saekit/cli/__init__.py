@@ -1,5 +1,5 @@
 """The `saekit` command line: capture / train / eval / calibrate / compare / sweep / sweep-report /
-report / demo / export-store / notebooks, each a thin command (saekit/commands.py) over the library.
+report / demo / export-store / notebooks, each a thin command (commands.py) over the library.
 Every choice and default comes from the library's own objects (SAEConfig, TrainConfig, the
 architecture registry, the functions' signatures), so the command line and the Python API cannot
 drift apart."""
@@ -11,20 +11,6 @@ import dataclasses
 import sys
 
 from ..bench.run import EVALS
-from ..commands import (
-    cmd_bench,
-    cmd_calibrate,
-    cmd_capture,
-    cmd_compare,
-    cmd_demo,
-    cmd_eval,
-    cmd_export_store,
-    cmd_notebooks,
-    cmd_report,
-    cmd_sweep,
-    cmd_sweep_report,
-    cmd_train,
-)
 from .args import (
     _add_corpus_args,
     _add_eval_args,
@@ -39,6 +25,20 @@ from .args import (
     positive_float,
     positive_int,
 )
+from .commands import (
+    cmd_bench,
+    cmd_calibrate,
+    cmd_capture,
+    cmd_compare,
+    cmd_demo,
+    cmd_eval,
+    cmd_export_store,
+    cmd_notebooks,
+    cmd_report,
+    cmd_sweep,
+    cmd_sweep_report,
+    cmd_train,
+)
 
 __all__ = ["build_parser", "main", "enc_init_norm_arg", "default_of"]
 
@@ -46,8 +46,8 @@ __all__ = ["build_parser", "main", "enc_init_norm_arg", "default_of"]
 def build_parser() -> argparse.ArgumentParser:
     from ..activations import DTYPES, capture
     from ..calibrate import calibrate
-    from ..demo import DemoConfig
     from ..metrics import CE_STATS, RECON_STATS, evaluate
+    from ..runs.demo import DemoConfig
     from ..train import TrainConfig
 
     p = argparse.ArgumentParser(
@@ -333,12 +333,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from ..activations import StoreError
     from ..bench import BenchError
-    from ..checks import DataMismatchError, NonFiniteError
     from ..data import CorpusError
-    from ..files import OutputError, os_error_message
-    from ..locks import LockError
     from ..metrics import EvaluationError
     from ..models import DeviceError, HookPointError, ModelLoadError, check_device
+    from ..plumbing.checks import DataMismatchError, NonFiniteError
+    from ..plumbing.files import OutputError, os_error_message
+    from ..plumbing.locks import LockError
     from ..sae import SAEConfigError
     from ..train import TrainingError
 

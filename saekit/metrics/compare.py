@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..files import read_json_object
+from ..plumbing.files import read_json_object
 from .evaluate import SCHEMA
 from .intervals import CE_STATS, RECON_STATS, format_difference, paired_difference
 

@@ -38,7 +38,7 @@ def evaluate(
     recovered and KL carry 95% bootstrap intervals over sequences ("intervals"); "per_sequence"
     keeps the sums behind them so paired_difference() can compare two SAEs. BatchTopK uses threshold
     mode unless mode="batch"; its batch-mode L0 and the ratio of the two are reported too.
-    The data and the model must be the SAE's (hook, model, width; saekit.checks) unless
+    The data and the model must be the SAE's (hook, model, width; saekit.plumbing.checks) unless
     allow_mismatch.
     """
     return evaluate_many(
@@ -78,9 +78,9 @@ def evaluate_many(
     from pathlib import Path
 
     from ..activations import ActivationStore, forward_hooks, open_store
-    from ..checks import hook_on_model, hook_on_store, one_hook, require_finite
     from ..data import PackedTokens
     from ..models import resolve_hook, underlying
+    from ..plumbing.checks import hook_on_model, hook_on_store, one_hook, require_finite
 
     if isinstance(data, (str, Path)):
         data = open_store(data)

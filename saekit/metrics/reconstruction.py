@@ -133,8 +133,8 @@ def per_token_l0(
     allow_mismatch: bool = False,
 ) -> np.ndarray:
     """Active-latent count of each of a store's first n_tokens (inference mode unless `mode`), at
-    the SAE's hook (saekit.checks)."""
-    from ..checks import hook_on_store
+    the SAE's hook (saekit.plumbing.checks)."""
+    from ..plumbing.checks import hook_on_store
 
     n = len(store) if n_tokens is None else min(n_tokens, len(store))
     batches = store.head_batches(n, batch_size, hook_on_store(sae, store, hook, allow_mismatch))

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save as safetensors_bytes
 
-from ..files import atomic_write_bytes, atomic_write_json
+from ..plumbing.files import atomic_write_bytes, atomic_write_json
 from . import formats
 from .auxk import DeadLatents
 from .config import SAEConfig, SAEConfigError

@@ -10,7 +10,7 @@ import dataclasses
 import itertools
 from dataclasses import dataclass
 
-from ..checks import is_number, whole_number
+from ..plumbing.checks import is_number, whole_number
 
 NORMALIZATIONS = ("none", "token", "dataset")
 # name -> SAE class, in registration order (the order tables and plots use)

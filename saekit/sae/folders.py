@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from ..checks import is_number, whole_number
-from ..files import atomic_write_bytes, atomic_write_json, read_json_object
+from ..plumbing.checks import is_number, whole_number
+from ..plumbing.files import atomic_write_bytes, atomic_write_json, read_json_object
 from . import formats
 from .architectures import make_sae
 from .base import SAE

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from ..checks import whole_number
-from ..version import saekit_version
+from ..plumbing.checks import whole_number
+from ..plumbing.version import saekit_version
 from .config import ARCHITECTURES, SAEConfig, SAEConfigError, architecture
 
 CFG_FILE = "cfg.json"

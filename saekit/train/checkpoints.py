@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..files import prepare_output, refuse_overlap
-from ..locks import writer_lock
+from ..plumbing.files import prepare_output, refuse_overlap
+from ..plumbing.locks import writer_lock
 
 
 def _optim_to_tensors(

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import distributed as D
-from ..files import atomic_write_csv, atomic_write_json, os_error_message
+from ..plumbing.files import atomic_write_csv, atomic_write_json, os_error_message
 from ..sae import SAEConfig
 from ..sae.fast.hints import Hints
 from . import checkpoints

@@ -83,7 +83,7 @@ def test_autocast_default_follows_the_hardware_and_the_size(monkeypatch):
 def test_the_cli_prints_each_saes_precision_where_they_differ(monkeypatch, capsys):
     """saekit train/sweep print the precision: one line where every SAE trains alike, one per SAE
     where the size rule gives them different ones."""
-    from saekit.commands import _print_lrs
+    from saekit.cli.commands import _print_lrs
 
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     large = SAEConfig(arch="batchtopk", d_in=64, d_sae=512, k=3)

@@ -41,7 +41,7 @@ class NonFiniteError(ValueError):
 
 def _hook(name: str | None) -> str | None:
     """A hook name in saekit's spelling (SAELens's `blocks.L.hook_resid_post` is `resid_post.L`)."""
-    from .models import saekit_hook_name
+    from ..models import saekit_hook_name
 
     return saekit_hook_name(name) if name else None
 
@@ -49,7 +49,7 @@ def _hook(name: str | None) -> str | None:
 def _model(name: str | None) -> str:
     """A model name as compared: its last path part, lower case; the embedded model by any of its
     names."""
-    from .models import EMBEDDED_ALIASES, EMBEDDED_MODEL
+    from ..models import EMBEDDED_ALIASES, EMBEDDED_MODEL
 
     name = (name or "").strip().lower()
     if name in EMBEDDED_ALIASES:
@@ -62,7 +62,7 @@ def same_model(a: str | None, b: str | None) -> bool:
     TransformerLens models (gpt2-small); their transformers ids (gpt2) are tried too."""
     if not a or not b or a == "unknown" or b == "unknown" or _model(a) == _model(b):
         return True
-    from .models import transformers_name
+    from ..models import transformers_name
 
     return _model(transformers_name(a)) == _model(transformers_name(b))
 
@@ -112,7 +112,7 @@ def hook_on_store(sae, store, hook: str | None = None, allow_mismatch: bool = Fa
 def hook_on_model(sae, model, hook: str | None = None, allow_mismatch: bool = False) -> str:
     """The hook of `model` that `sae` reads (as hook_on_store, for activations the model
     computes)."""
-    from .models import model_name, resolve_hook
+    from ..models import model_name, resolve_hook
 
     sae_hook = _hook(sae.cfg.hook_name)
     wanted = _hook(hook) or sae_hook

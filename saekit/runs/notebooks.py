@@ -10,7 +10,7 @@ from pathlib import Path
 def notebooks_source() -> Path:
     """Where this install keeps the series: inside the package (a wheel) or next to it (a
     checkout)."""
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parents[1]  # the saekit package
     for p in (here / "_data" / "notebooks", here.parent / "notebooks"):
         if p.is_dir() and any(p.glob("*.ipynb")):
             return p
@@ -21,7 +21,7 @@ def copy_notebooks(dest: str | Path, overwrite: bool = False) -> list[Path]:
     """Copy every notebook of the series into dest (created if needed). A notebook already there is
     kept unless overwrite=True, so nobody's edits are lost; the error names the files and the
     flag."""
-    from .files import refuse_overlap
+    from ..plumbing.files import refuse_overlap
 
     dest = Path(dest)
     refuse_overlap(dest, {"notebook series of this install": notebooks_source()}, "folder")

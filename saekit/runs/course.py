@@ -14,9 +14,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .activations import capture_splits, saekit_hook_name
-from .sae import SAE, SAEConfig, architecture
-from .train import TrainConfig, train
+from ..activations import capture_splits, saekit_hook_name
+from ..sae import SAE, SAEConfig, architecture
+from ..train import TrainConfig, train
 
 
 @dataclass(frozen=True)
@@ -89,14 +89,14 @@ def load_choice(spec: str | Path | None) -> SAE | None:
     offline, the error says so and how to use a downloaded folder instead)."""
     if spec is None:
         return None
-    from .interop import load
+    from ..interop import load
 
     return load(spec)
 
 
 def model_name_for(sae: SAE) -> str | None:
     """The model an SAE was trained on, as a transformers id (models.transformers_name)."""
-    from .models import transformers_name
+    from ..models import transformers_name
 
     return transformers_name(sae.cfg.model_name)
 
@@ -136,7 +136,7 @@ def companion_dir(run_dir: str | Path, arch: str) -> Path:
 def bench_configs(mode: str = "small"):
     """saekit bench's absorption and sparse-probing settings for the course: fewer words and
     contexts in the small mode, SAEBench's sizes in the full one."""
-    from .bench import AbsorptionConfig, ProbingConfig
+    from ..bench import AbsorptionConfig, ProbingConfig
 
     if sizes(mode) == SIZES["full"]:
         return AbsorptionConfig(), ProbingConfig()
@@ -146,9 +146,9 @@ def bench_configs(mode: str = "small"):
 
 
 def evaluated_row(sae: SAE, model, held, name: str, ce_tokens: int = 1024) -> dict:
-    """A sweep-table row (saekit.sweep.sweep_row) for an SAE trained elsewhere, evaluated on
+    """A sweep-table row (saekit.runs.sweep.sweep_row) for an SAE trained elsewhere, evaluated on
     `held`."""
-    from .metrics import evaluate
+    from ..metrics import evaluate
     from .sweep import sweep_row
 
     m = evaluate(sae, model, held, ce_tokens=ce_tokens, progress=False)
@@ -174,7 +174,7 @@ def course_sae(
     """(SAE, model, train store, held-out store) for a notebook: the course SAE (spec None; trained
     once into the shared run folder), or the SAE the user chose with the model it was trained on
     and stores at its hook."""
-    from .models import load_model
+    from ..models import load_model
 
     chosen = load_choice(spec)
     if chosen is None:

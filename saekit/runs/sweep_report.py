@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .metrics import format_difference, paired_difference
-from .sae import ARCHITECTURES
+from ..metrics import format_difference, paired_difference
+from ..sae import ARCHITECTURES
 from .sweep import load_sweep, prefix_table
-from .viz import frontier_figure, prefix_figure
+from ..viz import frontier_figure, prefix_figure
 
 TABLE_METRICS = ("l0", "nmse", "mse_normalized", "ce_recovered", "kl")
 

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from .activations import ActivationStore
-from .checks import hook_on_store
-from .files import atomic_write_bytes, atomic_write_csv, atomic_write_json, refuse_overlap
-from .metrics import CE_TOKENS, evaluate_many
-from .sae import SAEConfig, architecture
-from .train import TrainConfig, as_source, train
+from ..activations import ActivationStore
+from ..plumbing.checks import hook_on_store
+from ..plumbing.files import atomic_write_bytes, atomic_write_csv, atomic_write_json, refuse_overlap
+from ..metrics import CE_TOKENS, evaluate_many
+from ..sae import SAEConfig, architecture
+from ..train import TrainConfig, as_source, train
 
 COLUMNS = [
     "name",
@@ -93,7 +93,7 @@ def sweep(
     out/sweep.parquet and one eval JSON per SAE. Resumes from out/checkpoints like train(); with
     reuse, a finished sweep of the same SAEs and token budget in `out` is loaded instead of
     recomputed. A held-out store is checked against the SAEs' hook and model before any training
-    (saekit.checks; allow_mismatch for a deliberate cross-use)."""
+    (saekit.plumbing.checks; allow_mismatch for a deliberate cross-use)."""
     out = Path(out)
     refuse_overlap(out, {"evaluation store": getattr(eval_data, "path", None)}, "sweep folder")
     if isinstance(eval_data, ActivationStore):
@@ -188,7 +188,7 @@ def prefix_table(sweep_dir: str | Path) -> pd.DataFrame:
 def committed_results(name: str = "smollm2_l15") -> pd.DataFrame:
     """The sweep table committed under results/NAME (shipped inside the package too), for the
     full-size picture next to a notebook's small sweep."""
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parents[1]  # the saekit package
     for p in (
         here / "_data" / "results" / name / "sweep.csv",
         here.parent / "results" / name / "sweep.csv",

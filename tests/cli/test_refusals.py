@@ -16,7 +16,7 @@ from bad_input import ENV, ROOT, cli, copy, refused, run, snapshot
 from conftest import HOOK
 
 import saekit.cli
-from saekit.notebooks import notebooks_source
+from saekit.runs.notebooks import notebooks_source
 
 
 @pytest.fixture

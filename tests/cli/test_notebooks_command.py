@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 
 from saekit.cli import main
-from saekit.notebooks import copy_notebooks, notebooks_source
+from saekit.runs.notebooks import copy_notebooks, notebooks_source
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_notebooks_are_copied_and_never_overwritten_silently(tmp_path, capsys):

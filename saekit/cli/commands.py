@@ -19,12 +19,12 @@ def print_table(df, columns) -> None:
 
 
 def cmd_capture(a) -> int:
-    from . import distributed
-    from .activations import capture
-    from .data import load_corpus, packed_corpus
-    from .files import local_path, prepare_output, refuse_overlap
-    from .locks import writer_lock
-    from .models import load_model
+    from .. import distributed
+    from ..activations import capture
+    from ..data import load_corpus, packed_corpus
+    from ..models import load_model
+    from ..plumbing.files import local_path, prepare_output, refuse_overlap
+    from ..plumbing.locks import writer_lock
 
     if distributed.launched_by_torchrun():  # each rank captures its own shards into the same store
         a.device = distributed.init_from_env(a.device, timeout_s=7 * 24 * 3600)
@@ -73,7 +73,7 @@ def cmd_capture(a) -> int:
 
 
 def cmd_export_store(a) -> int:
-    from .activations import export_store
+    from ..activations import export_store
 
     out = export_store(
         a.store, a.out, format=a.format, context_size=a.context_size, overwrite=a.overwrite
@@ -86,7 +86,7 @@ def _sae_cfgs(a, src):
     """SAE configs for `train`/`sweep`: every --arch at every level (--k, or --l1-coeff for
     ReLU-L1), with the store's provenance (model, hook, context size, corpus) when the data is a
     store."""
-    from .sweep import sweep_configs
+    from ..runs.sweep import sweep_configs
 
     man = src.store.manifest if hasattr(src, "store") else {}
     meta = {
@@ -109,8 +109,8 @@ def _sae_cfgs(a, src):
 
 
 def _train_cfg(a):
-    from .train import TrainConfig
-    from .train.config import PRECISIONS
+    from ..train import TrainConfig
+    from ..train.config import PRECISIONS
 
     return TrainConfig(
         total_tokens=a.tokens,
@@ -126,8 +126,8 @@ def _train_cfg(a):
 
 
 def _print_lrs(cfgs, tc) -> None:
-    from .distributed import world_size
-    from .models import default_device
+    from ..distributed import world_size
+    from ..models import default_device
 
     for c in cfgs:
         print(
@@ -153,8 +153,8 @@ def _print_lrs(cfgs, tc) -> None:
 
 
 def cmd_train(a) -> int:
-    from . import distributed
-    from .train import as_source, train
+    from .. import distributed
+    from ..train import as_source, train
 
     if a.distributed or distributed.launched_by_torchrun():
         # DDP over torchrun's ranks; --batch-size is the global batch
@@ -178,17 +178,17 @@ def _model_for(a, store):
     from."""
     if a.no_ce:
         return None
-    from .models import load_model
+    from ..models import load_model
 
     return load_model(a.model or store.source_model(), device=a.device)
 
 
 def cmd_eval(a) -> int:
-    from .activations import open_store
-    from .checks import hook_on_store
-    from .files import OutputError, atomic_write_json, prepare_output, refuse_overlap
-    from .metrics import describe, evaluate
-    from .sae import load_sae
+    from ..activations import open_store
+    from ..metrics import describe, evaluate
+    from ..plumbing.checks import hook_on_store
+    from ..plumbing.files import OutputError, atomic_write_json, prepare_output, refuse_overlap
+    from ..sae import load_sae
 
     sae = load_sae(a.sae_dir)
     store = open_store(a.store)  # opened once: the model's name and the data come from it
@@ -219,7 +219,7 @@ def cmd_eval(a) -> int:
 
 
 def cmd_calibrate(a) -> int:
-    from .calibrate import calibrate_folder
+    from ..calibrate import calibrate_folder
 
     r = calibrate_folder(
         a.sae_dir,
@@ -242,7 +242,7 @@ def cmd_calibrate(a) -> int:
 
 
 def cmd_compare(a) -> int:
-    from .metrics import compare_lines, read_evaluation
+    from ..metrics import compare_lines, read_evaluation
 
     ea, eb = read_evaluation(a.eval_a), read_evaluation(a.eval_b)
     names = a.names or (ea["sae"].get("architecture", "A"), eb["sae"].get("architecture", "B"))
@@ -252,9 +252,9 @@ def cmd_compare(a) -> int:
 
 
 def cmd_sweep(a) -> int:
-    from .activations import open_store
-    from .sweep import sweep
-    from .train import as_source
+    from ..activations import open_store
+    from ..runs.sweep import sweep
+    from ..train import as_source
 
     src = as_source(a.store, a.hook)
     cfgs, tc = _sae_cfgs(a, src), _train_cfg(a)
@@ -278,7 +278,7 @@ def cmd_sweep(a) -> int:
 
 
 def cmd_sweep_report(a) -> int:
-    from .sweep_report import write_report
+    from ..runs.sweep_report import write_report
 
     tables = write_report(a.sweep_dirs, a.out, title=a.title)
     for name, t in tables.items():
@@ -289,14 +289,14 @@ def cmd_sweep_report(a) -> int:
 
 
 def cmd_report(a) -> int:
-    from .report import build_report
+    from ..runs.report import build_report
 
     print(build_report(a.run_dir, latents=a.latents))
     return 0
 
 
 def cmd_bench(a) -> int:
-    from .bench import bench, format_table
+    from ..bench import bench, format_table
 
     table = bench(
         a.sae_dirs,
@@ -313,7 +313,7 @@ def cmd_bench(a) -> int:
 
 
 def cmd_notebooks(a) -> int:
-    from .notebooks import copy_notebooks
+    from ..runs.notebooks import copy_notebooks
 
     paths = copy_notebooks(a.dir, overwrite=a.overwrite)
     print(
@@ -324,7 +324,7 @@ def cmd_notebooks(a) -> int:
 
 
 def cmd_demo(a) -> int:
-    from .demo import DemoConfig, run_demo
+    from ..runs.demo import DemoConfig, run_demo
 
     run_demo(DemoConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(DemoConfig)}))
     return 0

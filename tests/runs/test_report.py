@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from conftest import HOOK
 
-from saekit.report import build_report
+from saekit.runs.report import build_report
 from saekit.sae import SAEConfig
 from saekit.train import TrainConfig, train
 
-OUTPUT = Path(__file__).resolve().parents[1] / "test-output"
+OUTPUT = Path(__file__).resolve().parents[2] / "test-output"
 CHROMIUM_FLAGS = [
     "--headless",
     "--no-sandbox",

@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import analysis, viz
-from .activations import ActivationStore, open_store
-from .checks import hook_on_store
-from .files import atomic_write_bytes, prepare_output
-from .metrics import reconstruction_metrics
-from .sae import load_sae
+from .. import analysis, viz
+from ..activations import ActivationStore, open_store
+from ..plumbing.checks import hook_on_store
+from ..plumbing.files import atomic_write_bytes, prepare_output
+from ..metrics import reconstruction_metrics
+from ..sae import load_sae
 
 SAMPLE_CHARS = 600
 
@@ -89,7 +89,7 @@ def build_report(
     """Compute the figures for a run folder and write report.html beside it. Returns the path.
     latents: the BatchTopK SAE's latents to give a dashboard each (None: n_features of them,
     dense to rare)."""
-    from .models import load_model
+    from ..models import load_model
 
     run = Path(run_dir)
     dirs = _sae_dirs(run)
@@ -239,8 +239,8 @@ def build_report(
 
 def _bench_sections(folder: Path) -> list:
     """SAEBench's evaluations (`saekit bench --out RUN_DIR/bench`), when they were run."""
-    from .bench import read_all, summary_table
-    from .bench.summary import formatted
+    from ..bench import read_all, summary_table
+    from ..bench.summary import formatted
 
     results = read_all(folder)
     if not results:

@@ -6,14 +6,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from .activations import capture_splits
-from .calibrate import calibrate
-from .files import atomic_write_json, prepare_output
-from .metrics import describe, evaluate, per_token_l0
-from .models import default_device, load_model
+from ..activations import capture_splits
+from ..calibrate import calibrate
+from ..plumbing.files import atomic_write_json, prepare_output
+from ..metrics import describe, evaluate, per_token_l0
+from ..models import default_device, load_model
 from .report import build_report
-from .sae import SAEConfig
-from .train import TrainConfig, train
+from ..sae import SAEConfig
+from ..train import TrainConfig, train
 
 DEMO_HOOK = "resid_post.15"  # mid-depth of SmolLM2's 30 layers, as the paper's GPT-2 layer 8 of 12
 

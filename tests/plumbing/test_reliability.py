@@ -9,15 +9,15 @@ import torch
 from conftest import HOOK
 
 from saekit.activations import ActivationStore, StoreError, capture
-from saekit.checks import (
+from saekit.data import LOCAL_TEST_FRACTION, CorpusError, load_corpus, packed_corpus
+from saekit.plumbing.checks import (
     DataMismatchError,
     NonFiniteError,
     hook_on_model,
     hook_on_store,
     require_finite,
 )
-from saekit.data import LOCAL_TEST_FRACTION, CorpusError, load_corpus, packed_corpus
-from saekit.locks import LockError, writer_lock
+from saekit.plumbing.locks import LockError, writer_lock
 from saekit.sae import SAEConfig, make_sae
 from saekit.train import TrainConfig, TrainingError, train
 
