@@ -17,8 +17,8 @@ AUX_UNIT = 64  # AuxK's slots are a multiple of this
 def padded(sae, step: Step) -> bool:
     """Whether AuxK takes its dead latents in slots padded with -1: a recorded step's fixed number,
     or under bf16 autocast on the CPU, where oneDNN keeps a compiled kernel per product shape and
-    exact shapes would follow the dead count from step to step (tests/train/test_scale.py watches the
-    memory this grew)."""
+    exact shapes would follow the dead count from step to step (tests/train/test_scale.py watches
+    the memory this grew)."""
     cpu_bf16 = sae.W_dec.device.type == "cpu" and torch.is_autocast_enabled("cpu")
     return step.aux_slots is not None or cpu_bf16
 
