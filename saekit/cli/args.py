@@ -102,15 +102,23 @@ def _add_corpus_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_training_args(p, archs, ks, l1, tokens, checkpoint_every) -> None:
-    from ..sae import ARCHITECTURES, NORMALIZATIONS, SAEConfig
-    from ..train import LR_BASE, TrainConfig
-    from ..train.config import PRECISIONS
-    from ..train.graphs import MODES as GRAPH_MODES
-
+    """train's and sweep's flags: the data, the SAEs (each --arch at every level), the run."""
     p.add_argument(
         "--store", required=True, help="activation store folder, or a .npy/.safetensors [N, d] file"
     )
     p.add_argument("--hook", default=None, help="hook point to train on (None: the store's first)")
+    _add_sae_args(p, archs, ks, l1)
+    _add_run_args(p, tokens, checkpoint_every)
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output folder (one subfolder per SAE; checkpoints to resume from)",
+    )
+
+
+def _add_sae_args(p, archs, ks, l1) -> None:
+    from ..sae import ARCHITECTURES, NORMALIZATIONS, SAEConfig
+
     p.add_argument(
         "--arch",
         nargs="+",
@@ -147,6 +155,13 @@ def _add_training_args(p, archs, ks, l1, tokens, checkpoint_every) -> None:
         help="starting norm of each encoder column: 'paper' (sqrt(2 d_in / d_sae), as the "
         "BatchTopK paper's code draws it) or a number (1: the decoder transposed)",
     )
+
+
+def _add_run_args(p, tokens, checkpoint_every) -> None:
+    from ..train import LR_BASE, TrainConfig
+    from ..train.config import PRECISIONS
+    from ..train.graphs import MODES as GRAPH_MODES
+
     p.add_argument(
         "--tokens",
         type=positive_int,
@@ -200,11 +215,6 @@ def _add_training_args(p, archs, ks, l1, tokens, checkpoint_every) -> None:
         default=TrainConfig.step_graphs,
         choices=GRAPH_MODES,
         help="'cuda': record each SAE's step once as CUDA graphs and replay it (one GPU)",
-    )
-    p.add_argument(
-        "--out",
-        required=True,
-        help="output folder (one subfolder per SAE; checkpoints to resume from)",
     )
 
 

@@ -139,137 +139,22 @@ class TrainingRun:
             return self._fit(source, resume, callback, stop_after)
 
     def _fit(self, source, resume: bool, callback, stop_after: int | None) -> TrainResult:
-        for c in self.cfgs:
-            if c.d_in != source.d_model:
-                raise TrainingError(
-                    f"SAE {c.name} has d_in={c.d_in} but the activations have d={source.d_model}; "
-                    f"set d_in={source.d_model}"
-                )
+        self._check_source(source)
+        self._start_or_resume(source, resume)
         tc = self.tc
-        n = len(source)
-        if n < tc.batch_size:
-            raise TrainingError(
-                f"the activations hold {n} rows, fewer than one batch of {tc.batch_size}; "
-                f"capture more tokens or lower batch_size"
-            )
-        D.barrier()  # (distributed) every rank sees the same checkpoints
-        self.run = checkpoints.run_identity(source, tc, self.cfgs, self.lrs, self.autocasts)
-        ckpt = self.latest_checkpoint() if resume else None
-        if ckpt is not None:
-            self.load_checkpoint(ckpt)
-        if self.step < tc.total_steps or not self.segments:  # a finished run reopened adds none
-            self.segments.append(checkpoints.segment(tc, self.device, self.step))
-        if not self.initialised:
-            init = []
-            got = 0
-            for x in source.batches(
-                self.local_batch, seed=tc.seed + 7919, buffer_rows=tc.buffer_rows, **self._shard
-            ):
-                init.append(x)
-                got += x.shape[0]
-                if got >= tc.init_tokens:
-                    break
-            sample = torch.cat(init)
-            if not torch.isfinite(sample).all():
-                raise TrainingError(
-                    "NaN/inf in the input activations (seen while initialising); re-capture them"
-                )
-            self.initialise(sample)
-        per_epoch = n // tc.batch_size
-        # ranks of a store read whole chunks, so their shares differ a little: one spare epoch keeps
-        # every rank stepping until total_steps (a rank that ran out would leave the others waiting)
-        epochs = math.ceil(tc.total_steps / per_epoch) + (self.world > 1)
+        limit = tc.total_steps if stop_after is None else min(tc.total_steps, stop_after)
         t0 = time.perf_counter()
-        loader, stream = None, ()
-        bar = tqdm(
-            total=tc.total_steps,
-            initial=self.step,
-            desc="train",
-            unit="step",
-            disable=not tc.progress or self.rank != 0,
-        )
-        shown = -math.inf
-        run = self._maybe_wandb() if self.rank == 0 else None
+        stream, loader = self._batches(source, limit)
         try:
-            limit = tc.total_steps if stop_after is None else min(tc.total_steps, stop_after)
-            batches = stream = (
-                source.batches(
-                    self.local_batch,
-                    seed=tc.seed,
-                    epochs=epochs,
-                    skip_batches=self.step,
-                    **self._shard,
-                    buffer_rows=tc.buffer_rows,
-                )
-                if self.step < limit
-                else ()
-            )
-            if self.step < limit:
-                # read ahead no further than needed
-                batches = itertools.islice(batches, limit - self.step)
-                ahead = (
-                    tc.prefetch
-                    if tc.prefetch is not None
-                    else (2 if self.device.type == "cuda" else 0)
-                )
-                batches = loader = (
-                    Prefetcher(batches, self.device, ahead) if ahead else TimedBatches(batches)
-                )
-            for x in batches:
-                stats = self.train_step(x.to(self.device, non_blocking=True))
-                if callback is not None:
-                    callback(self, stats)
-                if run is not None:
-                    run.log(
-                        {f"{nm}/{k}": v for nm, s in zip(self.names, stats) for k, v in s.items()},
-                        step=self.step,
-                    )
-                # read the step's figures when shown
-                if not bar.disable and time.monotonic() - shown >= 0.5:
-                    s0, shown = stats[0], time.monotonic()
-                    bar.set_postfix(
-                        loss=f"{s0['loss']:.4g}",
-                        nmse=f"{s0['nmse']:.3f}",
-                        l0=f"{s0['l0']:.1f}",
-                        dead=f"{s0['dead_frac']:.2f}",
-                    )
-                bar.update(1)
-                if (
-                    self.out is not None
-                    and tc.checkpoint_every
-                    and self.step % tc.checkpoint_every == 0
-                ):
-                    self.save_checkpoint()
-                    D.barrier()
-                if self.step >= limit:
-                    break
+            self._loop(loader if loader is not None else (), limit, callback)
         finally:
-            bar.close()
             if loader is not None:
                 loader.close()
             # (a read-ahead thread that did not stop still runs it)
             with contextlib.suppress(ValueError):
                 # now: the store keeps its buffer for calibration
                 getattr(stream, "close", lambda: None)()
-            if run is not None:
-                run.finish()
-        if self.step >= tc.total_steps and tc.calibrate_batches:
-            self.calibrate(source)
-        for sae in self.saes:
-            sae.eval()
-        if self.out is not None:
-            if self.step >= tc.total_steps or tc.checkpoint_every:
-                self.save_checkpoint()
-            try:
-                self.write_outputs()
-            # the checkpoint above holds the work: a re-run writes the outputs from it
-            except OSError as e:
-                raise TrainingError(
-                    f"{os_error_message(e)}. The trained SAEs are kept in "
-                    f"{self.latest_checkpoint()}: "
-                    f"run the same command again to write them"
-                ) from e
-            D.barrier()
+        self._finish(source)
         return TrainResult(
             self.saes,
             self.log_frames(),
@@ -280,6 +165,133 @@ class TrainingRun:
             self.names,
             data_wait_s=loader.wait_s if loader else 0.0,
         )
+
+    def _check_source(self, source) -> None:
+        """The data fits the SAEs and holds at least one batch."""
+        for c in self.cfgs:
+            if c.d_in != source.d_model:
+                raise TrainingError(
+                    f"SAE {c.name} has d_in={c.d_in} but the activations have d={source.d_model}; "
+                    f"set d_in={source.d_model}"
+                )
+        n = len(source)
+        if n < self.tc.batch_size:
+            raise TrainingError(
+                f"the activations hold {n} rows, fewer than one batch of {self.tc.batch_size}; "
+                "capture more tokens or lower batch_size"
+            )
+
+    def _start_or_resume(self, source, resume: bool) -> None:
+        """Resume from this run's latest checkpoint (checked to be this run's), or start: each
+        SAE initialised from a sample of the data. A new segment is recorded either way."""
+        tc = self.tc
+        D.barrier()  # (distributed) every rank sees the same checkpoints
+        self.run = checkpoints.run_identity(source, tc, self.cfgs, self.lrs, self.autocasts)
+        ckpt = self.latest_checkpoint() if resume else None
+        if ckpt is not None:
+            self.load_checkpoint(ckpt)
+        if self.step < tc.total_steps or not self.segments:  # a finished run reopened adds none
+            self.segments.append(checkpoints.segment(tc, self.device, self.step))
+        if self.initialised:
+            return
+        init, got = [], 0
+        for x in source.batches(
+            self.local_batch, seed=tc.seed + 7919, buffer_rows=tc.buffer_rows, **self._shard
+        ):
+            init.append(x)
+            got += x.shape[0]
+            if got >= tc.init_tokens:
+                break
+        sample = torch.cat(init)
+        if not torch.isfinite(sample).all():
+            raise TrainingError(
+                "NaN/inf in the input activations (seen while initialising); re-capture them"
+            )
+        self.initialise(sample)
+
+    def _batches(self, source, limit: int):
+        """(the store's stream, the batches the loop reads): from this step on, up to `limit`, read
+        ahead where that pays. (None, None) where the run has no step left."""
+        tc = self.tc
+        if self.step >= limit:
+            return None, None
+        # ranks of a store read whole chunks, so their shares differ a little: one spare epoch keeps
+        # every rank stepping until total_steps (a rank that ran out would leave the others waiting)
+        epochs = math.ceil(tc.total_steps / (len(source) // tc.batch_size)) + (self.world > 1)
+        stream = source.batches(
+            self.local_batch,
+            seed=tc.seed,
+            epochs=epochs,
+            skip_batches=self.step,
+            **self._shard,
+            buffer_rows=tc.buffer_rows,
+        )
+        batches = itertools.islice(stream, limit - self.step)  # read ahead no further than needed
+        ahead = tc.prefetch if tc.prefetch is not None else (2 if self.device.type == "cuda" else 0)
+        return stream, Prefetcher(batches, self.device, ahead) if ahead else TimedBatches(batches)
+
+    def _loop(self, batches, limit: int, callback) -> None:
+        """Train on `batches` up to step `limit`: progress, logging and checkpoints."""
+        tc = self.tc
+        bar = tqdm(
+            total=tc.total_steps,
+            initial=self.step,
+            desc="train",
+            unit="step",
+            disable=not tc.progress or self.rank != 0,
+        )
+        shown = -math.inf
+        run = self._maybe_wandb() if self.rank == 0 else None
+        try:
+            for x in batches:
+                stats = self.train_step(x.to(self.device, non_blocking=True))
+                if callback is not None:
+                    callback(self, stats)
+                if run is not None:
+                    run.log(
+                        {f"{nm}/{k}": v for nm, s in zip(self.names, stats) for k, v in s.items()},
+                        step=self.step,
+                    )
+                if not bar.disable and time.monotonic() - shown >= 0.5:  # read when shown
+                    s0, shown = stats[0], time.monotonic()
+                    bar.set_postfix(
+                        loss=f"{s0['loss']:.4g}",
+                        nmse=f"{s0['nmse']:.3f}",
+                        l0=f"{s0['l0']:.1f}",
+                        dead=f"{s0['dead_frac']:.2f}",
+                    )
+                bar.update(1)
+                if self.out is not None and tc.checkpoint_every:
+                    if self.step % tc.checkpoint_every == 0:
+                        self.save_checkpoint()
+                        D.barrier()
+                if self.step >= limit:
+                    break
+        finally:
+            bar.close()
+            if run is not None:
+                run.finish()
+
+    def _finish(self, source) -> None:
+        """θ from the final weights where the run is done, a last checkpoint and the outputs."""
+        tc = self.tc
+        if self.step >= tc.total_steps and tc.calibrate_batches:
+            self.calibrate(source)
+        for sae in self.saes:
+            sae.eval()
+        if self.out is None:
+            return
+        if self.step >= tc.total_steps or tc.checkpoint_every:
+            self.save_checkpoint()
+        try:
+            self.write_outputs()
+        # the checkpoint above holds the work: a re-run writes the outputs from it
+        except OSError as e:
+            raise TrainingError(
+                f"{os_error_message(e)}. The trained SAEs are kept in "
+                f"{self.latest_checkpoint()}: run the same command again to write them"
+            ) from e
+        D.barrier()
 
     def calibrate(self, source) -> None:
         """Final BatchTopK thresholds from the final weights (same seed: the same batches on

@@ -15,7 +15,7 @@ import torch
 from bad_input import ENV, ROOT, cli, copy, refused, run, snapshot
 from conftest import HOOK
 
-import saekit.cli
+import saekit.cli.commands
 from saekit.runs.notebooks import notebooks_source
 
 
@@ -199,7 +199,7 @@ def test_ctrl_c_ends_every_long_command_with_one_line(monkeypatch, command):
     def interrupted(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(saekit.cli, f"cmd_{command.replace('-', '_')}", interrupted)
+    monkeypatch.setattr(saekit.cli.commands, f"cmd_{command.replace('-', '_')}", interrupted)
     args = {
         "capture": ["--hook", HOOK, "--out", "x"],
         "train": ["--store", "x", "--out", "x"],
