@@ -8,12 +8,12 @@ from dataclasses import dataclass
 
 from ..activations import capture_splits
 from ..calibrate import calibrate
-from ..plumbing.files import atomic_write_json, prepare_output
 from ..metrics import describe, evaluate, per_token_l0
 from ..models import default_device, load_model
-from .report import build_report
+from ..plumbing.files import atomic_write_json, prepare_output
 from ..sae import SAEConfig
 from ..train import TrainConfig, train
+from .report import build_report
 
 DEMO_HOOK = "resid_post.15"  # mid-depth of SmolLM2's 30 layers, as the paper's GPT-2 layer 8 of 12
 

@@ -17,9 +17,9 @@ import pandas as pd
 
 from .. import analysis, viz
 from ..activations import ActivationStore, open_store
+from ..metrics import reconstruction_metrics
 from ..plumbing.checks import hook_on_store
 from ..plumbing.files import atomic_write_bytes, prepare_output
-from ..metrics import reconstruction_metrics
 from ..sae import load_sae
 
 SAMPLE_CHARS = 600
@@ -95,20 +95,42 @@ def build_report(
     dirs = _sae_dirs(run)
     prepare_output(run, 0, "run folder")  # report.html is written there at the end
     saes = {name: load_sae(d) for name, d in dirs.items()}
-    store = (
-        open_store(run / "store_test")
-        if (run / "store_test").exists()
-        else open_store(run / "store_train")
-    )
+    held = run / "store_test"
+    store = open_store(held if held.exists() else run / "store_train")
     first = next(iter(saes.values()))
     model = model or load_model(first.cfg.model_name, device="cpu")
-    sections: list[tuple[str, str, object]] = []  # (title, prose, figure or html string)
+    summary, per_token = _summary(run, saes, store)
+    sections: list[tuple[str, str, object]] = [summary]  # (title, prose, figure or html string)
+    logs, targets = _training_logs(dirs, saes)
+    if logs:
+        sections.append(
+            (
+                "Training",
+                "Each SAE's log against training tokens (train/NAME/train_log.csv).",
+                viz.training_curves_figure(logs, targets),
+            )
+        )
+    sections += _allocation(saes, model, store, per_token, n_tokens)
+    sections.append(_dashboards(saes, model, store, n_tokens, n_features, latents, progress))
+    sweeps = sorted(run.rglob("sweep.csv"))
+    if sweeps:
+        from .sweep import load_sweep
 
-    metrics = (
-        json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").exists() else None
-    )
-    rows = []
-    per_token = {}
+        where = html.escape(str(sweeps[0].relative_to(run)))
+        frontier = viz.frontier_figure(load_sweep(sweeps[0]))
+        sections.append(("Frontier", f"From {where}.", frontier))
+    if (run / "bench").is_dir():
+        sections += _bench_sections(run / "bench")
+    out = run / "report.html"
+    page = render(sections, title=f"saekit report: {run.name}")
+    atomic_write_bytes(out, lambda fh: fh.write(page.encode()))
+    return out
+
+
+def _summary(run: Path, saes: dict, store) -> tuple[tuple, dict]:
+    """The summary section (each SAE on the held-out store; the demo's downstream metrics where
+    metrics.json has them), and each SAE's per-token L0 there."""
+    rows, per_token = [], {}
     for name, sae in saes.items():
         batches = store.head_batches(len(store), 4096, hook_on_store(sae, store))
         m = reconstruction_metrics(sae, batches, mode=None)
@@ -123,83 +145,89 @@ def build_report(
         + "".join(rows)
         + "</table>"
     )
-    if metrics and metrics.get("downstream"):
-        d = metrics["downstream"]
-        iv = d.get("intervals") or {}
-        ci = lambda k: f" [{iv[k][0]:.4f}, {iv[k][1]:.4f}]" if iv.get(k) else ""
-        table += (
-            f"<p>Downstream ({html.escape(str(metrics['sae']['architecture']))}, "
-            f"{d['n_tokens']:,} positions in {d.get('n_sequences', '?')} held-out "
-            f"sequences): CE clean {d['ce_clean']:.3f}, with the SAE spliced in "
-            f"{d['ce_sae']:.3f}, zero-ablated {d['ce_zero_ablation']:.3f} (nats per token): "
-            f"<b>CE recovered {d['ce_recovered']:.4f}{ci('ce_recovered')}</b>, KL "
-            f"{d['kl']:.4f}{ci('kl')} (95% bootstrap intervals over sequences).</p>"
+    if (run / "metrics.json").exists():
+        table += _downstream_html(json.loads((run / "metrics.json").read_text()))
+    first = next(iter(saes.values()))
+    prose = (
+        f"Held-out activations: {len(store):,} tokens at "
+        f"<code>{html.escape(str(first.cfg.hook_name))}</code> of "
+        f"{html.escape(str(first.cfg.model_name))}."
+    )
+    return ("Summary", prose, table), per_token
+
+
+def _downstream_html(metrics: dict) -> str:
+    """The demo's CE recovered and KL with intervals, and BatchTopK's L0 in both modes."""
+    d = metrics.get("downstream")
+    if not d:
+        return ""
+    iv = d.get("intervals") or {}
+    ci = lambda k: f" [{iv[k][0]:.4f}, {iv[k][1]:.4f}]" if iv.get(k) else ""
+    out = (
+        f"<p>Downstream ({html.escape(str(metrics['sae']['architecture']))}, "
+        f"{d['n_tokens']:,} positions in {d.get('n_sequences', '?')} held-out "
+        f"sequences): CE clean {d['ce_clean']:.3f}, with the SAE spliced in "
+        f"{d['ce_sae']:.3f}, zero-ablated {d['ce_zero_ablation']:.3f} (nats per token): "
+        f"<b>CE recovered {d['ce_recovered']:.4f}{ci('ce_recovered')}</b>, KL "
+        f"{d['kl']:.4f}{ci('kl')} (95% bootstrap intervals over sequences).</p>"
+    )
+    sp = metrics.get("sparsity") or {}
+    if "l0_batch_mode" in sp:
+        theta_source = (metrics["sae"].get("theta_info") or {}).get("source", "training")
+        out += (
+            f"<p>BatchTopK's L0 on held-out text: {sp['l0_threshold_mode']:.2f} in threshold "
+            f"mode (theta {metrics['sae'].get('theta', float('nan')):.4f}, "
+            f"{html.escape(str(theta_source))}), {sp['l0_batch_mode']:.2f} in batch mode.</p>"
         )
-        sp = metrics.get("sparsity") or {}
-        if "l0_batch_mode" in sp:
-            theta_source = (metrics["sae"].get("theta_info") or {}).get("source", "training")
-            table += (
-                f"<p>BatchTopK's L0 on held-out text: {sp['l0_threshold_mode']:.2f} in threshold "
-                f"mode (theta {metrics['sae'].get('theta', float('nan')):.4f}, "
-                f"{html.escape(str(theta_source))}), {sp['l0_batch_mode']:.2f} in batch mode.</p>"
-            )
-    sections.append(
-        (
-            "Summary",
-            f"Held-out activations: {len(store):,} tokens at "
-            f"<code>{html.escape(str(first.cfg.hook_name))}</code> of "
-            f"{html.escape(str(first.cfg.model_name))}.",
-            table,
-        )
+    return out
+
+
+def _batchtopk(saes: dict) -> tuple[str, object]:
+    """The run's BatchTopK SAE (name, SAE), or its first SAE where it has none."""
+    return next(
+        ((n, s) for n, s in saes.items() if s.cfg.arch == "batchtopk"), next(iter(saes.items()))
     )
 
-    logs, targets = _training_logs(dirs, saes)
-    if logs:
-        sections.append(
-            (
-                "Training",
-                "Each SAE's log against training tokens (train/NAME/train_log.csv).",
-                viz.training_curves_figure(logs, targets),
-            )
-        )
+
+def _allocation(saes: dict, model, store, per_token: dict, n_tokens: int) -> list[tuple]:
+    """Latents per token on a sample text, their distribution, and what goes with more."""
     text = _sample_text(store, model.tokenizer)
     tables = {_label(s, n): analysis.latent_counts(s, model, text) for n, s in saes.items()}
-    sections.append(
+    bt_name, bt = _batchtopk(saes)
+    props = analysis.token_properties(bt, model, store, n_tokens=min(n_tokens, 4096))
+    corr = analysis.count_correlations(props)
+    return [
         (
             "Adaptive allocation: latents per token",
             "Each token shaded by its number of active latents (hover for its "
             "strongest latents). TopK gives every token the same k; BatchTopK "
             "(threshold mode) gives each token what it needs.",
             viz.token_counts_figure(tables),
-        )
-    )
-    sections.append(
+        ),
         (
             "Per-token L0 distribution",
             "Over the held-out tokens.",
             viz.l0_distribution_figure(per_token),
-        )
-    )
-    bt_name, bt = next(
-        ((n, s) for n, s in saes.items() if s.cfg.arch == "batchtopk"), next(iter(saes.items()))
-    )
-    props = analysis.token_properties(bt, model, store, n_tokens=min(n_tokens, 4096))
-    corr = analysis.count_correlations(props)
-    sections.append(
+        ),
         (
             f"What goes with more latents ({_label(bt, bt_name)})",
             "Spearman correlation of a token's latent count with its properties.",
             viz.count_property_figure(props, corr),
-        )
-    )
+        ),
+    ]
+
+
+def _dashboards(saes: dict, model, store, n_tokens, n_features, latents, progress) -> tuple:
+    """A feature dashboard for each chosen latent of the BatchTopK SAE (None: n_features of them,
+    from dense to rare)."""
+    bt_name, bt = _batchtopk(saes)
     index = analysis.build_feature_index(
         bt, store, n_tokens=n_tokens, tokenizer=model.tokenizer, progress=progress
     )
     if latents is None:
         alive = np.nonzero(index.density > 0)[0]
-        latents = alive[np.argsort(-index.density[alive])][:: max(1, len(alive) // n_features)][
-            :n_features
-        ]
+        by_density = alive[np.argsort(-index.density[alive])]
+        latents = by_density[:: max(1, len(alive) // n_features)][:n_features]
     bad = [int(j) for j in latents if not 0 <= int(j) < bt.cfg.d_sae]
     if bad:
         raise ValueError(
@@ -207,34 +235,15 @@ def build_report(
             f"(0..{bt.cfg.d_sae - 1})"
         )
     feats = [part for lat in latents for part in _dashboard(index, bt, model, int(lat))]
-    sections.append(
-        (
-            f"Feature dashboards ({_label(bt, bt_name)})",
-            "For each latent: its top contexts with every token shaded by its activation (hover "
-            "for the value), examples from each quarter of its range with their share of its "
-            "firings, its neighbours by decoder cosine and by firing together, its activation "
-            "histogram, and its logit effects (through the final norm's gain and the "
-            "unembedding).",
-            feats,
-        )
+    return (
+        f"Feature dashboards ({_label(bt, bt_name)})",
+        "For each latent: its top contexts with every token shaded by its activation (hover "
+        "for the value), examples from each quarter of its range with their share of its "
+        "firings, its neighbours by decoder cosine and by firing together, its activation "
+        "histogram, and its logit effects (through the final norm's gain and the "
+        "unembedding).",
+        feats,
     )
-    sweeps = sorted(run.rglob("sweep.csv"))
-    if sweeps:
-        from .sweep import load_sweep
-
-        sections.append(
-            (
-                "Frontier",
-                f"From {html.escape(str(sweeps[0].relative_to(run)))}.",
-                viz.frontier_figure(load_sweep(sweeps[0])),
-            )
-        )
-    if (run / "bench").is_dir():
-        sections += _bench_sections(run / "bench")
-    out = run / "report.html"
-    page = render(sections, title=f"saekit report: {run.name}")
-    atomic_write_bytes(out, lambda fh: fh.write(page.encode()))
-    return out
 
 
 def _bench_sections(folder: Path) -> list:

@@ -11,9 +11,9 @@ from pathlib import Path
 import pandas as pd
 
 from ..activations import ActivationStore
+from ..metrics import CE_TOKENS, evaluate_many
 from ..plumbing.checks import hook_on_store
 from ..plumbing.files import atomic_write_bytes, atomic_write_csv, atomic_write_json, refuse_overlap
-from ..metrics import CE_TOKENS, evaluate_many
 from ..sae import SAEConfig, architecture
 from ..train import TrainConfig, as_source, train
 

@@ -18,8 +18,8 @@ import pandas as pd
 
 from ..metrics import format_difference, paired_difference
 from ..sae import ARCHITECTURES
-from .sweep import load_sweep, prefix_table
 from ..viz import frontier_figure, prefix_figure
+from .sweep import load_sweep, prefix_table
 
 TABLE_METRICS = ("l0", "nmse", "mse_normalized", "ce_recovered", "kl")
 
