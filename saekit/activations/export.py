@@ -61,10 +61,29 @@ def export_store(
 def _export_saelens(
     store: ActivationStore, out: Path, context_size: int | None, overwrite: bool, progress: bool
 ) -> Path:
-    import datasets
-
     if out.exists() and not overwrite:
         raise StoreError(f"{out} exists; choose another folder or pass --overwrite")
+    context_size, n_ctx, pos = _contexts(store, context_size)
+    dtype = "float16" if store.dtype == "float16" else "float32"
+    columns = {saelens_hook_name(h): h for h in store.hooks}
+    row_bytes = context_size * store.d_model * _ARRAY_DTYPES[dtype]().itemsize * len(columns)
+    # (twice the cache: its pieces and their concatenation)
+    require_space(out.parent, 2 * n_ctx * (row_bytes + 4 * context_size))
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    final = tmp / "cache"
+    _write_cache(store, final, columns, dtype, context_size, n_ctx, pos, progress)
+    _write_side_files(store, final, columns, context_size, n_ctx, pos)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(final, out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _contexts(store: ActivationStore, context_size: int | None) -> tuple[int, int, np.ndarray]:
+    """(rows per context, whole contexts the store fills, every row's (sequence, position)),
+    checked: at least one context, rows in (sequence, position) order."""
     m = store.manifest
     if context_size is None:
         context_size = int(
@@ -82,9 +101,13 @@ def _export_saelens(
             f"store {store.path} is not in (sequence, position) "
             "order; it cannot be exported as contexts"
         )
-    dtype = "float16" if store.dtype == "float16" else "float32"
-    np_dtype = _ARRAY_DTYPES[dtype]
-    columns = {saelens_hook_name(h): h for h in store.hooks}
+    return context_size, n_ctx, pos
+
+
+def _write_cache(store, final: Path, columns, dtype, context_size, n_ctx, pos, progress) -> None:
+    """The `datasets` folder at `final`: pieces of about 64 MB written one by one, then joined."""
+    import datasets
+
     features = datasets.Features(
         {
             **{
@@ -95,25 +118,13 @@ def _export_saelens(
         }
     )
     toks = np.asarray(store.tokens)
-    require_space(
-        out.parent,
-        2 * n_ctx * context_size * (store.d_model * np_dtype().itemsize * len(columns) + 4),
-    )
-    # (twice the cache: its pieces and their concatenation)
-    rows_per_piece = max(
-        1, (64 << 20) // (context_size * store.d_model * np_dtype().itemsize * len(columns))
-    )
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    row_bytes = context_size * store.d_model * _ARRAY_DTYPES[dtype]().itemsize * len(columns)
+    rows_per_piece = max(1, (64 << 20) // row_bytes)
     pieces = []
     with _quiet_datasets():
+        starts = range(0, n_ctx, rows_per_piece)
         for i, s in enumerate(
-            tqdm(
-                range(0, n_ctx, rows_per_piece),
-                desc="export saelens",
-                unit="piece",
-                disable=not progress,
-            )
+            tqdm(starts, desc="export saelens", unit="piece", disable=not progress)
         ):
             e = min(s + rows_per_piece, n_ctx)
             r0, r1 = s * context_size, e * context_size
@@ -129,37 +140,39 @@ def _export_saelens(
             piece["token_ids"] = (
                 toks[pos[r0:r1, 0], pos[r0:r1, 1]].reshape(e - s, context_size).astype(np.int32)
             )
-            d = datasets.Dataset.from_dict(piece, features=features)
-            d.save_to_disk(str(tmp / "pieces" / f"{i:05d}"))
-            pieces.append(tmp / "pieces" / f"{i:05d}")
+            path = final.parent / "pieces" / f"{i:05d}"
+            datasets.Dataset.from_dict(piece, features=features).save_to_disk(str(path))
+            pieces.append(path)
         whole = datasets.concatenate_datasets([datasets.load_from_disk(str(p)) for p in pieces])
-        whole.save_to_disk(str(tmp / "cache"))
-    final = tmp / "cache"
+        whole.save_to_disk(str(final))
+
+
+# the manifest fields a SAELens export carries, so saekit reads it back as the store it was
+SIDE_KEYS = (
+    "model",
+    "seq_len",
+    "n_sequences",
+    "drop_bos",
+    "bos_token_id",
+    "pad_token_id",
+    "corpus",
+    "tokens_sha256",
+)
+
+
+def _write_side_files(store, final: Path, columns, context_size, n_ctx, pos) -> None:
+    """saekit's files beside the cache, which SAELens ignores: every row's position, the tokens,
+    the document ids and the store's manifest fields."""
     atomic_save_npy(final / _SIDE_POSITIONS, pos[: n_ctx * context_size].astype(np.int32))
-    atomic_save_npy(final / "tokens.npy", toks)
+    atomic_save_npy(final / "tokens.npy", np.asarray(store.tokens))
     atomic_save_npy(final / "doc_ids.npy", np.asarray(store.doc_ids))
-    keep = (
-        "model",
-        "seq_len",
-        "n_sequences",
-        "drop_bos",
-        "bos_token_id",
-        "pad_token_id",
-        "corpus",
-        "tokens_sha256",
-    )
     atomic_write_json(
         final / _SIDE_MANIFEST,
         {
-            **{k: m.get(k) for k in keep},
+            **{k: store.manifest.get(k) for k in SIDE_KEYS},
             "exported_from": str(store.path),
             "saekit_hooks": columns,
             "context_size": context_size,
             "rows_left_out": len(store) - n_ctx * context_size,
         },
     )
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(final, out)
-    shutil.rmtree(tmp, ignore_errors=True)
-    return out

@@ -49,18 +49,69 @@ def run_demo(c: DemoConfig) -> dict:
     model = load_model(device=c.device)
     print(
         f"[2/6] capturing {c.hook} on the bundled corpus, documents drawn at random from each "
-        "whole split: "
-        f"{c.tokens:,} training tokens, {c.calib_tokens:,} more from unseen training documents "
-        "(to calibrate "
-        f"theta on) and {c.eval_tokens:,} held-out tokens"
+        f"whole split: {c.tokens:,} training tokens, {c.calib_tokens:,} more from unseen "
+        f"training documents (to calibrate theta on) and {c.eval_tokens:,} held-out tokens"
     )
     store, held, calib_store = capture_splits(
         model, c.hook, out, c.tokens, c.eval_tokens, calib_tokens=c.calib_tokens
     )
+    res, tc, bf16 = _train(c, store, out)
+    sae, sae_dir = res.saes[0], out / "train" / res.names[0]
+    theta_trained = float(sae.threshold)
+    l0_trained = float(per_token_l0(sae, held, c.eval_tokens).mean())
+    print(
+        f"[4/6] theta from training {theta_trained:.4f}: held-out threshold-mode L0 "
+        f"{l0_trained:.2f} (k = {c.k}); calibrating theta on {len(calib_store):,} tokens of "
+        "training-split documents the SAE never saw (not the held-out ones)"
+    )
+    cal = calibrate(sae, calib_store)
+    sae.save(sae_dir)
+    print(
+        f"      theta {theta_trained:.4f} -> {cal['theta']:.4f} (L0 on the calibration store "
+        f"{cal['l0_before']:.2f} -> {cal['l0_after']:.2f})"
+    )
+    print(
+        "[5/6] evaluating the BatchTopK SAE on held-out text (reconstruction, sparsity, CE with "
+        f"it spliced in on {c.ce_tokens:,} positions)"
+    )
+    m = evaluate(sae, model, held, n_tokens=c.eval_tokens, ce_tokens=c.ce_tokens, progress=True)
+    summary = {
+        **m,
+        **{f"store_{s}": str(out / f"store_{s}") for s in ("train", "test", "calib")},
+        "sae_dir": str(sae_dir),
+        "train_tokens": res.tokens,
+        "train_steps": res.steps,
+        "lr": tc.lr_for(sae.cfg.d_sae),
+        "autocast": bf16,
+        "theta": cal["theta"],
+        "theta_trained": theta_trained,
+        "l0_threshold_mode_trained_theta": l0_trained,
+        "l0_batch_mode": m["sparsity"]["l0_batch_mode"],
+        "ce_tokens": m["downstream"]["n_tokens"],
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    atomic_write_json(out / "metrics.json", summary)
+    print("\nheld-out, " + describe(m))
+    print(
+        f"  held-out L0 / k: {l0_trained / c.k:.3f} with the trained theta, "
+        f"{m['sparsity']['l0'] / c.k:.3f} after calibrating on unseen training-split text"
+    )
+    print("[6/6] writing the report")
+    report = build_report(out, model=model)
+    print(
+        f"results in {out}/: metrics.json, {report.name} (open it in a browser), "
+        f"train/{res.names[0]}/ and train/{res.names[1]}/ (cfg.json, sae_weights.safetensors, "
+        f"train_log.csv); {time.perf_counter() - t0:.0f} s in all"
+    )
+    return summary
+
+
+def _train(c: DemoConfig, store, out):
+    """Step 3: a BatchTopK and a TopK SAE on one stream of the store. Returns (the run's result,
+    its TrainConfig, whether the BatchTopK SAE trained under bf16 autocast)."""
     print(
         f"[3/6] training BatchTopK and TopK SAEs (k={c.k}, {c.expansion}x = "
-        f"{store.d_model * c.expansion} latents) "
-        f"on one stream of {c.train_tokens:,} tokens"
+        f"{store.d_model * c.expansion} latents) on one stream of {c.train_tokens:,} tokens"
     )
     common = dict(
         d_in=store.d_model,
@@ -88,57 +139,4 @@ def run_demo(c: DemoConfig) -> dict:
         f"({'--lr' if c.lr else 'default for ' + str(cfgs[0].d_sae) + ' latents'}); "
         f"{'bf16 autocast' if bf16 else 'fp32'} (the default at this size on this {device})"
     )
-    res = train(store, cfgs, tc, out=out / "train")
-    sae, sae_dir = res.saes[0], out / "train" / res.names[0]
-    theta_trained = float(sae.threshold)
-    l0_trained = float(per_token_l0(sae, held, c.eval_tokens).mean())
-    print(
-        f"[4/6] theta from training {theta_trained:.4f}: held-out threshold-mode L0 "
-        f"{l0_trained:.2f} (k = {c.k}); calibrating theta on {len(calib_store):,} tokens of "
-        "training-split documents the SAE never saw (not the held-out ones)"
-    )
-    cal = calibrate(sae, calib_store)
-    sae.save(sae_dir)
-    print(
-        f"      theta {theta_trained:.4f} -> {cal['theta']:.4f} (L0 on the calibration store "
-        f"{cal['l0_before']:.2f} -> {cal['l0_after']:.2f})"
-    )
-    print(
-        "[5/6] evaluating the BatchTopK SAE on held-out text (reconstruction, sparsity, CE with "
-        "it spliced in "
-        f"on {c.ce_tokens:,} positions)"
-    )
-    m = evaluate(sae, model, held, n_tokens=c.eval_tokens, ce_tokens=c.ce_tokens, progress=True)
-    summary = {
-        **m,
-        "store_train": str(out / "store_train"),
-        "store_test": str(out / "store_test"),
-        "store_calib": str(out / "store_calib"),
-        "sae_dir": str(sae_dir),
-        "train_tokens": res.tokens,
-        "train_steps": res.steps,
-        "lr": tc.lr_for(sae.cfg.d_sae),
-        "autocast": bf16,
-        "theta": cal["theta"],
-        "theta_trained": theta_trained,
-        "l0_threshold_mode_trained_theta": l0_trained,
-        "l0_batch_mode": m["sparsity"]["l0_batch_mode"],
-        "ce_tokens": m["downstream"]["n_tokens"],
-        "seconds": round(time.perf_counter() - t0, 1),
-    }
-    atomic_write_json(out / "metrics.json", summary)
-    print("\nheld-out, " + describe(m))
-    print(
-        f"  held-out L0 / k: {l0_trained / c.k:.3f} with the trained theta, "
-        f"{m['sparsity']['l0'] / c.k:.3f} "
-        f"after calibrating on unseen training-split text"
-    )
-    print("[6/6] writing the report")
-    report = build_report(out, model=model)
-    print(
-        f"results in {out}/: metrics.json, {report.name} (open it in a browser), "
-        f"train/{res.names[0]}/ and "
-        f"train/{res.names[1]}/ (cfg.json, sae_weights.safetensors, train_log.csv); "
-        f"{time.perf_counter() - t0:.0f} s in all"
-    )
-    return summary
+    return train(store, cfgs, tc, out=out / "train"), tc, bf16
