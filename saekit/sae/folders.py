@@ -19,7 +19,8 @@ from .config import SAEConfigError
 
 def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
     """Load an SAE folder: saekit's or SAELens's (`cfg.json` + `sae_weights.safetensors`, inference
-    or training layout) or sparsify's (`cfg.json` + `sae.safetensors`)."""
+    or training layout) or sparsify's (`cfg.json` + `sae.safetensors`). Every field and tensor is
+    checked before the SAE is made."""
     folder = Path(folder)
     cfg_path = folder / formats.CFG_FILE
     sparsify = (folder / formats.SPARSIFY_WEIGHTS).exists() and not (
@@ -29,8 +30,7 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
     if not cfg_path.exists() or not w_path.exists():
         raise SAEConfigError(
             f"{folder} is not an SAE folder: it needs {formats.CFG_FILE} and "
-            f"{formats.WEIGHTS_FILE} "
-            f"(saekit/SAELens) or {formats.SPARSIFY_WEIGHTS} (sparsify)"
+            f"{formats.WEIGHTS_FILE} (saekit/SAELens) or {formats.SPARSIFY_WEIGHTS} (sparsify)"
         )
     raw = read_json_object(cfg_path, SAEConfigError, "restore it or save the SAE again")
     try:
@@ -40,25 +40,45 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
             f"{w_path} is corrupt or truncated ({e.__class__.__name__}: {e})"
         ) from e
     check_tensors(state, w_path)
-    state = {k: v.float() for k, v in state.items()}
+    cfg, state = _config(raw, {k: v.float() for k, v in state.items()}, cfg_path, w_path, sparsify)
+    check_shapes(cfg, state, cfg_path, w_path)
+    sae = make_sae(cfg)
+    with torch.no_grad():
+        sae.set_weights(state)
+        if raw.get("saekit"):
+            sae.theta_info = raw["saekit"].get("theta")
+        if sae.inference_threshold() is not None:
+            if state.get("threshold") is None:
+                raise SAEConfigError(
+                    f"{w_path}: a {sae.label} SAE needs a 'threshold' tensor for inference"
+                )
+            sae.load_threshold(state["threshold"])
+    return sae.to(device).eval()
+
+
+def _config(raw: dict, state: dict, cfg_path: Path, w_path: Path, sparsify: bool):
+    """(SAEConfig, weights in saekit's layout) from whichever tool wrote the folder; a field that
+    is missing or of the wrong kind is an SAEConfigError naming the file."""
     try:
         if sparsify:
-            cfg, state = formats.from_sparsify(raw, state, w_path)
-        elif raw.get("saekit"):
-            cfg = formats.saekit_config(raw)
+            return formats.from_sparsify(raw, state, w_path)
+        if raw.get("saekit"):
             check_theta_record(raw["saekit"].get("theta"), f"{cfg_path}: saekit.theta")
-        else:
-            cfg, state = formats.from_saelens(raw, state, cfg_path)
+            return formats.saekit_config(raw), state
+        return formats.from_saelens(raw, state, cfg_path)
     except SAEConfigError as e:
-        if str(e).startswith(str(folder)):
+        if str(e).startswith(str(cfg_path.parent)):
             raise
         raise SAEConfigError(f"{cfg_path}: {e}") from None
-    # a field missing or of the wrong kind
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise SAEConfigError(
             f"{cfg_path} is malformed ({e.__class__.__name__}: "
             f"{e}); restore it or save the SAE again"
         ) from e
+
+
+def check_shapes(cfg, state: dict, cfg_path: Path, w_path: Path) -> None:
+    """The four tensors there, of the shapes cfg.json implies."""
     for key in ("W_enc", "W_dec", "b_enc", "b_dec"):
         if key not in state:
             raise SAEConfigError(
@@ -80,18 +100,6 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
             f"{w_path} does not fit {cfg_path} (d_in={cfg.d_in}, d_sae={cfg.d_sae}): "
             f"{'; '.join(wrong)}; the weights and the config come from different SAEs"
         )
-    sae = make_sae(cfg)
-    with torch.no_grad():
-        sae.set_weights(state)
-        if raw.get("saekit"):
-            sae.theta_info = raw["saekit"].get("theta")
-        if sae.inference_threshold() is not None:
-            if state.get("threshold") is None:
-                raise SAEConfigError(
-                    f"{w_path}: a {sae.label} SAE needs a 'threshold' tensor for inference"
-                )
-            sae.load_threshold(state["threshold"])
-    return sae.to(device).eval()
 
 
 def check_tensors(state: dict[str, torch.Tensor], where: Path) -> None:
