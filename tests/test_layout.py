@@ -201,8 +201,8 @@ def test_adding_an_architecture_is_one_class(tmp_path):
     """A class registered in a test trains, evaluates, saves, loads, sweeps and appears in the
     CLI and plots."""
     from saekit.cli import build_parser
+    from saekit.jobs.sweep import sweep_configs
     from saekit.metrics import reconstruction_metrics
-    from saekit.runs.sweep import sweep_configs
     from saekit.train import TrainConfig, train
     from saekit.viz import arch_color, arch_label
 
@@ -257,8 +257,8 @@ def test_every_cli_flag_has_help_and_shows_its_default():
 
 def test_cli_defaults_are_the_librarys():
     from saekit.cli import build_parser
+    from saekit.jobs.demo import DemoConfig
     from saekit.metrics import evaluate
-    from saekit.runs.demo import DemoConfig
     from saekit.sae import ARCHS
     from saekit.train import TrainConfig
 

@@ -33,7 +33,7 @@ from saekit.bench.summary import (
     probing_difference,
 )
 from saekit.models import load_model
-from saekit.runs.sweep import sweep_configs
+from saekit.jobs.sweep import sweep_configs
 from saekit.train import TrainConfig, train
 
 HOOK, TOKENS, BATCH, EXPANSION = "resid_post.15", 786_432, 1024, 8

@@ -27,8 +27,8 @@ from pathlib import Path
 from saekit.activations import capture_splits
 from saekit.models import load_model
 from saekit.sae import SAEConfig
-from saekit.runs.sweep import sweep, sweep_configs
-from saekit.runs.sweep_report import write_report
+from saekit.jobs.sweep import sweep, sweep_configs
+from saekit.jobs.sweep_report import write_report
 from saekit.train import TrainConfig
 
 HOOK, TOKENS, BATCH, EXPANSION = "resid_post.15", 786_432, 1024, 8

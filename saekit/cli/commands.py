@@ -86,7 +86,7 @@ def _sae_cfgs(a, src):
     """SAE configs for `train`/`sweep`: every --arch at every level (--k, or --l1-coeff for
     ReLU-L1), with the store's provenance (model, hook, context size, corpus) when the data is a
     store."""
-    from ..runs.sweep import sweep_configs
+    from ..jobs.sweep import sweep_configs
 
     man = src.store.manifest if hasattr(src, "store") else {}
     meta = {
@@ -253,7 +253,7 @@ def cmd_compare(a) -> int:
 
 def cmd_sweep(a) -> int:
     from ..activations import open_store
-    from ..runs.sweep import sweep
+    from ..jobs.sweep import sweep
     from ..train import as_source
 
     src = as_source(a.store, a.hook)
@@ -278,7 +278,7 @@ def cmd_sweep(a) -> int:
 
 
 def cmd_sweep_report(a) -> int:
-    from ..runs.sweep_report import write_report
+    from ..jobs.sweep_report import write_report
 
     tables = write_report(a.sweep_dirs, a.out, title=a.title)
     for name, t in tables.items():
@@ -289,7 +289,7 @@ def cmd_sweep_report(a) -> int:
 
 
 def cmd_report(a) -> int:
-    from ..runs.report import build_report
+    from ..jobs.report import build_report
 
     print(build_report(a.run_dir, latents=a.latents))
     return 0
@@ -313,7 +313,7 @@ def cmd_bench(a) -> int:
 
 
 def cmd_notebooks(a) -> int:
-    from ..runs.notebooks import copy_notebooks
+    from ..jobs.notebooks import copy_notebooks
 
     paths = copy_notebooks(a.dir, overwrite=a.overwrite)
     print(
@@ -324,7 +324,7 @@ def cmd_notebooks(a) -> int:
 
 
 def cmd_demo(a) -> int:
-    from ..runs.demo import DemoConfig, run_demo
+    from ..jobs.demo import DemoConfig, run_demo
 
     run_demo(DemoConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(DemoConfig)}))
     return 0

@@ -99,8 +99,8 @@ def add_eval(sub) -> None:
         "--mode",
         default=None,
         choices=["threshold", "batch"],
-        help="BatchTopK's code: threshold (theta; None means this) or batch (top B*k of each "
-        "batch)",
+        help="BatchTopK's code: threshold (theta; None means this) "
+        "or batch (top B*k of each batch)",
     )
     e.add_argument(
         "--tokens",
@@ -320,7 +320,7 @@ DEMO_HELP = {
 
 
 def add_demo(sub) -> None:
-    from ..runs.demo import DemoConfig
+    from ..jobs.demo import DemoConfig
 
     d = _sub(
         sub, "demo", "the main job on the embedded model and bundled corpus", commands.cmd_demo

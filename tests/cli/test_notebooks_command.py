@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from saekit.cli import main
-from saekit.runs.notebooks import copy_notebooks, notebooks_source
+from saekit.jobs.notebooks import copy_notebooks, notebooks_source
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -16,7 +16,7 @@ from bad_input import ENV, ROOT, cli, copy, refused, run, snapshot
 from conftest import HOOK
 
 import saekit.cli.commands
-from saekit.runs.notebooks import notebooks_source
+from saekit.jobs.notebooks import notebooks_source
 
 
 @pytest.fixture

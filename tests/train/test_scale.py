@@ -137,7 +137,9 @@ def test_a_store_larger_than_the_memory_cap_trains_in_bounded_memory(tmp_path):
     # fp32, the [4096, 512] codes and their gradients, the allocator's slack. Measured (MiB, base /
     # small peak / peak): 307 / 390-439 / 424-472 over three runs
     assert m["peak"] - m["peak_small"] < 128 * 2**20, f"8x the store, {mib}"
-    assert 0 < m["peak"] - m["base"] < store_bytes // 2, (
+    # (no lower bound: where the warm-up left as much resident, the peak is the base: seen once,
+    # base 422 MiB, peak 410 MiB)
+    assert 0 < m["peak_small"] and m["peak"] - m["base"] < store_bytes // 2, (
         f"grew over half the {store_bytes >> 20} MiB store: {mib}"
     )
     assert m["tokens"] >= 0.99 * ROWS  # the whole store went through

@@ -10,7 +10,7 @@ from saekit.metrics import (
 
 
 def test_small_sweep_end_to_end(model, store, tmp_path):
-    from saekit.runs.sweep import COLUMNS, load_sweep, sweep, sweep_configs
+    from saekit.jobs.sweep import COLUMNS, load_sweep, sweep, sweep_configs
     from saekit.train import TrainConfig
     from saekit.viz import frontier_figure
 
@@ -36,7 +36,7 @@ def test_small_sweep_end_to_end(model, store, tmp_path):
     assert mat["prefixes"][-1]["nmse"] == pytest.approx(mat["reconstruction"]["nmse"], rel=1e-6)
     assert all(p["ce_recovered"] is not None for p in mat["prefixes"])
     # a finished sweep of the same SAEs and budget is loaded, not recomputed
-    import saekit.runs.sweep as sweep_mod
+    import saekit.jobs.sweep as sweep_mod
 
     def no_training(*a, **k):
         raise AssertionError("trained again")
@@ -74,7 +74,7 @@ def test_small_sweep_end_to_end(model, store, tmp_path):
     assert all(x == sorted(x) for x in xs)
     # the results-folder report: tables per SAE and per k, the frontier, and the Matryoshka prefixes
     from saekit.cli import main as cli
-    from saekit.runs.sweep import prefix_table
+    from saekit.jobs.sweep import prefix_table
 
     prefixes = prefix_table(tmp_path / "sw")
     assert (
@@ -114,7 +114,7 @@ def test_small_sweep_end_to_end(model, store, tmp_path):
 
 
 def test_committed_results_load():
-    from saekit.runs.sweep import committed_results
+    from saekit.jobs.sweep import committed_results
 
     df = committed_results("smollm2_l15")
     assert {

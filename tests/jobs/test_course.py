@@ -5,7 +5,7 @@ what to do instead."""
 import pytest
 import torch
 
-from saekit.runs import course
+from saekit.jobs import course
 from saekit.sae import load_sae
 from saekit.sae.config import SAEConfigError
 

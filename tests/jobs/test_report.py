@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import HOOK
 
-from saekit.runs.report import build_report
+from saekit.jobs.report import build_report
 from saekit.sae import SAEConfig
 from saekit.train import TrainConfig, train
 

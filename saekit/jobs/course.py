@@ -146,7 +146,7 @@ def bench_configs(mode: str = "small"):
 
 
 def evaluated_row(sae: SAE, model, held, name: str, ce_tokens: int = 1024) -> dict:
-    """A sweep-table row (saekit.runs.sweep.sweep_row) for an SAE trained elsewhere, evaluated on
+    """A sweep-table row (saekit.jobs.sweep.sweep_row) for an SAE trained elsewhere, evaluated on
     `held`."""
     from ..metrics import evaluate
     from .sweep import sweep_row
