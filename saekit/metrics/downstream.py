@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..sae import SAE
 from .intervals import CE_STATS, STATISTICS, bootstrap_intervals, resample_weights
@@ -99,93 +100,112 @@ def ce_metrics_many(
     `x_hat + error` check where error_splice, one flag or one per SAE, says so). Every result
     carries 95% bootstrap intervals over sequences and its per-sequence sums ("_per_sequence");
     seq_index names the sequences (default 0..n-1) so two evaluations can be paired."""
+    from ..models import resolve_hook, underlying
+
     splice_err = (
         [error_splice] * len(saes) if isinstance(error_splice, bool) else list(error_splice)
     )
-    from tqdm.auto import tqdm
-
-    from ..models import resolve_hook, underlying
-
     hp = resolve_hook(model, hook or saes[0].cfg.hook_name)
     device = next(underlying(model).parameters()).device
     tokens = torch.from_numpy(np.array(tokens, dtype=np.int64))
     keep = torch.from_numpy(np.array(keep, dtype=bool))
+    if mean_activation is None:
+        mean_activation = _mean_activation(model, tokens, keep, hp, device, seq_batch)
     was_training = [s.training for s in saes]
     for s in saes:
         s.eval()
-
-    def splice(recon_fn, dev):
-        def fn(v):
-            kb = keep_b.to(v.device)
-            new = torch.zeros_like(v)
-            new[kb] = recon_fn(v[kb].to(dev).float()).to(v.dtype).to(v.device)
-            return torch.where(kb[..., None], new, v)
-
-        return fn
-
-    if mean_activation is None:  # dataset mean of the hook over these positions (for mean ablation)
-        from ..activations import forward_hooks
-
-        total, count = None, 0
-        for b in range(0, tokens.shape[0], seq_batch):
-            v = forward_hooks(model, tokens[b : b + seq_batch].to(device), [hp])[0]
-            kb = keep[b : b + seq_batch].to(v.device)
-            s = v[kb].double().sum(0)
-            total = s if total is None else total + s
-            count += int(kb.sum())
-        mean_activation = (total / max(count, 1)).float()
-    n_seq = tokens.shape[0]
-    # per-sequence sums
-    shared = {k: np.zeros(n_seq) for k in ("clean", "zero", "mean", "n", "kl_zero")}
-    own = [
-        {k: np.zeros(n_seq) for k in ("sae", "sae_plus_error", "kl_sae", "kl_sae_plus_error")}
-        for _ in saes
-    ]
-    bar = tqdm(range(0, n_seq, seq_batch), desc="CE", disable=not progress)
-
-    def per_row(v: torch.Tensor, target: torch.Tensor) -> np.ndarray:
-        return (v * target).sum(1).double().cpu().numpy()
-
     try:
-        for b in bar:
-            ids = tokens[b : b + seq_batch].to(device)
-            keep_b = keep[b : b + seq_batch]
-            rows = slice(b, b + ids.shape[0])
-            target = keep_b[:, 1:].to(device)
-            clean = patched_logits(model, ids, hp)
-            logp_clean = clean.log_softmax(-1)
-            shared["clean"][rows] += per_row(_token_ce(clean, ids), target)
-            shared["n"][rows] += target.sum(1).cpu().numpy()
-            for name, fn in (
-                ("zero", lambda x: torch.zeros_like(x)),
-                ("mean", lambda x: mean_activation.to(x.device).expand_as(x)),
-            ):
-                logits = patched_logits(model, ids, hp, splice(fn, device))
-                shared[name][rows] += per_row(_token_ce(logits, ids), target)
-                if name == "zero":
-                    shared["kl_zero"][rows] += per_row(_kl(logp_clean, logits), target)
-            for sae, sums, with_err in zip(saes, own, splice_err):
-                dev = next(sae.parameters()).device
-                runs = {"sae": lambda x, sae=sae: sae(x, mode=mode).x_hat}
-                if with_err:
-                    runs["sae_plus_error"] = lambda x, sae=sae: (lambda x_hat: x_hat + (x - x_hat))(
-                        sae(x, mode=mode).x_hat
-                    )
-                for name, fn in runs.items():
-                    logits = patched_logits(model, ids, hp, splice(fn, dev))
-                    sums[name][rows] += per_row(_token_ce(logits, ids), target)
-                    sums[f"kl_{name}"][rows] += per_row(_kl(logp_clean, logits), target)
+        sums = CESums(tokens.shape[0], len(saes))
+        for b in tqdm(range(0, tokens.shape[0], seq_batch), desc="CE", disable=not progress):
+            batch = (tokens[b : b + seq_batch].to(device), keep[b : b + seq_batch])
+            sums.add(b, model, hp, batch, mean_activation, saes, mode, splice_err)
     finally:
         for s, t in zip(saes, was_training):
             s.train(t)
-    n = int(shared["n"].sum())
-    if n == 0:
-        raise ValueError("no positions to score: the sequences hold no kept next-token targets")
-    used = shared["n"] > 0
-    seq_ids = np.arange(n_seq) if seq_index is None else np.asarray(seq_index)
-    weights = resample_weights(int(used.sum())) if used.sum() >= 2 else None
-    results = []
-    for sums, with_err in zip(own, splice_err):
+    return [sums.result(i, with_err, seq_index) for i, with_err in enumerate(splice_err)]
+
+
+def _mean_activation(model, tokens, keep, hp, device, seq_batch: int) -> torch.Tensor:
+    """The hook's mean over the kept positions of these sequences (mean ablation's value)."""
+    from ..activations import forward_hooks
+
+    total, count = None, 0
+    for b in range(0, tokens.shape[0], seq_batch):
+        v = forward_hooks(model, tokens[b : b + seq_batch].to(device), [hp])[0]
+        kb = keep[b : b + seq_batch].to(v.device)
+        s = v[kb].double().sum(0)
+        total = s if total is None else total + s
+        count += int(kb.sum())
+    return (total / max(count, 1)).float()
+
+
+def _splice(recon_fn, keep_b: torch.Tensor, dev):
+    """The hook's value with the kept positions replaced by recon_fn of them (computed on dev)."""
+
+    def fn(v):
+        kb = keep_b.to(v.device)
+        new = torch.zeros_like(v)
+        new[kb] = recon_fn(v[kb].to(dev).float()).to(v.dtype).to(v.device)
+        return torch.where(kb[..., None], new, v)
+
+    return fn
+
+
+def _plus_error(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """The reconstruction plus its error, x up to rounding."""
+    return x_hat + (x - x_hat)
+
+
+def _per_row(v: torch.Tensor, target: torch.Tensor) -> np.ndarray:
+    return (v * target).sum(1).double().cpu().numpy()
+
+
+class CESums:
+    """Per-sequence sums of next-token CE and KL: the clean, zero- and mean-ablated forwards shared
+    by every SAE, and each SAE's own spliced forwards."""
+
+    def __init__(self, n_seq: int, n_saes: int):
+        self.shared = {k: np.zeros(n_seq) for k in ("clean", "zero", "mean", "n", "kl_zero")}
+        names = ("sae", "sae_plus_error", "kl_sae", "kl_sae_plus_error")
+        self.own = [{k: np.zeros(n_seq) for k in names} for _ in range(n_saes)]
+
+    def add(self, b: int, model, hp, batch, mean_activation, saes, mode, splice_err) -> None:
+        """The sums of the sequences from b on: batch = (ids on the model's device, keep)."""
+        ids, keep_b = batch
+        rows = slice(b, b + ids.shape[0])
+        target = keep_b[:, 1:].to(ids.device)
+        clean = patched_logits(model, ids, hp)
+        logp_clean = clean.log_softmax(-1)
+        shared = self.shared
+        shared["clean"][rows] += _per_row(_token_ce(clean, ids), target)
+        shared["n"][rows] += target.sum(1).cpu().numpy()
+        for name, fn in (
+            ("zero", lambda x: torch.zeros_like(x)),
+            ("mean", lambda x: mean_activation.to(x.device).expand_as(x)),
+        ):
+            logits = patched_logits(model, ids, hp, _splice(fn, keep_b, ids.device))
+            shared[name][rows] += _per_row(_token_ce(logits, ids), target)
+            if name == "zero":
+                shared["kl_zero"][rows] += _per_row(_kl(logp_clean, logits), target)
+        for sae, sums, with_err in zip(saes, self.own, splice_err):
+            dev = next(sae.parameters()).device
+            runs = {"sae": lambda x, sae=sae: sae(x, mode=mode).x_hat}
+            if with_err:  # the splice machinery itself must give the clean CE back
+                runs["sae_plus_error"] = lambda x, sae=sae: _plus_error(x, sae(x, mode=mode).x_hat)
+            for name, fn in runs.items():
+                logits = patched_logits(model, ids, hp, _splice(fn, keep_b, dev))
+                sums[name][rows] += _per_row(_token_ce(logits, ids), target)
+                sums[f"kl_{name}"][rows] += _per_row(_kl(logp_clean, logits), target)
+
+    def result(self, i: int, with_err: bool, seq_index=None) -> dict:
+        """SAE i's figures: means per scored token, CE recovered and the rest, their intervals."""
+        shared, sums = self.shared, self.own[i]
+        n = int(shared["n"].sum())
+        if n == 0:
+            raise ValueError("no positions to score: the sequences hold no kept next-token targets")
+        used = shared["n"] > 0
+        seq_ids = np.arange(len(used)) if seq_index is None else np.asarray(seq_index)
+        weights = resample_weights(int(used.sum())) if used.sum() >= 2 else None
         per_seq = {
             "seq": seq_ids[used].tolist(),
             **{k: shared[k][used].tolist() for k in ("clean", "zero", "mean", "n")},
@@ -196,27 +216,23 @@ def ce_metrics_many(
         ce = {k: tot[k] / n for k in ("clean", "zero", "mean", "sae")}
         with np.errstate(divide="ignore", invalid="ignore"):
             point = {name: float(STATISTICS[name](tot)) for name in CE_STATS}
-        results.append(
-            {
-                "n_tokens": n,
-                "n_sequences": int(used.sum()),
-                "ce_clean": ce["clean"],
-                "ce_sae": ce["sae"],
-                "ce_zero_ablation": ce["zero"],
-                "ce_mean_ablation": ce["mean"],
-                "kl_zero_ablation": float(shared["kl_zero"].sum()) / n,
-                **point,
-                "ce_sae_plus_error": float(sums["sae_plus_error"].sum()) / n if with_err else None,
-                "kl_sae_plus_error": float(sums["kl_sae_plus_error"].sum()) / n
-                if with_err
-                else None,
-                "intervals": bootstrap_intervals(per_seq, CE_STATS, weights=weights)
-                if weights is not None
-                else None,
-                "_per_sequence": per_seq,
-            }
-        )
-    return results
+        with_error = lambda key: float(sums[key].sum()) / n if with_err else None
+        return {
+            "n_tokens": n,
+            "n_sequences": int(used.sum()),
+            "ce_clean": ce["clean"],
+            "ce_sae": ce["sae"],
+            "ce_zero_ablation": ce["zero"],
+            "ce_mean_ablation": ce["mean"],
+            "kl_zero_ablation": float(shared["kl_zero"].sum()) / n,
+            **point,
+            "ce_sae_plus_error": with_error("sae_plus_error"),
+            "kl_sae_plus_error": with_error("kl_sae_plus_error"),
+            "intervals": bootstrap_intervals(per_seq, CE_STATS, weights=weights)
+            if weights is not None
+            else None,
+            "_per_sequence": per_seq,
+        }
 
 
 def sample_sequences(
