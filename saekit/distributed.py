@@ -151,11 +151,13 @@ def broadcast_module(module: torch.nn.Module) -> None:
 def global_batch_topk(
     a: torch.Tensor, k: int, hint: float, topk
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """BatchTopK's training selection over the global batch: (flat indices, values, cut) of this
-    rank's entries among the world*B*k largest pre-activations of all ranks (positive ones), where
-    `topk(a, n, hint)` is the exact local top-n (saekit.sae.fast.batch_topk). The cut is the global
-    n-th largest value, as one process on the concatenated batch would see it (None when nothing
-    positive is kept anywhere)."""
+    """BatchTopK's training selection over the global batch, kept apart from
+    saekit.sae.selections.batch_topk (which calls it) because the ranks agree the cut between them:
+    (flat indices, values, cut) of this rank's entries among the world*B*k largest pre-activations
+    of all ranks (positive ones), where `topk(a, n, hint)` is the exact local top-n
+    (saekit.sae.selections.top_n, passed in because this module imports nothing of the SAEs). The
+    cut is the global n-th largest value, as one process on the concatenated batch would see it
+    (None when nothing positive is kept anywhere)."""
     B = a.shape[0]
     n_global = B * world_size() * k
     share = min(2 * B * k, a.numel())
@@ -208,10 +210,10 @@ def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def wrap_ddp(saes, fast: bool, device: torch.device) -> list:
-    """Each SAE's training loss as a DistributedDataParallel module (gradients all-reduced over the
-    ranks). The trainer's Step(distributed=True) makes batch-coupled terms (BatchTopK's selection,
-    JumpReLU's L0 target) use the global batch."""
+def wrap_ddp(saes, device: torch.device, loss) -> list:
+    """Each SAE's training loss `loss(sae, x, step, plan)` as a DistributedDataParallel module
+    (gradients all-reduced over the ranks). The trainer's Step(distributed=True) makes
+    batch-coupled terms (BatchTopK's selection, JumpReLU's L0 target) use the global batch."""
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
@@ -224,16 +226,16 @@ def wrap_ddp(saes, fast: bool, device: torch.device) -> list:
         if "forward_sync_buffers" in params
         else {"broadcast_buffers": False}
     )
-    return [DistributedDataParallel(LossModule(s, fast), device_ids=ids, **no_sync) for s in saes]
+    return [DistributedDataParallel(LossModule(s, loss), device_ids=ids, **no_sync) for s in saes]
 
 
 class LossModule(torch.nn.Module):
     """An SAE whose forward is its training loss, so DDP wraps it (DDP hooks in through forward)."""
 
-    def __init__(self, sae, fast: bool = True):
+    def __init__(self, sae, loss):
         super().__init__()
         self.sae = sae
-        self.fast = fast
+        self.loss = loss
 
-    def forward(self, x, step):
-        return self.sae.training_loss(x, step, fast=self.fast)
+    def forward(self, x, step, plan):
+        return self.loss(self.sae, x, step, plan)

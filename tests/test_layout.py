@@ -97,6 +97,34 @@ def test_every_saekit_import_resolves():
     assert not bad, f"imports of modules that do not exist: {bad}"
 
 
+# the speed layer's callers: the trainer, its step recorder, and SAE.training_loss (users' entry)
+FAST_CALLERS = {"saekit.train.trainer", "saekit.train.graphs", "saekit.sae.base"}
+
+
+def test_only_the_trainer_reaches_into_the_speed_layer():
+    """Hints, plans and read-backs stay inside saekit.sae.fast: no architecture, no other module
+    imports from it, and where it is imported it is imported as `fast`."""
+    graph = _graph()
+    reach = {
+        m
+        for m, deps in graph.items()
+        if not m.startswith("saekit.sae.fast")
+        and any(d.startswith("saekit.sae.fast") for d in deps)
+    }
+    assert reach <= FAST_CALLERS, (
+        f"modules that import the speed layer: {sorted(reach - FAST_CALLERS)}"
+    )
+    aliases = {
+        a.asname
+        for path in PKG.rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ImportFrom | ast.Import)
+        for a in node.names
+        if a.asname and (a.name == "fast" or a.name.endswith(".fast"))
+    }
+    assert not aliases, f"the speed layer imported under other names: {aliases}"
+
+
 def test_the_cycle_check_finds_a_cycle(tmp_path, monkeypatch):
     """The checker itself: two modules that import each other are reported."""
     a, b = tmp_path / "saekit" / "a.py", tmp_path / "saekit" / "b.py"

@@ -4,6 +4,7 @@ reference.py      the algorithms in plain PyTorch, to read first (tests hold the
 config.py         SAEConfig, the registry of architectures by name
 step.py           Step: what the trainer tells a training loss about one step
 outputs.py        Selection, ForwardOutput, TrainOutput
+selections.py     the exact selections: batch_topk, topk, above (the reference's names)
 scaling.py        input scaling: per token, dataset-wide or none (mixed into SAE)
 auxk.py           dead latents and AuxK (mixed into SAE)
 base.py           SAE: encoder/decoder, the reference training loss, saving
@@ -33,11 +34,10 @@ from .config import (
     register,
     resolve_group_sizes,
 )
-from .fast import SparseCode, batch_topk
-from .fast.autograd import sparse_decode
 from .folders import load_sae, save_sparsify
 from .formats import CFG_FILE, SPARSIFY_WEIGHTS, WEIGHTS_FILE
 from .outputs import ForwardOutput, Selection, TrainOutput
+from .selections import batch_topk
 from .step import Step
 
 __all__ = [
@@ -58,7 +58,6 @@ __all__ = [
     "ForwardOutput",
     "TrainOutput",
     "Selection",
-    "SparseCode",
     "Step",
     "architecture",
     "register",
@@ -67,5 +66,4 @@ __all__ = [
     "save_sparsify",
     "resolve_group_sizes",
     "batch_topk",
-    "sparse_decode",
 ]

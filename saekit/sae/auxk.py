@@ -41,8 +41,7 @@ class DeadLatents:
         if not self.aux_wanted(step):
             return None
         dead = self.dead_mask()
-        n_dead = step.aux_slots if step.aux_slots is not None else step.n_dead
-        n_dead = int(dead.sum()) if n_dead is None else n_dead
+        n_dead = int(dead.sum())
         return (dead, n_dead) if n_dead else None
 
     def aux_code(self, a: torch.Tensor, dead: torch.Tensor, n_dead: int) -> torch.Tensor:

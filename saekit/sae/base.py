@@ -17,7 +17,7 @@ from ..plumbing.files import atomic_write_bytes, atomic_write_json
 from . import formats
 from .auxk import DeadLatents
 from .config import SAEConfig, SAEConfigError
-from .fast.paths import loss as sparse_loss
+from .fast import training_loss
 from .outputs import ForwardOutput, Selection, TrainOutput
 from .scaling import InputScaling
 from .step import PLAIN, Step
@@ -130,7 +130,7 @@ class SAE(InputScaling, DeadLatents, torch.nn.Module):
 
     def select(self, a: torch.Tensor, mode: str | None = None, step: Step = PLAIN) -> Selection:
         """The active entries of pre-activations a [batch, d_sae] in code `mode` ("train" in
-        training)."""
+        training; `step` says whether the batch is every rank's)."""
         raise NotImplementedError
 
     def activate(self, a: torch.Tensor, mode: str | None = None) -> torch.Tensor:
@@ -178,13 +178,11 @@ class SAE(InputScaling, DeadLatents, torch.nn.Module):
         return x.to(self.W_dec.dtype)  # (W_enc is a view made on each access)
 
     # -- training ------------------------------------------------------------------------------
-    def training_loss(self, x: torch.Tensor, step: Step = PLAIN, fast: bool = True) -> TrainOutput:
-        """The loss on a batch of inputs (input space): by the sparse path (saekit.sae.fast) where
-        the architecture has one and fast=True, else by `reference_loss`. Both give the same loss
-        and gradients."""
-        if fast and self.fast_path is not None:
-            return sparse_loss(self, x, step)
-        return self.reference_loss(x, step)
+    def training_loss(self, x: torch.Tensor, step: Step = PLAIN, fast: bool = True):
+        """The loss on a batch of inputs (input space): by the sparse path where the architecture
+        has one and fast=True, else by `reference_loss`; both give the same loss and gradients.
+        Returns saekit.sae.fast's TrainOutput with the path it took (`path`)."""
+        return training_loss(self, x, step, enabled=fast)
 
     def reference_loss(self, x: torch.Tensor, step: Step = PLAIN) -> TrainOutput:
         """The loss with dense matrices throughout: encode, select, decode, the sparsity term,
@@ -221,13 +219,8 @@ class SAE(InputScaling, DeadLatents, torch.nn.Module):
         sparsity=None,
         aux=None,
         cut=None,
-        path="reference",
-        exact=None,
-        n_active=None,
     ) -> TrainOutput:
-        """A path's loss terms as a TrainOutput. sparsity None: no such term; n_active: the entries
-        a sparse path processed (a number, or a device tensor where it was found without a
-        read-back)."""
+        """A path's loss terms as a TrainOutput (sparsity None: no such term)."""
         loss = mse if sparsity is None else mse + sparsity
         if aux is not None:  # AuxK runs on one step in aux_every: weighted to match
             loss = torch.add(loss, aux, alpha=self.cfg.aux_alpha * self.cfg.aux_every)
@@ -237,15 +230,7 @@ class SAE(InputScaling, DeadLatents, torch.nn.Module):
             "sparsity": zero if sparsity is None else sparsity.detach(),
             "aux": zero if aux is None else aux.detach(),
         }
-        count = n_active if isinstance(n_active, torch.Tensor) else None
-        density = (
-            None
-            if n_active is None or count is not None
-            else n_active / (xs.shape[0] * self.cfg.d_sae)
-        )
-        return TrainOutput(
-            loss, terms, x_hat, xs, fired, l0, cut, path, exact, density=density, count=count
-        )
+        return TrainOutput(loss, terms, x_hat, xs, fired, l0, cut)
 
     def train_code(
         self, a: torch.Tensor, step: Step = PLAIN

@@ -1,6 +1,6 @@
 """What an SAE gives back: `Selection` (the entries `select` keeps), `ForwardOutput` (the code and
-reconstruction of `SAE.forward`) and `TrainOutput` (a training path's loss, its terms and the
-statistics the trainer keeps)."""
+reconstruction of `SAE.forward`) and `TrainOutput` (a training loss, its terms and the statistics
+the trainer keeps)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,6 @@ class Selection(NamedTuple):
     rows: torch.Tensor
     cols: torch.Tensor
     cut: torch.Tensor | None = None
-    # 0-dim bool where a selection without read-backs may not be exact
-    exact: torch.Tensor | None = None
 
 
 class ForwardOutput(NamedTuple):
@@ -35,10 +33,3 @@ class TrainOutput(NamedTuple):
     fired: torch.Tensor  # [d_sae] bool: latents active in this batch
     l0: torch.Tensor  # [batch] active latents per token
     cut: torch.Tensor | None = None  # the selection's cut (Selection.cut): BatchTopK's θ sample
-    path: str = "reference"  # "reference" (dense) or "sparse" (saekit.sae.fast)
-    # 0-dim bool: False where the selection must be redone with Step(exact=True)
-    exact: torch.Tensor | None = None
-    cut_value: float | None = None  # `cut` as a number, where the trainer has read it back
-    density: float | None = None  # active entries / (batch x d_sae) where the host knows it
-    count: torch.Tensor | None = None  # the entries a sparse path found without a read-back
-    count_value: float | None = None  # `count` as a number, read back by the trainer

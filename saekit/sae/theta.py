@@ -2,15 +2,16 @@
 
 In training BatchTopK keeps the batch's top batch*k pre-activations; its cut is the smallest one
 kept. At inference there is no batch to rank, so a latent fires where its pre-activation is above
-one global θ, an estimate of that
-cut: during training a running mean of the steps' cuts (`running_update`), at the end re-estimated
-with the final weights (`estimate`), and on request calibrated so that threshold mode gives an exact
-mean L0 (`estimate` pooled).
+one global θ, an estimate of that cut: during training a running mean of the steps' cuts
+(`running_update`), at the end re-estimated with the final weights (`estimate`), and on request
+calibrated so that threshold mode gives an exact mean L0 (`estimate` pooled).
 """
 
 from __future__ import annotations
 
 import torch
+
+from .selections import batch_topk
 
 
 @torch.no_grad()
@@ -21,15 +22,6 @@ def running_update(
     n-th cut (the mean of the first cuts, then an exponential moving average)."""
     n = updates.add_(1)
     theta.lerp_(cut.to(theta.dtype), n.reciprocal().clamp_(min=1 - beta).to(theta.dtype))
-
-
-def batch_cut(a: torch.Tensor, l0: float) -> torch.Tensor | None:
-    """The cut of BatchTopK's selection of pre-activations a [batch, d_sae] at l0 latents a token:
-    the smallest of the batch's top batch*l0 positive entries (None where none is positive)."""
-    n = min(int(round(a.shape[0] * l0)), a.numel())
-    vals = a.flatten().topk(n, sorted=False).values
-    vals = vals[vals > 0]
-    return vals.min() if vals.numel() else None
 
 
 @torch.no_grad()
@@ -44,7 +36,8 @@ def estimate(sae, batches, l0: float, n_tokens: int | None = None) -> tuple[floa
     fewer are positive); it holds at most n*l0 + 1 values at a time."""
     inputs = (sae.prepare(x.to(sae.W_dec.device)) for x in batches)
     if n_tokens is None:
-        cuts = [c for xs in inputs if (c := batch_cut(sae.pre_acts(xs), l0)) is not None]
+        sels = (batch_topk(sae.pre_acts(xs), l0, row_major=False) for xs in inputs)
+        cuts = [sel.cut for sel in sels if sel.cut is not None]
         return (float(torch.stack(cuts).float().mean()) if cuts else None), len(cuts)
     count = int(round(n_tokens * l0))
     pool, n = None, 0

@@ -6,18 +6,18 @@ Why: on a GPU the sparse step is bound by the host, which launches over a hundre
 call. A step can be recorded when:
 - its shapes are fixed and nothing is read back: the selections without read-backs
   (saekit.sae.fast.select), Matryoshka's group decodes from one decode, and AuxK's dead latents in a
-  fixed number of slots (`Step.aux_slots`);
+  fixed number of slots (`Plan.aux_slots`);
 - every value that changes from step to step lives in a device tensor, not in a Python number: the
   learning rate, and the selection's hint (the previous step's cut).
 
 The step is two phases with the trainer's one read-back between them:
 - A: the loss, its gradients, the next dead-latent counters and the step's figures (`report`). One
-  graph per number of AuxK slots and per `sparse.step_shape` (a thresholded code's entry slots),
-  both sized by `sparse.slots`' coarse grid, so a run records a few dozen at most. A step whose
+  graph per number of AuxK slots and per `fast.step_shape` (a thresholded code's entry slots),
+  both sized by `fast.slots`' coarse grid, so a run records a few dozen at most. A step whose
   shape cannot be recorded (the dense path, no hint yet) runs phase A unrecorded.
 - The read-back of the report says whether the loss is finite, whether the selection was exact, the
   dead count (the next step's AuxK slots) and a thresholded code's count of entries (its next
-  slots). A step whose selection was not exact runs A again, not recorded, with Step(exact=True);
+  slots). A step whose selection was not exact runs A again, not recorded, with Plan(exact=True);
   its results land in the same buffers.
 - B: the decoder constraint, clipping, Adam (capturable, its rate a tensor), the decoder's norm, the
   counters, theta and the next hint.
@@ -37,11 +37,9 @@ from collections.abc import Callable
 import torch
 
 from ..metrics.reconstruction import nmse_tensor
-from ..sae import SAE, Step
-from ..sae import fast as sparse
+from ..sae import SAE, Step, fast
 from ..sae import theta as T
 from ..sae.fast.auxk import AUX_UNIT
-from ..sae.fast.hints import Hints
 from .config import TrainingError
 from .optim import clip_in_step, stack_scalars
 
@@ -54,16 +52,16 @@ TERMS = ("mse", "sparsity", "aux")  # the loss terms a recordable SAE reports (S
 WARMUP = 2
 
 
-def why_not(sae: SAE, batch: int, fast: bool, world: int) -> str | None:
+def why_not(sae: SAE, batch: int, sparse_path: bool, world: int) -> str | None:
     """Why this SAE's training step cannot be recorded (None: it can)."""
     if not sae.graph_safe:
         return f"{sae.label}'s training step reads values back from the device"
-    if not fast:
+    if not sparse_path:
         return "the reference path (fast=False) reads values back from the device"
     if world > 1:
         return "under torch.distributed the selection agrees its cut between ranks on the host"
     # too few latents for the sparse path, however sparse the code
-    if not sparse.sparse_pays(sae, 0, batch):
+    if not fast.sparse_pays(sae, 0, batch):
         return (
             f"at d_sae {sae.cfg.d_sae} the step takes the dense "
             "reference path, which reads values back"
@@ -86,7 +84,7 @@ class GraphedStep:
         autocast: bool,
         mode: str,
         n_dead: int,
-        hints: Hints,
+        hints: fast.Hints,
     ):
         if mode not in ("cuda", "eager"):
             raise ValueError(f"GraphedStep mode {mode!r}: use 'cuda' or 'eager'")
@@ -137,35 +135,29 @@ class GraphedStep:
             self.x, self.graphs, self.runs = torch.empty_like(x), {}, Counter()
         self.x.copy_(x)
         due = sae.aux_wanted(Step(aux=aux))
-        room = sparse.slots(self.n_dead, AUX_UNIT, sae.cfg.d_sae) if due else 0
-        step = Step(
-            aux=due,
-            cut_hint=self.hint,
-            density_hint=self.hints.previous_density,
-            sync_free=True,
-            n_dead=self.n_dead,
-            aux_slots=room,
-        )
-        shape = sparse.step_shape(sae, x.shape[0], step)
+        room = fast.slots(self.n_dead, AUX_UNIT, sae.cfg.d_sae) if due else 0
+        step = Step(aux=due)
+        plan = self.hints.plan(sync_free=True, n_dead=self.n_dead, aux_slots=room)
+        shape = fast.step_shape(sae, x.shape[0], plan)
         # this step cannot be recorded (the dense path, no hint yet): phase A as it is
         if shape is None:
-            self._phase_a(step, recordable=False)
+            self._phase_a(step, plan, recordable=False)
         else:
-            self._run(("A", room, *shape), lambda: self._phase_a(step))
+            self._run(("A", room, *shape), lambda: self._phase_a(step, plan))
         finite, exact, n_dead, count, *figures = self.report.tolist()  # the step's one read-back
         if not exact:  # not recorded: the exact selection reads back
-            self._phase_a(dataclasses.replace(step, exact=True), recordable=False)
+            self._phase_a(step, dataclasses.replace(plan, exact=True), recordable=False)
             finite, exact, n_dead, count, *figures = self.report.tolist()
             if not exact:
                 raise TrainingError(
                     f"SAE {sae.cfg.name}'s training selection was not exact even when redone with "
-                    f"Step(exact=True); its select must select exactly then"
+                    f"Plan(exact=True); its select must select exactly then"
                 )
         if not finite:
             return False, {}
         self._run(("B",), self._phase_b)
         self.n_dead = int(n_dead)
-        if sae.fast_path in sparse.paths.THRESHOLDED:  # the next step's entry slots
+        if sae.fast_path in fast.THRESHOLDED:  # the next step's entry slots
             self.hints.previous_density = count / (x.shape[0] * sae.cfg.d_sae)
         values = dict(zip(REPORT[4:], figures))
         values["dead_frac"] = n_dead / sae.cfg.d_sae
@@ -202,7 +194,7 @@ class GraphedStep:
         graph.replay()
 
     # -- the two phases -------------------------------------------------------------------------
-    def _phase_a(self, step: Step, recordable: bool = True) -> None:
+    def _phase_a(self, step: Step, plan: fast.Plan, recordable: bool = True) -> None:
         """Loss and gradients of the batch in self.x, the next counters in self.since, the cut in
         self.cut, and REPORT's figures in self.report. recordable: the step's shape said it takes
         the sparse path."""
@@ -212,7 +204,7 @@ class GraphedStep:
         with torch.autocast(
             self.x.device.type, dtype=torch.bfloat16, enabled=self.autocast, cache_enabled=False
         ):
-            out = sparse.loss(sae, self.x, step)
+            out = fast.training_loss(sae, self.x, step, plan)
         out.loss.backward()
         if (recordable and out.path != "sparse") or set(out.terms) != set(TERMS):
             raise TrainingError(
@@ -286,7 +278,7 @@ class StepGraphs:
         batch: int,
         autocast: bool,
         world: int,
-        hints: Hints,
+        hints: fast.Hints,
         n_dead: int | None,
     ) -> GraphedStep | None:
         """SAE i's GraphedStep where step_graphs asks for one and the SAE is ready (BatchTopK:

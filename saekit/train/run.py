@@ -18,7 +18,6 @@ from tqdm.auto import tqdm
 from .. import distributed as D
 from ..plumbing.files import atomic_write_csv, atomic_write_json, os_error_message
 from ..sae import SAEConfig
-from ..sae.fast.hints import Hints
 from . import checkpoints
 from .config import TrainingError
 from .results import TrainResult
@@ -26,8 +25,8 @@ from .sources import Prefetcher, TimedBatches, as_source, origin_of
 
 
 class TrainingRun:
-    """Mixed into Trainer: uses its SAEs, optimisers, configs, output folder, hints and
-    train_step."""
+    """Mixed into Trainer: uses its SAEs, optimisers, configs, output folder, train_step and
+    restore_hints."""
 
     # -- checkpoints (saekit.train.checkpoints) ---------------------------------------------
     @property
@@ -83,9 +82,8 @@ class TrainingRun:
         self.step, self.tokens = int(progress["step"]), int(progress["tokens"])
         self.logs = progress["logs"]
         self.segments = list(progress.get("segments") or [])
-        saved = progress.get("hints") or [None] * len(self.saes)
         # paths chosen as by an uninterrupted run
-        self.hints = [Hints.from_record(h) for h in saved]
+        self.restore_hints(progress.get("hints") or [None] * len(self.saes))
         self.n_dead = [None] * len(self.saes)
         self.initialised = True
 

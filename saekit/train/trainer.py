@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,8 +19,7 @@ import torch
 from .. import distributed as D
 from ..metrics.reconstruction import nmse_tensor
 from ..models import check_device, default_device
-from ..sae import SAEConfig, Step, make_sae
-from ..sae.fast.hints import Hints
+from ..sae import SAEConfig, Step, fast, make_sae
 from . import checkpoints, graphs, init, optim
 from .config import TrainConfig, TrainingError, lr_factor
 from .results import StepStats, TrainResult
@@ -69,10 +69,11 @@ class Trainer(TrainingRun):
                     f"batch_size {train_cfg.batch_size} is the global batch and must divide by the "
                     f"{self.world} ranks; use a multiple of {self.world}"
                 )
-            self.ddp = D.wrap_ddp(self.saes, train_cfg.fast, self.device)
+            loss = functools.partial(fast.training_loss, enabled=train_cfg.fast)
+            self.ddp = D.wrap_ddp(self.saes, self.device, loss)
         self.logs: list[list[dict]] = [[] for _ in self.saes]
-        # each SAE's, for its next Step
-        self.hints: list[Hints] = [Hints() for _ in self.saes]
+        # each SAE's, for its next step's Plan
+        self.hints: list[fast.Hints] = [fast.Hints() for _ in self.saes]
         # dead latents after the last step, where counted
         self.n_dead: list[int | None] = [None] * len(self.saes)
         # step_graphs (see there)
@@ -131,15 +132,9 @@ class Trainer(TrainingRun):
                     self._not_finite(i, x)
                 stats.append((values, self.lrs[i] * factor))
                 continue
-            step = Step(
-                aux=due,
-                cut_hint=self.hints[i].previous_cut,
-                density_hint=self.hints[i].previous_density,
-                sync_free=tc.sync_free,
-                n_dead=self.n_dead[i],
-                distributed=self.world > 1,
-            )
-            out, since, n_dead = self._forward_backward(i, x, n_tokens, step)
+            step = Step(aux=due, distributed=self.world > 1)
+            plan = self.hints[i].plan(sync_free=tc.sync_free, n_dead=self.n_dead[i])
+            out, since, n_dead = self._forward_backward(i, x, n_tokens, step, plan)
             sae.remove_parallel_grad()
             # by the step itself (fused Adam's grad_scale), not by scaling the gradients first
             if tc.grad_clip:
@@ -148,30 +143,29 @@ class Trainer(TrainingRun):
             sae.normalize_decoder()
             sae.tokens_since_fired.copy_(since)
             self.n_dead[i] = n_dead
-            self._remember(i, out)
             extra = sae.after_step(out)
             stats.append((self._values(out, extra, n_dead / sae.cfg.d_sae), self.lrs[i] * factor))
         self.step += 1
         self.tokens += n_tokens
         return self._log(stats)
 
-    def _forward_backward(self, i: int, x: torch.Tensor, n_tokens: int, step: Step):
-        """SAE i's loss and gradients on x, checked with the step's one read-back (after backward,
-        before any weight changes): the loss is finite, a selection made without read-backs was
-        exact (else the step is redone with Step(exact=True)), the dead latents' number after this
-        step, and the next step's hints. Returns (out, the new dead-latent counters, that
-        number)."""
+    def _forward_backward(self, i: int, x: torch.Tensor, n_tokens: int, step: Step, plan):
+        """SAE i's loss and gradients on x (the speed layer's one call), checked with the step's one
+        read-back (after backward, before any weight changes): the loss is finite, a selection made
+        without read-backs was exact (else the step is redone with Plan(exact=True)), the dead
+        latents' number after this step, and the next step's hints. Returns (out, the new
+        dead-latent counters, that number)."""
         sae = self.saes[i]
         # a read-back costs nothing there
         each = self.device.type == "cpu" and self.tc.sync_free is None
         for redo in (False, True):
             if redo:  # the selection without read-backs was not exact: once more, exactly
-                step = dataclasses.replace(step, exact=True)
+                plan = dataclasses.replace(plan, exact=True)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocasts[i]):
                 out = (
-                    self.ddp[i](x, step)
+                    self.ddp[i](x, step, plan)
                     if self.ddp
-                    else sae.training_loss(x, step, fast=self.tc.fast)
+                    else fast.training_loss(sae, x, step, plan, enabled=self.tc.fast)
                 )
             optim.drop_grads(self.params[i])
             out.loss.backward()
@@ -185,27 +179,20 @@ class Trainer(TrainingRun):
         else:
             raise TrainingError(
                 f"SAE {self.names[i]}'s training selection was not exact even when redone with "
-                f"Step(exact=True); its select must select exactly then"
+                f"Plan(exact=True); its select must select exactly then"
             )
-        got = iter(got)
-        out = out._replace(
-            cut_value=next(got) if out.cut is not None else None,
-            count_value=next(got) if out.count is not None else None,
-        )
         if not finite:
             self._not_finite(i, x)
+        got = iter(got)
+        cut = next(got) if out.cut is not None else None
+        count = next(got) if out.count is not None else None
+        entries = out.x.shape[0] * sae.cfg.d_sae
+        self.hints[i].remember(cut, out.density if count is None else count / entries)
         return out, since, int(n_dead)
 
-    def _remember(self, i: int, out) -> None:
-        """What this step tells SAE i's next one: its cut (the selection's hint), its share of
-        active entries."""
-        hints = self.hints[i]
-        if out.cut_value is not None:
-            hints.previous_cut = out.cut_value
-        if out.count_value is not None:
-            hints.previous_density = out.count_value / (out.x.shape[0] * self.saes[i].cfg.d_sae)
-        else:
-            hints.previous_density = out.density
+    def restore_hints(self, records: list[dict | None]) -> None:
+        """Each SAE's hints from a checkpoint's records (None: none)."""
+        self.hints = [fast.Hints.from_record(h) for h in records]
 
     def _not_finite(self, i: int, x: torch.Tensor):
         # NaN in x makes every loss NaN: which of the two it was

@@ -1,10 +1,8 @@
 import pytest
 import torch
 
-from saekit.sae import (
-    SparseCode,
-    sparse_decode,
-)
+from saekit.sae.fast import SparseCode
+from saekit.sae.fast.autograd import sparse_decode
 
 
 def test_sparse_decode_equals_dense_product():

@@ -8,6 +8,7 @@ from saekit.sae import (
     Step,
     make_sae,
 )
+from saekit.sae.fast import Plan, training_loss
 
 
 # AuxK with every dead latent (<= k_aux) and with its top k_aux
@@ -105,7 +106,7 @@ def test_auxk_under_cpu_autocast_pads_its_dead_latents_to_a_grid_and_keeps_the_l
         s.tokens_since_fired[:37] = 100  # 37 dead latents -> 64 slots, 27 of them padding
     x = torch.randn(48, 24)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        idx = auxk.dead_latents(fast, Step(), auxk.padded(fast, Step()))
+        idx = auxk.dead_latents(fast, Step(), Plan(), auxk.padded(fast, Plan()))
         assert (
             idx.numel() == 64
             and (idx < 0).sum() == 27
@@ -143,13 +144,13 @@ def test_the_topk_familys_fast_path_selects_positive_entries_without_relu(
         ref.b_enc.fill_(-2.5)  # most pre-activations negative
     fast.load_state_dict(ref.state_dict())
     hint = 0.05 if sync_free and ref.has_theta else None  # a hint: the selection without read-backs
-    step = Step(sync_free=sync_free, cut_hint=hint)
+    plan = Plan(sync_free=sync_free, cut_hint=hint)
     x = torch.randn(40, 24)
     # rows with fewer than k positive pre-activations
     assert int((ref.pre_acts(x) > 0).sum(1).lt(8).sum()) > 5
-    o1, o2 = ref.training_loss(x, fast=False), fast.training_loss(x, step)
+    o1, o2 = ref.training_loss(x, fast=False), training_loss(fast, x, plan=plan)
     if o2.exact is not None and not bool(o2.exact):  # the trainer would redo it exactly
-        o2 = fast.training_loss(x, replace(step, exact=True))
+        o2 = training_loss(fast, x, plan=replace(plan, exact=True))
     assert (o1.path, o2.path) == ("reference", "sparse")
     assert torch.equal(o1.l0, o2.l0) and torch.equal(o1.fired, o2.fired)
     torch.testing.assert_close(o2.loss, o1.loss)
@@ -261,7 +262,7 @@ def test_the_fast_path_centres_its_input_once(sparse_everywhere):
     sae.tokens_since_fired[:40] = 10  # dead: AuxK runs
     x = torch.randn(64, 16)
     with Subs():
-        out = sae.training_loss(x, Step(cut_hint=0.1))
+        out = training_loss(sae, x, plan=Plan(cut_hint=0.1))
         out.loss.backward()
     assert out.path == "sparse" and float(out.terms["aux"]) > 0 and Subs.n == 1
     assert sae.b_dec.grad is not None and bool(sae.b_dec.grad.abs().sum() > 0)

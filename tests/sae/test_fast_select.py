@@ -9,6 +9,8 @@ from saekit.sae import (
     Step,
     make_sae,
 )
+from saekit.sae.fast import Plan, training_loss
+from saekit.sae.step import PLAIN
 
 
 def _read_back_counter():
@@ -18,7 +20,7 @@ def _read_back_counter():
 
 
 def _exact_and_sync_free(arch: str, n_dead: int, seed: int):
-    """Two equal SAEs with n_dead dead latents, and the step that has the second select without
+    """Two equal SAEs with n_dead dead latents, and the plan that has the second select without
     read-backs (its dead count known)."""
     torch.manual_seed(seed)
     cfg = SAEConfig(arch=arch, d_in=24, d_sae=96, k=4, k_aux=16, dead_tokens=10, normalize="none")
@@ -26,7 +28,7 @@ def _exact_and_sync_free(arch: str, n_dead: int, seed: int):
     free.load_state_dict(exact.state_dict())
     for s in (exact, free):
         s.tokens_since_fired[:n_dead] = 100
-    return exact, free, torch.randn(48, 24), Step(sync_free=True, n_dead=n_dead)
+    return exact, free, torch.randn(48, 24), Plan(sync_free=True, n_dead=n_dead)
 
 
 def _same_step(exact, free, o1, o2) -> None:
@@ -47,23 +49,23 @@ def test_sync_free_batchtopk_loss_equals_the_exact_one_without_a_read_back(
     latents' number known from the step before) gives the exact path's loss, code and every
     gradient, flagged exact, and reads nothing back; a hint above this batch's cut leaves too few
     candidates and is flagged."""
-    exact, free, x, step = _exact_and_sync_free("batchtopk", n_dead, seed=3)
+    exact, free, x, plan = _exact_and_sync_free("batchtopk", n_dead, seed=3)
     o1 = exact.training_loss(x)
     assert o1.exact is None and o1.path == "sparse"  # no previous cut: the exact selection
     # the previous batch's cut, a little above this one's
-    step = replace(step, cut_hint=float(o1.cut) * 1.05)
+    plan = replace(plan, cut_hint=float(o1.cut) * 1.05)
     with _read_back_counter() as seen:
-        o2 = free.training_loss(x, step)
+        o2 = training_loss(free, x, plan=plan)
     assert (
         seen.found == [] and bool(o2.exact) and o2.path == "sparse" and torch.equal(o1.cut, o2.cut)
     )
     assert (float(o1.terms["aux"]) > 0) == (n_dead > 0)
     _same_step(exact, free, o1, o2)
     # far above this batch's cut: fewer than B*k candidates
-    step = replace(step, cut_hint=float(o1.cut) * 2)
-    assert not bool(free.training_loss(x, step).exact)
+    plan = replace(plan, cut_hint=float(o1.cut) * 2)
+    assert not bool(training_loss(free, x, plan=plan).exact)
     # as the Trainer redoes such a step
-    assert free.training_loss(x, replace(step, exact=True)).exact is None
+    assert training_loss(free, x, plan=replace(plan, exact=True)).exact is None
 
 
 @pytest.mark.parametrize("arch", ["jumprelu", "relu"])
@@ -73,36 +75,36 @@ def test_sync_free_thresholded_codes_equal_the_exact_ones_without_a_read_back(
     """JumpReLU and ReLU-L1 find their entries without a read-back, into slots sized by the previous
     step's density (fast.entries): the exact path's loss, code statistics and every gradient, bit
     for bit, flagged exact, and nothing read back; too few slots are flagged, and with
-    Step(exact=True) the entries are found exactly."""
-    exact, free, x, step = _exact_and_sync_free(arch, 0, seed=5)
+    Plan(exact=True) the entries are found exactly."""
+    exact, free, x, plan = _exact_and_sync_free(arch, 0, seed=5)
     o1 = exact.training_loss(x)
     assert o1.exact is None and o1.count is None and o1.path == "sparse" and o1.density > 0
-    step = replace(step, density_hint=o1.density)  # as the trainer remembers it
+    plan = replace(plan, density_hint=o1.density)  # as the trainer remembers it
     with _read_back_counter() as seen:
-        o2 = free.training_loss(x, step)
+        o2 = training_loss(free, x, plan=plan)
     n = round(o1.density * x.shape[0] * 96)
     assert seen.found == [] and bool(o2.exact) and o2.path == "sparse" and int(o2.count) == n > 1024
     _same_step(exact, free, o1, o2)
-    step = replace(step, density_hint=0.0)  # the fewest slots (1,024): fewer than the entries
-    assert not bool(free.training_loss(x, step).exact)
+    plan = replace(plan, density_hint=0.0)  # the fewest slots (1,024): fewer than the entries
+    assert not bool(training_loss(free, x, plan=plan).exact)
     # as the Trainer redoes such a step
-    assert free.training_loss(x, replace(step, exact=True)).exact is None
+    assert training_loss(free, x, plan=replace(plan, exact=True)).exact is None
 
 
 def test_sync_free_topk_selection_equals_the_exact_one_or_says_so(sparse_everywhere):
     """TopK without read-backs keeps all k of every row (the exact selection drops the non-positive
     ones, a mask the host waits for): the same loss and gradients, flagged exact, while every
     kept value is positive; not otherwise."""
-    exact, free, x, step = _exact_and_sync_free("topk", 10, seed=4)
+    exact, free, x, plan = _exact_and_sync_free("topk", 10, seed=4)
     o1 = exact.training_loss(x)
     with _read_back_counter() as seen:
-        o2 = free.training_loss(x, step)
+        o2 = training_loss(free, x, plan=plan)
     assert seen.found == [] and bool(o2.exact) and o1.exact is None and o2.path == "sparse"
     _same_step(exact, free, o1, o2)
     with torch.no_grad():
         # no positive pre-activation on a zero input: the 4 kept of each row are not positive
         free.b_enc.fill_(-1.0)
-    assert not bool(free.training_loss(x[:8] * 0, step).exact)
+    assert not bool(training_loss(free, x[:8] * 0, plan=plan).exact)
 
 
 def test_rectangle_window_is_the_band_around_theta():
@@ -182,8 +184,8 @@ def test_every_selection_is_row_major(arch):
         assert bool((sel.rows[1:] >= sel.rows[:-1]).all())
 
 
-def test_candidate_batch_topk_is_exact():
-    from saekit.sae import batch_topk
+def test_top_n_looking_above_a_hint_is_exact():
+    from saekit.sae.selections import top_n
 
     torch.manual_seed(0)
     a = torch.relu(torch.randn(64, 300))
@@ -201,16 +203,16 @@ def test_candidate_batch_topk_is_exact():
         torch.tensor(1.0),
         torch.tensor(50.0),
     ):
-        vals, idx = batch_topk(a, n, hint)
+        vals, idx = top_n(a, n, hint)
         assert set(idx.tolist()) == set(ref_idx.tolist()), hint
         torch.testing.assert_close(vals.sort().values, ref_vals.sort().values)
 
 
-def test_static_batch_topk_is_exact_or_says_so():
-    """batch_topk_static: fixed shapes, no read-back; exact (the same entries and values as a full
+def test_static_top_n_is_exact_or_says_so():
+    """top_n_static: fixed shapes, no read-back; exact (the same entries and values as a full
     top-k) whenever between n and `capacity` entries pass the hint, and flagged otherwise (too
     few, or too many to hold)."""
-    from saekit.sae.fast.select import batch_topk_static
+    from saekit.sae.fast.select import top_n_static
 
     torch.manual_seed(0)
     a = torch.relu(torch.randn(64, 300))
@@ -221,7 +223,7 @@ def test_static_batch_topk_is_exact_or_says_so():
         hint = ref_vals.min() * factor
         count = int((a > hint).sum())
         for capacity in {n, 2 * n, 3 * n, max(n, count), max(n, count - 1)}:
-            vals, idx, exact = batch_topk_static(a, n, hint, capacity)
+            vals, idx, exact = top_n_static(a, n, hint, capacity)
             assert (
                 vals.shape == idx.shape == (n,) and exact.dtype == torch.bool and exact.dim() == 0
             )
@@ -234,12 +236,12 @@ def test_static_batch_topk_is_exact_or_says_so():
             assert int(idx.min()) >= 0 and int(idx.max()) < a.numel()
     assert seen == {True, False}
     with pytest.raises(ValueError, match="capacity"):
-        batch_topk_static(a, n, ref_vals.min(), n - 1)
+        top_n_static(a, n, ref_vals.min(), n - 1)
 
 
 def test_dead_latents_whose_number_is_known_are_found_without_a_read_back():
-    """The fast path's AuxK takes the number of dead latents the step says (the trainer's one
-    read-back of the step before): no read-back of its own; where the step does not know it, it
+    """The fast path's AuxK takes the number of dead latents the plan says (the trainer's one
+    read-back of the step before): no read-back of its own; where the plan does not know it, it
     is read back."""
     from saekit.sae.fast import auxk
 
@@ -250,14 +252,14 @@ def test_dead_latents_whose_number_is_known_are_found_without_a_read_back():
     # the counters are left alone
     assert int(n_dead) == 64 - 22 and int(sae.tokens_since_fired.sum()) == 0
     sae.tokens_since_fired.copy_(since)
-    step = Step(n_dead=int(n_dead))
+    plan = Plan(n_dead=int(n_dead))
     with _read_back_counter() as seen:
-        dead = auxk.dead_latents(sae, step, pad=False)
+        dead = auxk.dead_latents(sae, PLAIN, plan, pad=False)
     assert seen.found == [] and torch.equal(dead, (~fired).nonzero().squeeze(1))
-    sae.tokens_since_fired[:6] = 0  # changed by hand, and the step does not know the number
+    sae.tokens_since_fired[:6] = 0  # changed by hand, and the plan does not know the number
     with _read_back_counter() as seen:
-        dead = auxk.dead_latents(sae, Step(), pad=False)
+        dead = auxk.dead_latents(sae, PLAIN, Plan(), pad=False)
     assert len(seen.found) == 1 and "nonzero" in seen.found[0]
     assert torch.equal(dead, sae.dead_mask().nonzero().squeeze(1)) and dead.numel() == 64 - 22 - 4
-    assert auxk.dead_latents(sae, Step(n_dead=0), pad=False) is None
-    assert auxk.dead_latents(sae, Step(aux=False), pad=False) is None
+    assert auxk.dead_latents(sae, PLAIN, Plan(n_dead=0), pad=False) is None
+    assert auxk.dead_latents(sae, Step(aux=False), Plan(), pad=False) is None

@@ -36,7 +36,8 @@ def test_theta_estimates_are_the_batch_cut_averaged_or_pooled():
     """saekit.sae.theta.estimate: per batch, the smallest of the top B*k pre-activations, averaged
     over batches; pooled over n tokens, a value that gives exactly that mean L0 in threshold
     mode."""
-    from saekit.sae.theta import batch_cut, estimate
+    from saekit.sae import batch_topk
+    from saekit.sae.theta import estimate
 
     torch.manual_seed(0)
     sae = make_sae(arch="batchtopk", d_in=8, d_sae=32, k=3)
@@ -44,7 +45,7 @@ def test_theta_estimates_are_the_batch_cut_averaged_or_pooled():
     cuts = [sae.pre_acts(sae.prepare(x)).detach().flatten().topk(60).values.min() for x in xs]
     mean, n = estimate(sae, xs, 3)
     assert n == 4 and abs(mean - float(torch.stack(cuts).mean())) < 1e-6
-    assert torch.equal(batch_cut(sae.pre_acts(sae.prepare(xs[0])), 3), cuts[0])
+    assert torch.equal(batch_topk(sae.pre_acts(sae.prepare(xs[0])), 3).cut, cuts[0])
     pooled, n = estimate(sae, xs, 3, n_tokens=80)
     a = torch.cat([sae.pre_acts(sae.prepare(x)) for x in xs])
     assert n == 80 and int((a > pooled).sum()) == 240

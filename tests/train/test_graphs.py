@@ -60,7 +60,9 @@ def test_recordable_step_trains_to_the_eager_trainers_weights(
     monkeypatch.setattr(
         auxk,
         "dead_latents",
-        lambda sae, step, pad: room.append(step.aux_slots) or dead_latents(sae, step, pad),
+        lambda sae, step, plan, pad: (
+            room.append(plan.aux_slots) or dead_latents(sae, step, plan, pad)
+        ),
     )
     cfg = SAEConfig(
         arch=arch,
@@ -91,12 +93,10 @@ def test_recordable_step_trains_to_the_eager_trainers_weights(
 
 
 @pytest.mark.parametrize("arch", ["batchtopk", "topk", "matryoshka"])
-def test_a_dense_step_with_auxk_in_padded_slots_trains_to_the_eager_trainers_weights(
-    arch, toy_x, monkeypatch
-):
-    """A step too dense for the sparse path runs phase A unrecorded on the reference path, with
-    AuxK's dead latents in padded slots (-1 after the dead ones): the padding marks no latent (it
-    once read as the last latent, which then counted as dead many times over)."""
+def test_a_dense_step_with_auxk_trains_to_the_eager_trainers_weights(arch, toy_x, monkeypatch):
+    """A step too dense for the sparse path runs phase A unrecorded on the reference path, whose
+    AuxK finds the dead latents itself (a recorded step's AuxK slots belong to the speed layer and
+    never reach it; padding once read as the last latent there): the eager trainer's weights."""
     # recordable in principle, but every step too dense for it
     monkeypatch.setattr(paths, "SPARSE_MIN_LATENTS", 0)
     monkeypatch.setattr(paths, "SPARSE_MAX_DENSITY", 0.01)
@@ -105,7 +105,7 @@ def test_a_dense_step_with_auxk_in_padded_slots_trains_to_the_eager_trainers_wei
     monkeypatch.setattr(
         SAE,
         "reference_loss",
-        lambda self, x, step=Step(): seen.append(step.aux_slots) or ref(self, x, step),
+        lambda self, x, step=Step(): seen.append(step.aux) or ref(self, x, step),
     )
     cfg = SAEConfig(
         arch=arch,
@@ -118,8 +118,8 @@ def test_a_dense_step_with_auxk_in_padded_slots_trains_to_the_eager_trainers_wei
     eager = _run(cfg, toy_x, "off")
     seen.clear()
     rec = _run(cfg, toy_x, "eager")
-    # dense steps with AuxK's padded slots
-    assert isinstance(rec.graphed[0], graphs.GraphedStep) and 64 in seen
+    # dense steps with AuxK, on the reference path
+    assert isinstance(rec.graphed[0], graphs.GraphedStep) and True in seen
     assert (eager.log_frames()[0]["aux"] > 0).any()
     for k, v in eager.saes[0].state_dict().items():
         torch.testing.assert_close(rec.saes[0].state_dict()[k], v, msg=k)

@@ -57,12 +57,12 @@ def test_sync_free_training_equals_exact_training_and_redoes_a_step_it_cannot_pr
     flags = []
 
     def spy(*args):
-        out = A.batch_topk_static.__wrapped__(*args)
+        out = A.top_n_static.__wrapped__(*args)
         flags.append(bool(out[2]))
         return out
 
-    spy.__wrapped__ = A.batch_topk_static
-    monkeypatch.setattr(A, "batch_topk_static", spy)
+    spy.__wrapped__ = A.top_n_static
+    monkeypatch.setattr(A, "top_n_static", spy)
     cfg = SAEConfig(arch="batchtopk", d_in=16, d_sae=64, k=3, dead_tokens=256)
 
     def spoil(tr):
@@ -186,7 +186,9 @@ def test_sync_free_thresholded_training_equals_exact_training(arch, toy_x, monke
     found = []
     entries = paths.entries
     monkeypatch.setattr(
-        paths, "entries", lambda a, bound, step: found.append(e := entries(a, bound, step)) or e
+        paths,
+        "entries",
+        lambda a, bound, step, plan: found.append(e := entries(a, bound, step, plan)) or e,
     )
 
     def spoil(tr):
@@ -257,11 +259,10 @@ def test_jumprelu_chooses_its_path_from_the_previous_steps_density_and_resumes_w
 
 
 def test_a_selection_that_stays_inexact_when_redone_is_an_error(toy_x, monkeypatch):
-    """The trainer redoes a step whose selection was not exact once; a select that ignores
-    Step(exact=True) would leave an inexact step in training, so it stops with an error that
+    """The trainer redoes a step whose selection was not exact once; a selection that ignores
+    Plan(exact=True) would leave an inexact step in training, so it stops with an error that
     names the SAE and the rule."""
     import saekit.sae.fast.paths as paths
-    from saekit.sae import Selection, Step
     from saekit.train import Trainer
 
     monkeypatch.setattr(paths, "SPARSE_MIN_LATENTS", 0)
@@ -271,10 +272,7 @@ def test_a_selection_that_stays_inexact_when_redone_is_an_error(toy_x, monkeypat
         TrainConfig(total_tokens=10**6, batch_size=128, progress=False),
     )
     tr.initialise(toy_x[:512])
-    sae = tr.saes[0]
-    real = sae.select
-    sae.select = lambda a, mode=None, step=Step(): Selection(
-        *real(a, mode, step)[:2], None, torch.tensor(False)
-    )
+    real = paths.top_entries
+    monkeypatch.setattr(paths, "top_entries", lambda *args: (real(*args)[0], torch.tensor(False)))
     with pytest.raises(TrainingError, match="not exact even when redone"):
         tr.train_step(toy_x[:128])

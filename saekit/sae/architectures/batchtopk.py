@@ -11,8 +11,8 @@ from ... import distributed as D
 from .. import theta as T
 from ..base import SAE, TrainOutput
 from ..config import SAEConfig, SAEConfigError, register
-from ..fast import select as selections
 from ..outputs import Selection
+from ..selections import above, batch_topk
 from ..step import PLAIN, Step
 
 
@@ -49,17 +49,17 @@ class BatchTopKSAE(SAE):
                     "this BatchTopK SAE has no inference threshold yet (it was never trained); "
                     "use encode(x, mode='batch') or train it first"
                 )
-            return Selection(*(a > self.threshold).nonzero(as_tuple=True))
+            return above(a, self.threshold)
         if mode not in ("batch", "train"):
             raise SAEConfigError(f"unknown BatchTopK mode '{mode}'; use 'threshold' or 'batch'")
-        if mode == "batch" and self.has_threshold:
-            step = Step(cut_hint=float(self.threshold))  # θ estimates the cut: where to look first
-        return selections.batch_top(a, self.cfg.k, step)
+        # θ estimates the cut: the search looks above it first
+        theta = float(self.threshold) if mode == "batch" and self.has_threshold else 0.0
+        return batch_topk(a, self.cfg.k, theta, step.distributed)
 
     def train_code(self, a, step: Step = PLAIN):
         """The reference path's code: a kept at the batch's top entries (found in any order: a
         mask needs none)."""
-        sel = selections.batch_top(a, self.cfg.k, step, row_major=False)
+        sel = batch_topk(a, self.cfg.k, distributed=step.distributed, row_major=False)
         return self._masked(a, sel), sel.cut
 
     @torch.no_grad()

@@ -12,6 +12,7 @@ from ... import distributed as D
 from ..base import SAE
 from ..config import SAEConfig, register
 from ..outputs import Selection
+from ..selections import above
 from ..step import PLAIN, Step
 
 
@@ -91,7 +92,7 @@ class JumpReLUSAE(SAE):
         return self.activate(a), None
 
     def select(self, a, mode=None, step: Step = PLAIN) -> Selection:
-        return Selection(*(a > self.log_threshold.exp()).nonzero(as_tuple=True))
+        return above(a, self.log_threshold.exp())
 
     def sparsity_loss(self, a, z, step: Step = PLAIN):
         l0 = (

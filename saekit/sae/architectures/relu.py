@@ -6,6 +6,7 @@ from __future__ import annotations
 from ..base import SAE
 from ..config import register
 from ..outputs import Selection
+from ..selections import above
 from ..step import PLAIN, Step
 
 
@@ -34,7 +35,7 @@ class ReLUSAE(SAE):
         return a, None
 
     def select(self, a, mode=None, step: Step = PLAIN) -> Selection:
-        return Selection(*(a > 0).nonzero(as_tuple=True))
+        return above(a, 0)
 
     def sparsity_loss(self, a, z, step: Step = PLAIN):
         return self.cfg.l1_coeff * (z * self.W_dec.norm(dim=-1)).sum(-1).mean() / self.cfg.d_in

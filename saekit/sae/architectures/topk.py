@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from ..base import SAE
 from ..config import register
-from ..fast.select import row_top
 from ..outputs import Selection
+from ..selections import topk
 from ..step import PLAIN, Step
 
 
@@ -19,4 +19,4 @@ class TopKSAE(SAE):
     fast_path = "top"
 
     def select(self, a, mode=None, step: Step = PLAIN) -> Selection:
-        return row_top(a, self.cfg.k, step)
+        return topk(a, self.cfg.k)

@@ -9,29 +9,30 @@ import torch
 
 from ..step import Step
 from .autograd import DeadColumns
+from .hints import Plan
 from .select import slots
 
 AUX_UNIT = 64  # AuxK's slots are a multiple of this
 
 
-def padded(sae, step: Step) -> bool:
+def padded(sae, plan: Plan) -> bool:
     """Whether AuxK takes its dead latents in slots padded with -1: a recorded step's fixed number,
     or under bf16 autocast on the CPU, where oneDNN keeps a compiled kernel per product shape and
     exact shapes would follow the dead count from step to step (tests/train/test_scale.py watches
     the memory this grew)."""
     cpu_bf16 = sae.W_dec.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-    return step.aux_slots is not None or cpu_bf16
+    return plan.aux_slots is not None or cpu_bf16
 
 
-def dead_latents(sae, step: Step, pad: bool) -> torch.Tensor | None:
+def dead_latents(sae, step: Step, plan: Plan, pad: bool) -> torch.Tensor | None:
     """The dead latents' indices where AuxK has work this step, else None; padded with -1 to their
-    slots where `pad`. Their number is the step's `n_dead` where the trainer knows it (no
+    slots where `pad`. Their number is the plan's `n_dead` where the trainer knows it (no
     read-back here)."""
     if not sae.aux_wanted(step):
         return None
-    n_dead = step.n_dead
+    n_dead = plan.n_dead
     if pad:
-        room = step.aux_slots
+        room = plan.aux_slots
         if room is None:
             n_dead = int(sae.dead_mask().sum()) if n_dead is None else n_dead
             room = slots(n_dead, AUX_UNIT, sae.cfg.d_sae)

@@ -1,7 +1,7 @@
-"""Selections for the sparse path: the batch top-k, each row's top-k and the entries above a bound,
-each exact or, where the step allows (`Step.without_read_backs`), made into fixed shapes without
-reading back from the device and flagged exact or not. One rule (`slots`) sizes every fixed
-shape."""
+"""Selections for the sparse path: the architecture's training selection (`top_entries`) and the
+entries above a bound (`entries`), each exact (saekit.sae.selections) or, where the plan allows
+(`Plan.without_read_backs`), made into fixed shapes without reading back from the device and
+flagged exact or not. One rule (`slots`) sizes every fixed shape."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from typing import NamedTuple
 
 import torch
 
-from ... import distributed as D
 from ..outputs import Selection
-from ..step import PLAIN, Step
+from ..selections import batch_topk, topk
+from ..step import Step
+from .hints import Plan
 from .index import arange, stable_argsort
 
 HINT_FACTOR = 0.9  # the batch top-k looks first above this fraction of the previous step's cut
@@ -30,35 +31,32 @@ def slots(n: float, unit: int, limit: int) -> int:
     return min(limit, grain * -(-n // grain))
 
 
-def batch_top(a: torch.Tensor, k: int, step: Step = PLAIN, row_major: bool = True) -> Selection:
-    """The batch's top batch*k positive entries of pre-activations a [batch, width] (BatchTopK),
-    with their cut: over the global batch under torch.distributed; without read-backs where the step
-    allows and has a hint (flagged exact or not); else exactly, looking first above the hint.
-    row_major=False: in any order (a mask needs none, and sorting costs)."""
-    hint = 0.0 if step.cut_hint is None else step.cut_hint * HINT_FACTOR
-    if step.distributed:
-        flat, _, cut = D.global_batch_topk(a, k, hint, batch_topk)
-        return flat_selection(flat, a.shape[1], a.numel(), cut, sort=row_major)
-    n = min(a.shape[0] * k, a.numel())
-    if step.cut_hint is not None and step.without_read_backs(a.device):
-        vals, flat, exact = batch_topk_static(a, n, hint, min(CANDIDATES * n, a.numel()))
-        return flat_selection(flat, a.shape[1], a.numel(), vals.min(), exact)
-    vals, flat = batch_topk(a, n, hint, positive=True)
-    cut = vals.min().detach() if vals.numel() else None
-    return flat_selection(flat, a.shape[1], a.numel(), cut, sort=row_major)
+def top_entries(
+    sae, a: torch.Tensor, step: Step, plan: Plan
+) -> tuple[Selection, torch.Tensor | None]:
+    """The architecture's training selection of pre-activations a [batch, d_sae], row-major: each
+    row's top-k (TopK, `per_token_k`) or the batch top-k (BatchTopK, Matryoshka), the same entries
+    as its `select(a, "train")`. Returns (the selection, None or, where it was made without
+    read-backs, a 0-dim bool saying whether it was exact: the trainer redoes a step where it was
+    not)."""
+    static = plan.without_read_backs(a.device, step.distributed)
+    if sae.per_token_k:
+        return row_topk(a, sae.cfg.k) if static else (topk(a, sae.cfg.k), None)
+    hint = 0.0 if plan.cut_hint is None else plan.cut_hint * HINT_FACTOR
+    if plan.cut_hint is not None and static:
+        n = min(a.shape[0] * sae.cfg.k, a.numel())
+        vals, flat, exact = top_n_static(a, n, hint, min(CANDIDATES * n, a.numel()))
+        order = stable_argsort(flat, a.numel())
+        return Selection(flat[order] // a.shape[1], flat[order] % a.shape[1], vals.min()), exact
+    return batch_topk(a, sae.cfg.k, hint, step.distributed), None
 
 
-def row_top(a: torch.Tensor, k: int, step: Step = PLAIN) -> Selection:
-    """Each row's k largest positive entries (TopK); without read-backs where the step allows."""
-    return row_topk(a, k, static=step.without_read_backs(a.device))
-
-
-def entries(a: torch.Tensor, bound, step: Step = PLAIN) -> Entries:
-    """The entries of a above `bound` (JumpReLU, ReLU): exactly, or where the step allows and knows
+def entries(a: torch.Tensor, bound, step: Step, plan: Plan) -> Entries:
+    """The entries of a above `bound` (JumpReLU, ReLU): exactly, or where the plan allows and knows
     the previous step's density, into slots for 1.25 times that many without a read-back."""
-    if step.density_hint is None or not step.without_read_backs(a.device):
+    if plan.density_hint is None or not plan.without_read_backs(a.device, step.distributed):
         return entries_above(a, bound)
-    return entries_above(a, bound, entry_slots(step.density_hint, a.numel()))
+    return entries_above(a, bound, entry_slots(plan.density_hint, a.numel()))
 
 
 def entry_slots(density: float, size: int) -> int:
@@ -68,50 +66,21 @@ def entry_slots(density: float, size: int) -> int:
     return slots(max(1.0, 1.25 * density * size), 1024, size)
 
 
-def batch_topk(
-    a: torch.Tensor, n: int, hint: float | torch.Tensor = 0.0, positive: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The n largest entries of a (flattened): (values, flat indices), exactly as
-    a.flatten().topk(n).
-
-    With a hint (close below the expected cut), first keep the entries above `hint` and run top-k
-    among those: if at least n entries pass, the n largest are all among them, so the result is
-    exact; otherwise try again at hint / 3 and hint / 9, then the full top-k. A compare and a short
-    top-k cost far less than a top-k over every entry (benchmarks/results/selection_hint_cpu.txt). A
-    0-dim tensor hint is used without being read back to the host (a tensor hint of 0 scans the
-    positive entries); a float hint <= 0 goes straight to the full top-k. positive=True: only the
-    positive ones of the n largest (fewer than n where fewer are positive).
-    """
-    flat = a.reshape(-1)
-    tries = (hint, hint / 3, hint / 9) if torch.is_tensor(hint) or hint > 0 else ()
-    for h in tries:
-        idx = (flat > h).nonzero().squeeze(1)
-        if idx.numel() >= n:
-            vals, pos = flat[idx].topk(n, sorted=False)
-            # all above a hint >= 0 (theta is a mean of positive cuts): all positive
-            return vals, idx[pos]
-    vals, idx = flat.topk(n, sorted=False)
-    if positive:
-        keep = vals > 0
-        vals, idx = vals[keep], idx[keep]
-    return vals, idx
-
-
-def batch_topk_static(
+def top_n_static(
     a: torch.Tensor, n: int, hint: float | torch.Tensor, capacity: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """batch_topk without a read-back to the host: every shape is fixed by (n, capacity), so a GPU
-    never waits and the host queues the rest of the step at once. The n largest among the first
-    `capacity` entries above `hint` >= 0 (a number or a 0-dim tensor; torch.nonzero_static, no
-    sync): (values, flat indices, exact), where `exact` (a 0-dim bool tensor) says that between n
-    and capacity entries passed the hint, so the result is exactly a.flatten().topk(n)'s, all
-    positive where hint >= 0. Where it is False the values and indices are not the top n (some may
-    be padding) and the caller must redo the selection exactly (the trainer does). How many
-    entries pass 0.9x the previous cut in a real run: benchmarks/results/selection_hint_cpu.txt."""
+    """saekit.sae.selections.top_n without a read-back to the host, kept apart because every shape
+    is fixed by (n, capacity), so a GPU never waits and the host queues the rest of the step at
+    once. The n largest among the first `capacity` entries above `hint` >= 0 (a number or a 0-dim
+    tensor; torch.nonzero_static, no sync): (values, flat indices, exact), where `exact` (a 0-dim
+    bool tensor) says that between n and capacity entries passed the hint, so the result is exactly
+    a.flatten().topk(n)'s, all positive where hint >= 0. Where it is False the values and indices
+    are not the top n (some may be padding) and the caller must redo the selection exactly (the
+    trainer does). How many entries pass 0.9x the previous cut in a real run:
+    benchmarks/results/selection_hint_cpu.txt."""
     if capacity < n:
         raise ValueError(
-            f"batch_topk_static needs room for the {n} entries "
-            f"it selects; capacity {capacity} < {n}"
+            f"top_n_static needs room for the {n} entries it selects; capacity {capacity} < {n}"
         )
     flat = a.reshape(-1)
     # one slot more than the capacity tells whether more than `capacity` passed, without
@@ -126,27 +95,13 @@ def batch_topk_static(
     return vals, idx[pos], (count >= n) & (count <= capacity)
 
 
-def flat_selection(
-    flat: torch.Tensor, width: int, total: int, cut=None, exact=None, sort=True
-) -> Selection:
-    """Entries at flat indices of a [batch, width] matrix of `total` entries as a Selection,
-    row-major where `sort` (sorted once here: the sparse kernels then group by row without
-    sorting again)."""
-    if sort:
-        flat = flat[stable_argsort(flat, total)]
-    return Selection(flat // width, flat % width, cut, exact)
-
-
-def row_topk(a: torch.Tensor, k: int, static: bool = False) -> Selection:
-    """The k largest positive entries of each row of a [batch, d_sae]. static=True: all k of every
-    row without a read-back (dropping the others is a mask whose size the host waits for),
-    flagged exact when all are positive."""
+def row_topk(a: torch.Tensor, k: int) -> tuple[Selection, torch.Tensor]:
+    """saekit.sae.selections.topk without a read-back, kept apart because it keeps all k of every
+    row (dropping the others is a mask whose size the host waits for): exact when all are
+    positive."""
     vals, idx = a.topk(k, dim=-1, sorted=False)
     rows = arange(a.shape[0], a.device).repeat_interleave(k, output_size=idx.numel())
-    if static:
-        return Selection(rows, idx.reshape(-1), None, (vals > 0).all())
-    keep = vals.reshape(-1) > 0
-    return Selection(rows[keep], idx.reshape(-1)[keep])
+    return Selection(rows, idx.reshape(-1)), (vals > 0).all()
 
 
 class Entries(NamedTuple):
