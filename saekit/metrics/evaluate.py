@@ -77,84 +77,114 @@ def evaluate_many(
     exactly. error_splice=False skips the `x_hat + error` check (one forward per SAE)."""
     from pathlib import Path
 
-    from ..activations import ActivationStore, forward_hooks, open_store
+    from ..activations import ActivationStore, open_store
     from ..data import PackedTokens
-    from ..models import resolve_hook, underlying
-    from ..plumbing.checks import hook_on_model, hook_on_store, one_hook, require_finite
+    from ..plumbing.checks import hook_on_model, one_hook
 
     if isinstance(data, (str, Path)):
         data = open_store(data)
     if n_tokens < 1:
         raise ValueError(f"n_tokens must be at least 1 (got {n_tokens})")
-    # every SAE on the same hook of the store, each checked against it
     if isinstance(data, ActivationStore):
-        hook = one_hook({hook_on_store(sae, data, hook, allow_mismatch) for sae in saes})
-        tokens, pos, keep = data.tokens, data.positions(), data.keep_mask()
-        chosen = sample_sequences(keep, n_tokens, seed)
-        rows = np.flatnonzero(np.isin(pos[:, 0], chosen))[:n_tokens]
-
-        def make_batches():
-            for s in range(0, rows.size, batch_size):
-                r = rows[s : s + batch_size]
-                x = data.take(r, hook)
-                require_finite(x, data, r)
-                yield x, torch.from_numpy(pos[r, 0].astype(np.int64))
+        source = _StoreSource(data, saes, hook, allow_mismatch, n_tokens, seed, batch_size)
     elif isinstance(data, PackedTokens):
-        if model is None:
-            raise ValueError("evaluating on a corpus needs the model to compute activations")
-        hook = one_hook({hook_on_model(sae, model, hook, allow_mismatch) for sae in saes})
-        hp = resolve_hook(model, hook)
-        device = next(underlying(model).parameters()).device
-        tokens, keep = data.tokens, data.keep
-        chosen = sample_sequences(keep, n_tokens, seed)
-
-        def make_batches():
-            for b in range(0, chosen.size, seq_batch):
-                idx = chosen[b : b + seq_batch]
-                v = forward_hooks(
-                    model, torch.from_numpy(tokens[idx].astype(np.int64)).to(device), [hp]
-                )[0]
-                kb = torch.from_numpy(keep[idx])
-                kept = v[kb.to(v.device)]
-                require_finite(kept, what=f"the model's activations at {hook}")
-                seq = torch.from_numpy(idx.astype(np.int64))[:, None].expand(kb.shape)[kb]
-                yield kept, seq
+        source = _CorpusSource(data, saes, model, hook, allow_mismatch, n_tokens, seed, seq_batch)
     else:
         raise ValueError(
             "evaluate() takes an ActivationStore, its folder or PackedTokens, not "
             f"{type(data).__name__}"
         )
+    hook = source.hook
     # Matryoshka: every nested prefix is evaluated as an SAE of its own; the CE
     # baselines are shared by all
     subs = [s.prefixes() if s.has_prefixes else [] for s in saes]
     ce_all = None
     if model is not None:  # the CE metrics splice each SAE into this model at `hook`
         hook = one_hook({hook_on_model(sae, model, hook, allow_mismatch) for sae in saes})
-        ce_seq = sample_sequences(keep, ce_tokens, seed, targets=True)
-        flat = [x for sae, sb in zip(saes, subs) for x in (sae, *sb)]
-        flags = [f for sb in subs for f in (error_splice, *([False] * len(sb)))]
-        ce_all = iter(
-            ce_metrics_many(
-                flat,
-                model,
-                tokens[ce_seq],
-                keep[ce_seq],
-                hook=hook,
-                mode=mode,
-                seq_batch=seq_batch,
-                progress=progress,
-                error_splice=flags,
-                seq_index=ce_seq,
-            )
-        )
+        ce = dict(hook=hook, mode=mode, seq_batch=seq_batch, progress=progress)
+        ce_all = iter(_ce_of_all(saes, subs, model, source, ce_tokens, seed, error_splice, ce))
     identity = data_identity(data)
     results = []
     for sae, sb in zip(saes, subs):
         downstream = next(ce_all) if ce_all is not None else None
         sub_ce = [next(ce_all) for _ in sb] if ce_all is not None else [{} for _ in sb]
-        one = _one_evaluation(sae, sb, downstream, sub_ce, make_batches, mode, hook, len(chosen))
+        one = _one_evaluation(
+            sae, sb, downstream, sub_ce, source.batches, mode, hook, len(source.chosen)
+        )
         results.append({**one, "data": identity})
     return results
+
+
+class _StoreSource:
+    """A store's activations at the SAEs' one hook, on sequences sampled from it."""
+
+    def __init__(self, data, saes, hook, allow_mismatch, n_tokens, seed, batch_size):
+        from ..plumbing.checks import hook_on_store, one_hook
+
+        # every SAE on the same hook of the store, each checked against it
+        self.hook = one_hook({hook_on_store(sae, data, hook, allow_mismatch) for sae in saes})
+        self.data, self.batch_size = data, batch_size
+        self.tokens, self.pos, self.keep = data.tokens, data.positions(), data.keep_mask()
+        self.chosen = sample_sequences(self.keep, n_tokens, seed)
+        self.rows = np.flatnonzero(np.isin(self.pos[:, 0], self.chosen))[:n_tokens]
+
+    def batches(self):
+        """(activations, the sequence of each row) in batches of batch_size rows."""
+        from ..plumbing.checks import require_finite
+
+        for s in range(0, self.rows.size, self.batch_size):
+            r = self.rows[s : s + self.batch_size]
+            x = self.data.take(r, self.hook)
+            require_finite(x, self.data, r)
+            yield x, torch.from_numpy(self.pos[r, 0].astype(np.int64))
+
+
+class _CorpusSource:
+    """The model's activations at the SAEs' one hook, computed live on sampled sequences."""
+
+    def __init__(self, data, saes, model, hook, allow_mismatch, n_tokens, seed, seq_batch):
+        from ..models import resolve_hook, underlying
+        from ..plumbing.checks import hook_on_model, one_hook
+
+        if model is None:
+            raise ValueError("evaluating on a corpus needs the model to compute activations")
+        self.hook = one_hook({hook_on_model(sae, model, hook, allow_mismatch) for sae in saes})
+        self.model, self.seq_batch = model, seq_batch
+        self.hp = resolve_hook(model, self.hook)
+        self.device = next(underlying(model).parameters()).device
+        self.tokens, self.keep = data.tokens, data.keep
+        self.chosen = sample_sequences(self.keep, n_tokens, seed)
+
+    def batches(self):
+        """(the kept positions' activations, the sequence of each) a few sequences at a time."""
+        from ..activations import forward_hooks
+        from ..plumbing.checks import require_finite
+
+        for b in range(0, self.chosen.size, self.seq_batch):
+            idx = self.chosen[b : b + self.seq_batch]
+            ids = torch.from_numpy(self.tokens[idx].astype(np.int64)).to(self.device)
+            v = forward_hooks(self.model, ids, [self.hp])[0]
+            kb = torch.from_numpy(self.keep[idx])
+            kept = v[kb.to(v.device)]
+            require_finite(kept, what=f"the model's activations at {self.hook}")
+            seq = torch.from_numpy(idx.astype(np.int64))[:, None].expand(kb.shape)[kb]
+            yield kept, seq
+
+
+def _ce_of_all(saes, subs, model, source, ce_tokens, seed, error_splice, ce: dict) -> list[dict]:
+    """The CE metrics of every SAE and every prefix, in that order, on shared sequences."""
+    ce_seq = sample_sequences(source.keep, ce_tokens, seed, targets=True)
+    flat = [x for sae, sb in zip(saes, subs) for x in (sae, *sb)]
+    flags = [f for sb in subs for f in (error_splice, *([False] * len(sb)))]
+    return ce_metrics_many(
+        flat,
+        model,
+        source.tokens[ce_seq],
+        source.keep[ce_seq],
+        error_splice=flags,
+        seq_index=ce_seq,
+        **ce,
+    )
 
 
 def data_identity(data) -> dict:
@@ -182,6 +212,9 @@ def data_identity(data) -> dict:
     }
 
 
+RECONSTRUCTION = ("nmse", "mse_normalized", "fvu", "explained_variance", "cosine")
+
+
 def _one_evaluation(sae, subs, downstream, sub_ce, make_batches, mode, hook, n_sequences) -> dict:
     """evaluate()'s dict for one SAE, given its (and its prefixes') CE results."""
     # one pass over the data for the SAE, its batch-mode code (theta's SAEs) and its
@@ -189,44 +222,7 @@ def _one_evaluation(sae, subs, downstream, sub_ce, make_batches, mode, hook, n_s
     batch_mode = sae.has_theta and mode in (None, "threshold")
     runs = [(sae, mode)] + [(sae, "batch")] * batch_mode + [(sub, mode) for sub in subs]
     rec, *others = reconstruction_metrics_many(runs, make_batches())
-    c = sae.cfg
-    sparsity = {
-        "l0": rec["l0"],
-        "l0_std": rec["l0_std"],
-        "l0_quantiles": rec["l0_quantiles"],
-        "l0_histogram": l0_histogram(rec["_per_token_l0"]),
-        "dead_fraction": rec["dead_fraction"],
-        "dense_fraction": rec["dense_fraction"],
-    }
-    if sae.has_theta and mode in (None, "threshold"):
-        # the batch-coupled training-time code next to the threshold that replaces it
-        batch_l0 = others.pop(0)["l0"]
-        sparsity.update(
-            {
-                "l0_batch_mode": batch_l0,
-                "l0_threshold_mode": rec["l0"],
-                "l0_threshold_over_batch": rec["l0"] / batch_l0 if batch_l0 else float("nan"),
-            }
-        )
-    prefixes = None
-    if subs:
-        prefixes = []
-        for g, (sub, d) in enumerate(zip(subs, sub_ce), start=1):
-            r = others[g - 1]
-            prefixes.append(
-                {
-                    "groups": g,
-                    "width": sub.cfg.d_sae,
-                    **{
-                        k: r[k]
-                        for k in ("nmse", "mse_normalized", "fvu", "explained_variance", "cosine")
-                    },
-                    "l0": r["l0"],
-                    "ce_recovered": d.get("ce_recovered"),
-                    "kl": d.get("kl"),
-                    "intervals": {**r.get("intervals", {}), **(d.get("intervals") or {})},
-                }
-            )
+    batch_l0 = others.pop(0)["l0"] if batch_mode else None
     downstream = dict(downstream) if downstream is not None else None
     per_sequence = {"recon": rec.get("_per_sequence")}
     if downstream is not None:
@@ -234,25 +230,12 @@ def _one_evaluation(sae, subs, downstream, sub_ce, make_batches, mode, hook, n_s
     intervals = {**rec.get("intervals", {}), **((downstream or {}).get("intervals") or {})}
     out = {
         "schema": SCHEMA,
-        "sae": {
-            "architecture": c.arch,
-            "d_in": c.d_in,
-            "d_sae": c.d_sae,
-            "k": sae.sparsity_settings(c).get("k"),
-            "target_l0": c.target_l0,
-            "l1_coeff": sae.sparsity_settings(c).get("l1_coeff"),
-            "hook_name": hook,
-            "model_name": c.model_name,
-            "theta": float(sae.threshold) if sae.has_theta else None,
-            "theta_info": sae.theta_info,
-        },
+        "sae": _sae_record(sae, hook),
         "mode": mode or sae.modes[0],
         "n_tokens": rec["n_tokens"],
         "n_sequences": n_sequences,
-        "reconstruction": {
-            k: rec[k] for k in ("nmse", "mse_normalized", "fvu", "explained_variance", "cosine")
-        },
-        "sparsity": sparsity,
+        "reconstruction": {k: rec[k] for k in RECONSTRUCTION},
+        "sparsity": _sparsity(rec, batch_l0),
         "downstream": downstream,
         "intervals": intervals,
         "interval_method": {
@@ -263,10 +246,62 @@ def _one_evaluation(sae, subs, downstream, sub_ce, make_batches, mode, hook, n_s
         },
         "per_sequence": per_sequence,
     }
-    if prefixes is not None:
-        out["sae"]["group_sizes"] = list(c.group_sizes)
-        out["prefixes"] = prefixes
+    if subs:
+        out["sae"]["group_sizes"] = list(sae.cfg.group_sizes)
+        out["prefixes"] = [_prefix_row(g, *z) for g, z in enumerate(zip(subs, sub_ce, others), 1)]
     return out
+
+
+def _sae_record(sae, hook: str) -> dict:
+    """What an evaluation records of the SAE it evaluated."""
+    c = sae.cfg
+    return {
+        "architecture": c.arch,
+        "d_in": c.d_in,
+        "d_sae": c.d_sae,
+        "k": sae.sparsity_settings(c).get("k"),
+        "target_l0": c.target_l0,
+        "l1_coeff": sae.sparsity_settings(c).get("l1_coeff"),
+        "hook_name": hook,
+        "model_name": c.model_name,
+        "theta": float(sae.threshold) if sae.has_theta else None,
+        "theta_info": sae.theta_info,
+    }
+
+
+def _sparsity(rec: dict, batch_l0: float | None) -> dict:
+    """L0 and its spread, dead and dense latents; for θ's SAEs the batch-coupled training-time L0
+    next to the threshold's that replaces it."""
+    sparsity = {
+        "l0": rec["l0"],
+        "l0_std": rec["l0_std"],
+        "l0_quantiles": rec["l0_quantiles"],
+        "l0_histogram": l0_histogram(rec["_per_token_l0"]),
+        "dead_fraction": rec["dead_fraction"],
+        "dense_fraction": rec["dense_fraction"],
+    }
+    if batch_l0 is not None:
+        sparsity.update(
+            {
+                "l0_batch_mode": batch_l0,
+                "l0_threshold_mode": rec["l0"],
+                "l0_threshold_over_batch": rec["l0"] / batch_l0 if batch_l0 else float("nan"),
+            }
+        )
+    return sparsity
+
+
+def _prefix_row(groups: int, sub, ce: dict, rec: dict) -> dict:
+    """A Matryoshka prefix of `groups` groups: its reconstruction, L0 and CE figures."""
+    return {
+        "groups": groups,
+        "width": sub.cfg.d_sae,
+        **{k: rec[k] for k in RECONSTRUCTION},
+        "l0": rec["l0"],
+        "ce_recovered": ce.get("ce_recovered"),
+        "kl": ce.get("kl"),
+        "intervals": {**rec.get("intervals", {}), **(ce.get("intervals") or {})},
+    }
 
 
 def describe(m: dict) -> str:
