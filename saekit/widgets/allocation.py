@@ -40,29 +40,8 @@ class AllocationExplorer(Responsive):
         self.feature_explorers = feature_explorers or {}
         self._init_log()
         self.hook = hook or next(iter(saes.values())).cfg.hook_name
-        texts = texts or {"Hamlet": DEFAULT_TEXT}
-        self.preset = W.Dropdown(options=list(texts) + ["(type your own)"], description="text")
-        self.texts = texts
-        self.text = W.Textarea(
-            value=next(iter(texts.values())),
-            continuous_update=False,
-            layout=W.Layout(width="100%", height="70px"),
-        )
-        self.reset = W.Button(description="reset", tooltip="back to the trained θ / k")
-        self.sae_choice = W.Dropdown(options=list(saes), description="SAE")
-        self.threshold = W.FloatSlider(
-            description="threshold θ",
-            min=0.0,
-            max=1.0,
-            step=0.005,
-            readout_format=".3f",
-            continuous_update=False,
-            layout=W.Layout(width="60%"),
-        )
-        self.k = W.IntSlider(
-            description="k", min=1, max=128, continuous_update=False, layout=W.Layout(width="60%")
-        )
-        self.summary = W.HTML()
+        self.texts = texts or {"Hamlet": DEFAULT_TEXT}
+        self._controls()
         self.figure = go.FigureWidget(
             viz.token_counts_figure({"": self._empty_table()}, width=width)
         )
@@ -72,14 +51,7 @@ class AllocationExplorer(Responsive):
         self.figure.data[0].on_click(self.guard(self._on_click))
         self._configure_sliders()
         self._load_text()
-        self.preset.observe(self.guard(self._on_preset), "value")
-        self.text.observe(self.guard(lambda _: self._load_text()), "value")
-        self.sae_choice.observe(
-            self.guard(lambda _: (self._configure_sliders(), self.refresh())), "value"
-        )
-        self.threshold.observe(self.guard(lambda _: self.refresh()), "value")
-        self.k.observe(self.guard(lambda _: self.refresh()), "value")
-        self.reset.on_click(self.guard(lambda _: self._configure_sliders()))
+        self._wire()
         self.widget = W.VBox(
             [
                 W.HBox([self.preset, self.sae_choice]),
@@ -93,6 +65,42 @@ class AllocationExplorer(Responsive):
                 self.log,
             ]
         )
+
+    def _controls(self) -> None:
+        """The text, the SAE and its sparsity setting (θ or k)."""
+        texts = self.texts
+        self.preset = W.Dropdown(options=list(texts) + ["(type your own)"], description="text")
+        self.text = W.Textarea(
+            value=next(iter(texts.values())),
+            continuous_update=False,
+            layout=W.Layout(width="100%", height="70px"),
+        )
+        self.reset = W.Button(description="reset", tooltip="back to the trained θ / k")
+        self.sae_choice = W.Dropdown(options=list(self.saes), description="SAE")
+        self.threshold = W.FloatSlider(
+            description="threshold θ",
+            min=0.0,
+            max=1.0,
+            step=0.005,
+            readout_format=".3f",
+            continuous_update=False,
+            layout=W.Layout(width="60%"),
+        )
+        self.k = W.IntSlider(
+            description="k", min=1, max=128, continuous_update=False, layout=W.Layout(width="60%")
+        )
+        self.summary = W.HTML()
+
+    def _wire(self) -> None:
+        """Every control to what it changes."""
+        self.preset.observe(self.guard(self._on_preset), "value")
+        self.text.observe(self.guard(lambda _: self._load_text()), "value")
+        self.sae_choice.observe(
+            self.guard(lambda _: (self._configure_sliders(), self.refresh())), "value"
+        )
+        self.threshold.observe(self.guard(lambda _: self.refresh()), "value")
+        self.k.observe(self.guard(lambda _: self.refresh()), "value")
+        self.reset.on_click(self.guard(lambda _: self._configure_sliders()))
 
     @staticmethod
     def _empty_table():

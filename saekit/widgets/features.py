@@ -18,6 +18,22 @@ class FeatureExplorer(Responsive):
     def __init__(self, index: analysis.FeatureIndex, sae, model=None):
         self.index, self.sae, self.model = index, sae, model
         self._init_log()
+        self._browse_controls()
+        self._probe_controls()
+        self.hist = go.FigureWidget(viz.activation_histogram_figure([], 0))
+        self.density = go.FigureWidget(viz.density_histogram_figure(index.density))
+        self.logits = go.FigureWidget(
+            viz.logit_effects_figure({"promoted": [], "suppressed": []}, 0)
+        )
+        self._wire()
+        self.widget = self._layout()
+        alive = np.nonzero(index.density > 0)[0]
+        self.latent.value = int(alive[0]) if len(alive) else 0
+        self.show()
+
+    def _browse_controls(self) -> None:
+        """Choosing a latent: order, index, prev/next, search and its matches, the context."""
+        index, model = self.index, self.model
         self.order = W.Dropdown(
             options=["index", "density (high first)", "density (low first)"], description="order"
         )
@@ -54,8 +70,11 @@ class FeatureExplorer(Responsive):
             continuous_update=False,
             layout=W.Layout(width="150px"),
         )
-        # test a hypothesis: type text, see this latent on every token; then ablate or steer it and
-        # watch the next-token distribution move (analysis.causal_effect)
+
+    def _probe_controls(self) -> None:
+        """Testing a hypothesis: type text, see this latent on every token; then ablate or steer it
+        and watch the next-token distribution move (analysis.causal_effect)."""
+        model = self.model
         self.probe = W.Text(
             placeholder="type text, Enter: this latent on every token",
             description="try",
@@ -70,11 +89,9 @@ class FeatureExplorer(Responsive):
         )
         self.run_edit = W.Button(description="edit and compare", disabled=model is None)
         self.edit_out = W.HTML()
-        self.hist = go.FigureWidget(viz.activation_histogram_figure([], 0))
-        self.density = go.FigureWidget(viz.density_histogram_figure(index.density))
-        self.logits = go.FigureWidget(
-            viz.logit_effects_figure({"promoted": [], "suppressed": []}, 0)
-        )
+
+    def _wire(self) -> None:
+        """Every control to what it changes."""
         self.latent.observe(self.guard(lambda _: self.show()), "value")
         self.before.observe(self.guard(lambda _: self.show()), "value")
         self.after.observe(self.guard(lambda _: self.show()), "value")
@@ -91,7 +108,9 @@ class FeatureExplorer(Responsive):
             ),
             "value",
         )
-        self.widget = W.VBox(
+
+    def _layout(self) -> W.VBox:
+        return W.VBox(
             [
                 W.HBox([self.order, self.latent, self.prev, self.next]),
                 W.HBox([self.search, self.search_in, self.results]),
@@ -108,9 +127,6 @@ class FeatureExplorer(Responsive):
                 self.log,
             ]
         )
-        alive = np.nonzero(index.density > 0)[0]
-        self.latent.value = int(alive[0]) if len(alive) else 0
-        self.show()
 
     def _sequence(self) -> np.ndarray:
         if self.order.value == "index":
