@@ -93,53 +93,8 @@ def capture(
     points = [resolve_hook(model, h) for h in hooks]
     out = Path(out)
     if n_tokens is not None:
-        if n_tokens <= 0:
-            raise StoreError(f"n_tokens must be positive, got {n_tokens}")
-        n_seq = packed.sequences_for(n_tokens)
-        if packed.n_kept < n_tokens and distributed.rank() == 0:
-            warnings.warn(
-                f"the corpus holds only {packed.n_kept:,} tokens (asked for {n_tokens:,}); "
-                "capturing all of them",
-                stacklevel=2,
-            )
-        packed = packed.head(n_seq)
-    seq_len = packed.seq_len
-    manifest = {
-        "format": FORMAT,
-        "format_version": 1,
-        "saekit_version": saekit_version(),
-        "model": model_name(model),
-        "hooks": hooks,
-        "d_model": None,
-        "dtype": dtype,
-        "seq_len": seq_len,
-        "n_sequences": packed.n_sequences,
-        "drop_bos": bool(packed.meta.get("drop_bos", True)),
-        "bos_token_id": packed.bos_token_id,
-        "pad_token_id": packed.pad_token_id,
-        "corpus": {
-            **{
-                k: v
-                for k, v in packed.meta.items()
-                if k
-                in (
-                    "corpus",
-                    "split",
-                    "split_rule",
-                    "text_field",
-                    "n_documents",
-                    "sampling",
-                    "part",
-                )
-            },
-            **(corpus_info or {}),
-        },
-        "tokens_sha256": packed.sha256(),
-        "shard_sequences": max(1, shard_tokens // seq_len),
-        "shards": [],
-        "n_rows": 0,
-        "complete": False,
-    }
+        packed = _first_tokens(packed, n_tokens)
+    manifest = _new_manifest(model, packed, hooks, dtype, shard_tokens, corpus_info)
     need = store_bytes(packed, len(points), dtype, d_model(model))
     with contextlib.ExitStack() as held:
         # rank 0 holds the store's writer lock for the whole job; a second writer is refused
@@ -154,6 +109,70 @@ def capture(
                 model, packed, hooks, points, out, manifest, batch_size, dtype, progress
             )
     return ActivationStore(out)
+
+
+def _first_tokens(packed: PackedTokens, n_tokens: int) -> PackedTokens:
+    """The first sequences of `packed` that hold at least n_tokens kept positions (all of them,
+    with a warning, where it holds fewer)."""
+    if n_tokens <= 0:
+        raise StoreError(f"n_tokens must be positive, got {n_tokens}")
+    if packed.n_kept < n_tokens and distributed.rank() == 0:
+        warnings.warn(
+            f"the corpus holds only {packed.n_kept:,} tokens (asked for {n_tokens:,}); "
+            "capturing all of them",
+            stacklevel=3,
+        )
+    return packed.head(packed.sequences_for(n_tokens))
+
+
+# what a store's manifest keeps of the packed corpus's description
+CORPUS_FIELDS = ("corpus", "split", "split_rule", "text_field", "n_documents", "sampling", "part")
+
+
+def _new_manifest(model, packed, hooks, dtype, shard_tokens, corpus_info) -> dict:
+    """The manifest a capture of `packed` starts (or must match, to be resumed)."""
+    return {
+        "format": FORMAT,
+        "format_version": 1,
+        "saekit_version": saekit_version(),
+        "model": model_name(model),
+        "hooks": hooks,
+        "d_model": None,
+        "dtype": dtype,
+        "seq_len": packed.seq_len,
+        "n_sequences": packed.n_sequences,
+        "drop_bos": bool(packed.meta.get("drop_bos", True)),
+        "bos_token_id": packed.bos_token_id,
+        "pad_token_id": packed.pad_token_id,
+        "corpus": {
+            **{k: v for k, v in packed.meta.items() if k in CORPUS_FIELDS},
+            **(corpus_info or {}),
+        },
+        "tokens_sha256": packed.sha256(),
+        "shard_sequences": max(1, shard_tokens // packed.seq_len),
+        "shards": [],
+        "n_rows": 0,
+        "complete": False,
+    }
+
+
+def kept_activations(
+    model, packed: PackedTokens, start: int, end: int, points: list[HookPoint], device
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """One forward over sequences start..end of `packed`: the activations at every hook point at
+    the kept positions ([n, d] each, on the model's device, checked finite), and those positions
+    ([n, 2]: sequence, position)."""
+    ids = torch.from_numpy(packed.tokens[start:end].astype(np.int64)).to(device)
+    keep = torch.from_numpy(packed.keep[start:end])
+    # padding only fills a row's tail, so causal attention keeps it out of every kept position
+    acts = forward_hooks(model, ids, points)
+    kept = []
+    for point, a in zip(points, acts):
+        a = a.detach()
+        _check_finite(a, point.name, start)
+        kept.append(a[keep.to(a.device)])
+    seq_idx, pos_idx = keep.nonzero(as_tuple=True)
+    return kept, torch.stack([seq_idx + start, pos_idx], 1).to(torch.int32)
 
 
 def _capture_shards(
@@ -177,50 +196,22 @@ def _capture_shards(
     device = next(underlying(model).parameters()).device
     total = sum(int(packed.keep[s:e].sum()) for _, s, e in todo)
     who = f" (rank {rank} of {world})" if world > 1 else ""
-    bar = tqdm(
-        total=total,
-        unit="tok",
-        desc=f"capture {','.join(hooks)}{who}",
-        disable=not progress,
-        smoothing=0.1,
-    )
-    store_dtype = DTYPES[dtype]
+    desc = f"capture {','.join(hooks)}{who}"
+    bar = tqdm(total=total, unit="tok", desc=desc, disable=not progress, smoothing=0.1)
     try:
         for index, s, e in todo:
             parts: list[list[torch.Tensor]] = [[] for _ in points]
             pos_parts = []
             for b in range(s, e, batch_size):
-                be = min(b + batch_size, e)
-                ids = torch.from_numpy(packed.tokens[b:be].astype(np.int64)).to(device)
-                keep = torch.from_numpy(packed.keep[b:be])
-                # padding only fills a row's tail, so causal attention keeps it out of
-                # every kept position
-                acts = forward_hooks(model, ids, points)
-                for j, a in enumerate(acts):
-                    a = a.detach().to("cpu")
-                    _check_finite(a, hooks[j], b)
-                    parts[j].append(a[keep].to(store_dtype))
-                seq_idx, pos_idx = keep.nonzero(as_tuple=True)
-                pos_parts.append(torch.stack([seq_idx + b, pos_idx], 1).to(torch.int32))
-                bar.update(int(keep.sum()))
-            pos = torch.cat(pos_parts).numpy()
-            for j, h in enumerate(hooks):
-                arr = torch.cat(parts[j])
-                arr = arr.view(torch.uint16) if dtype == "bfloat16" else arr
-                atomic_save_npy(out / "shards" / f"{index:05d}.{hook_file(h)}.npy", arr.numpy())
-            atomic_save_npy(out / "shards" / f"{index:05d}.pos.npy", pos)
-            # written last: the shard is whole
-            atomic_write_json(
-                out / "shards" / f"{index:05d}.done.json",
-                {
-                    "index": index,
-                    "seq_start": s,
-                    "seq_end": e,
-                    "n_rows": int(pos.shape[0]),
-                    "d_model": int(parts[0][0].shape[-1]),
-                    "tokens_sha256": manifest["tokens_sha256"],
-                },
-            )
+                kept, pos = kept_activations(
+                    model, packed, b, min(b + batch_size, e), points, device
+                )
+                for j, a in enumerate(kept):
+                    parts[j].append(a.to("cpu").to(DTYPES[dtype]))
+                pos_parts.append(pos)
+                bar.update(pos.shape[0])
+            acts = [torch.cat(p) for p in parts]
+            _write_shard(out, index, (s, e), hooks, acts, torch.cat(pos_parts).numpy(), manifest)
             if rank == 0:
                 manifest = fold_done(out, manifest, len(plan))
                 bar.set_postfix(shards=f"{len(manifest['shards'])}/{len(plan)}")
@@ -228,6 +219,27 @@ def _capture_shards(
         bar.close()
     distributed.barrier()  # every rank's shards are written
     distributed.on_rank0(lambda: fold_done(out, manifest, len(plan)))
+
+
+def _write_shard(out: Path, index: int, seqs, hooks, acts, pos: np.ndarray, manifest) -> None:
+    """Shard `index` (sequences seqs = (start, end)): each hook's activations, the positions, and
+    last its completion record, each file written atomically."""
+    for h, arr in zip(hooks, acts):
+        arr = arr.view(torch.uint16) if arr.dtype == torch.bfloat16 else arr
+        atomic_save_npy(out / "shards" / f"{index:05d}.{hook_file(h)}.npy", arr.numpy())
+    atomic_save_npy(out / "shards" / f"{index:05d}.pos.npy", pos)
+    # written last: the shard is whole
+    atomic_write_json(
+        out / "shards" / f"{index:05d}.done.json",
+        {
+            "index": index,
+            "seq_start": seqs[0],
+            "seq_end": seqs[1],
+            "n_rows": int(pos.shape[0]),
+            "d_model": int(acts[0].shape[-1]),
+            "tokens_sha256": manifest["tokens_sha256"],
+        },
+    )
 
 
 def capture_splits(
@@ -251,43 +263,21 @@ def capture_splits(
     in the same random order, i.e. text the SAE is not trained on (the store to calibrate theta on),
     and returns (train, test, calib)."""
     out = Path(out)
-    train_packed = packed_corpus(
-        model.tokenizer,
-        corpus,
-        split="train",
-        seq_len=seq_len,
-        max_tokens=train_tokens + calib_tokens + (seq_len if calib_tokens else 0),
-        seed=seed,
+    split = lambda name, n: packed_corpus(
+        model.tokenizer, corpus, split=name, seq_len=seq_len, max_tokens=n, seed=seed
     )
+    train_packed = split("train", train_tokens + calib_tokens + (seq_len if calib_tokens else 0))
     n_train = train_packed.sequences_for(train_tokens)
     parts = [
         ("train", train_packed.head(n_train), train_tokens),
-        (
-            "test",
-            packed_corpus(
-                model.tokenizer,
-                corpus,
-                split="test",
-                seq_len=seq_len,
-                max_tokens=test_tokens,
-                seed=seed,
-            ),
-            test_tokens,
-        ),
+        ("test", split("test", test_tokens), test_tokens),
     ]
     if calib_tokens:
-        parts.append(
-            ("calib", train_packed.sequences(n_train, train_packed.n_sequences), calib_tokens)
-        )
+        calib = train_packed.sequences(n_train, train_packed.n_sequences)
+        parts.append(("calib", calib, calib_tokens))
     return tuple(
         capture(
-            model,
-            packed,
-            hook,
-            out / f"store_{name}",
-            n_tokens=n,
-            batch_size=batch_size,
-            progress=progress,
+            model, packed, hook, out / f"store_{name}", n, batch_size=batch_size, progress=progress
         )
         for name, packed, n in parts
     )
