@@ -89,81 +89,89 @@ def pack(
     documents are separated by BOS. Stops once `max_tokens` kept positions exist (None: all text).
     `texts` yields strings (documents numbered in order) or (document index, string) pairs.
     """
-    if seq_len < 2:
-        raise CorpusError(f"seq_len must be at least 2 (BOS plus one token), got {seq_len}")
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else bos
-    if bos is None:
-        raise CorpusError(
-            "the tokenizer has neither a BOS nor an EOS token to start sequences with"
-        )
-    body = seq_len - 1
-    rows_tok: list[np.ndarray] = []
-    rows_doc: list[np.ndarray] = []
-    rows_len: list[int] = []  # non-padding length of each row
-    stream_tok: list[int] = []
-    stream_doc: list[int] = []
-    kept = 0
-    doc_index = 0
-
-    def flush(final: bool) -> None:
-        nonlocal stream_tok, stream_doc, kept
-        while len(stream_tok) >= body or (final and stream_tok):
-            t, d = stream_tok[:body], stream_doc[:body]
-            stream_tok, stream_doc = stream_tok[body:], stream_doc[body:]
-            n_pad = body - len(t)
-            rows_tok.append(np.array([bos] + t + [pad] * n_pad, dtype=np.int32))
-            rows_doc.append(np.array([-1] + d + [-1] * n_pad, dtype=np.int32))
-            rows_len.append(1 + len(t))
-            kept += sum(1 for x in t if x != bos) if drop_bos else len(t)
-            if max_tokens is not None and kept >= max_tokens:
-                return
-
-    batch: list[str] = []
-    batch_ids: list[int] = []
-
-    def consume(batch: list[str]) -> None:
-        nonlocal doc_index
-        for ids, d in zip(tokenizer(batch, add_special_tokens=False)["input_ids"], batch_ids):
-            if stream_tok or rows_tok:  # separate documents by BOS (a row start already has one)
-                stream_tok.append(bos)
-                stream_doc.append(-1)
-            stream_tok.extend(ids)
-            stream_doc.extend([d] * len(ids))
-            doc_index += 1
-        batch_ids.clear()
-
+    packer = Packer(tokenizer, seq_len, drop_bos)
+    batch: list[tuple[int, str]] = []
     for item in texts:
-        d, text = item if isinstance(item, tuple) else (doc_index + len(batch), item)
+        d, text = item if isinstance(item, tuple) else (packer.n_documents + len(batch), item)
         if not text or not text.strip():
             continue
-        batch.append(text)
-        batch_ids.append(int(d))
+        batch.append((int(d), text))
         if len(batch) >= batch_docs:
-            consume(batch)
+            packer.add(batch)
             batch = []
-            flush(final=False)
-            if max_tokens is not None and kept >= max_tokens:
+            packer.flush(final=False, max_tokens=max_tokens)
+            if max_tokens is not None and packer.kept >= max_tokens:
                 break
     else:
         if batch:
-            consume(batch)
-        flush(final=True)
-    if not rows_tok or kept == 0:
-        raise CorpusError("the corpus produced no tokens: it is empty or all its texts are blank")
-    tokens = np.stack(rows_tok)
-    doc_ids = np.stack(rows_doc)
-    keep = doc_ids >= 0  # drops every BOS (row starts, document separators) and padding
-    if not drop_bos:
-        keep = np.arange(seq_len)[None, :] < np.array(rows_len)[:, None]
-    return PackedTokens(
-        tokens,
-        doc_ids,
-        keep,
-        int(bos),
-        int(pad),
-        {"seq_len": seq_len, "drop_bos": drop_bos, "n_documents": doc_index},
-    )
+            packer.add(batch)
+        packer.flush(final=True, max_tokens=max_tokens)
+    return packer.packed()
+
+
+class Packer:
+    """Documents packed into rows of seq_len as they come: each row starts with BOS, documents are
+    separated by BOS, and a row is made once its body is full (or at the end)."""
+
+    def __init__(self, tokenizer, seq_len: int, drop_bos: bool = True):
+        if seq_len < 2:
+            raise CorpusError(f"seq_len must be at least 2 (BOS plus one token), got {seq_len}")
+        bos = tokenizer.bos_token_id
+        bos = bos if bos is not None else tokenizer.eos_token_id
+        if bos is None:
+            raise CorpusError(
+                "the tokenizer has neither a BOS nor an EOS token to start sequences with"
+            )
+        pad = tokenizer.pad_token_id
+        self.tokenizer, self.seq_len, self.drop_bos = tokenizer, seq_len, drop_bos
+        self.bos, self.pad = int(bos), int(pad if pad is not None else bos)
+        self.stream_tok: list[int] = []  # tokens not yet in a row, and their documents
+        self.stream_doc: list[int] = []
+        self.rows_tok: list[np.ndarray] = []
+        self.rows_doc: list[np.ndarray] = []
+        self.rows_len: list[int] = []  # non-padding length of each row
+        self.kept = 0
+        self.n_documents = 0
+
+    def add(self, docs: list[tuple[int, str]]) -> None:
+        """Tokenise (document index, text) pairs and append them to the stream."""
+        texts = [t for _, t in docs]
+        for ids, (d, _) in zip(self.tokenizer(texts, add_special_tokens=False)["input_ids"], docs):
+            # separate documents by BOS (a row start already has one)
+            if self.stream_tok or self.rows_tok:
+                self.stream_tok.append(self.bos)
+                self.stream_doc.append(-1)
+            self.stream_tok.extend(ids)
+            self.stream_doc.extend([d] * len(ids))
+            self.n_documents += 1
+
+    def flush(self, final: bool, max_tokens: int | None = None) -> None:
+        """Make every full row of the stream (and with `final`, the rest as a padded row), stopping
+        once max_tokens kept positions exist."""
+        body, bos, pad = self.seq_len - 1, self.bos, self.pad
+        while len(self.stream_tok) >= body or (final and self.stream_tok):
+            t, d = self.stream_tok[:body], self.stream_doc[:body]
+            self.stream_tok, self.stream_doc = self.stream_tok[body:], self.stream_doc[body:]
+            n_pad = body - len(t)
+            self.rows_tok.append(np.array([bos] + t + [pad] * n_pad, dtype=np.int32))
+            self.rows_doc.append(np.array([-1] + d + [-1] * n_pad, dtype=np.int32))
+            self.rows_len.append(1 + len(t))
+            self.kept += sum(1 for x in t if x != bos) if self.drop_bos else len(t)
+            if max_tokens is not None and self.kept >= max_tokens:
+                return
+
+    def packed(self) -> PackedTokens:
+        """The rows made so far as PackedTokens."""
+        if not self.rows_tok or self.kept == 0:
+            raise CorpusError(
+                "the corpus produced no tokens: it is empty or all its texts are blank"
+            )
+        tokens, doc_ids = np.stack(self.rows_tok), np.stack(self.rows_doc)
+        keep = doc_ids >= 0  # drops every BOS (row starts, document separators) and padding
+        if not self.drop_bos:
+            keep = np.arange(self.seq_len)[None, :] < np.array(self.rows_len)[:, None]
+        meta = {"seq_len": self.seq_len, "drop_bos": self.drop_bos, "n_documents": self.n_documents}
+        return PackedTokens(tokens, doc_ids, keep, self.bos, self.pad, meta)
 
 
 def packed_corpus(
