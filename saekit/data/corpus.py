@@ -113,17 +113,7 @@ def local_split(path: Path, split: str, text_field: str = "text", name: str | No
     fixed: a random LOCAL_TEST_FRACTION of them is "test", the rest "train". "all" is every
     document. A split that does not exist is a CorpusError naming those that do. Returns (Dataset,
     the rule that made the split: a store's manifest records it as corpus.split_rule)."""
-    files = (
-        sorted(p for p in path.rglob("*") if p.suffix in _LOCAL_BUILDERS)
-        if path.is_dir()
-        else [path]
-    )
-    if not files:
-        raise CorpusError(f"no .txt/.jsonl/.json/.parquet/.csv files under {path}")
-    builders = {_LOCAL_BUILDERS.get(f.suffix) for f in files}
-    if None in builders or len(builders) != 1:
-        raise CorpusError(f"{path}: use one of {', '.join(_LOCAL_BUILDERS)} (one kind per folder)")
-    builder = builders.pop()
+    files, builder = _local_files(path)
     by_name = {f: _split_of(f.relative_to(path) if path.is_dir() else Path(f.name)) for f in files}
     named = {s for s in by_name.values() if s is not None}
     if named and None in by_name.values():
@@ -141,39 +131,16 @@ def local_split(path: Path, split: str, text_field: str = "text", name: str | No
         files = [
             f for f, s in by_name.items() if split == "all" or s == SPLIT_NAMES.get(split, split)
         ]
-        rule = {"method": "files named by split", "n_files": len(files)}
     if builder == "json":  # before datasets reads them: a bad record is named by its line
         nulls = sum(_check_json_records(f, text_field) for f in files)
     ds = _read_local(builder, files, name or str(path))
     _check_field(ds, text_field, name or str(path))
-    if not named and "split" in ds.column_names:
-        values = sorted({str(v) for v in ds["split"]})
-        if split != "all" and split not in values:
-            raise CorpusError(
-                f"{path} has no '{split}' split; its `split` column "
-                f"holds {', '.join(values)} (or 'all')"
-            )
-        if split != "all":
-            ds = ds.filter(lambda row: str(row["split"]) == split)
-        rule = {"method": "split column"}
-    elif not named:
-        if split not in ("train", "test", "all"):
-            raise CorpusError(
-                f"{path} has no splits of its own, so saekit splits its documents into 'train' and "
-                f"'test' (or 'all'), not '{split}'"
-            )
-        n_test = round(len(ds) * LOCAL_TEST_FRACTION) if len(ds) > 1 else 0
-        test = np.zeros(len(ds), dtype=bool)
-        test[np.random.default_rng(LOCAL_SPLIT_SEED).permutation(len(ds))[:n_test]] = True
-        if split != "all":
-            ds = ds.select(np.flatnonzero(test == (split == "test")))
-        rule = {
-            "method": "seeded document split",
-            "seed": LOCAL_SPLIT_SEED,
-            "test_fraction": LOCAL_TEST_FRACTION,
-            "n_documents": int(test.size),
-            "n_test": int(n_test),
-        }
+    if named:
+        rule = {"method": "files named by split", "n_files": len(files)}
+    elif "split" in ds.column_names:
+        ds, rule = _by_split_column(ds, split, path)
+    else:
+        ds, rule = _seeded_split(ds, split, path)
     if len(ds) == 0:
         raise CorpusError(
             f"split '{split}' of {path} holds no documents; use a larger corpus or --split all"
@@ -184,6 +151,58 @@ def local_split(path: Path, split: str, text_field: str = "text", name: str | No
             f"{nulls:,} record(s) of {path} have a null '{text_field}'; they are skipped",
             stacklevel=2,
         )
+    return ds, rule
+
+
+def _local_files(path: Path) -> tuple[list[Path], str]:
+    """A local corpus's files (the file itself, or every readable file under a folder) and the
+    `datasets` builder that reads them, one kind per corpus."""
+    files = (
+        sorted(p for p in path.rglob("*") if p.suffix in _LOCAL_BUILDERS)
+        if path.is_dir()
+        else [path]
+    )
+    if not files:
+        raise CorpusError(f"no .txt/.jsonl/.json/.parquet/.csv files under {path}")
+    builders = {_LOCAL_BUILDERS.get(f.suffix) for f in files}
+    if None in builders or len(builders) != 1:
+        raise CorpusError(f"{path}: use one of {', '.join(_LOCAL_BUILDERS)} (one kind per folder)")
+    return files, builders.pop()
+
+
+def _by_split_column(ds, split: str, path: Path) -> tuple:
+    """The rows of a corpus whose `split` column says `split` ("all": every row)."""
+    values = sorted({str(v) for v in ds["split"]})
+    if split != "all" and split not in values:
+        raise CorpusError(
+            f"{path} has no '{split}' split; "
+            f"its `split` column holds {', '.join(values)} (or 'all')"
+        )
+    if split != "all":
+        ds = ds.filter(lambda row: str(row["split"]) == split)
+    return ds, {"method": "split column"}
+
+
+def _seeded_split(ds, split: str, path: Path) -> tuple:
+    """A corpus without splits of its own, split by saekit: a seeded, fixed random
+    LOCAL_TEST_FRACTION of its documents is "test", the rest "train"."""
+    if split not in ("train", "test", "all"):
+        raise CorpusError(
+            f"{path} has no splits of its own, so saekit splits its documents into 'train' and "
+            f"'test' (or 'all'), not '{split}'"
+        )
+    n_test = round(len(ds) * LOCAL_TEST_FRACTION) if len(ds) > 1 else 0
+    test = np.zeros(len(ds), dtype=bool)
+    test[np.random.default_rng(LOCAL_SPLIT_SEED).permutation(len(ds))[:n_test]] = True
+    if split != "all":
+        ds = ds.select(np.flatnonzero(test == (split == "test")))
+    rule = {
+        "method": "seeded document split",
+        "seed": LOCAL_SPLIT_SEED,
+        "test_fraction": LOCAL_TEST_FRACTION,
+        "n_documents": int(test.size),
+        "n_test": int(n_test),
+    }
     return ds, rule
 
 
