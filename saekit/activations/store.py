@@ -215,11 +215,7 @@ class ActivationStore:
         disk in the background (`_advise`): no thread of ours, so the step keeps the cores.
         """
         hook = self.hook_name(hook)
-        chunks = [
-            _Chunk(i, s, min(s + chunk_rows, sh["n_rows"]))
-            for i, sh in enumerate(self.shards)
-            for s in range(0, sh["n_rows"], chunk_rows)
-        ]
+        chunks = self._chunks(chunk_rows)
         per_buffer = max(1, buffer_rows // chunk_rows)
         # one buffer for the whole run, refilled in place: a fresh one per fill costs its page
         # faults every time
@@ -228,12 +224,7 @@ class ActivationStore:
         try:
             for epoch in range(epochs):
                 g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-                order = (
-                    torch.randperm(len(chunks), generator=g).tolist()
-                    if shuffle
-                    else list(range(len(chunks)))
-                )
-                mine = [chunks[i] for i in order][rank::world_size]
+                mine = _in_order(chunks, g, shuffle)[rank::world_size]
                 carry_x, carry_p = None, None
                 for b in range(0, len(mine), per_buffer):
                     x, p = self._read_chunks(mine[b : b + per_buffer], hook, carry_x, carry_p, out)
@@ -253,6 +244,14 @@ class ActivationStore:
         # the next pass over this store (a trainer's init sample, training, calibration) refills it
         finally:
             self._spare = out
+
+    def _chunks(self, chunk_rows: int) -> list[_Chunk]:
+        """The store cut into chunks of at most chunk_rows contiguous rows of one shard."""
+        return [
+            _Chunk(i, s, min(s + chunk_rows, sh["n_rows"]))
+            for i, sh in enumerate(self.shards)
+            for s in range(0, sh["n_rows"], chunk_rows)
+        ]
 
     def _take_buffer(self, room: int) -> tuple[np.ndarray, np.ndarray]:
         """A buffer of at least `room` rows (activations and positions): the one the previous pass
@@ -326,3 +325,12 @@ class ActivationStore:
             f"rows={len(self):,}, "
             f"d_model={self.d_model}, dtype={self.dtype}, complete={m.get('complete')})"
         )
+
+
+def _in_order(chunks: list, g: torch.Generator, shuffle: bool) -> list:
+    """The chunks in a random order drawn from g (shuffle), else as they lie."""
+    return (
+        [chunks[i] for i in torch.randperm(len(chunks), generator=g).tolist()]
+        if shuffle
+        else chunks
+    )

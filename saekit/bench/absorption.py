@@ -124,44 +124,21 @@ def absorption_eval(
         epochs=cfg.k_sparse_probe_num_epochs, batch_size=cfg.k_sparse_probe_batch_size,
         seed=cfg.random_seed,
     )  # fmt: skip
-    W_dec = torch.nn.functional.normalize(sae.W_dec.detach().float().cpu(), dim=-1)
+    probes = _Probes(
+        cfg,
+        W_probe,
+        probe_scores,
+        W_l1,
+        (z_train, y_train),
+        (xs_test, z_test, y_test),
+        torch.nn.functional.normalize(sae.W_dec.detach().float().cpu(), dim=-1),
+        [w for w, t in zip(data.words, data.train) if not t],
+    )
     letters, words = [], []
-    test_words = [w for w, t in zip(data.words, data.train) if not t]
-    present = sorted(set(y_test.tolist()))
-    for i in tqdm(present, desc="absorption: letters", disable=not progress):
-        letter = LETTERS[i]
-        is_letter = y_test == i
-        probe_f1 = f1(is_letter, probe_scores[:, i])
-        f1s, chosen = k_sparse_f1s(
-            z_train, y_train == i, z_test, is_letter, W_l1[i], cfg.max_k_value
-        )
-        main = split_latents(f1s, chosen, cfg.f1_jump_threshold)
-        probe_D = torch.nn.functional.normalize(W_probe[i], dim=0)
-        cos_F = W_dec @ probe_D
-        found = np.nonzero(is_letter & (probe_scores[:, i] > 0))[0]
-        scored = []
-        for r in found:
-            l0 = int((z_test[r] != 0).sum())  # latents the word's token takes
-            scored.append(
-                {"letter": letter, "word": test_words[r], "l0": l0}
-                | word_absorption(xs_test[r], z_test[r], probe_D, cos_F, main)
-            )
+    for i in tqdm(sorted(set(y_test.tolist())), desc="absorption: letters", disable=not progress):
+        row, scored = probes.letter(i)
+        letters.append(row)
         words += scored
-        fractions = [w["absorption_fraction"] for w in scored]
-        fulls = sum(w["is_full_absorption"] for w in scored)
-        letters.append(
-            {
-                "first_letter": letter,
-                "mean_absorption_fraction": float(np.mean(fractions)) if fractions else 0.0,
-                "full_absorption_rate": fulls / len(found) if len(found) else 0.0,
-                "num_full_absorption": int(fulls),
-                "num_probe_true_positives": int(len(found)),
-                "num_split_features": len(main),
-                "probe_f1": probe_f1,
-                "k_sparse_f1": f1s,
-                "main_latents": main,
-            }
-        )
     table = pd.DataFrame(letters)
     kept = table[table["probe_f1"] > cfg.min_GT_probe_f1]
     metrics = {"mean": _mean_metrics(kept)}
@@ -180,6 +157,56 @@ def absorption_eval(
         "n_words": {"train": int(data.train.sum()), "test": int((~data.train).sum())},
     }
     return eval_output("absorption", sae, asdict(cfg), metrics, details, unstructured)
+
+
+@dataclass
+class _Probes:
+    """What every letter's absorption is measured with: the model's letter probes and their test
+    scores, the L1 probes on the SAE's codes, the codes, the unit decoder rows, the test words."""
+
+    cfg: AbsorptionConfig
+    W_probe: torch.Tensor
+    probe_scores: np.ndarray
+    W_l1: torch.Tensor
+    train: tuple  # (codes, letters) of the training words
+    test: tuple  # (normalised inputs, codes, letters) of the test words
+    W_dec: torch.Tensor
+    test_words: list
+
+    def letter(self, i: int) -> tuple[dict, list[dict]]:
+        """Letter i's row (probe F1, k-sparse F1s, split latents, absorption) and its scored
+        words."""
+        cfg, (z_train, y_train), (xs_test, z_test, y_test) = self.cfg, self.train, self.test
+        is_letter = y_test == i
+        probe_f1 = f1(is_letter, self.probe_scores[:, i])
+        f1s, chosen = k_sparse_f1s(
+            z_train, y_train == i, z_test, is_letter, self.W_l1[i], cfg.max_k_value
+        )
+        main = split_latents(f1s, chosen, cfg.f1_jump_threshold)
+        probe_D = torch.nn.functional.normalize(self.W_probe[i], dim=0)
+        cos_F = self.W_dec @ probe_D
+        found = np.nonzero(is_letter & (self.probe_scores[:, i] > 0))[0]
+        scored = []
+        for r in found:
+            l0 = int((z_test[r] != 0).sum())  # latents the word's token takes
+            scored.append(
+                {"letter": LETTERS[i], "word": self.test_words[r], "l0": l0}
+                | word_absorption(xs_test[r], z_test[r], probe_D, cos_F, main)
+            )
+        fractions = [w["absorption_fraction"] for w in scored]
+        fulls = sum(w["is_full_absorption"] for w in scored)
+        row = {
+            "first_letter": LETTERS[i],
+            "mean_absorption_fraction": float(np.mean(fractions)) if fractions else 0.0,
+            "full_absorption_rate": fulls / len(found) if len(found) else 0.0,
+            "num_full_absorption": int(fulls),
+            "num_probe_true_positives": int(len(found)),
+            "num_split_features": len(main),
+            "probe_f1": probe_f1,
+            "k_sparse_f1": f1s,
+            "main_latents": main,
+        }
+        return row, scored
 
 
 _DETAIL_KEYS = (
