@@ -325,6 +325,21 @@ def latent_on_text(
     return pd.DataFrame({"position": range(len(tokens)), "token": tokens, "activation": z.numpy()})
 
 
+def _moved_most(p0: torch.Tensor, p1: torch.Tensor, top: int, dec) -> pd.DataFrame:
+    """The `top` next tokens whose probability moved most from p0 to p1, with both."""
+    moved = (p1 - p0).abs().topk(top).indices
+    rows = [
+        {
+            "token": dec([int(i)]),
+            "p_clean": float(p0[i]),
+            "p_edited": float(p1[i]),
+            "change": float(p1[i] - p0[i]),
+        }
+        for i in moved
+    ]
+    return pd.DataFrame(rows)
+
+
 @torch.no_grad()
 def causal_effect(
     sae: SAE,
@@ -364,17 +379,7 @@ def causal_effect(
     )[0].log_softmax(-1)
     kl = (clean.exp() * (clean - edited)).sum(-1)  # [T]
     p0, p1 = clean[-1].exp(), edited[-1].exp()
-    moved = (p1 - p0).abs().topk(top).indices
     dec = model.tokenizer.decode
-    rows = [
-        {
-            "token": dec([int(i)]),
-            "p_clean": float(p0[i]),
-            "p_edited": float(p1[i]),
-            "change": float(p1[i] - p0[i]),
-        }
-        for i in moved
-    ]
     return {
         "edit": "ablate" if steer is None else f"steer {steer:+g}",
         "latent": latent,
@@ -383,7 +388,7 @@ def causal_effect(
         "kl_mean": float(kl[1:].mean()) if len(kl) > 1 else float(kl[-1]),
         "fired_on": int((z[1:, latent] > 0).sum()),
         "max_activation": float(z[1:, latent].max()),
-        "top": pd.DataFrame(rows),
+        "top": _moved_most(p0, p1, top, dec),
         "clean_top": [(dec([int(i)]), float(p0[i])) for i in p0.topk(5).indices],
         "edited_top": [(dec([int(i)]), float(p1[i])) for i in p1.topk(5).indices],
     }

@@ -33,6 +33,25 @@ def threshold_for_l0(sae: SAE, batches, target_l0: float, n_tokens: int) -> floa
     return theta
 
 
+def _check_request(sae: SAE, target_l0: float | None, n_tokens: int | None) -> float:
+    """The target L0 of a calibration (the SAE's k by default), once the request is checked."""
+    if not sae.has_theta:
+        raise SAEConfigError(
+            f"calibration sets the global threshold of a BatchTopK-family SAE; a "
+            f"'{sae.cfg.arch}' SAE has none (JumpReLU learns one threshold per latent)"
+        )
+    target = float(target_l0 if target_l0 is not None else sae.cfg.k)
+    if not 0 < target < sae.cfg.d_sae:  # also refuses NaN and inf
+        raise SAEConfigError(
+            f"target L0 must be above 0 and below the {sae.cfg.d_sae:,} latents, got {target}"
+        )
+    if n_tokens is not None and n_tokens < 1:
+        raise SAEConfigError(
+            f"n_tokens must be at least 1 (got {n_tokens}); None uses the whole store"
+        )
+    return target
+
+
 @torch.no_grad()
 def calibrate(
     sae: SAE,
@@ -51,21 +70,8 @@ def calibrate(
     from .metrics import per_token_l0
     from .plumbing.checks import hook_on_store
 
-    if not sae.has_theta:
-        raise SAEConfigError(
-            f"calibration sets the global threshold of a BatchTopK-family SAE; a "
-            f"'{sae.cfg.arch}' SAE has none (JumpReLU learns one threshold per latent)"
-        )
+    target = _check_request(sae, target_l0, n_tokens)
     store = open_store(store) if isinstance(store, (str, Path)) else store
-    target = float(target_l0 if target_l0 is not None else sae.cfg.k)
-    if not 0 < target < sae.cfg.d_sae:  # also refuses NaN and inf
-        raise SAEConfigError(
-            f"target L0 must be above 0 and below the {sae.cfg.d_sae:,} latents, got {target}"
-        )
-    if n_tokens is not None and n_tokens < 1:
-        raise SAEConfigError(
-            f"n_tokens must be at least 1 (got {n_tokens}); None uses the whole store"
-        )
     n = len(store) if n_tokens is None else min(int(n_tokens), len(store))
     hook = hook_on_store(sae, store, hook, allow_mismatch)
     sae.eval()

@@ -137,6 +137,23 @@ def test_the_cycle_check_finds_a_cycle(tmp_path, monkeypatch):
         test_no_import_cycles()
 
 
+MAX_FUNCTION_LINES = 60  # a screen
+
+
+def test_no_function_is_longer_than_a_screen():
+    """Every function of saekit fits a screen; a longer one says why in a comment on its first
+    line (`# longer: <reason>`)."""
+    long = []
+    for path in PKG.rglob("*.py"):
+        lines = path.read_text().splitlines()
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                size = node.end_lineno - node.lineno + 1
+                if size > MAX_FUNCTION_LINES and "# longer:" not in lines[node.lineno - 1]:
+                    long.append(f"{path.relative_to(PKG)}:{node.lineno} {node.name} ({size})")
+    assert not long, f"functions longer than {MAX_FUNCTION_LINES} lines: {long}"
+
+
 def test_modules_stay_small():
     big = {
         str(p.relative_to(PKG)): n

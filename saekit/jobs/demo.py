@@ -59,17 +59,7 @@ def run_demo(c: DemoConfig) -> dict:
     sae, sae_dir = res.saes[0], out / "train" / res.names[0]
     theta_trained = float(sae.threshold)
     l0_trained = float(per_token_l0(sae, held, c.eval_tokens).mean())
-    print(
-        f"[4/6] theta from training {theta_trained:.4f}: held-out threshold-mode L0 "
-        f"{l0_trained:.2f} (k = {c.k}); calibrating theta on {len(calib_store):,} tokens of "
-        "training-split documents the SAE never saw (not the held-out ones)"
-    )
-    cal = calibrate(sae, calib_store)
-    sae.save(sae_dir)
-    print(
-        f"      theta {theta_trained:.4f} -> {cal['theta']:.4f} (L0 on the calibration store "
-        f"{cal['l0_before']:.2f} -> {cal['l0_after']:.2f})"
-    )
+    cal = _calibrate(c, sae, sae_dir, calib_store, theta_trained, l0_trained)
     print(
         "[5/6] evaluating the BatchTopK SAE on held-out text (reconstruction, sparsity, CE with "
         f"it spliced in on {c.ce_tokens:,} positions)"
@@ -104,6 +94,22 @@ def run_demo(c: DemoConfig) -> dict:
         f"train_log.csv); {time.perf_counter() - t0:.0f} s in all"
     )
     return summary
+
+
+def _calibrate(c: DemoConfig, sae, sae_dir, calib_store, theta_trained, l0_trained) -> dict:
+    """Step 4: θ calibrated on training-split text the SAE never saw; the SAE saved with it."""
+    print(
+        f"[4/6] theta from training {theta_trained:.4f}: held-out threshold-mode L0 "
+        f"{l0_trained:.2f} (k = {c.k}); calibrating theta on {len(calib_store):,} tokens of "
+        "training-split documents the SAE never saw (not the held-out ones)"
+    )
+    cal = calibrate(sae, calib_store)
+    sae.save(sae_dir)
+    print(
+        f"      theta {theta_trained:.4f} -> {cal['theta']:.4f} (L0 on the calibration store "
+        f"{cal['l0_before']:.2f} -> {cal['l0_after']:.2f})"
+    )
+    return cal
 
 
 def _train(c: DemoConfig, store, out):

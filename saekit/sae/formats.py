@@ -123,9 +123,8 @@ def saelens_names() -> dict[str, str]:
     return {cls.saelens_training_name: name for name, cls in ARCHITECTURES.items()}
 
 
-def from_saelens(raw: dict, state: dict, where: Path) -> tuple[SAEConfig, dict]:
-    """saekit config + weights for a SAELens cfg.json and state dict (any supported layout)."""
-    known = saelens_names()
+def _supported(raw: dict, known: dict, where: Path) -> tuple[str, str]:
+    """A SAELens cfg.json's architecture and input normalisation, where saekit can load them."""
     arch = raw.get("architecture", "standard")
     if arch not in known:
         raise SAEConfigError(
@@ -143,6 +142,13 @@ def from_saelens(raw: dict, state: dict, where: Path) -> tuple[SAEConfig, dict]:
             f"{where}: reshape_activations='{raw['reshape_activations']}' (attention hook_z SAEs) "
             f"is not supported; saekit SAEs read flat [tokens, d_in] activations"
         )
+    return arch, norm
+
+
+def from_saelens(raw: dict, state: dict, where: Path) -> tuple[SAEConfig, dict]:
+    """saekit config + weights for a SAELens cfg.json and state dict (any supported layout)."""
+    known = saelens_names()
+    arch, norm = _supported(raw, known, where)
     meta = raw.get("metadata") or {}
     details = meta.get("training_architecture_details") or {}
     state = dict(state)
