@@ -2,6 +2,7 @@
 no docstring the API reference cannot read), and holds the pages it promises: the design note, the
 API from the docstrings and every notebook rendered without being run."""
 
+import functools
 import re
 import subprocess
 import sys
@@ -137,3 +138,58 @@ def test_the_path_check_sees_a_moved_file():
     )
     assert found == {"tests/test_reference.py", "saekit/sae/"}
     assert not (ROOT / "tests/test_reference.py").exists()
+
+
+# a measured figure: a decimal number, not part of a version (0.6.0, 3.10+) or an arXiv id
+_FIGURE = re.compile(r"(?<![\w.])[-−+]?\d+\.\d+(?![\d.]*\d)(?![+e])")
+_ARXIV = re.compile(r"\d{4}\.\d{4,5}")
+_CODE = re.compile(r"`[^`\n]*`")
+_CITED = re.compile(r"(?<![\w/])(?:benchmarks/results|results)/[\w./-]*\w")
+_SOURCE_SUFFIXES = (".txt", ".md", ".json", ".csv")
+
+
+_NUMBER = re.compile(r"-?\d+\.\d+(?:e-?\d+)?")
+
+
+@functools.cache
+def _figures_in(path: Path) -> frozenset[str]:
+    """Every number of a results file as it could be quoted: as written, and rounded to 1-6
+    decimals (a table's 0.99689 is quoted as 0.997)."""
+    out = set()
+    for n in _NUMBER.findall(path.read_text().replace("−", "-")):
+        out.add(n.lstrip("-"))
+        value = abs(float(n))
+        out |= {f"{value:.{d}f}" for d in range(1, 7)}
+    return frozenset(out)
+
+
+def unquoted_figures(page_text: str) -> list[tuple[str, str]]:
+    """(figure, paragraph) for every figure of a page that none of the results files (or folders)
+    its paragraph names holds, as written or rounded: a figure is quoted from the results, never
+    typed from memory. The generated figures block (benchmarks/figures.py) is skipped."""
+    text = re.sub(r"<!-- figures:.*?<!-- figures: end -->", "", page_text, flags=re.S)
+    missing = []
+    # a paragraph, a list item or a table row: the unit that names its sources
+    for para in re.split(r"\n\s*\n|\n(?=\s{0,3}(?:[-*|]|\d+\.) )", text):
+        figures = [f for f in _FIGURE.findall(_CODE.sub("", para)) if not _ARXIV.fullmatch(f)]
+        if not figures:
+            continue
+        cited = [ROOT / c for c in _CITED.findall(para) if (ROOT / c).exists()]
+        files = [f for c in cited for f in ([c] if c.is_file() else sorted(c.rglob("*")))]
+        held = set().union(*(_figures_in(f) for f in files if f.suffix in _SOURCE_SUFFIXES))
+        missing += [(f, para[:80]) for f in figures if f.lstrip("+-−") not in held]
+    return missing
+
+
+def test_every_figure_in_the_docs_is_quoted_from_a_results_file_it_names():
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    missing = {p.name: m for p in pages if (m := unquoted_figures(p.read_text()))}
+    assert not missing, f"figures their paragraph's results files do not hold: {missing}"
+
+
+def test_the_figure_check_sees_a_retyped_figure():
+    quoted = "NMSE 0.0231 (results/smollm2_l15/differences.md)."
+    assert unquoted_figures(quoted) == []
+    retyped = quoted.replace("0.0231", "0.0232")
+    assert unquoted_figures(retyped) == [("0.0232", retyped)]
+    assert unquoted_figures("version 0.6.0, python 3.10+, arXiv 2412.06410, `lr=0.5`") == []
