@@ -133,6 +133,13 @@ def global_batch_cut(local_top: torch.Tensor, n_global: int, share: int) -> tupl
     return float(cut), bool((g[:, share] < cut).all())
 
 
+def gather_objects(obj) -> list:
+    """Every rank's `obj` (JSON-like), in rank order, on every rank."""
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 @torch.no_grad()
 def all_reduce_fired(fired: torch.Tensor) -> torch.Tensor:
     """Latents that fired on any rank."""

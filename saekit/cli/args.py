@@ -64,7 +64,9 @@ def _sub(sub, name: str, help: str, fn):
     return p
 
 
-def _add_corpus_args(p: argparse.ArgumentParser) -> None:
+def _add_corpus_args(p: argparse.ArgumentParser, sampling: bool = True) -> None:
+    """The corpus and how it is packed; sampling: the document order's own flags (a stream from
+    the model orders its documents by --seed)."""
     from ..data import packed_corpus
 
     p.add_argument(
@@ -88,6 +90,8 @@ def _add_corpus_args(p: argparse.ArgumentParser) -> None:
         default=default_of(packed_corpus, "seq_len"),
         help="tokens per packed sequence, BOS included",
     )
+    if not sampling:
+        return
     p.add_argument(
         "--sample-seed",
         type=count_int,
@@ -101,18 +105,70 @@ def _add_corpus_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_training_args(p, archs, ks, l1, tokens, checkpoint_every) -> None:
-    """train's and sweep's flags: the data, the SAEs (each --arch at every level), the run."""
-    p.add_argument(
-        "--store", required=True, help="activation store folder, or a .npy/.safetensors [N, d] file"
-    )
-    p.add_argument("--hook", default=None, help="hook point to train on (None: the store's first)")
+def _add_training_args(p, archs, ks, l1, tokens, checkpoint_every, stream=False) -> None:
+    """train's and sweep's flags: the data, the SAEs (each --arch at every level), the run.
+    stream: the data may instead come from the running model (train)."""
+    if stream:
+        _add_stream_args(p)
+    else:
+        p.add_argument(
+            "--store",
+            required=True,
+            help="activation store folder, or a .npy/.safetensors [N, d] file",
+        )
+        p.add_argument(
+            "--hook", default=None, help="hook point to train on (None: the store's first)"
+        )
     _add_sae_args(p, archs, ks, l1)
     _add_run_args(p, tokens, checkpoint_every)
     p.add_argument(
         "--out",
         required=True,
         help="output folder (one subfolder per SAE; checkpoints to resume from)",
+    )
+
+
+def _add_stream_args(p) -> None:
+    """train's data: a store, or activations from the running model (--model, one --hook or more,
+    a corpus split), nothing written but the SAEs."""
+    from ..train.stream import ModelSource
+
+    p.add_argument(
+        "--store",
+        default=None,
+        help="activation store folder, or a .npy/.safetensors [N, d] file (else: --model)",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="train from this running model instead of a store ('embedded': the bundled "
+        "SmolLM2-135M-Instruct; a hub id or local folder)",
+    )
+    p.add_argument(
+        "--hook",
+        action="append",
+        default=None,
+        help="hook point (with --model: repeat it to train SAEs at several hooks from one "
+        "forward; with --store: one, None: the store's first)",
+    )
+    _add_corpus_args(p, sampling=False)
+    p.add_argument(
+        "--window-batches",
+        type=positive_int,
+        default=default_of(ModelSource, "window_batches"),
+        help="with --model: batches of tokens mixed in one shuffle window",
+    )
+    p.add_argument(
+        "--forward-batch",
+        type=positive_int,
+        default=default_of(ModelSource, "forward_batch"),
+        help="with --model: sequences per forward pass",
+    )
+    p.add_argument(
+        "--model-dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="with --model: the model's dtype (None: as loaded)",
     )
 
 

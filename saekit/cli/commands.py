@@ -88,24 +88,43 @@ def _sae_cfgs(a, src):
     store."""
     from ..jobs.sweep import sweep_configs
 
-    man = src.store.manifest if hasattr(src, "store") else {}
-    meta = {
-        "model_name": man.get("model"),
-        "hook_name": a.hook or (man.get("hooks") or [None])[0],
-        "context_size": man.get("seq_len"),
-        "dataset": (man.get("corpus") or {}).get("corpus"),
-    }
-    return sweep_configs(
-        src.d_model,
-        a.arch,
-        a.k,
-        a.expansion,
-        a.l1_coeff,
-        normalize=a.normalize,
-        dead_tokens=5 * a.batch_size,
-        enc_init_norm=a.enc_init_norm,
-        **meta,
-    )
+    if hasattr(src, "hooks"):  # a stream: every SAE at every hook
+        fields = src.identity()["fields"]
+        metas = [
+            {
+                "model_name": fields["model"],
+                "hook_name": h,
+                "context_size": fields["seq_len"],
+                "dataset": fields["corpus"],
+            }
+            for h in src.hooks
+        ]
+    else:
+        man = src.store.manifest if hasattr(src, "store") else {}
+        hook = a.hook[0] if isinstance(a.hook, list) else a.hook
+        metas = [
+            {
+                "model_name": man.get("model"),
+                "hook_name": hook or (man.get("hooks") or [None])[0],
+                "context_size": man.get("seq_len"),
+                "dataset": (man.get("corpus") or {}).get("corpus"),
+            }
+        ]
+    return [
+        cfg
+        for meta in metas
+        for cfg in sweep_configs(
+            src.d_model,
+            a.arch,
+            a.k,
+            a.expansion,
+            a.l1_coeff,
+            normalize=a.normalize,
+            dead_tokens=5 * a.batch_size,
+            enc_init_norm=a.enc_init_norm,
+            **meta,
+        )
+    ]
 
 
 def _train_cfg(a):
@@ -154,13 +173,13 @@ def _print_lrs(cfgs, tc) -> None:
 
 def cmd_train(a) -> int:
     from .. import distributed
-    from ..train import as_source, train
+    from ..train import train
 
     if a.distributed or distributed.launched_by_torchrun():
         # DDP over torchrun's ranks; --batch-size is the global batch
         distributed.init_from_env(a.device)
     rank = distributed.rank()
-    src = as_source(a.store, a.hook)
+    src = _training_data(a)
     cfgs, tc = _sae_cfgs(a, src), _train_cfg(a)
     if rank == 0:
         _print_lrs(cfgs, tc)
@@ -171,6 +190,44 @@ def cmd_train(a) -> int:
     if rank == 0:
         print(res.summary())
     return 0
+
+
+def _training_data(a):
+    """train's data: the store (one --hook), or a stream from the running model (--model)."""
+    from ..train import TrainingError, as_source
+
+    if a.store is not None and a.model is not None:
+        raise TrainingError(
+            "--store and --model both given: train on a captured store (--store) or straight "
+            "from the model (--model), not both"
+        )
+    if a.store is None and a.model is None:
+        raise TrainingError("no data: give --store (a captured store) or --model (train from it)")
+    if a.store is not None:
+        if a.hook and len(a.hook) > 1:
+            raise TrainingError(
+                "a store trains at one --hook; several hooks from one forward need --model"
+            )
+        return as_source(a.store, a.hook[0] if a.hook else None)
+    import torch
+
+    from ..models import load_model
+    from ..train.stream import ModelSource
+
+    if not a.hook:
+        raise TrainingError("--model needs at least one --hook (e.g. --hook resid_post.15)")
+    dtype = getattr(torch, a.model_dtype) if a.model_dtype else None
+    model = load_model(None if a.model == "embedded" else a.model, device=a.device, dtype=dtype)
+    return ModelSource(
+        model,
+        a.hook,
+        corpus=a.corpus,
+        split=a.split,
+        seq_len=a.seq_len,
+        forward_batch=a.forward_batch,
+        window_batches=a.window_batches,
+        text_field=a.text_field,
+    )
 
 
 def _model_for(a, store):

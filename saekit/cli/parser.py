@@ -64,10 +64,13 @@ def add_train(sub) -> None:
     t = _sub(
         sub,
         "train",
-        "train SAE(s) on a store (or .npy/.safetensors), one read per batch",
+        "train SAE(s) on a store (or .npy/.safetensors), one read per batch, or straight from "
+        "the running model (--model)",
         commands.cmd_train,
     )
-    _add_training_args(t, ["batchtopk"], [32], [5.0], 1_000_000, TrainConfig.checkpoint_every)
+    _add_training_args(
+        t, ["batchtopk"], [32], [5.0], 1_000_000, TrainConfig.checkpoint_every, stream=True
+    )
     t.add_argument(
         "--no-resume", action="store_true", help="start afresh even if --out holds checkpoints"
     )

@@ -160,6 +160,21 @@ class Packer:
             if max_tokens is not None and self.kept >= max_tokens:
                 return
 
+    def take(self) -> PackedTokens:
+        """The rows made so far as PackedTokens, handed over: the next rows start afresh, from the
+        tokens still in the stream."""
+        packed = self.packed()
+        self.rows_tok, self.rows_doc, self.rows_len, self.kept = [], [], [], 0
+        return packed
+
+    def carry(self) -> dict:
+        """The tokens not yet in a row and their documents: with the documents read so far, what
+        rebuilds this packer (`restore`)."""
+        return {"tokens": list(self.stream_tok), "docs": list(self.stream_doc)}
+
+    def restore(self, carry: dict) -> None:
+        self.stream_tok, self.stream_doc = list(carry["tokens"]), list(carry["docs"])
+
     def packed(self) -> PackedTokens:
         """The rows made so far as PackedTokens."""
         if not self.rows_tok or self.kept == 0:

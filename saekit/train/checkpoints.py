@@ -197,7 +197,14 @@ def _differences(saved: dict, now: dict):
         if key not in saved:
             continue
         then, new = saved[key], now[key]
-        if key == "data":  # the same values wherever they now lie
+        if key == "data" and "fields" in then and "fields" in new:  # a stream: field by field
+            a, b = then["fields"], new["fields"]
+            yield from (
+                f"the stream's {f}: {a.get(f)} then, {b.get(f)} now"
+                for f in sorted(set(a) | set(b))
+                if a.get(f) != b.get(f)
+            )
+        elif key == "data":  # the same values wherever they now lie
             if then.get("sha256") != new.get("sha256"):
                 yield f"{name}: {_data(then)} then, {_data(new)} now"
         elif key == "sae_cfgs" and len(then) != len(new):

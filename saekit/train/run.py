@@ -21,7 +21,7 @@ from ..sae import SAEConfig
 from . import checkpoints
 from .config import TrainingError
 from .results import TrainResult
-from .sources import Prefetcher, TimedBatches, as_source, origin_of
+from .sources import Prefetcher, TimedBatches, as_source, origin_of, rows_of, to_device
 
 
 class TrainingRun:
@@ -39,7 +39,9 @@ class TrainingRun:
         return {"rank": self.rank, "world_size": self.world} if self.world > 1 else {}
 
     def save_checkpoint(self) -> Path | None:
-        """Write a checkpoint atomically (rank 0 only under torch.distributed)."""
+        """Write a checkpoint atomically (rank 0 only under torch.distributed; every rank calls it,
+        for the stream's position)."""
+        stream = self._stream_now()
         if self.rank != 0:
             return None
         progress = {
@@ -52,6 +54,7 @@ class TrainingRun:
             "logs": self.logs,
             "hints": [h.as_record() for h in self.hints],
             "segments": self._segments_now(),
+            "stream": stream,
         }
         return checkpoints.write(
             self.out / "checkpoints",
@@ -62,6 +65,17 @@ class TrainingRun:
             progress,
             keep=self.tc.keep_checkpoints,
         )
+
+    def _stream_now(self) -> dict | None:
+        """Where a stream from the model stands after this step, every rank's lane (None: the
+        data is a store, a file or a tensor, whose batches the step number finds)."""
+        position = getattr(self.source, "position", None)
+        if position is None:
+            return None
+        lanes = position(self.step, self.tc.seed)["lanes"]
+        if self.world > 1:
+            lanes = {k: v for every in D.gather_objects(lanes) for k, v in every.items()}
+        return {"lanes": lanes}
 
     def _segments_now(self) -> list[dict]:
         """The run's segments, the current one ending at this step."""
@@ -82,6 +96,7 @@ class TrainingRun:
         self.step, self.tokens = int(progress["step"]), int(progress["tokens"])
         self.logs = progress["logs"]
         self.segments = list(progress.get("segments") or [])
+        self.stream_position = progress.get("stream")  # where a stream from the model resumes
         # paths chosen as by an uninterrupted run
         self.restore_hints(progress.get("hints") or [None] * len(self.saes))
         self.n_dead = [None] * len(self.saes)
@@ -137,6 +152,7 @@ class TrainingRun:
             return self._fit(source, resume, callback, stop_after)
 
     def _fit(self, source, resume: bool, callback, stop_after: int | None) -> TrainResult:
+        self.source = source
         self._check_source(source)
         self._start_or_resume(source, resume)
         tc = self.tc
@@ -167,10 +183,11 @@ class TrainingRun:
     def _check_source(self, source) -> None:
         """The data fits the SAEs and holds at least one batch."""
         for c in self.cfgs:
-            if c.d_in != source.d_model:
+            width = source.width(c.hook_name) if hasattr(source, "width") else source.d_model
+            if c.d_in != width:
                 raise TrainingError(
-                    f"SAE {c.name} has d_in={c.d_in} but the activations have d={source.d_model}; "
-                    f"set d_in={source.d_model}"
+                    f"SAE {c.name} has d_in={c.d_in} but the activations have d={width}; "
+                    f"set d_in={width}"
                 )
         n = len(source)
         if n < self.tc.batch_size:
@@ -197,11 +214,11 @@ class TrainingRun:
             self.local_batch, seed=tc.seed + 7919, buffer_rows=tc.buffer_rows, **self._shard
         ):
             init.append(x)
-            got += x.shape[0]
+            got += rows_of(x)
             if got >= tc.init_tokens:
                 break
-        sample = torch.cat(init)
-        if not torch.isfinite(sample).all():
+        sample = _joined(init)
+        if not all(torch.isfinite(v).all() for v in _parts(sample)):
             raise TrainingError(
                 "NaN/inf in the input activations (seen while initialising); re-capture them"
             )
@@ -223,6 +240,7 @@ class TrainingRun:
             skip_batches=self.step,
             **self._shard,
             buffer_rows=tc.buffer_rows,
+            position=self.stream_position,
         )
         batches = itertools.islice(stream, limit - self.step)  # read ahead no further than needed
         ahead = tc.prefetch if tc.prefetch is not None else (2 if self.device.type == "cuda" else 0)
@@ -242,7 +260,7 @@ class TrainingRun:
         run = self._maybe_wandb() if self.rank == 0 else None
         try:
             for x in batches:
-                stats = self.train_step(x.to(self.device, non_blocking=True))
+                stats = self.train_step(to_device(x, self.device, non_blocking=True))
                 if callback is not None:
                     callback(self, stats)
                 if run is not None:
@@ -303,12 +321,13 @@ class TrainingRun:
             buffer_rows=self.tc.buffer_rows,
             **self._shard,
         ):
-            batches.append(x.to(self.device))
+            batches.append(to_device(x, self.device))
             if len(batches) >= self.tc.calibrate_batches:
                 break
-        for sae in self.saes:
+        for i, sae in enumerate(self.saes):
             if sae.has_theta:
-                sae.calibrate_threshold(batches, over_ranks=self.world > 1)
+                mine = [self.input_of(i, b) for b in batches]
+                sae.calibrate_threshold(mine, over_ranks=self.world > 1)
 
     def _maybe_wandb(self):
         if not self.tc.wandb_project:
@@ -321,3 +340,14 @@ class TrainingRun:
             project=self.tc.wandb_project,
             config={"train": self.tc.to_dict(), "saes": [c.to_dict() for c in self.cfgs]},
         )
+
+
+def _joined(batches: list):
+    """Batches (tensors, or dicts of them by hook) joined into one."""
+    if isinstance(batches[0], dict):
+        return {h: torch.cat([b[h] for b in batches]) for h in batches[0]}
+    return torch.cat(batches)
+
+
+def _parts(batch) -> list:
+    return list(batch.values()) if isinstance(batch, dict) else [batch]

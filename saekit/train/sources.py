@@ -121,6 +121,28 @@ class StoreSource:
                 yield x
 
 
+def rows_of(batch) -> int:
+    """The rows of a batch: a [B, d] tensor, or a dict of them by hook."""
+    return next(iter(batch.values())).shape[0] if isinstance(batch, dict) else batch.shape[0]
+
+
+def to_device(batch, device: torch.device, non_blocking: bool = False):
+    """A batch (a tensor, or a dict of them by hook) on `device`."""
+    if isinstance(batch, dict):
+        return {h: v.to(device, non_blocking=non_blocking) for h, v in batch.items()}
+    return batch.to(device, non_blocking=non_blocking)
+
+
+def rows_device(batch) -> torch.device:
+    return (next(iter(batch.values())) if isinstance(batch, dict) else batch).device
+
+
+def _pinned(batch):
+    if isinstance(batch, dict):
+        return {h: v.pin_memory() for h, v in batch.items()}
+    return batch.pin_memory()
+
+
 def origin_of(data) -> Path | None:
     """Where training data lies on disk (a store folder, an activation file), read from what `train`
     is given before it is opened; None for data in memory."""
@@ -131,7 +153,7 @@ def origin_of(data) -> Path | None:
 
 def as_source(data, hook: str | None = None):
     """Accept an ActivationStore or its folder, a [N, d] tensor, a .npy or .safetensors file."""
-    if isinstance(data, (TensorSource, StoreSource)):
+    if isinstance(data, (TensorSource, StoreSource)) or getattr(data, "endless", False):
         return data
     if isinstance(data, ActivationStore):
         return StoreSource(data, hook)
@@ -219,8 +241,8 @@ class Prefetcher:
     def _produce(self, it) -> None:
         try:
             for x in it:
-                if self.device.type == "cuda":
-                    x = x.pin_memory().to(self.device, non_blocking=True)
+                if self.device.type == "cuda" and rows_device(x).type == "cpu":
+                    x = to_device(_pinned(x), self.device, non_blocking=True)
                 if not self._put(x):
                     return
             self._put(self._END)

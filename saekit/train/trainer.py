@@ -24,7 +24,7 @@ from . import checkpoints, graphs, init, optim
 from .config import TrainConfig, TrainingError, lr_factor
 from .results import StepStats, TrainResult
 from .run import TrainingRun
-from .sources import origin_of
+from .sources import origin_of, rows_of
 
 
 class Trainer(TrainingRun):
@@ -42,8 +42,7 @@ class Trainer(TrainingRun):
         if D.world_size() > 1 and self.device.type == "cuda" and self.device.index is None:
             # torchrun: this rank's GPU
             self.device = torch.device("cuda", torch.cuda.current_device())
-        names = [c.name for c in self.cfgs]
-        self.names = [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
+        self.names = _unique_names(self.cfgs)
         torch.manual_seed(train_cfg.seed)
         self.saes = [make_sae(c).to(self.device) for c in self.cfgs]
         self.lrs = [train_cfg.lr_for(c.d_sae) for c in self.cfgs]
@@ -85,27 +84,36 @@ class Trainer(TrainingRun):
         self.run: dict = {}
         # the stretches the run was computed in, one per start or resume (checkpoints.segment)
         self.segments: list[dict] = []
+        # where a stream from the model resumes (ModelSource.position), from a checkpoint
+        self.stream_position: dict | None = None
+        self.source = None  # the training data's source, set by fit
 
     # -- initialisation from data -------------------------------------------------------------
-    def initialise(self, sample: torch.Tensor) -> None:
-        """Each SAE's start from a sample of the data (saekit.train.init); rank 0's for every
-        rank."""
-        sample = sample.to(self.device).float()
-        for sae in self.saes:
-            init.from_sample(sae, sample, self.tc.b_dec_init)
+    def initialise(self, sample) -> None:
+        """Each SAE's start from a sample of the data (saekit.train.init; by hook where the data has
+        several); rank 0's for every rank."""
+        for i, sae in enumerate(self.saes):
+            mine = self.input_of(i, sample).to(self.device).float()
+            init.from_sample(sae, mine, self.tc.b_dec_init)
             if self.world > 1:  # every rank drew its own sample
                 D.broadcast_module(sae)
         self.initialised = True
 
     # -- one step -----------------------------------------------------------------------------
-    def train_step(self, x: torch.Tensor) -> list[StepStats]:
-        """One optimiser step of every SAE on batch x [B, d_in]. Returns per-SAE stats (read when
-        asked for)."""
+    def input_of(self, i: int, batch):
+        """SAE i's inputs in a batch: the batch itself, or where it holds several hooks (a dict by
+        hook), its SAE's hook."""
+        return batch[self.cfgs[i].hook_name] if isinstance(batch, dict) else batch
+
+    def train_step(self, batch) -> list[StepStats]:
+        """One optimiser step of every SAE on a batch [B, d_in] (or a dict of them by hook). Returns
+        per-SAE stats (read when asked for)."""
         tc = self.tc
         factor = lr_factor(self.step, tc.total_steps, tc.warmup_steps, tc.decay_frac)
-        n_tokens = x.shape[0] * self.world
+        n_tokens = rows_of(batch) * self.world
         stats = []
         for i, (sae, opt) in enumerate(zip(self.saes, self.opts)):
+            x = self.input_of(i, batch)
             for g in opt.param_groups:
                 # a recorded step (graphs) reads its rate from this tensor
                 if isinstance(g["lr"], torch.Tensor):
@@ -249,6 +257,16 @@ class Trainer(TrainingRun):
                 self.logs[i].append(dict(row))
             rows.append(row)
         return rows
+
+
+def _unique_names(cfgs) -> list[str]:
+    """Each SAE's name, made unique: by its hook where SAEs of one name train at several hooks,
+    else by its place."""
+    names = [c.name for c in cfgs]
+    hooked = [f"{c.name}_{c.hook_name}" for c in cfgs]
+    if len(set(hooked)) == len(cfgs):
+        return [n if names.count(n) == 1 else h for n, h in zip(names, hooked)]
+    return [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
 
 
 def _read_back(
