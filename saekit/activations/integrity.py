@@ -1,20 +1,32 @@
 """A saekit store's files checked against its manifest when it opens: each shard's files there,
 of the manifest's dtype and shape, its positions inside its sequences, and the token and document
-ids readable, in range and the ones the manifest names."""
+ids readable, in range and the ones the manifest names.
+
+Reading a file's values (the token hash, the ranges) costs seconds at a billion tokens, so a file
+whose values passed is recorded in CHECKED (its size, mtime and inode); the next open reads only
+the headers of files that have not changed since."""
 
 from __future__ import annotations
+
+import hashlib
+import json
+import os
 
 import numpy as np
 
 from ..data import tokens_sha256
+from ..plumbing.files import atomic_write_json
 from .manifest import _NP_DTYPES, StoreError
+
+CHECKED = ".saekit_checked.json"  # files whose values passed, by their stat
 
 
 def check_files(store) -> None:
     """Every file of `store` against its manifest: shard files, dtypes and shapes, positions in
     range, token ids and document ids; a StoreError naming the file otherwise."""
     want_np = np.dtype(_NP_DTYPES[store.dtype])
-    _check_tokens(store)
+    checked = _Checked(store.path, store.manifest)
+    _check_tokens(store, checked)
     total = 0
     for sh in store.shards:
         if (
@@ -32,7 +44,9 @@ def check_files(store) -> None:
                 f"store {store.path}: shard {sh['index']} positions are {pos.dtype} "
                 f"{pos.shape}, the manifest says integers of shape ({sh['n_rows']}, 2)"
             )
-        _check_positions(store, sh, pos)
+        if not checked.unchanged(f"shards/{sh['index']:05d}.pos.npy"):
+            _check_positions(store, sh, pos)
+            checked.passed(f"shards/{sh['index']:05d}.pos.npy")
         for h in store.hooks:
             a = store._open(sh, h)
             if a.shape != (sh["n_rows"], store.d_model) or a.dtype != want_np:
@@ -49,6 +63,7 @@ def check_files(store) -> None:
             f"store {store.path}: shards hold {total} rows, manifest says "
             f"{store.manifest['n_rows']}"
         )
+    checked.save()
 
 
 def _check_positions(store, shard: dict, pos: np.ndarray) -> None:
@@ -71,7 +86,7 @@ def _check_positions(store, shard: dict, pos: np.ndarray) -> None:
             )
 
 
-def _check_tokens(store) -> None:
+def _check_tokens(store, checked: _Checked) -> None:
     """tokens.npy and doc_ids.npy readable, [n_sequences, seq_len], and the tokens the
     manifest names."""
     want = (store.manifest["n_sequences"], store.manifest["seq_len"])
@@ -93,6 +108,8 @@ def _check_tokens(store) -> None:
                 f"store {store.path}: {name} holds {arr.dtype} {arr.shape}, the manifest says "
                 f"integers of shape {want}; capture again into a new folder"
             )
+        if checked.unchanged(name):
+            continue
         least = -1 if name == "doc_ids.npy" else 0  # -1 marks BOS and padding positions
         if arr.size and int(arr.min()) < least:
             raise StoreError(
@@ -105,3 +122,42 @@ def _check_tokens(store) -> None:
                 "written for (two captures mixed in one folder, or the file was "
                 "replaced); capture again into a new folder"
             )
+        checked.passed(name)
+
+
+class _Checked:
+    """The files of a store whose values passed, as CHECKED records them: a file counts as
+    checked while its size, mtime and inode, and the manifest it was checked against, are the ones
+    recorded."""
+
+    def __init__(self, folder, manifest: dict):
+        self.folder = folder
+        self.manifest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+        try:
+            self.seen = json.loads((folder / CHECKED).read_text())
+        except (OSError, ValueError):
+            self.seen = {}
+        self.now = {}
+
+    def _stat(self, name: str) -> list:
+        st = os.stat(self.folder / name)
+        return [st.st_size, st.st_mtime_ns, st.st_ino, self.manifest]
+
+    def unchanged(self, name: str) -> bool:
+        stat = self._stat(name)
+        if self.seen.get(name) == stat:
+            self.now[name] = stat
+            return True
+        return False
+
+    def passed(self, name: str) -> None:
+        self.now[name] = self._stat(name)
+
+    def save(self) -> None:
+        """The record, where it changed and the folder can be written (a read-only store is
+        checked in full each time)."""
+        if self.now != self.seen:
+            try:
+                atomic_write_json(self.folder / CHECKED, self.now)
+            except OSError:
+                pass
