@@ -6,6 +6,7 @@ The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
 import re
@@ -162,9 +163,11 @@ def resolve_hook(model, name: str) -> HookPoint:
     m = re.fullmatch(r"(resid_pre|resid_post|mlp_out|attn_out)\.(\d+)", str(name).strip())
     n = n_layers(model)
     if not m:
+        near = difflib.get_close_matches(str(name).strip(), valid_hooks(model), n=3, cutoff=0.6)
+        nearest = f"; the nearest are {', '.join(near)}" if near else ""
         raise HookPointError(
-            f"unknown hook point '{name}'. Use KIND.LAYER with KIND one of {', '.join(HOOK_KINDS)} "
-            f"and LAYER in 0..{n - 1}, e.g. 'resid_post.{n // 2}'."
+            f"unknown hook point '{name}'{nearest}. Use KIND.LAYER with KIND one of "
+            f"{', '.join(HOOK_KINDS)} and LAYER in 0..{n - 1}, e.g. 'resid_post.{n // 2}'."
         )
     kind, layer = m.group(1), int(m.group(2))
     if layer >= n:
