@@ -33,7 +33,6 @@ from .config import TrainingError
 
 # batches a lane's mixing window holds (benchmarks/results/stream_mixing_cpu.txt)
 WINDOW_BATCHES = 32
-TOKENISE_DOCS = 8  # documents tokenised at once
 
 
 class ModelSource:
@@ -179,14 +178,11 @@ class ModelSource:
         """One window: documents packed until it holds window_batches batches of tokens, run
         through the model; their kept activations by hook. `state` advances past the documents."""
         want = self.window_batches * batch
-        pending = []
-        while packer.kept < want:  # documents tokenised a few at a time, as capture's pack does
-            pending.append(next(docs))
-            state["read"], state["pass"] = pending[-1][2], pending[-1][3]
-            if len(pending) == TOKENISE_DOCS:
-                packer.add([(d, t) for d, t, _, _ in pending])
-                pending = []
-                packer.flush(final=False, max_tokens=want)
+        packer.flush(final=False, max_tokens=want)  # the tokens carried from the last window first
+        while packer.kept < want:
+            d, text, state["read"], state["pass"] = next(docs)
+            packer.add([(d, text)])
+            packer.flush(final=False, max_tokens=want)
         packed = packer.take()
         parts: list[list[torch.Tensor]] = [[] for _ in self.points]
         for s in range(0, packed.n_sequences, self.forward_batch):
