@@ -18,6 +18,7 @@ import hashlib
 import itertools
 import json
 import threading
+import time
 import warnings
 from collections.abc import Iterator, Sequence
 
@@ -75,6 +76,7 @@ class ModelSource:
         # seed -> lane -> the last windows' (first batch, state at the window's start): position()
         self._positions: dict = {}
         self._lock = threading.Lock()
+        self.forward_s = 0.0  # seconds spent in the model's forward passes, for benchmarks
 
     def __len__(self) -> int:
         return 2**62  # endless: any number of tokens can be asked for
@@ -184,13 +186,16 @@ class ModelSource:
             packer.add([(d, text)])
             packer.flush(final=False, max_tokens=want)
         packed = packer.take()
+        t0 = time.perf_counter()
         parts: list[list[torch.Tensor]] = [[] for _ in self.points]
         for s in range(0, packed.n_sequences, self.forward_batch):
             e = min(s + self.forward_batch, packed.n_sequences)
             kept, _ = kept_activations(self.model, packed, s, e, self.points, self.device)
             for j, a in enumerate(kept):
                 parts[j].append(a.float())
-        return {h: torch.cat(p) for h, p in zip(self.hooks, parts)}
+        acts = {h: torch.cat(p) for h, p in zip(self.hooks, parts)}
+        self.forward_s += time.perf_counter() - t0
+        return acts
 
     def _documents(self, lane: int, lanes: int, seed: int, state: dict):
         """(document index, text, documents of the pass read once this one is, pass) of this lane,
