@@ -48,3 +48,36 @@ def test_a_split_that_runs_out_goes_on_with_another_pass_and_says_so(model, tmp_
     assert len(batches) == 6
     used_up = [str(w.message) for w in caught if "used up" in str(w.message)]
     assert used_up and "pass 2" in used_up[0] and "small.jsonl" in used_up[0]
+
+
+def test_a_stream_killed_with_sigkill_resumes_to_the_uninterrupted_weights(tmp_path):
+    """SIGKILL after the first checkpoint, then the same command: the run resumes from the
+    stream's recorded position and ends at the weights of a run never interrupted (CPU)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from bad_input import ENV, ROOT
+    from safetensors.torch import load_file
+
+    args = [*map(str, STREAM), "--hook", "resid_post.2", "--k", "8", "--expansion", "2",
+            "--window-batches", "3", "--checkpoint-every", "2"]  # fmt: skip
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert run(*args, "--out", whole).returncode == 0
+    cmd = [sys.executable, "-m", "saekit", *args, "--out", str(killed)]
+    proc = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not list((killed / "checkpoints").glob("step_*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = sorted(p.name for p in (killed / "checkpoints").glob("step_*"))
+    assert done and done[-1] != "step_00000008"  # killed before the end
+    assert run(*args, "--out", killed).returncode == 0
+    name = next(p.name for p in whole.iterdir() if p.name.startswith("batchtopk"))
+    a = load_file(str(whole / name / "sae_weights.safetensors"))
+    b = load_file(str(killed / name / "sae_weights.safetensors"))
+    assert all(a[k].equal(b[k]) for k in a)
