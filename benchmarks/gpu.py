@@ -15,6 +15,7 @@ check failed.
 3. the peers (benchmarks/peers.py --gpu): tokens/s and held-out NMSE of saekit, SAELens, sparsify,
    plain.
 4. capture tokens/s of the embedded model on the GPU (benchmarks/capture.py's measure).
+5. training straight from the model against capture-then-train (benchmarks/stream.py).
 
     python -m benchmarks.gpu [--out benchmarks/results] [--dry]
 
@@ -497,11 +498,41 @@ def capture_run(run: Run, dev: torch.device, dry: bool):
     )
 
 
+def stream_run(run: Run, dev: torch.device, dry: bool):
+    """Training straight from the model against capture-then-train (benchmarks/stream.py) at equal
+    tokens on this device."""
+    import tempfile
+
+    import stream
+
+    from saekit.models import load_model
+
+    model = load_model(device=str(dev))
+    tokens, batch = (512, 128) if dry else (262_144, 4096)
+    with tempfile.TemporaryDirectory() as tmp:
+        a, saes_a = stream.streamed(model, ["resid_post.15"], tokens, batch, Path(tmp) / "a",
+                                    window=2 if dry else stream.WINDOW_BATCHES)  # fmt: skip
+        b, saes_b = stream.captured(model, "resid_post.15", tokens, batch, Path(tmp) / "b")
+        nmse = [
+            stream.held_out_nmse(model, s[0], "resid_post.15", Path(tmp)) for s in (saes_a, saes_b)
+        ]
+    run.data["stream"] = {"streaming": a, "capture_then_train": b, "nmse": nmse}
+    run.row(
+        "stream",
+        f"training from the model, {tokens:,} tokens, resid_post.15",
+        f"{a['tokens_per_s']:,.0f} tok/s",
+        f"{a['tokens_per_s'] / b['tokens_per_s']:.2f}x capture-then-train "
+        f"({b['tokens_per_s']:,.0f} tok/s); forward {a['forward_share']:.0%} of the stream; "
+        f"held-out NMSE {nmse[0]:.4f} vs {nmse[1]:.4f}",
+    )
+
+
 SECTIONS = {
     "correctness": correctness,
     "train step": train_step,
     "peers": peer_run,
     "capture": capture_run,
+    "stream": stream_run,
 }
 
 

@@ -166,7 +166,7 @@ def test_gpu_script_dry_run_checks_every_path_and_writes_its_table(tmp_path):
     # the table comes last
     assert res["failures"] == [] and r.stdout.rstrip().endswith(md.read_text().rstrip())
     sections = {row["section"] for row in res["rows"]}
-    assert sections == {"correctness", "train step", "peers", "capture"}
+    assert sections == {"correctness", "train step", "peers", "capture", "stream"}
     checks = [row for row in res["rows"] if row["section"] == "correctness"]
     # fast vs reference for 5 architectures x 2 precisions, the selections without read-backs of
     # BatchTopK, JumpReLU and ReLU, the recordable step (step_graphs) against the eager one for
