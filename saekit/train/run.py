@@ -210,8 +210,11 @@ class TrainingRun:
         if self.initialised:
             return
         init, got = [], 0
+        # a store's sample is read in another order; a stream's comes from the documents it trains
+        # on first, whose window it keeps for training (no forward twice)
+        seed = tc.seed if getattr(source, "endless", False) else tc.seed + 7919
         for x in source.batches(
-            self.local_batch, seed=tc.seed + 7919, buffer_rows=tc.buffer_rows, **self._shard
+            self.local_batch, seed=seed, buffer_rows=tc.buffer_rows, keep_first=True, **self._shard
         ):
             init.append(x)
             got += rows_of(x)

@@ -77,6 +77,7 @@ class ModelSource:
         self._positions: dict = {}
         self._lock = threading.Lock()
         self.forward_s = 0.0  # seconds spent in the model's forward passes, for benchmarks
+        self._kept: dict = {}  # (seed, lane, batch, window) -> a first window kept (keep_first)
 
     def __len__(self) -> int:
         return 2**62  # endless: any number of tokens can be asked for
@@ -114,11 +115,14 @@ class ModelSource:
         rank: int = 0,
         world_size: int = 1,
         position: dict | None = None,
+        keep_first: bool = False,
         **_,
     ) -> Iterator:
         """Batches of batch_size rows (this rank's part of the global batch): one lane's under
         torch.distributed, every lane's side by side in one process. position: where a checkpoint
-        left the stream (its batches from skip_batches on); None starts at the beginning."""
+        left the stream (its batches from skip_batches on); None starts at the beginning.
+        keep_first: keep each lane's first window, so that the next call with this seed (training,
+        after the start's sample was drawn from it) serves it without running the model again."""
         lanes = self.lanes or world_size
         if world_size not in (1, lanes):
             raise TrainingError(
@@ -132,7 +136,9 @@ class ModelSource:
             self._positions[seed] = {lane: [] for lane in mine}
         lane_batch = batch_size // len(mine)
         streams = [
-            self._lane(lane, lanes, lane_batch, seed, skip_batches, starts.get(str(lane)))
+            self._lane(
+                lane, lanes, lane_batch, seed, skip_batches, starts.get(str(lane)), keep_first
+            )
             for lane in mine
         ]
         for parts in zip(*streams):
@@ -150,7 +156,7 @@ class ModelSource:
                 found[str(lane)] = {**start, "served": step - first}
         return {"lanes": found}
 
-    def _lane(self, lane: int, lanes: int, batch: int, seed: int, skip: int, start: dict | None):
+    def _lane(self, lane, lanes, batch, seed, skip, start: dict | None, keep_first=False):
         """One lane's batches from batch `skip` on (start: the window it is in, else the first)."""
         fresh = {"pass": 0, "read": 0, "carry": None, "window": 0, "served": 0}
         state = dict(start) if start else fresh
@@ -162,7 +168,17 @@ class ModelSource:
             packer.restore(state["carry"])
         while True:
             window_start = {**state, "carry": packer.carry()}
-            acts = self._fill(packer, docs, state, batch)
+            key = (seed, lane, batch, state["window"])
+            kept = self._kept.pop(key, None)
+            if kept is None:
+                acts = self._fill(packer, docs, state, batch)
+            else:  # the window a start's sample was drawn from: the same documents, run once
+                acts, after, carry = kept
+                state.update(after)
+                packer.restore(carry)
+                docs = self._documents(lane, lanes, seed, state)
+            if keep_first and state["window"] == 0:
+                self._kept[key] = (acts, {k: state[k] for k in ("read", "pass")}, packer.carry())
             n = next(iter(acts.values())).shape[0] // batch
             with self._lock:
                 kept = self._positions[seed][lane]

@@ -135,3 +135,17 @@ def test_a_resume_with_another_stream_is_refused_naming_the_difference(
     ]
     with pytest.raises(TrainingError, match=named):
         train(ModelSource(model, **kw), cfgs, tc, out=tmp_path)
+
+
+def test_the_start_is_drawn_from_the_first_window_which_runs_once(model, tmp_path, monkeypatch):
+    """The start's sample comes from the documents the run trains on first, and training serves
+    that window without running the model on it again: one window for the start and the training
+    steps, one for θ's final batches."""
+    fills = []
+    real = ModelSource._fill
+    monkeypatch.setattr(ModelSource, "_fill", lambda self, *a: fills.append(1) or real(self, *a))
+    tc = TrainConfig(total_tokens=256 * 4, batch_size=256, progress=False, init_tokens=512,
+                     calibrate_batches=2)  # fmt: skip
+    cfg = SAEConfig(arch="batchtopk", d_in=576, d_sae=1152, k=16, hook_name=HOOKS[0])
+    res = train(ModelSource(model, HOOKS[0], window_batches=4), [cfg], tc, out=tmp_path)
+    assert res.steps == 4 and len(fills) == 2
