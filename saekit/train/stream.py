@@ -32,7 +32,7 @@ from ..data.packing import Packer
 from ..models import d_model, model_name, resolve_hook, underlying
 from .config import TrainingError
 
-# batches a lane's mixing window holds (benchmarks/results/stream_mixing_cpu.txt)
+# batches a lane's mixing window holds (results/stream_mixing/README.md)
 WINDOW_BATCHES = 32
 
 
