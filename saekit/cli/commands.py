@@ -147,10 +147,12 @@ def _train_cfg(a):
 def _print_lrs(cfgs, tc) -> None:
     from ..distributed import world_size
     from ..models import default_device
+    from ..train.trainer import unique_names
 
-    for c in cfgs:
+    names = unique_names(cfgs)  # as the run names them: by hook where names repeat
+    for name, c in zip(names, cfgs):
         print(
-            f"learning rate of {c.name}: {tc.lr_for(c.d_sae):.2e}"
+            f"learning rate of {name}: {tc.lr_for(c.d_sae):.2e}"
             + (" (--lr)" if tc.lr is not None else f" (default for {c.d_sae:,} latents)")
         )
     device = tc.device or default_device()
@@ -160,7 +162,9 @@ def _print_lrs(cfgs, tc) -> None:
         else ""
     )
     # a rank's batch
-    uses = {c.name: tc.uses_autocast(device, c, tc.batch_size // world_size()) for c in cfgs}
+    uses = {
+        n: tc.uses_autocast(device, c, tc.batch_size // world_size()) for n, c in zip(names, cfgs)
+    }
     if len(set(uses.values())) == 1:
         print(
             f"precision: {'bf16 autocast' if next(iter(uses.values())) else 'fp32'} on "

@@ -42,7 +42,7 @@ class Trainer(TrainingRun):
         if D.world_size() > 1 and self.device.type == "cuda" and self.device.index is None:
             # torchrun: this rank's GPU
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.names = _unique_names(self.cfgs)
+        self.names = unique_names(self.cfgs)
         torch.manual_seed(train_cfg.seed)
         self.saes = [make_sae(c).to(self.device) for c in self.cfgs]
         self.lrs = [train_cfg.lr_for(c.d_sae) for c in self.cfgs]
@@ -259,7 +259,7 @@ class Trainer(TrainingRun):
         return rows
 
 
-def _unique_names(cfgs) -> list[str]:
+def unique_names(cfgs) -> list[str]:
     """Each SAE's name, made unique: by its hook where SAEs of one name train at several hooks,
     else by its place."""
     names = [c.name for c in cfgs]
