@@ -108,7 +108,10 @@ def capture(
             _capture_shards(
                 model, packed, hooks, points, out, manifest, batch_size, dtype, progress
             )
-    return ActivationStore(out)
+        store = ActivationStore(out)
+        if distributed.rank() == 0:  # its files checked in full once: later opens read headers
+            store.record_checked()
+    return store
 
 
 def _first_tokens(packed: PackedTokens, n_tokens: int) -> PackedTokens:

@@ -2,9 +2,10 @@
 of the manifest's dtype and shape, its positions inside its sequences, and the token and document
 ids readable, in range and the ones the manifest names.
 
-Reading a file's values (the token hash, the ranges) costs seconds at a billion tokens, so a file
-whose values passed is recorded in CHECKED (its size, mtime and inode); the next open reads only
-the headers of files that have not changed since."""
+Reading a file's values (the token hash, the ranges) costs seconds at a billion tokens, so a capture
+that finishes records its files in CHECKED (each one's size and mtime, and the manifest's hash); an
+open reads only the headers of files that have not changed since. Opening never writes: a store
+without the record (older, or copied without its times) is checked in full each time."""
 
 from __future__ import annotations
 
@@ -21,9 +22,10 @@ from .manifest import _NP_DTYPES, StoreError
 CHECKED = ".saekit_checked.json"  # files whose values passed, by their stat
 
 
-def check_files(store) -> None:
+def check_files(store) -> _Checked:
     """Every file of `store` against its manifest: shard files, dtypes and shapes, positions in
-    range, token ids and document ids; a StoreError naming the file otherwise."""
+    range, token ids and document ids; a StoreError naming the file otherwise. Returns what passed
+    (`_Checked.save` records it)."""
     want_np = np.dtype(_NP_DTYPES[store.dtype])
     checked = _Checked(store.path, store.manifest)
     _check_tokens(store, checked)
@@ -63,7 +65,7 @@ def check_files(store) -> None:
             f"store {store.path}: shards hold {total} rows, manifest says "
             f"{store.manifest['n_rows']}"
         )
-    checked.save()
+    return checked
 
 
 def _check_positions(store, shard: dict, pos: np.ndarray) -> None:
@@ -127,7 +129,7 @@ def _check_tokens(store, checked: _Checked) -> None:
 
 class _Checked:
     """The files of a store whose values passed, as CHECKED records them: a file counts as
-    checked while its size, mtime and inode, and the manifest it was checked against, are the ones
+    checked while its size and mtime, and the manifest it was checked against, are the ones
     recorded."""
 
     def __init__(self, folder, manifest: dict):
@@ -141,7 +143,7 @@ class _Checked:
 
     def _stat(self, name: str) -> list:
         st = os.stat(self.folder / name)
-        return [st.st_size, st.st_mtime_ns, st.st_ino, self.manifest]
+        return [st.st_size, st.st_mtime_ns, self.manifest]
 
     def unchanged(self, name: str) -> bool:
         stat = self._stat(name)
@@ -154,10 +156,5 @@ class _Checked:
         self.now[name] = self._stat(name)
 
     def save(self) -> None:
-        """The record, where it changed and the folder can be written (a read-only store is
-        checked in full each time)."""
-        if self.now != self.seen:
-            try:
-                atomic_write_json(self.folder / CHECKED, self.now)
-            except OSError:
-                pass
+        """Record every file that passed (a capture, once it is complete)."""
+        atomic_write_json(self.folder / CHECKED, self.now)

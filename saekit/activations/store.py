@@ -90,7 +90,12 @@ class ActivationStore:
         return self._maps[key]
 
     def _validate(self) -> None:
-        check_files(self)
+        self._checked = check_files(self)
+
+    def record_checked(self) -> None:
+        """Record the files whose values this open checked, so that later opens read only their
+        headers while they stay unchanged (capture calls it once the store is complete)."""
+        self._checked.save()
 
     def _row_starts(self) -> np.ndarray:
         """The store row each shard starts at, and the total last: [n_shards + 1]."""
