@@ -46,6 +46,7 @@ from train_step import PlainBatchTopK, plain_step  # noqa: E402
 
 from saekit import distributed as D  # noqa: E402
 from saekit.sae import ARCHS, SAEConfig, Step, make_sae  # noqa: E402
+from saekit.sae.fast import Plan, training_loss  # noqa: E402
 
 PAPER = dict(d=768, f=24_576, B=4096, k=32)
 DRY = dict(d=32, f=256, B=256, k=8)
@@ -149,11 +150,10 @@ def sync_free_vs_exact(run: Run, dev: torch.device, d: int, f: int, B: int):
     exact, or redone. In fp32: bf16 pre-activations tie at the cut, and two correct selections
     may keep different tied entries."""
     import saekit.sae.fast.paths as paths
-    import saekit.sae.fast.select as select
 
     xs = [torch.randn(B, d, device=dev) * torch.rand(B, 1, device=dev) * 4 for _ in range(8)]
     for arch, owner, method in (
-        ("batchtopk", select, "batch_top"),
+        ("batchtopk", paths, "top_entries"),
         ("jumprelu", paths, "entries"),
         ("relu", paths, "entries"),
     ):
@@ -161,8 +161,10 @@ def sync_free_vs_exact(run: Run, dev: torch.device, d: int, f: int, B: int):
 
         def spy(*args, original=original, flags=flags):
             got = original(*args)
-            if got.exact is not None:  # made without read-backs (the exact paths' have no flag)
-                flags.append(bool(got.exact))
+            # top_entries: (selection, exact); entries: Entries with its exact flag
+            exact = got.exact if hasattr(got, "exact") else got[1]
+            if exact is not None:  # made without read-backs (the exact paths' have no flag)
+                flags.append(bool(exact))
             return got
 
         setattr(owner, method, spy)
@@ -270,13 +272,13 @@ def ddp(run: Run, dev: torch.device, d: int, f: int, B: int):
             cfg = SAEConfig(arch="batchtopk", d_in=d, d_sae=f, k=8)
             plain, wrapped = make_sae(cfg).to(dev), make_sae(cfg).to(dev)
             wrapped.load_state_dict(plain.state_dict())
-            (module,) = D.wrap_ddp([wrapped], True, dev)
+            (module,) = D.wrap_ddp([wrapped], dev, training_loss)
             opts = [torch.optim.Adam(s.parameters(), lr=1e-3) for s in (plain, wrapped)]
             for _ in range(3):
                 x = torch.randn(B, d, device=dev)
                 for loss_of, opt in (
                     (lambda x: plain.training_loss(x).loss, opts[0]),
-                    (lambda x: module(x, Step(distributed=True)).loss, opts[1]),
+                    (lambda x: module(x, Step(distributed=True), Plan()).loss, opts[1]),
                 ):
                     opt.zero_grad()
                     loss_of(x).backward()
