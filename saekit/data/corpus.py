@@ -65,6 +65,7 @@ def corpus_split(
     datasets.disable_progress_bars()
     if name is None or name == BUNDLED:
         ds = datasets.load_dataset("json", data_files=str(bundled_corpus_path()), split="train")
+        _check_field(ds, text_field, BUNDLED)  # as a local corpus's is
         rule = {"method": f"every {HELD_OUT_EVERY}th document is test"}
         if split == "all":
             return ds, rule
@@ -283,7 +284,8 @@ def _check_field(ds, text_field: str, name: str) -> None:
     cols = getattr(ds, "column_names", None)
     if cols is not None and text_field not in cols:
         raise CorpusError(
-            f"corpus '{name}' has no '{text_field}' column (columns: {cols}); pass text_field="
+            f"corpus '{name}' has no '{text_field}' column (columns: {cols}); pass the column of "
+            "text as text_field= (--text-field)"
         )
     kind = getattr(getattr(ds, "features", {}).get(text_field), "dtype", "string")
     if kind not in ("string", "large_string", "null"):

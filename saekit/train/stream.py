@@ -181,8 +181,8 @@ class ModelSource:
                 self._kept[key] = (acts, {k: state[k] for k in ("read", "pass")}, packer.carry())
             n = next(iter(acts.values())).shape[0] // batch
             with self._lock:
-                kept = self._positions[seed][lane]
-                self._positions[seed][lane] = [*kept[-3:], (first, window_start)]
+                recent = self._positions[seed][lane]
+                self._positions[seed][lane] = [*recent[-3:], (first, window_start)]
             g = torch.Generator().manual_seed(_window_seed(seed, lane, state["window"]))
             order = torch.randperm(n * batch, generator=g).to(self.device)
             for j in range(served, n):

@@ -20,6 +20,7 @@ STREAM = ["train", "--model", "embedded", "--tokens", 2048, "--batch-size", 256]
         (["--hook", "resid_post.99"], ["layer 99", "30 layers"]),
         (["--hook", "resid_post.2", "--corpus", "no/such/corpus.jsonl"], ["no/such/corpus.jsonl"]),
         (["--hook", "resid_post.2", "--split", "validation"], ["validation", "'train'"]),
+        (["--hook", "resid_post.2", "--text-field", "nope"], ["'nope'", "--text-field"]),
     ],
 )
 def test_a_stream_that_cannot_start_is_refused_before_anything_is_written(tmp_path, args, words):
