@@ -142,7 +142,12 @@ class ModelSource:
             for lane in mine
         ]
         for parts in zip(*streams):
-            batch = {h: torch.cat([p[h] for p in parts]) for h in self.hooks}
+            # several lanes side by side; one lane's batch as it is (no copy)
+            batch = (
+                parts[0]
+                if len(parts) == 1
+                else {h: torch.cat([p[h] for p in parts]) for h in self.hooks}
+            )
             yield batch if len(self.hooks) > 1 else batch[self.hooks[0]]
 
     def position(self, step: int, seed: int = 0) -> dict:
