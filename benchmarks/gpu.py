@@ -15,7 +15,7 @@ check failed.
 3. the peers (benchmarks/peers.py --gpu): tokens/s and held-out NMSE of saekit, SAELens, sparsify,
    plain.
 4. capture tokens/s of the embedded model on the GPU (benchmarks/capture.py's measure).
-5. training straight from the model against capture-then-train (benchmarks/stream.py).
+5. training straight from the model against capture-then-train and SAELens (benchmarks/stream.py).
 
     python -m benchmarks.gpu [--out benchmarks/results] [--dry]
 
@@ -501,8 +501,8 @@ def capture_run(run: Run, dev: torch.device, dry: bool):
 
 
 def stream_run(run: Run, dev: torch.device, dry: bool):
-    """Training straight from the model against capture-then-train (benchmarks/stream.py) at equal
-    tokens on this device."""
+    """Training straight from the model against capture-then-train and SAELens's on-the-fly trainer
+    (benchmarks/stream.py) at equal tokens on this device."""
     import tempfile
 
     import stream
@@ -513,19 +513,24 @@ def stream_run(run: Run, dev: torch.device, dry: bool):
     tokens, batch = (512, 128) if dry else (262_144, 4096)
     with tempfile.TemporaryDirectory() as tmp:
         a, saes_a = stream.streamed(model, ["resid_post.15"], tokens, batch, Path(tmp) / "a",
-                                    window=2 if dry else stream.WINDOW_BATCHES)  # fmt: skip
+                                    window=2 if dry else None)  # fmt: skip
         b, saes_b = stream.captured(model, "resid_post.15", tokens, batch, Path(tmp) / "b")
+        c, saes_c = stream.saelens(model, "resid_post.15", tokens, batch, Path(tmp) / "c",
+                                   buffer=2 if dry else 20)  # fmt: skip
         nmse = [
-            stream.held_out_nmse(model, s[0], "resid_post.15", Path(tmp)) for s in (saes_a, saes_b)
+            stream.held_out_nmse(model, s[0], "resid_post.15", Path(tmp))
+            for s in (saes_a, saes_b, saes_c)
         ]
-    run.data["stream"] = {"streaming": a, "capture_then_train": b, "nmse": nmse}
+    run.data["stream"] = {"streaming": a, "capture_then_train": b, "saelens": c, "nmse": nmse}
     run.row(
         "stream",
         f"training from the model, {tokens:,} tokens, resid_post.15",
         f"{a['tokens_per_s']:,.0f} tok/s",
         f"{a['tokens_per_s'] / b['tokens_per_s']:.2f}x capture-then-train "
         f"({b['tokens_per_s']:,.0f} tok/s); forward {a['forward_share']:.0%} of the stream; "
-        f"held-out NMSE {nmse[0]:.4f} vs {nmse[1]:.4f}",
+        f"{a['tokens_per_s'] / c['tokens_per_s']:.2f}x SAELens on the fly "
+        f"({c['tokens_per_s']:,.0f} tok/s); held-out NMSE {nmse[0]:.4f}, capture-then-train "
+        f"{nmse[1]:.4f}, SAELens {nmse[2]:.4f}",
     )
 
 

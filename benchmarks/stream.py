@@ -1,7 +1,7 @@
 """Training straight from the model against capture-then-train, side by side in one run, and a
 stream's memory and disk against the token count.
 
-    python benchmarks/stream.py [--tokens 65536] [--hook resid_post.15] [--device cpu] [--json F]
+    python benchmarks/stream.py [--tokens 65536] [--hook resid_post.15] [--runs a b c] [--json F]
     python benchmarks/stream.py --memory [--sizes 100000 1000000] [--hook resid_post.2]
 
 Speed (same machine, model, corpus, token count, batch and dictionary; BatchTopK k=32, 8x):
@@ -10,7 +10,8 @@ Speed (same machine, model, corpus, token count, batch and dictionary; BatchTopK
 Each prints tokens/s, the share of the run in the model's forward and in the rest (the SAE step,
 initialisation, calibration), and the held-out NMSE (the test split, 8,192 tokens). Then three hooks
 from one forward (three SAEs on one stream) against three streams of one hook each. SAELens's
-on-the-fly trainer is not in this script yet.
+on-the-fly trainer:
+  (c) SAELens's `LanguageModelSAETrainingRunner` on the embedded model's folder (see `saelens`).
 
 Memory: a child process per size trains from the stream and reports its peak resident memory and
 the run folder's size on disk; the ratios between sizes should stay near 1.
@@ -32,11 +33,21 @@ import torch
 
 from saekit.activations import capture
 from saekit.data import packed_corpus
+from saekit.data.corpus import corpus_split
+from saekit.interop import from_saelens_sae
 from saekit.metrics import evaluate
-from saekit.models import d_model, load_model
+from saekit.models import (
+    d_model,
+    embedded_folder,
+    load_model,
+    model_name,
+    resolve_hook,
+    underlying,
+)
 from saekit.sae import SAEConfig
 from saekit.train import TrainConfig, train
-from saekit.train.stream import WINDOW_BATCHES, ModelSource
+from saekit.train.config import default_lr
+from saekit.train.stream import ModelSource
 
 K, EXPANSION = 32, 8
 
@@ -61,7 +72,7 @@ def _tc(tokens: int, batch: int) -> TrainConfig:
     )
 
 
-def streamed(model, hooks, tokens, batch, out: Path, window: int = WINDOW_BATCHES):
+def streamed(model, hooks, tokens, batch, out: Path, window: int | None = None):
     """(a): one stream from the model feeding an SAE at every hook."""
     source = ModelSource(model, hooks, window_batches=window)
     t0 = time.perf_counter()
@@ -86,6 +97,70 @@ def captured(model, hook, tokens, batch, out: Path) -> tuple[dict, list]:
     }, res.saes
 
 
+def saelens(model, hook, tokens, batch, out: Path, buffer: int = 20) -> tuple[dict, list]:
+    """(c): SAELens's on-the-fly trainer (LanguageModelSAETrainingRunner) on the same model, read
+    from the embedded model's local folder with model_class_name="AutoModelForCausalLM"; what else
+    it needed: the hook as the Hugging Face module's name (resid_post.L is model.layers.L), the
+    bundled corpus handed over as a Dataset (no hub to name), prepend_bos=False (its wrapper of a
+    Hugging Face model takes no other), and saekit's learning rate, so both train the same SAE.
+    The model's loading is not counted, as it is not for (a). buffer: SAELens's n_batches_in_buffer
+    (its default, 20; smaller only for dry runs)."""
+    from sae_lens import (
+        BatchTopKTrainingSAEConfig,
+        LanguageModelSAERunnerConfig,
+        LanguageModelSAETrainingRunner,
+        LoggingConfig,
+    )
+
+    folder, point = embedded_folder(), resolve_hook(model, hook)
+    if point.io != "output":
+        raise SystemExit(f"(c) reads a module's output; {hook} is read from an input")
+    d = d_model(model)
+    cfg = LanguageModelSAERunnerConfig(
+        sae=BatchTopKTrainingSAEConfig(d_in=d, d_sae=d * EXPANSION, k=K),
+        model_name=str(folder),
+        model_class_name="AutoModelForCausalLM",
+        hook_name=point.module_path,
+        dataset_path=str(folder),  # a label only: the data set is handed over below
+        is_dataset_tokenized=False,
+        streaming=False,
+        context_size=128,
+        prepend_bos=False,
+        training_tokens=tokens,
+        train_batch_size_tokens=batch,
+        store_batch_size_prompts=16,
+        n_batches_in_buffer=buffer,
+        lr=default_lr(d * EXPANSION),
+        device=str(next(underlying(model).parameters()).device),
+        seed=0,
+        logger=LoggingConfig(log_to_wandb=False),
+        checkpoint_path=None,
+        output_path=str(out),
+        verbose=False,
+    )
+    train_split, _ = corpus_split(None, "train")
+    runner = LanguageModelSAETrainingRunner(cfg, override_dataset=train_split)
+    forward = [0.0]
+    get = runner.activations_store.get_activations
+
+    def timed(*args, **kw):
+        t = time.perf_counter()
+        try:
+            return get(*args, **kw)
+        finally:
+            forward[0] += time.perf_counter() - t
+
+    runner.activations_store.get_activations = timed
+    t0 = time.perf_counter()
+    sae = runner.run()
+    total = time.perf_counter() - t0
+    row = {"seconds": total, "tokens_per_s": tokens / total, "forward_share": forward[0] / total}
+    ours = from_saelens_sae(sae)
+    # SAELens names the module and the folder; the held-out store, the hook and the model
+    ours.cfg.hook_name, ours.cfg.model_name = hook, model_name(model)
+    return row, [ours]
+
+
 def held_out_nmse(model, sae, hook, tmp: Path) -> float:
     held = tmp / f"held_{hook}"
     if not held.exists():
@@ -94,25 +169,38 @@ def held_out_nmse(model, sae, hook, tmp: Path) -> float:
     return evaluate(sae, None, held, n_tokens=8192)["reconstruction"]["nmse"]
 
 
+RUNS = {"a": "saekit streaming", "b": "capture then train", "c": "SAELens on the fly"}
+
+
+def one_run(name: str, model, a, tmp: Path) -> tuple[dict, list]:
+    if name == "a":
+        return streamed(model, [a.hook], a.tokens, a.batch, tmp / name, a.window)
+    if name == "b":
+        return captured(model, a.hook, a.tokens, a.batch, tmp / name)
+    return saelens(model, a.hook, a.tokens, a.batch, tmp / name, a.saelens_buffer)
+
+
 def speed(a) -> dict:
     model = load_model(device=a.device)
     tmp = Path(tempfile.mkdtemp(prefix="stream_bench_"))
     try:
         got = {}
-        for name in ("a", "b"):
-            if name == "a":
-                row, saes = streamed(model, [a.hook], a.tokens, a.batch, tmp / name, a.window)
-            else:
-                row, saes = captured(model, a.hook, a.tokens, a.batch, tmp / name)
+        for name in a.runs:
+            row, saes = one_run(name, model, a, tmp)
             row["nmse"] = held_out_nmse(model, saes[0], a.hook, tmp)
             got[name] = row
             print(
-                f"({name}) {'streaming' if name == 'a' else 'capture then train':<20} "
-                f"{row['tokens_per_s']:>9,.0f} tok/s  forward {row['forward_share']:.0%}  "
-                f"rest {1 - row['forward_share']:.0%}  held-out NMSE {row['nmse']:.4f}"
+                f"({name}) {RUNS[name]:<20} {row['tokens_per_s']:>9,.0f} tok/s  "
+                f"forward {row['forward_share']:.0%}  rest {1 - row['forward_share']:.0%}  "
+                f"held-out NMSE {row['nmse']:.4f}",
+                flush=True,
             )
-        got["a_over_b"] = got["a"]["tokens_per_s"] / got["b"]["tokens_per_s"]
-        print(f"(a) / (b): {got['a_over_b']:.2f}x")
+        for x, y in (("a", "b"), ("a", "c")):
+            if x in got and y in got:
+                got[f"{x}_over_{y}"] = got[x]["tokens_per_s"] / got[y]["tokens_per_s"]
+                print(f"({x}) / ({y}): {got[f'{x}_over_{y}']:.2f}x tokens/s", flush=True)
+        if not a.three:
+            return got
         layer = int(a.hook.split(".")[1])
         three = [f"resid_post.{max(0, layer - 2 * i)}" for i in (2, 1, 0)]
         one_forward, _ = streamed(model, three, a.tokens, a.batch, tmp / "three", a.window)
@@ -163,8 +251,7 @@ def memory(a) -> dict:
                     str(a.batch),
                     "--device",
                     a.device,
-                    "--window",
-                    str(a.window),
+                    *(["--window", str(a.window)] if a.window else []),
                 ],
                 capture_output=True,
                 text=True,
@@ -190,7 +277,10 @@ def main() -> None:
     ap.add_argument("--hook", default="resid_post.15")
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--window", type=int, default=WINDOW_BATCHES, help="a stream's window_batches")
+    ap.add_argument("--window", type=int, default=None, help="a stream's window_batches")
+    ap.add_argument("--runs", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c"])
+    ap.add_argument("--no-three", dest="three", action="store_false", help="skip 3 hooks")
+    ap.add_argument("--saelens-buffer", type=int, default=20, help="(c)'s n_batches_in_buffer")
     ap.add_argument("--memory", action="store_true")
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--json", default=None)

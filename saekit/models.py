@@ -229,8 +229,9 @@ def _embedded_cache(gguf: Path) -> Path:
     return cache_dir() / "models" / f"{EMBEDDED_MODEL}-{gguf.stat().st_size}"
 
 
-def _load_embedded_hf():
-    """Load SmolLM2 from the cached safetensors, building the cache from the GGUF file once."""
+def embedded_folder() -> Path:
+    """The embedded SmolLM2 as a local Hugging Face folder (config, tokenizer, safetensors), built
+    from the GGUF file once: what other tools that load such a folder are pointed at."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = _gguf_path()
@@ -260,6 +261,14 @@ def _load_embedded_hf():
                 pass  # another process finished first
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+    return cached
+
+
+def _load_embedded_hf():
+    """Load SmolLM2 from its local folder (embedded_folder)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cached = embedded_folder()
     tok = AutoTokenizer.from_pretrained(cached)
     hf = AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32)
     return hf, tok

@@ -216,21 +216,25 @@ def test_gpu_script_fails_loudly(tmp_path, monkeypatch):
 
 
 def test_stream_benchmark_runs_both_ways_and_reports_memory(tmp_path):
-    """benchmarks/stream.py at a tiny size: streaming against capture-then-train with held-out
-    NMSE, three hooks from one forward, and the memory mode's two sizes."""
+    """benchmarks/stream.py at a tiny size: streaming against capture-then-train and SAELens's
+    on-the-fly trainer with held-out NMSE, three hooks from one forward, and the memory mode's two
+    sizes."""
     out = tmp_path / "s.json"
     small = ["--batch", "128", "--window", "2"]
     r = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "stream.py"), "--tokens", "512",
-         "--hook", "resid_post.4", *small, "--device", "cpu", "--json", str(out)],
+         "--hook", "resid_post.4", *small, "--saelens-buffer", "2", "--device", "cpu",
+         "--json", str(out)],
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
-    assert all(0 < res[x]["forward_share"] < 1 and res[x]["nmse"] > 0 for x in ("a", "b"))
-    assert res["a_over_b"] > 0 and res["three_hooks"]["hooks"] == [
-        f"resid_post.{i}" for i in (0, 2, 4)
-    ]
+    assert all(0 < res[x]["forward_share"] < 1 and res[x]["nmse"] > 0 for x in ("a", "b", "c"))
+    assert (
+        res["a_over_b"] > 0
+        and res["a_over_c"] > 0
+        and res["three_hooks"]["hooks"] == [f"resid_post.{i}" for i in (0, 2, 4)]
+    )
     r = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "stream.py"), "--memory", "--sizes", "256",
          "512", "--hook", "resid_post.1", *small, "--device", "cpu", "--json", str(out)],

@@ -3,22 +3,25 @@
 store of as many tokens, over seeds, evaluated on the same held-out sequences with paired intervals.
 Resumable: run it again and every finished SAE and evaluation is reused.
 
-    python results/stream_mixing/run.py [--tokens 65536] [--seeds 0 1 2] [--windows 32 1 8]
+    python results/stream_mixing/run.py [--tokens 65536] [--seeds 0 1 2] [--windows 32 1 8 64]
                                         [--out runs/stream_mixing]
 
 SmolLM2-135M-Instruct resid_post.15, bundled corpus, BatchTopK k=32, 2,304 latents (4x), batch 1,024,
-every other setting at saekit's defaults. For each seed (initialisation, batch order, and for a stream
-its document order): one SAE from the store (its documents drawn in seed 0's order, the batches
-shuffled over the whole store) and one per window size from the stream. Each is evaluated on the
+every other setting at saekit's defaults. For each seed (initialisation, batch order and document order):
+one SAE from a store of the seed's documents (captured in the seed's order, which is the order the
+stream of that seed reads them in, so both train on the same tokens; batches shuffled over the
+whole store) and one per window size from the stream. Each is evaluated on the
 test split (NMSE and L0 on 16,384 tokens, CE recovered on 4,096 positions), all on the same sequences,
 so each stream − store difference has a 95% bootstrap interval over sequences. A window of 1 batch
-serves a few whole sequences a batch: what no mixing gives.
+serves a few whole sequences a batch: what no mixing gives; a window of 64 batches holds the whole
+run. θ's final estimate is taken on each run's own first batches, as a store's is on its own rows.
 Writes results/stream_mixing/README.md (the table) and evals/ (each evaluation's JSON).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from pathlib import Path
@@ -31,6 +34,7 @@ from saekit.metrics import evaluate_many
 from saekit.metrics.intervals import paired_difference
 from saekit.models import load_model
 from saekit.sae import SAEConfig, load_sae
+from saekit.sae.theta import estimate
 from saekit.train import TrainConfig, train
 from saekit.train.stream import ModelSource
 
@@ -39,14 +43,11 @@ HERE = Path(__file__).resolve().parent
 METRICS = ("nmse", "l0", "ce_recovered")
 
 
-def stores(model, out: Path, tokens: int) -> tuple[ActivationStore, ActivationStore]:
-    """The training store (tokens of the train split, seed 0's document order) and the held-out
-    test store."""
-    made = []
-    for split, n in (("train", tokens), ("test", 16_384)):
-        packed = packed_corpus(model.tokenizer, split=split, seq_len=128, max_tokens=n, seed=0)
-        made.append(capture(model, packed, HOOK, out / f"store_{split}", n_tokens=n, progress=False))
-    return made[0], made[1]
+def store(model, out: Path, split: str, tokens: int, seed: int) -> ActivationStore:
+    """A store of `tokens` tokens of the split, documents in seed's order (reused where there)."""
+    packed = packed_corpus(model.tokenizer, split=split, seq_len=128, max_tokens=tokens, seed=seed)
+    folder = out / f"store_{split}_s{seed}"
+    return capture(model, packed, HOOK, folder, n_tokens=tokens, progress=False)
 
 
 def train_one(model, data, name: str, seed: int, tokens: int, out: Path, window: int | None):
@@ -73,6 +74,38 @@ def evaluations(model, held, out: Path, names: list[str]) -> dict:
         for n, r in zip(todo, results):
             (evals / f"{n}.json").write_text(json.dumps(r))
     return {n: json.loads((evals / f"{n}.json").read_text()) for n in names}
+
+
+def theta_sampling(out: Path, seeds: list[int], tokens: int) -> list[str]:
+    """θ's final estimate is itself a sample: for each seed's store SAE and window-64 stream SAE,
+    θ from 20 batches of the store in two orders and from all of it (the same tokens both
+    trained on, float16 as stored), beside the θ each run saved."""
+    lines = [
+        "",
+        "θ's final estimate from 20 batches of 1,024 is a sample of its own: the same SAE on the same"
+        " tokens (the seed's store), 20 batches in two orders and all of them, beside the θ the run"
+        " saved (the store's from 20 of its own batches, the stream's from its first 20, float32).",
+        "",
+        "| SAE | saved θ | 20 batches, order A | 20 batches, order B | all batches |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for s in seeds:
+        rows = ActivationStore(out / f"store_train_s{s}")
+        n = tokens // BATCH
+        a = [b.float() for b in itertools.islice(rows.batches(BATCH, seed=s + 104729), 20)]
+        b = [b.float() for b in itertools.islice(rows.batches(BATCH, seed=s), n)]
+        for name in (f"store_s{s}", f"stream_w64_s{s}"):
+            folder = out / name
+            if not folder.exists():
+                continue
+            sae = load_sae(next(folder.glob("batchtopk_*")))
+            got = [estimate(sae, x, K)[0] for x in (a, b[:20], b)]
+            lines.append(
+                f"| {name} | {float(sae.threshold):.4f} | "
+                + " | ".join(f"{g:.4f}" for g in got)
+                + " |"
+            )
+    return lines
 
 
 def report(evals: dict, seeds: list[int], windows: list[int], tokens: int) -> str:
@@ -106,21 +139,24 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=65_536)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--windows", type=int, nargs="+", default=[32, 1, 8])
+    ap.add_argument("--windows", type=int, nargs="+", default=[32, 1, 8, 64])
     ap.add_argument("--out", default="runs/stream_mixing")
     a = ap.parse_args()
     out = Path(a.out)
     torch.manual_seed(0)
     model = load_model()
-    store, held = stores(model, out, a.tokens)
+    held = store(model, out, "test", 16_384, 0)
     names = []
     for w in [None, *a.windows]:  # the store's SAEs first, then each window over the seeds
         for s in a.seeds:
             name = f"store_s{s}" if w is None else f"stream_w{w}_s{s}"
-            train_one(model, store, name, s, a.tokens, out, w)
+            data = store(model, out, "train", a.tokens, s) if w is None else None
+            train_one(model, data, name, s, a.tokens, out, w)
             names.append(name)
         evals = evaluations(model, held, out, names)
         (HERE / "README.md").write_text(report(evals, a.seeds, a.windows, a.tokens))
+    table = report(evals, a.seeds, a.windows, a.tokens)
+    (HERE / "README.md").write_text(table + "\n".join(theta_sampling(out, a.seeds, a.tokens)) + "\n")
 
 
 if __name__ == "__main__":

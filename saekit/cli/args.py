@@ -156,7 +156,8 @@ def _add_stream_args(p) -> None:
         "--window-batches",
         type=positive_int,
         default=default_of(ModelSource, "window_batches"),
-        help="with --model: batches of tokens mixed in one shuffle window",
+        help="with --model: batches of tokens mixed in one shuffle window (default: as many as "
+        "hold 131,072 tokens)",
     )
     p.add_argument(
         "--forward-batch",

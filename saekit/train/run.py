@@ -38,10 +38,10 @@ class TrainingRun:
     def _shard(self) -> dict:
         return {"rank": self.rank, "world_size": self.world} if self.world > 1 else {}
 
-    def save_checkpoint(self) -> Path | None:
+    def save_checkpoint(self, stream: dict | None = None) -> Path | None:
         """Write a checkpoint atomically (rank 0 only under torch.distributed; every rank calls it,
-        for the stream's position)."""
-        stream = self._stream_now()
+        for the stream's position, unless `stream` gives it)."""
+        stream = stream or self._stream_now()
         if self.rank != 0:
             return None
         progress = {
@@ -143,7 +143,7 @@ class TrainingRun:
         """
         source = as_source(data, hook)
         with contextlib.ExitStack() as held:
-            if self.out is not None:
+            if self.out is not None and not self.claimed:
                 D.on_rank0(
                     lambda: checkpoints.claim_output(
                         held, self.out, self.cfgs, self.tc.keep_checkpoints, origin_of(source)
@@ -210,9 +210,7 @@ class TrainingRun:
         if self.initialised:
             return
         init, got = [], 0
-        # a store's sample is read in another order; a stream's comes from the documents it trains
-        # on first, whose window it keeps for training (no forward twice)
-        seed = tc.seed if getattr(source, "endless", False) else tc.seed + 7919
+        seed = source.sample_seed(tc.seed, "init")
         for x in source.batches(
             self.local_batch, seed=seed, buffer_rows=tc.buffer_rows, keep_first=True, **self._shard
         ):
@@ -244,6 +242,7 @@ class TrainingRun:
             **self._shard,
             buffer_rows=tc.buffer_rows,
             position=self.stream_position,
+            keep_served=tc.calibrate_batches if any(s.has_theta for s in self.saes) else 0,
         )
         batches = itertools.islice(stream, limit - self.step)  # read ahead no further than needed
         ahead = tc.prefetch if tc.prefetch is not None else (2 if self.device.type == "cuda" else 0)
@@ -294,6 +293,7 @@ class TrainingRun:
     def _finish(self, source) -> None:
         """θ from the final weights where the run is done, a last checkpoint and the outputs."""
         tc = self.tc
+        stream = self._stream_now()  # before θ's batches, which a stream serves from its start
         if self.step >= tc.total_steps and tc.calibrate_batches:
             self.calibrate(source)
         for sae in self.saes:
@@ -301,7 +301,7 @@ class TrainingRun:
         if self.out is None:
             return
         if self.step >= tc.total_steps or tc.checkpoint_every:
-            self.save_checkpoint()
+            self.save_checkpoint(stream)
         try:
             self.write_outputs()
         # the checkpoint above holds the work: a re-run writes the outputs from it
@@ -320,7 +320,7 @@ class TrainingRun:
         batches = []
         for x in source.batches(
             self.local_batch,
-            seed=self.tc.seed + 104729,
+            seed=source.sample_seed(self.tc.seed, "calibrate"),
             buffer_rows=self.tc.buffer_rows,
             **self._shard,
         ):

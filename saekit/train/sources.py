@@ -19,7 +19,16 @@ from ..activations import ActivationStore, open_store
 from .config import TrainingError
 
 
-class TensorSource:
+class HeldRows:
+    """What sources of rows held whole (in memory or in a store) share."""
+
+    def sample_seed(self, seed: int, purpose: str) -> int:
+        """The seed of the batches a run draws the start's sample ("init") or θ's final batches
+        ("calibrate") from: the same rows in another order than training's."""
+        return seed + {"init": 7919, "calibrate": 104729}[purpose]
+
+
+class TensorSource(HeldRows):
     """An in-memory [N, d] tensor served as shuffled batches (the same interface as
     ActivationStore)."""
 
@@ -73,7 +82,7 @@ class TensorSource:
                 done += 1
 
 
-class StoreSource:
+class StoreSource(HeldRows):
     """An ActivationStore as a training source (one hook)."""
 
     def __init__(self, store: ActivationStore, hook: str | None = None):

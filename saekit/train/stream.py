@@ -6,10 +6,11 @@ sequences before they are served as batches. Nothing but the SAEs' checkpoints i
 The stream is made of lanes: lane r reads every lanes-th document of the order, so under
 torch.distributed each rank streams its own documents, and one process given lanes=2 serves the
 same global batches as two ranks. A lane fills a window with `window_batches` batches' worth of
-tokens, shuffles it (seeded by the seed, the lane and the window's number) and serves it; a
-window's last partial batch is dropped. Where each lane stands (`position`) is a few numbers per
-lane: the documents read and the packer's carry at its window's start, and the batches served
-from it. A resumed run rebuilds that window with one pass of the model and goes on from there.
+tokens (by default WINDOW_TOKENS), shuffles it (seeded by the seed, the lane and the window's
+number) and serves it; a window's last partial batch is dropped. Where each lane stands
+(`position`) is a few numbers per lane: the documents read and the packer's carry at its window's
+start, and the batches served from it. A resumed run rebuilds that window with one pass of the
+model and goes on from there.
 """
 
 from __future__ import annotations
@@ -27,13 +28,14 @@ import torch
 
 from ..activations.capture import kept_activations
 from ..data import CorpusError
-from ..data.corpus import BUNDLED, corpus_split, iter_documents
+from ..data.corpus import BUNDLED, SHUFFLE_BUFFER, corpus_split, iter_documents
 from ..data.packing import Packer
 from ..models import d_model, model_name, resolve_hook, underlying
 from .config import TrainingError
 
-# batches a lane's mixing window holds (results/stream_mixing/README.md)
-WINDOW_BATCHES = 32
+# tokens a lane's mixing window holds unless window_batches is given: twice the smallest window
+# that matched a shuffled store (results/stream_mixing/README.md)
+WINDOW_TOKENS = 131_072
 
 
 class ModelSource:
@@ -50,7 +52,7 @@ class ModelSource:
         split: str = "train",
         seq_len: int = 128,
         forward_batch: int = 16,
-        window_batches: int = WINDOW_BATCHES,
+        window_batches: int | None = None,
         lanes: int | None = None,
         text_field: str = "text",
     ):
@@ -60,7 +62,7 @@ class ModelSource:
         twice = sorted({h for h in hooks if hooks.count(h) > 1})
         if twice:
             raise TrainingError(f"hook {', '.join(twice)} is given twice; give each hook once")
-        if window_batches < 1 or forward_batch < 1 or seq_len < 2:
+        if (window_batches is not None and window_batches < 1) or forward_batch < 1 or seq_len < 2:
             raise TrainingError(
                 "window_batches and forward_batch must be at least 1 and seq_len at least 2"
             )
@@ -78,9 +80,21 @@ class ModelSource:
         self._lock = threading.Lock()
         self.forward_s = 0.0  # seconds spent in the model's forward passes, for benchmarks
         self._kept: dict = {}  # (seed, lane, batch, window) -> a first window kept (keep_first)
+        self._first: dict = {}  # (seed, lane, batch) -> the first batches served (keep_served)
 
     def __len__(self) -> int:
         return 2**62  # endless: any number of tokens can be asked for
+
+    def sample_seed(self, seed: int, purpose: str) -> int:
+        """The seed of the batches a run draws the start's sample and θ's final batches from: the
+        run's own first documents, as a store's samples are its own rows; kept where they are
+        served (keep_first, keep_served), the model does not run on them twice."""
+        return seed
+
+    def window(self, batch: int) -> int:
+        """Batches of `batch` rows in a lane's window: window_batches, else as many as hold
+        WINDOW_TOKENS tokens."""
+        return self.window_batches or max(1, -(-WINDOW_TOKENS // batch))
 
     def width(self, hook: str | None = None) -> int:
         """The width of the activations at a hook."""
@@ -116,13 +130,16 @@ class ModelSource:
         world_size: int = 1,
         position: dict | None = None,
         keep_first: bool = False,
+        keep_served: int = 0,
         **_,
     ) -> Iterator:
         """Batches of batch_size rows (this rank's part of the global batch): one lane's under
         torch.distributed, every lane's side by side in one process. position: where a checkpoint
         left the stream (its batches from skip_batches on); None starts at the beginning.
         keep_first: keep each lane's first window, so that the next call with this seed (training,
-        after the start's sample was drawn from it) serves it without running the model again."""
+        after the start's sample was drawn from it) serves it without running the model again.
+        keep_served: keep (on the CPU) the first batches this call serves, up to that many, so that
+        the next call with this seed serves them again first (θ's final batches, after training)."""
         lanes = self.lanes or world_size
         if world_size not in (1, lanes):
             raise TrainingError(
@@ -137,7 +154,14 @@ class ModelSource:
         lane_batch = batch_size // len(mine)
         streams = [
             self._lane(
-                lane, lanes, lane_batch, seed, skip_batches, starts.get(str(lane)), keep_first
+                lane,
+                lanes,
+                lane_batch,
+                seed,
+                skip_batches,
+                starts.get(str(lane)),
+                keep_first,
+                keep_served,
             )
             for lane in mine
         ]
@@ -161,12 +185,17 @@ class ModelSource:
                 found[str(lane)] = {**start, "served": step - first}
         return {"lanes": found}
 
-    def _lane(self, lane, lanes, batch, seed, skip, start: dict | None, keep_first=False):
+    def _lane(self, lane, lanes, batch, seed, skip, start, keep_first=False, keep_served=0):
         """One lane's batches from batch `skip` on (start: the window it is in, else the first)."""
-        fresh = {"pass": 0, "read": 0, "carry": None, "window": 0, "served": 0}
+        with self._lock:
+            again = self._first.pop((seed, lane, batch), []) if start is None else []
+            if keep_served and start is None:
+                self._first[(seed, lane, batch)] = kept_now = []
+        yield from again  # the first batches, kept by the last call: no forward for them
+        fresh = {"pass": 0, "read": 0, "carry": None, "window": 0, "served": len(again)}
         state = dict(start) if start else fresh
         served = state.pop("served", 0)
-        first = skip - served  # the batch number of this window's first batch
+        first = skip + len(again) - served  # the batch number of this window's first batch
         packer = Packer(self.model.tokenizer, self.seq_len)
         docs = self._documents(lane, lanes, seed, state)
         if state["carry"] is not None:
@@ -192,15 +221,18 @@ class ModelSource:
             order = torch.randperm(n * batch, generator=g).to(self.device)
             for j in range(served, n):
                 rows = order[j * batch : (j + 1) * batch]
-                yield {h: a[rows] for h, a in acts.items()}
+                out = {h: a[rows] for h, a in acts.items()}
+                if keep_served and start is None and first + j < keep_served:
+                    kept_now.append({h: v.cpu() for h, v in out.items()})
+                yield out
             first += n
             served = 0
             state["window"] += 1
 
     def _fill(self, packer: Packer, docs, state: dict, batch: int) -> dict:
-        """One window: documents packed until it holds window_batches batches of tokens, run
+        """One window: documents packed until it holds window(batch) batches of tokens, run
         through the model; their kept activations by hook. `state` advances past the documents."""
-        want = self.window_batches * batch
+        want = self.window(batch) * batch
         packer.flush(final=False, max_tokens=want)  # the tokens carried from the last window first
         while packer.kept < want:
             d, text, state["read"], state["pass"] = next(docs)
@@ -240,8 +272,10 @@ class ModelSource:
             )
 
     def _one_pass(self, lane: int, lanes: int, seed: int, p: int, read: int):
-        """This lane's documents of pass p after the first `read`: (index, text, read so far)."""
-        rng = np.random.default_rng([seed, p])
+        """This lane's documents of pass p after the first `read`: (index, text, read so far). The
+        first pass is in capture's order (sample_documents): a store of the same seed holds the
+        same tokens."""
+        rng = np.random.default_rng(seed if p == 0 else [seed, p])
         if hasattr(self.ds, "__len__") and hasattr(self.ds, "select"):
             order = rng.permutation(len(self.ds))[lane::lanes]
             for n, i in enumerate(order[read:], start=read + 1):
@@ -250,7 +284,8 @@ class ModelSource:
                     yield int(i), text, n
             return
         # a streamed data set: its own seeded shuffle buffer, this lane's share, skipped to `read`
-        ds = self.ds.shuffle(seed=int(rng.integers(2**31)), buffer_size=10_000)
+        shuffle_seed = seed if p == 0 else int(rng.integers(2**31))
+        ds = self.ds.shuffle(seed=shuffle_seed, buffer_size=SHUFFLE_BUFFER)
         rows = itertools.islice(
             iter_documents(ds, self.text_field), lane + read * lanes, None, lanes
         )

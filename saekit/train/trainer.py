@@ -86,6 +86,7 @@ class Trainer(TrainingRun):
         self.segments: list[dict] = []
         # where a stream from the model resumes (ModelSource.position), from a checkpoint
         self.stream_position: dict | None = None
+        self.claimed = False  # `out` already checked and locked (by `train`, before the SAEs)
         self.source = None  # the training data's source, set by fit
 
     # -- initialisation from data -------------------------------------------------------------
@@ -306,4 +307,6 @@ def train(
                 held, Path(out), cfgs, tc.keep_checkpoints, origin_of(data)
             )
             D.on_rank0(claim)
-        return Trainer(cfgs, tc, out).fit(data, hook=hook, resume=resume, **kwargs)
+        trainer = Trainer(cfgs, tc, out)
+        trainer.claimed = out is not None
+        return trainer.fit(data, hook=hook, resume=resume, **kwargs)

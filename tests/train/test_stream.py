@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from saekit.data.corpus import sample_documents
 from saekit.sae import SAEConfig
 from saekit.train import TrainConfig, TrainingError, train
 from saekit.train.stream import ModelSource
@@ -93,8 +94,10 @@ def test_a_run_from_the_model_trains_every_hook_and_resumes_to_the_same_weights(
         [".saekit.lock", "checkpoints", "train_config.json", *whole.names]
     )
     assert len(set(whole.names)) == 4 and all(any(h in n for h in HOOKS) for n in whole.names)
-    state = json.loads(next((tmp_path / "a" / "checkpoints").glob("step_*/state.json")).read_text())
-    assert set(state["stream"]["lanes"]) == {"0"}
+    state = json.loads((tmp_path / "a" / "checkpoints" / "step_00000020/state.json").read_text())
+    # the last checkpoint's position is step 20's (θ's batches, read after, do not move it)
+    assert state["stream"]["lanes"]["0"]["window"] == 20 // 3
+    assert state["stream"]["lanes"]["0"]["served"] == 20 % 3
 
     def crash(trainer, stats):
         if trainer.step == 13:  # inside a window, after the checkpoint at step 8
@@ -138,9 +141,9 @@ def test_a_resume_with_another_stream_is_refused_naming_the_difference(
 
 
 def test_the_start_is_drawn_from_the_first_window_which_runs_once(model, tmp_path, monkeypatch):
-    """The start's sample comes from the documents the run trains on first, and training serves
-    that window without running the model on it again: one window for the start and the training
-    steps, one for θ's final batches."""
+    """The start's sample comes from the documents the run trains on first, training serves that
+    window without running the model on it again, and θ's final batches are the run's first
+    ones, kept: one window's forward for all three."""
     fills = []
     real = ModelSource._fill
     monkeypatch.setattr(ModelSource, "_fill", lambda self, *a: fills.append(1) or real(self, *a))
@@ -148,4 +151,15 @@ def test_the_start_is_drawn_from_the_first_window_which_runs_once(model, tmp_pat
                      calibrate_batches=2)  # fmt: skip
     cfg = SAEConfig(arch="batchtopk", d_in=576, d_sae=1152, k=16, hook_name=HOOKS[0])
     res = train(ModelSource(model, HOOKS[0], window_batches=4), [cfg], tc, out=tmp_path)
-    assert res.steps == 4 and len(fills) == 2
+    assert res.steps == 4 and len(fills) == 1
+
+
+def test_a_stream_reads_the_documents_a_capture_of_its_seed_packs(model):
+    """The first pass over the split is in capture's order: a store captured with the same seed
+    holds the tokens the stream trains on (results/stream_mixing compares the two)."""
+    source = ModelSource(model, HOOKS[0])
+    docs = source._documents(0, 1, 3, {"pass": 0, "read": 0})
+    order, _ = sample_documents(source.ds, seed=3)
+    assert [d for d, *_ in itertools.islice(docs, 40)] == [
+        d for d, _ in itertools.islice(order, 40)
+    ]
