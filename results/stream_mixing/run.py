@@ -86,8 +86,9 @@ def theta_sampling(out: Path, seeds: list[int], tokens: int) -> list[str]:
         " tokens (the seed's store), 20 batches in two orders and all of them, beside the θ the run"
         " saved (the store's from 20 of its own batches, the stream's from its first 20, float32).",
         "",
-        "| SAE | saved θ | 20 batches, order A | 20 batches, order B | all batches |",
-        "| --- | --- | --- | --- | --- |",
+        "| SAE | saved θ | 20 batches, order A | 20 batches, order B | all batches | A − B |"
+        " saved − all |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for s in seeds:
         rows = ActivationStore(out / f"store_train_s{s}")
@@ -99,12 +100,10 @@ def theta_sampling(out: Path, seeds: list[int], tokens: int) -> list[str]:
             if not folder.exists():
                 continue
             sae = load_sae(next(folder.glob("batchtopk_*")))
-            got = [estimate(sae, x, K)[0] for x in (a, b[:20], b)]
-            lines.append(
-                f"| {name} | {float(sae.threshold):.4f} | "
-                + " | ".join(f"{g:.4f}" for g in got)
-                + " |"
-            )
+            saved = float(sae.threshold)
+            got = [saved, *(estimate(sae, x, K)[0] for x in (a, b[:20], b))]
+            got += [got[1] - got[2], saved - got[3]]
+            lines.append(f"| {name} | " + " | ".join(f"{g:.4f}" for g in got) + " |")
     return lines
 
 

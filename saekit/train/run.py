@@ -210,9 +210,9 @@ class TrainingRun:
         if self.initialised:
             return
         init, got = [], 0
-        seed = source.sample_seed(tc.seed, "init")
+        sample = source.sample("init", tc.seed)
         for x in source.batches(
-            self.local_batch, seed=seed, buffer_rows=tc.buffer_rows, keep_first=True, **self._shard
+            self.local_batch, **sample, buffer_rows=tc.buffer_rows, keep_first=True, **self._shard
         ):
             init.append(x)
             got += rows_of(x)
@@ -242,7 +242,7 @@ class TrainingRun:
             **self._shard,
             buffer_rows=tc.buffer_rows,
             position=self.stream_position,
-            keep_served=tc.calibrate_batches if any(s.has_theta for s in self.saes) else 0,
+            keep_calibration=tc.calibrate_batches if any(s.has_theta for s in self.saes) else 0,
         )
         batches = itertools.islice(stream, limit - self.step)  # read ahead no further than needed
         ahead = tc.prefetch if tc.prefetch is not None else (2 if self.device.type == "cuda" else 0)
@@ -320,7 +320,7 @@ class TrainingRun:
         batches = []
         for x in source.batches(
             self.local_batch,
-            seed=source.sample_seed(self.tc.seed, "calibrate"),
+            **source.sample("calibrate", self.tc.seed),
             buffer_rows=self.tc.buffer_rows,
             **self._shard,
         ):

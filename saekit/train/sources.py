@@ -22,10 +22,10 @@ from .config import TrainingError
 class HeldRows:
     """What sources of rows held whole (in memory or in a store) share."""
 
-    def sample_seed(self, seed: int, purpose: str) -> int:
-        """The seed of the batches a run draws the start's sample ("init") or θ's final batches
-        ("calibrate") from: the same rows in another order than training's."""
-        return seed + {"init": 7919, "calibrate": 104729}[purpose]
+    def sample(self, purpose: str, seed: int) -> dict:
+        """The batches() arguments of the start's sample ("init") or θ's final batches
+        ("calibrate"): the same rows in another order than training's."""
+        return {"seed": seed + {"init": 7919, "calibrate": 104729}[purpose]}
 
 
 class TensorSource(HeldRows):

@@ -36,6 +36,8 @@ from .config import TrainingError
 # tokens a lane's mixing window holds unless window_batches is given: twice the smallest window
 # that matched a shuffled store (results/stream_mixing/README.md)
 WINDOW_TOKENS = 131_072
+# θ's final batches: the first window's rows in this other order than training's
+CALIBRATION_ORDER = 104_729
 
 
 class ModelSource:
@@ -80,16 +82,23 @@ class ModelSource:
         self._lock = threading.Lock()
         self.forward_s = 0.0  # seconds spent in the model's forward passes, for benchmarks
         self._kept: dict = {}  # (seed, lane, batch, window) -> a first window kept (keep_first)
-        self._first: dict = {}  # (seed, lane, batch) -> the first batches served (keep_served)
+        self._first: dict = {}  # (seed, lane, batch, order) -> θ's batches (keep_calibration)
 
     def __len__(self) -> int:
         return 2**62  # endless: any number of tokens can be asked for
 
-    def sample_seed(self, seed: int, purpose: str) -> int:
-        """The seed of the batches a run draws the start's sample and θ's final batches from: the
-        run's own first documents, as a store's samples are its own rows; kept where they are
-        served (keep_first, keep_served), the model does not run on them twice."""
-        return seed
+    def sample(self, purpose: str, seed: int) -> dict:
+        """The batches() arguments of a run's samples, from the run's own first documents as a
+        store's are from its own rows: "init" (the start's sample) as training serves them, that
+        window kept for training (keep_first); "calibrate" (θ's final batches) in another order,
+        since θ from the batches a run trained on first comes out higher
+        (results/stream_mixing/README.md), kept while training reads that window
+        (keep_calibration). Either way the model runs on them once."""
+        return (
+            {"seed": seed}
+            if purpose == "init"
+            else {"seed": seed, "order": seed + CALIBRATION_ORDER}
+        )
 
     def window(self, batch: int) -> int:
         """Batches of `batch` rows in a lane's window: window_batches, else as many as hold
@@ -130,7 +139,8 @@ class ModelSource:
         world_size: int = 1,
         position: dict | None = None,
         keep_first: bool = False,
-        keep_served: int = 0,
+        keep_calibration: int = 0,
+        order: int | None = None,
         **_,
     ) -> Iterator:
         """Batches of batch_size rows (this rank's part of the global batch): one lane's under
@@ -138,8 +148,9 @@ class ModelSource:
         left the stream (its batches from skip_batches on); None starts at the beginning.
         keep_first: keep each lane's first window, so that the next call with this seed (training,
         after the start's sample was drawn from it) serves it without running the model again.
-        keep_served: keep (on the CPU) the first batches this call serves, up to that many, so that
-        the next call with this seed serves them again first (θ's final batches, after training)."""
+        keep_calibration: keep (on the CPU) that many batches of the first window in the order of
+        sample("calibrate"), so that the call for θ's final batches serves them without running the
+        model again. order: the seed of the windows' shuffle (None: the seed's own)."""
         lanes = self.lanes or world_size
         if world_size not in (1, lanes):
             raise TrainingError(
@@ -161,7 +172,8 @@ class ModelSource:
                 skip_batches,
                 starts.get(str(lane)),
                 keep_first,
-                keep_served,
+                keep_calibration,
+                order,
             )
             for lane in mine
         ]
@@ -185,13 +197,12 @@ class ModelSource:
                 found[str(lane)] = {**start, "served": step - first}
         return {"lanes": found}
 
-    def _lane(self, lane, lanes, batch, seed, skip, start, keep_first=False, keep_served=0):
+    def _lane(self, lane, lanes, batch, seed, skip, start, keep_first, keep_calib, order):
         """One lane's batches from batch `skip` on (start: the window it is in, else the first)."""
+        order = seed if order is None else order
         with self._lock:
-            again = self._first.pop((seed, lane, batch), []) if start is None else []
-            if keep_served and start is None:
-                self._first[(seed, lane, batch)] = kept_now = []
-        yield from again  # the first batches, kept by the last call: no forward for them
+            again = self._first.pop((seed, lane, batch, order), []) if start is None else []
+        yield from again  # θ's batches, kept while training read their window: no forward
         fresh = {"pass": 0, "read": 0, "carry": None, "window": 0, "served": len(again)}
         state = dict(start) if start else fresh
         served = state.pop("served", 0)
@@ -217,17 +228,26 @@ class ModelSource:
             with self._lock:
                 recent = self._positions[seed][lane]
                 self._positions[seed][lane] = [*recent[-3:], (first, window_start)]
-            g = torch.Generator().manual_seed(_window_seed(seed, lane, state["window"]))
-            order = torch.randperm(n * batch, generator=g).to(self.device)
+            if keep_calib and start is None and state["window"] == 0:
+                self._keep_calibration(acts, seed, lane, batch, keep_calib)
+            rows = _shuffled(n * batch, order, lane, state["window"], self.device)
             for j in range(served, n):
-                rows = order[j * batch : (j + 1) * batch]
-                out = {h: a[rows] for h, a in acts.items()}
-                if keep_served and start is None and first + j < keep_served:
-                    kept_now.append({h: v.cpu() for h, v in out.items()})
-                yield out
+                yield {h: a[rows[j * batch : (j + 1) * batch]] for h, a in acts.items()}
             first += n
             served = 0
             state["window"] += 1
+
+    def _keep_calibration(self, acts: dict, seed: int, lane: int, batch: int, n: int) -> None:
+        """The first n batches a calibration call would serve from this first window, on the CPU."""
+        order = self.sample("calibrate", seed)["order"]
+        whole = next(iter(acts.values())).shape[0] // batch
+        rows, n = _shuffled(whole * batch, order, lane, 0, self.device), min(n, whole)
+        kept = [
+            {h: a[rows[j * batch : (j + 1) * batch]].cpu() for h, a in acts.items()}
+            for j in range(n)
+        ]
+        with self._lock:
+            self._first[(seed, lane, batch, order)] = kept
 
     def _fill(self, packer: Packer, docs, state: dict, batch: int) -> dict:
         """One window: documents packed until it holds window(batch) batches of tokens, run
@@ -293,5 +313,7 @@ class ModelSource:
             yield i, text, n
 
 
-def _window_seed(seed: int, lane: int, window: int) -> int:
-    return (seed * 1_000_003 + lane * 7_919 + window) % 2**63
+def _shuffled(n: int, order: int, lane: int, window: int, device) -> torch.Tensor:
+    """The order a window's n rows are served in: seeded by the order, the lane and the window."""
+    seed = (order * 1_000_003 + lane * 7_919 + window) % 2**63
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(device)

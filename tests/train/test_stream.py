@@ -142,8 +142,8 @@ def test_a_resume_with_another_stream_is_refused_naming_the_difference(
 
 def test_the_start_is_drawn_from_the_first_window_which_runs_once(model, tmp_path, monkeypatch):
     """The start's sample comes from the documents the run trains on first, training serves that
-    window without running the model on it again, and θ's final batches are the run's first
-    ones, kept: one window's forward for all three."""
+    window without running the model on it again, and θ's final batches are that window's rows in
+    another order, kept: one window's forward for all three."""
     fills = []
     real = ModelSource._fill
     monkeypatch.setattr(ModelSource, "_fill", lambda self, *a: fills.append(1) or real(self, *a))
@@ -163,3 +163,16 @@ def test_a_stream_reads_the_documents_a_capture_of_its_seed_packs(model):
     assert [d for d, *_ in itertools.islice(docs, 40)] == [
         d for d, _ in itertools.islice(order, 40)
     ]
+
+
+def test_the_batches_kept_for_theta_are_what_a_fresh_call_serves(model):
+    """θ's batches, kept while training reads the first window, are the ones a stream rebuilt
+    after a resume serves: the same rows in the same order, another order than training's."""
+    source = ModelSource(model, "resid_post.2", window_batches=3)
+    training = list(itertools.islice(source.batches(64, seed=2, keep_calibration=2), 3))
+    kept = list(itertools.islice(source.batches(64, **source.sample("calibrate", 2)), 3))
+    fresh = ModelSource(model, "resid_post.2", window_batches=3)
+    rebuilt = list(itertools.islice(fresh.batches(64, **fresh.sample("calibrate", 2)), 3))
+    assert all(torch.equal(a, b) for a, b in zip(kept, rebuilt))
+    assert not torch.equal(kept[0], training[0])
+    assert torch.equal(torch.cat(kept).sort(0).values, torch.cat(training).sort(0).values)
