@@ -278,7 +278,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--window", type=int, default=None, help="a stream's window_batches")
-    ap.add_argument("--runs", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c"])
+    ap.add_argument("--runs", nargs="*", default=["a", "b", "c"], choices=["a", "b", "c"])
     ap.add_argument("--no-three", dest="three", action="store_false", help="skip 3 hooks")
     ap.add_argument("--saelens-buffer", type=int, default=20, help="(c)'s n_batches_in_buffer")
     ap.add_argument("--memory", action="store_true")

@@ -14,7 +14,8 @@ whole store) and one per window size from the stream. Each is evaluated on the
 test split (NMSE and L0 on 16,384 tokens, CE recovered on 4,096 positions), all on the same sequences,
 so each stream − store difference has a 95% bootstrap interval over sequences. A window of 1 batch
 serves a few whole sequences a batch: what no mixing gives; a window of 64 batches holds the whole
-run. θ's final estimate is taken on each run's own first batches, as a store's is on its own rows.
+run. θ's final estimate: a store's on 20 of its own batches in another order than training's, a
+stream's on 20 batches of its first window in another order than training's.
 Writes results/stream_mixing/README.md (the table) and evals/ (each evaluation's JSON).
 """
 
@@ -84,7 +85,9 @@ def theta_sampling(out: Path, seeds: list[int], tokens: int) -> list[str]:
         "",
         "θ's final estimate from 20 batches of 1,024 is a sample of its own: the same SAE on the same"
         " tokens (the seed's store), 20 batches in two orders and all of them, beside the θ the run"
-        " saved (the store's from 20 of its own batches, the stream's from its first 20, float32).",
+        " saved (the store's from 20 of its own batches in order A, the stream's from 20 of its first"
+        " window's in another order than training's, float32). Order B is the store SAE's training"
+        " order: its first 20 batches are the ones it trained on first.",
         "",
         "| SAE | saved θ | 20 batches, order A | 20 batches, order B | all batches | A − B |"
         " saved − all |",
@@ -155,7 +158,9 @@ def main() -> None:
         evals = evaluations(model, held, out, names)
         (HERE / "README.md").write_text(report(evals, a.seeds, a.windows, a.tokens))
     table = report(evals, a.seeds, a.windows, a.tokens)
-    (HERE / "README.md").write_text(table + "\n".join(theta_sampling(out, a.seeds, a.tokens)) + "\n")
+    (HERE / "README.md").write_text(
+        table + "\n".join(theta_sampling(out, a.seeds, a.tokens)) + "\n"
+    )
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ model and goes on from there.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import itertools
 import json
@@ -83,6 +84,7 @@ class ModelSource:
         self.forward_s = 0.0  # seconds spent in the model's forward passes, for benchmarks
         self._kept: dict = {}  # (seed, lane, batch, window) -> a first window kept (keep_first)
         self._first: dict = {}  # (seed, lane, batch, order) -> θ's batches (keep_calibration)
+        _return_large_blocks()
 
     def __len__(self) -> int:
         return 2**62  # endless: any number of tokens can be asked for
@@ -263,7 +265,8 @@ class ModelSource:
         parts: list[list[torch.Tensor]] = [[] for _ in self.points]
         for s in range(0, packed.n_sequences, self.forward_batch):
             e = min(s + self.forward_batch, packed.n_sequences)
-            kept, _ = kept_activations(self.model, packed, s, e, self.points, self.device)
+            with torch.no_grad():  # no graph of the model's forward beside the SAEs' steps
+                kept, _ = kept_activations(self.model, packed, s, e, self.points, self.device)
             for j, a in enumerate(kept):
                 parts[j].append(a.float())
         acts = {h: torch.cat(p) for h, p in zip(self.hooks, parts)}
@@ -311,6 +314,16 @@ class ModelSource:
         )
         for n, (i, text) in enumerate(rows, start=read + 1):
             yield i, text, n
+
+
+def _return_large_blocks() -> None:
+    """Have glibc hand every block of 1 MiB or more back to the system when freed: with its
+    moving threshold, windows and forward passes freed in turn fragment the heap and the peak
+    memory creeps up with the tokens (benchmarks/results/stream_memory_cpu.txt)."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass  # not glibc: its allocator is its own
 
 
 def _shuffled(n: int, order: int, lane: int, window: int, device) -> torch.Tensor:
