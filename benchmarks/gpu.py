@@ -518,7 +518,7 @@ def stream_run(run: Run, dev: torch.device, dry: bool):
         c, saes_c = stream.saelens(model, "resid_post.15", tokens, batch, Path(tmp) / "c",
                                    buffer=2 if dry else 20)  # fmt: skip
         nmse = [
-            stream.held_out_nmse(model, s[0], "resid_post.15", Path(tmp))
+            stream.held_out(model, s[0], "resid_post.15", Path(tmp))[0]
             for s in (saes_a, saes_b, saes_c)
         ]
     run.data["stream"] = {"streaming": a, "capture_then_train": b, "saelens": c, "nmse": nmse}

@@ -161,12 +161,14 @@ def saelens(model, hook, tokens, batch, out: Path, buffer: int = 20) -> tuple[di
     return row, [ours]
 
 
-def held_out_nmse(model, sae, hook, tmp: Path) -> float:
+def held_out(model, sae, hook, tmp: Path) -> tuple[float, float]:
+    """(NMSE, L0) on the test split's first 8,192 tokens."""
     held = tmp / f"held_{hook}"
     if not held.exists():
         packed = packed_corpus(model.tokenizer, split="test", seq_len=128, max_tokens=8192, seed=0)
         capture(model, packed, hook, held, n_tokens=8192, progress=False)
-    return evaluate(sae, None, held, n_tokens=8192)["reconstruction"]["nmse"]
+    got = evaluate(sae, None, held, n_tokens=8192)
+    return got["reconstruction"]["nmse"], got["sparsity"]["l0"]
 
 
 RUNS = {"a": "saekit streaming", "b": "capture then train", "c": "SAELens on the fly"}
@@ -187,12 +189,12 @@ def speed(a) -> dict:
         got = {}
         for name in a.runs:
             row, saes = one_run(name, model, a, tmp)
-            row["nmse"] = held_out_nmse(model, saes[0], a.hook, tmp)
+            row["nmse"], row["l0"] = held_out(model, saes[0], a.hook, tmp)
             got[name] = row
             print(
                 f"({name}) {RUNS[name]:<20} {row['tokens_per_s']:>9,.0f} tok/s  "
                 f"forward {row['forward_share']:.0%}  rest {1 - row['forward_share']:.0%}  "
-                f"held-out NMSE {row['nmse']:.4f}",
+                f"held-out NMSE {row['nmse']:.4f} at L0 {row['l0']:.1f}",
                 flush=True,
             )
         for x, y in (("a", "b"), ("a", "c")):

@@ -212,7 +212,12 @@ class TrainingRun:
         init, got = [], 0
         sample = source.sample("init", tc.seed)
         for x in source.batches(
-            self.local_batch, **sample, buffer_rows=tc.buffer_rows, keep_first=True, **self._shard
+            self.local_batch,
+            **sample,
+            buffer_rows=tc.buffer_rows,
+            keep_first=True,
+            total_batches=tc.total_steps,
+            **self._shard,
         ):
             init.append(x)
             got += rows_of(x)
@@ -243,6 +248,7 @@ class TrainingRun:
             buffer_rows=tc.buffer_rows,
             position=self.stream_position,
             keep_calibration=tc.calibrate_batches if any(s.has_theta for s in self.saes) else 0,
+            total_batches=tc.total_steps,
         )
         batches = itertools.islice(stream, limit - self.step)  # read ahead no further than needed
         ahead = tc.prefetch if tc.prefetch is not None else (2 if self.device.type == "cuda" else 0)
@@ -321,6 +327,7 @@ class TrainingRun:
         for x in source.batches(
             self.local_batch,
             **source.sample("calibrate", self.tc.seed),
+            total_batches=self.tc.total_steps,
             buffer_rows=self.tc.buffer_rows,
             **self._shard,
         ):

@@ -143,6 +143,7 @@ class ModelSource:
         keep_first: bool = False,
         keep_calibration: int = 0,
         order: int | None = None,
+        total_batches: int | None = None,
         **_,
     ) -> Iterator:
         """Batches of batch_size rows (this rank's part of the global batch): one lane's under
@@ -152,7 +153,8 @@ class ModelSource:
         after the start's sample was drawn from it) serves it without running the model again.
         keep_calibration: keep (on the CPU) that many batches of the first window in the order of
         sample("calibrate"), so that the call for θ's final batches serves them without running the
-        model again. order: the seed of the windows' shuffle (None: the seed's own)."""
+        model again. order: the seed of the windows' shuffle (None: the seed's own). total_batches:
+        the batches the run asks for in all, past which no window is filled (None: no end)."""
         lanes = self.lanes or world_size
         if world_size not in (1, lanes):
             raise TrainingError(
@@ -176,6 +178,7 @@ class ModelSource:
                 keep_first,
                 keep_calibration,
                 order,
+                total_batches,
             )
             for lane in mine
         ]
@@ -199,7 +202,7 @@ class ModelSource:
                 found[str(lane)] = {**start, "served": step - first}
         return {"lanes": found}
 
-    def _lane(self, lane, lanes, batch, seed, skip, start, keep_first, keep_calib, order):
+    def _lane(self, lane, lanes, batch, seed, skip, start, keep_first, keep_calib, order, total):
         """One lane's batches from batch `skip` on (start: the window it is in, else the first)."""
         order = seed if order is None else order
         with self._lock:
@@ -218,7 +221,10 @@ class ModelSource:
             key = (seed, lane, batch, state["window"])
             kept = self._kept.pop(key, None)
             if kept is None:
-                acts = self._fill(packer, docs, state, batch)
+                size = self.window(batch)
+                if total is not None and first < total:  # no window past the run's last batch
+                    size = min(size, total - first)
+                acts = self._fill(packer, docs, state, batch, size)
             else:  # the window a start's sample was drawn from: the same documents, run once
                 acts, after, carry = kept
                 state.update(after)
@@ -251,10 +257,10 @@ class ModelSource:
         with self._lock:
             self._first[(seed, lane, batch, order)] = kept
 
-    def _fill(self, packer: Packer, docs, state: dict, batch: int) -> dict:
-        """One window: documents packed until it holds window(batch) batches of tokens, run
-        through the model; their kept activations by hook. `state` advances past the documents."""
-        want = self.window(batch) * batch
+    def _fill(self, packer: Packer, docs, state: dict, batch: int, size: int) -> dict:
+        """One window: documents packed until it holds `size` batches of tokens, run through the
+        model; their kept activations by hook. `state` advances past the documents."""
+        want = size * batch
         packer.flush(final=False, max_tokens=want)  # the tokens carried from the last window first
         while packer.kept < want:
             d, text, state["read"], state["pass"] = next(docs)

@@ -143,15 +143,18 @@ def test_a_resume_with_another_stream_is_refused_naming_the_difference(
 def test_the_start_is_drawn_from_the_first_window_which_runs_once(model, tmp_path, monkeypatch):
     """The start's sample comes from the documents the run trains on first, training serves that
     window without running the model on it again, and θ's final batches are that window's rows in
-    another order, kept: one window's forward for all three."""
+    another order, kept: one window's forward for all three, and no larger than the run."""
     fills = []
     real = ModelSource._fill
-    monkeypatch.setattr(ModelSource, "_fill", lambda self, *a: fills.append(1) or real(self, *a))
+    monkeypatch.setattr(
+        ModelSource, "_fill", lambda self, *a: fills.append(a[-1]) or real(self, *a)
+    )
     tc = TrainConfig(total_tokens=256 * 4, batch_size=256, progress=False, init_tokens=512,
                      calibrate_batches=2)  # fmt: skip
     cfg = SAEConfig(arch="batchtopk", d_in=576, d_sae=1152, k=16, hook_name=HOOKS[0])
-    res = train(ModelSource(model, HOOKS[0], window_batches=4), [cfg], tc, out=tmp_path)
-    assert res.steps == 4 and len(fills) == 1
+    res = train(ModelSource(model, HOOKS[0]), [cfg], tc, out=tmp_path)
+    # the default window (131,072 tokens) is cut to the run's 4 batches: no forward past the run
+    assert res.steps == 4 and fills == [4]
 
 
 def test_a_stream_reads_the_documents_a_capture_of_its_seed_packs(model):
