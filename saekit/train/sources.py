@@ -18,6 +18,9 @@ from safetensors.torch import load_file
 from ..activations import ActivationStore, open_store
 from .config import TrainingError
 
+# the offsets of the seeds of a run's samples from its training seed: other orders of its data
+SAMPLE_OFFSETS = {"init": 7919, "calibrate": 104_729}
+
 
 class HeldRows:
     """What sources of rows held whole (in memory or in a store) share."""
@@ -25,7 +28,7 @@ class HeldRows:
     def sample(self, purpose: str, seed: int) -> dict:
         """The batches() arguments of the start's sample ("init") or θ's final batches
         ("calibrate"): the same rows in another order than training's."""
-        return {"seed": seed + {"init": 7919, "calibrate": 104729}[purpose]}
+        return {"seed": seed + SAMPLE_OFFSETS[purpose]}
 
 
 class TensorSource(HeldRows):

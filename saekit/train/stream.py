@@ -33,12 +33,11 @@ from ..data.corpus import BUNDLED, SHUFFLE_BUFFER, corpus_split, iter_documents
 from ..data.packing import Packer
 from ..models import d_model, model_name, resolve_hook, underlying
 from .config import TrainingError
+from .sources import SAMPLE_OFFSETS
 
 # tokens a lane's mixing window holds unless window_batches is given: twice the smallest window
 # that matched a shuffled store (results/stream_mixing/README.md)
 WINDOW_TOKENS = 131_072
-# θ's final batches: the first window's rows in this other order than training's
-CALIBRATION_ORDER = 104_729
 
 
 class ModelSource:
@@ -99,7 +98,7 @@ class ModelSource:
         return (
             {"seed": seed}
             if purpose == "init"
-            else {"seed": seed, "order": seed + CALIBRATION_ORDER}
+            else {"seed": seed, "order": seed + SAMPLE_OFFSETS["calibrate"]}
         )
 
     def window(self, batch: int) -> int:
